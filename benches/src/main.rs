@@ -1,0 +1,2 @@
+//! `hmm-bench`: the project's main binary (placeholder).
+fn main() {}

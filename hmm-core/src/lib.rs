@@ -1,0 +1,29 @@
+//! # hmm-core
+//!
+//! The policy half of hmm-rs, a userspace heterogeneous-memory framework:
+//! it mirrors CPU address ranges into device page tables so a compute
+//! kernel can dereference plain `malloc`/`Vec`/`Box` pointers.
+//!
+//! Layers, bottom up:
+//!
+//! - [`addr`]: address newtypes ([`VirtAddr`], [`VaRange`]) so CPU and
+//!   device address spaces cannot be mixed.
+//! - [`notifier`]: the `mmu_interval_notifier` protocol for one process —
+//!   subscriptions in an interval tree, the sequence-count fault/invalidate
+//!   handshake, deferred insert/remove, `put`, and whole-space notifiers.
+//! - [`cpu`]: the CPU side — what is mapped, page-state snapshots
+//!   (`range_fault`), and invalidation events learned from the kernel
+//!   (userfaultfd, `PAGEMAP_SCAN`).
+//!
+//! `hmm-core` has no GPU dependency; drivers live in `drivers/`.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod addr;
+pub mod cpu;
+pub mod error;
+pub mod notifier;
+pub(crate) mod sync;
+
+pub use addr::{VaRange, VirtAddr, PAGE_SIZE};
+pub use error::{NotifierError, RangeError};

@@ -1,0 +1,3 @@
+//! Interval notifiers (placeholder while the protocol lands).
+
+pub mod interval_tree;
