@@ -1,3 +1,6 @@
-//! Interval notifiers (placeholder while the protocol lands).
+//! Interval notifiers (the protocol lands here; see the issue).
 
+mod event;
 pub mod interval_tree;
+
+pub use event::{EventKind, NotifierRange, OwnerTag};
