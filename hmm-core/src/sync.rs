@@ -8,14 +8,18 @@
 #[cfg(hmm_loom)]
 pub(crate) use loom::sync::{
     atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    Arc, Condvar, Mutex, MutexGuard, RwLock, Weak,
+    Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 
 #[cfg(not(hmm_loom))]
 pub(crate) use std::sync::{
     atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    Arc, Condvar, Mutex, MutexGuard, RwLock, Weak,
+    Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
+
+/// Reference counting is not part of any protocol loom needs to explore,
+/// and loom's `Arc` cannot hold trait objects, so both builds use std's.
+pub(crate) use std::sync::Arc;
 
 #[cfg(hmm_loom)]
 pub(crate) use loom::thread_local;

@@ -1,0 +1,235 @@
+//! Model-checked interleavings of the notifier protocol.
+//!
+//! Run with `RUSTFLAGS="--cfg hmm_loom" cargo test -p hmm-core --release --test loom`.
+//! Built with that cfg, `hmm-core` takes its locks and atomics from loom
+//! (the crate-local `sync` shim), so loom explores the shipped code.
+#![cfg(hmm_loom)]
+
+use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use loom::sync::Mutex;
+use loom::thread;
+use std::sync::Arc;
+
+use hmm_core::notifier::{AddressSpace, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier, Subscription};
+use hmm_core::{NotifierError, VaRange, VirtAddr};
+
+fn r(start: u64, end: u64) -> VaRange {
+    VaRange::new(VirtAddr(start), VirtAddr(end)).unwrap()
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(3);
+    }
+    b.check(f);
+}
+
+/// One mirrored page: the driver lock guards the device PTE, which holds
+/// the page version it was filled from.
+struct Mirror {
+    pte: Mutex<Option<u64>>,
+    page: Arc<AtomicU64>,
+    called_after_remove: Arc<AtomicBool>,
+    removed: Arc<AtomicBool>,
+    releases: Arc<AtomicUsize>,
+}
+
+impl Mirror {
+    fn new(page: &Arc<AtomicU64>) -> Self {
+        Mirror {
+            pte: Mutex::new(None),
+            page: Arc::clone(page),
+            called_after_remove: Arc::new(AtomicBool::new(false)),
+            removed: Arc::new(AtomicBool::new(false)),
+            releases: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl IntervalNotifier for Mirror {
+    fn invalidate(&self, i: &Interval, _r: &NotifierRange, s: Seq) -> bool {
+        if self.removed.load(Ordering::SeqCst) {
+            self.called_after_remove.store(true, Ordering::SeqCst);
+        }
+        let mut pte = self.pte.lock().unwrap();
+        i.set_seq(s);
+        *pte = None;
+        true
+    }
+    fn release(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The device fault path: read_begin → snapshot → lock → read_retry → commit.
+fn fault(sub: &Subscription<Mirror>) {
+    loop {
+        let seq = sub.interval().read_begin();
+        let snap = sub.page.load(Ordering::SeqCst);
+        let mut pte = sub.pte.lock().unwrap();
+        if sub.interval().read_retry(seq) {
+            continue;
+        }
+        *pte = Some(snap);
+        return;
+    }
+}
+
+/// The CPU changes the page between invalidate start and end.
+fn cpu_rewrite(space: &AddressSpace, page: &AtomicU64, range: VaRange) {
+    let g = space.invalidate_start(NotifierRange::new(range, EventKind::CpuWrite)).unwrap();
+    page.store(1, Ordering::SeqCst);
+    drop(g);
+}
+
+#[test]
+fn fault_vs_invalidate_never_commits_a_stale_snapshot() {
+    model(|| {
+        let page = Arc::new(AtomicU64::new(0));
+        let space = AddressSpace::new();
+        let sub = Arc::new(space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap());
+        let s2 = Arc::clone(&sub);
+        let t = thread::spawn(move || fault(&s2));
+        cpu_rewrite(&space, &page, r(0x1000, 0x2000));
+        t.join().unwrap();
+        let pte = *sub.pte.lock().unwrap();
+        assert!(pte.is_none() || pte == Some(1), "stale device PTE {pte:?}");
+    });
+}
+
+#[test]
+fn insert_during_invalidation_is_deferred_and_first_fault_sees_new_data() {
+    model(|| {
+        let page = Arc::new(AtomicU64::new(0));
+        let space = AddressSpace::new();
+        // Makes the invalidation hit, so inserts during it are deferred.
+        let _anchor = space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap();
+        let sp2 = space.clone();
+        let p2 = Arc::clone(&page);
+        let t = thread::spawn(move || {
+            let s = sp2.insert(r(0x1000, 0x2000), Mirror::new(&p2)).unwrap();
+            fault(&s);
+            s
+        });
+        cpu_rewrite(&space, &page, r(0x1000, 0x2000));
+        let s = t.join().unwrap();
+        // Inserted before the walk: the callback zapped any early commit.
+        // Inserted during it: deferred, and read_begin waited for the end.
+        // Either way a surviving PTE holds the rewritten page.
+        let pte = *s.pte.lock().unwrap();
+        assert!(pte.is_none() || pte == Some(1), "stale device PTE {pte:?}");
+    });
+}
+
+#[test]
+fn deferred_insert_waits_for_the_running_invalidation() {
+    model(|| {
+        let page = Arc::new(AtomicU64::new(0));
+        let space = AddressSpace::new();
+        let anchor = space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap();
+        let g = space.invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Unmap)).unwrap();
+        let sp2 = space.clone();
+        let p2 = Arc::clone(&page);
+        // Inserted while the invalidation runs: the walk never told it about
+        // the range, so its first fault must wait for the end.
+        let late = Arc::new(sp2.insert(r(0x1000, 0x2000), Mirror::new(&p2)).unwrap());
+        let l2 = Arc::clone(&late);
+        let t = thread::spawn(move || {
+            fault(&l2);
+        });
+        page.store(1, Ordering::SeqCst);
+        drop(g);
+        t.join().unwrap();
+        assert_eq!(*late.pte.lock().unwrap(), Some(1));
+        drop(anchor);
+    });
+}
+
+#[test]
+fn remove_racing_invalidation_no_callback_after_remove_returns() {
+    model(|| {
+        let page = Arc::new(AtomicU64::new(0));
+        let space = AddressSpace::new();
+        let sub = space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap();
+        let removed = Arc::clone(&sub.removed);
+        let late_call = Arc::clone(&sub.called_after_remove);
+        let releases = Arc::clone(&sub.releases);
+        let t = thread::spawn(move || {
+            sub.remove().unwrap();
+            removed.store(true, Ordering::SeqCst);
+        });
+        space.invalidate(r(0x1000, 0x2000), EventKind::Unmap);
+        t.join().unwrap();
+        assert!(!late_call.load(Ordering::SeqCst), "callback ran after remove returned");
+        assert_eq!(releases.load(Ordering::SeqCst), 1);
+        assert!(space.subscribed_ranges().is_empty());
+    });
+}
+
+struct Putter {
+    victim: Mutex<Option<Subscription<Mirror>>>,
+}
+impl IntervalNotifier for Putter {
+    fn invalidate(&self, _i: &Interval, _r: &NotifierRange, _s: Seq) -> bool {
+        drop(self.victim.lock().unwrap().take());
+        true
+    }
+}
+
+#[test]
+fn put_from_a_callback_releases_once_after_the_walk() {
+    model(|| {
+        let page = Arc::new(AtomicU64::new(0));
+        let space = AddressSpace::new();
+        let victim = space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap();
+        let releases = Arc::clone(&victim.releases);
+        let released_flag = Arc::clone(&victim.removed);
+        let late_call = Arc::clone(&victim.called_after_remove);
+        let putter = space
+            .insert(
+                r(0x1000, 0x2000),
+                Putter {
+                    victim: Mutex::new(Some(victim)),
+                },
+            )
+            .unwrap();
+        let sp2 = space.clone();
+        let t = thread::spawn(move || sp2.invalidate(r(0x1000, 0x2000), EventKind::Remove));
+        space.invalidate(r(0x1000, 0x2000), EventKind::Unmap);
+        t.join().unwrap();
+        assert_eq!(releases.load(Ordering::SeqCst), 1);
+        // After release nothing may call it: mark and invalidate again.
+        released_flag.store(true, Ordering::SeqCst);
+        space.invalidate(r(0x1000, 0x2000), EventKind::Clear);
+        assert!(!late_call.load(Ordering::SeqCst));
+        assert_eq!(space.subscribed_ranges(), vec![r(0x1000, 0x2000)]);
+        drop(putter);
+    });
+}
+
+#[derive(Default)]
+struct Rel(loom::sync::atomic::AtomicUsize);
+impl SpaceNotifier for Rel {
+    fn release(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn release_runs_once_at_teardown_racing_registration() {
+    model(|| {
+        let space = AddressSpace::new();
+        let first = Arc::new(Rel::default());
+        space.register_notifier(first.clone()).unwrap();
+        let second = Arc::new(Rel::default());
+        let sp2 = space.clone();
+        let s2 = Arc::clone(&second);
+        let t = thread::spawn(move || sp2.register_notifier(s2).is_ok());
+        space.teardown();
+        let registered = t.join().unwrap();
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        assert_eq!(second.0.load(Ordering::SeqCst), usize::from(registered));
+        assert!(matches!(space.register_notifier(Arc::new(Rel::default())), Err(NotifierError::TornDown)));
+    });
+}
