@@ -10,7 +10,10 @@ use loom::sync::Mutex;
 use loom::thread;
 use std::sync::Arc;
 
-use hmm_core::notifier::{AddressSpace, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier, Subscription};
+use hmm_core::notifier::{
+    AddressSpace, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier,
+    Subscription,
+};
 use hmm_core::{NotifierError, VaRange, VirtAddr};
 
 fn r(start: u64, end: u64) -> VaRange {
@@ -78,7 +81,9 @@ fn fault(sub: &Subscription<Mirror>) {
 
 /// The CPU changes the page between invalidate start and end.
 fn cpu_rewrite(space: &AddressSpace, page: &AtomicU64, range: VaRange) {
-    let g = space.invalidate_start(NotifierRange::new(range, EventKind::CpuWrite)).unwrap();
+    let g = space
+        .invalidate_start(NotifierRange::new(range, EventKind::CpuWrite))
+        .unwrap();
     page.store(1, Ordering::SeqCst);
     drop(g);
 }
@@ -128,7 +133,9 @@ fn deferred_insert_waits_for_the_running_invalidation() {
         let page = Arc::new(AtomicU64::new(0));
         let space = AddressSpace::new();
         let anchor = space.insert(r(0x1000, 0x2000), Mirror::new(&page)).unwrap();
-        let g = space.invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Unmap)).unwrap();
+        let g = space
+            .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Unmap))
+            .unwrap();
         let sp2 = space.clone();
         let p2 = Arc::clone(&page);
         // Inserted while the invalidation runs: the walk never told it about
@@ -161,7 +168,10 @@ fn remove_racing_invalidation_no_callback_after_remove_returns() {
         });
         space.invalidate(r(0x1000, 0x2000), EventKind::Unmap);
         t.join().unwrap();
-        assert!(!late_call.load(Ordering::SeqCst), "callback ran after remove returned");
+        assert!(
+            !late_call.load(Ordering::SeqCst),
+            "callback ran after remove returned"
+        );
         assert_eq!(releases.load(Ordering::SeqCst), 1);
         assert!(space.subscribed_ranges().is_empty());
     });
@@ -230,6 +240,9 @@ fn release_runs_once_at_teardown_racing_registration() {
         let registered = t.join().unwrap();
         assert_eq!(first.0.load(Ordering::SeqCst), 1);
         assert_eq!(second.0.load(Ordering::SeqCst), usize::from(registered));
-        assert!(matches!(space.register_notifier(Arc::new(Rel::default())), Err(NotifierError::TornDown)));
+        assert!(matches!(
+            space.register_notifier(Arc::new(Rel::default())),
+            Err(NotifierError::TornDown)
+        ));
     });
 }

@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use hmm_core::notifier::{
-    retry_loop, AddressSpace, Attempt, EventKind, Interval, IntervalNotifier, NotifierRange, OwnerTag, RetryError,
-    Seq, SpaceNotifier, Subscription,
+    retry_loop, AddressSpace, Attempt, EventKind, Interval, IntervalNotifier, NotifierRange,
+    OwnerTag, RetryError, Seq, SpaceNotifier, Subscription,
 };
 use hmm_core::{NotifierError, VaRange, VirtAddr};
 
@@ -18,9 +18,12 @@ fn r(start: u64, end: u64) -> VaRange {
 
 /// Records every callback; optionally refuses (non-blockable) or runs a
 /// hook inside the callback.
+/// (range, event, owner, cur_seq) of one callback.
+type Call = (VaRange, EventKind, Option<OwnerTag>, u64);
+
 #[derive(Default)]
 struct Rec {
-    calls: Mutex<Vec<(VaRange, EventKind, Option<OwnerTag>, u64)>>,
+    calls: Mutex<Vec<Call>>,
     releases: AtomicUsize,
     refuse: AtomicBool,
     driver_lock: Mutex<()>,
@@ -48,8 +51,16 @@ impl IntervalNotifier for Ops {
         let _g = self.0.driver_lock.lock().unwrap();
         interval.set_seq(cur_seq);
         let seq = format!("{cur_seq:?}");
-        let n: u64 = seq.trim_start_matches("Seq(").trim_end_matches(')').parse().unwrap();
-        self.0.calls.lock().unwrap().push((range.range, range.event, range.owner, n));
+        let n: u64 = seq
+            .trim_start_matches("Seq(")
+            .trim_end_matches(')')
+            .parse()
+            .unwrap();
+        self.0
+            .calls
+            .lock()
+            .unwrap()
+            .push((range.range, range.event, range.owner, n));
         drop(_g);
         let hook = self.0.hook.lock().unwrap().take();
         if let Some(mut h) = hook {
@@ -110,7 +121,9 @@ fn owner_and_event_reach_the_callback() {
     let space = AddressSpace::new();
     let (_a, ra) = sub(&space, r(0x1000, 0x2000));
     let g = space
-        .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Migrate).with_owner(OwnerTag(7)))
+        .invalidate_start(
+            NotifierRange::new(r(0x1000, 0x2000), EventKind::Migrate).with_owner(OwnerTag(7)),
+        )
         .unwrap();
     assert_eq!(g.range().owner, Some(OwnerTag(7)));
     drop(g);
@@ -145,10 +158,16 @@ fn read_begin_waits_while_an_invalidation_that_reached_it_runs() {
         .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Unmap))
         .unwrap();
     // Deterministic: the invalidation cannot end while we hold the guard.
-    let e = s.interval().read_begin_timeout(Duration::from_millis(30)).unwrap_err();
+    let e = s
+        .interval()
+        .read_begin_timeout(Duration::from_millis(30))
+        .unwrap_err();
     assert!(matches!(e, NotifierError::RetryTimeout { .. }));
     // A subscription the invalidation did not reach is not held up.
-    assert!(other.interval().read_begin_timeout(Duration::from_millis(30)).is_ok());
+    assert!(other
+        .interval()
+        .read_begin_timeout(Duration::from_millis(30))
+        .is_ok());
     // From another thread: returns once the guard drops.
     let sub_ref = s.ops_arc();
     let (tx, rx) = mpsc::channel();
@@ -156,9 +175,14 @@ fn read_begin_waits_while_an_invalidation_that_reached_it_runs() {
         let seq = sub_ref.interval().read_begin();
         tx.send(seq).unwrap();
     });
-    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "read_begin returned during invalidation");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "read_begin returned during invalidation"
+    );
     drop(g);
-    let seq = rx.recv_timeout(Duration::from_secs(10)).expect("read_begin woke");
+    let seq = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("read_begin woke");
     t.join().unwrap();
     assert!(!s.interval().read_retry(seq));
 }
@@ -176,10 +200,19 @@ fn insert_during_invalidation_is_deferred_and_its_first_read_begin_waits() {
     // A nested invalidation does not see the pending insert.
     space.invalidate(r(0x1000, 0x3000), EventKind::Clear);
     assert_eq!(rl.calls(), 0);
-    assert!(late.interval().read_begin_timeout(Duration::from_millis(20)).is_err());
+    assert!(late
+        .interval()
+        .read_begin_timeout(Duration::from_millis(20))
+        .is_err());
     drop(g);
-    assert_eq!(space.subscribed_ranges(), vec![r(0x1000, 0x2000), r(0x1000, 0x3000)]);
-    let seq = late.interval().read_begin_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        space.subscribed_ranges(),
+        vec![r(0x1000, 0x2000), r(0x1000, 0x3000)]
+    );
+    let seq = late
+        .interval()
+        .read_begin_timeout(Duration::from_secs(1))
+        .unwrap();
     space.invalidate(r(0x2000, 0x2001), EventKind::Clear);
     assert_eq!(rl.calls(), 1);
     assert!(late.interval().read_retry(seq));
@@ -233,7 +266,10 @@ fn remove_from_inside_a_callback_fails_loudly_and_becomes_put() {
         }));
     }
     space.invalidate(r(0x1000, 0x2000), EventKind::Unmap);
-    assert_eq!(*result.lock().unwrap(), Some(Err(NotifierError::RemoveInCallback)));
+    assert_eq!(
+        *result.lock().unwrap(),
+        Some(Err(NotifierError::RemoveInCallback))
+    );
     // Demoted to put: gone once the invalidation ended, released once.
     assert_eq!(rv.releases(), 1);
     assert_eq!(space.subscribed_ranges(), vec![r(0x1000, 0x2000)]);
@@ -253,7 +289,10 @@ fn remove_waits_for_the_running_invalidation() {
         let res = s.remove();
         tx.send(res).unwrap();
     });
-    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "remove returned while a callback could still run");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "remove returned while a callback could still run"
+    );
     assert_eq!(rs.releases(), 0);
     drop(g);
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), Ok(()));
@@ -292,13 +331,20 @@ fn nested_and_overlapping_invalidations() {
     let (late, _) = sub(&space, r(0x1000, 0x2000));
     drop(g1);
     assert_eq!(space.current_seq(), odd, "still odd while g2 runs");
-    assert_eq!(space.subscribed_ranges().len(), 1, "deferred until the last one ends");
+    assert_eq!(
+        space.subscribed_ranges().len(),
+        1,
+        "deferred until the last one ends"
+    );
     drop(g2);
     assert_eq!(space.current_seq(), odd + 1);
     assert_eq!(space.subscribed_ranges().len(), 2);
     assert_eq!(ra.calls(), 2);
     let calls = ra.calls.lock().unwrap();
-    assert_eq!(calls[0].3, calls[1].3, "same cur_seq for concurrent invalidations");
+    assert_eq!(
+        calls[0].3, calls[1].3,
+        "same cur_seq for concurrent invalidations"
+    );
     drop(late);
 }
 
@@ -323,16 +369,28 @@ fn non_blockable_invalidation_that_must_wait_reports_would_block() {
         .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Unmap).non_blocking())
         .err()
         .expect("must fail");
-    assert_eq!(e, NotifierError::WouldBlock { range: r(0x1000, 0x2000) });
+    assert_eq!(
+        e,
+        NotifierError::WouldBlock {
+            range: r(0x1000, 0x2000)
+        }
+    );
     assert_eq!(space.current_seq() % 2, 0, "ended internally");
     assert_eq!(space.stats().would_block, 1);
-    assert_eq!((n.0.load(Ordering::SeqCst), n.1.load(Ordering::SeqCst)), (0, 0), "no start, no end");
+    assert_eq!(
+        (n.0.load(Ordering::SeqCst), n.1.load(Ordering::SeqCst)),
+        (0, 0),
+        "no start, no end"
+    );
     // A blockable one goes through, and the refusing callback is not
     // consulted about blocking.
     let seq = s.interval().read_begin();
     space.invalidate(r(0x1000, 0x2000), EventKind::Unmap);
     assert!(s.interval().read_retry(seq));
-    assert_eq!((n.0.load(Ordering::SeqCst), n.1.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(
+        (n.0.load(Ordering::SeqCst), n.1.load(Ordering::SeqCst)),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -352,7 +410,8 @@ fn non_blockable_failure_in_a_space_notifier_backs_out_the_started_ones() {
     let bad = Arc::new(N(AtomicUsize::new(0), AtomicUsize::new(0), true));
     space.register_notifier(ok.clone()).unwrap();
     space.register_notifier(bad.clone()).unwrap();
-    let res = space.invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Clear).non_blocking());
+    let res = space
+        .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::Clear).non_blocking());
     assert!(matches!(res, Err(NotifierError::WouldBlock { .. })));
     assert_eq!(ok.1.load(Ordering::SeqCst), 1, "started one was ended");
     assert_eq!(bad.1.load(Ordering::SeqCst), 0, "failed one was not");
@@ -416,21 +475,27 @@ fn concurrent_faults_and_invalidations_never_commit_stale_snapshots() {
     let mut faulters = Vec::new();
     let commits = Arc::new(AtomicUsize::new(0));
     for _ in 0..2 {
-        let (s, page, stop, commits) = (Arc::clone(&s), Arc::clone(&page), Arc::clone(&stop), Arc::clone(&commits));
+        let (s, page, stop, commits) = (
+            Arc::clone(&s),
+            Arc::clone(&page),
+            Arc::clone(&stop),
+            Arc::clone(&commits),
+        );
         faulters.push(thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let res: Result<(), RetryError<()>> = retry_loop(s.interval(), Duration::from_secs(5), |seq| {
-                    let snap = page.load(Ordering::SeqCst);
-                    // A real fault copies the page here; give the
-                    // invalidator room to run in that window.
-                    thread::yield_now();
-                    let mut pte = s.lock.lock().unwrap();
-                    if s.interval().read_retry(seq) {
-                        return Ok(Attempt::Retry);
-                    }
-                    *pte = Some(snap);
-                    Ok(Attempt::Done(()))
-                });
+                let res: Result<(), RetryError<()>> =
+                    retry_loop(s.interval(), Duration::from_secs(5), |seq| {
+                        let snap = page.load(Ordering::SeqCst);
+                        // A real fault copies the page here; give the
+                        // invalidator room to run in that window.
+                        thread::yield_now();
+                        let mut pte = s.lock.lock().unwrap();
+                        if s.interval().read_retry(seq) {
+                            return Ok(Attempt::Retry);
+                        }
+                        *pte = Some(snap);
+                        Ok(Attempt::Done(()))
+                    });
                 res.unwrap();
                 commits.fetch_add(1, Ordering::SeqCst);
             }
@@ -440,7 +505,9 @@ fn concurrent_faults_and_invalidations_never_commit_stale_snapshots() {
     // committed many times (bounded in time so a bug cannot hang CI).
     let t0 = std::time::Instant::now();
     let mut rounds = 0;
-    while (rounds < 20_000 || commits.load(Ordering::SeqCst) < 5_000) && t0.elapsed() < Duration::from_secs(20) {
+    while (rounds < 20_000 || commits.load(Ordering::SeqCst) < 5_000)
+        && t0.elapsed() < Duration::from_secs(20)
+    {
         rounds += 1;
         let g = space
             .invalidate_start(NotifierRange::new(r(0x1000, 0x2000), EventKind::CpuWrite))
@@ -462,7 +529,10 @@ fn concurrent_faults_and_invalidations_never_commit_stale_snapshots() {
 fn retry_loop_gives_up_after_its_timeout() {
     let space = AddressSpace::new();
     let (s, _) = sub(&space, r(0x1000, 0x2000));
-    let res: Result<(), RetryError<()>> = retry_loop(s.interval(), Duration::from_millis(20), |_| Ok(Attempt::Retry));
+    let res: Result<(), RetryError<()>> =
+        retry_loop(s.interval(), Duration::from_millis(20), |_| {
+            Ok(Attempt::Retry)
+        });
     match res {
         Err(RetryError::Notifier(NotifierError::RetryTimeout { attempts, elapsed })) => {
             assert!(attempts >= 1);
@@ -470,7 +540,8 @@ fn retry_loop_gives_up_after_its_timeout() {
         }
         other => panic!("expected timeout, got {other:?}"),
     }
-    let res: Result<u32, RetryError<&str>> = retry_loop(s.interval(), Duration::from_secs(1), |_| Err("bad address"));
+    let res: Result<u32, RetryError<&str>> =
+        retry_loop(s.interval(), Duration::from_secs(1), |_| Err("bad address"));
     assert_eq!(res, Err(RetryError::Body("bad address")));
 }
 
@@ -510,12 +581,22 @@ fn whole_space_notifiers_hear_every_invalidation_and_aggregate_young() {
     space.register_notifier(a.clone()).unwrap();
     space.register_notifier(b.clone()).unwrap();
     space.invalidate(r(0x1000, 0x2000), EventKind::Clear);
-    assert_eq!((a.starts.load(Ordering::SeqCst), a.ends.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(
+        (
+            a.starts.load(Ordering::SeqCst),
+            a.ends.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
     assert!(!space.test_young(r(0, 0x1000)));
     b.young.store(true, Ordering::SeqCst);
     assert!(space.test_young(r(0, 0x1000)));
     assert!(space.clear_young(r(0, 0x1000)), "OR of the answers");
-    assert_eq!(a.cleared.load(Ordering::SeqCst), 1, "every notifier is asked to clear");
+    assert_eq!(
+        a.cleared.load(Ordering::SeqCst),
+        1,
+        "every notifier is asked to clear"
+    );
     assert_eq!(b.cleared.load(Ordering::SeqCst), 1);
     assert!(!space.test_young(r(0, 0x1000)));
     assert!(!space.clear_young(r(0, 0x1000)));
@@ -535,8 +616,14 @@ fn teardown_with_live_subscriptions_releases_once() {
     assert_eq!(c[0].1, EventKind::Release);
     space.teardown();
     assert_eq!(w.releases.load(Ordering::SeqCst), 1, "idempotent");
-    assert!(matches!(space.insert(r(0x1000, 0x2000), Ops::default()), Err(NotifierError::TornDown)));
-    assert!(matches!(space.register_notifier(Arc::new(Whole::default())), Err(NotifierError::TornDown)));
+    assert!(matches!(
+        space.insert(r(0x1000, 0x2000), Ops::default()),
+        Err(NotifierError::TornDown)
+    ));
+    assert!(matches!(
+        space.register_notifier(Arc::new(Whole::default())),
+        Err(NotifierError::TornDown)
+    ));
     // Unregistering after teardown does not release again.
     h.unregister().unwrap();
     assert_eq!(w.releases.load(Ordering::SeqCst), 1);
@@ -556,9 +643,17 @@ fn unregister_releases_once_and_last_handle_drop_tears_down() {
     assert_eq!(w.releases.load(Ordering::SeqCst), 1);
     let clone = space.clone();
     drop(space);
-    assert_eq!(w2.releases.load(Ordering::SeqCst), 0, "a handle is still alive");
+    assert_eq!(
+        w2.releases.load(Ordering::SeqCst),
+        0,
+        "a handle is still alive"
+    );
     drop(clone);
-    assert_eq!(w2.releases.load(Ordering::SeqCst), 1, "last handle tore it down");
+    assert_eq!(
+        w2.releases.load(Ordering::SeqCst),
+        1,
+        "last handle tore it down"
+    );
     assert_eq!(w.releases.load(Ordering::SeqCst), 1);
 }
 

@@ -23,6 +23,18 @@ struct Frames {
     len: Cell<usize>,
 }
 
+#[cfg(not(hmm_loom))]
+thread_local! {
+    static FRAMES: Frames = const {
+        Frames {
+            ids: [const { Cell::new(0) }; MAX_DEPTH],
+            len: Cell::new(0),
+        }
+    };
+}
+
+// loom's `thread_local!` takes no `const` initialiser.
+#[cfg(hmm_loom)]
 thread_local! {
     static FRAMES: Frames = Frames {
         ids: [const { Cell::new(0) }; MAX_DEPTH],

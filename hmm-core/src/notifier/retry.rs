@@ -51,10 +51,12 @@ pub fn retry_loop<R, E>(
     let mut attempts = 0u64;
     loop {
         let left = timeout.saturating_sub(t0.elapsed());
-        let seq = interval.read_begin_timeout(left).map_err(|_| NotifierError::RetryTimeout {
-            attempts,
-            elapsed: t0.elapsed(),
-        })?;
+        let seq = interval
+            .read_begin_timeout(left)
+            .map_err(|_| NotifierError::RetryTimeout {
+                attempts,
+                elapsed: t0.elapsed(),
+            })?;
         attempts += 1;
         match body(seq).map_err(RetryError::Body)? {
             Attempt::Done(r) => return Ok(r),

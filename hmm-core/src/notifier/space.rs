@@ -7,10 +7,15 @@ use core::time::Duration;
 use super::event::{EventKind, NotifierRange};
 use super::interval_tree::IntervalTree;
 use super::reentrancy::{self, CallbackFrame};
-use super::subscription::{Interval, IntervalNotifier, Membership, Seq, SubEntry, SubInner, Subscription};
+use super::subscription::{
+    Interval, IntervalNotifier, Membership, Seq, SubEntry, SubInner, Subscription,
+};
 use crate::addr::VaRange;
 use crate::error::NotifierError;
-use crate::sync::{lock, Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{
+    lock, Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, RwLock,
+    RwLockReadGuard, RwLockWriteGuard,
+};
 
 type Tree = IntervalTree<Arc<dyn SubEntry>>;
 
@@ -180,7 +185,10 @@ impl SpaceShared {
                     if left.is_zero() {
                         return false;
                     }
-                    self.wq.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0
+                    self.wq
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
             };
         }
@@ -250,7 +258,10 @@ impl SpaceShared {
         }
     }
 
-    fn insert_entry(self: &Arc<Self>, make: impl FnOnce(u64, Membership) -> Arc<dyn SubEntry>) -> Result<Arc<dyn SubEntry>, NotifierError> {
+    fn insert_entry(
+        self: &Arc<Self>,
+        make: impl FnOnce(u64, Membership) -> Arc<dyn SubEntry>,
+    ) -> Result<Arc<dyn SubEntry>, NotifierError> {
         let mut st = self.state();
         if st.torn_down {
             return Err(NotifierError::TornDown);
@@ -270,7 +281,9 @@ impl SpaceShared {
             // invalidation can carry.
             let e = make(cur.wrapping_sub(1), Membership::Removed);
             let r = e.interval().range();
-            let id = self.tree_write().insert(r.start().get(), r.end().get(), Arc::clone(&e));
+            let id = self
+                .tree_write()
+                .insert(r.start().get(), r.end().get(), Arc::clone(&e));
             *lock(&e.interval().membership) = Membership::InTree(id);
             Ok(e)
         }
@@ -505,7 +518,11 @@ impl AddressSpace {
     /// [`Interval::read_begin`] waits for that (the kernel's rule: never
     /// retry an insert, that livelocks). Errors:
     /// [`NotifierError::TornDown`] after teardown.
-    pub fn insert<T: IntervalNotifier>(&self, range: VaRange, ops: T) -> Result<Subscription<T>, NotifierError> {
+    pub fn insert<T: IntervalNotifier>(
+        &self,
+        range: VaRange,
+        ops: T,
+    ) -> Result<Subscription<T>, NotifierError> {
         let mut made: Option<Arc<SubInner<T>>> = None;
         let space = Arc::clone(&self.shared);
         self.shared.insert_entry(|seq, m| {
@@ -527,7 +544,10 @@ impl AddressSpace {
     /// A non-blockable invalidation whose callback returns `false` reports
     /// [`NotifierError::WouldBlock`]; it has then been ended already and no
     /// `invalidate_range_end` runs for the notifiers that did not start.
-    pub fn invalidate_start(&self, range: NotifierRange) -> Result<InvalidateGuard<'_>, NotifierError> {
+    pub fn invalidate_start(
+        &self,
+        range: NotifierRange,
+    ) -> Result<InvalidateGuard<'_>, NotifierError> {
         let sh = &*self.shared;
         count(&sh.counters.invalidations);
         let (cur, tree) = sh.start_walk(range.range);
@@ -535,7 +555,9 @@ impl AddressSpace {
         if let Some(tree) = tree {
             count(&sh.counters.invalidations_hit);
             let _frame = CallbackFrame::enter(sh.id);
-            for (_, _, _, sub) in tree.overlapping(range.range.start().get(), range.range.end().get()) {
+            for (_, _, _, sub) in
+                tree.overlapping(range.range.start().get(), range.range.end().get())
+            {
                 count(&sh.counters.callbacks);
                 if !sub.invalidate(&range, Seq(cur)) {
                     if range.blockable {
@@ -585,7 +607,10 @@ impl AddressSpace {
 
     /// Registers a whole-space notifier. Errors:
     /// [`NotifierError::TornDown`] after teardown.
-    pub fn register_notifier(&self, n: Arc<dyn SpaceNotifier>) -> Result<NotifierHandle, NotifierError> {
+    pub fn register_notifier(
+        &self,
+        n: Arc<dyn SpaceNotifier>,
+    ) -> Result<NotifierHandle, NotifierError> {
         let sh = &self.shared;
         let st = sh.state();
         if st.torn_down {
@@ -593,7 +618,10 @@ impl AddressSpace {
         }
         // Relaxed: an id dispenser, serialised by `state` anyway.
         let id = sh.next_notifier.fetch_add(1, Ordering::Relaxed);
-        sh.notifiers.write().unwrap_or_else(|e| e.into_inner()).push((id, n));
+        sh.notifiers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, n));
         drop(st);
         Ok(NotifierHandle {
             space: Arc::clone(sh),
@@ -615,7 +643,9 @@ impl AddressSpace {
     /// OR of every whole-space notifier's [`SpaceNotifier::test_young`];
     /// stops at the first `true`.
     pub fn test_young(&self, range: VaRange) -> bool {
-        self.shared.each_notifier(|n| !n.test_young(range)).is_some()
+        self.shared
+            .each_notifier(|n| !n.test_young(range))
+            .is_some()
     }
 
     /// Tears the space down, as process exit does: every subscription gets
@@ -681,7 +711,11 @@ impl AddressSpace {
     /// Subscribed ranges, in start order. For tests and diagnostics.
     pub fn subscribed_ranges(&self) -> Vec<VaRange> {
         let _st = self.shared.state();
-        self.shared.tree_read().iter().map(|(_, _, _, e)| e.interval().range()).collect()
+        self.shared
+            .tree_read()
+            .iter()
+            .map(|(_, _, _, e)| e.interval().range())
+            .collect()
     }
 }
 
@@ -695,7 +729,9 @@ pub struct NotifierHandle {
 
 impl fmt::Debug for NotifierHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NotifierHandle").field("id", &self.id).finish()
+        f.debug_struct("NotifierHandle")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -709,7 +745,11 @@ impl NotifierHandle {
         if reentrancy::inside(self.space.id) {
             return Err(NotifierError::RemoveInCallback);
         }
-        let mut list = self.space.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        let mut list = self
+            .space
+            .notifiers
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let pos = list.iter().position(|(id, _)| *id == self.id);
         let n = pos.map(|p| list.remove(p).1);
         drop(list);

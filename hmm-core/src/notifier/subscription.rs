@@ -16,6 +16,14 @@ use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Seq(pub(crate) u64);
 
+impl Seq {
+    /// The raw value, for diagnostics and tests (odd values are the
+    /// sequences of running invalidations).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
 impl fmt::Debug for Seq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Seq({})", self.0)
@@ -98,7 +106,12 @@ impl fmt::Debug for Interval {
 }
 
 impl Interval {
-    pub(crate) fn new(range: VaRange, seq: u64, membership: Membership, space: Arc<SpaceShared>) -> Self {
+    pub(crate) fn new(
+        range: VaRange,
+        seq: u64,
+        membership: Membership,
+        space: Arc<SpaceShared>,
+    ) -> Self {
         Interval {
             range,
             seq: AtomicU64::new(seq),
@@ -208,7 +221,9 @@ impl<T: IntervalNotifier> Subscription<T> {
     fn entry(&self) -> &Arc<SubInner<T>> {
         // The Option is only emptied by `remove`/`put`/drop, all of which
         // consume or end the handle, so it is always Some here.
-        self.inner.as_ref().unwrap_or_else(|| unreachable!("subscription handle used after it was consumed"))
+        self.inner
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("subscription handle used after it was consumed"))
     }
 
     /// The sequence/range half, for the fault path.
