@@ -1,4 +1,8 @@
 //! The CPU side of the mirror: what is mapped, page-state snapshots, and
 //! invalidation events learned from the kernel.
 
+pub mod chunk;
+pub mod maps;
+pub mod pagemap;
+pub mod range_fault;
 pub mod sys;

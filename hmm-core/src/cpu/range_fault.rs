@@ -1,0 +1,753 @@
+//! `range_fault`: the userspace analogue of the kernel's `hmm_range_fault`.
+//!
+//! # What the kernel does
+//!
+//! `hmm_range_fault()` (`mm/hmm.c`) walks the CPU page tables of a range
+//! and fills one entry per page: `HMM_PFN_VALID` plus `HMM_PFN_WRITE` when
+//! the PTE is writable, 0 for a page that is not present, `HMM_PFN_ERROR`
+//! for a page the device must not touch. When the caller asked for a fault
+//! (`HMM_PFN_REQ_FAULT`, optionally `HMM_PFN_REQ_WRITE`) the walk calls
+//! `handle_mm_fault()` for each page that does not satisfy the request and
+//! walks again. Errors are whole-call errors only when faulting was asked
+//! for: a hole (no VMA) or an unreadable VMA (`PROT_NONE`, or `VM_IO` /
+//! `VM_PFNMAP`) gives `-EFAULT`, a write request on a VMA without
+//! `VM_WRITE` gives `-EPERM`. Without a fault request the same pages are
+//! simply marked `HMM_PFN_ERROR` and the call succeeds. This module does
+//! the same: [`FaultError`] for the fault case, [`PageState::Error`] for
+//! the snapshot case. `REQ_WRITE` without `REQ_FAULT` has no effect in the
+//! kernel, and `FaultFlags { fault: false, write: true }` is likewise a
+//! plain snapshot.
+//!
+//! The kernel also checks an `mmu_interval_notifier` sequence around the
+//! walk; that glue lives with the notifier, not here.
+//!
+//! # How it is done from userspace
+//!
+//! - **Permissions** come from the VMA list ([`MappingCache`]); the range
+//!   is split into one piece per mapping (and per hole).
+//! - **Faulting** is `madvise(MADV_POPULATE_WRITE / _READ)` (Linux 5.14):
+//!   the kernel runs the same GUP fault path a CPU access would (breaking
+//!   copy-on-write, calling `page_mkwrite` for shared files) but returns an
+//!   error instead of raising SIGSEGV/SIGBUS. A write request populates each
+//!   piece with one call, always: only the kernel knows whether a present
+//!   PTE is writable (copy-on-write after fork, clean shared-file pages), and
+//!   `MADV_POPULATE_WRITE` on already-writable pages is a cheap walk. A read
+//!   request snapshots first and populates only the span of pages that are
+//!   not present, again with one call per piece.
+//! - **State** is read with one `PAGEMAP_SCAN` per piece ([`Pagemap`]),
+//!   which returns runs of equal pages, so a populated gigabyte costs a few
+//!   regions rather than 262144 entries.
+//!
+//! Page states follow from the scan and the mapping:
+//!
+//! | PTE                                   | state |
+//! |---|---|
+//! | present, zero pfn                     | [`PageState::Zero`] |
+//! | present, anonymous page (or shared mapping) | [`PageState::Valid`], writable if the mapping is |
+//! | present, file page in a private mapping | `Valid { writable: false }` (a write would copy) |
+//! | swapped / migrating                   | [`PageState::NotPresent`] |
+//! | none, private anonymous mapping       | [`PageState::Zero`] (first touch yields zeros) |
+//! | none, file or shared mapping          | [`PageState::NotPresent`] (contents live elsewhere) |
+//!
+//! A page present but not writable in a writable *private anonymous*
+//! mapping is still reported writable in a snapshot (PAGEMAP_SCAN does
+//! not expose the PTE write bit): that happens after `fork` (copy-on-write)
+//! and for KSM pages; a write fault request always resolves it.
+//!
+//! # When `MADV_POPULATE_*` is missing (Linux < 5.14)
+//!
+//! Detected once (EINVAL on a probe). Read faults then use
+//! `process_vm_readv` on this very process, one byte per page: the kernel
+//! faults the pages in on our behalf and reports `EFAULT` instead of
+//! killing us, and no memory is written. Write faults need a real write
+//! access: after re-reading the VMA list (so a stale cache cannot send us
+//! into a read-only page) and a `process_vm_readv` pass, every page gets an
+//! atomic `fetch_add(0)` on one byte. That changes no value even with
+//! concurrent writers, but it is a genuine write: it dirties file pages
+//! (they will be written back, `mtime` changes), sets soft-dirty, and if
+//! another thread unmaps or write-protects the range between the check and
+//! the touch the process gets SIGSEGV. [`RangeFaulter::populate_method`]
+//! reports which path is in use.
+
+use std::io;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+use crate::cpu::maps::{Mapping, MappingCache, MapsError, Segment};
+use crate::cpu::pagemap::{Pagemap, PagemapError, ScanArgs};
+use crate::cpu::sys::{
+    self, page_region, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+};
+use crate::error::RangeError;
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
+
+/// What the caller wants done with the pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultFlags {
+    /// Fault pages in so that every page is readable (kernel
+    /// `HMM_PFN_REQ_FAULT`). Without it the call only takes a snapshot.
+    pub fault: bool,
+    /// With `fault`: make every page writable (`HMM_PFN_REQ_WRITE`).
+    /// Ignored without `fault`, as in the kernel.
+    pub write: bool,
+}
+
+impl FaultFlags {
+    /// Snapshot only.
+    pub const SNAPSHOT: Self = FaultFlags {
+        fault: false,
+        write: false,
+    };
+    /// Fault for reading.
+    pub const READ: Self = FaultFlags {
+        fault: true,
+        write: false,
+    };
+    /// Fault for writing.
+    pub const WRITE: Self = FaultFlags {
+        fault: true,
+        write: true,
+    };
+}
+
+/// State of one page as seen by the CPU page tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageState {
+    /// Present in the CPU page tables with real contents. `writable`: the
+    /// mapping allows writes and a write would not have to copy the page
+    /// first (see the module docs for the one approximation).
+    Valid {
+        /// Whether the device may write it.
+        writable: bool,
+    },
+    /// Reads as zeros: the shared zero page is mapped (after a read fault),
+    /// or a private anonymous page was never populated. Not writable.
+    Zero,
+    /// Not in the page tables but has contents elsewhere (file or shmem
+    /// page not mapped, swapped-out page): needs a fault before use.
+    NotPresent,
+    /// The device must not access it: a hole, an unreadable mapping, or an
+    /// area the page-table walk cannot see (`VM_PFNMAP`). Only reported
+    /// when no fault was requested; with a fault request these are errors.
+    Error,
+}
+
+impl PageState {
+    /// Whether the device may read the page as it is (contents known).
+    pub const fn is_readable(self) -> bool {
+        matches!(self, PageState::Valid { .. } | PageState::Zero)
+    }
+    /// Whether the device may write the page as it is.
+    pub const fn is_writable(self) -> bool {
+        matches!(self, PageState::Valid { writable: true })
+    }
+}
+
+/// Errors of [`RangeFaulter::range_fault`].
+#[derive(Debug, Error)]
+pub enum FaultError {
+    /// The range is empty, unaligned, overflowing or reaches the kernel half.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// A fault was requested on a page no mapping covers (kernel `-EFAULT`).
+    #[error("no mapping at {addr}")]
+    Unmapped {
+        /// First unmapped address.
+        addr: VirtAddr,
+    },
+    /// A fault was requested on an unreadable mapping, e.g. `PROT_NONE`
+    /// (kernel `-EFAULT`).
+    #[error("mapping at {addr} is not readable")]
+    NoAccess {
+        /// First address of the unreadable piece.
+        addr: VirtAddr,
+    },
+    /// A write fault was requested on a mapping without write permission
+    /// (kernel `-EPERM`).
+    #[error("mapping at {addr} is read-only")]
+    ReadOnly {
+        /// First address of the read-only piece.
+        addr: VirtAddr,
+    },
+    /// A fault was requested on pages the page-table walk cannot see or the
+    /// kernel refuses to populate (`VM_IO` / `VM_PFNMAP`; kernel `-EFAULT`).
+    #[error("page at {addr} cannot be faulted (I/O or PFN mapping)")]
+    BadPage {
+        /// First such address.
+        addr: VirtAddr,
+    },
+    /// Populating failed although the mapping allows the access (SIGBUS
+    /// conditions such as a file mapping past end of file, out of memory,
+    /// hardware poison).
+    #[error("populating {range} failed: {source}")]
+    Populate {
+        /// The piece being populated.
+        range: VaRange,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Pages kept disappearing between populate and snapshot (reclaim or
+    /// concurrent `MADV_DONTNEED` racing every retry).
+    #[error("pages of {range} did not stay populated after {attempts} attempts")]
+    Unstable {
+        /// The pages that were not satisfied.
+        range: VaRange,
+        /// Populate attempts made.
+        attempts: u32,
+    },
+    /// The per-page result would not fit in memory.
+    #[error("range of {pages} pages is too large for a per-page result")]
+    TooLarge {
+        /// Pages asked for.
+        pages: u64,
+    },
+    /// Reading the memory map failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Reading page state failed.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+}
+
+/// How pages are faulted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PopulateMethod {
+    /// `madvise(MADV_POPULATE_READ / MADV_POPULATE_WRITE)` (Linux 5.14+).
+    Madvise,
+    /// `process_vm_readv` for reads, an atomic no-op write per page for
+    /// writes (see the module docs for the caveats).
+    Touch,
+}
+
+/// Counters of a [`RangeFaulter`] (for tests and tuning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Page-state scans issued (one per mapping piece, plus re-scans).
+    pub scans: u64,
+    /// Populate calls issued (one `madvise`, or one fallback pass).
+    pub populates: u64,
+}
+
+/// Populate attempts per piece before giving up with
+/// [`FaultError::Unstable`].
+const MAX_ATTEMPTS: u32 = 4;
+
+/// Categories `range_fault` asks the scan for.
+const RETURN_MASK: u64 = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO;
+
+/// The `hmm_range_fault` analogue for this process.
+#[derive(Debug)]
+pub struct RangeFaulter {
+    maps: Arc<MappingCache>,
+    pagemap: Pagemap,
+    madvise: AtomicBool,
+    scans: AtomicU64,
+    populates: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    Read,
+    Write,
+}
+
+/// Outcome of snapshotting one piece.
+struct Snap {
+    /// Index span `[a, b)` of pages not satisfying the request.
+    unsatisfied: Option<(usize, usize)>,
+    /// First page the scan did not cover (`VM_PFNMAP` and friends).
+    uncovered: Option<usize>,
+}
+
+fn classify(cats: u64, m: &Mapping) -> (PageState, bool) {
+    if cats & PAGE_IS_PRESENT != 0 {
+        if cats & PAGE_IS_PFNZERO != 0 {
+            (PageState::Zero, true)
+        } else {
+            let writable = m.write && (m.shared || cats & PAGE_IS_FILE == 0);
+            (PageState::Valid { writable }, true)
+        }
+    } else if cats & PAGE_IS_SWAPPED != 0 {
+        (PageState::NotPresent, false)
+    } else if m.is_private_anonymous() {
+        (PageState::Zero, false)
+    } else {
+        (PageState::NotPresent, false)
+    }
+}
+
+fn page_range(start: VirtAddr, pages: usize) -> Result<VaRange, RangeError> {
+    VaRange::from_start_len(start, (pages as u64) << PAGE_SHIFT)
+}
+
+/// The kernel's per-mapping checks for a fault request, in address order.
+fn check_access(segs: &[Segment], flags: FaultFlags) -> Result<(), FaultError> {
+    if !flags.fault {
+        return Ok(());
+    }
+    for s in segs {
+        let addr = s.range.start();
+        match &s.mapping {
+            None => return Err(FaultError::Unmapped { addr }),
+            Some(m) if !m.read => return Err(FaultError::NoAccess { addr }),
+            Some(m) if flags.write && !m.write => return Err(FaultError::ReadOnly { addr }),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+impl RangeFaulter {
+    /// A faulter with its own mapping cache and pagemap descriptor.
+    pub fn new() -> Result<Self, FaultError> {
+        Ok(Self::with_parts(
+            Arc::new(MappingCache::new()),
+            Pagemap::open()?,
+        ))
+    }
+
+    /// A faulter over a shared mapping cache (the one the event monitor
+    /// invalidates) and a given pagemap reader.
+    pub fn with_parts(maps: Arc<MappingCache>, pagemap: Pagemap) -> Self {
+        RangeFaulter {
+            maps,
+            pagemap,
+            madvise: AtomicBool::new(probe_madvise_populate()),
+            scans: AtomicU64::new(0),
+            populates: AtomicU64::new(0),
+        }
+    }
+
+    /// The mapping cache in use.
+    pub fn maps(&self) -> &Arc<MappingCache> {
+        &self.maps
+    }
+
+    /// The page-state reader in use.
+    pub fn pagemap(&self) -> &Pagemap {
+        &self.pagemap
+    }
+
+    /// How pages are faulted in.
+    pub fn populate_method(&self) -> PopulateMethod {
+        if self.madvise.load(Ordering::Relaxed) {
+            PopulateMethod::Madvise
+        } else {
+            PopulateMethod::Touch
+        }
+    }
+
+    /// Forces the `MADV_POPULATE_*`-less path (as on Linux < 5.14), for
+    /// tests. There is no way back to `madvise` once forced.
+    pub fn force_touch_populate(&self) {
+        self.madvise.store(false, Ordering::Relaxed);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> FaultStats {
+        FaultStats {
+            scans: self.scans.load(Ordering::Relaxed),
+            populates: self.populates.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`RangeFaulter::range_fault`] for `[start, start + len)`, checking the
+    /// raw arguments (zero length and overflow are [`RangeError`]s).
+    pub fn range_fault_at(
+        &self,
+        start: VirtAddr,
+        len: u64,
+        flags: FaultFlags,
+    ) -> Result<Vec<PageState>, FaultError> {
+        self.range_fault(VaRange::from_start_len(start, len)?, flags)
+    }
+
+    /// One [`PageState`] per page of `range` (page aligned, user half).
+    ///
+    /// With `flags.fault`, every returned page is readable
+    /// ([`PageState::is_readable`]) and with `flags.write` also writable,
+    /// or the call fails as the kernel's would (see [`FaultError`]). No
+    /// page is populated when the access checks fail.
+    pub fn range_fault(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+    ) -> Result<Vec<PageState>, FaultError> {
+        let mut out = Vec::new();
+        self.range_fault_into(range, flags, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`RangeFaulter::range_fault`], writing into `out` (cleared
+    /// first) so a caller can reuse the allocation.
+    pub fn range_fault_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError> {
+        if !range.start().is_page_aligned() || !range.end().is_page_aligned() {
+            return Err(RangeError::Unaligned {
+                start: range.start().0,
+                end: range.end().0,
+            }
+            .into());
+        }
+        let range = range.user()?;
+        let pages = range.pages();
+        out.clear();
+        let n = usize::try_from(pages).map_err(|_| FaultError::TooLarge { pages })?;
+        out.try_reserve_exact(n)
+            .map_err(|_| FaultError::TooLarge { pages })?;
+        out.resize(n, PageState::Error);
+
+        let segs = self.maps.segments(range)?;
+        check_access(&segs, flags)?;
+        let need = match (flags.fault, flags.write) {
+            (false, _) => Need::Nothing,
+            (true, false) => Need::Read,
+            (true, true) => Need::Write,
+        };
+        for s in &segs {
+            let first = ((s.range.start().0 - range.start().0) >> PAGE_SHIFT) as usize;
+            let cnt = s.range.pages() as usize;
+            let slot = &mut out[first..first + cnt];
+            match &s.mapping {
+                Some(m) if m.read => self.fault_piece(s.range, m, need, slot)?,
+                // Holes and unreadable mappings: errors were raised above
+                // for fault requests; a snapshot marks them.
+                _ => slot.fill(PageState::Error),
+            }
+        }
+        Ok(())
+    }
+
+    fn fault_piece(
+        &self,
+        piece: VaRange,
+        m: &Mapping,
+        need: Need,
+        out: &mut [PageState],
+    ) -> Result<(), FaultError> {
+        if need == Need::Write {
+            self.populate(piece, true)?;
+        }
+        let mut snap = self.snapshot(piece, m, need, out)?;
+        let mut attempts = 0;
+        while let Some((a, b)) = snap.unsatisfied {
+            if let Some(u) = snap.uncovered {
+                // The walk did not see these pages: either the cached map is
+                // stale (unmapped or remapped since) or they are VM_PFNMAP.
+                let addr = VirtAddr(piece.start().0 + ((u as u64) << PAGE_SHIFT));
+                return Err(self
+                    .recheck(piece, need == Need::Write)
+                    .unwrap_or(FaultError::BadPage { addr }));
+            }
+            let start = VirtAddr(piece.start().0 + ((a as u64) << PAGE_SHIFT));
+            let sub = page_range(start, b - a)?;
+            if attempts == MAX_ATTEMPTS {
+                return Err(FaultError::Unstable {
+                    range: sub,
+                    attempts,
+                });
+            }
+            attempts += 1;
+            self.populate(sub, need == Need::Write)?;
+            let again = self.snapshot(sub, m, need, &mut out[a..b])?;
+            snap = Snap {
+                unsatisfied: again.unsatisfied.map(|(x, y)| (a + x, a + y)),
+                uncovered: again.uncovered.map(|x| a + x),
+            };
+        }
+        Ok(())
+    }
+
+    /// Fills `out` (one entry per page of `piece`) from one scan.
+    fn snapshot(
+        &self,
+        piece: VaRange,
+        m: &Mapping,
+        need: Need,
+        out: &mut [PageState],
+    ) -> Result<Snap, FaultError> {
+        // Pages the scan does not report stay `Error` (kernel: VM_PFNMAP
+        // areas are skipped by the walk and are HMM_PFN_ERROR).
+        out.fill(PageState::Error);
+        let base = piece.start().0;
+        let mut unsat: Option<(usize, usize)> = None;
+        let mut note = |a: usize, b: usize| {
+            unsat = Some(match unsat {
+                None => (a, b),
+                Some((x, y)) => (x.min(a), y.max(b)),
+            });
+        };
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        self.pagemap.scan_with(
+            piece,
+            &ScanArgs::report(RETURN_MASK),
+            &mut |r: page_region| {
+                let a = ((r.start.max(base) - base) >> PAGE_SHIFT) as usize;
+                let b = (((r.end - base) >> PAGE_SHIFT) as usize).min(out.len());
+                if a >= b {
+                    return;
+                }
+                let (state, present) = classify(r.categories, m);
+                out[a..b].fill(state);
+                let ok = match need {
+                    Need::Nothing => true,
+                    Need::Read => present,
+                    Need::Write => state.is_writable(),
+                };
+                if !ok {
+                    note(a, b);
+                }
+            },
+        )?;
+        let uncovered = if need == Need::Nothing {
+            None
+        } else {
+            out.iter().position(|s| *s == PageState::Error)
+        };
+        if let Some(u) = uncovered {
+            note(u, u + 1);
+        }
+        Ok(Snap {
+            unsatisfied: unsat,
+            uncovered,
+        })
+    }
+
+    fn populate(&self, r: VaRange, write: bool) -> Result<(), FaultError> {
+        self.populates.fetch_add(1, Ordering::Relaxed);
+        if self.madvise.load(Ordering::Relaxed) {
+            let advice = if write {
+                sys::MADV_POPULATE_WRITE
+            } else {
+                sys::MADV_POPULATE_READ
+            };
+            let mut retries = 0;
+            loop {
+                // SAFETY: `madvise` only changes page-table state of
+                // `[r.start, r.end)`; with MADV_POPULATE_* it faults pages in
+                // exactly as an access would, and reports failure by errno
+                // instead of a signal. It does not touch Rust-visible memory
+                // contents, so no aliasing rule is involved; the range is a
+                // checked, page-aligned user range.
+                let rc = unsafe { libc::madvise(r.start().as_mut_ptr(), r.len() as usize, advice) };
+                if rc == 0 {
+                    return Ok(());
+                }
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) if retries < 16 => retries += 1,
+                    _ => return Err(self.explain(r, write, e)),
+                }
+            }
+        } else {
+            self.touch_populate(r, write)
+        }
+    }
+
+    /// Turns a populate failure into the error the kernel's checks would
+    /// give, after refreshing the (possibly stale) mapping knowledge.
+    fn explain(&self, r: VaRange, write: bool, e: io::Error) -> FaultError {
+        if let Some(fe) = self.recheck(r, write) {
+            return fe;
+        }
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return FaultError::BadPage { addr: r.start() };
+        }
+        FaultError::Populate {
+            range: r,
+            source: e,
+        }
+    }
+
+    /// Re-reads the map for `r` and returns the access error the kernel
+    /// would report there, if any.
+    fn recheck(&self, r: VaRange, write: bool) -> Option<FaultError> {
+        self.maps.invalidate(r);
+        match self.maps.segments(r) {
+            Ok(segs) => check_access(&segs, FaultFlags { fault: true, write }).err(),
+            Err(me) => Some(me.into()),
+        }
+    }
+
+    /// The fallback populate; see the module docs.
+    fn touch_populate(&self, r: VaRange, write: bool) -> Result<(), FaultError> {
+        if write {
+            // Never write through a stale permission: re-read the map.
+            self.maps.invalidate(r);
+            check_access(&self.maps.segments(r)?, FaultFlags::WRITE)?;
+        }
+        const BATCH: usize = 1024; // IOV_MAX
+        let mut sink = [0u8; BATCH];
+        let mut remote = [libc::iovec {
+            iov_base: core::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        let mut addrs = r.page_addrs().peekable();
+        while addrs.peek().is_some() {
+            let mut n = 0;
+            for a in addrs.by_ref().take(BATCH) {
+                remote[n] = libc::iovec {
+                    iov_base: a.as_mut_ptr(),
+                    iov_len: 1,
+                };
+                n += 1;
+            }
+            let first = VirtAddr(remote[0].iov_base as u64);
+            let local = libc::iovec {
+                iov_base: sink.as_mut_ptr().cast(),
+                iov_len: n,
+            };
+            // SAFETY: `local` describes `sink`, a live stack buffer of at
+            // least `n` bytes that nothing else accesses during the call.
+            // `remote` holds `n` initialised iovecs; the kernel only reads
+            // through them (with fault handling, returning EFAULT on
+            // failure), and it reads this process's own memory, which is
+            // always permitted.
+            let got = unsafe {
+                libc::process_vm_readv(libc::getpid(), &local, 1, remote.as_ptr(), n as _, 0)
+            };
+            if got < 0 || (got as usize) < n {
+                let done = got.max(0) as u64;
+                let at = VirtAddr(first.0 + (done << PAGE_SHIFT));
+                let e = if got < 0 {
+                    io::Error::last_os_error()
+                } else {
+                    io::Error::from_raw_os_error(libc::EFAULT)
+                };
+                let piece = VaRange::new(at, r.end()).unwrap_or(r);
+                return Err(self.explain(piece, write, e));
+            }
+            if write {
+                for iov in &remote[..n] {
+                    let p = iov.iov_base.cast::<u8>();
+                    // SAFETY: `p` is in a mapping that a fresh read of
+                    // /proc/self/maps showed readable and writable, and the
+                    // kernel just read it successfully. `AtomicU8` has the
+                    // size and alignment of `u8`. `fetch_add(0)` stores the
+                    // value it read, atomically, so concurrent writers lose
+                    // nothing. The caveat (a concurrent munmap/mprotect by
+                    // another thread would raise SIGSEGV) is documented on
+                    // the module.
+                    let a = unsafe { core::sync::atomic::AtomicU8::from_ptr(p) };
+                    a.fetch_add(0, core::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `MADV_POPULATE_READ` exists: try it on a fresh page.
+fn probe_madvise_populate() -> bool {
+    let len = PAGE_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping; checked against MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: `p..p+len` is the mapping created above.
+    let rc = unsafe { libc::madvise(p, len, sys::MADV_POPULATE_READ) };
+    // SAFETY: unmapping exactly the mapping created above.
+    unsafe { libc::munmap(p, len) };
+    rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::maps::MappingKind;
+
+    fn anon(write: bool, shared: bool) -> Mapping {
+        Mapping {
+            range: VaRange::new(VirtAddr(0x1000), VirtAddr(0x9000)).unwrap(),
+            read: true,
+            write,
+            exec: false,
+            shared,
+            kind: MappingKind::Anonymous,
+        }
+    }
+
+    #[test]
+    fn classification_table() {
+        let m = anon(true, false);
+        assert_eq!(classify(0, &m), (PageState::Zero, false));
+        assert_eq!(
+            classify(PAGE_IS_PRESENT | PAGE_IS_PFNZERO, &m),
+            (PageState::Zero, true)
+        );
+        assert_eq!(
+            classify(PAGE_IS_PRESENT, &m),
+            (PageState::Valid { writable: true }, true)
+        );
+        assert_eq!(
+            classify(PAGE_IS_SWAPPED, &m),
+            (PageState::NotPresent, false)
+        );
+        assert_eq!(
+            classify(PAGE_IS_PRESENT, &anon(false, false)),
+            (PageState::Valid { writable: false }, true)
+        );
+        let shm = anon(true, true);
+        assert_eq!(classify(0, &shm), (PageState::NotPresent, false));
+        assert_eq!(
+            classify(PAGE_IS_PRESENT | PAGE_IS_FILE, &shm),
+            (PageState::Valid { writable: true }, true)
+        );
+        let mut file = anon(true, false);
+        file.kind = MappingKind::File {
+            path: "/x".into(),
+            offset: 0,
+            dev: (0, 0),
+            inode: 1,
+            deleted: false,
+        };
+        assert_eq!(classify(0, &file), (PageState::NotPresent, false));
+        assert_eq!(
+            classify(PAGE_IS_PRESENT | PAGE_IS_FILE, &file),
+            (PageState::Valid { writable: false }, true),
+            "private file page: a write would copy"
+        );
+        assert_eq!(
+            classify(PAGE_IS_PRESENT, &file),
+            (PageState::Valid { writable: true }, true)
+        );
+    }
+
+    #[test]
+    fn madvise_populate_is_detected() {
+        // MADV_POPULATE_* arrived in Linux 5.14; the probe must agree
+        // with the running kernel's version.
+        let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut it = rel
+            .trim()
+            .split(['.', '-'])
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        let ver = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        let f = RangeFaulter::new().unwrap();
+        assert_eq!(
+            f.populate_method() == PopulateMethod::Madvise,
+            ver >= (5, 14),
+            "{rel}"
+        );
+        f.force_touch_populate();
+        assert_eq!(f.populate_method(), PopulateMethod::Touch);
+    }
+}
