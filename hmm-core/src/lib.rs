@@ -22,6 +22,7 @@
 pub mod addr;
 pub mod cpu;
 pub mod error;
+pub mod mirror;
 pub mod notifier;
 pub(crate) mod sync;
 

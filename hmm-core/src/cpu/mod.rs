@@ -3,6 +3,7 @@
 
 pub mod chunk;
 pub mod maps;
+pub mod mirror_fault;
 pub mod pagemap;
 pub mod range_fault;
 pub mod sys;

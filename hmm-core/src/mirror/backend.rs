@@ -1,0 +1,262 @@
+//! The backend trait: everything a device driver implements.
+//!
+//! The policy — which pages to map, when to copy, what to evict, when an
+//! invalidation must wait — lives in the mirror core; a backend only
+//! executes what the core decided, trusting its input (wgpu-hal's charter:
+//! validation is the caller's job). What it must get right is stated on
+//! each method, and the memory-safety part of that as `# Safety`.
+//!
+//! A driver developer implements [`Backend`], then runs the generic
+//! conformance suite (`hmm_core::mirror::conformance`) against it; the
+//! `cpu` driver in `drivers/cpu` is the reference to copy from.
+
+use core::fmt;
+use core::time::Duration;
+
+use super::format::{PoolSlot, Pte, TablePage};
+
+/// One submission of work to the device. Ids increase monotonically per
+/// backend, so "submitted after X" is a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubmissionId(pub u64);
+
+/// Copy one 4 KiB page from host memory into a pool slot.
+#[derive(Clone, Copy, Debug)]
+pub struct HostToDevice {
+    /// Destination slot.
+    pub slot: PoolSlot,
+    /// Source: 4096 bytes of host memory.
+    pub src: *const u8,
+}
+
+/// Copy one pool slot back to 4 KiB of host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceToHost {
+    /// Source slot.
+    pub slot: PoolSlot,
+    /// Destination: 4096 bytes of host memory.
+    pub dst: *mut u8,
+}
+
+/// Store one page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PteWrite {
+    /// Table page holding the entry.
+    pub table: TablePage,
+    /// Entry index within the page (0..512).
+    pub index: u16,
+    /// The new value.
+    pub pte: Pte,
+}
+
+/// Location of one page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PteLoc {
+    /// Table page holding the entry.
+    pub table: TablePage,
+    /// Entry index within the page (0..512).
+    pub index: u16,
+}
+
+/// Which invocations of a kernel a launch runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Invocations<'a> {
+    /// Invocations `0..n`.
+    All(u32),
+    /// Exactly these (a replay of the ones that faulted), ascending.
+    Only(&'a [u32]),
+}
+
+impl Invocations<'_> {
+    /// How many invocations run.
+    pub fn len(&self) -> usize {
+        match self {
+            Invocations::All(n) => *n as usize,
+            Invocations::Only(v) => v.len(),
+        }
+    }
+    /// Whether none run.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Fault-record flag: the access was a write.
+pub const FAULT_WRITE: u32 = 1 << 0;
+/// Fault-record flag: the access was an atomic read-modify-write.
+pub const FAULT_ATOMIC: u32 = 1 << 1;
+/// Fault-record flags a device may set; records with others are garbage.
+pub const FAULT_KNOWN_FLAGS: u32 = FAULT_WRITE | FAULT_ATOMIC;
+
+/// A fault exactly as the device wrote it into its fault buffer. The core
+/// validates every field before acting on it: a device may write garbage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RawFaultRecord {
+    /// The invocation that faulted.
+    pub invocation: u32,
+    /// `FAULT_*` flags.
+    pub flags: u32,
+    /// Faulting CPU virtual address, low word.
+    pub addr_lo: u32,
+    /// Faulting CPU virtual address, high word.
+    pub addr_hi: u32,
+}
+
+impl RawFaultRecord {
+    /// The faulting address.
+    pub fn addr(&self) -> u64 {
+        (u64::from(self.addr_hi) << 32) | u64::from(self.addr_lo)
+    }
+}
+
+/// What a finished submission reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchOutcome {
+    /// Fault records (possibly fewer than `incomplete` if the device's
+    /// fault buffer overflowed; possibly garbage).
+    pub faults: Vec<RawFaultRecord>,
+    /// Invocations that stopped at a fault and must be replayed, ascending.
+    pub incomplete: Vec<u32>,
+}
+
+/// Sizes the core asks a backend to allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Pool slots (4 KiB device pages holding mirrored data).
+    pub pool_slots: u32,
+    /// Table pages (4 KiB each) for the device page table; page 0 is the root.
+    pub table_pages: u32,
+}
+
+/// What a backend says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Short driver name (`cpu`, `wgpu`, `vulkan`).
+    pub driver: String,
+    /// The device, in words.
+    pub device: String,
+    /// Largest pool the device can hold, in slots.
+    pub max_pool_slots: u32,
+}
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Device memory could not be allocated.
+    #[error("device out of memory: {0}")]
+    OutOfMemory(String),
+    /// The device was lost (GPU reset, driver crash).
+    #[error("device lost: {0}")]
+    DeviceLost(String),
+    /// A kernel could not be built or run.
+    #[error("kernel error: {0}")]
+    Kernel(String),
+    /// An id the backend does not know (never issued, or its outcome was
+    /// already taken).
+    #[error("unknown submission {0:?}")]
+    UnknownSubmission(SubmissionId),
+    /// [`Backend::init`] has not run, or ran twice.
+    #[error("backend not initialised as required: {0}")]
+    NotInitialised(&'static str),
+    /// Anything else the driver wants to say.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A device driver.
+///
+/// # Safety
+///
+/// Implementers promise, for memory safety of the host process:
+/// - [`Backend::copy_to_host`] writes host memory only at the 4096 bytes
+///   named by each [`DeviceToHost::dst`], and only before it returns;
+/// - [`Backend::copy_to_device`] reads host memory only at the 4096 bytes
+///   named by each [`HostToDevice::src`], and only before it returns;
+/// - no other method reads or writes host memory the caller did not hand
+///   it, and device work never touches host memory (a zero-copy backend
+///   that maps host pages into the device states its own extra contract);
+/// - the device sets only the `ACCESSED` and `DIRTY` bits of page-table
+///   entries, and only with atomic OR on the entry's low word.
+pub unsafe trait Backend: Send + Sync + 'static {
+    /// What [`Backend::launch`] runs (a closure for `cpu`, a shader module
+    /// for GPU drivers).
+    type Kernel: ?Sized + Send + Sync;
+
+    /// Describes the driver and device.
+    fn info(&self) -> BackendInfo;
+
+    /// Allocates the pool and page-table memory, zeroed (an all-zero table
+    /// maps nothing). Called once, before anything else.
+    fn init(&self, config: DeviceConfig) -> Result<(), BackendError>;
+
+    /// Copies each `src` page into its slot.
+    ///
+    /// # Safety
+    ///
+    /// Every `src` must be valid for reads of 4096 bytes for the duration of
+    /// the call, and no in-flight device work may use the destination slots.
+    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError>;
+
+    /// Copies each slot to its `dst` page.
+    ///
+    /// # Safety
+    ///
+    /// Every `dst` must be valid for writes of 4096 bytes for the duration
+    /// of the call, not aliased by any Rust reference, and the batch's
+    /// destinations must not overlap. No in-flight device work may write the
+    /// source slots.
+    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError>;
+
+    /// Stores page-table entries, in order. Visible to device work launched
+    /// afterwards. Entries the device may be using concurrently are only
+    /// ever changed by the core after it waited for that work.
+    fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError>;
+
+    /// Reads entries (appends to `out`, one per location), e.g. to collect
+    /// accessed and dirty bits.
+    fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError>;
+
+    /// Atomically clears `bits` (a subset of `ACCESSED | DIRTY`) in each
+    /// entry and appends the previous values to `old`, so no bit the device
+    /// sets concurrently is lost.
+    fn clear_pte_bits(
+        &self,
+        locs: &[PteLoc],
+        bits: u64,
+        old: &mut Vec<Pte>,
+    ) -> Result<(), BackendError>;
+
+    /// Starts `kernel` over `invocations` with `args` (CPU pointers and
+    /// scalars, as 64-bit words). Returns at once; the work runs
+    /// asynchronously. An invocation that touches an address whose entry is
+    /// missing or lacks `WRITABLE` for a write stops, is listed in
+    /// [`LaunchOutcome::incomplete`], and (buffer space permitting) writes a
+    /// [`RawFaultRecord`].
+    fn launch(
+        &self,
+        kernel: &Self::Kernel,
+        invocations: Invocations<'_>,
+        args: &[u64],
+    ) -> Result<SubmissionId, BackendError>;
+
+    /// Waits until `id` has completed, or until `timeout`; returns whether it
+    /// completed. Callable from any thread, any number of times.
+    fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError>;
+
+    /// Whether `id` has completed (never blocks).
+    fn is_complete(&self, id: SubmissionId) -> bool;
+
+    /// The outcome of a completed submission; taken once.
+    fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError>;
+}
+
+impl fmt::Display for BackendInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}; pool up to {} slots)",
+            self.driver, self.device, self.max_pool_slots
+        )
+    }
+}

@@ -1,0 +1,4 @@
+//! The device side: a device's mirror of an address space.
+
+pub mod backend;
+pub mod format;
