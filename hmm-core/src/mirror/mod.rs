@@ -2,3 +2,5 @@
 
 pub mod backend;
 pub mod format;
+pub mod pagetable;
+pub mod pool;
