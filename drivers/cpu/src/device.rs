@@ -1,0 +1,281 @@
+//! [`CpuDevice`]: the [`Backend`] implementation.
+
+use core::sync::atomic::AtomicBool;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use core::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use hmm_core::mirror::backend::{
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
+    LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId,
+};
+use hmm_core::mirror::format::{Pte, DEVICE_BITS};
+
+use crate::exec::{lock, CpuKernel, Hooks, Job, LaunchSpec, Submissions, Workers};
+use crate::memory::Memory;
+
+/// Largest pool [`CpuDevice`] accepts: 2^20 − 1 slots (4 GiB), so a slot
+/// index always fits the low word of an entry.
+pub const MAX_POOL_SLOTS: u32 = u32::MAX >> 12;
+
+/// The software device: pool and page table in host memory, kernels run
+/// on a pool of worker threads through an emulated MMU.
+pub struct CpuDevice {
+    threads: usize,
+    mem: OnceLock<Arc<Memory>>,
+    init_lock: Mutex<()>,
+    workers: Mutex<Option<Workers>>,
+    subs: Arc<Submissions>,
+    hooks: Mutex<Hooks>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Default for CpuDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("CpuDevice")
+            .field("threads", &self.threads)
+            .field("initialised", &self.mem.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CpuDevice {
+    /// A device with one worker per available hardware thread.
+    pub fn new() -> Self {
+        Self::with_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// A device with `n` worker threads (at least 1). Threads start in
+    /// [`Backend::init`].
+    pub fn with_threads(n: usize) -> Self {
+        CpuDevice {
+            threads: n.max(1),
+            mem: OnceLock::new(),
+            init_lock: Mutex::new(()),
+            workers: Mutex::new(None),
+            subs: Arc::new(Submissions::new()),
+            hooks: Mutex::new(Hooks::default()),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Fault injection: the device's fault buffer holds at most `records`
+    /// records per launch (`None`: unbounded, the default). Invocations
+    /// whose record did not fit are still listed in
+    /// [`LaunchOutcome::incomplete`]; records are kept in ascending
+    /// invocation order. Applies to later launches.
+    pub fn set_fault_buffer_capacity(&self, records: Option<usize>) {
+        lock(&self.hooks).capacity = records;
+    }
+
+    /// Fault injection: every reported fault record passes through `f`
+    /// first, so a test can make the device "write garbage" (unknown flags,
+    /// wrong invocation, wild address). Applies to later launches. A
+    /// mangler that panics makes `take_outcome` fail with
+    /// [`BackendError::Other`].
+    pub fn set_fault_record_mangler<F>(&self, f: F)
+    where
+        F: Fn(&mut RawFaultRecord) + Send + Sync + 'static,
+    {
+        lock(&self.hooks).mangler = Some(Arc::new(f));
+    }
+
+    /// Removes the fault-record mangler.
+    pub fn clear_fault_record_mangler(&self) {
+        lock(&self.hooks).mangler = None;
+    }
+
+    fn memory(&self) -> Result<&Arc<Memory>, BackendError> {
+        self.mem
+            .get()
+            .ok_or(BackendError::NotInitialised("init has not run"))
+    }
+}
+
+impl Drop for CpuDevice {
+    fn drop(&mut self) {
+        // Queued invocations are skipped (their launches end with
+        // `DeviceLost`); running invocations finish; then the workers exit
+        // and are joined.
+        self.cancel.store(true, Relaxed);
+        if let Some(mut w) = lock(&self.workers).take() {
+            w.shutdown();
+        }
+    }
+}
+
+// SAFETY: the `Backend` promises hold:
+// - `copy_to_host` writes host memory only through `DeviceToHost::dst`, 4096
+//   bytes each, before returning (`Memory::copy_out`);
+// - `copy_to_device` reads host memory only through `HostToDevice::src`,
+//   4096 bytes each, before returning (`Memory::copy_in`);
+// - no other method touches host memory it was not handed, and device work
+//   (kernels through `Lane`) only reaches the pool and page-table buffers
+//   owned by this device: the `Lane` API has no way to reach host memory
+//   (a kernel closure may of course touch what it captured — that is the
+//   kernel author's Rust code, checked by the Rust compiler, not the device);
+// - device work changes entries only with `fetch_or(ACCESSED)` and
+//   `fetch_or(ACCESSED | DIRTY)` (`Lane::check_leaf`, `Lane::commit`,
+//   `Lane::rmw`); `ACCESSED`/`DIRTY` live in the low word, and a 64-bit OR of
+//   low-word bits is an OR on the low word.
+unsafe impl Backend for CpuDevice {
+    type Kernel = CpuKernel;
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            driver: "cpu".into(),
+            device: format!("software MMU on {} host threads", self.threads),
+            max_pool_slots: MAX_POOL_SLOTS,
+        }
+    }
+
+    fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
+        let _guard = lock(&self.init_lock);
+        if self.mem.get().is_some() {
+            return Err(BackendError::NotInitialised("init ran twice"));
+        }
+        let mem = Memory::new(config, MAX_POOL_SLOTS)?;
+        let workers = Workers::spawn(self.threads)?;
+        *lock(&self.workers) = Some(workers);
+        // Cannot fail: `init_lock` is held and `mem` was checked empty.
+        let _ = self.mem.set(Arc::new(mem));
+        Ok(())
+    }
+
+    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        for c in batch {
+            mem.slot_word(c.slot)?;
+        }
+        for c in batch {
+            let w = mem.slot_word(c.slot)?;
+            // SAFETY: `w` comes from `slot_word`; the caller guarantees `src`
+            // is readable for 4096 bytes for the call and that no in-flight
+            // device work uses the slot; `src` is host memory the caller
+            // owns, never the pool (the pool is private to this device).
+            unsafe { mem.copy_in(w, c.src) };
+        }
+        Ok(())
+    }
+
+    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        for c in batch {
+            mem.slot_word(c.slot)?;
+        }
+        for c in batch {
+            let w = mem.slot_word(c.slot)?;
+            // SAFETY: `w` comes from `slot_word`; the caller guarantees `dst`
+            // is writable for 4096 bytes, unaliased and not overlapping other
+            // destinations, and that no in-flight device work writes the
+            // slot; `dst` is not in the private pool.
+            unsafe { mem.copy_out(w, c.dst) };
+        }
+        Ok(())
+    }
+
+    fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        for w in batch {
+            mem.entry(w.table.0, w.index)?;
+        }
+        for w in batch {
+            mem.entry(w.table.0, w.index)?.store(w.pte.0, Release);
+        }
+        Ok(())
+    }
+
+    fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        for l in locs {
+            mem.entry(l.table.0, l.index)?;
+        }
+        out.reserve(locs.len());
+        for l in locs {
+            out.push(Pte(mem.entry(l.table.0, l.index)?.load(Acquire)));
+        }
+        Ok(())
+    }
+
+    fn clear_pte_bits(
+        &self,
+        locs: &[PteLoc],
+        bits: u64,
+        old: &mut Vec<Pte>,
+    ) -> Result<(), BackendError> {
+        if bits & !DEVICE_BITS != 0 {
+            return Err(BackendError::Other(format!(
+                "clear_pte_bits: {bits:#x} is not a subset of ACCESSED | DIRTY"
+            )));
+        }
+        let mem = self.memory()?;
+        for l in locs {
+            mem.entry(l.table.0, l.index)?;
+        }
+        old.reserve(locs.len());
+        for l in locs {
+            old.push(Pte(mem.entry(l.table.0, l.index)?.fetch_and(!bits, AcqRel)));
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        kernel: &CpuKernel,
+        invocations: Invocations<'_>,
+        args: &[u64],
+    ) -> Result<SubmissionId, BackendError> {
+        let mem = Arc::clone(self.memory()?);
+        let id = self.subs.begin();
+        if invocations.is_empty() {
+            self.subs.complete(id, Ok(LaunchOutcome::default()));
+            return Ok(id);
+        }
+        let (all, only) = match invocations {
+            Invocations::All(n) => (Some(n), &[][..]),
+            Invocations::Only(v) => (None, v),
+        };
+        let chunks = Job::chunks(
+            LaunchSpec {
+                id,
+                kernel: kernel.clone(),
+                all,
+                only,
+                args,
+                mem,
+                hooks: lock(&self.hooks).clone(),
+                subs: Arc::clone(&self.subs),
+                cancel: Arc::clone(&self.cancel),
+            },
+            self.threads,
+        );
+        match &*lock(&self.workers) {
+            Some(w) => w.submit(chunks),
+            None => chunks.into_iter().for_each(|c| c.abandon("no workers")),
+        }
+        Ok(id)
+    }
+
+    fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError> {
+        self.subs.wait(id, timeout)
+    }
+
+    fn is_complete(&self, id: SubmissionId) -> bool {
+        self.subs.is_complete(id)
+    }
+
+    fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
+        self.subs.take(id)
+    }
+}

@@ -1,0 +1,256 @@
+//! Device memory: the page pool and the page-table buffer.
+//!
+//! # Memory model
+//!
+//! Both buffers are arrays of atomics, so every access made by device work
+//! (kernel loads, committed stores, atomics, `ACCESSED`/`DIRTY` updates) is
+//! an atomic access and two invocations racing on the same bytes — which
+//! a buggy or merely racy kernel may do, as on a GPU — is never a data race
+//! in the Rust sense. Pool words are `AtomicU32` (the granularity of GPU
+//! atomics): sub-word stores touch only their own bytes via `fetch_and` /
+//! `fetch_or`, 64-bit accesses are two word accesses (not single-copy
+//! atomic, as on a GPU without 64-bit atomics). Only one access size is
+//! ever used on the pool, so there are no mixed-size atomic accesses.
+//!
+//! The host copies ([`Memory::copy_in`], [`Memory::copy_out`]) are plain
+//! `memcpy`s over the same bytes (`AtomicU32` has the layout of `u32` and
+//! is an `UnsafeCell`, so writing through a pointer derived from a shared
+//! reference is allowed). They are non-atomic, which is sound only because
+//! [`hmm_core::mirror::backend::Backend`]'s contract serialises them
+//! against device work on those slots: a copy into a slot never overlaps
+//! device work using it, and a copy out of a slot never overlaps device
+//! work writing it (concurrent device *reads* are fine: two reads are never
+//! a data race). The happens-before edges come from the worker queue
+//! (launch → invocation: channel send/receive) and from the submission
+//! table (invocation → `wait`/`take_outcome`: a mutex).
+
+use core::ptr;
+use core::sync::atomic::{AtomicU32, AtomicU64};
+use std::alloc::{self, Layout};
+
+use hmm_core::mirror::backend::{BackendError, DeviceConfig};
+use hmm_core::mirror::format::{PoolSlot, ENTRIES, TABLE_PAGE_BYTES};
+
+/// Pool words (`u32`) per 4 KiB page.
+pub(crate) const WORDS_PER_PAGE: usize = (TABLE_PAGE_BYTES / 4) as usize;
+/// Bytes per page, as `usize`.
+pub(crate) const PAGE: usize = TABLE_PAGE_BYTES as usize;
+
+/// Types for which the all-zero bit pattern is a valid value.
+///
+/// # Safety
+///
+/// Implementers must be valid when every byte is zero and have no drop glue.
+unsafe trait ZeroValid {}
+// SAFETY: `AtomicU32` has the layout of `u32`; zero is `AtomicU32::new(0)`.
+unsafe impl ZeroValid for AtomicU32 {}
+// SAFETY: `AtomicU64` has the layout of `u64`; zero is `AtomicU64::new(0)`.
+unsafe impl ZeroValid for AtomicU64 {}
+
+/// Allocates `len` zeroed `T`s, reporting allocation failure as
+/// [`BackendError::OutOfMemory`] instead of aborting. Large allocations
+/// come from `calloc`/`mmap`, so untouched pages cost no memory.
+fn zeroed_slice<T: ZeroValid>(len: usize, what: &str) -> Result<Box<[T]>, BackendError> {
+    if len == 0 {
+        return Ok(Vec::new().into_boxed_slice());
+    }
+    let layout = Layout::array::<T>(len)
+        .map_err(|_| BackendError::OutOfMemory(format!("{what}: {len} elements overflow")))?;
+    // SAFETY: `layout` has non-zero size: `len > 0` and `T` (an atomic
+    // integer) is not zero-sized.
+    let p = unsafe { alloc::alloc_zeroed(layout) }.cast::<T>();
+    if p.is_null() {
+        return Err(BackendError::OutOfMemory(format!(
+            "{what}: {} bytes",
+            layout.size()
+        )));
+    }
+    // SAFETY: `p` was allocated by the global allocator with
+    // `Layout::array::<T>(len)`, exactly the layout `Box<[T]>` of length
+    // `len` deallocates with; all `len` elements are initialised because
+    // all-zero bytes are a valid `T` (`ZeroValid`); we own the allocation.
+    Ok(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, len)) })
+}
+
+/// The device's memory, shared (by `Arc`) between the device and jobs.
+pub(crate) struct Memory {
+    /// `pool_slots * 1024` words.
+    pub(crate) pool: Box<[AtomicU32]>,
+    /// `table_pages * 512` entries; entry `t * 512 + i` is index `i` of
+    /// table page `t`.
+    pub(crate) tables: Box<[AtomicU64]>,
+    /// Number of pool slots.
+    pub(crate) pool_slots: u32,
+    /// Number of table pages.
+    pub(crate) table_pages: u32,
+}
+
+impl Memory {
+    /// Allocates zeroed pool and table memory.
+    pub(crate) fn new(config: DeviceConfig, max_pool_slots: u32) -> Result<Self, BackendError> {
+        if config.table_pages == 0 {
+            return Err(BackendError::Other(
+                "table_pages must be at least 1 (page 0 is the root)".into(),
+            ));
+        }
+        if config.pool_slots > max_pool_slots {
+            return Err(BackendError::OutOfMemory(format!(
+                "{} pool slots requested, at most {max_pool_slots}",
+                config.pool_slots
+            )));
+        }
+        let words = (config.pool_slots as usize)
+            .checked_mul(WORDS_PER_PAGE)
+            .ok_or_else(|| BackendError::OutOfMemory("pool size overflows".into()))?;
+        let entries = (config.table_pages as usize)
+            .checked_mul(ENTRIES)
+            .ok_or_else(|| BackendError::OutOfMemory("table size overflows".into()))?;
+        Ok(Memory {
+            pool: zeroed_slice(words, "page pool")?,
+            tables: zeroed_slice(entries, "page table")?,
+            pool_slots: config.pool_slots,
+            table_pages: config.table_pages,
+        })
+    }
+
+    /// Index of the first pool word of `slot`, if the slot exists.
+    pub(crate) fn slot_word(&self, slot: PoolSlot) -> Result<usize, BackendError> {
+        if slot.0 >= self.pool_slots {
+            return Err(BackendError::Other(format!(
+                "pool slot {} out of range (pool has {} slots)",
+                slot.0, self.pool_slots
+            )));
+        }
+        Ok(slot.0 as usize * WORDS_PER_PAGE)
+    }
+
+    /// Byte pointer to the first pool word of a slot (from
+    /// [`Memory::slot_word`]). Derived from the whole slice, so it may be
+    /// used for all 4096 bytes of the slot; writing through it is allowed
+    /// because every byte is inside an `UnsafeCell` (`AtomicU32`).
+    fn slot_ptr(&self, first_word: usize) -> *mut u8 {
+        // `wrapping_add` keeps this safe code; `first_word + 1024 <=
+        // pool.len()` holds for results of `slot_word`, so it stays in bounds.
+        self.pool
+            .as_ptr()
+            .wrapping_add(first_word)
+            .cast::<u8>()
+            .cast_mut()
+    }
+
+    /// Copies 4096 bytes from `src` into the slot starting at word `first_word`.
+    ///
+    /// # Safety
+    ///
+    /// `first_word` comes from [`Memory::slot_word`]; `src` is valid for
+    /// reads of 4096 bytes and does not overlap the pool; no device work
+    /// accesses the slot concurrently (and the caller's synchronisation
+    /// orders this copy before any later device work on it).
+    pub(crate) unsafe fn copy_in(&self, first_word: usize, src: *const u8) {
+        let dst = self.slot_ptr(first_word);
+        // SAFETY: `dst` points at 4096 bytes of the pool (the slot is in
+        // range, see `slot_word`), writable through the `UnsafeCell`s of the
+        // atomics; `src` is readable for 4096 bytes and disjoint from the
+        // pool (caller); no concurrent access to the slot (caller), so the
+        // non-atomic write is not a data race.
+        unsafe { ptr::copy_nonoverlapping(src, dst, PAGE) };
+    }
+
+    /// Copies the slot starting at word `first_word` to 4096 bytes at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `first_word` comes from [`Memory::slot_word`]; `dst` is valid for
+    /// writes of 4096 bytes, not aliased by a Rust reference, and disjoint
+    /// from the pool; no device work writes the slot concurrently.
+    pub(crate) unsafe fn copy_out(&self, first_word: usize, dst: *mut u8) {
+        let src = self.slot_ptr(first_word).cast_const();
+        // SAFETY: `src` is 4096 readable pool bytes (slot in range); device
+        // work may at most read them concurrently (caller), and concurrent
+        // reads are not a data race; `dst` is writable, unaliased and
+        // disjoint (caller).
+        unsafe { ptr::copy_nonoverlapping(src, dst, PAGE) };
+    }
+
+    /// The entry at `index` of table page `table`, if it exists.
+    pub(crate) fn entry(&self, table: u32, index: u16) -> Result<&AtomicU64, BackendError> {
+        if table >= self.table_pages || usize::from(index) >= ENTRIES {
+            return Err(BackendError::Other(format!(
+                "page-table entry {table}:{index} out of range ({} table pages of {ENTRIES} entries)",
+                self.table_pages
+            )));
+        }
+        Ok(&self.tables[table as usize * ENTRIES + usize::from(index)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::sync::atomic::Ordering;
+
+    #[test]
+    fn allocation_is_zeroed_and_sized() {
+        let m = Memory::new(
+            DeviceConfig {
+                pool_slots: 3,
+                table_pages: 2,
+            },
+            16,
+        )
+        .expect("alloc");
+        assert_eq!(m.pool.len(), 3 * WORDS_PER_PAGE);
+        assert_eq!(m.tables.len(), 2 * ENTRIES);
+        assert!(m.pool.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        assert!(m.tables.iter().all(|e| e.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        let no_root = DeviceConfig {
+            pool_slots: 1,
+            table_pages: 0,
+        };
+        assert!(matches!(
+            Memory::new(no_root, 16),
+            Err(BackendError::Other(_))
+        ));
+        let too_big = DeviceConfig {
+            pool_slots: 17,
+            table_pages: 1,
+        };
+        assert!(matches!(
+            Memory::new(too_big, 16),
+            Err(BackendError::OutOfMemory(_))
+        ));
+    }
+
+    #[test]
+    fn copies_round_trip_and_bounds_are_checked() {
+        let m = Memory::new(
+            DeviceConfig {
+                pool_slots: 2,
+                table_pages: 1,
+            },
+            16,
+        )
+        .expect("alloc");
+        let src: Vec<u8> = (0..PAGE).map(|i| (i * 7) as u8).collect();
+        let w = m.slot_word(PoolSlot(1)).expect("slot 1");
+        // SAFETY: `src` is 4096 readable bytes outside the pool; nothing else
+        // uses the memory.
+        unsafe { m.copy_in(w, src.as_ptr()) };
+        assert_eq!(
+            m.pool[w + 1].load(Ordering::Relaxed),
+            u32::from_le_bytes([28, 35, 42, 49])
+        );
+        let mut dst = vec![0u8; PAGE];
+        // SAFETY: `dst` is 4096 writable unaliased bytes outside the pool.
+        unsafe { m.copy_out(w, dst.as_mut_ptr()) };
+        assert_eq!(src, dst);
+        assert!(m.slot_word(PoolSlot(2)).is_err());
+        assert!(m.entry(1, 0).is_err());
+        assert!(m.entry(0, 512).is_err());
+        assert!(m.entry(0, 511).is_ok());
+    }
+}
