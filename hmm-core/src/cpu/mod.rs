@@ -1,9 +1,25 @@
 //! The CPU side of the mirror: what is mapped, page-state snapshots, and
 //! invalidation events learned from the kernel.
+//!
+//! - [`maps`]: `/proc/self/maps` parsed and cached; events keep the cache
+//!   valid. [`chunk`]: the region a device fault registers.
+//! - [`pagemap`], [`range_fault`]: page-state snapshots (`PAGEMAP_SCAN`,
+//!   with a `/proc/self/pagemap` fallback), the `hmm_range_fault`
+//!   analogue; [`mirror_fault`]: the same under the notifier sequence.
+//! - [`uffd`], [`monitor`], [`write_track`]: userfaultfd events (unmap,
+//!   remove, remap, fork) and CPU-write tracking (`WP_ASYNC` +
+//!   `PAGEMAP_SCAN`); [`probe`]: what this kernel offers.
+//! - [`host`]: all of it wired to an [`crate::notifier::AddressSpace`].
+//! - [`sys`]: the raw kernel ABI the above need.
 
 pub mod chunk;
+pub mod host;
 pub mod maps;
 pub mod mirror_fault;
+pub mod monitor;
 pub mod pagemap;
+pub mod probe;
 pub mod range_fault;
 pub mod sys;
+pub mod uffd;
+pub mod write_track;

@@ -1,0 +1,654 @@
+//! The event monitor: kernel address-space changes → invalidations.
+//!
+//! # What it does
+//!
+//! [`EventMonitor`] owns one userfaultfd initialised with the
+//! non-cooperative events `EVENT_UNMAP | EVENT_REMOVE | EVENT_REMAP`
+//! (`EVENT_FORK` only on request, see "Fork" below; plus `WP_ASYNC | WP_UNPOPULATED` when offered, so the
+//! [`WriteTracker`] can use the same fd — a mapping can be registered on
+//! one userfaultfd only) and a thread that `poll`s that fd and a shutdown
+//! `eventfd`. Every event read becomes a call to
+//! [`InvalidationSink::invalidate`]:
+//!
+//! | kernel event | cause | sink call |
+//! |---|---|---|
+//! | `UNMAP` | `munmap`, shrinking `mremap`, `mmap(MAP_FIXED)` over the range | `invalidate(range, Unmap)` — the range given to `munmap`, which may reach past the watched part |
+//! | `REMOVE` | `madvise(DONTNEED / REMOVE / FREE)` | `invalidate(range, Remove)` — clipped to one mapping |
+//! | `REMAP` | `mremap` that moves | `invalidate(old, Remap)` then `remapped(from, to, len)`; the kernel then also sends `UNMAP` of the old range (checked on 6.18), which arrives as a second `invalidate(old, Unmap)` |
+//! | `FORK` (opt-in) | `fork`/`clone` without `CLONE_VM` | none: the child's userfaultfd is closed at once, so **the child has no mirror** and its copy of the ranges is unregistered |
+//! | page fault | a write to a page someone write-protected *without* `WP_ASYNC` | `invalidate(page, CpuWrite)`, then the page is un-protected (which wakes the writer) |
+//!
+//! `mprotect` produces **no** event (the kernel has none for it), nor do
+//! swap-out, KSM merging or migration: a mirror is valid as of the last
+//! sync point, and protection changes must come through the explicit API.
+//!
+//! # Registering without becoming the fault handler
+//!
+//! [`EventMonitor::watch`] registers a range in **write-protect mode with
+//! nothing protected**. Non-cooperative events are delivered for any
+//! registered range whatever its mode, while faults are delivered only for
+//! what the mode claims: in WP mode only writes to *protected* pages, and
+//! registering protects nothing. So ordinary first-touch faults never reach
+//! us (checked by a test: a thread touching a never-populated watched page
+//! completes at once). `MISSING` mode, by contrast, would make this process
+//! the handler of every first touch: the touching thread sleeps until the
+//! fault is resolved through the fd (also checked by a test, with a raw
+//! userfaultfd). With `WP_ASYNC`, writes to pages the tracker protected are
+//! resolved by the kernel and never delivered either.
+//!
+//! # Timing — what is guaranteed and what is not
+//!
+//! - `REMOVE` is delivered **before** the pages are zapped; `UNMAP` and
+//!   `REMAP` **after** the old range is gone.
+//! - In all three cases the thread that caused the event sleeps until the
+//!   event is **read** from the fd — not until our invalidation finishes.
+//!   Once `read(2)` returns, the unmapping thread may run on (zap, reuse the
+//!   address range for a new mapping) concurrently with the sink.
+//! - Therefore the monitor thread calls [`InvalidationSink::invalidate`]
+//!   first, before anything else is done with an event (even bookkeeping),
+//!   and a consumer that writes device data back to CPU memory must
+//!   re-check its invalidation sequence under its own lock right before the
+//!   write: the sequence advanced by `invalidate` is what closes the window
+//!   between "the kernel changed the mapping" and "the device stopped using
+//!   it".
+//!
+//! # Rules for sinks (and why the monitor avoids allocating)
+//!
+//! The sink runs on the monitor thread and that thread is the only reader
+//! of the fd, so anything that makes it wait for a thread which is itself
+//! waiting for an event to be read is a deadlock:
+//!
+//! - A sink that unmaps, `madvise`s or `mremap`s a *watched* range waits
+//!   for its own event. A sink must only update bookkeeping.
+//! - A thread calling `free()` can hold a malloc arena lock while glibc
+//!   trims the heap with `madvise(MADV_DONTNEED)` / `brk` / `munmap` — and
+//!   if that memory is watched, it then waits for the monitor to read the
+//!   event. A sink that allocates from the same arena while such an event
+//!   is queued behind the one it is handling waits for that lock. Sinks
+//!   should therefore not allocate (the notifier's invalidate path works on
+//!   preallocated state). The monitor itself reads into a preallocated
+//!   buffer and edits its watch set in place, so it allocates nothing in
+//!   its loop while the set's spare capacity lasts (`watch` keeps some).
+//!
+//! A panicking sink is caught and counted ([`EventCounts::sink_panics`]);
+//! the thread carries on so no unmapper is left waiting.
+//!
+//! # Fork
+//!
+//! Without `EVENT_FORK` the kernel silently drops the child's copy of the
+//! registrations at fork: the child runs unmonitored and has no mirror,
+//! and `fork()` never waits for us. With `EVENT_FORK`
+//! ([`MonitorOptions::fork_events`], needs `CAP_SYS_PTRACE`) the kernel
+//! instead creates a userfaultfd for the child, hands it to us in a `FORK`
+//! message, and **`fork()` sleeps inside the kernel until the monitor
+//! reads that message**. glibc's `fork()` takes every malloc arena lock
+//! (its atfork handler) *before* entering the kernel, so if the monitor
+//! thread is at that moment inside `malloc`/`free` — in a sink, or while
+//! exiting — neither side can proceed. We observed exactly this hang in
+//! this crate's own tests (a monitor thread blocked in the allocator, the
+//! forking thread in `userfaultfd_event_wait_completion`). Since the event
+//! buys nothing (we close the child's fd at once, which is what the kernel
+//! does by itself without the feature), it is off by default. The parent's
+//! mirror stays valid across fork: pages pinned for a device are copied
+//! for the child eagerly, and everything else is reached by address.
+//! (With the option on, `start` returns only after the monitor thread is
+//! past its allocating start-up, and shutdown unregisters every range
+//! before the thread exits, so the monitor's own code never sits in the
+//! allocator while a `FORK` message is unread; sinks must keep to the
+//! no-allocation rule.)
+//!
+//! # The watch set
+//!
+//! The kernel drops the registration of a range when it is unmapped and
+//! carries it along when a mapping moves; the monitor keeps its own watch
+//! set ([`EventMonitor::watched`]) in step (an unmapped range leaves it, a
+//! moved one follows to its new address). A message that cannot be
+//! decoded might have been about any watched range, so all of them are
+//! invalidated with [`EventKind::Clear`].
+//!
+//! Dropping the monitor stops and joins the thread, then closes the fd,
+//! which unregisters every range (and clears any write protection).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+use super::probe::Capabilities;
+use super::sys;
+use super::uffd::{Features, OpenMode, RegisterMode, UffdError, UffdEvent, Userfaultfd};
+use super::write_track::WriteTracker;
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::notifier::EventKind;
+
+/// Receives the invalidations the monitor derives from kernel events.
+pub trait InvalidationSink: Send + Sync + 'static {
+    /// Called on the monitor thread, synchronously, for every kernel event,
+    /// BEFORE anything else is done with the event.
+    fn invalidate(&self, range: VaRange, kind: EventKind);
+
+    /// Called after the `invalidate(old, Remap)` of a moving `mremap`:
+    /// `[from, from + len)` now lives at `[to, to + len)`. Lets a mapping
+    /// cache follow. Default: nothing.
+    fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        let _ = (from, to, len);
+    }
+}
+
+/// Errors of the monitor.
+#[derive(Debug, Error)]
+pub enum MonitorError {
+    /// The userfaultfd could not be opened or used.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// Creating the shutdown eventfd or the thread failed.
+    #[error("starting the monitor failed: {0}")]
+    Start(#[source] io::Error),
+    /// The monitor thread stopped after an unrecoverable read error; every
+    /// watched range was unregistered.
+    #[error("the monitor thread has stopped after a fatal error")]
+    Stopped,
+}
+
+/// Events handled so far, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    /// `UNMAP` events.
+    pub unmap: u64,
+    /// `REMOVE` events.
+    pub remove: u64,
+    /// `REMAP` events.
+    pub remap: u64,
+    /// `FORK` events.
+    pub fork: u64,
+    /// Write-protect faults handled (only without `WP_ASYNC`).
+    pub wp_faults: u64,
+    /// Other page faults (woken; should never happen).
+    pub unexpected_faults: u64,
+    /// Messages that could not be decoded.
+    pub bad_messages: u64,
+    /// Sink calls that panicked.
+    pub sink_panics: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    unmap: AtomicU64,
+    remove: AtomicU64,
+    remap: AtomicU64,
+    fork: AtomicU64,
+    wp_faults: AtomicU64,
+    unexpected_faults: AtomicU64,
+    bad_messages: AtomicU64,
+    sink_panics: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sorted, disjoint, non-adjacent ranges. Edited in place so that the
+/// monitor thread allocates nothing while spare capacity lasts (see
+/// "Allocation" in the module docs); `watch` keeps spare capacity.
+#[derive(Default, Debug)]
+struct RangeSet(Vec<VaRange>);
+
+impl RangeSet {
+    const SPARE: usize = 16;
+
+    fn reserve_spare(&mut self) {
+        if self.0.capacity() - self.0.len() < Self::SPARE {
+            self.0.reserve(2 * Self::SPARE);
+        }
+    }
+
+    fn remove(&mut self, r: VaRange) {
+        // At most one element strictly contains `r` and leaves two pieces.
+        let mut extra = None;
+        self.0.retain_mut(|w| {
+            if !w.overlaps(r) {
+                return true;
+            }
+            let left = VaRange::new(w.start(), r.start()).ok();
+            let right = VaRange::new(r.end(), w.end()).ok();
+            match (left, right) {
+                (Some(l), Some(rt)) => {
+                    *w = l;
+                    extra = Some(rt);
+                    true
+                }
+                (Some(x), None) | (None, Some(x)) => {
+                    *w = x;
+                    true
+                }
+                (None, None) => false,
+            }
+        });
+        if let Some(x) = extra {
+            self.0.push(x);
+            self.0.sort_unstable();
+        }
+    }
+
+    fn insert(&mut self, r: VaRange) {
+        self.0.push(r);
+        self.normalize();
+    }
+
+    /// Sorts and merges overlapping or adjacent ranges, in place.
+    fn normalize(&mut self) {
+        self.0.sort_unstable();
+        self.0.dedup_by(|next, prev| {
+            if next.start() <= prev.end() {
+                if let Ok(m) = VaRange::new(prev.start(), prev.end().max(next.end())) {
+                    *prev = m;
+                }
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The parts inside `[from, from + len)` move to `to`.
+    fn shift(&mut self, old: VaRange, to: VirtAddr) {
+        let n = self.0.len();
+        for i in 0..n {
+            let Some(inside) = self.0[i].intersect(old) else {
+                continue;
+            };
+            let off = inside.start().get() - old.start().get();
+            if let Ok(moved) =
+                VaRange::from_start_len(VirtAddr(to.get().wrapping_add(off)), inside.len())
+            {
+                self.0.push(moved);
+            }
+        }
+        // The moved copies do not overlap `old` (mremap never moves onto
+        // an overlapping destination), so this only trims the originals.
+        self.remove(old);
+        self.normalize();
+    }
+
+    #[cfg(test)]
+    fn overlapping(&self, r: VaRange) -> Vec<VaRange> {
+        self.0.iter().filter_map(|w| w.intersect(r)).collect()
+    }
+}
+
+struct Shared {
+    uffd: Arc<Userfaultfd>,
+    sink: Arc<dyn InvalidationSink>,
+    watched: Mutex<RangeSet>,
+    counters: Counters,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    fn watched(&self) -> MutexGuard<'_, RangeSet> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn call_sink(&self, range: VaRange, kind: EventKind) {
+        if catch_unwind(AssertUnwindSafe(|| self.sink.invalidate(range, kind))).is_err() {
+            bump(&self.counters.sink_panics);
+        }
+    }
+
+    fn handle(&self, ev: Result<UffdEvent, super::uffd::DecodeError>) {
+        match ev {
+            Ok(UffdEvent::Unmap { range }) => {
+                self.call_sink(range, EventKind::Unmap);
+                self.watched().remove(range);
+                bump(&self.counters.unmap);
+            }
+            Ok(UffdEvent::Remove { range }) => {
+                self.call_sink(range, EventKind::Remove);
+                bump(&self.counters.remove);
+            }
+            Ok(UffdEvent::Remap { from, to, len }) => {
+                // `decode` checked that both ends form valid ranges.
+                let Ok(old) = VaRange::from_start_len(from, len) else {
+                    bump(&self.counters.bad_messages);
+                    return;
+                };
+                self.call_sink(old, EventKind::Remap);
+                if catch_unwind(AssertUnwindSafe(|| self.sink.remapped(from, to, len))).is_err() {
+                    bump(&self.counters.sink_panics);
+                }
+                self.watched().shift(old, to);
+                bump(&self.counters.remap);
+            }
+            Ok(UffdEvent::Fork { child }) => {
+                // Closing the child's fd unregisters its copy of our ranges:
+                // the child runs without a mirror.
+                drop(child);
+                bump(&self.counters.fork);
+            }
+            Ok(UffdEvent::Pagefault { addr, wp, .. }) => {
+                let Ok(page) = VaRange::from_start_len(addr.page_down(), PAGE_SIZE) else {
+                    bump(&self.counters.bad_messages);
+                    return;
+                };
+                if wp {
+                    self.call_sink(page, EventKind::CpuWrite);
+                    bump(&self.counters.wp_faults);
+                    // Un-protecting wakes the writer.
+                    if self.uffd.write_protect(page, false).is_err() {
+                        let _ = self.uffd.wake(page);
+                    }
+                } else {
+                    bump(&self.counters.unexpected_faults);
+                    let _ = self.uffd.wake(page);
+                }
+            }
+            Err(_) => {
+                bump(&self.counters.bad_messages);
+                let all = self.watched().0.clone();
+                for r in all {
+                    self.call_sink(r, EventKind::Clear);
+                }
+            }
+        }
+    }
+
+    /// Reads and handles everything pending, one batch per `read(2)`.
+    /// `buf` has room for a batch, so reading allocates nothing. Err on an
+    /// unrecoverable error.
+    fn drain(&self, buf: &mut Vec<Result<UffdEvent, super::uffd::DecodeError>>) -> Result<(), ()> {
+        loop {
+            buf.clear();
+            match self.uffd.read_events(buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    for ev in buf.drain(..) {
+                        self.handle(ev);
+                    }
+                }
+                Err(UffdError::ShortRead(_)) => {
+                    bump(&self.counters.bad_messages);
+                }
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// Shutdown: unregister everything (no new event can then wait for a
+    /// reader), then read what is already queued.
+    fn stop(&self, buf: &mut Vec<Result<UffdEvent, super::uffd::DecodeError>>) {
+        {
+            let w = self.watched();
+            for &r in &w.0 {
+                let _ = self.uffd.unregister(r);
+            }
+        }
+        let _ = self.drain(buf);
+    }
+
+    fn run(&self, shutdown: &OwnedFd, ready: &Barrier) {
+        let mut buf = Vec::with_capacity(Userfaultfd::READ_BATCH);
+        // Thread start-up allocates; `start` returns only once we are past
+        // it (see "Fork" in the module docs).
+        ready.wait();
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: shutdown.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfds; both fds stay
+            // open for the call (owned by `self` / the caller).
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                self.fail();
+                return;
+            }
+            if fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+                && (self.drain(&mut buf).is_err()
+                    || fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0)
+            {
+                self.fail();
+                return;
+            }
+            if fds[1].revents != 0 {
+                self.stop(&mut buf);
+                return;
+            }
+        }
+    }
+
+    /// Fatal error: stop delivering events by unregistering everything, so
+    /// no unmapper waits for a reader that is gone.
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        let mut w = self.watched();
+        for r in std::mem::take(&mut w.0) {
+            let _ = self.uffd.unregister(r);
+            self.call_sink(r, EventKind::Clear);
+        }
+    }
+}
+
+/// Watches ranges for unmap / remove / remap / fork and reports them to an
+/// [`InvalidationSink`] (see the module docs).
+pub struct EventMonitor {
+    shared: Arc<Shared>,
+    shutdown: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    mode: OpenMode,
+    wanted_events: Features,
+}
+
+/// Monitor options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorOptions {
+    /// Ask for `EVENT_FORK` (needs `CAP_SYS_PTRACE`). Off by default: see
+    /// "Fork" in the module docs — it buys nothing but a way to deadlock
+    /// `fork()`.
+    pub fork_events: bool,
+}
+
+impl std::fmt::Debug for EventMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventMonitor")
+            .field("mode", &self.mode)
+            .field("features", &self.shared.uffd.features())
+            .field("watched", &self.shared.watched().0)
+            .finish()
+    }
+}
+
+impl EventMonitor {
+    /// Opens the userfaultfd and starts the monitor thread, with default
+    /// options (no fork events).
+    pub fn start<S: InvalidationSink>(sink: Arc<S>) -> Result<EventMonitor, MonitorError> {
+        Self::start_with(sink, MonitorOptions::default())
+    }
+
+    /// [`EventMonitor::start`] with options.
+    pub fn start_with(
+        sink: Arc<dyn InvalidationSink>,
+        options: MonitorOptions,
+    ) -> Result<EventMonitor, MonitorError> {
+        let mut events = Features(
+            sys::UFFD_FEATURE_EVENT_UNMAP
+                | sys::UFFD_FEATURE_EVENT_REMOVE
+                | sys::UFFD_FEATURE_EVENT_REMAP,
+        );
+        if options.fork_events {
+            events = events.union(Features(sys::UFFD_FEATURE_EVENT_FORK));
+        }
+        let (uffd, mode) = Userfaultfd::open(events.union(Features::WP_TRACKING))?;
+        // SAFETY: eventfd takes no pointers and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(MonitorError::Start(io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd from the kernel; we are its only owner.
+        let shutdown = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let mut set = RangeSet::default();
+        set.reserve_spare();
+        let shared = Arc::new(Shared {
+            uffd: Arc::new(uffd),
+            sink,
+            watched: Mutex::new(set),
+            counters: Counters::default(),
+            failed: AtomicBool::new(false),
+        });
+        let ready = Arc::new(Barrier::new(2));
+        let (s, sd, r) = (
+            Arc::clone(&shared),
+            Arc::clone(&shutdown),
+            Arc::clone(&ready),
+        );
+        let thread = std::thread::Builder::new()
+            .name("hmm-uffd-monitor".into())
+            .spawn(move || s.run(&sd, &r))
+            .map_err(MonitorError::Start)?;
+        ready.wait();
+        Ok(EventMonitor {
+            shared,
+            shutdown,
+            thread: Some(thread),
+            mode,
+            wanted_events: events,
+        })
+    }
+
+    /// How the userfaultfd was opened.
+    pub fn open_mode(&self) -> OpenMode {
+        self.mode
+    }
+
+    /// Features granted on the monitor's userfaultfd.
+    pub fn features(&self) -> Features {
+        self.shared.uffd.features()
+    }
+
+    /// Wanted event features the kernel did not grant (each one is an event
+    /// class this monitor cannot see).
+    pub fn missing_events(&self) -> Features {
+        self.wanted_events.difference(self.features())
+    }
+
+    /// Starts watching `range` (page aligned, wholly mapped, anonymous or
+    /// shmem): registers it in write-protect mode with nothing protected.
+    pub fn watch(&self, range: VaRange) -> Result<(), MonitorError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(MonitorError::Stopped);
+        }
+        // Hold the set lock across the ioctl so an event for the range that
+        // the thread handles right after registration finds it in the set.
+        let mut w = self.shared.watched();
+        self.shared.uffd.register(range, RegisterMode::WP)?;
+        w.insert(range);
+        w.reserve_spare();
+        Ok(())
+    }
+
+    /// Stops watching `range` (also clears write protection there).
+    pub fn unwatch(&self, range: VaRange) -> Result<(), MonitorError> {
+        let mut w = self.shared.watched();
+        self.shared.uffd.unregister(range)?;
+        w.remove(range);
+        Ok(())
+    }
+
+    /// The watched ranges, sorted and coalesced.
+    pub fn watched(&self) -> Vec<VaRange> {
+        self.shared.watched().0.clone()
+    }
+
+    /// Events handled so far.
+    pub fn counts(&self) -> EventCounts {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EventCounts {
+            unmap: l(&c.unmap),
+            remove: l(&c.remove),
+            remap: l(&c.remap),
+            fork: l(&c.fork),
+            wp_faults: l(&c.wp_faults),
+            unexpected_faults: l(&c.unexpected_faults),
+            bad_messages: l(&c.bad_messages),
+            sink_panics: l(&c.sink_panics),
+        }
+    }
+
+    /// Whether the thread stopped after a fatal error.
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// A CPU-write tracker on this monitor's userfaultfd. It only works on
+    /// watched ranges and fails with `MonitorGone` once the monitor drops.
+    pub fn write_tracker(&self) -> WriteTracker {
+        WriteTracker::new(
+            Arc::downgrade(&self.shared.uffd),
+            self.features(),
+            Capabilities::get().pagemap_scan.is_ok(),
+        )
+    }
+}
+
+impl Drop for EventMonitor {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.shutdown.as_raw_fd(),
+                (&one as *const u64).cast(),
+                core::mem::size_of::<u64>(),
+            );
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // `shared` (and with it the last strong reference to the
+        // userfaultfd, unless a tracker call is in flight) drops now,
+        // closing the fd and unregistering everything.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: u64, b: u64) -> VaRange {
+        VaRange::new(VirtAddr(a), VirtAddr(b)).unwrap()
+    }
+
+    #[test]
+    fn range_set_tracks_holes_and_merges() {
+        let mut s = RangeSet::default();
+        s.insert(r(0x1000, 0x5000));
+        s.insert(r(0x8000, 0x9000));
+        s.remove(r(0x2000, 0x3000));
+        assert_eq!(
+            s.0,
+            vec![r(0x1000, 0x2000), r(0x3000, 0x5000), r(0x8000, 0x9000)]
+        );
+        s.insert(r(0x2000, 0x3000));
+        assert_eq!(s.0, vec![r(0x1000, 0x5000), r(0x8000, 0x9000)]);
+        s.insert(r(0x5000, 0x8000));
+        assert_eq!(s.0, vec![r(0x1000, 0x9000)]);
+        assert_eq!(s.overlapping(r(0, 0x2000)), vec![r(0x1000, 0x2000)]);
+        s.remove(r(0, u64::MAX));
+        assert!(s.0.is_empty());
+    }
+}

@@ -1,0 +1,590 @@
+//! Kernel-event tests for the userfaultfd monitor and the write tracker,
+//! with real syscalls.
+//!
+//! If userfaultfd cannot be opened on a machine, each test prints a `SKIP`
+//! line naming why and passes — unless `HMM_REQUIRE_UFFD=1`, in which case
+//! a missing userfaultfd fails the test (CI sets it: the CI machines have
+//! it).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hmm_core::cpu::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorOptions};
+use hmm_core::cpu::probe::{Capabilities, UffdAvailability};
+use hmm_core::cpu::uffd::{Features, RegisterMode, UffdEvent, Userfaultfd};
+use hmm_core::cpu::write_track::{TrackError, TrackMode};
+use hmm_core::notifier::EventKind;
+use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
+
+const PS: usize = PAGE_SIZE as usize;
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(200);
+
+// ---------------------------------------------------------------- helpers
+
+fn require_uffd(test: &str) -> bool {
+    let caps = Capabilities::get();
+    if let UffdAvailability::Absent { detail, .. } = &caps.uffd {
+        if std::env::var("HMM_REQUIRE_UFFD").as_deref() == Ok("1") {
+            panic!("{test}: HMM_REQUIRE_UFFD=1 but userfaultfd is unavailable: {detail}");
+        }
+        eprintln!("SKIP {test}: userfaultfd unavailable: {detail}");
+        return false;
+    }
+    true
+}
+
+/// An anonymous private mapping; unmapped on drop unless already gone.
+struct Mapping {
+    addr: usize,
+    len: usize,
+    mapped: bool,
+}
+
+impl Mapping {
+    fn new(pages: usize) -> Mapping {
+        Self::with_prot(pages, libc::PROT_READ | libc::PROT_WRITE)
+    }
+    fn with_prot(pages: usize, prot: libc::c_int) -> Mapping {
+        let len = pages * PS;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+        Mapping {
+            addr: p as usize,
+            len,
+            mapped: true,
+        }
+    }
+    fn range(&self) -> VaRange {
+        VaRange::user_pages(VirtAddr(self.addr as u64), self.len as u64).unwrap()
+    }
+    fn pages(&self, first: usize, n: usize) -> VaRange {
+        VaRange::user_pages(VirtAddr((self.addr + first * PS) as u64), (n * PS) as u64).unwrap()
+    }
+    fn page_ptr(&self, i: usize) -> *mut u8 {
+        (self.addr + i * PS) as *mut u8
+    }
+    fn write(&self, page: usize, v: u8) {
+        assert!(page * PS < self.len);
+        // SAFETY: inside our own read-write mapping, still mapped.
+        unsafe { self.page_ptr(page).write_volatile(v) }
+    }
+    fn unmap_pages(&mut self, first: usize, n: usize) {
+        // SAFETY: unmaps pages of our own mapping; no Rust reference
+        // points into it.
+        let r = unsafe { libc::munmap(self.page_ptr(first).cast(), n * PS) };
+        assert_eq!(r, 0);
+        if first == 0 && n * PS == self.len {
+            self.mapped = false;
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: our own mapping (munmap tolerates holes).
+            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+#[derive(Default)]
+struct RecordingSink {
+    events: Mutex<Vec<(VaRange, EventKind)>>,
+    remaps: Mutex<Vec<(VirtAddr, VirtAddr, u64)>>,
+    cv: Condvar,
+}
+
+impl InvalidationSink for RecordingSink {
+    fn invalidate(&self, range: VaRange, kind: EventKind) {
+        self.events.lock().unwrap().push((range, kind));
+        self.cv.notify_all();
+    }
+    fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        self.remaps.lock().unwrap().push((from, to, len));
+        self.cv.notify_all();
+    }
+}
+
+impl RecordingSink {
+    /// Waits until at least `n` events were recorded; returns them.
+    fn wait_events(&self, n: usize, timeout: Duration) -> Vec<(VaRange, EventKind)> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.events.lock().unwrap();
+        while g.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.cv.wait_timeout(g, left).unwrap().0;
+        }
+        g.clone()
+    }
+    fn take(&self) -> Vec<(VaRange, EventKind)> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+}
+
+fn monitor(test: &str) -> Option<(EventMonitor, Arc<RecordingSink>)> {
+    if !require_uffd(test) {
+        return None;
+    }
+    let sink = Arc::new(RecordingSink::default());
+    let m = EventMonitor::start(Arc::clone(&sink)).expect("monitor starts");
+    Some((m, sink))
+}
+
+/// Waits until the monitor's counters satisfy `f` (they are bumped after
+/// the sink call and the watch-set update, so the set is settled then).
+fn wait_counts(mon: &EventMonitor, f: impl Fn(EventCounts) -> bool) -> EventCounts {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = mon.counts();
+        if f(c) || Instant::now() >= deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs `f` on a thread; true if it finished within `timeout`.
+fn finishes_within(timeout: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(timeout).is_ok()
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn probe_reports_this_machine() {
+    let caps = Capabilities::get();
+    let text = caps.to_string();
+    eprintln!("{text}");
+    assert!(text.contains("userfaultfd"));
+    assert!(caps.page_size_ok(), "page size {}", caps.page_size);
+    if require_uffd("probe_reports_this_machine") {
+        let off = caps.offered();
+        assert!(off.contains(Features::EVENTS), "offered {off}");
+        // This project's machines have PAGEMAP_SCAN and WP_ASYNC (6.7+);
+        // elsewhere the degradation line must say so.
+        if caps.wp_async_usable() {
+            assert!(caps.pagemap_scan.is_ok());
+        } else {
+            assert!(caps
+                .degradations()
+                .iter()
+                .any(|d| d.contains("CPU writes are not tracked")));
+        }
+    } else {
+        assert!(caps
+            .degradations()
+            .iter()
+            .any(|d| d.starts_with("no userfaultfd")));
+    }
+}
+
+#[test]
+fn munmap_whole_range_and_one_middle_page() {
+    let Some((mon, sink)) = monitor("munmap_whole_range_and_one_middle_page") else {
+        return;
+    };
+    let mut a = Mapping::new(8);
+    let mut b = Mapping::new(4);
+    mon.watch(a.range()).unwrap();
+    mon.watch(b.range()).unwrap();
+    a.write(0, 1);
+
+    let mid = a.pages(3, 1);
+    a.unmap_pages(3, 1);
+    let ev = sink.wait_events(1, WAIT);
+    assert_eq!(ev, vec![(mid, EventKind::Unmap)]);
+    assert_eq!(wait_counts(&mon, |c| c.unmap == 1).unmap, 1);
+    assert!(!mon.watched().iter().any(|w| w.overlaps(mid)));
+    // (a and b may be adjacent, and the set coalesces adjacent ranges.)
+    let covered = |r: VaRange| mon.watched().iter().any(|w| w.covers(r));
+    assert!(covered(a.pages(0, 3)) && covered(a.pages(4, 4)));
+    sink.take();
+
+    let whole = b.range();
+    b.unmap_pages(0, 4);
+    let ev = sink.wait_events(1, WAIT);
+    assert_eq!(ev, vec![(whole, EventKind::Unmap)]);
+    assert_eq!(wait_counts(&mon, |c| c.unmap == 2).unmap, 2);
+    assert!(!mon.watched().iter().any(|w| w.overlaps(whole)));
+}
+
+#[test]
+fn madvise_dontneed_is_remove() {
+    let Some((mon, sink)) = monitor("madvise_dontneed_is_remove") else {
+        return;
+    };
+    let m = Mapping::new(8);
+    mon.watch(m.range()).unwrap();
+    for i in 0..8 {
+        m.write(i, 7);
+    }
+    let r = m.pages(2, 3);
+    // SAFETY: discards pages of our own mapping; no references into it.
+    let rc = unsafe { libc::madvise(m.page_ptr(2).cast(), 3 * PS, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(sink.wait_events(1, WAIT), vec![(r, EventKind::Remove)]);
+    assert_eq!(wait_counts(&mon, |c| c.remove == 1).remove, 1);
+    // The mapping stays watched and the pages read back as zero.
+    assert_eq!(mon.watched(), vec![m.range()]);
+    // SAFETY: inside our own mapping.
+    assert_eq!(unsafe { m.page_ptr(3).read_volatile() }, 0);
+}
+
+#[test]
+fn mremap_move_is_remap_of_old_range() {
+    let Some((mon, sink)) = monitor("mremap_move_is_remap_of_old_range") else {
+        return;
+    };
+    let mut m = Mapping::new(4);
+    let old = m.range();
+    mon.watch(old).unwrap();
+    m.write(1, 42);
+    // A reserved, unwatched destination.
+    let mut dst = Mapping::with_prot(4, libc::PROT_NONE);
+    let to = dst.range();
+    // SAFETY: moves our own mapping onto our own reserved destination;
+    // neither is referenced by Rust values.
+    let p = unsafe {
+        libc::mremap(
+            m.addr as *mut libc::c_void,
+            m.len,
+            dst.len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dst.addr as *mut libc::c_void,
+        )
+    };
+    assert_eq!(p as usize, dst.addr);
+    m.mapped = false;
+    // Finding (Linux 6.18): a moving mremap sends REMAP of the old range
+    // and then UNMAP of the old range (the move unmaps the source through
+    // the ordinary munmap path), in that order.
+    let ev = sink.wait_events(2, WAIT);
+    assert_eq!(
+        ev,
+        vec![(old, EventKind::Remap), (old, EventKind::Unmap)],
+        "events: {ev:?}"
+    );
+    std::thread::sleep(QUIET);
+    let all = sink.events.lock().unwrap().clone();
+    assert_eq!(all.len(), 2, "no other event: {all:?}");
+    let c = wait_counts(&mon, |c| c.remap == 1 && c.unmap == 1);
+    assert_eq!((c.remap, c.unmap), (1, 1));
+    assert_eq!(
+        *sink.remaps.lock().unwrap(),
+        vec![(old.start(), to.start(), old.len())]
+    );
+    assert_eq!(mon.watched(), vec![to]);
+    // SAFETY: the moved page, inside the destination mapping.
+    assert_eq!(unsafe { dst.page_ptr(1).read_volatile() }, 42);
+    // The destination is still registered: unmapping it is seen.
+    sink.take();
+    dst.unmap_pages(0, 4);
+    assert_eq!(sink.wait_events(1, WAIT), vec![(to, EventKind::Unmap)]);
+    let c = wait_counts(&mon, |c| c.unmap == 2);
+    assert_eq!((c.remap, c.unmap), (1, 2));
+}
+
+#[test]
+fn mprotect_sends_no_event() {
+    let Some((mon, sink)) = monitor("mprotect_sends_no_event") else {
+        return;
+    };
+    let m = Mapping::new(4);
+    mon.watch(m.range()).unwrap();
+    m.write(0, 1);
+    // SAFETY: changes protection of our own mapping; restored below before
+    // anything writes to it.
+    let rc = unsafe { libc::mprotect(m.page_ptr(0).cast(), 2 * PS, libc::PROT_READ) };
+    assert_eq!(rc, 0);
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        sink.take(),
+        vec![],
+        "the kernel sends no event for mprotect"
+    );
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::mprotect(
+            m.page_ptr(0).cast(),
+            2 * PS,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    assert_eq!(rc, 0);
+    assert_eq!(mon.counts(), Default::default());
+}
+
+/// Forks; the child writes to, reads and unmaps `[addr, addr + len)` and
+/// exits 0 on success. Fails the test if the child does not exit in time.
+fn fork_child_touching(addr: usize, len: usize) {
+    // SAFETY: the child only writes to its copy of the mapping, unmaps it
+    // and calls _exit: no allocation, no locks (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: child side, see above.
+        unsafe {
+            (addr as *mut u8).write_volatile(9);
+            let ok = (addr as *const u8).read_volatile() == 9;
+            let rc = libc::munmap(addr as *mut libc::c_void, len);
+            libc::_exit(if ok && rc == 0 { 0 } else { 1 });
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child without blocking.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        assert!(r == 0, "waitpid failed");
+        assert!(Instant::now() < deadline, "child did not exit (hang)");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
+
+#[test]
+fn fork_without_fork_events_never_waits_for_us() {
+    let Some((mon, sink)) = monitor("fork_without_fork_events_never_waits_for_us") else {
+        return;
+    };
+    let m = Mapping::new(4);
+    mon.watch(m.range()).unwrap();
+    m.write(0, 5);
+    fork_child_touching(m.addr, m.len);
+    // The child's unmap of its copy is not ours to see; nothing reported.
+    std::thread::sleep(QUIET);
+    assert_eq!(sink.take(), vec![]);
+    assert_eq!(mon.counts().fork, 0);
+    // The parent's copy is untouched by the child's write and still watched.
+    // SAFETY: inside our own mapping.
+    assert_eq!(unsafe { m.page_ptr(0).read_volatile() }, 5);
+    assert_eq!(mon.watched(), vec![m.range()]);
+}
+
+#[test]
+fn fork_events_are_handled_without_hang() {
+    if !require_uffd("fork_events_are_handled_without_hang") {
+        return;
+    }
+    let sink = Arc::new(RecordingSink::default());
+    let mon = EventMonitor::start_with(sink.clone(), MonitorOptions { fork_events: true }).unwrap();
+    let m = Mapping::new(4);
+    mon.watch(m.range()).unwrap();
+    m.write(0, 5);
+    fork_child_touching(m.addr, m.len);
+    if mon.missing_events().0 != 0 {
+        eprintln!(
+            "note: EVENT_FORK not granted (no CAP_SYS_PTRACE): {}",
+            mon.missing_events()
+        );
+        assert_eq!(mon.counts().fork, 0);
+    } else {
+        // Other tests of this binary may fork concurrently: each fork of
+        // the process is reported.
+        assert!(wait_counts(&mon, |c| c.fork >= 1).fork >= 1);
+    }
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        sink.take(),
+        vec![],
+        "a fork invalidates nothing in the parent"
+    );
+    // SAFETY: inside our own mapping.
+    assert_eq!(unsafe { m.page_ptr(0).read_volatile() }, 5);
+    assert_eq!(mon.watched(), vec![m.range()]);
+}
+
+#[test]
+fn first_touch_of_watched_page_does_not_block() {
+    let Some((mon, sink)) = monitor("first_touch_of_watched_page_does_not_block") else {
+        return;
+    };
+    let m = Mapping::new(4);
+    mon.watch(m.range()).unwrap();
+    let base = m.addr;
+    let done = finishes_within(WAIT, move || {
+        // SAFETY: pages 0 and 1 of the watched mapping, alive until the
+        // check below returns.
+        unsafe {
+            ((base + PS) as *const u8).read_volatile();
+            (base as *mut u8).write_volatile(1);
+        }
+    });
+    assert!(done, "first touch of a WP-registered page blocked");
+    let c = mon.counts();
+    assert_eq!((c.wp_faults, c.unexpected_faults), (0, 0));
+    assert_eq!(sink.take(), vec![]);
+}
+
+#[test]
+fn missing_mode_makes_us_the_fault_handler() {
+    if !require_uffd("missing_mode_makes_us_the_fault_handler") {
+        return;
+    }
+    // A raw userfaultfd with no events (so no other test's fork or unmap
+    // can wait on it).
+    let (uffd, _) = Userfaultfd::open(Features::NONE).unwrap();
+    let m = Mapping::new(1);
+    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    let base = m.addr;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: the mapping outlives this thread's access: the test waits
+        // for `rx` before dropping it.
+        let v = unsafe { (base as *const u8).read_volatile() };
+        let _ = tx.send(v);
+    });
+    assert!(
+        rx.recv_timeout(QUIET).is_err(),
+        "in MISSING mode the toucher must wait for us"
+    );
+    let mut evs = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while evs.is_empty() && Instant::now() < deadline {
+        uffd.read_events(&mut evs).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    match evs.pop() {
+        Some(Ok(UffdEvent::Pagefault { addr, write, wp })) => {
+            assert_eq!(addr, VirtAddr(base as u64));
+            assert!(!write && !wp);
+        }
+        other => panic!("expected a page fault, got {other:?}"),
+    }
+    // Unregistering wakes the toucher, which then faults normally.
+    uffd.unregister(m.range()).unwrap();
+    assert_eq!(rx.recv_timeout(WAIT), Ok(0));
+}
+
+#[test]
+fn write_tracking_reports_exactly_the_written_pages() {
+    let Some((mon, sink)) = monitor("write_tracking_reports_exactly_the_written_pages") else {
+        return;
+    };
+    let m = Mapping::new(64);
+    // Half populated before watching, half never touched.
+    for i in 0..32 {
+        m.write(i, 1);
+    }
+    mon.watch(m.range()).unwrap();
+    let t = mon.write_tracker();
+    if let TrackMode::Degraded(why) = t.mode() {
+        assert!(!Capabilities::get().wp_async_usable());
+        eprintln!("write tracking degraded: {why}");
+        t.arm(m.range()).unwrap();
+        assert_eq!(t.collect(m.range()).unwrap(), vec![m.range()]);
+        return;
+    }
+    t.arm(m.range()).unwrap();
+    assert_eq!(t.collect(m.range()).unwrap(), vec![], "nothing written yet");
+    // 3 scattered pages: populated, populated, never touched.
+    for p in [3, 17, 40] {
+        m.write(p, 2);
+    }
+    let got = t.collect(m.range()).unwrap();
+    assert_eq!(got, vec![m.pages(3, 1), m.pages(17, 1), m.pages(40, 1)]);
+    assert_eq!(t.collect(m.range()).unwrap(), vec![], "second collect");
+    // Adjacent writes come back as one run; reads are not writes.
+    m.write(50, 1);
+    m.write(51, 1);
+    m.write(3, 3);
+    // SAFETY: inside our own mapping.
+    unsafe { m.page_ptr(60).read_volatile() };
+    assert_eq!(
+        t.collect(m.range()).unwrap(),
+        vec![m.pages(3, 1), m.pages(50, 2)]
+    );
+    // A sub-range collect leaves the rest pending.
+    m.write(10, 1);
+    m.write(20, 1);
+    assert_eq!(t.collect(m.pages(0, 16)).unwrap(), vec![m.pages(10, 1)]);
+    assert_eq!(t.collect(m.range()).unwrap(), vec![m.pages(20, 1)]);
+    // Writes were resolved by the kernel: no fault reached the monitor.
+    let c = mon.counts();
+    assert_eq!((c.wp_faults, c.unexpected_faults), (0, 0));
+    assert_eq!(sink.take(), vec![]);
+    // Typed errors, no panic: unwatched range, unaligned range.
+    let other = Mapping::new(2);
+    assert!(matches!(
+        t.collect(other.range()),
+        Err(TrackError::Scan { .. })
+    ));
+    let unaligned =
+        VaRange::new(VirtAddr(m.addr as u64 + 1), VirtAddr(m.addr as u64 + 10)).unwrap();
+    assert!(matches!(
+        t.collect(unaligned),
+        Err(TrackError::Unaligned(_))
+    ));
+}
+
+#[test]
+fn unwatched_ranges_produce_no_events() {
+    let Some((mon, sink)) = monitor("unwatched_ranges_produce_no_events") else {
+        return;
+    };
+    let mut a = Mapping::new(4);
+    let mut b = Mapping::new(4);
+    mon.watch(a.range()).unwrap();
+    a.write(0, 1);
+    b.write(0, 1);
+    // SAFETY: discards pages of our own mapping.
+    unsafe { libc::madvise(b.page_ptr(0).cast(), b.len, libc::MADV_DONTNEED) };
+    b.unmap_pages(0, 4);
+    // Unwatch a, then its munmap is not seen either.
+    mon.unwatch(a.range()).unwrap();
+    assert_eq!(mon.watched(), vec![]);
+    a.unmap_pages(0, 4);
+    std::thread::sleep(QUIET);
+    assert_eq!(sink.take(), vec![]);
+    assert_eq!(mon.counts(), Default::default());
+}
+
+#[test]
+fn drop_joins_the_thread_and_releases_the_fd() {
+    let Some((mon, sink)) = monitor("drop_joins_the_thread_and_releases_the_fd") else {
+        return;
+    };
+    let mut m = Mapping::new(4);
+    mon.watch(m.range()).unwrap();
+    let t = mon.write_tracker();
+    assert_eq!(Arc::strong_count(&sink), 2);
+    drop(mon);
+    // The thread has exited and released its reference to the sink.
+    assert_eq!(Arc::strong_count(&sink), 1);
+    assert!(
+        matches!(t.arm(m.range()), Err(TrackError::MonitorGone)) || t.mode() != &TrackMode::Precise
+    );
+    // The fd is closed: unmapping a formerly watched range does not wait.
+    let (addr, len) = (m.addr, m.len);
+    m.mapped = false;
+    let done = finishes_within(WAIT, move || {
+        // SAFETY: our own mapping, no longer used by anyone.
+        unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    });
+    assert!(done, "munmap after monitor drop blocked");
+    assert_eq!(sink.take(), vec![]);
+}
