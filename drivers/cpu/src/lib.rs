@@ -164,6 +164,7 @@ mod device;
 mod exec;
 mod lane;
 mod memory;
+mod test_kernels;
 
 pub use device::{CpuDevice, MAX_POOL_SLOTS};
 pub use exec::{CpuKernel, FaultMangler, KernelFn};

@@ -314,9 +314,19 @@ type Source = Box<dyn Fn() -> io::Result<Vec<u8>> + Send + Sync>;
 struct State {
     /// Cached mappings keyed by start address; never overlapping.
     map: std::collections::BTreeMap<u64, Mapping>,
+    /// When set, a cached entry is served only inside `trusted`: ranges
+    /// whose changes are reported by events (the host's watched ranges).
+    /// Anywhere else a mapping may have been unmapped and mapped again
+    /// without anyone telling the cache, so lookups there re-read.
+    require_trust: bool,
+    trusted: Vec<VaRange>,
 }
 
 impl State {
+    fn is_trusted(&self, a: u64) -> bool {
+        !self.require_trust || self.trusted.iter().any(|r| r.contains(VirtAddr(a)))
+    }
+
     fn find(&self, a: u64) -> Option<&Mapping> {
         self.map
             .range(..=a)
@@ -416,9 +426,11 @@ impl MappingCache {
     /// after re-reading the source. `Ok(None)`: `addr` is in a hole.
     pub fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, MapsError> {
         let mut st = lock(&self.state);
-        if let Some(m) = st.find(addr.0) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(m.clone()));
+        if st.is_trusted(addr.0) {
+            if let Some(m) = st.find(addr.0) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(m.clone()));
+            }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.reread(&mut st)?;
@@ -436,6 +448,11 @@ impl MappingCache {
         let mut cur = range.start().0;
         let end = range.end().0;
         while cur < end {
+            if !fresh && !st.is_trusted(cur) {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.reread(&mut st)?;
+                fresh = true;
+            }
             if let Some(m) = st.find(cur) {
                 let piece_end = m.range.end().0.min(end);
                 let piece = VaRange::new(VirtAddr(cur), VirtAddr(piece_end)).map_err(|_| {
@@ -483,6 +500,27 @@ impl MappingCache {
             self.invalidations.fetch_add(1, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// From now on serve cached entries only inside ranges passed to
+    /// [`MappingCache::trust`] (ranges whose changes events report);
+    /// everywhere else lookups re-read. The host space turns this on.
+    pub fn require_trust(&self) {
+        lock(&self.state).require_trust = true;
+    }
+
+    /// Marks `range` as kept current by events.
+    pub fn trust(&self, range: VaRange) {
+        let mut st = lock(&self.state);
+        if !st.trusted.iter().any(|r| r.covers(range)) {
+            st.trusted.push(range);
+        }
+    }
+
+    /// Stops trusting any part of `range` (whole trusted ranges that
+    /// overlap it are dropped: conservative).
+    pub fn untrust(&self, range: VaRange) {
+        lock(&self.state).trusted.retain(|r| !r.overlaps(range));
     }
 
     /// Drops all cached knowledge.

@@ -1,0 +1,285 @@
+//! The CPU side of one process, wired together: the notifier registry,
+//! the mapping cache, the kernel-event monitor that keeps both current, CPU
+//! write tracking, and `range_fault`.
+//!
+//! [`HostSpace`] is what a device mirror holds. Its event sink does, for
+//! every kernel event and before anything else, the one thing that closes
+//! the window the kernel leaves open (the unmapping thread runs on as soon
+//! as the event is *read*): it starts the invalidation, which advances the
+//! space sequence, runs every overlapping subscription's callback, and ends
+//! it; only then does it update the mapping cache. A device write-back to
+//! CPU memory must therefore re-check its sequence under the driver lock
+//! right before writing; a stale device copy can then never land on memory
+//! that was unmapped and mapped again.
+//!
+//! Sync points ([`HostSpace::sync_point`]) turn CPU writes to watched
+//! ranges into [`EventKind::CpuWrite`] invalidations of exactly the written
+//! pages (`WP_ASYNC` + `PAGEMAP_SCAN`); where the kernel lacks them, every
+//! watched range counts as written, and the degradation is reported.
+
+use std::sync::Arc;
+
+use super::maps::{Mapping, MappingCache, MapsError};
+use super::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorError};
+use super::probe::Capabilities;
+use super::range_fault::{FaultError, RangeFaulter};
+use super::write_track::{TrackError, TrackMode, WriteTracker};
+use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::{AddressSpace, EventKind};
+
+/// Errors of the host space.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Event monitor failure.
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
+    /// Write tracking failure.
+    #[error(transparent)]
+    Track(#[from] TrackError),
+    /// Reading the memory map failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Setting up `range_fault` failed.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+}
+
+/// Turns kernel events into invalidations, then cache updates.
+struct Sink {
+    /// Not an [`AddressSpace`] handle: the sink must not keep the space
+    /// alive (teardown runs when the user's last handle drops). It holds a
+    /// clone taken by [`HostSpace::new`], released when the monitor stops.
+    space: AddressSpace,
+    maps: Arc<MappingCache>,
+}
+
+impl InvalidationSink for Sink {
+    fn invalidate(&self, range: VaRange, kind: EventKind) {
+        // First: the invalidation (sequence advance + callbacks).
+        self.space.invalidate(range, kind);
+        // Then the bookkeeping. REMOVE discards pages, the mapping stays.
+        if matches!(kind, EventKind::Unmap | EventKind::Remap | EventKind::Clear) {
+            self.maps.untrust(range);
+            self.maps.invalidate(range);
+        }
+    }
+
+    fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        if let Ok(old) = VaRange::from_start_len(from, len) {
+            self.maps.remap(old, to);
+        }
+    }
+}
+
+/// How the host learns about CPU-side changes on this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventSource {
+    /// userfaultfd events (munmap, madvise, mremap, fork) are delivered.
+    Userfaultfd,
+    /// No userfaultfd: only explicit [`AddressSpace::invalidate`] calls keep
+    /// device copies coherent. The string says why.
+    ExplicitOnly(String),
+}
+
+/// The CPU side of a process, for device mirrors to build on.
+pub struct HostSpace {
+    // Field order is drop order: the monitor thread (and its sink's space
+    // handle) must be gone before the space itself.
+    monitor: Option<EventMonitor>,
+    tracker: Option<WriteTracker>,
+    space: AddressSpace,
+    maps: Arc<MappingCache>,
+    faulter: RangeFaulter,
+    source: EventSource,
+    /// Device mirrors attached (coherence between devices needs to know).
+    mirrors: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for HostSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSpace")
+            .field("space", &self.space)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl HostSpace {
+    /// Starts the CPU side. Without userfaultfd it still works, in
+    /// explicit-invalidation mode, and says so on stderr once.
+    pub fn new() -> Result<Self, HostError> {
+        Self::with_space(AddressSpace::new())
+    }
+
+    /// Like [`HostSpace::new`] around an existing address space.
+    pub fn with_space(space: AddressSpace) -> Result<Self, HostError> {
+        let maps = Arc::new(MappingCache::new());
+        // Only watched ranges are kept current by events.
+        maps.require_trust();
+        let faulter = RangeFaulter::with_parts(
+            Arc::clone(&maps),
+            super::pagemap::Pagemap::open().map_err(FaultError::from)?,
+        );
+        let caps = Capabilities::get();
+        let (monitor, source) = if caps.uffd_available() {
+            let sink = Arc::new(Sink {
+                space: space.clone(),
+                maps: Arc::clone(&maps),
+            });
+            (Some(EventMonitor::start(sink)?), EventSource::Userfaultfd)
+        } else {
+            let why = caps
+                .degradations()
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| "userfaultfd unavailable".to_owned());
+            eprintln!("hmm-rs: {why}");
+            (None, EventSource::ExplicitOnly(why))
+        };
+        let tracker = monitor.as_ref().map(EventMonitor::write_tracker);
+        if let Some(TrackMode::Degraded(why)) = tracker.as_ref().map(WriteTracker::mode) {
+            eprintln!("hmm-rs: CPU-write tracking degraded: {why}");
+        }
+        Ok(HostSpace {
+            monitor,
+            tracker,
+            space,
+            maps,
+            faulter,
+            source,
+            mirrors: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The notifier registry.
+    pub fn space(&self) -> &AddressSpace {
+        &self.space
+    }
+
+    /// The mapping cache (kept current by events).
+    pub fn maps(&self) -> &Arc<MappingCache> {
+        &self.maps
+    }
+
+    /// The page-state snapshotter.
+    pub fn faulter(&self) -> &RangeFaulter {
+        &self.faulter
+    }
+
+    /// How many device mirrors are attached to this space.
+    pub fn mirrors_attached(&self) -> usize {
+        // Relaxed: a hint for coherence policy; the invalidations that
+        // policy issues are themselves synchronised by the notifier.
+        self.mirrors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn attach_mirror(&self) {
+        // Relaxed: see `mirrors_attached`.
+        self.mirrors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn detach_mirror(&self) {
+        // Relaxed: see `mirrors_attached`.
+        self.mirrors
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where invalidations come from on this machine.
+    pub fn event_source(&self) -> &EventSource {
+        &self.source
+    }
+
+    /// Events handled so far (all zero without userfaultfd).
+    pub fn event_counts(&self) -> EventCounts {
+        self.monitor
+            .as_ref()
+            .map(EventMonitor::counts)
+            .unwrap_or_default()
+    }
+
+    /// The mapping containing `addr`, if any.
+    pub fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, HostError> {
+        Ok(self.maps.lookup(addr)?)
+    }
+
+    /// Starts watching `range` (page aligned, inside one or more mappings)
+    /// for kernel events and CPU writes. Call it when a region becomes
+    /// mirrored. Without userfaultfd, does nothing.
+    pub fn watch(&self, range: VaRange) -> Result<(), HostError> {
+        if let Some(m) = &self.monitor {
+            m.watch(range)?;
+            if let Some(t) = &self.tracker {
+                t.arm(range)?;
+            }
+            // Re-read once now that events cover it, then trust it.
+            self.maps.invalidate(range);
+            self.maps.trust(range);
+        }
+        Ok(())
+    }
+
+    /// Stops watching `range`.
+    pub fn unwatch(&self, range: VaRange) -> Result<(), HostError> {
+        self.maps.untrust(range);
+        if let Some(m) = &self.monitor {
+            m.unwatch(range)?;
+        }
+        Ok(())
+    }
+
+    /// Tells write tracking that `pages` were just written by the mirror
+    /// itself (a device write-back), so the next sync point does not report
+    /// them as CPU writes and drop the device copies that are now equal to
+    /// them. A CPU write racing the write-back (a data race in the
+    /// application, during a launch) may then go unreported.
+    pub fn rearm_after_writeback(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
+        let Some(t) = &self.tracker else {
+            return Ok(());
+        };
+        let mut i = 0;
+        while i < pages.len() {
+            let start = pages[i];
+            let mut end = start.0 + crate::addr::PAGE_SIZE;
+            i += 1;
+            while i < pages.len() && pages[i].0 == end {
+                end += crate::addr::PAGE_SIZE;
+                i += 1;
+            }
+            if let Ok(r) = VaRange::new(start, VirtAddr(end)) {
+                t.arm(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A sync point before a device launch: every CPU write to a watched
+    /// page since the last sync point becomes a [`EventKind::CpuWrite`]
+    /// invalidation of exactly the written pages (degraded: of each whole
+    /// watched range). Returns the number of pages invalidated.
+    pub fn sync_point(&self) -> Result<u64, HostError> {
+        let Some(m) = &self.monitor else {
+            return Ok(0);
+        };
+        let Some(t) = &self.tracker else {
+            return Ok(0);
+        };
+        let mut runs = Vec::new();
+        for w in m.watched() {
+            if t.collect_into(w, &mut runs).is_err() {
+                // The kernel refuses to scan a range whose mapping changed
+                // under us (EPERM: no longer registered, e.g. unmapped and
+                // mapped again before the event was read). Its event will
+                // invalidate it; meanwhile drop the device copies of all of
+                // it — always safe, merely conservative.
+                runs.push(w);
+            }
+        }
+        let mut pages = 0;
+        for r in runs {
+            pages += r.pages();
+            self.space.invalidate(r, EventKind::CpuWrite);
+        }
+        Ok(pages)
+    }
+}

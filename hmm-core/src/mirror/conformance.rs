@@ -1,0 +1,815 @@
+//! The conformance suite every backend runs, including the port of the
+//! Linux kernel's HMM selftests (`tools/testing/selftests/mm/hmm-tests.c`,
+//! run there against the `dmirror` test device of `lib/test_hmm.c`).
+//!
+//! A driver implements [`TestKernels`] (a handful of tiny kernels in its
+//! own kernel language) and instantiates the suite in one line:
+//!
+//! ```text
+//! hmm_core::conformance_tests!(hmm_driver_cpu::CpuDevice::new());
+//! ```
+//!
+//! which expands to one `#[test]` per scenario, named after the kernel
+//! test it ports (`anon_read`, `anon_write_prot`, …).
+//!
+//! # What carries over from the kernel tests, and what does not
+//!
+//! `dmirror` reads and writes through ioctls that fault pages into the
+//! device; here the same accesses come from device kernels whose faults the
+//! mirror services, and the kernel's `cpages`/`faults` counters become the
+//! mirror's `pages_in`/`fault_batches`. `mixedmap` maps the dmirror device
+//! file itself (`VM_MIXEDMAP`); no such file exists in userspace, so the
+//! port reads one kernel launch across mappings of different kinds (private
+//! anonymous, shared file, read-only) instead. The fork tests check that
+//! the child, which has no mirror (documented), cannot disturb the parent's
+//! device view. `migrate`/`exclusive` tests need device-private struct
+//! pages and are not ported.
+
+use std::sync::Arc;
+
+use super::backend::{Backend, BackendError};
+use super::core::{Mirror, MirrorConfig};
+use super::error::{AccessError, MirrorError};
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::host::HostSpace;
+use crate::notifier::EventKind;
+
+/// The kernels the suite needs, which each backend writes in its own
+/// kernel language. Arguments are 64-bit words; pointers are CPU
+/// addresses; every access goes through the device page table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestKernel {
+    /// `out[i] = src[i]` as `u32`; args `[src, out]`.
+    CopyU32,
+    /// `dst[i] = base + i` as `u32`; args `[dst, base]`.
+    FillU32,
+    /// `p[i] = p[i] + 1` as `u32` (plain load then store); args `[p]`.
+    IncrementU32,
+    /// Sums a linked list on the device: each node is
+    /// `{ next: u64, value: u64 }`; invocation 0 walks from `head` and
+    /// stores the sum at `out`; args `[head, out]`.
+    ListSum,
+}
+
+/// A backend that can build the suite's kernels.
+pub trait TestKernels: Backend {
+    /// Builds one of the suite's kernels.
+    fn test_kernel(&self, k: TestKernel) -> Result<Box<Self::Kernel>, BackendError>;
+}
+
+/// Fails a test with a clear line when userfaultfd is missing and
+/// `HMM_REQUIRE_UFFD=1`; otherwise returns whether events are available.
+pub fn events_available(host: &HostSpace) -> bool {
+    let ok = matches!(
+        host.event_source(),
+        crate::cpu::host::EventSource::Userfaultfd
+    );
+    if !ok {
+        assert!(
+            std::env::var("HMM_REQUIRE_UFFD").as_deref() != Ok("1"),
+            "HMM_REQUIRE_UFFD=1 but userfaultfd is unavailable: {:?}",
+            host.event_source()
+        );
+        eprintln!(
+            "skip: userfaultfd unavailable ({:?}); event-driven checks skipped",
+            host.event_source()
+        );
+    }
+    ok
+}
+
+/// An `mmap`ed region for tests; unmapped on drop unless already gone.
+#[derive(Debug)]
+pub struct TestMap {
+    ptr: *mut u8,
+    len: usize,
+    live: bool,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; moving the
+// owner between threads is fine (accesses are the tests' business).
+unsafe impl Send for TestMap {}
+// SAFETY: as above; shared access only hands out addresses.
+unsafe impl Sync for TestMap {}
+
+impl TestMap {
+    /// A private anonymous mapping of `pages` pages with `prot`.
+    pub fn anon(pages: usize, prot: i32) -> TestMap {
+        Self::map(pages, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+    /// A shared anonymous mapping.
+    pub fn shared_anon(pages: usize) -> TestMap {
+        Self::map(
+            pages,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+        )
+    }
+    /// A mapping of `file` (`flags` = `MAP_SHARED` or `MAP_PRIVATE`).
+    pub fn file(file: &std::fs::File, pages: usize, prot: i32, flags: i32) -> TestMap {
+        use std::os::fd::AsRawFd;
+        Self::map(pages, prot, flags, file.as_raw_fd())
+    }
+    /// Maps `pages` between two `PROT_NONE` guard pages, so the kernel
+    /// cannot merge the mapping with a neighbour's into one VMA (tests run
+    /// in parallel threads of one process; merged neighbours would see each
+    /// other's unmaps).
+    fn map(pages: usize, prot: i32, flags: i32, fd: i32) -> TestMap {
+        let len = pages * PAGE_SIZE as usize;
+        let pg = PAGE_SIZE as usize;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: reserves fresh address space at a kernel-chosen address;
+        // nothing else refers to it.
+        let guard = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + 2 * pg,
+                libc::PROT_NONE,
+                anon,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(
+            guard,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let want = (guard as usize + pg) as *mut libc::c_void;
+        // SAFETY: MAP_FIXED over the middle of our own reservation only.
+        let p = unsafe { libc::mmap(want, len, prot, flags | libc::MAP_FIXED, fd, 0) };
+        assert_eq!(p, want, "mmap: {}", std::io::Error::last_os_error());
+        TestMap {
+            ptr: p.cast(),
+            len,
+            live: true,
+        }
+    }
+    /// First address.
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    /// The range.
+    pub fn range(&self) -> VaRange {
+        VaRange::from_start_len(VirtAddr(self.addr()), self.len as u64).expect("mapping range")
+    }
+    /// Writes word `i` (the mapping must be writable).
+    pub fn write_word(&self, i: usize, v: u32) {
+        assert!(i < self.len / 4);
+        // SAFETY: in bounds of the live mapping, which tests only write
+        // while it is writable; volatile so the store is not elided or
+        // cached across device launches. No Rust reference to the memory
+        // exists.
+        unsafe { self.ptr.cast::<u32>().add(i).write_volatile(v) }
+    }
+    /// Writes every word: word `i` becomes `f(i)`.
+    pub fn fill(&self, f: impl Fn(usize) -> u32) {
+        for i in 0..self.len / 4 {
+            self.write_word(i, f(i));
+        }
+    }
+    /// Reads word `i` without needing write permission.
+    pub fn read_word(&self, i: usize) -> u32 {
+        assert!(i < self.len / 4);
+        // SAFETY: in bounds of the live mapping; volatile so the compiler
+        // cannot cache it across device launches.
+        unsafe { self.ptr.cast::<u32>().add(i).read_volatile() }
+    }
+    /// `mprotect` the whole mapping.
+    pub fn protect(&self, prot: i32) {
+        // SAFETY: changes protection of our own mapping only; no Rust
+        // reference into it exists.
+        let r = unsafe { libc::mprotect(self.ptr.cast(), self.len, prot) };
+        assert_eq!(r, 0);
+    }
+    /// `munmap` it now.
+    pub fn unmap(&mut self) {
+        if self.live {
+            let pg = PAGE_SIZE as usize;
+            // SAFETY: our own mapping and its two guard pages, unmapped once.
+            unsafe { libc::munmap(self.ptr.sub(pg).cast(), self.len + 2 * pg) };
+            self.live = false;
+        }
+    }
+}
+
+impl Drop for TestMap {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}
+
+fn setup<B: TestKernels>(backend: B, cfg: MirrorConfig) -> (Arc<HostSpace>, Mirror<B>) {
+    let host = Arc::new(HostSpace::new().expect("host space"));
+    let m = Mirror::new(Arc::clone(&host), backend, cfg).expect("mirror");
+    (host, m)
+}
+
+fn small_cfg() -> MirrorConfig {
+    MirrorConfig {
+        pool_slots: 4096,
+        table_pages: 512,
+        ..MirrorConfig::default()
+    }
+}
+
+/// Words per page.
+const WPP: usize = PAGE_SIZE as usize / 4;
+
+/// Kernel test `open_close`: a mirror can be created and dropped.
+pub fn open_close<B: TestKernels>(b: B) {
+    let (host, m) = setup(b, small_cfg());
+    assert_eq!(m.stats().pool_used, 0);
+    drop(m);
+    assert!(host.space().subscribed_ranges().is_empty());
+}
+
+/// Device reads of `pages` pages of `src` into `out`; returns the report.
+fn device_copy<B: TestKernels>(
+    m: &Mirror<B>,
+    src: u64,
+    out: &TestMap,
+    words: usize,
+) -> Result<super::LaunchReport, MirrorError> {
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    m.launch(&k, words as u32, &[src, out.addr()])
+}
+
+/// Kernel test `anon_read`: the device reads anonymous memory the CPU
+/// wrote; every page is copied in once.
+pub fn anon_read<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let pages = 16;
+    let src = TestMap::anon(pages, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(pages, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|i| i as u32 ^ 0x5a5a_0000);
+    let r = device_copy(&m, src.addr(), &out, pages * WPP).expect("launch");
+    for i in 0..pages * WPP {
+        assert_eq!(out.read_word(i), i as u32 ^ 0x5a5a_0000, "word {i}");
+    }
+    assert_eq!(
+        r.pages_in,
+        2 * pages as u64,
+        "each page of src and out copied in once"
+    );
+    let st = m.stats();
+    assert_eq!(st.pool_used, 2 * pages as u64);
+    assert!(st.faults > 0 && st.replays >= 1);
+    // A second read of the same data faults nothing in.
+    let r2 = device_copy(&m, src.addr(), &out, pages * WPP).expect("launch");
+    assert_eq!(r2.pages_in, 0);
+    assert_eq!(r2.submissions, 1);
+}
+
+/// Kernel test `anon_read_prot`: reading `PROT_NONE` memory is an error
+/// naming the address; after `mprotect(PROT_READ)` (and the explicit
+/// invalidation the kernel gives no event for) it reads.
+pub fn anon_read_prot<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    src.write_word(0, 42);
+    src.protect(libc::PROT_NONE);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    match device_copy(&m, src.addr(), &out, 4 * WPP) {
+        Err(MirrorError::DeviceFault {
+            addr,
+            write: false,
+            reason: AccessError::NoAccess,
+        }) => {
+            assert_eq!(addr.page_down(), VirtAddr(src.addr()).page_down());
+        }
+        other => panic!("expected a NoAccess device fault, got {other:?}"),
+    }
+    src.protect(libc::PROT_READ);
+    h.maps().invalidate(src.range());
+    h.space().invalidate(src.range(), EventKind::Protection);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("readable now");
+    assert_eq!(out.read_word(0), 42);
+}
+
+/// Kernel test `anon_write`: the device writes anonymous memory; the CPU
+/// sees it when the launch returns.
+pub fn anon_write<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let pages = 16;
+    let dst = TestMap::anon(pages, libc::PROT_READ | libc::PROT_WRITE);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    m.launch(&k, (pages * WPP) as u32, &[dst.addr(), 1000])
+        .expect("launch");
+    for i in 0..pages * WPP {
+        assert_eq!(dst.read_word(i), 1000 + i as u32);
+    }
+    assert_eq!(
+        m.stats().pages_out,
+        pages as u64,
+        "every page written back once"
+    );
+}
+
+/// Kernel test `anon_write_prot`: writing read-only memory is an error
+/// naming the address; after `mprotect(PROT_READ|PROT_WRITE)` it works.
+pub fn anon_write_prot<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let dst = TestMap::anon(2, libc::PROT_READ);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    match m.launch(&k, (2 * WPP) as u32, &[dst.addr(), 7]) {
+        Err(MirrorError::DeviceFault {
+            write: true,
+            reason: AccessError::ReadOnly,
+            addr,
+        }) => {
+            assert!(dst.range().contains(addr));
+        }
+        other => panic!("expected a ReadOnly device fault, got {other:?}"),
+    }
+    dst.protect(libc::PROT_READ | libc::PROT_WRITE);
+    h.maps().invalidate(dst.range());
+    h.space().invalidate(dst.range(), EventKind::Protection);
+    m.launch(&k, (2 * WPP) as u32, &[dst.addr(), 7])
+        .expect("writable now");
+    assert_eq!(dst.read_word(5), 12);
+}
+
+fn fork_and_write(map: &TestMap, value: u32) {
+    // SAFETY: the child only writes to memory and calls _exit, both
+    // async-signal-safe, so forking a multi-threaded test process is fine.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let p = map.addr() as *mut u32;
+        for i in 0..map.len / 4 {
+            // SAFETY: the child's copy of the live, writable mapping.
+            unsafe { p.add(i).write_volatile(value) };
+        }
+        // SAFETY: terminating the child without running the parent's
+        // destructors (they belong to the parent).
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
+
+/// Kernel test `anon_write_child`: a forked child (which has no mirror)
+/// writes its copy of private memory; the parent's device view and memory
+/// are unchanged, and the parent's device keeps working.
+pub fn anon_write_child<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|_| 1);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+    fork_and_write(&src, 2);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch after fork");
+    assert_eq!(
+        out.read_word(3),
+        1,
+        "the child's private writes are invisible to the parent"
+    );
+    assert_eq!(src.read_word(3), 1);
+}
+
+/// Kernel test `anon_write_child_shared`: with a shared mapping the
+/// child's writes are the parent's too; the kernel sends the parent no
+/// event for them, so the parent's device sees them after an explicit
+/// invalidation (documented: valid as of the last sync point).
+pub fn anon_write_child_shared<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::shared_anon(4);
+    src.fill(|_| 1);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+    fork_and_write(&src, 2);
+    assert_eq!(src.read_word(3), 2, "shared memory");
+    h.space().invalidate(src.range(), EventKind::Clear);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch after fork");
+    assert_eq!(out.read_word(3), 2);
+}
+
+/// Kernel test `anon_write_huge`: a 2 MiB-aligned (transparent huge page
+/// eligible) range is written by the device and registered as one 2 MiB
+/// region.
+pub fn anon_write_huge<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let big = TestMap::anon(1024, libc::PROT_READ | libc::PROT_WRITE); // 4 MiB
+    let start = (big.addr() + 0x1f_ffff) & !0x1f_ffff;
+    // SAFETY: advice on our own mapping; failure only loses huge pages.
+    unsafe { libc::madvise(start as *mut libc::c_void, 0x20_0000, libc::MADV_HUGEPAGE) };
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    m.launch(&k, 0x20_0000 / 4, &[start, 0]).expect("launch");
+    let off = ((start - big.addr()) / 4) as usize;
+    for i in (0..0x20_0000 / 4).step_by(997) {
+        assert_eq!(big.read_word(off + i), i as u32);
+    }
+    assert!(
+        m.regions()
+            .iter()
+            .any(|r| r.start().0 == start && r.len() == 0x20_0000),
+        "one 2 MiB region: {:?}",
+        m.regions()
+    );
+}
+
+fn temp_file(pages: usize, fill: u8) -> std::fs::File {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!(
+        "hmm-conf-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("temp file");
+    f.write_all(&vec![fill; pages * PAGE_SIZE as usize])
+        .expect("write");
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
+/// Kernel test `file_read`: the device reads a file-backed mapping.
+pub fn file_read<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let f = temp_file(4, 0x11);
+    let src = TestMap::file(&f, 4, libc::PROT_READ, libc::MAP_PRIVATE);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+    assert_eq!(out.read_word(100), 0x1111_1111);
+}
+
+/// Kernel test `file_write`: the device writes a shared file mapping; the
+/// data reaches the file.
+pub fn file_write<B: TestKernels>(b: B) {
+    use std::io::{Read, Seek};
+    let (_h, m) = setup(b, small_cfg());
+    let mut f = temp_file(4, 0);
+    let dst = TestMap::file(&f, 4, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    m.launch(&k, (4 * WPP) as u32, &[dst.addr(), 0x100])
+        .expect("launch");
+    f.rewind().expect("seek");
+    let mut buf = vec![0u8; 4 * PAGE_SIZE as usize];
+    f.read_exact(&mut buf).expect("read");
+    assert_eq!(
+        u32::from_ne_bytes(buf[40..44].try_into().expect("4 bytes")),
+        0x100 + 10
+    );
+}
+
+/// Kernel test `anon_read_multiple`: repeated device reads see each CPU
+/// update made between launches (the sync point invalidates CPU-written
+/// pages).
+pub fn anon_read_multiple<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    let tracked = events_available(&h);
+    for round in 0..5u32 {
+        src.fill(|_| round);
+        if !tracked {
+            h.space().invalidate(src.range(), EventKind::CpuWrite);
+        }
+        device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+        assert_eq!(out.read_word(1000), round, "round {round}");
+    }
+}
+
+/// Kernel test `anon_teardown`: memory is unmapped while device reads of
+/// it run in other threads; every launch either completes or fails with a
+/// typed device fault, nothing hangs, and the dead regions are released.
+pub fn anon_teardown<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let m = Arc::new(m);
+    for _ in 0..20 {
+        let mut src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+        src.fill(|_| 3);
+        let out = Arc::new(TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE));
+        let (m2, o2, a) = (Arc::clone(&m), Arc::clone(&out), src.addr());
+        let t = std::thread::spawn(move || device_copy(&m2, a, &o2, 8 * WPP));
+        std::thread::yield_now();
+        src.unmap();
+        // Completed before the unmap, or ended with a typed device fault
+        // naming the address (Unmapped — or, if another thread's mmap
+        // reused the freed addresses meanwhile, whatever that mapping
+        // allows).
+        match t.join().expect("launch thread") {
+            Ok(_) | Err(MirrorError::DeviceFault { .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    if events_available(&h) {
+        assert!(m.flush_releases(), "dead regions released");
+        assert!(m.stats().deferred_releases > 0 || m.stats().invalidations[0] == 0);
+    }
+}
+
+/// Kernel test `mixedmap` (ported, see the module docs): one launch reads
+/// across a private anonymous page, a shared file page and a read-only
+/// page.
+pub fn mixedmap<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let a = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    a.fill(|_| 1);
+    let f = temp_file(1, 2);
+    let s = TestMap::file(&f, 1, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+    let r = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    r.fill(|_| 3);
+    r.protect(libc::PROT_READ);
+    for (src, want) in [(&a, 1u32), (&s, 0x0202_0202), (&r, 3)] {
+        device_copy(&m, src.addr(), &out, WPP).expect("launch");
+        assert_eq!(out.read_word(7), want);
+    }
+}
+
+/// Kernel test `snapshot`: the page-state snapshot distinguishes
+/// populated, untouched (zero), read-only and inaccessible pages.
+pub fn snapshot<B: TestKernels>(b: B) {
+    use crate::cpu::range_fault::{FaultFlags, PageState};
+    let (h, _m) = setup(b, small_cfg());
+    let map = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    map.write_word(0, 1); // page 0 populated
+    let st = h
+        .faulter()
+        .range_fault(map.range(), FaultFlags::SNAPSHOT)
+        .expect("snapshot");
+    assert_eq!(st[0], PageState::Valid { writable: true });
+    assert_eq!(st[1], PageState::Zero);
+    let ro = TestMap::anon(1, libc::PROT_READ);
+    let st = h
+        .faulter()
+        .range_fault(ro.range(), FaultFlags::READ)
+        .expect("snapshot");
+    assert!(matches!(
+        st[0],
+        PageState::Zero | PageState::Valid { writable: false }
+    ));
+    let none = TestMap::anon(1, libc::PROT_NONE);
+    let st = h
+        .faulter()
+        .range_fault(none.range(), FaultFlags::SNAPSHOT)
+        .expect("snapshot");
+    assert_eq!(st[0], PageState::Error);
+}
+
+/// Kernel test `double_map`: two mirrors (devices) read the same range;
+/// a write by one collapses the other's copy, which then reads the new
+/// data.
+pub fn double_map<B: TestKernels>(b1: B, b2: B) {
+    let host = Arc::new(HostSpace::new().expect("host"));
+    let m1 = Mirror::new(Arc::clone(&host), b1, small_cfg()).expect("mirror 1");
+    let m2 = Mirror::new(Arc::clone(&host), b2, small_cfg()).expect("mirror 2");
+    let src = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|_| 5);
+    let out1 = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    let out2 = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m1, src.addr(), &out1, 2 * WPP).expect("m1 read");
+    device_copy(&m2, src.addr(), &out2, 2 * WPP).expect("m2 read");
+    assert_eq!((out1.read_word(9), out2.read_word(9)), (5, 5));
+    let inc = m1
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    m1.launch(&inc, (2 * WPP) as u32, &[src.addr()])
+        .expect("m1 write");
+    assert_eq!(src.read_word(9), 6);
+    device_copy(&m2, src.addr(), &out2, 2 * WPP).expect("m2 re-read");
+    assert_eq!(
+        out2.read_word(9),
+        6,
+        "m2's stale copy was collapsed by m1's write"
+    );
+    assert!(
+        m2.stats().invalidations[5] > 0,
+        "migrate invalidation reached m2"
+    );
+}
+
+/// Eviction under a pool smaller than the working set: results stay
+/// right and no slot leaks.
+pub fn eviction_under_a_small_pool<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        pool_slots: 8,
+        table_pages: 64,
+        ..MirrorConfig::default()
+    };
+    let (_h, m) = setup(b, cfg);
+    let src = TestMap::anon(32, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|i| i as u32);
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    for p in 0..32u64 {
+        m.launch(&k, WPP as u32, &[src.addr() + p * PAGE_SIZE, out.addr()])
+            .expect("launch");
+        assert_eq!(out.read_word(17), (p as usize * WPP + 17) as u32);
+    }
+    let st = m.stats();
+    assert!(st.evictions > 0);
+    assert!(st.pool_used <= 8);
+}
+
+/// A pool of zero pages is a typed error at the first fault, not a panic
+/// or a hang.
+pub fn zero_page_pool<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        pool_slots: 0,
+        table_pages: 16,
+        ..MirrorConfig::default()
+    };
+    let (_h, m) = setup(b, cfg);
+    let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    assert!(matches!(
+        device_copy(&m, src.addr(), &out, 4),
+        Err(MirrorError::PoolExhausted { .. })
+    ));
+}
+
+/// Device writes survive eviction (dirty pages are written back first).
+pub fn dirty_pages_survive_eviction<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        pool_slots: 4,
+        table_pages: 64,
+        ..MirrorConfig::default()
+    };
+    let (_h, m) = setup(b, cfg);
+    let dst = TestMap::anon(16, libc::PROT_READ | libc::PROT_WRITE);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    m.launch(&k, (16 * WPP) as u32, &[dst.addr(), 9])
+        .expect("launch");
+    for i in (0..16 * WPP).step_by(101) {
+        assert_eq!(dst.read_word(i), 9 + i as u32);
+    }
+}
+
+/// Pointer chasing: the device follows the CPU's own `Box` pointers.
+pub fn linked_list<B: TestKernels>(b: B) {
+    #[repr(C)]
+    struct Node {
+        next: u64,
+        value: u64,
+    }
+    let (_h, m) = setup(b, small_cfg());
+    let mut head = 0u64;
+    let mut nodes = Vec::new();
+    let mut want = 0u64;
+    for v in 1..=500u64 {
+        let n = Box::new(Node {
+            next: head,
+            value: v * 3,
+        });
+        head = &*n as *const Node as u64;
+        want += v * 3;
+        nodes.push(n);
+    }
+    let out = Box::new(0u64);
+    let outp = &*out as *const u64 as u64;
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::ListSum)
+        .expect("kernel");
+    m.launch(&k, 1, &[head, outp]).expect("launch");
+    // SAFETY: `out` is live; volatile so the device's write-back is read.
+    assert_eq!(unsafe { std::ptr::read_volatile(outp as *const u64) }, want);
+    drop(nodes);
+}
+
+/// The pinning baseline and its hazard: after a CPU write (or an unmap) the
+/// device keeps reading the pinned copy; the on-demand mirror does not.
+pub fn pinning_hazard_is_real<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|_| 1);
+    let out = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    let pin = m.pin(src.range()).expect("pin");
+    device_copy(&m, src.addr(), &out, 2 * WPP).expect("launch");
+    assert_eq!(out.read_word(3), 1);
+    src.fill(|_| 2);
+    device_copy(&m, src.addr(), &out, 2 * WPP).expect("launch");
+    assert_eq!(
+        out.read_word(3),
+        1,
+        "pinned: the device still sees the old data"
+    );
+    m.unpin(pin).expect("unpin");
+    if !events_available(&h) {
+        h.space().invalidate(src.range(), EventKind::CpuWrite);
+    }
+    device_copy(&m, src.addr(), &out, 2 * WPP).expect("launch");
+    assert_eq!(
+        out.read_word(3),
+        2,
+        "mirrored on demand: the device sees the CPU write"
+    );
+}
+
+/// Teardown with live regions: dropping the mirror removes every
+/// subscription and frees every slot; the space is clean.
+pub fn teardown_with_live_regions<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m, src.addr(), &out, 8 * WPP).expect("launch");
+    assert!(!h.space().subscribed_ranges().is_empty());
+    drop(m);
+    assert!(
+        h.space().subscribed_ranges().is_empty(),
+        "every region's notifier removed"
+    );
+}
+
+/// Concurrent launches and invalidations from several threads: no panic,
+/// no deadlock, results right.
+pub fn concurrent_launches_and_invalidations<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let m = Arc::new(m);
+    let src = Arc::new(TestMap::anon(16, libc::PROT_READ | libc::PROT_WRITE));
+    src.fill(|_| 4);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inval = {
+        let (h, src, stop) = (Arc::clone(&h), Arc::clone(&src), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = n % 16;
+                let r = VaRange::from_start_len(VirtAddr(src.addr() + p * PAGE_SIZE), PAGE_SIZE)
+                    .expect("range");
+                h.space().invalidate(r, EventKind::Clear);
+                n += 1;
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (m, src) = (Arc::clone(&m), Arc::clone(&src));
+            std::thread::spawn(move || {
+                let out = TestMap::anon(16, libc::PROT_READ | libc::PROT_WRITE);
+                for _ in 0..20 {
+                    device_copy(&m, src.addr(), &out, 16 * WPP).expect("launch");
+                    assert_eq!(out.read_word(16 * WPP - 1), 4);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(inval.join().expect("invalidator") > 0);
+}
+
+/// Expands to one `#[test]` per conformance scenario for the backend
+/// built by `$make` (an expression evaluated once per test).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
+            anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
+            file_write, anon_read_multiple, anon_teardown, mixedmap, snapshot,
+            eviction_under_a_small_pool, zero_page_pool, dirty_pages_survive_eviction,
+            linked_list, pinning_hazard_is_real, teardown_with_live_regions,
+            concurrent_launches_and_invalidations);
+        #[test]
+        fn double_map() {
+            $crate::mirror::conformance::double_map($make, $make);
+        }
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::mirror::conformance::$name($make);
+            }
+        )*
+    };
+}

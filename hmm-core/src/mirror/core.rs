@@ -1,0 +1,1212 @@
+//! [`Mirror`]: one device's view of a process address space.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::backend::{
+    Backend, DeviceConfig, DeviceToHost, HostToDevice, Invocations, PteLoc, PteWrite, SubmissionId,
+};
+use super::error::{AccessError, MirrorError};
+use super::faults::{self, PageFault, Run};
+use super::format::{PoolSlot, Pte, ACCESSED, DIRTY};
+use super::hostcopy;
+use super::pagetable::ShadowTable;
+use super::pool::PagePool;
+use super::stats::{Counters, MirrorStats};
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::chunk::{choose_chunk, DEFAULT_CHUNK_SIZES};
+use crate::cpu::host::HostSpace;
+use crate::cpu::mirror_fault::{fault_and_commit, FaultLoopStats, MirrorFaultError};
+use crate::cpu::range_fault::{FaultFlags, PageState};
+use crate::notifier::{
+    Attempt, EventKind, Interval, IntervalNotifier, NotifierHandle, NotifierRange, OwnerTag, Seq,
+    SpaceNotifier, Subscription,
+};
+use crate::sync::Arc;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// How a mirror is sized and behaves.
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    /// Device pool size in 4 KiB slots (default 65536 = 256 MiB).
+    pub pool_slots: u32,
+    /// Device page-table budget in 4 KiB table pages (default 4096).
+    pub table_pages: u32,
+    /// Region sizes tried on a device fault, largest first (default
+    /// 2 MiB, 64 KiB, 4 KiB).
+    pub chunk_sizes: Vec<u64>,
+    /// Faults serviced per batch (default 256, UVM's).
+    pub fault_batch: usize,
+    /// Replays of one launch before giving up (default 1000).
+    pub max_replays: u32,
+    /// Bound on one run's fault-retry loop (default 1 s).
+    pub retry_timeout: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            pool_slots: 65536,
+            table_pages: 4096,
+            chunk_sizes: DEFAULT_CHUNK_SIZES.to_vec(),
+            fault_batch: 256,
+            max_replays: 1000,
+            retry_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one launch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchReport {
+    /// Device submissions (1 + replays).
+    pub submissions: u32,
+    /// Valid faults serviced.
+    pub faults: u64,
+    /// Pages copied in while servicing them.
+    pub pages_in: u64,
+    /// Dirty pages written back at the end.
+    pub pages_out: u64,
+    /// CPU-written pages invalidated at the start (sync point).
+    pub cpu_written_pages: u64,
+}
+
+/// Advice on how a range is used ([`Mirror::advise`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// Mostly read, by several devices: read faults map read-only copies on
+    /// every mirror that wants one; a write collapses them.
+    ReadMostly,
+    /// Forget earlier advice for the range.
+    Default,
+}
+
+struct RegionSlot<B: Backend> {
+    range: VaRange,
+    sub: Option<Subscription<Region<B>>>,
+    dead: bool,
+}
+
+/// Pages mapped by [`Mirror::pin`].
+struct PinnedRange {
+    range: VaRange,
+    locked: bool,
+}
+
+/// Everything the driver lock guards.
+struct Dev<B: Backend> {
+    table: ShadowTable,
+    pool: PagePool,
+    /// This mirror's regions, by start; they never overlap.
+    regions: BTreeMap<u64, RegionSlot<B>>,
+    pinned: BTreeMap<u64, PinnedRange>,
+    pinned_slots: HashSet<PoolSlot>,
+    read_mostly: Vec<VaRange>,
+    /// The device submission running now, if any (launches are serialised).
+    inflight: Option<SubmissionId>,
+    staging: Vec<u8>,
+    ok: Vec<bool>,
+    /// For every slot mapped writable: the page as the device got it (or
+    /// as last written back). Write-back stores only the bytes the device
+    /// changed relative to it (the twin/diff technique of software DSM,
+    /// e.g. TreadMarks), so CPU writes to other bytes of the same page made
+    /// during a launch are never overwritten with stale data.
+    twins: HashMap<PoolSlot, Box<[u8]>>,
+}
+
+pub(crate) struct Inner<B: Backend> {
+    backend: B,
+    host: Arc<HostSpace>,
+    owner: OwnerTag,
+    cfg: MirrorConfig,
+    /// The driver lock (see the module docs of `mirror`).
+    dev: Mutex<Dev<B>>,
+    launch: Mutex<()>,
+    counters: Counters,
+    release_tx: Sender<ReleaseMsg>,
+}
+
+enum ReleaseMsg {
+    Region(u64),
+    Shutdown,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The interval-notifier callbacks of one region.
+pub(crate) struct Region<B: Backend> {
+    owner: Weak<Inner<B>>,
+    start: u64,
+}
+
+fn event_index(e: EventKind) -> usize {
+    match e {
+        EventKind::Unmap => 0,
+        EventKind::Remove => 1,
+        EventKind::Remap => 2,
+        EventKind::Protection => 3,
+        EventKind::CpuWrite => 4,
+        EventKind::Migrate => 5,
+        EventKind::Release => 6,
+        EventKind::Clear => 7,
+    }
+}
+
+impl<B: Backend> IntervalNotifier for Region<B> {
+    fn invalidate(&self, interval: &Interval, nr: &NotifierRange, cur_seq: Seq) -> bool {
+        let Some(inner) = self.owner.upgrade() else {
+            // The mirror is gone; nothing of it is on any device.
+            interval.set_seq(cur_seq);
+            return true;
+        };
+        // Our own coherence invalidations (another region's upgrade) must
+        // not make our own fault retry forever.
+        if nr.owner == Some(inner.owner) && nr.event == EventKind::Migrate {
+            return true;
+        }
+        let mut dev = if nr.blockable {
+            relock(&inner.dev)
+        } else {
+            match inner.dev.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        };
+        // Device work that may hold translations must finish first.
+        if let Some(s) = dev.inflight {
+            if !inner.backend.is_complete(s) {
+                if !nr.blockable {
+                    return false;
+                }
+                let _ = inner.backend.wait(s, None);
+            }
+        }
+        interval.set_seq(cur_seq);
+        Counters::add(&inner.counters.invalidations[event_index(nr.event)], 1);
+        let Some(r) = nr.range.intersect(interval.range()) else {
+            return true;
+        };
+        let writeback = !matches!(
+            nr.event,
+            EventKind::Unmap | EventKind::Remap | EventKind::Remove
+        );
+        inner.zap(&mut dev, r, writeback);
+        if matches!(nr.event, EventKind::Unmap | EventKind::Remap) {
+            // The region dies whole, but only `r` is gone: the kernel merges
+            // neighbouring mappings into one VMA, so a region can span
+            // memory of which only a part was unmapped. The rest still
+            // holds live data: write its dirty pages back before dropping
+            // them (the device is idle, we waited above).
+            inner.zap(&mut dev, interval.range(), true);
+            if let Some(slot) = dev.regions.get_mut(&self.start) {
+                if !slot.dead {
+                    slot.dead = true;
+                    let _ = inner.release_tx.send(ReleaseMsg::Region(self.start));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Accessed bits for the whole-space notifier's `clear_young`/`test_young`.
+struct Young<B: Backend>(Weak<Inner<B>>);
+
+impl<B: Backend> SpaceNotifier for Young<B> {
+    fn clear_young(&self, range: VaRange) -> bool {
+        self.0.upgrade().is_some_and(|i| i.young(range, true))
+    }
+    fn test_young(&self, range: VaRange) -> bool {
+        self.0.upgrade().is_some_and(|i| i.young(range, false))
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    /// Zaps every mapped page of `r` (driver lock held, device idle for
+    /// those pages): writes dirty pages back first if `writeback`, then
+    /// clears the entries and frees the slots.
+    fn zap(&self, dev: &mut Dev<B>, r: VaRange, writeback: bool) {
+        let mapped: Vec<(VirtAddr, Pte)> = dev.table.mapped_in(r).collect();
+        if mapped.is_empty() {
+            return;
+        }
+        if writeback {
+            self.write_back(dev, &mapped);
+        }
+        let mut writes = Vec::new();
+        let mut removed = Vec::new();
+        dev.table.unmap_range(r, &mut writes, &mut removed);
+        let _ = self.backend.write_ptes(&writes);
+        for (_, pte) in removed {
+            dev.twins.remove(&pte.slot());
+            if !dev.pinned_slots.contains(&pte.slot()) {
+                dev.pool.free(pte.slot());
+            }
+        }
+    }
+
+    /// Copies the device-dirty pages among `pages` back to the CPU and
+    /// clears their DIRTY bits. Driver lock held.
+    ///
+    /// Every such write-back runs under the driver lock with the region's
+    /// entries still present, so no invalidation callback for those pages
+    /// has run yet (callbacks zap under this lock first); the copy uses
+    /// `process_vm_writev`, so a page the kernel already unmapped (an
+    /// `UNMAP` event not yet read) is skipped, not written.
+    fn write_back(&self, dev: &mut Dev<B>, pages: &[(VirtAddr, Pte)]) -> u64 {
+        let cand: Vec<(VirtAddr, PteLoc)> = pages
+            .iter()
+            .filter(|(_, p)| p.writable())
+            .filter_map(|(va, _)| dev.table.leaf_loc(*va).map(|l| (*va, l)))
+            .collect();
+        if cand.is_empty() {
+            return 0;
+        }
+        let locs: Vec<PteLoc> = cand.iter().map(|c| c.1).collect();
+        let mut old = Vec::with_capacity(locs.len());
+        if self.backend.clear_pte_bits(&locs, DIRTY, &mut old).is_err() {
+            return 0;
+        }
+        let dirty: Vec<(VirtAddr, PoolSlot)> = cand
+            .iter()
+            .zip(&old)
+            .filter(|(_, p)| p.dirty())
+            .map(|((va, _), p)| (*va, p.slot()))
+            .collect();
+        if dirty.is_empty() {
+            return 0;
+        }
+        let Dev { staging, twins, .. } = dev;
+        staging.resize(dirty.len() * PAGE, 0);
+        let batch: Vec<DeviceToHost> = dirty
+            .iter()
+            .enumerate()
+            .map(|(i, (_, slot))| DeviceToHost {
+                slot: *slot,
+                dst: staging[i * PAGE..].as_mut_ptr(),
+            })
+            .collect();
+        // SAFETY: each `dst` is a distinct 4 KiB chunk of `staging`, which
+        // we hold mutably and which outlives the call; launches are
+        // serialised and the device is idle for these slots (callers waited
+        // for the in-flight submission or run between submissions).
+        if unsafe { self.backend.copy_to_host(&batch) }.is_err() {
+            return 0;
+        }
+        // Only the bytes the device changed go back.
+        let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
+        let mut diff = Vec::new();
+        let mut touched: Vec<VirtAddr> = Vec::new();
+        for (i, (va, slot)) in dirty.iter().enumerate() {
+            let page = &staging[i * PAGE..(i + 1) * PAGE];
+            diff.clear();
+            match twins.get(slot) {
+                Some(t) => hostcopy::diff_runs(t, page, &mut diff),
+                // No twin (pinned pages): the whole page.
+                None => diff.push((0, PAGE)),
+            }
+            if !diff.is_empty() {
+                touched.push(*va);
+            }
+            for (off, len) in &diff {
+                runs.push((VirtAddr(va.0 + *off as u64), &page[*off..*off + *len]));
+            }
+        }
+        hostcopy::write_runs(&runs);
+        for (i, (_, slot)) in dirty.iter().enumerate() {
+            if let Some(t) = twins.get_mut(slot) {
+                t.copy_from_slice(&staging[i * PAGE..(i + 1) * PAGE]);
+            }
+        }
+        let written = touched;
+        // Our own write is not a CPU write: keep the sync point from
+        // dropping the device copies it just made equal.
+        let _ = self.host.rearm_after_writeback(&written);
+        let n = written.len() as u64;
+        Counters::add(&self.counters.pages_out, n);
+        n
+    }
+
+    fn young(&self, range: VaRange, clear: bool) -> bool {
+        let dev = relock(&self.dev);
+        let locs: Vec<PteLoc> = dev
+            .table
+            .mapped_in(range)
+            .filter_map(|(va, _)| dev.table.leaf_loc(va))
+            .collect();
+        if locs.is_empty() {
+            return false;
+        }
+        let mut old = Vec::with_capacity(locs.len());
+        let r = if clear {
+            self.backend.clear_pte_bits(&locs, ACCESSED, &mut old)
+        } else {
+            self.backend.read_ptes(&locs, &mut old)
+        };
+        r.is_ok() && old.iter().any(|p| p.accessed())
+    }
+
+    /// A free slot for `va`, evicting if the pool is full.
+    /// `keep`: slots eviction must not pick (those of the pages being
+    /// installed right now).
+    fn alloc_slot(
+        &self,
+        dev: &mut Dev<B>,
+        va: VirtAddr,
+        keep: &HashSet<PoolSlot>,
+    ) -> Result<PoolSlot, MirrorError> {
+        if let Some(s) = dev.pool.alloc(va) {
+            return Ok(s);
+        }
+        let Dev {
+            pool,
+            table,
+            pinned_slots,
+            ..
+        } = &mut *dev;
+        let backend = &self.backend;
+        let victim = pool.pick_victim(
+            |_slot, owner| {
+                let Some(loc) = table.leaf_loc(owner) else {
+                    return false;
+                };
+                let mut old = Vec::with_capacity(1);
+                backend.clear_pte_bits(&[loc], ACCESSED, &mut old).is_ok()
+                    && old.first().is_some_and(|p| p.accessed())
+            },
+            |slot| pinned_slots.contains(&slot) || keep.contains(&slot),
+        );
+        let Some(victim) = victim else {
+            return Err(MirrorError::PoolExhausted {
+                needed: 1,
+                capacity: dev.pool.capacity(),
+            });
+        };
+        let Some(owner) = dev.pool.owner(victim) else {
+            return Err(MirrorError::PoolExhausted {
+                needed: 1,
+                capacity: dev.pool.capacity(),
+            });
+        };
+        let page = VaRange::from_start_len(owner, PAGE_SIZE)?;
+        self.zap(dev, page, true);
+        Counters::add(&self.counters.evictions, 1);
+        dev.pool.alloc(va).ok_or(MirrorError::PoolExhausted {
+            needed: 1,
+            capacity: dev.pool.capacity(),
+        })
+    }
+}
+
+/// One device's mirror of a process address space.
+///
+/// Created over a [`HostSpace`] and a [`Backend`]; faults register regions
+/// on demand, invalidations zap them, a worker thread releases dead ones.
+/// Launches on one mirror are serialised.
+pub struct Mirror<B: Backend> {
+    inner: Arc<Inner<B>>,
+    worker: Option<JoinHandle<()>>,
+    young: Option<NotifierHandle>,
+}
+
+impl<B: Backend> std::fmt::Debug for Mirror<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("backend", &self.inner.backend.info())
+            .finish()
+    }
+}
+
+impl<B: Backend> Mirror<B> {
+    /// A mirror of `host` on `backend`, sized by `cfg`.
+    pub fn new(host: Arc<HostSpace>, backend: B, cfg: MirrorConfig) -> Result<Self, MirrorError> {
+        if cfg.table_pages == 0 {
+            return Err(MirrorError::Config(
+                "table_pages must be at least 1 (the root)".into(),
+            ));
+        }
+        if cfg.chunk_sizes.is_empty() || cfg.fault_batch == 0 {
+            return Err(MirrorError::Config(
+                "chunk_sizes and fault_batch must not be empty/zero".into(),
+            ));
+        }
+        let info = backend.info();
+        if cfg.pool_slots > info.max_pool_slots {
+            return Err(MirrorError::Config(format!(
+                "pool of {} slots exceeds the device's {}",
+                cfg.pool_slots, info.max_pool_slots
+            )));
+        }
+        backend.init(DeviceConfig {
+            pool_slots: cfg.pool_slots,
+            table_pages: cfg.table_pages,
+        })?;
+        let table = ShadowTable::new(cfg.table_pages)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let inner = Arc::new(Inner {
+            backend,
+            host: Arc::clone(&host),
+            owner: OwnerTag(NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            dev: Mutex::new(Dev {
+                table,
+                pool: PagePool::new(cfg.pool_slots),
+                regions: BTreeMap::new(),
+                pinned: BTreeMap::new(),
+                pinned_slots: HashSet::new(),
+                read_mostly: Vec::new(),
+                inflight: None,
+                staging: Vec::new(),
+                ok: Vec::new(),
+                twins: HashMap::new(),
+            }),
+            launch: Mutex::new(()),
+            counters: Counters::default(),
+            release_tx: tx,
+            cfg,
+        });
+        let weak = Arc::downgrade(&inner);
+        let worker = std::thread::Builder::new()
+            .name("hmm-release".into())
+            .spawn(move || release_worker(weak, rx))
+            .map_err(|e| MirrorError::Config(format!("cannot start the release worker: {e}")))?;
+        let young = host
+            .space()
+            .register_notifier(std::sync::Arc::new(Young(Arc::downgrade(&inner))))
+            .ok();
+        // A new device must not leave another device's writable copies
+        // unseen: collapse them (our own callbacks skip owner-tagged ones).
+        if host.mirrors_attached() > 0 {
+            if let Ok(g) = host.space().invalidate_start(
+                NotifierRange::new(VaRange::everything(), EventKind::Migrate)
+                    .with_owner(inner.owner),
+            ) {
+                drop(g);
+            }
+        }
+        host.attach_mirror();
+        Ok(Mirror {
+            inner,
+            worker: Some(worker),
+            young,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// The CPU side this mirror follows.
+    pub fn host(&self) -> &Arc<HostSpace> {
+        &self.inner.host
+    }
+
+    /// Gives advice for `range`.
+    pub fn advise(&self, range: VaRange, advice: Advice) {
+        let mut dev = relock(&self.inner.dev);
+        dev.read_mostly.retain(|r| !r.overlaps(range));
+        if advice == Advice::ReadMostly {
+            dev.read_mostly.push(range);
+        }
+    }
+
+    /// Runs `kernel` over invocations `0..n` with `args`, servicing device
+    /// faults and replaying the invocations that faulted until all have
+    /// completed. On return the CPU sees every device write.
+    ///
+    /// Sync points: at the start, CPU writes since the last sync point are
+    /// invalidated (device copies of those pages are dropped); at the end,
+    /// device-dirty pages are written back.
+    pub fn launch(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: &[u64],
+    ) -> Result<LaunchReport, MirrorError> {
+        let inner = &*self.inner;
+        let _serial = relock(&inner.launch);
+        Counters::add(&inner.counters.launches, 1);
+        let mut report = LaunchReport {
+            cpu_written_pages: inner.host.sync_point()?,
+            ..LaunchReport::default()
+        };
+        let mut replay: Vec<u32> = Vec::new();
+        let mut first = true;
+        let mut replays = 0u32;
+        loop {
+            let inv = if first {
+                Invocations::All(n)
+            } else {
+                Invocations::Only(&replay)
+            };
+            let id = {
+                let mut dev = relock(&inner.dev);
+                let id = inner.backend.launch(kernel, inv, args)?;
+                dev.inflight = Some(id);
+                id
+            };
+            report.submissions += 1;
+            Counters::add(&inner.counters.submissions, 1);
+            let waited = inner.backend.wait(id, None);
+            let outcome = inner.backend.take_outcome(id);
+            relock(&inner.dev).inflight = None;
+            waited?;
+            let mut outcome = outcome?;
+            if outcome.incomplete.is_empty() {
+                break;
+            }
+            if replays >= inner.cfg.max_replays {
+                return Err(MirrorError::NoProgress { replays });
+            }
+            let mut pf = Vec::new();
+            let garbage = faults::validate(&outcome.faults, &mut outcome.incomplete, &mut pf);
+            Counters::add(&inner.counters.garbage_faults, garbage);
+            if pf.is_empty() {
+                return Err(MirrorError::UnusableFaults {
+                    incomplete: outcome.incomplete.len(),
+                    garbage,
+                });
+            }
+            report.faults += pf.len() as u64;
+            Counters::add(&inner.counters.faults, pf.len() as u64);
+            report.pages_in += self.service(&mut pf)?;
+            replay = outcome.incomplete;
+            first = false;
+            replays += 1;
+            Counters::add(&inner.counters.replays, 1);
+        }
+        report.pages_out = self.write_back_all();
+        Ok(report)
+    }
+
+    /// Writes every device-dirty page back (the end-of-launch sync point).
+    fn write_back_all(&self) -> u64 {
+        let inner = &*self.inner;
+        let mut dev = relock(&inner.dev);
+        let pages: Vec<(VirtAddr, Pte)> = dev
+            .table
+            .mapped_in(VaRange::everything())
+            .filter(|(_, p)| p.writable())
+            .collect();
+        inner.write_back(&mut dev, &pages)
+    }
+
+    /// Services validated faults in batches; returns pages copied in.
+    fn service(&self, pf: &mut [PageFault]) -> Result<u64, MirrorError> {
+        let mut pages_in = 0;
+        for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
+            Counters::add(&self.inner.counters.fault_batches, 1);
+            let mut runs = Vec::new();
+            faults::coalesce(batch, &mut runs);
+            for run in runs {
+                Counters::add(&self.inner.counters.fault_runs, 1);
+                pages_in += self.service_run(run)?;
+            }
+        }
+        Ok(pages_in)
+    }
+
+    /// Makes `range` resident for read (or write) without a device fault:
+    /// the user's way to turn faults into one bulk copy. Returns pages
+    /// copied in.
+    pub fn prefetch(&self, range: VaRange, write: bool) -> Result<u64, MirrorError> {
+        let range = range.page_cover()?.user()?;
+        let _serial = relock(&self.inner.launch);
+        let n = self.service_run(Run {
+            range,
+            write,
+            first_addr: range.start(),
+        })?;
+        Counters::add(&self.inner.counters.prefetched, n);
+        Ok(n)
+    }
+
+    /// Services one run: splits it at region boundaries (creating regions
+    /// for pages no region covers) and runs the fault loop on each piece.
+    fn service_run(&self, run: Run) -> Result<u64, MirrorError> {
+        let mut pages_in = 0;
+        let mut at = run.range.start();
+        while at < run.range.end() {
+            let (region_range, sub_ref) = self.region_for(at, run.write)?;
+            let end = region_range.end().min(run.range.end());
+            let piece = VaRange::new(at, end)?;
+            pages_in += self.service_piece(
+                &sub_ref,
+                piece,
+                run.write,
+                if at == run.range.start() {
+                    run.first_addr
+                } else {
+                    at
+                },
+            )?;
+            at = end;
+        }
+        Ok(pages_in)
+    }
+
+    /// The region containing `at`, registering one (with its interval
+    /// notifier and event watch) if none does.
+    fn region_for(
+        &self,
+        at: VirtAddr,
+        write: bool,
+    ) -> Result<(VaRange, crate::notifier::SubscriptionRef<Region<B>>), MirrorError> {
+        let inner = &*self.inner;
+        {
+            let dev = relock(&inner.dev);
+            if let Some((_, slot)) = dev.regions.range(..=at.0).next_back() {
+                if slot.range.contains(at) && !slot.dead {
+                    if let Some(sub) = &slot.sub {
+                        return Ok((slot.range, sub.ops_arc()));
+                    }
+                }
+            }
+        }
+        // A dead region still covering `at` is waiting for the release
+        // worker; finish its job here (we are not inside a callback, so the
+        // blocking remove is allowed) rather than fail the fault.
+        self.reap_dead_at(at);
+        // Addresses outside watched ranges produce no events, so a cached
+        // mapping there may be stale (unmapped and mapped again by anyone):
+        // re-read before choosing a region.
+        inner
+            .host
+            .maps()
+            .invalidate(VaRange::from_start_len(at.page_down(), PAGE_SIZE)?);
+        let mapping = inner.host.lookup(at)?.ok_or(MirrorError::DeviceFault {
+            addr: at,
+            write,
+            reason: AccessError::Unmapped,
+        })?;
+        if !mapping.read {
+            return Err(MirrorError::DeviceFault {
+                addr: at,
+                write,
+                reason: AccessError::NoAccess,
+            });
+        }
+        if write && !mapping.write {
+            return Err(MirrorError::DeviceFault {
+                addr: at,
+                write,
+                reason: AccessError::ReadOnly,
+            });
+        }
+        let mut dev = relock(&inner.dev);
+        // Reap dead regions overlapping the mapping lazily: the worker may
+        // not have run yet; their notifier is still live, so keep them out
+        // of the chunk choice by treating them as present.
+        let regions = &dev.regions;
+        let range = choose_chunk(at, mapping.range, &inner.cfg.chunk_sizes, |cand| {
+            regions
+                .range(..cand.end().0)
+                .next_back()
+                .is_some_and(|(_, r)| r.range.overlaps(cand))
+                || regions.range(cand.start().0..cand.end().0).next().is_some()
+        })
+        .map_err(|_| MirrorError::DeviceFault {
+            addr: at,
+            write,
+            reason: AccessError::BadPage,
+        })?;
+        let sub = inner
+            .host
+            .space()
+            .insert(
+                range,
+                Region {
+                    owner: Arc::downgrade(&self.inner),
+                    start: range.start().0,
+                },
+            )
+            .map_err(|_| MirrorError::Config("the address space was torn down".into()))?;
+        let sref = sub.ops_arc();
+        dev.regions.insert(
+            range.start().0,
+            RegionSlot {
+                range,
+                sub: Some(sub),
+                dead: false,
+            },
+        );
+        drop(dev);
+        Counters::add(&inner.counters.regions_created, 1);
+        if let Err(e) = inner.host.watch(range) {
+            // The mapping may have gone in the meantime (then the fault is
+            // an access to unmapped memory), or the kernel may refuse to
+            // register this kind of mapping (then it stays mirrored, seen
+            // only through explicit invalidation — said once).
+            inner.host.maps().invalidate(range);
+            if inner.host.lookup(at)?.is_none() {
+                let mut dev = relock(&inner.dev);
+                if let Some(slot) = dev.regions.get_mut(&range.start().0) {
+                    slot.dead = true;
+                }
+                drop(dev);
+                let _ = inner.release_tx.send(ReleaseMsg::Region(range.start().0));
+                return Err(MirrorError::DeviceFault {
+                    addr: at,
+                    write,
+                    reason: AccessError::Unmapped,
+                });
+            }
+            Counters::add(&inner.counters.unwatched_regions, 1);
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("hmm-rs: cannot watch {range:?} for kernel events ({e}); such regions follow explicit invalidation only"));
+        }
+        Ok((range, sref))
+    }
+
+    /// Releases a dead region containing `at`, as the worker would.
+    fn reap_dead_at(&self, at: VirtAddr) {
+        let inner = &*self.inner;
+        let slot = {
+            let mut dev = relock(&inner.dev);
+            let start = dev
+                .regions
+                .range(..=at.0)
+                .next_back()
+                .filter(|(_, r)| r.dead && r.range.contains(at))
+                .map(|(k, _)| *k);
+            start.and_then(|k| dev.regions.remove(&k))
+        };
+        if let Some(slot) = slot {
+            release_slot(inner, slot);
+        }
+    }
+
+    /// The fault loop for one piece of one region.
+    fn service_piece(
+        &self,
+        sub: &crate::notifier::SubscriptionRef<Region<B>>,
+        piece: VaRange,
+        write: bool,
+        first_addr: VirtAddr,
+    ) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        let multi = inner.host.mirrors_attached() > 1;
+        if write && multi {
+            // Single writer: drop every other device's copy first (ours are
+            // skipped by owner tag). They write back dirty data on Migrate.
+            if let Ok(g) = inner.host.space().invalidate_start(
+                NotifierRange::new(piece, EventKind::Migrate).with_owner(inner.owner),
+            ) {
+                drop(g);
+            }
+        }
+        let flags = if write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::READ
+        };
+        let mut st = FaultLoopStats::default();
+        let res = fault_and_commit(
+            inner.host.faulter(),
+            sub.interval(),
+            piece,
+            flags,
+            inner.cfg.retry_timeout,
+            &mut st,
+            |seq, states| self.commit(sub.interval(), seq, piece, write, multi, states),
+        );
+        Counters::add(&inner.counters.retries, st.busy + st.refused);
+        match res {
+            Ok(n) => Ok(n),
+            Err(MirrorFaultError::Fault(e)) => Err(MirrorError::from_fault(e, first_addr, write)),
+            Err(MirrorFaultError::Commit(e)) => Err(e),
+            Err(MirrorFaultError::Timeout { attempts, .. }) => Err(MirrorError::RetryTimeout {
+                addr: piece.start(),
+                attempts,
+            }),
+            Err(MirrorFaultError::Busy) => Err(MirrorError::RetryTimeout {
+                addr: piece.start(),
+                attempts: st.attempts,
+            }),
+        }
+    }
+
+    /// Under the driver lock: check the sequence, copy the pages in, map
+    /// them. Returns pages copied.
+    fn commit(
+        &self,
+        interval: &Interval,
+        seq: Seq,
+        piece: VaRange,
+        write: bool,
+        multi: bool,
+        states: &[PageState],
+    ) -> Result<Attempt<u64>, MirrorError> {
+        let inner = &*self.inner;
+        let mut dev = relock(&inner.dev);
+        if interval.read_retry(seq) {
+            return Ok(Attempt::Retry);
+        }
+        let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(piece));
+        // Pages to install: not mapped, or mapped read-only but wanted for write.
+        let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
+        for (va, st) in piece.page_addrs().zip(states) {
+            let cpu_writable = match st {
+                PageState::Valid { writable } => *writable,
+                PageState::Zero => true,
+                // After a fault request every page is present or an error
+                // was returned; anything else means it vanished: retry.
+                _ => return Ok(Attempt::Retry),
+            };
+            let writable = if write {
+                true
+            } else {
+                cpu_writable && !read_mostly && !multi
+            };
+            match dev.table.lookup(va) {
+                Some(p) if p.writable() || !writable => {}
+                _ => todo.push((va, writable)),
+            }
+        }
+        if todo.is_empty() {
+            return Ok(Attempt::Done(0));
+        }
+        // Slots (evicting if needed).
+        // Slots eviction must leave alone: those of pages being upgraded and
+        // those allocated for this run so far.
+        let mut keep: HashSet<PoolSlot> = todo
+            .iter()
+            .filter_map(|(va, _)| dev.table.lookup(*va))
+            .map(|p| p.slot())
+            .collect();
+        let mut slots = Vec::with_capacity(todo.len());
+        for (va, _) in &todo {
+            match dev.table.lookup(*va) {
+                Some(p) => slots.push(p.slot()), // read-only → writable upgrade reuses the slot
+                None => match inner.alloc_slot(&mut dev, *va, &keep) {
+                    Ok(s) => {
+                        keep.insert(s);
+                        slots.push(s);
+                    }
+                    Err(e) => {
+                        for (s, (va, _)) in slots.iter().zip(&todo) {
+                            if dev.table.lookup(*va).is_none() {
+                                dev.pool.free(*s);
+                            }
+                        }
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        // Copy in through a staging buffer that survives vanished pages.
+        let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
+        let Dev {
+            staging, ok, twins, ..
+        } = &mut *dev;
+        staging.resize(addrs.len() * PAGE, 0);
+        hostcopy::read_pages(&addrs, staging, ok);
+        if ok.iter().any(|b| !*b) {
+            // A page went away under us: its invalidation is on its way.
+            for (s, va) in slots.iter().zip(&addrs) {
+                if dev.table.lookup(*va).is_none() {
+                    dev.pool.free(*s);
+                }
+            }
+            return Ok(Attempt::Retry);
+        }
+        let batch: Vec<HostToDevice> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| HostToDevice {
+                slot: *s,
+                src: staging[i * PAGE..].as_ptr(),
+            })
+            .collect();
+        // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
+        // unmodified for the call; the destination slots are freshly
+        // allocated or belong to pages being upgraded, which no device work
+        // uses (launches are serialised and none is in flight during fault
+        // service).
+        unsafe { inner.backend.copy_to_device(&batch)? };
+        for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
+            if *writable {
+                twins.insert(*s, staging[i * PAGE..(i + 1) * PAGE].into());
+            }
+        }
+        let mut writes: Vec<PteWrite> = Vec::new();
+        for ((va, writable), s) in todo.iter().zip(&slots) {
+            if let Err(e) = dev.table.map(*va, Pte::leaf(*s, *writable), &mut writes) {
+                let _ = inner.backend.write_ptes(&writes);
+                return Err(e.into());
+            }
+        }
+        inner.backend.write_ptes(&writes)?;
+        Counters::add(&inner.counters.pages_in, todo.len() as u64);
+        Ok(Attempt::Done(todo.len() as u64))
+    }
+
+    /// The pinning baseline: registers `range` up front — locks the CPU
+    /// pages (`mlock`, best effort), copies every page, maps every entry,
+    /// installs **no** notifier. The device keeps reading these copies
+    /// whatever the CPU does until [`Mirror::unpin`]: CPU writes after the
+    /// pin are not seen, and an `munmap` leaves the device reading the old
+    /// data. That hazard is the point of comparison.
+    pub fn pin(&self, range: VaRange) -> Result<PinHandle, MirrorError> {
+        let range = range.page_cover()?.user()?;
+        let inner = &*self.inner;
+        let _serial = relock(&inner.launch);
+        // Populate and check permissions exactly as a fault would.
+        let mapping = inner.host.lookup(range.start())?;
+        let writable = mapping
+            .as_ref()
+            .is_some_and(|m| m.write && m.range.covers(range));
+        let flags = if writable {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::READ
+        };
+        let states = inner
+            .host
+            .faulter()
+            .range_fault(range, flags)
+            .map_err(|e| MirrorError::from_fault(e, range.start(), false))?;
+        // SAFETY: mlock only changes residency of our own pages.
+        let locked = unsafe { libc::mlock(range.start().as_mut_ptr(), range.len() as usize) } == 0;
+        let mut dev = relock(&inner.dev);
+        let free = dev.pool.capacity() - dev.pool.used();
+        if u64::from(free) < range.pages()
+            && dev.pool.capacity() as u64 - dev.pinned_slots.len() as u64 >= range.pages()
+        {
+            // Evict unpinned pages to make room.
+            let keep = HashSet::new();
+            while u64::from(dev.pool.capacity() - dev.pool.used()) < range.pages() {
+                let s = inner.alloc_slot(&mut dev, range.start(), &keep)?;
+                dev.pool.free(s);
+                if dev.pool.capacity() - dev.pool.used() == 0 {
+                    break;
+                }
+            }
+        }
+        if u64::from(dev.pool.capacity() - dev.pool.used()) < range.pages() {
+            drop(dev);
+            if locked {
+                // SAFETY: undoing our own mlock.
+                unsafe { libc::munlock(range.start().as_mut_ptr(), range.len() as usize) };
+            }
+            return Err(MirrorError::PoolExhausted {
+                needed: range.pages(),
+                capacity: inner.cfg.pool_slots,
+            });
+        }
+        let addrs: Vec<VirtAddr> = range.page_addrs().collect();
+        let mut slots = Vec::with_capacity(addrs.len());
+        for va in &addrs {
+            if let Some(old) = dev.table.lookup(*va) {
+                // Already mirrored on demand: drop that copy first.
+                let _ = old;
+                let page = VaRange::from_start_len(*va, PAGE_SIZE)?;
+                inner.zap(&mut dev, page, true);
+            }
+            let s = dev.pool.alloc(*va).ok_or(MirrorError::PoolExhausted {
+                needed: 1,
+                capacity: inner.cfg.pool_slots,
+            })?;
+            dev.pinned_slots.insert(s);
+            slots.push(s);
+        }
+        let Dev { staging, ok, .. } = &mut *dev;
+        staging.resize(addrs.len() * PAGE, 0);
+        hostcopy::read_pages(&addrs, staging, ok);
+        let batch: Vec<HostToDevice> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| HostToDevice {
+                slot: *s,
+                src: staging[i * PAGE..].as_ptr(),
+            })
+            .collect();
+        // SAFETY: as in `commit`: staging chunks alive for the call, slots
+        // fresh and unused by device work.
+        unsafe { inner.backend.copy_to_device(&batch)? };
+        let mut writes = Vec::new();
+        for ((va, s), st) in addrs.iter().zip(&slots).zip(&states) {
+            let w = writable && st.is_writable();
+            dev.table
+                .map(*va, Pte::leaf(*s, w || writable), &mut writes)?;
+        }
+        inner.backend.write_ptes(&writes)?;
+        Counters::add(&inner.counters.pages_in, addrs.len() as u64);
+        dev.pinned
+            .insert(range.start().0, PinnedRange { range, locked });
+        Ok(PinHandle { range })
+    }
+
+    /// Ends a pin: writes device-dirty pages back (if the CPU range still
+    /// exists), unmaps and frees everything, unlocks the CPU pages.
+    pub fn unpin(&self, pin: PinHandle) -> Result<(), MirrorError> {
+        let inner = &*self.inner;
+        let _serial = relock(&inner.launch);
+        let mut dev = relock(&inner.dev);
+        let Some(p) = dev.pinned.remove(&pin.range.start().0) else {
+            return Ok(());
+        };
+        let mapped: Vec<(VirtAddr, Pte)> = dev.table.mapped_in(p.range).collect();
+        for (_, pte) in &mapped {
+            dev.pinned_slots.remove(&pte.slot());
+        }
+        inner.zap(&mut dev, p.range, true);
+        if p.locked {
+            // SAFETY: undoing our own mlock; failure (range gone) is harmless.
+            unsafe { libc::munlock(p.range.start().as_mut_ptr(), p.range.len() as usize) };
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> MirrorStats {
+        let c = &self.inner.counters;
+        let g = Counters::get;
+        let dev = relock(&self.inner.dev);
+        MirrorStats {
+            launches: g(&c.launches),
+            submissions: g(&c.submissions),
+            replays: g(&c.replays),
+            faults: g(&c.faults),
+            garbage_faults: g(&c.garbage_faults),
+            fault_batches: g(&c.fault_batches),
+            fault_runs: g(&c.fault_runs),
+            retries: g(&c.retries),
+            regions_created: g(&c.regions_created),
+            unwatched_regions: g(&c.unwatched_regions),
+            deferred_releases: g(&c.deferred_releases),
+            pages_in: g(&c.pages_in),
+            pages_out: g(&c.pages_out),
+            evictions: g(&c.evictions),
+            invalidations: core::array::from_fn(|i| g(&c.invalidations[i])),
+            prefetched: g(&c.prefetched),
+            mapped_pages: dev.table.mapped_pages(),
+            pool_used: u64::from(dev.pool.used()),
+            pool_capacity: u64::from(dev.pool.capacity()),
+            table_pages_used: u64::from(dev.table.table_pages_used()),
+        }
+    }
+
+    /// Live (not dead) regions, in address order.
+    pub fn regions(&self) -> Vec<VaRange> {
+        relock(&self.inner.dev)
+            .regions
+            .values()
+            .filter(|r| !r.dead)
+            .map(|r| r.range)
+            .collect()
+    }
+
+    /// Waits (up to 10 s) until the deferred-release worker has handled
+    /// every region that died so far; returns whether it did. For tests
+    /// and orderly shutdown.
+    pub fn flush_releases(&self) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if !relock(&self.inner.dev).regions.values().any(|r| r.dead) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+}
+
+/// A range registered by [`Mirror::pin`].
+#[derive(Debug)]
+#[must_use = "a pin holds device memory until `Mirror::unpin`"]
+pub struct PinHandle {
+    range: VaRange,
+}
+
+impl PinHandle {
+    /// The pinned range.
+    pub fn range(&self) -> VaRange {
+        self.range
+    }
+}
+
+/// Removes a dead region's notifier (waiting out running callbacks) and
+/// drops whatever it still maps. Not to be called from a callback.
+fn release_slot<B: Backend>(inner: &Inner<B>, mut slot: RegionSlot<B>) {
+    let _ = inner.host.unwatch(slot.range);
+    if let Some(sub) = slot.sub.take() {
+        // Not inside a callback: this waits until no invalidation can reach
+        // the region any more.
+        let _ = sub.remove();
+    }
+    // Nothing can have been mapped in a dead region, but zap for certainty
+    // — as a callback would: once the device is idle, writing dirty pages
+    // back.
+    let mut dev = relock(&inner.dev);
+    if let Some(s) = dev.inflight {
+        let _ = inner.backend.wait(s, None);
+    }
+    inner.zap(&mut dev, slot.range, true);
+    Counters::add(&inner.counters.deferred_releases, 1);
+}
+
+fn release_worker<B: Backend>(owner: Weak<Inner<B>>, rx: Receiver<ReleaseMsg>) {
+    while let Ok(msg) = rx.recv() {
+        let ReleaseMsg::Region(start) = msg else {
+            return;
+        };
+        let Some(inner) = owner.upgrade() else { return };
+        let slot = {
+            let mut dev = relock(&inner.dev);
+            match dev.regions.get(&start) {
+                Some(r) if r.dead => dev.regions.remove(&start),
+                _ => None,
+            }
+        };
+        if let Some(slot) = slot {
+            release_slot(&inner, slot);
+        }
+    }
+}
+
+impl<B: Backend> Drop for Mirror<B> {
+    fn drop(&mut self) {
+        let inner = &*self.inner;
+        let _ = inner.release_tx.send(ReleaseMsg::Shutdown);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        if let Some(h) = self.young.take() {
+            let _ = h.unregister();
+        }
+        // Remove every region (blocking: waits out running callbacks), then
+        // free the device memory they held.
+        let slots: Vec<RegionSlot<B>> = std::mem::take(&mut relock(&inner.dev).regions)
+            .into_values()
+            .collect();
+        for mut s in slots {
+            let _ = inner.host.unwatch(s.range);
+            if let Some(sub) = s.sub.take() {
+                let _ = sub.remove();
+            }
+        }
+        let mut dev = relock(&inner.dev);
+        let pins: Vec<PinnedRange> = std::mem::take(&mut dev.pinned).into_values().collect();
+        dev.pinned_slots.clear();
+        inner.zap(&mut dev, VaRange::everything(), false);
+        for p in pins {
+            if p.locked {
+                // SAFETY: undoing our own mlock; harmless if the range is gone.
+                unsafe { libc::munlock(p.range.start().as_mut_ptr(), p.range.len() as usize) };
+            }
+        }
+        drop(dev);
+        inner.host.detach_mirror();
+    }
+}

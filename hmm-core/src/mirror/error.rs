@@ -1,0 +1,128 @@
+//! The mirror's typed errors.
+
+use super::backend::BackendError;
+use super::pagetable::TableError;
+use crate::addr::VirtAddr;
+use crate::cpu::host::HostError;
+use crate::cpu::range_fault::FaultError;
+use crate::error::RangeError;
+
+/// Why a device access could not be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessError {
+    /// No CPU mapping at the address (never mapped, or freed/unmapped).
+    Unmapped,
+    /// The mapping forbids reading (`PROT_NONE`).
+    NoAccess,
+    /// A write to a read-only mapping.
+    ReadOnly,
+    /// The page cannot be mirrored (I/O or PFN mapping, or it kept
+    /// vanishing).
+    BadPage,
+}
+
+impl core::fmt::Display for AccessError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            AccessError::Unmapped => "no CPU mapping",
+            AccessError::NoAccess => "mapping is not readable",
+            AccessError::ReadOnly => "mapping is read-only",
+            AccessError::BadPage => "page cannot be mirrored",
+        })
+    }
+}
+
+/// Errors of a device mirror.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// A device access that no CPU mapping allows; the launch ended.
+    #[error("device {access} at {addr}: {reason}", access = if *write { "write" } else { "read" })]
+    DeviceFault {
+        /// The faulting address, as the kernel used it.
+        addr: VirtAddr,
+        /// Whether it was a write (or atomic).
+        write: bool,
+        /// Why it cannot be served.
+        reason: AccessError,
+    },
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The CPU side failed (event monitor, write tracking, maps).
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Snapshotting CPU pages failed for a reason other than an access error.
+    #[error(transparent)]
+    Fault(FaultError),
+    /// A bad range argument.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// The device page table ran out of table pages.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// The pool cannot hold what must be resident at once (every slot is
+    /// pinned, or the pool has no slots).
+    #[error(
+        "device pool exhausted: {needed} more slot(s) needed, none evictable (capacity {capacity})"
+    )]
+    PoolExhausted {
+        /// Slots still needed.
+        needed: u64,
+        /// Pool capacity.
+        capacity: u32,
+    },
+    /// Invocations stopped at faults but the device reported no usable
+    /// fault record for them (all garbage, or its fault buffer overflowed
+    /// with nothing recorded).
+    #[error("{incomplete} invocation(s) stopped without a usable fault record ({garbage} garbage record(s))")]
+    UnusableFaults {
+        /// Invocations left incomplete.
+        incomplete: usize,
+        /// Records rejected.
+        garbage: u64,
+    },
+    /// The launch kept faulting past the replay bound.
+    #[error("gave up after {replays} replays: invocations kept faulting")]
+    NoProgress {
+        /// Replays made.
+        replays: u32,
+    },
+    /// A fault kept racing invalidations past the retry timeout.
+    #[error("fault service at {addr} timed out after {attempts} attempts")]
+    RetryTimeout {
+        /// Start of the run being serviced.
+        addr: VirtAddr,
+        /// Attempts made.
+        attempts: u64,
+    },
+    /// The mirror's configuration is unusable.
+    #[error("bad mirror configuration: {0}")]
+    Config(String),
+}
+
+impl MirrorError {
+    pub(crate) fn from_fault(e: FaultError, addr: VirtAddr, write: bool) -> MirrorError {
+        let reason = match &e {
+            FaultError::Unmapped { addr } => Some((AccessError::Unmapped, *addr)),
+            FaultError::NoAccess { addr } => Some((AccessError::NoAccess, *addr)),
+            FaultError::ReadOnly { addr } => Some((AccessError::ReadOnly, *addr)),
+            FaultError::BadPage { addr } => Some((AccessError::BadPage, *addr)),
+            FaultError::Unstable { .. } | FaultError::Populate { .. } => {
+                Some((AccessError::BadPage, addr))
+            }
+            _ => None,
+        };
+        match reason {
+            Some((reason, at)) => MirrorError::DeviceFault {
+                addr: if at.page_down() == addr.page_down() {
+                    addr
+                } else {
+                    at
+                },
+                write,
+                reason,
+            },
+            None => MirrorError::Fault(e),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The mirror's counters.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// A snapshot of a mirror's counters ([`super::Mirror::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStats {
+    /// Launches (user calls to `launch`).
+    pub launches: u64,
+    /// Device submissions, replays included.
+    pub submissions: u64,
+    /// Replay submissions.
+    pub replays: u64,
+    /// Valid fault records received.
+    pub faults: u64,
+    /// Fault records rejected as garbage.
+    pub garbage_faults: u64,
+    /// Fault batches serviced.
+    pub fault_batches: u64,
+    /// Runs serviced (after sort/dedupe/coalesce).
+    pub fault_runs: u64,
+    /// Fault-service attempts that had to start over (sequence moved).
+    pub retries: u64,
+    /// Regions registered on device faults.
+    pub regions_created: u64,
+    /// Regions the kernel would not register for events (they follow
+    /// explicit invalidation only).
+    pub unwatched_regions: u64,
+    /// Regions released by the deferred-release worker.
+    pub deferred_releases: u64,
+    /// Pages copied CPU → device.
+    pub pages_in: u64,
+    /// Pages copied device → CPU.
+    pub pages_out: u64,
+    /// Pages evicted from a full pool.
+    pub evictions: u64,
+    /// Invalidations that reached this mirror, by event kind: unmap,
+    /// remove, remap, protection, cpu-write, migrate, release, clear.
+    pub invalidations: [u64; 8],
+    /// Pages mapped by `prefetch`.
+    pub prefetched: u64,
+    /// Pages currently mapped on the device.
+    pub mapped_pages: u64,
+    /// Pool slots in use.
+    pub pool_used: u64,
+    /// Pool slots in all.
+    pub pool_capacity: u64,
+    /// Table pages in use.
+    pub table_pages_used: u64,
+}
+
+impl MirrorStats {
+    /// Sum of `invalidations`.
+    pub fn invalidations_total(&self) -> u64 {
+        self.invalidations.iter().sum()
+    }
+    /// Device memory in use, bytes: pool slots and table pages in use.
+    pub fn device_bytes_used(&self) -> u64 {
+        (self.pool_used + self.table_pages_used) * 4096
+    }
+}
+
+impl core::fmt::Display for MirrorStats {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        writeln!(
+            f,
+            "launches {:>10}   submissions {:>8}   replays {:>8}",
+            self.launches, self.submissions, self.replays
+        )?;
+        writeln!(
+            f,
+            "faults   {:>10}   batches     {:>8}   runs    {:>8}   retries {}   garbage {}",
+            self.faults, self.fault_batches, self.fault_runs, self.retries, self.garbage_faults
+        )?;
+        writeln!(
+            f,
+            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}",
+            self.pages_in, self.pages_out, self.evictions, self.prefetched
+        )?;
+        let k = &self.invalidations;
+        writeln!(
+            f,
+            "invalidations: unmap {} remove {} remap {} protection {} cpu-write {} migrate {} release {} clear {}",
+            k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
+        )?;
+        write!(
+            f,
+            "regions created {}  released {}   mapped pages {}   pool {}/{}   table pages {}",
+            self.regions_created,
+            self.deferred_releases,
+            self.mapped_pages,
+            self.pool_used,
+            self.pool_capacity,
+            self.table_pages_used
+        )
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub launches: AtomicU64,
+    pub submissions: AtomicU64,
+    pub replays: AtomicU64,
+    pub faults: AtomicU64,
+    pub garbage_faults: AtomicU64,
+    pub fault_batches: AtomicU64,
+    pub fault_runs: AtomicU64,
+    pub retries: AtomicU64,
+    pub regions_created: AtomicU64,
+    pub unwatched_regions: AtomicU64,
+    pub deferred_releases: AtomicU64,
+    pub pages_in: AtomicU64,
+    pub pages_out: AtomicU64,
+    pub evictions: AtomicU64,
+    pub invalidations: [AtomicU64; 8],
+    pub prefetched: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        // Relaxed: statistics; nothing is published through them.
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn get(c: &AtomicU64) -> u64 {
+        // Relaxed: statistics.
+        c.load(Ordering::Relaxed)
+    }
+}
