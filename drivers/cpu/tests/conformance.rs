@@ -2,3 +2,87 @@
 //! selftests) on the cpu driver.
 
 hmm_core::conformance_tests!(hmm_driver_cpu::CpuDevice::with_threads(2));
+
+/// A device that writes garbage into its fault buffer: records with
+/// unknown flags are rejected, not trusted, and the launch ends with a
+/// typed error instead of mapping anything or spinning.
+#[test]
+fn garbage_fault_records_are_rejected() {
+    use hmm_core::cpu::host::HostSpace;
+    use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
+    use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
+    use std::sync::Arc;
+
+    let dev = hmm_driver_cpu::CpuDevice::with_threads(2);
+    dev.set_fault_record_mangler(|r| r.flags |= 0x8000_0000);
+    let host = Arc::new(HostSpace::new().expect("host"));
+    let m = Mirror::new(
+        host,
+        dev,
+        MirrorConfig {
+            pool_slots: 64,
+            table_pages: 64,
+            ..MirrorConfig::default()
+        },
+    )
+    .expect("mirror");
+    let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    match m.launch(&k, 16, &[src.addr(), out.addr()]) {
+        Err(MirrorError::UnusableFaults {
+            incomplete,
+            garbage,
+        }) => {
+            assert_eq!(incomplete, 16);
+            assert_eq!(garbage, 16);
+        }
+        other => panic!("expected UnusableFaults, got {other:?}"),
+    }
+    assert_eq!(m.stats().pool_used, 0, "nothing was mapped on garbage");
+}
+
+/// A device that reports a wrong address for a real fault: the address is
+/// looked up, not trusted; an unmapped one ends the launch with a typed
+/// error naming it.
+#[test]
+fn a_lying_fault_address_is_a_typed_error() {
+    use hmm_core::cpu::host::HostSpace;
+    use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
+    use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
+    use std::sync::Arc;
+
+    let dev = hmm_driver_cpu::CpuDevice::with_threads(2);
+    dev.set_fault_record_mangler(|r| {
+        r.addr_lo = 0x1000;
+        r.addr_hi = 0;
+    });
+    let host = Arc::new(HostSpace::new().expect("host"));
+    let m = Mirror::new(
+        host,
+        dev,
+        MirrorConfig {
+            pool_slots: 64,
+            table_pages: 64,
+            ..MirrorConfig::default()
+        },
+    )
+    .expect("mirror");
+    let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    match m.launch(&k, 4, &[src.addr(), out.addr()]) {
+        Err(MirrorError::DeviceFault {
+            addr,
+            reason: AccessError::Unmapped,
+            ..
+        }) => assert_eq!(addr.0, 0x1000),
+        other => panic!("expected a DeviceFault at 0x1000, got {other:?}"),
+    }
+}

@@ -28,7 +28,7 @@
 use std::sync::Arc;
 
 use super::backend::{Backend, BackendError};
-use super::core::{Mirror, MirrorConfig};
+use super::core::{Advice, Mirror, MirrorConfig};
 use super::error::{AccessError, MirrorError};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::host::HostSpace;
@@ -787,6 +787,79 @@ pub fn concurrent_launches_and_invalidations<B: TestKernels>(b: B) {
     assert!(inval.join().expect("invalidator") > 0);
 }
 
+/// Accessed bits reach the whole-space notifier: after a device read the
+/// range is young; `clear_young` reports and clears it; the next device
+/// access sets it again.
+pub fn accessed_bits_feed_young<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    assert!(!h.space().test_young(src.range()), "nothing mirrored yet");
+    device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+    assert!(h.space().test_young(src.range()));
+    assert!(h.space().clear_young(src.range()));
+    assert!(!h.space().test_young(src.range()));
+    assert!(!h.space().clear_young(src.range()));
+    let r = device_copy(&m, src.addr(), &out, 4 * WPP).expect("launch");
+    assert_eq!(r.faults, 0, "still mirrored");
+    assert!(h.space().test_young(src.range()), "accessed again");
+}
+
+/// Prefetch turns faults into one bulk copy: a launch over prefetched
+/// memory faults nothing in.
+pub fn prefetch_replaces_faults<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(64, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|i| i as u32);
+    let out = TestMap::anon(64, libc::PROT_READ | libc::PROT_WRITE);
+    assert_eq!(m.prefetch(src.range(), false).expect("prefetch"), 64);
+    assert_eq!(m.prefetch(out.range(), true).expect("prefetch"), 64);
+    let r = device_copy(&m, src.addr(), &out, 64 * WPP).expect("launch");
+    assert_eq!((r.faults, r.submissions, r.pages_in), (0, 1, 0));
+    assert_eq!(out.read_word(64 * WPP - 1), (64 * WPP - 1) as u32);
+    assert_eq!(m.stats().prefetched, 128);
+    assert!(matches!(
+        m.prefetch(
+            VaRange::from_start_len(VirtAddr(0xffff_8000_0000_0000), 4096).expect("range"),
+            false
+        ),
+        Err(MirrorError::Range(_))
+    ));
+}
+
+/// Read-mostly duplication: two devices keep read-only copies of the same
+/// pages side by side (neither read disturbs the other), until one writes.
+pub fn read_mostly_duplication<B: TestKernels>(b1: B, b2: B) {
+    let host = Arc::new(HostSpace::new().expect("host"));
+    let m1 = Mirror::new(Arc::clone(&host), b1, small_cfg()).expect("mirror 1");
+    let m2 = Mirror::new(Arc::clone(&host), b2, small_cfg()).expect("mirror 2");
+    let src = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|_| 8);
+    for m in [&m1, &m2] {
+        m.advise(src.range(), Advice::ReadMostly);
+    }
+    // Separate outputs: a shared one would be written by both devices,
+    // and each write rightly collapses the other's copy of it.
+    let out1 = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    let out2 = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m1, src.addr(), &out1, 4 * WPP).expect("m1 read");
+    device_copy(&m2, src.addr(), &out2, 4 * WPP).expect("m2 read");
+    let again = device_copy(&m1, src.addr(), &out1, 4 * WPP).expect("m1 re-read");
+    assert_eq!(
+        again.faults, 0,
+        "m1's copy survived m2's read: duplicated, not migrated"
+    );
+    assert_eq!(out2.read_word(5), 8);
+    let inc = m2
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    m2.launch(&inc, (4 * WPP) as u32, &[src.addr()])
+        .expect("m2 write");
+    device_copy(&m1, src.addr(), &out1, 4 * WPP).expect("m1 read after write");
+    assert_eq!(out1.read_word(5), 9, "the write collapsed m1's copy");
+}
+
 /// Expands to one `#[test]` per conformance scenario for the backend
 /// built by `$make` (an expression evaluated once per test).
 #[macro_export]
@@ -798,10 +871,15 @@ macro_rules! conformance_tests {
             file_write, anon_read_multiple, anon_teardown, mixedmap, snapshot,
             eviction_under_a_small_pool, zero_page_pool, dirty_pages_survive_eviction,
             linked_list, pinning_hazard_is_real, teardown_with_live_regions,
-            concurrent_launches_and_invalidations);
+            concurrent_launches_and_invalidations, accessed_bits_feed_young,
+            prefetch_replaces_faults);
         #[test]
         fn double_map() {
             $crate::mirror::conformance::double_map($make, $make);
+        }
+        #[test]
+        fn read_mostly_duplication() {
+            $crate::mirror::conformance::read_mostly_duplication($make, $make);
         }
     };
     (@each $make:expr; $($name:ident),*) => {

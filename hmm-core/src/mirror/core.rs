@@ -604,6 +604,17 @@ impl<B: Backend> Mirror<B> {
     /// Services validated faults in batches; returns pages copied in.
     fn service(&self, pf: &mut [PageFault]) -> Result<u64, MirrorError> {
         let mut pages_in = 0;
+        // One entry per page before batching: many invocations fault on the
+        // same page, and a page must be serviced once, not once per batch.
+        let mut pf = pf.to_vec();
+        pf.sort_unstable_by_key(|f| (f.page, !f.write));
+        pf.dedup_by(|later, kept| {
+            let same = later.page == kept.page;
+            if same {
+                kept.write |= later.write;
+            }
+            same
+        });
         for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
             Counters::add(&self.inner.counters.fault_batches, 1);
             let mut runs = Vec::new();
@@ -638,7 +649,13 @@ impl<B: Backend> Mirror<B> {
         let mut at = run.range.start();
         while at < run.range.end() {
             let (region_range, sub_ref) = self.region_for(at, run.write)?;
-            let end = region_range.end().min(run.range.end());
+            // One commit must fit the pool with room to evict: cap a piece
+            // at half the pool (at least one page).
+            let cap = u64::from((self.inner.cfg.pool_slots / 2).max(1)) * PAGE_SIZE;
+            let end = region_range
+                .end()
+                .min(run.range.end())
+                .min(VirtAddr(at.0.saturating_add(cap)));
             let piece = VaRange::new(at, end)?;
             pages_in += self.service_piece(
                 &sub_ref,
@@ -795,6 +812,18 @@ impl<B: Backend> Mirror<B> {
         first_addr: VirtAddr,
     ) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
+        {
+            // Already resident with the access needed (another run of this
+            // launch got there first): nothing to do, and no populate —
+            // which would count as a CPU write at the next sync point.
+            let dev = relock(&inner.dev);
+            if piece
+                .page_addrs()
+                .all(|va| dev.table.lookup(va).is_some_and(|p| p.writable() || !write))
+            {
+                return Ok(0);
+            }
+        }
         let multi = inner.host.mirrors_attached() > 1;
         if write && multi {
             // Single writer: drop every other device's copy first (ours are
@@ -874,6 +903,11 @@ impl<B: Backend> Mirror<B> {
             }
         }
         if todo.is_empty() {
+            if write {
+                // The snapshot populated for write; see below.
+                let pages: Vec<VirtAddr> = piece.page_addrs().collect();
+                let _ = inner.host.rearm_after_writeback(&pages);
+            }
             return Ok(Attempt::Done(0));
         }
         // Slots (evicting if needed).
@@ -947,6 +981,10 @@ impl<B: Backend> Mirror<B> {
             }
         }
         inner.backend.write_ptes(&writes)?;
+        // Populating for write resolved the pages' write protection, which
+        // the next sync point would report as CPU writes; the device copy
+        // equals the CPU page now, so protect them again.
+        let _ = inner.host.rearm_after_writeback(&addrs);
         Counters::add(&inner.counters.pages_in, todo.len() as u64);
         Ok(Attempt::Done(todo.len() as u64))
     }

@@ -1,4 +1,109 @@
-//! The device side: a device's mirror of an address space.
+//! The device side: a device's mirror of a process address space.
+//!
+//! A [`Mirror`] joins a [`crate::cpu::host::HostSpace`] (the CPU side:
+//! notifier registry, mappings, kernel events) to a [`backend::Backend`]
+//! (a device: pool memory, a page table in the [`format`](mod@format) layout, kernel
+//! launches). The user never registers memory: kernels take plain CPU
+//! pointers, and the mirror maps what they touch when they touch it.
+//!
+//! # A launch, step by step ([`Mirror::launch`])
+//!
+//! 1. **Sync point (start).** CPU writes to mirrored pages since the last
+//!    sync point (`WP_ASYNC` + `PAGEMAP_SCAN`, see `cpu::write_track`)
+//!    become `CpuWrite` invalidations of exactly those pages, so the device
+//!    never reads a copy older than the CPU's data at launch.
+//! 2. **Submit** every invocation. An invocation that touches an address
+//!    whose device page-table entry is missing (or read-only, for a write)
+//!    stops and leaves a fault record.
+//! 3. **Fault service.** Records are validated ([`faults`]: a device may
+//!    write garbage), taken in batches of 256, sorted, deduplicated and
+//!    coalesced into runs. For each run: find the region covering it or
+//!    register one around the first page — the largest of 2 MiB / 64 KiB /
+//!    4 KiB that is aligned, inside the CPU mapping and overlaps no region
+//!    (`drm_gpusvm`'s rule) — with an interval notifier and a kernel-event
+//!    watch; then `read_begin` → `range_fault` → take the driver lock →
+//!    `read_retry` → copy the pages into pool slots (evicting by CLOCK over
+//!    accessed bits when the pool is full, dirty pages written back first)
+//!    → write the entries. A bad address ends the launch with
+//!    [`MirrorError::DeviceFault`] naming the address, the access and why.
+//! 4. **Replay** only the invocations that faulted, until none does.
+//! 5. **Sync point (end).** Device-dirty pages are written back, so when
+//!    `launch` returns the CPU sees every device write.
+//!
+//! Launches on one mirror are serialised; several mirrors (devices) may
+//! share one host space.
+//!
+//! # The replay contract for kernel authors
+//!
+//! An invocation that faults is run again from its start after the fault
+//! is serviced, so it may run several times; only its last, fault-free run
+//! may have effects. Portable kernels therefore perform every access that
+//! may fault before any effect that must not be repeated — or keep their
+//! effects idempotent (plain stores of values computed from inputs the
+//! invocation does not itself modify). Atomics on mirrored memory belong
+//! after the last access that can fault. (The `cpu` driver is stricter than
+//! required: it buffers an invocation's plain stores and applies them only
+//! when the invocation completes.)
+//!
+//! # Invalidation (the region's notifier callback)
+//!
+//! Take the driver lock (a non-blockable invalidation gives up instead of
+//! waiting), wait for the in-flight submission (it may hold translations),
+//! record the sequence, then for the invalidated part: write device-dirty
+//! pages back if the CPU range still exists (not for unmap, remap or
+//! `MADV_DONTNEED`-style removal), zap the entries, free the slots. On
+//! unmap or remap the region is dead: its still-mapped remainder (the
+//! kernel merges neighbouring mappings into one VMA, so only part of a
+//! region may be gone) is written back and zapped too, and the region goes
+//! to the **deferred-release worker**, a thread fed by a
+//! `crossbeam-channel`, which removes the notifier with the blocking
+//! `remove` (never allowed inside a callback) once no walker can see it.
+//! Invalidations this mirror caused itself (owner tag) are skipped.
+//!
+//! # Write-back never overwrites CPU data it did not change
+//!
+//! Copies are page-granular, but the CPU may write other bytes of a page
+//! while the device holds a writable copy (heap pages share cache lines
+//! with allocator metadata and other objects). Every page mapped writable
+//! keeps a *twin* — the bytes as the device received them — and write-back
+//! stores only the byte runs where the device copy differs from the twin
+//! (the twin/diff technique of software distributed shared memory,
+//! TreadMarks). Writes go through `process_vm_writev`, so a page the
+//! kernel already unmapped is skipped rather than faulted on, and each runs
+//! under the driver lock with the region's entries still present, i.e.
+//! before any invalidation callback for those pages has run.
+//!
+//! **Residual window, stated honestly:** userfaultfd reports an unmap only
+//! after it happened, and the unmapping thread resumes when the event is
+//! read. Between the kernel's unmap and our reading of the event, another
+//! thread could map new memory at the same address; a write-back in that
+//! window (which needs a launch that is still writing memory the
+//! application is freeing — a use-after-free in the application) could
+//! land there. The unmapping thread itself cannot: it is blocked until the
+//! event is read, and the invalidation starts immediately after.
+//!
+//! # Coherence between devices
+//!
+//! With one mirror, read faults map writable when the CPU page is, saving
+//! upgrade faults. With several, read faults map read-only and a write
+//! fault first invalidates the range in every other mirror (`Migrate`,
+//! owner-tagged so the writer skips its own callback; the others write
+//! dirty data back first): one writer or many readers per page.
+//! [`Advice::ReadMostly`] keeps read faults read-only even for one mirror.
+//! A new mirror collapses the writable copies of those already attached.
+//!
+//! # Guarantees
+//!
+//! - The device never commits a translation from a snapshot an invalidation
+//!   overtook (sequence protocol; model-checked in `tests/loom.rs`).
+//! - A mirrored page is valid as of the last sync point; `mprotect`, swap
+//!   and KSM produce no event (invalidate explicitly after `mprotect`).
+//! - [`Mirror::pin`] is the baseline to compare against: no notifier at
+//!   all — the device keeps the pinned copy whatever the CPU does until
+//!   [`Mirror::unpin`] (`conformance::pinning_hazard_is_real` shows it).
+//!
+//! The generic [`conformance`] suite, including the port of the kernel's
+//! HMM selftests, is what every backend runs.
 
 pub mod backend;
 pub mod conformance;
