@@ -667,10 +667,17 @@ fn a_panicking_callback_leaves_the_space_usable() {
     }
     let space = AddressSpace::new();
     let boom = space.insert(r(0x1000, 0x2000), Boom).unwrap();
+    let (neighbour, rn) = sub(&space, r(0x1000, 0x3000));
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         space.invalidate(r(0x1000, 0x2000), EventKind::Clear);
     }));
-    assert!(res.is_err());
+    assert!(res.is_err(), "the panic reaches the invalidating thread");
+    assert_eq!(
+        rn.calls(),
+        1,
+        "the other overlapping subscription was still told"
+    );
+    drop(neighbour);
     assert_eq!(space.current_seq() % 2, 0, "the walk was ended on unwind");
     boom.remove().unwrap();
     let (_a, ra) = sub(&space, r(0x1000, 0x2000));

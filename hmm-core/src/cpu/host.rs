@@ -55,12 +55,20 @@ struct Sink {
 
 impl InvalidationSink for Sink {
     fn invalidate(&self, range: VaRange, kind: EventKind) {
-        // First: the invalidation (sequence advance + callbacks).
-        self.space.invalidate(range, kind);
+        // First: the invalidation (sequence advance + callbacks). A callback
+        // that panics must not leave the cache believing in a mapping the
+        // kernel removed: finish the bookkeeping, then let the monitor see
+        // the panic (it counts it and carries on).
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.space.invalidate(range, kind)
+        }));
         // Then the bookkeeping. REMOVE discards pages, the mapping stays.
         if matches!(kind, EventKind::Unmap | EventKind::Remap | EventKind::Clear) {
             self.maps.untrust(range);
             self.maps.invalidate(range);
+        }
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
         }
     }
 
@@ -93,6 +101,11 @@ pub struct HostSpace {
     source: EventSource,
     /// Device mirrors attached (coherence between devices needs to know).
     mirrors: std::sync::atomic::AtomicUsize,
+    /// Every `watch` not yet matched by an `unwatch` (a multiset: regions
+    /// of several mirrors may watch the same or overlapping ranges). The
+    /// kernel registration of a page is dropped only when no entry covers
+    /// it any more.
+    watches: std::sync::Mutex<Vec<VaRange>>,
 }
 
 impl std::fmt::Debug for HostSpace {
@@ -148,6 +161,7 @@ impl HostSpace {
             faulter,
             source,
             mirrors: std::sync::atomic::AtomicUsize::new(0),
+            watches: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -209,6 +223,10 @@ impl HostSpace {
     pub fn watch(&self, range: VaRange) -> Result<(), HostError> {
         if let Some(m) = &self.monitor {
             m.watch(range)?;
+            self.watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(range);
             if let Some(t) = &self.tracker {
                 t.arm(range)?;
             }
@@ -221,9 +239,38 @@ impl HostSpace {
 
     /// Stops watching `range`.
     pub fn unwatch(&self, range: VaRange) -> Result<(), HostError> {
-        self.maps.untrust(range);
-        if let Some(m) = &self.monitor {
-            m.unwatch(range)?;
+        let Some(m) = &self.monitor else {
+            return Ok(());
+        };
+        // Drop one matching watch, then unregister only the parts of
+        // `range` no remaining watch covers.
+        let uncovered = {
+            let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = w.iter().position(|r| *r == range) {
+                w.swap_remove(i);
+            }
+            let mut covers: Vec<VaRange> = w.iter().filter_map(|r| r.intersect(range)).collect();
+            covers.sort();
+            let mut out = Vec::new();
+            let mut at = range.start();
+            for c in covers {
+                if c.start() > at {
+                    if let Ok(gap) = VaRange::new(at, c.start()) {
+                        out.push(gap);
+                    }
+                }
+                at = at.max(c.end());
+            }
+            if at < range.end() {
+                if let Ok(gap) = VaRange::new(at, range.end()) {
+                    out.push(gap);
+                }
+            }
+            out
+        };
+        for piece in uncovered {
+            self.maps.untrust(piece);
+            m.unwatch(piece)?;
         }
         Ok(())
     }

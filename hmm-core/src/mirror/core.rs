@@ -328,10 +328,31 @@ impl<B: Backend> Inner<B> {
                 t.copy_from_slice(&staging[i * PAGE..(i + 1) * PAGE]);
             }
         }
-        let written = touched;
-        // Our own write is not a CPU write: keep the sync point from
-        // dropping the device copies it just made equal.
+        // Our own write is not a CPU write: re-protect the pages so the next
+        // sync point does not drop the copies it just made equal — but only
+        // where the CPU page now equals the device copy. If the CPU wrote
+        // other bytes of the page during the launch, leave it reported:
+        // the next sync point must drop the (now stale) device copy.
+        let mut idx: Vec<usize> = Vec::new();
+        for (i, (va, _)) in dirty.iter().enumerate() {
+            if touched.contains(va) {
+                idx.push(i);
+            }
+        }
+        let mut verify = vec![0u8; idx.len() * PAGE];
+        let mut vok = Vec::new();
+        let check: Vec<VirtAddr> = idx.iter().map(|&i| dirty[i].0).collect();
+        hostcopy::read_pages(&check, &mut verify, &mut vok);
+        let written: Vec<VirtAddr> = idx
+            .iter()
+            .enumerate()
+            .filter(|(k, &i)| {
+                vok[*k] && verify[k * PAGE..(k + 1) * PAGE] == staging[i * PAGE..(i + 1) * PAGE]
+            })
+            .map(|(_, &i)| dirty[i].0)
+            .collect();
         let _ = self.host.rearm_after_writeback(&written);
+        let written = check;
         let n = written.len() as u64;
         Counters::add(&self.counters.pages_out, n);
         n
@@ -354,6 +375,27 @@ impl<B: Backend> Inner<B> {
             self.backend.read_ptes(&locs, &mut old)
         };
         r.is_ok() && old.iter().any(|p| p.accessed())
+    }
+
+    /// Undoes a partial install of `todo` into `slots`: zaps (without
+    /// write-back: nothing ran on them) the pages of this attempt that got
+    /// mapped, frees the fresh slots that did not, drops their twins.
+    /// Pages that were already mapped read-only (upgrades) are zapped too,
+    /// which is merely conservative.
+    fn undo_install(&self, dev: &mut Dev<B>, todo: &[(VirtAddr, bool)], slots: &[PoolSlot]) {
+        for ((va, _), s) in todo.iter().zip(slots) {
+            match dev.table.lookup(*va) {
+                Some(p) if p.slot() == *s => {
+                    if let Ok(page) = VaRange::from_start_len(*va, PAGE_SIZE) {
+                        self.zap(dev, page, false);
+                    }
+                }
+                _ => {
+                    dev.twins.remove(s);
+                    dev.pool.free(*s);
+                }
+            }
+        }
     }
 
     /// A free slot for `va`, evicting if the pool is full.
@@ -483,9 +525,13 @@ impl<B: Backend> Mirror<B> {
             .space()
             .register_notifier(std::sync::Arc::new(Young(Arc::downgrade(&inner))))
             .ok();
+        // Count ourselves first, so no other mirror maps writable in the gap
+        // between the collapse below and our attach.
+        let earlier = host.mirrors_attached();
+        host.attach_mirror();
         // A new device must not leave another device's writable copies
         // unseen: collapse them (our own callbacks skip owner-tagged ones).
-        if host.mirrors_attached() > 0 {
+        if earlier > 0 {
             if let Ok(g) = host.space().invalidate_start(
                 NotifierRange::new(VaRange::everything(), EventKind::Migrate)
                     .with_owner(inner.owner),
@@ -493,7 +539,6 @@ impl<B: Backend> Mirror<B> {
                 drop(g);
             }
         }
-        host.attach_mirror();
         Ok(Mirror {
             inner,
             worker: Some(worker),
@@ -540,6 +585,22 @@ impl<B: Backend> Mirror<B> {
             cpu_written_pages: inner.host.sync_point()?,
             ..LaunchReport::default()
         };
+        let res = self.launch_rounds(kernel, n, args, &mut report);
+        // Whatever happened, invocations that completed may have left dirty
+        // pages: the CPU must see them (and a later sync point must not
+        // mistake them for stale copies).
+        report.pages_out = self.write_back_all();
+        res.map(|()| report)
+    }
+
+    fn launch_rounds(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: &[u64],
+        report: &mut LaunchReport,
+    ) -> Result<(), MirrorError> {
+        let inner = &*self.inner;
         let mut replay: Vec<u32> = Vec::new();
         let mut first = true;
         let mut replays = 0u32;
@@ -568,6 +629,24 @@ impl<B: Backend> Mirror<B> {
             if replays >= inner.cfg.max_replays {
                 return Err(MirrorError::NoProgress { replays });
             }
+            // Replay only invocations that were submitted in this round: a
+            // device reporting others (garbage) must not make us run
+            // invocations twice or outside 0..n.
+            let before = outcome.incomplete.len();
+            outcome.incomplete.sort_unstable();
+            outcome.incomplete.dedup();
+            if first {
+                outcome.incomplete.retain(|&i| i < n);
+            } else {
+                outcome
+                    .incomplete
+                    .retain(|i| replay.binary_search(i).is_ok());
+            }
+            let bogus_ids = (before - outcome.incomplete.len()) as u64;
+            Counters::add(&inner.counters.garbage_faults, bogus_ids);
+            if outcome.incomplete.is_empty() {
+                break;
+            }
             let mut pf = Vec::new();
             let garbage = faults::validate(&outcome.faults, &mut outcome.incomplete, &mut pf);
             Counters::add(&inner.counters.garbage_faults, garbage);
@@ -585,8 +664,7 @@ impl<B: Backend> Mirror<B> {
             replays += 1;
             Counters::add(&inner.counters.replays, 1);
         }
-        report.pages_out = self.write_back_all();
-        Ok(report)
+        Ok(())
     }
 
     /// Writes every device-dirty page back (the end-of-launch sync point).
@@ -645,8 +723,17 @@ impl<B: Backend> Mirror<B> {
     /// Services one run: splits it at region boundaries (creating regions
     /// for pages no region covers) and runs the fault loop on each piece.
     fn service_run(&self, run: Run) -> Result<u64, MirrorError> {
+        if run.range.end().0 > crate::addr::USER_VA_END {
+            // Kernel half (or a wild pointer): nothing can be mapped there.
+            return Err(MirrorError::DeviceFault {
+                addr: run.first_addr,
+                write: run.write,
+                reason: AccessError::Unmapped,
+            });
+        }
         let mut pages_in = 0;
         let mut at = run.range.start();
+        let mut released = 0;
         while at < run.range.end() {
             let (region_range, sub_ref) = self.region_for(at, run.write)?;
             // One commit must fit the pool with room to evict: cap a piece
@@ -657,17 +744,21 @@ impl<B: Backend> Mirror<B> {
                 .min(run.range.end())
                 .min(VirtAddr(at.0.saturating_add(cap)));
             let piece = VaRange::new(at, end)?;
-            pages_in += self.service_piece(
-                &sub_ref,
-                piece,
-                run.write,
-                if at == run.range.start() {
-                    run.first_addr
-                } else {
-                    at
-                },
-            )?;
-            at = end;
+            let first = if at == run.range.start() {
+                run.first_addr
+            } else {
+                at
+            };
+            match self.service_piece(&sub_ref, piece, run.write, first) {
+                Ok(n) => {
+                    pages_in += n;
+                    at = end;
+                }
+                // The region died under us: find (or make) the one that
+                // covers `at` now. Bounded, like every retry here.
+                Err(MirrorError::RegionReleased { .. }) if released < 8 => released += 1,
+                Err(e) => return Err(e),
+            }
         }
         Ok(pages_in)
     }
@@ -825,7 +916,11 @@ impl<B: Backend> Mirror<B> {
             }
         }
         let multi = inner.host.mirrors_attached() > 1;
-        if write && multi {
+        let read_mostly = relock(&inner.dev)
+            .read_mostly
+            .iter()
+            .any(|r| r.overlaps(piece));
+        if multi && (write || !read_mostly) {
             // Single writer: drop every other device's copy first (ours are
             // skipped by owner tag). They write back dirty data on Migrate.
             if let Ok(g) = inner.host.space().invalidate_start(
@@ -847,7 +942,7 @@ impl<B: Backend> Mirror<B> {
             flags,
             inner.cfg.retry_timeout,
             &mut st,
-            |seq, states| self.commit(sub.interval(), seq, piece, write, multi, states),
+            |seq, states| self.commit(sub.start, sub.interval(), seq, piece, write, multi, states),
         );
         Counters::add(&inner.counters.retries, st.busy + st.refused);
         match res {
@@ -867,8 +962,10 @@ impl<B: Backend> Mirror<B> {
 
     /// Under the driver lock: check the sequence, copy the pages in, map
     /// them. Returns pages copied.
+    #[allow(clippy::too_many_arguments)]
     fn commit(
         &self,
+        region_start: u64,
         interval: &Interval,
         seq: Seq,
         piece: VaRange,
@@ -881,13 +978,23 @@ impl<B: Backend> Mirror<B> {
         if interval.read_retry(seq) {
             return Ok(Attempt::Retry);
         }
+        // A region that died (and may already be released: then no
+        // invalidation can reach it and read_retry stays quiet) must not
+        // get new entries.
+        if dev.regions.get(&region_start).is_none_or(|r| r.dead) {
+            return Err(MirrorError::RegionReleased {
+                addr: piece.start(),
+            });
+        }
         let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(piece));
         // Pages to install: not mapped, or mapped read-only but wanted for write.
         let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
         for (va, st) in piece.page_addrs().zip(states) {
             let cpu_writable = match st {
                 PageState::Valid { writable } => *writable,
-                PageState::Zero => true,
+                // Reads as zeros; its mapping may be read-only, and a write
+                // fault will upgrade it (with the permission check).
+                PageState::Zero => false,
                 // After a fault request every page is present or an error
                 // was returned; anything else means it vanished: retry.
                 _ => return Ok(Attempt::Retry),
@@ -940,18 +1047,12 @@ impl<B: Backend> Mirror<B> {
         }
         // Copy in through a staging buffer that survives vanished pages.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
-        let Dev {
-            staging, ok, twins, ..
-        } = &mut *dev;
+        let Dev { staging, ok, .. } = &mut *dev;
         staging.resize(addrs.len() * PAGE, 0);
         hostcopy::read_pages(&addrs, staging, ok);
         if ok.iter().any(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
-            for (s, va) in slots.iter().zip(&addrs) {
-                if dev.table.lookup(*va).is_none() {
-                    dev.pool.free(*s);
-                }
-            }
+            inner.undo_install(&mut dev, &todo, &slots);
             return Ok(Attempt::Retry);
         }
         let batch: Vec<HostToDevice> = slots
@@ -967,20 +1068,33 @@ impl<B: Backend> Mirror<B> {
         // allocated or belong to pages being upgraded, which no device work
         // uses (launches are serialised and none is in flight during fault
         // service).
-        unsafe { inner.backend.copy_to_device(&batch)? };
+        if let Err(e) = unsafe { inner.backend.copy_to_device(&batch) } {
+            inner.undo_install(&mut dev, &todo, &slots);
+            return Err(e.into());
+        }
+        let Dev { staging, twins, .. } = &mut *dev;
         for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
             if *writable {
                 twins.insert(*s, staging[i * PAGE..(i + 1) * PAGE].into());
             }
         }
         let mut writes: Vec<PteWrite> = Vec::new();
+        let mut failed = None;
         for ((va, writable), s) in todo.iter().zip(&slots) {
             if let Err(e) = dev.table.map(*va, Pte::leaf(*s, *writable), &mut writes) {
-                let _ = inner.backend.write_ptes(&writes);
-                return Err(e.into());
+                failed = Some(MirrorError::from(e));
+                break;
             }
         }
-        inner.backend.write_ptes(&writes)?;
+        if let Err(e) = inner.backend.write_ptes(&writes) {
+            failed.get_or_insert(e.into());
+        }
+        if let Some(e) = failed {
+            // Leave nothing half-installed: unmap what was mapped, free the
+            // slots and twins this attempt took.
+            inner.undo_install(&mut dev, &todo, &slots);
+            return Err(e);
+        }
         // Populating for write resolved the pages' write protection, which
         // the next sync point would report as CPU writes; the device copy
         // equals the CPU page now, so protect them again.
@@ -1018,17 +1132,25 @@ impl<B: Backend> Mirror<B> {
         let locked = unsafe { libc::mlock(range.start().as_mut_ptr(), range.len() as usize) } == 0;
         let mut dev = relock(&inner.dev);
         let free = dev.pool.capacity() - dev.pool.used();
-        if u64::from(free) < range.pages()
-            && dev.pool.capacity() as u64 - dev.pinned_slots.len() as u64 >= range.pages()
-        {
-            // Evict unpinned pages to make room.
-            let keep = HashSet::new();
-            while u64::from(dev.pool.capacity() - dev.pool.used()) < range.pages() {
-                let s = inner.alloc_slot(&mut dev, range.start(), &keep)?;
-                dev.pool.free(s);
-                if dev.pool.capacity() - dev.pool.used() == 0 {
-                    break;
+        if u64::from(free) < range.pages() {
+            // Evict unpinned pages until enough slots are free: hold the
+            // slots gained (alloc_slot evicts only when none is free), then
+            // release them together.
+            let mut held = Vec::new();
+            let mut keep = HashSet::new();
+            while u64::from(dev.pool.capacity() - dev.pool.used()) + (held.len() as u64)
+                < range.pages()
+            {
+                match inner.alloc_slot(&mut dev, range.start(), &keep) {
+                    Ok(s) => {
+                        keep.insert(s);
+                        held.push(s);
+                    }
+                    Err(_) => break,
                 }
+            }
+            for s in held {
+                dev.pool.free(s);
             }
         }
         if u64::from(dev.pool.capacity() - dev.pool.used()) < range.pages() {

@@ -95,6 +95,14 @@ pub enum MirrorError {
         /// Attempts made.
         attempts: u64,
     },
+    /// The region being serviced died (unmapped) and was released while
+    /// the fault was in flight. The fault service retries with a fresh
+    /// region; users see it only if that keeps happening.
+    #[error("the region at {addr} kept being released during fault service")]
+    RegionReleased {
+        /// Address being serviced.
+        addr: VirtAddr,
+    },
     /// The mirror's configuration is unusable.
     #[error("bad mirror configuration: {0}")]
     Config(String),

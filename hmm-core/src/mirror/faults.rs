@@ -60,6 +60,7 @@ pub fn validate(
             continue;
         }
         let addr = VirtAddr(r.addr());
+
         out.push(PageFault {
             page: addr.page_down(),
             addr,
@@ -82,7 +83,9 @@ pub fn coalesce(batch: &mut [PageFault], runs: &mut Vec<Run>) {
             write |= batch[i].write;
             i += 1;
         }
-        let end = page.0 + PAGE_SIZE;
+        // The last page of the 64-bit space has no end address; a device
+        // may report it (garbage or a wild pointer): end the run at the top.
+        let end = page.0.saturating_add(PAGE_SIZE);
         match runs.last_mut() {
             Some(r) if r.range.end() == page && r.write == write => {
                 // Extending a run cannot overflow: `end` was computed above
@@ -135,6 +138,17 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].page, VirtAddr(0x4000_0000_1000));
         assert!(out[1].write);
+    }
+
+    #[test]
+    fn the_top_page_does_not_overflow() {
+        let mut inc = vec![0];
+        let mut out = Vec::new();
+        validate(&[rec(0, u64::MAX - 3, FAULT_WRITE)], &mut inc, &mut out);
+        let mut runs = Vec::new();
+        coalesce(&mut out, &mut runs);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].first_addr, VirtAddr(u64::MAX - 3));
     }
 
     #[test]

@@ -555,11 +555,24 @@ impl AddressSpace {
         if let Some(tree) = tree {
             count(&sh.counters.invalidations_hit);
             let _frame = CallbackFrame::enter(sh.id);
+            let mut panicked = None;
             for (_, _, _, sub) in
                 tree.overlapping(range.range.start().get(), range.range.end().get())
             {
                 count(&sh.counters.callbacks);
-                if !sub.invalidate(&range, Seq(cur)) {
+                // A panicking callback must not keep the others from being
+                // told (their devices would keep stale copies): finish the
+                // walk, then re-raise the first panic; `walk_end` ends the
+                // walk as it unwinds.
+                let call = std::panic::AssertUnwindSafe(|| sub.invalidate(&range, Seq(cur)));
+                let ok = match std::panic::catch_unwind(call) {
+                    Ok(ok) => ok,
+                    Err(p) => {
+                        panicked.get_or_insert(p);
+                        true
+                    }
+                };
+                if !ok {
                     if range.blockable {
                         count(&sh.counters.contract_violations);
                         continue;
@@ -568,6 +581,10 @@ impl AddressSpace {
                     // `tree` and `_frame` drop before `walk_end` ends the walk.
                     return Err(NotifierError::WouldBlock { range: range.range });
                 }
+            }
+            if let Some(p) = panicked {
+                drop(tree);
+                std::panic::resume_unwind(p);
             }
         }
         let failed_at = {
