@@ -1,6 +1,6 @@
 //! [`Mirror`]: one device's view of a process address space.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,6 +29,12 @@ use crate::notifier::{
 use crate::sync::Arc;
 
 const PAGE: usize = PAGE_SIZE as usize;
+
+/// Pages moved per copy batch. Staging buffers are allocated once at this
+/// size and never grow: invalidation callbacks must not free heap memory
+/// other threads allocated (see `twins`), and a buffer that never grows is
+/// never reallocated.
+const STAGE_PAGES: usize = 512;
 
 /// How a mirror is sized and behaves.
 #[derive(Clone, Debug)]
@@ -116,7 +122,9 @@ struct Dev<B: Backend> {
     /// changed relative to it (the twin/diff technique of software DSM,
     /// e.g. TreadMarks), so CPU writes to other bytes of the same page made
     /// during a launch are never overwritten with stale data.
-    twins: HashMap<PoolSlot, Box<[u8]>>,
+    twins: super::twins::Twins,
+    /// Scratch for write-back verification (preallocated, never grows).
+    verify: Vec<u8>,
 }
 
 pub(crate) struct Inner<B: Backend> {
@@ -248,7 +256,7 @@ impl<B: Backend> Inner<B> {
         dev.table.unmap_range(r, &mut writes, &mut removed);
         let _ = self.backend.write_ptes(&writes);
         for (_, pte) in removed {
-            dev.twins.remove(&pte.slot());
+            dev.twins.remove(pte.slot());
             if !dev.pinned_slots.contains(&pte.slot()) {
                 dev.pool.free(pte.slot());
             }
@@ -264,6 +272,14 @@ impl<B: Backend> Inner<B> {
     /// `process_vm_writev`, so a page the kernel already unmapped (an
     /// `UNMAP` event not yet read) is skipped, not written.
     fn write_back(&self, dev: &mut Dev<B>, pages: &[(VirtAddr, Pte)]) -> u64 {
+        pages
+            .chunks(STAGE_PAGES)
+            .map(|c| self.write_back_chunk(dev, c))
+            .sum()
+    }
+
+    /// [`Inner::write_back`] for at most `STAGE_PAGES` pages.
+    fn write_back_chunk(&self, dev: &mut Dev<B>, pages: &[(VirtAddr, Pte)]) -> u64 {
         let cand: Vec<(VirtAddr, PteLoc)> = pages
             .iter()
             .filter(|(_, p)| p.writable())
@@ -286,8 +302,12 @@ impl<B: Backend> Inner<B> {
         if dirty.is_empty() {
             return 0;
         }
-        let Dev { staging, twins, .. } = dev;
-        staging.resize(dirty.len() * PAGE, 0);
+        let Dev {
+            staging,
+            twins,
+            verify,
+            ..
+        } = dev;
         let batch: Vec<DeviceToHost> = dirty
             .iter()
             .enumerate()
@@ -310,7 +330,7 @@ impl<B: Backend> Inner<B> {
         for (i, (va, slot)) in dirty.iter().enumerate() {
             let page = &staging[i * PAGE..(i + 1) * PAGE];
             diff.clear();
-            match twins.get(slot) {
+            match twins.get(*slot) {
                 Some(t) => hostcopy::diff_runs(t, page, &mut diff),
                 // No twin (pinned pages): the whole page.
                 None => diff.push((0, PAGE)),
@@ -324,8 +344,8 @@ impl<B: Backend> Inner<B> {
         }
         hostcopy::write_runs(&runs);
         for (i, (_, slot)) in dirty.iter().enumerate() {
-            if let Some(t) = twins.get_mut(slot) {
-                t.copy_from_slice(&staging[i * PAGE..(i + 1) * PAGE]);
+            if twins.get(*slot).is_some() {
+                twins.set(*slot, &staging[i * PAGE..(i + 1) * PAGE]);
             }
         }
         // Our own write is not a CPU write: re-protect the pages so the next
@@ -339,10 +359,9 @@ impl<B: Backend> Inner<B> {
                 idx.push(i);
             }
         }
-        let mut verify = vec![0u8; idx.len() * PAGE];
         let mut vok = Vec::new();
         let check: Vec<VirtAddr> = idx.iter().map(|&i| dirty[i].0).collect();
-        hostcopy::read_pages(&check, &mut verify, &mut vok);
+        hostcopy::read_pages(&check, verify, &mut vok);
         let written: Vec<VirtAddr> = idx
             .iter()
             .enumerate()
@@ -391,7 +410,7 @@ impl<B: Backend> Inner<B> {
                     }
                 }
                 _ => {
-                    dev.twins.remove(s);
+                    dev.twins.remove(*s);
                     dev.pool.free(*s);
                 }
             }
@@ -507,9 +526,12 @@ impl<B: Backend> Mirror<B> {
                 pinned_slots: HashSet::new(),
                 read_mostly: Vec::new(),
                 inflight: None,
-                staging: Vec::new(),
-                ok: Vec::new(),
-                twins: HashMap::new(),
+                staging: vec![0; STAGE_PAGES * PAGE],
+                ok: Vec::with_capacity(STAGE_PAGES),
+                twins: super::twins::Twins::new(cfg.pool_slots).ok_or_else(|| {
+                    MirrorError::Config("cannot reserve address space for twin pages".into())
+                })?,
+                verify: vec![0; STAGE_PAGES * PAGE],
             }),
             launch: Mutex::new(()),
             counters: Counters::default(),
@@ -738,7 +760,8 @@ impl<B: Backend> Mirror<B> {
             let (region_range, sub_ref) = self.region_for(at, run.write)?;
             // One commit must fit the pool with room to evict: cap a piece
             // at half the pool (at least one page).
-            let cap = u64::from((self.inner.cfg.pool_slots / 2).max(1)) * PAGE_SIZE;
+            let cap = (u64::from(self.inner.cfg.pool_slots / 2).min(STAGE_PAGES as u64)).max(1)
+                * PAGE_SIZE;
             let end = region_range
                 .end()
                 .min(run.range.end())
@@ -1048,7 +1071,6 @@ impl<B: Backend> Mirror<B> {
         // Copy in through a staging buffer that survives vanished pages.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
         let Dev { staging, ok, .. } = &mut *dev;
-        staging.resize(addrs.len() * PAGE, 0);
         hostcopy::read_pages(&addrs, staging, ok);
         if ok.iter().any(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
@@ -1075,7 +1097,7 @@ impl<B: Backend> Mirror<B> {
         let Dev { staging, twins, .. } = &mut *dev;
         for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
             if *writable {
-                twins.insert(*s, staging[i * PAGE..(i + 1) * PAGE].into());
+                twins.set(*s, &staging[i * PAGE..(i + 1) * PAGE]);
             }
         }
         let mut writes: Vec<PteWrite> = Vec::new();
@@ -1180,20 +1202,21 @@ impl<B: Backend> Mirror<B> {
             dev.pinned_slots.insert(s);
             slots.push(s);
         }
-        let Dev { staging, ok, .. } = &mut *dev;
-        staging.resize(addrs.len() * PAGE, 0);
-        hostcopy::read_pages(&addrs, staging, ok);
-        let batch: Vec<HostToDevice> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| HostToDevice {
-                slot: *s,
-                src: staging[i * PAGE..].as_ptr(),
-            })
-            .collect();
-        // SAFETY: as in `commit`: staging chunks alive for the call, slots
-        // fresh and unused by device work.
-        unsafe { inner.backend.copy_to_device(&batch)? };
+        for (addrs, slots) in addrs.chunks(STAGE_PAGES).zip(slots.chunks(STAGE_PAGES)) {
+            let Dev { staging, ok, .. } = &mut *dev;
+            hostcopy::read_pages(addrs, staging, ok);
+            let batch: Vec<HostToDevice> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| HostToDevice {
+                    slot: *s,
+                    src: staging[i * PAGE..].as_ptr(),
+                })
+                .collect();
+            // SAFETY: as in `commit`: staging chunks alive for the call,
+            // slots fresh and unused by device work.
+            unsafe { inner.backend.copy_to_device(&batch)? };
+        }
         let mut writes = Vec::new();
         for ((va, s), st) in addrs.iter().zip(&slots).zip(&states) {
             let w = writable && st.is_writable();

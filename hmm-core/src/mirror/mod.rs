@@ -115,6 +115,7 @@ mod hostcopy;
 pub mod pagetable;
 pub mod pool;
 pub mod stats;
+mod twins;
 
 pub use self::core::{Advice, LaunchReport, Mirror, MirrorConfig, PinHandle};
 pub use error::{AccessError, MirrorError};
