@@ -1,6 +1,7 @@
 //! The device page-table format, shared by every driver and by the shader
 //! library (`shaders/PAGE_TABLE.md` describes the same layout for kernel
-//! authors; `shaders` tests check the WGSL constants against these).
+//! authors; the WGSL library of issue #5 is to be checked against these
+//! constants by a test).
 //!
 //! # Layout
 //!
