@@ -252,6 +252,7 @@ impl Chunk {
         let mut out = Results::default();
         let mut lane = Lane::new(&job.mem, &job.args);
         for i in self.start..self.end {
+            // Relaxed: a best-effort stop hint; the outcome is reported through the submission mutex.
             if job.cancel.load(Relaxed) {
                 out.lost = Some("device dropped with the launch in flight".into());
                 break;

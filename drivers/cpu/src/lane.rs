@@ -252,6 +252,7 @@ impl<'a> Lane<'a> {
         }
         let mut fault: Option<DeviceFault> = None;
         for p in self.buf.pages.values() {
+            // Acquire: pairs with the Release stores of `write_ptes`, so a mapped slot's copied-in data is visible.
             let pte = self.mem.tables[p.leaf].load(Acquire);
             let same = pte & VALID != 0 && pte >> INDEX_SHIFT == u64::from(p.slot);
             if same && pte & WRITABLE != 0 {
@@ -273,6 +274,7 @@ impl<'a> Lane<'a> {
         for (&w, p) in &self.buf.words {
             let word = &self.mem.pool[w];
             if p.mask == u32::MAX {
+                // Relaxed: pool words are only ever accessed atomically (no data race); ordering with the host comes from the launch channel and the submission mutex.
                 word.store(p.value, Relaxed);
             } else {
                 // Clear the written byte lanes' zero bits, then set their one
@@ -282,11 +284,13 @@ impl<'a> Lane<'a> {
                     word.fetch_and(!p.mask | p.value, Relaxed);
                 }
                 if p.value != 0 {
+                    // Relaxed: pool words are only ever accessed atomically (no data race); ordering with the host comes from the launch channel and the submission mutex.
                     word.fetch_or(p.value, Relaxed);
                 }
             }
         }
         for p in self.buf.pages.values() {
+            // Release: a host that sees DIRTY (AcqRel in clear_pte_bits) also sees the data stored before it.
             self.mem.tables[p.leaf].fetch_or(ACCESSED | DIRTY, Release);
         }
         self.buf.clear();
@@ -310,6 +314,7 @@ impl<'a> Lane<'a> {
         let vpn = va >> INDEX_SHIFT;
         let t = self.tlb[vpn as usize % TLB_ENTRIES];
         if t.tag == vpn.wrapping_add(1) {
+            // Acquire: pairs with the Release stores of `write_ptes`, so a mapped slot's copied-in data is visible.
             let pte = self.mem.tables[t.leaf].load(Acquire);
             if pte & VALID != 0 && pte >> INDEX_SHIFT == u64::from(t.slot) {
                 return self.check_leaf(va, pte, t.leaf, t.slot, access);
@@ -325,6 +330,7 @@ impl<'a> Lane<'a> {
         }
         let mut table = 0usize;
         for level in (2..=LEVELS).rev() {
+            // Acquire: pairs with the Release stores of `write_ptes`, so a mapped slot's copied-in data is visible.
             let e = self.mem.tables[table * ENTRIES + level_index(va, level)].load(Acquire);
             if e & VALID == 0 {
                 return Err(access.fault(va, FaultKind::NotPresent));
@@ -336,6 +342,7 @@ impl<'a> Lane<'a> {
             table = next as usize;
         }
         let leaf = table * ENTRIES + level_index(va, 1);
+        // Acquire: pairs with the Release stores of `write_ptes`, so a mapped slot's copied-in data is visible.
         let pte = self.mem.tables[leaf].load(Acquire);
         if pte & VALID == 0 {
             return Err(access.fault(va, FaultKind::NotPresent));
@@ -374,6 +381,7 @@ impl<'a> Lane<'a> {
 
     #[inline]
     fn load_word(&self, w: usize) -> u32 {
+        // Relaxed: pool words are only ever accessed atomically (no data race); ordering with the host comes from the launch channel and the submission mutex.
         let v = self.mem.pool[w].load(Relaxed);
         if self.buf.words.is_empty() {
             v
@@ -528,6 +536,7 @@ impl<'a> Lane<'a> {
         }
         let (base, leaf) = self.translate(va, Access::Atomic)?;
         let old = op(&self.mem.pool[base + (va as usize % PAGE) / 4]);
+        // Release: a host that sees DIRTY (AcqRel in clear_pte_bits) also sees the data stored before it.
         self.mem.tables[leaf].fetch_or(ACCESSED | DIRTY, Release);
         Ok(old)
     }

@@ -8,9 +8,13 @@
 //! as the event is *read*): it starts the invalidation, which advances the
 //! space sequence, runs every overlapping subscription's callback, and ends
 //! it; only then does it update the mapping cache. A device write-back to
-//! CPU memory must therefore re-check its sequence under the driver lock
-//! right before writing; a stale device copy can then never land on memory
-//! that was unmapped and mapped again.
+//! CPU memory must therefore re-check, under the driver lock right before
+//! writing, that no invalidation reached the pages (the mirror checks that
+//! their entries are still present). That closes the window for the
+//! unmapping thread itself, which stays blocked until its event is read.
+//! It cannot close it for *another* thread that maps new memory at the
+//! freed address before the event is read: userspace learns of an unmap
+//! only afterwards. `hmm_core::mirror` states what that leaves open.
 //!
 //! Sync points ([`HostSpace::sync_point`]) turn CPU writes to watched
 //! ranges into [`EventKind::CpuWrite`] invalidations of exactly the written

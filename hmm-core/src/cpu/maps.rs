@@ -418,6 +418,7 @@ impl MappingCache {
         let maps = parse_maps(&text)?;
         self.rereads.fetch_add(1, Ordering::Relaxed);
         st.map = maps.into_iter().map(|m| (m.range.start().0, m)).collect();
+        // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -428,10 +429,12 @@ impl MappingCache {
         let mut st = lock(&self.state);
         if st.is_trusted(addr.0) {
             if let Some(m) = st.find(addr.0) {
+                // Relaxed: a statistics counter; nothing is published through it.
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(m.clone()));
             }
         }
+        // Relaxed: a statistics counter; nothing is published through it.
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.reread(&mut st)?;
         Ok(st.find(addr.0).cloned())
@@ -449,6 +452,7 @@ impl MappingCache {
         let end = range.end().0;
         while cur < end {
             if !fresh && !st.is_trusted(cur) {
+                // Relaxed: a statistics counter; nothing is published through it.
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 self.reread(&mut st)?;
                 fresh = true;
@@ -467,12 +471,14 @@ impl MappingCache {
                     mapping: clip(m, piece),
                 });
                 if !fresh {
+                    // Relaxed: a statistics counter; nothing is published through it.
                     self.hits.fetch_add(1, Ordering::Relaxed);
                 }
                 cur = piece_end;
                 continue;
             }
             if !fresh {
+                // Relaxed: a statistics counter; nothing is published through it.
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 self.reread(&mut st)?;
                 fresh = true;
@@ -498,6 +504,7 @@ impl MappingCache {
         let mut st = lock(&self.state);
         if !st.remove_overlapping(range).is_empty() {
             self.invalidations.fetch_add(1, Ordering::Relaxed);
+            // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
             self.generation.fetch_add(1, Ordering::Release);
         }
     }
@@ -528,6 +535,7 @@ impl MappingCache {
         let mut st = lock(&self.state);
         st.map.clear();
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+        // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -542,7 +550,9 @@ impl MappingCache {
         let mut st = lock(&self.state);
         let Ok(new) = VaRange::from_start_len(new_start, old.len()) else {
             st.remove_overlapping(old);
+            // Relaxed: a statistics counter; nothing is published through it.
             self.invalidations.fetch_add(1, Ordering::Relaxed);
+            // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
             self.generation.fetch_add(1, Ordering::Release);
             return;
         };
@@ -588,7 +598,9 @@ impl MappingCache {
         for m in shifted {
             st.map.insert(m.range.start().0, m);
         }
+        // Relaxed: a statistics counter; nothing is published through it.
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+        // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -608,7 +620,9 @@ impl MappingCache {
         CacheStats {
             rereads: self.rereads.load(Ordering::Relaxed),
             hits: self.hits.load(Ordering::Relaxed),
+            // Relaxed: a statistics counter; nothing is published through it.
             misses: self.misses.load(Ordering::Relaxed),
+            // Relaxed: a statistics counter; nothing is published through it.
             invalidations: self.invalidations.load(Ordering::Relaxed),
         }
     }

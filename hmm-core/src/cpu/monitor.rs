@@ -188,6 +188,7 @@ struct Counters {
 }
 
 fn bump(c: &AtomicU64) {
+    // Relaxed: an event counter; nothing is published through it.
     c.fetch_add(1, Ordering::Relaxed);
 }
 

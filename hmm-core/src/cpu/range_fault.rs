@@ -485,6 +485,7 @@ impl RangeFaulter {
                 Some((x, y)) => (x.min(a), y.max(b)),
             });
         };
+        // Relaxed: a statistics counter.
         self.scans.fetch_add(1, Ordering::Relaxed);
         self.pagemap.scan_with(
             piece,
@@ -522,7 +523,9 @@ impl RangeFaulter {
     }
 
     fn populate(&self, r: VaRange, write: bool) -> Result<(), FaultError> {
+        // Relaxed: a statistics counter.
         self.populates.fetch_add(1, Ordering::Relaxed);
+        // Relaxed: a once-set capability flag; a stale read only picks the slower fallback once.
         if self.madvise.load(Ordering::Relaxed) {
             let advice = if write {
                 sys::MADV_POPULATE_WRITE

@@ -743,7 +743,8 @@ pub fn teardown_with_live_regions<B: TestKernels>(b: B) {
     device_copy(&m, src.addr(), &out, 8 * WPP).expect("launch");
     assert!(!h.space().subscribed_ranges().is_empty());
     // Invalidating everything frees every slot (no leak)…
-    h.space().invalidate(VaRange::everything(), EventKind::Clear);
+    h.space()
+        .invalidate(VaRange::everything(), EventKind::Clear);
     let st = m.stats();
     assert_eq!((st.pool_used, st.mapped_pages), (0, 0), "every slot free");
     assert_eq!(st.pages_out, 8, "the launch wrote its 8 output pages back");

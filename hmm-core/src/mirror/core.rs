@@ -517,6 +517,7 @@ impl<B: Backend> Mirror<B> {
         let inner = Arc::new(Inner {
             backend,
             host: Arc::clone(&host),
+            // Relaxed: a unique-id dispenser; no other memory depends on it.
             owner: OwnerTag(NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             dev: Mutex::new(Dev {
                 table,
@@ -641,8 +642,10 @@ impl<B: Backend> Mirror<B> {
             report.submissions += 1;
             Counters::add(&inner.counters.submissions, 1);
             let waited = inner.backend.wait(id, None);
-            let outcome = inner.backend.take_outcome(id);
+            // Forget the submission before taking its outcome, so no
+            // callback asks the backend about an id whose outcome is gone.
             relock(&inner.dev).inflight = None;
+            let outcome = inner.backend.take_outcome(id);
             waited?;
             let mut outcome = outcome?;
             if outcome.incomplete.is_empty() {
