@@ -234,8 +234,9 @@ impl HostSpace {
             if let Some(t) = &self.tracker {
                 t.arm(range)?;
             }
-            // Re-read once now that events cover it, then trust it.
-            self.maps.invalidate(range);
+            // Events cover it from now on: trust the cache there. (Callers
+            // choose regions from a fresh read of the maps, so what is
+            // cached for the range is current.)
             self.maps.trust(range);
         }
         Ok(())

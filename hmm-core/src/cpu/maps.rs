@@ -320,6 +320,8 @@ struct State {
     /// without anyone telling the cache, so lookups there re-read.
     require_trust: bool,
     trusted: Vec<VaRange>,
+    /// The epoch ([`MappingCache::new_epoch`]) of the last re-read.
+    refreshed_in: u64,
 }
 
 impl State {
@@ -370,6 +372,7 @@ pub struct MappingCache {
     source: Source,
     generation: AtomicU64,
     rereads: AtomicU64,
+    epoch: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     invalidations: AtomicU64,
@@ -404,6 +407,7 @@ impl MappingCache {
             source: Box::new(source),
             generation: AtomicU64::new(0),
             rereads: AtomicU64::new(0),
+            epoch: AtomicU64::new(1),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -414,6 +418,8 @@ impl MappingCache {
     /// held, so an `invalidate` that races with the read is applied after
     /// it and cannot be lost.
     fn reread(&self, st: &mut State) -> Result<(), MapsError> {
+        // Relaxed: the epoch is only compared under the state lock.
+        st.refreshed_in = self.epoch.load(Ordering::Relaxed);
         let text = (self.source)().map_err(MapsError::Read)?;
         let maps = parse_maps(&text)?;
         self.rereads.fetch_add(1, Ordering::Relaxed);
@@ -507,6 +513,38 @@ impl MappingCache {
             // Release: a reader that sees the new generation (Acquire) also sees the cache change made under the lock before it.
             self.generation.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// Starts a new epoch: the first [`MappingCache::lookup_in_epoch`] of
+    /// it re-reads the source, later ones in the same epoch may use that
+    /// read. A caller doing a burst of lookups at one moment (a fault
+    /// batch) gets one consistent, fresh snapshot for one read.
+    pub fn new_epoch(&self) -> u64 {
+        // Relaxed: a counter compared under the state lock only.
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Like [`MappingCache::lookup`], but outside trusted ranges a hit is
+    /// served if the cache was re-read during `epoch` (otherwise it
+    /// re-reads first). Misses always re-read.
+    pub fn lookup_in_epoch(
+        &self,
+        addr: VirtAddr,
+        epoch: u64,
+    ) -> Result<Option<Mapping>, MapsError> {
+        let mut st = lock(&self.state);
+        if st.is_trusted(addr.0) || st.refreshed_in == epoch {
+            if let Some(m) = st.find(addr.0) {
+                // Relaxed: a statistics counter.
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(m.clone()));
+            }
+        }
+        // Relaxed: a statistics counter.
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.reread(&mut st)?;
+        st.refreshed_in = epoch;
+        Ok(st.find(addr.0).cloned())
     }
 
     /// From now on serve cached entries only inside ranges passed to

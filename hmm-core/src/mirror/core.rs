@@ -289,10 +289,19 @@ impl<B: Backend> Inner<B> {
             return 0;
         }
         let locs: Vec<PteLoc> = cand.iter().map(|c| c.1).collect();
+        // Read DIRTY, copy, and only then clear it: a failed copy must not
+        // leave the pages marked clean. (The device is idle here, so no
+        // write can land between the copy and the clear.)
         let mut old = Vec::with_capacity(locs.len());
-        if self.backend.clear_pte_bits(&locs, DIRTY, &mut old).is_err() {
+        if self.backend.read_ptes(&locs, &mut old).is_err() {
             return 0;
         }
+        let dirty_locs: Vec<PteLoc> = cand
+            .iter()
+            .zip(&old)
+            .filter(|(_, p)| p.dirty())
+            .map(|(c, _)| c.1)
+            .collect();
         let dirty: Vec<(VirtAddr, PoolSlot)> = cand
             .iter()
             .zip(&old)
@@ -323,6 +332,10 @@ impl<B: Backend> Inner<B> {
         if unsafe { self.backend.copy_to_host(&batch) }.is_err() {
             return 0;
         }
+        let mut cleared = Vec::with_capacity(dirty_locs.len());
+        let _ = self
+            .backend
+            .clear_pte_bits(&dirty_locs, DIRTY, &mut cleared);
         // Only the bytes the device changed go back.
         let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
         let mut diff = Vec::new();
@@ -718,13 +731,15 @@ impl<B: Backend> Mirror<B> {
             }
             same
         });
+        // One fresh read of the CPU mappings per fault-service round.
+        let epoch = self.inner.host.maps().new_epoch();
         for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
             Counters::add(&self.inner.counters.fault_batches, 1);
             let mut runs = Vec::new();
             faults::coalesce(batch, &mut runs);
             for run in runs {
                 Counters::add(&self.inner.counters.fault_runs, 1);
-                pages_in += self.service_run(run)?;
+                pages_in += self.service_run(run, epoch)?;
             }
         }
         Ok(pages_in)
@@ -736,18 +751,22 @@ impl<B: Backend> Mirror<B> {
     pub fn prefetch(&self, range: VaRange, write: bool) -> Result<u64, MirrorError> {
         let range = range.page_cover()?.user()?;
         let _serial = relock(&self.inner.launch);
-        let n = self.service_run(Run {
-            range,
-            write,
-            first_addr: range.start(),
-        })?;
+        let epoch = self.inner.host.maps().new_epoch();
+        let n = self.service_run(
+            Run {
+                range,
+                write,
+                first_addr: range.start(),
+            },
+            epoch,
+        )?;
         Counters::add(&self.inner.counters.prefetched, n);
         Ok(n)
     }
 
     /// Services one run: splits it at region boundaries (creating regions
     /// for pages no region covers) and runs the fault loop on each piece.
-    fn service_run(&self, run: Run) -> Result<u64, MirrorError> {
+    fn service_run(&self, run: Run, epoch: u64) -> Result<u64, MirrorError> {
         if run.range.end().0 > crate::addr::USER_VA_END {
             // Kernel half (or a wild pointer): nothing can be mapped there.
             return Err(MirrorError::DeviceFault {
@@ -760,7 +779,7 @@ impl<B: Backend> Mirror<B> {
         let mut at = run.range.start();
         let mut released = 0;
         while at < run.range.end() {
-            let (region_range, sub_ref) = self.region_for(at, run.write)?;
+            let (region_range, sub_ref) = self.region_for(at, run.write, epoch)?;
             // One commit must fit the pool with room to evict: cap a piece
             // at half the pool (at least one page).
             let cap = (u64::from(self.inner.cfg.pool_slots / 2).min(STAGE_PAGES as u64)).max(1)
@@ -795,6 +814,7 @@ impl<B: Backend> Mirror<B> {
         &self,
         at: VirtAddr,
         write: bool,
+        epoch: u64,
     ) -> Result<(VaRange, crate::notifier::SubscriptionRef<Region<B>>), MirrorError> {
         let inner = &*self.inner;
         {
@@ -813,16 +833,17 @@ impl<B: Backend> Mirror<B> {
         self.reap_dead_at(at);
         // Addresses outside watched ranges produce no events, so a cached
         // mapping there may be stale (unmapped and mapped again by anyone):
-        // re-read before choosing a region.
-        inner
+        // use a read of the maps taken during this fault-service round.
+        let mapping = inner
             .host
             .maps()
-            .invalidate(VaRange::from_start_len(at.page_down(), PAGE_SIZE)?);
-        let mapping = inner.host.lookup(at)?.ok_or(MirrorError::DeviceFault {
-            addr: at,
-            write,
-            reason: AccessError::Unmapped,
-        })?;
+            .lookup_in_epoch(at, epoch)
+            .map_err(|e| MirrorError::Host(e.into()))?
+            .ok_or(MirrorError::DeviceFault {
+                addr: at,
+                write,
+                reason: AccessError::Unmapped,
+            })?;
         if !mapping.read {
             return Err(MirrorError::DeviceFault {
                 addr: at,
