@@ -10,6 +10,9 @@
 //!
 //! Without userfaultfd the benchmark prints why and measures nothing.
 
+mod common;
+
+use common::map;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,22 +37,6 @@ impl InvalidationSink for Signal {
             self.0.fetch_add(1, Ordering::Release);
         }
     }
-}
-
-fn map(len: usize) -> usize {
-    // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as usize
 }
 
 fn range(addr: usize, len: usize) -> VaRange {

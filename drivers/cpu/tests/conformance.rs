@@ -1,38 +1,49 @@
 //! The generic conformance suite (including the port of the kernel's HMM
-//! selftests) on the cpu driver.
+//! selftests) on the cpu driver, plus checks that need its fault-injection
+//! hooks.
+
+use std::sync::Arc;
+
+use hmm_core::cpu::host::HostSpace;
+use hmm_core::mirror::backend::RawFaultRecord;
+use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
+use hmm_core::mirror::{AccessError, LaunchReport, Mirror, MirrorConfig, MirrorError};
+use hmm_driver_cpu::CpuDevice;
 
 hmm_core::conformance_tests!(hmm_driver_cpu::CpuDevice::with_threads(2));
 
-/// A device that writes garbage into its fault buffer: records with
-/// unknown flags are rejected, not trusted, and the launch ends with a
-/// typed error instead of mapping anything or spinning.
-#[test]
-fn garbage_fault_records_are_rejected() {
-    use hmm_core::cpu::host::HostSpace;
-    use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
-    use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
-    use std::sync::Arc;
-
-    let dev = hmm_driver_cpu::CpuDevice::with_threads(2);
-    dev.set_fault_record_mangler(|r| r.flags |= 0x8000_0000);
+/// A small mirror on a device whose fault records pass through `mangle`,
+/// running the copy kernel over `n` invocations from one page into another.
+fn copy_with_mangled_faults(
+    n: u32,
+    mangle: impl Fn(&mut RawFaultRecord) + Send + Sync + 'static,
+) -> (Mirror<CpuDevice>, Result<LaunchReport, MirrorError>) {
+    let dev = CpuDevice::with_threads(2);
+    dev.set_fault_record_mangler(mangle);
     let host = Arc::new(HostSpace::new().expect("host"));
-    let m = Mirror::new(
-        host,
-        dev,
-        MirrorConfig {
-            pool_slots: 64,
-            table_pages: 64,
-            ..MirrorConfig::default()
-        },
-    )
-    .expect("mirror");
+    let cfg = MirrorConfig {
+        pool_slots: 64,
+        table_pages: 64,
+        ..MirrorConfig::default()
+    };
+    let m = Mirror::new(host, dev, cfg).expect("mirror");
     let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     let k = m
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    match m.launch(&k, 16, &[src.addr(), out.addr()]) {
+    let r = m.launch(&k, n, &[src.addr(), out.addr()]);
+    (m, r)
+}
+
+/// A device that writes garbage into its fault buffer: records with
+/// unknown flags are rejected, not trusted, and the launch ends with a
+/// typed error instead of mapping anything or spinning.
+#[test]
+fn garbage_fault_records_are_rejected() {
+    let (m, r) = copy_with_mangled_faults(16, |r| r.flags |= 0x8000_0000);
+    match r {
         Err(MirrorError::UnusableFaults {
             incomplete,
             garbage,
@@ -50,34 +61,11 @@ fn garbage_fault_records_are_rejected() {
 /// error naming it.
 #[test]
 fn a_lying_fault_address_is_a_typed_error() {
-    use hmm_core::cpu::host::HostSpace;
-    use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
-    use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
-    use std::sync::Arc;
-
-    let dev = hmm_driver_cpu::CpuDevice::with_threads(2);
-    dev.set_fault_record_mangler(|r| {
+    let (_m, r) = copy_with_mangled_faults(4, |r| {
         r.addr_lo = 0x1000;
         r.addr_hi = 0;
     });
-    let host = Arc::new(HostSpace::new().expect("host"));
-    let m = Mirror::new(
-        host,
-        dev,
-        MirrorConfig {
-            pool_slots: 64,
-            table_pages: 64,
-            ..MirrorConfig::default()
-        },
-    )
-    .expect("mirror");
-    let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
-    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
-    let k = m
-        .backend()
-        .test_kernel(TestKernel::CopyU32)
-        .expect("kernel");
-    match m.launch(&k, 4, &[src.addr(), out.addr()]) {
+    match r {
         Err(MirrorError::DeviceFault {
             addr,
             reason: AccessError::Unmapped,

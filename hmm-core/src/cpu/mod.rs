@@ -20,6 +20,7 @@ pub mod monitor;
 pub mod pagemap;
 pub mod probe;
 pub mod range_fault;
+mod scratch;
 pub mod sys;
 pub mod uffd;
 pub mod write_track;

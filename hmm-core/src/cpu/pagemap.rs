@@ -263,27 +263,15 @@ impl Pagemap {
     /// anonymous page, reading it (which maps the zero page) and looking at
     /// its pagemap entry. 0 when frames are hidden (no `CAP_SYS_ADMIN`).
     fn probe_zero_pfn(&self) -> u64 {
-        let len = PAGE_SIZE as usize;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is
-        // affected. The result is checked against MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
+        let Ok(m) = super::scratch::ScratchMap::new(1) else {
             return 0;
-        }
-        // SAFETY: `p` is a readable mapping of `len` bytes we own.
-        let _ = unsafe { core::ptr::read_volatile(p.cast::<u8>()) };
+        };
+        // SAFETY: `m` is a readable mapping of one page we own; volatile so
+        // the read (which maps the zero page) is not optimised away.
+        let _ = unsafe { core::ptr::read_volatile(m.ptr().cast::<u8>()) };
         let mut e = [0u8; 8];
-        let off = (p as u64 >> PAGE_SHIFT) * 8;
-        let pfn = match self.file.read_exact_at(&mut e, off) {
+        let off = (m.base() >> PAGE_SHIFT) * 8;
+        match self.file.read_exact_at(&mut e, off) {
             Ok(()) => {
                 let v = u64::from_ne_bytes(e);
                 if v & PM_PRESENT != 0 && v & PM_FILE_OR_SHARED_ANON == 0 {
@@ -293,11 +281,7 @@ impl Pagemap {
                 }
             }
             Err(_) => 0,
-        };
-        // SAFETY: unmapping exactly the mapping created above, which no
-        // reference points into any more.
-        unsafe { libc::munmap(p, len) };
-        pfn
+        }
     }
 
     /// Shrinks the ioctl's output vector (to exercise partial walks).

@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::sync::OnceLock;
 
+use super::scratch::ScratchMap;
 use super::sys;
 use super::uffd::{Features, OpenAttempt, OpenMode, UffdError, Userfaultfd};
 use super::write_track::{open_pagemap, pagemap_scan_once, ScanQuery};
@@ -69,52 +70,11 @@ fn errno_string(e: &io::Error) -> String {
     }
 }
 
-/// A private anonymous mapping, unmapped on drop.
-struct ScratchMap {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl ScratchMap {
-    fn new(pages: usize) -> io::Result<Self> {
-        let len = pages * PAGE_SIZE as usize;
-        // SAFETY: a fresh anonymous private mapping at an address the kernel
-        // chooses; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(ScratchMap { addr, len })
-    }
-    fn base(&self) -> u64 {
-        self.addr as usize as u64
-    }
-}
-
-impl Drop for ScratchMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`, which no
-        // reference outlives (only raw addresses were handed out).
-        unsafe {
-            libc::munmap(self.addr, self.len);
-        }
-    }
-}
-
 fn probe_madvise(advice: libc::c_int) -> ProbeResult {
     let m = ScratchMap::new(2).map_err(|e| format!("mmap failed: {e}"))?;
     // SAFETY: madvise on our own scratch mapping; POPULATE only faults pages
     // in and never changes contents.
-    let r = unsafe { libc::madvise(m.addr, m.len, advice) };
+    let r = unsafe { libc::madvise(m.ptr(), m.len(), advice) };
     if r == 0 {
         Ok(())
     } else {
@@ -127,7 +87,7 @@ fn probe_pagemap_scan() -> ProbeResult {
     // Populate page 1 only, then ask for present pages: exactly one region.
     // SAFETY: page 1 of our own 4-page read-write mapping.
     unsafe {
-        m.addr
+        m.ptr()
             .cast::<u8>()
             .add(PAGE_SIZE as usize)
             .write_volatile(1);
@@ -137,7 +97,7 @@ fn probe_pagemap_scan() -> ProbeResult {
     let (n, walk_end) = pagemap_scan_once(
         &pagemap,
         m.base(),
-        m.base() + m.len as u64,
+        m.base() + m.len() as u64,
         ScanQuery {
             flags: 0,
             category_mask: 0,
@@ -151,7 +111,7 @@ fn probe_pagemap_scan() -> ProbeResult {
     if n == 1
         && vec[0].start == page1
         && vec[0].end == page1 + PAGE_SIZE
-        && walk_end == m.base() + m.len as u64
+        && walk_end == m.base() + m.len() as u64
     {
         Ok(())
     } else {

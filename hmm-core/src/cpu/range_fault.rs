@@ -74,7 +74,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
 use crate::cpu::maps::{Mapping, MappingCache, MapsError, Segment};
 use crate::cpu::pagemap::{Pagemap, PagemapError, ScanArgs};
 use crate::cpu::sys::{
@@ -650,25 +650,11 @@ impl RangeFaulter {
 
 /// Whether `MADV_POPULATE_READ` exists: try it on a fresh page.
 fn probe_madvise_populate() -> bool {
-    let len = PAGE_SIZE as usize;
-    // SAFETY: a fresh private anonymous mapping; checked against MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
+    let Ok(m) = super::scratch::ScratchMap::new(1) else {
         return false;
-    }
-    // SAFETY: `p..p+len` is the mapping created above.
-    let rc = unsafe { libc::madvise(p, len, sys::MADV_POPULATE_READ) };
-    // SAFETY: unmapping exactly the mapping created above.
-    unsafe { libc::munmap(p, len) };
+    };
+    // SAFETY: advice on the scratch mapping we own, whole and nothing else.
+    let rc = unsafe { libc::madvise(m.ptr(), m.len(), sys::MADV_POPULATE_READ) };
     rc == 0
 }
 
