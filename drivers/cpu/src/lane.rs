@@ -461,7 +461,7 @@ impl<'a> Lane<'a> {
     /// are one atomic word access).
     #[inline]
     pub fn load_u32(&mut self, va: u64) -> Result<u32, DeviceFault> {
-        if va % 4 == 0 {
+        if va.is_multiple_of(4) {
             let (base, _) = self.translate(va, Access::Read)?;
             return Ok(self.load_word(base + (va as usize % PAGE) / 4));
         }
@@ -474,7 +474,7 @@ impl<'a> Lane<'a> {
     /// word accesses, not one atomic access).
     #[inline]
     pub fn load_u64(&mut self, va: u64) -> Result<u64, DeviceFault> {
-        if va % 8 == 0 {
+        if va.is_multiple_of(8) {
             let (base, _) = self.translate(va, Access::Read)?;
             let w = base + (va as usize % PAGE) / 4;
             let lo = self.load_word(w);
@@ -504,7 +504,7 @@ impl<'a> Lane<'a> {
     /// Buffers a little-endian `u32` store (any alignment).
     #[inline]
     pub fn store_u32(&mut self, va: u64, v: u32) -> Result<(), DeviceFault> {
-        if va % 4 == 0 {
+        if va.is_multiple_of(4) {
             let (base, leaf) = self.translate(va, Access::Write)?;
             self.buf.note_page(va, leaf, base);
             self.buf.put(base + (va as usize % PAGE) / 4, u32::MAX, v);
@@ -531,7 +531,7 @@ impl<'a> Lane<'a> {
     /// Runs `op` on the word at `va` at once (not buffered), then sets
     /// `ACCESSED | DIRTY` on the leaf.
     fn rmw(&mut self, va: u64, op: impl FnOnce(&AtomicU32) -> u32) -> Result<u32, DeviceFault> {
-        if va % 4 != 0 {
+        if !va.is_multiple_of(4) {
             return Err(Access::Atomic.fault(va, FaultKind::Misaligned));
         }
         let (base, leaf) = self.translate(va, Access::Atomic)?;

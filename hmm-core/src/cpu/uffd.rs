@@ -677,7 +677,7 @@ impl Userfaultfd {
             }
             let n = n as usize;
             let size = core::mem::size_of::<sys::uffd_msg>();
-            if n % size != 0 {
+            if !n.is_multiple_of(size) {
                 return Err(UffdError::ShortRead(n));
             }
             let count = n / size;

@@ -1,0 +1,702 @@
+//! [`WgpuDevice`]: device memory, copies, launches and their outcomes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use hmm_core::mirror::backend::{
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+};
+use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
+use hmm_shaders::{binding, ControlLayout, Params, MAX_ARGS, POOL_BINDINGS};
+
+use crate::kernel::WgpuKernel;
+use crate::other;
+use crate::ptops::PtOps;
+
+const PAGE: u64 = TABLE_PAGE_BYTES;
+/// Fault records one launch can report (later faults still mark their
+/// invocations incomplete, so they are replayed and fault again).
+pub(crate) const FAULT_CAP: u32 = 1024;
+/// Pages copied back per submission at most (bounds the read-back buffer).
+const WRITEBACK_CHUNK: usize = 4096;
+
+/// State shared with wgpu's callbacks.
+pub(crate) struct Shared {
+    /// Why the device was lost, once it was.
+    pub(crate) lost: Mutex<Option<String>>,
+    /// Errors wgpu reported outside any error scope, not yet returned.
+    pub(crate) errors: Mutex<Vec<String>>,
+}
+
+/// Memory allocated by `init`.
+pub(crate) struct Memory {
+    pub(crate) table: wgpu::Buffer,
+    pool: Vec<wgpu::Buffer>,
+    chunk_slots: u32,
+    pool_slots: u32,
+    table_pages: u32,
+}
+
+/// Per-launch buffers, reused once the launch's outcome is taken.
+struct LaunchRes {
+    params: wgpu::Buffer,
+    control: wgpu::Buffer,
+    replay: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+    /// Invocation ids the control bitmap covers.
+    bitmap_bits: u32,
+    /// Entries the replay buffer holds.
+    replay_cap: u32,
+}
+
+/// Read-back of the control buffer: 0 pending, 1 mapped, 2 failed.
+type MapState = Arc<AtomicU8>;
+
+struct Submission {
+    index: wgpu::SubmissionIndex,
+    res: LaunchRes,
+    layout: ControlLayout,
+    mapped: MapState,
+}
+
+#[derive(Default)]
+struct Launches {
+    next_id: u64,
+    in_flight: HashMap<u64, Submission>,
+    free: Vec<LaunchRes>,
+}
+
+/// A device opened through wgpu. See the [crate docs](crate).
+pub struct WgpuDevice {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    name: String,
+    limits: wgpu::Limits,
+    shared: Arc<Shared>,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) pipeline_layout: wgpu::PipelineLayout,
+    pub(crate) mem: OnceLock<Memory>,
+    launches: Mutex<Launches>,
+    pub(crate) pt_ops: Mutex<Option<PtOps>>,
+    readback: Mutex<Option<wgpu::Buffer>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+pub(crate) fn uniform_entry(binding: u32) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl WgpuDevice {
+    pub(crate) fn new(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        name: String,
+        limits: wgpu::Limits,
+        shared: Arc<Shared>,
+    ) -> WgpuDevice {
+        let mut entries = vec![
+            uniform_entry(binding::PARAMS),
+            storage_entry(binding::PAGE_TABLE, false),
+            storage_entry(binding::CONTROL, false),
+            storage_entry(binding::REPLAY, true),
+        ];
+        for p in 0..POOL_BINDINGS {
+            entries.push(storage_entry(binding::POOL0 + p, false));
+        }
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("hmm kernel"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("hmm kernel"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        WgpuDevice {
+            device,
+            queue,
+            name,
+            limits,
+            shared,
+            layout,
+            pipeline_layout,
+            mem: OnceLock::new(),
+            launches: Mutex::new(Launches::default()),
+            pt_ops: Mutex::new(None),
+            readback: Mutex::new(None),
+        }
+    }
+
+    /// The adapter, in words.
+    pub fn adapter_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Largest storage-buffer binding, in pool slots.
+    fn slots_per_binding(&self) -> u32 {
+        let bytes = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        (bytes / PAGE).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Fails with the pending device-lost reason or uncaptured error, if any.
+    pub(crate) fn check(&self) -> Result<(), BackendError> {
+        if let Some(why) = lock(&self.shared.lost).clone() {
+            return Err(BackendError::DeviceLost(why));
+        }
+        let mut errs = lock(&self.shared.errors);
+        if !errs.is_empty() {
+            let msg = errs.join("; ");
+            errs.clear();
+            return Err(BackendError::Kernel(msg));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn memory(&self) -> Result<&Memory, BackendError> {
+        self.mem
+            .get()
+            .ok_or(BackendError::NotInitialised("init has not run"))
+    }
+
+    /// Blocks until submission `index` completed (or `timeout`).
+    pub(crate) fn poll_until(
+        &self,
+        index: Option<wgpu::SubmissionIndex>,
+        timeout: Option<Duration>,
+    ) -> Result<bool, BackendError> {
+        match self.device.poll(wgpu::PollType::Wait {
+            submission_index: index,
+            timeout,
+        }) {
+            Ok(_) => Ok(true),
+            Err(wgpu::PollError::Timeout) => Ok(false),
+            Err(e) => {
+                self.check()?;
+                Err(BackendError::DeviceLost(e.to_string()))
+            }
+        }
+    }
+
+    /// Maps `buf[..bytes]` for reading after `index` and waits for it.
+    pub(crate) fn map_after(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        index: wgpu::SubmissionIndex,
+    ) -> Result<(), BackendError> {
+        let state: MapState = Arc::new(AtomicU8::new(0));
+        let s = Arc::clone(&state);
+        buf.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
+            // Release: pairs with the Acquire load below; the mapping is
+            // usable once the flag is seen.
+            s.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release);
+        });
+        self.poll_until(Some(index), None)?;
+        // The callback runs inside poll once the submission is done; poll
+        // again (without blocking) until it has.
+        for _ in 0..1_000_000 {
+            // Acquire: see the mapping the callback published.
+            match state.load(Ordering::Acquire) {
+                1 => return Ok(()),
+                2 => return Err(other("mapping a read-back buffer failed")),
+                _ => {
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    std::thread::yield_now();
+                }
+            }
+        }
+        Err(BackendError::DeviceLost("read-back never mapped".into()))
+    }
+
+    fn new_launch_res(&self, mem: &Memory, bitmap_bits: u32, replay_cap: u32) -> LaunchRes {
+        let layout = ControlLayout {
+            fault_cap: FAULT_CAP,
+            bitmap_bits,
+        };
+        let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("hmm params"),
+            size: core::mem::size_of::<Params>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let control = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("hmm control"),
+            size: layout.bytes(),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let replay = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("hmm replay"),
+            size: u64::from(replay_cap.max(1)) * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("hmm control read-back"),
+            size: layout.bytes(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut entries = vec![
+            wgpu::BindGroupEntry {
+                binding: binding::PARAMS,
+                resource: params.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: binding::PAGE_TABLE,
+                resource: mem.table.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: binding::CONTROL,
+                resource: control.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: binding::REPLAY,
+                resource: replay.as_entire_binding(),
+            },
+        ];
+        for (p, buf) in mem.pool.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: binding::POOL0 + p as u32,
+                resource: buf.as_entire_binding(),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("hmm kernel"),
+            layout: &self.layout,
+            entries: &entries,
+        });
+        LaunchRes {
+            params,
+            control,
+            replay,
+            readback,
+            bind_group,
+            bitmap_bits,
+            replay_cap,
+        }
+    }
+}
+
+impl core::fmt::Debug for WgpuDevice {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("WgpuDevice")
+            .field("adapter", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs of consecutive items: `(start, len)` pairs over `0..n` where
+/// `joins(i)` says item `i` continues item `i - 1`'s run.
+fn runs(n: usize, joins: impl Fn(usize) -> bool) -> impl Iterator<Item = (usize, usize)> {
+    let mut start = 0;
+    (1..=n).filter_map(move |i| {
+        if i < n && joins(i) {
+            return None;
+        }
+        let r = (start, i - start);
+        start = i;
+        Some(r)
+    })
+}
+
+// SAFETY: copy_to_device reads exactly the 4096 bytes at each `src` during
+// the call (write_buffer copies into wgpu's staging memory before it
+// returns); copy_to_host writes exactly the 4096 bytes at each `dst`,
+// before it returns; no other method touches host memory it was not
+// handed; kernels only reach device buffers, and the library
+// (hmm.wgsl) sets only ACCESSED/DIRTY, with atomicOr on an entry's low
+// word (pt_ops.wgsl clears them for the host with atomicAnd).
+unsafe impl Backend for WgpuDevice {
+    type Kernel = WgpuKernel;
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            driver: "wgpu".into(),
+            device: self.name.clone(),
+            max_pool_slots: self.slots_per_binding().saturating_mul(POOL_BINDINGS),
+        }
+    }
+
+    fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
+        self.check()?;
+        if self.mem.get().is_some() {
+            return Err(BackendError::NotInitialised("init ran twice"));
+        }
+        let per = self.slots_per_binding();
+        if per == 0 {
+            return Err(BackendError::OutOfMemory(
+                "storage bindings below one page".into(),
+            ));
+        }
+        let chunks = config.pool_slots.div_ceil(per).max(1);
+        if chunks > POOL_BINDINGS {
+            return Err(BackendError::OutOfMemory(format!(
+                "pool of {} slots needs {chunks} bindings of at most {per} slots; the library has {POOL_BINDINGS}",
+                config.pool_slots
+            )));
+        }
+        let table_bytes = u64::from(config.table_pages.max(1)) * PAGE;
+        if table_bytes > self.limits.max_storage_buffer_binding_size {
+            return Err(BackendError::OutOfMemory(format!(
+                "page table of {} pages exceeds one storage binding",
+                config.table_pages
+            )));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        // wgpu zero-initialises buffers created without mapping.
+        let table = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("hmm page table"),
+            size: table_bytes,
+            usage,
+            mapped_at_creation: false,
+        });
+        let chunk_slots = config.pool_slots.min(per).max(1);
+        let mut pool = Vec::new();
+        for c in 0..POOL_BINDINGS {
+            let slots = if c < chunks {
+                (config.pool_slots - c * chunk_slots)
+                    .min(chunk_slots)
+                    .max(1)
+            } else {
+                1 // unused binding: a one-page placeholder
+            };
+            pool.push(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("hmm pool"),
+                size: u64::from(slots) * PAGE,
+                usage,
+                mapped_at_creation: false,
+            }));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(BackendError::OutOfMemory(e.to_string()));
+        }
+        let mem = Memory {
+            table,
+            pool,
+            chunk_slots,
+            pool_slots: config.pool_slots,
+            table_pages: config.table_pages,
+        };
+        *lock(&self.pt_ops) = Some(PtOps::new(self));
+        self.mem
+            .set(mem)
+            .map_err(|_| BackendError::NotInitialised("init ran twice"))?;
+        self.check()
+    }
+
+    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        self.check()?;
+        let mem = self.memory()?;
+        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+            return Err(other(format!("slot {} outside the pool", bad.slot.0)));
+        }
+        let joins = |i: usize| {
+            let (a, b) = (&batch[i - 1], &batch[i]);
+            b.slot.0 == a.slot.0 + 1
+                && b.slot.0 % mem.chunk_slots != 0
+                && b.src as usize == (a.src as usize).wrapping_add(PAGE as usize)
+        };
+        for (start, len) in runs(batch.len(), joins) {
+            let first = &batch[start];
+            // SAFETY: the caller guarantees each `src` is readable for 4096
+            // bytes during this call; a run's sources are consecutive
+            // pages (checked by `joins`), so the run is one readable range
+            // of `len` pages. write_buffer copies it before returning.
+            let bytes = unsafe { core::slice::from_raw_parts(first.src, len * PAGE as usize) };
+            let chunk = (first.slot.0 / mem.chunk_slots) as usize;
+            let off = u64::from(first.slot.0 % mem.chunk_slots) * PAGE;
+            self.queue.write_buffer(&mem.pool[chunk], off, bytes);
+        }
+        self.check()
+    }
+
+    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
+        self.check()?;
+        let mem = self.memory()?;
+        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+            return Err(other(format!("slot {} outside the pool", bad.slot.0)));
+        }
+        let mut rb = lock(&self.readback);
+        for piece in batch.chunks(WRITEBACK_CHUNK) {
+            let bytes = piece.len() as u64 * PAGE;
+            if rb.as_ref().is_none_or(|b| b.size() < bytes) {
+                *rb = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("hmm write-back"),
+                    size: bytes.max(64 * PAGE),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+            }
+            let buf = rb.as_ref().ok_or_else(|| other("no read-back buffer"))?;
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            let joins = |i: usize| {
+                piece[i].slot.0 == piece[i - 1].slot.0 + 1 && piece[i].slot.0 % mem.chunk_slots != 0
+            };
+            for (start, len) in runs(piece.len(), joins) {
+                let s = piece[start].slot.0;
+                enc.copy_buffer_to_buffer(
+                    &mem.pool[(s / mem.chunk_slots) as usize],
+                    u64::from(s % mem.chunk_slots) * PAGE,
+                    buf,
+                    start as u64 * PAGE,
+                    len as u64 * PAGE,
+                );
+            }
+            let index = self.queue.submit([enc.finish()]);
+            self.map_after(buf, bytes, index)?;
+            {
+                let view = buf.slice(..bytes).get_mapped_range().map_err(other)?;
+                for (i, c) in piece.iter().enumerate() {
+                    let src = &view[i * PAGE as usize..(i + 1) * PAGE as usize];
+                    // SAFETY: the caller guarantees `dst` is valid for
+                    // writes of 4096 bytes, unaliased, and not overlapping
+                    // another destination; `src` is 4096 bytes of mapped
+                    // device memory, disjoint from host pages.
+                    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), c.dst, PAGE as usize) };
+                }
+            }
+            buf.unmap();
+        }
+        self.check()
+    }
+
+    fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
+        self.check()?;
+        let mem = self.memory()?;
+        if let Some(bad) = batch
+            .iter()
+            .find(|w| w.table.0 >= mem.table_pages || usize::from(w.index) >= ENTRIES)
+        {
+            return Err(other(format!(
+                "entry {:?}/{} outside the table",
+                bad.table, bad.index
+            )));
+        }
+        let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
+        let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
+        let mut words: Vec<u64> = Vec::new();
+        for (start, len) in runs(batch.len(), joins) {
+            words.clear();
+            words.extend(batch[start..start + len].iter().map(|w| w.pte.0));
+            self.queue.write_buffer(
+                &mem.table,
+                pos(&batch[start]) * 8,
+                bytemuck::cast_slice(&words),
+            );
+        }
+        self.check()
+    }
+
+    fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
+        self.pt_and(locs, u32::MAX, out)
+    }
+
+    fn clear_pte_bits(
+        &self,
+        locs: &[PteLoc],
+        bits: u64,
+        old: &mut Vec<Pte>,
+    ) -> Result<(), BackendError> {
+        if bits & !hmm_core::mirror::format::DEVICE_BITS != 0 {
+            return Err(other(format!(
+                "clear_pte_bits: {bits:#x} is not a subset of A|D"
+            )));
+        }
+        self.pt_and(locs, !(bits as u32), old)
+    }
+
+    fn launch(
+        &self,
+        kernel: &WgpuKernel,
+        invocations: Invocations<'_>,
+        args: &[u64],
+    ) -> Result<SubmissionId, BackendError> {
+        self.check()?;
+        let mem = self.memory()?;
+        if args.len() > MAX_ARGS {
+            return Err(BackendError::Kernel(format!(
+                "{} kernel arguments; at most {MAX_ARGS} fit",
+                args.len()
+            )));
+        }
+        let (threads, bitmap_bits, list): (u32, u32, &[u32]) = match invocations {
+            Invocations::All(n) => (n, n, &[]),
+            Invocations::Only(v) => {
+                let top = v.iter().copied().max().map_or(0, |m| m.saturating_add(1));
+                (v.len() as u32, top, v)
+            }
+        };
+        let mut params = Params {
+            n: threads,
+            replay: u32::from(matches!(invocations, Invocations::Only(_))),
+            fault_cap: FAULT_CAP,
+            chunk_slots: mem.chunk_slots,
+            ..Params::default()
+        };
+        for (i, a) in args.iter().enumerate() {
+            params.args[2 * i] = *a as u32;
+            params.args[2 * i + 1] = (*a >> 32) as u32;
+        }
+        let (gx, gy, row) = hmm_shaders::grid(threads);
+        params.row_threads = row;
+        let layout = ControlLayout {
+            fault_cap: FAULT_CAP,
+            bitmap_bits: bitmap_bits.max(1),
+        };
+        params.bitmap_off = layout.bitmap_off();
+
+        let mut l = lock(&self.launches);
+        let pos = l
+            .free
+            .iter()
+            .position(|r| r.bitmap_bits >= layout.bitmap_bits && r.replay_cap >= list.len() as u32);
+        let res = match pos {
+            Some(p) => l.free.swap_remove(p),
+            None => self.new_launch_res(
+                mem,
+                layout.bitmap_bits.next_power_of_two().max(1024),
+                (list.len() as u32).next_power_of_two().max(1024),
+            ),
+        };
+        self.queue
+            .write_buffer(&res.params, 0, bytemuck::bytes_of(&params));
+        if !list.is_empty() {
+            self.queue
+                .write_buffer(&res.replay, 0, bytemuck::cast_slice(list));
+        }
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&res.control, 0, Some(layout.bytes()));
+        if threads > 0 {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &res.bind_group, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        enc.copy_buffer_to_buffer(&res.control, 0, &res.readback, 0, layout.bytes());
+        let index = self.queue.submit([enc.finish()]);
+        let mapped: MapState = Arc::new(AtomicU8::new(0));
+        let m = Arc::clone(&mapped);
+        res.readback
+            .slice(..layout.bytes())
+            .map_async(wgpu::MapMode::Read, move |r| {
+                // Release: pairs with the Acquire loads in `done`.
+                m.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release);
+            });
+        if let Err(e) = self.check() {
+            l.free.push(res);
+            return Err(e);
+        }
+        l.next_id += 1;
+        let id = l.next_id;
+        l.in_flight.insert(
+            id,
+            Submission {
+                index,
+                res,
+                layout,
+                mapped,
+            },
+        );
+        Ok(SubmissionId(id))
+    }
+
+    fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError> {
+        let (index, mapped) = {
+            let l = lock(&self.launches);
+            match l.in_flight.get(&id.0) {
+                Some(s) => (s.index.clone(), Arc::clone(&s.mapped)),
+                None if id.0 <= l.next_id => return Ok(true), // outcome already taken
+                None => return Err(BackendError::UnknownSubmission(id)),
+            }
+        };
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        if !self.poll_until(Some(index), timeout)? {
+            return Ok(false);
+        }
+        // The read-back callback fires from a poll after completion.
+        // Acquire: pairs with the callback's Release store.
+        while mapped.load(Ordering::Acquire) == 0 {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            let _ = self.device.poll(wgpu::PollType::Poll);
+            std::thread::yield_now();
+        }
+        self.check()?;
+        Ok(true)
+    }
+
+    fn is_complete(&self, id: SubmissionId) -> bool {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        let l = lock(&self.launches);
+        match l.in_flight.get(&id.0) {
+            // Acquire: pairs with the callback's Release store.
+            Some(s) => s.mapped.load(Ordering::Acquire) != 0,
+            None => id.0 <= l.next_id,
+        }
+    }
+
+    fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
+        if !self.wait(id, None)? {
+            return Err(BackendError::DeviceLost("launch never completed".into()));
+        }
+        let sub = lock(&self.launches)
+            .in_flight
+            .remove(&id.0)
+            .ok_or(BackendError::UnknownSubmission(id))?;
+        // Acquire: pairs with the callback's Release store.
+        if sub.mapped.load(Ordering::Acquire) != 1 {
+            return Err(BackendError::DeviceLost("control read-back failed".into()));
+        }
+        let outcome = {
+            let view = sub
+                .res
+                .readback
+                .slice(..sub.layout.bytes())
+                .get_mapped_range()
+                .map_err(other)?;
+            sub.layout.parse(bytemuck::cast_slice(&view))
+        };
+        sub.res.readback.unmap();
+        lock(&self.launches).free.push(sub.res);
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,431 @@
+//! The shader library every GPU kernel of hmm-rs includes, and the host-side
+//! layout that goes with it. Both GPU drivers (`drivers/wgpu`, and
+//! `drivers/vulkan` through naga's SPIR-V output) build their pipelines
+//! from this one source, so there is no second copy to keep in step.
+//!
+//! # Writing a kernel
+//!
+//! A kernel is WGSL defining `fn hmm_kernel(i: u32)`; [`compose`] puts it
+//! after the library. Arguments are the 64-bit words of the launch —
+//! CPU pointers and scalars — read with `hmm_arg_ptr(k)`, `hmm_arg_u32(k)`,
+//! `hmm_arg_f32(k)`. Pointers are `vec2<u32>` (low, high word); CPU memory
+//! is accessed only through the library:
+//!
+//! ```wgsl
+//! fn hmm_kernel(i: u32) {
+//!     let x = hmm_arg_ptr(0u);
+//!     let y = hmm_arg_ptr(1u);
+//!     let a = hmm_arg_f32(2u);
+//!     let xi = hmm_load_f32(hmm_index(x, i, 4u));
+//!     let yp = hmm_index(y, i, 4u);
+//!     hmm_store_f32(yp, a * xi + hmm_load_f32(yp));
+//! }
+//! ```
+//!
+//! | function | does |
+//! |---|---|
+//! | `hmm_load_u32/i32/f32(p)`, `hmm_store_…(p, v)` | 4-byte access |
+//! | `hmm_load_u64(p)`, `hmm_load_ptr(p)`, `hmm_store_u64(p, v)` | 8-byte access (e.g. a `next` pointer) |
+//! | `hmm_atomic_{add,min,max,or,and,exchange}_u32(p, v)`, `hmm_atomic_cas_u32(p, e, v)`, `hmm_atomic_add_f32(p, v)` | atomics on CPU memory |
+//! | `hmm_add(p, bytes)`, `hmm_index(p, i, stride)`, `hmm_is_null(p)` | pointer arithmetic without 32-bit overflow |
+//! | `hmm_faulted()` | the invocation faulted: stop loops driven by loaded data |
+//!
+//! # Faults and replay
+//!
+//! Each access walks the device page table (`shaders/PAGE_TABLE.md`; the
+//! constants are generated here from `hmm_core::mirror::format`, so the
+//! two cannot disagree), sets `ACCESSED`/`DIRTY` with an atomic OR, and
+//! reads or writes the pool. A missing or read-only entry makes the
+//! invocation record `(invocation, flags, address)` in the control buffer,
+//! set its bit in the incomplete bitmap, and carry on with loads returning
+//! 0 and stores dropped; the host maps the page and replays exactly the
+//! invocations whose bits are set ("The replay contract" in
+//! `hmm_core::mirror`: only the last, fault-free run may have effects that
+//! must not repeat).
+//!
+//! # Control buffer
+//!
+//! `u32` words: `[0]` fault count (may exceed the capacity), then
+//! `fault_cap` records of 4 words in [`RawFaultRecord`] order, then a
+//! `2^DEDUP_BITS`-slot hash table that keeps a page from being recorded
+//! more than once per dispatch, then the incomplete bitmap (bit `i` =
+//! invocation `i`). [`ControlLayout`] gives
+//! the offsets and [`ControlLayout::parse`] turns the words into a
+//! [`LaunchOutcome`].
+
+use core::fmt::Write as _;
+
+use hmm_core::mirror::backend::{LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE};
+use hmm_core::mirror::format;
+
+/// The library (`wgsl/hmm.wgsl`), without the generated constants.
+pub const LIBRARY: &str = include_str!("../wgsl/hmm.wgsl");
+
+/// The page-table operations shader (`wgsl/pt_ops.wgsl`).
+pub const PT_OPS: &str = include_str!("../wgsl/pt_ops.wgsl");
+
+/// Entry point of every composed kernel.
+pub const KERNEL_ENTRY: &str = "hmm_main";
+
+/// Entry point of the page-table AND/gather operation in [`PT_OPS`].
+pub const PT_AND_ENTRY: &str = "pt_and";
+
+/// log2 of the fault-dedup hash table's slots in the control buffer.
+pub const DEDUP_BITS: u32 = 10;
+
+/// Threads per workgroup of every shader here.
+pub const WORKGROUP: u32 = 64;
+
+/// Kernel arguments a launch can pass (64-bit words).
+pub const MAX_ARGS: usize = 16;
+
+/// Pool bindings in the layout; a pool larger than one binding allows is
+/// split across them.
+pub const POOL_BINDINGS: u32 = 4;
+
+/// Binding numbers (group 0) of a kernel.
+pub mod binding {
+    /// `uniform` [`super::Params`].
+    pub const PARAMS: u32 = 0;
+    /// The page table, `array<atomic<u32>>`.
+    pub const PAGE_TABLE: u32 = 1;
+    /// The control buffer (fault records and incomplete bitmap).
+    pub const CONTROL: u32 = 2;
+    /// The replay list (`array<u32>`, read only).
+    pub const REPLAY: u32 = 3;
+    /// The first pool binding; pools are `POOL0 .. POOL0 + POOL_BINDINGS`.
+    pub const POOL0: u32 = 4;
+}
+
+/// Binding numbers (group 0) of [`PT_OPS`].
+pub mod pt_binding {
+    /// `uniform` [`super::PtParams`].
+    pub const PARAMS: u32 = 0;
+    /// The page table.
+    pub const PAGE_TABLE: u32 = 1;
+    /// Word indices of the entries' low words.
+    pub const LIST: u32 = 2;
+    /// `(lo, hi)` of each entry before the operation.
+    pub const OUT: u32 = 3;
+}
+
+/// The kernel uniform block (`HmmParams` in the WGSL), 160 bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct Params {
+    /// Invocations in this dispatch.
+    pub n: u32,
+    /// Nonzero: thread `t` runs invocation `replay[t]`.
+    pub replay: u32,
+    /// Fault records the control buffer holds.
+    pub fault_cap: u32,
+    /// Word offset of the incomplete bitmap in the control buffer.
+    pub bitmap_off: u32,
+    /// Pool slots per pool binding.
+    pub chunk_slots: u32,
+    /// Threads per row of the dispatch grid.
+    pub row_threads: u32,
+    /// Padding.
+    pub pad: [u32; 2],
+    /// The arguments' 64-bit words as (lo, hi) pairs.
+    pub args: [u32; 2 * MAX_ARGS],
+}
+
+/// The page-table operation's uniform block (`PtParams`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct PtParams {
+    /// Entries listed.
+    pub count: u32,
+    /// Mask ANDed into each low word; `u32::MAX` reads without writing.
+    pub keep: u32,
+    /// Threads per row of the dispatch grid.
+    pub row_threads: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+/// Errors building a kernel from WGSL.
+#[derive(Debug, thiserror::Error)]
+pub enum ShaderError {
+    /// The kernel passes more arguments than the library carries.
+    #[error("{0} kernel arguments; at most {MAX_ARGS} fit")]
+    TooManyArgs(usize),
+    /// WGSL that does not parse (the message points into the kernel).
+    #[error("kernel does not parse:\n{0}")]
+    Parse(String),
+    /// WGSL that parses but does not validate.
+    #[error("kernel does not validate:\n{0}")]
+    Validate(String),
+    /// The source lacks `fn hmm_kernel(i: u32)`.
+    #[error("kernel source must define `fn hmm_kernel(i: u32)`")]
+    NoKernelFn,
+}
+
+/// The constants the library uses, generated from `hmm_core::mirror::format`
+/// and the fault flags.
+pub fn prelude() -> String {
+    let mut s =
+        String::from("// generated by hmm_shaders::prelude from hmm_core::mirror::format\n");
+    let consts: [(&str, u64); 10] = [
+        ("HMM_DEDUP_BITS", u64::from(DEDUP_BITS)),
+        ("HMM_VALID", format::VALID),
+        ("HMM_WRITABLE", format::WRITABLE),
+        ("HMM_ACCESSED", format::ACCESSED),
+        ("HMM_DIRTY", format::DIRTY),
+        ("HMM_INDEX_SHIFT", u64::from(format::INDEX_SHIFT)),
+        ("HMM_ENTRIES", format::ENTRIES as u64),
+        ("HMM_PAGE_BYTES", format::TABLE_PAGE_BYTES),
+        ("HMM_FAULT_WRITE", u64::from(FAULT_WRITE)),
+        ("HMM_FAULT_ATOMIC", u64::from(FAULT_ATOMIC)),
+    ];
+    for (name, v) in consts {
+        let _ = writeln!(s, "const {name}: u32 = {v}u;");
+    }
+    s
+}
+
+/// The full shader for a kernel: generated constants, the library, then
+/// `kernel` (which must define `fn hmm_kernel(i: u32)`).
+pub fn compose(kernel: &str) -> String {
+    let mut s = prelude();
+    s.push_str(LIBRARY);
+    s.push_str("\n// ---- kernel ----\n");
+    s.push_str(kernel);
+    s
+}
+
+/// Lines [`compose`] puts before the kernel's first line.
+pub fn kernel_line_offset() -> usize {
+    compose("").lines().count()
+}
+
+/// Parses and validates a composed kernel with naga, returning the module
+/// and its validation info (what the Vulkan driver feeds to the SPIR-V
+/// writer). Error messages name lines of the kernel as the user wrote it.
+pub fn build(kernel: &str) -> Result<(naga::Module, naga::valid::ModuleInfo), ShaderError> {
+    if !kernel.contains("fn hmm_kernel") {
+        return Err(ShaderError::NoKernelFn);
+    }
+    let src = compose(kernel);
+    let module = naga::front::wgsl::parse_str(&src)
+        .map_err(|e| ShaderError::Parse(relabel(&e.emit_to_string(&src))))?;
+    let info = validate_module(&module)
+        .map_err(|e| ShaderError::Validate(relabel(&e.emit_to_string(&src))))?;
+    Ok((module, info))
+}
+
+/// Validates a parsed module with every capability the library uses.
+pub fn validate_module(
+    module: &naga::Module,
+) -> Result<naga::valid::ModuleInfo, Box<naga::WithSpan<naga::valid::ValidationError>>> {
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(module)
+    .map_err(Box::new)
+}
+
+/// Rewrites `wgsl:LINE:COL` positions in a naga message so that lines in
+/// the kernel part are numbered from the kernel's own first line.
+fn relabel(msg: &str) -> String {
+    let off = kernel_line_offset();
+    let mut out = String::with_capacity(msg.len());
+    for line in msg.lines() {
+        let mut l = line.to_string();
+        if let Some(pos) = l.find("wgsl:") {
+            let rest = &line[pos + 5..];
+            let num: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = num.parse::<usize>() {
+                let label = if n > off {
+                    format!("kernel:{}", n - off)
+                } else {
+                    format!("hmm.wgsl(library):{n}")
+                };
+                l = format!("{}{}{}", &line[..pos], label, &rest[num.len()..]);
+            }
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// Dispatch grid for `threads` threads of [`WORKGROUP`]: `(x, y,
+/// row_threads)` with `x` within the 65535-workgroup limit per dimension.
+pub fn grid(threads: u32) -> (u32, u32, u32) {
+    let groups = threads.div_ceil(WORKGROUP).max(1);
+    let x = groups.min(65_535);
+    let y = groups.div_ceil(x);
+    (x, y, x * WORKGROUP)
+}
+
+/// Where things live in a control buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlLayout {
+    /// Fault records it holds.
+    pub fault_cap: u32,
+    /// Invocation ids the bitmap covers (`0..bitmap_bits`).
+    pub bitmap_bits: u32,
+}
+
+impl ControlLayout {
+    /// Word offset of the bitmap.
+    pub const fn bitmap_off(&self) -> u32 {
+        1 + 4 * self.fault_cap + (1 << DEDUP_BITS)
+    }
+    /// Total words.
+    pub const fn words(&self) -> u32 {
+        self.bitmap_off() + self.bitmap_bits.div_ceil(32)
+    }
+    /// Total bytes.
+    pub const fn bytes(&self) -> u64 {
+        self.words() as u64 * 4
+    }
+    /// Reads a control buffer's words into an outcome: at most `fault_cap`
+    /// records (fewer than faulted invocations if the buffer overflowed)
+    /// and the incomplete invocations, ascending. The records are passed
+    /// on as written: the mirror core validates them.
+    pub fn parse(&self, words: &[u32]) -> LaunchOutcome {
+        let mut out = LaunchOutcome::default();
+        if words.len() < self.words() as usize {
+            return out;
+        }
+        let count = words[0].min(self.fault_cap) as usize;
+        for r in words[1..1 + 4 * count].chunks_exact(4) {
+            out.faults.push(RawFaultRecord {
+                invocation: r[0],
+                flags: r[1],
+                addr_lo: r[2],
+                addr_hi: r[3],
+            });
+        }
+        let bitmap = &words[self.bitmap_off() as usize..self.words() as usize];
+        for (wi, &w) in bitmap.iter().enumerate() {
+            let mut bits = w;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                out.incomplete.push(wi as u32 * 32 + b);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAXPY: &str = r#"
+fn hmm_kernel(i: u32) {
+    let x = hmm_arg_ptr(0u);
+    let y = hmm_arg_ptr(1u);
+    let a = hmm_arg_f32(2u);
+    let yp = hmm_index(y, i, 4u);
+    hmm_store_f32(yp, a * hmm_load_f32(hmm_index(x, i, 4u)) + hmm_load_f32(yp));
+}
+"#;
+
+    #[test]
+    fn library_and_pt_ops_validate() {
+        build(SAXPY).expect("saxpy composes and validates");
+        let m = naga::front::wgsl::parse_str(PT_OPS).expect("pt_ops parses");
+        validate_module(&m).expect("pt_ops validates");
+    }
+
+    #[test]
+    fn params_match_the_wgsl_struct_size() {
+        let (m, _) = build(SAXPY).expect("builds");
+        let ty = m
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("HmmParams"))
+            .expect("HmmParams");
+        let layouter = {
+            let mut l = naga::proc::Layouter::default();
+            l.update(m.to_ctx()).expect("layout");
+            l
+        };
+        assert_eq!(
+            layouter[ty.0].size as usize,
+            core::mem::size_of::<Params>(),
+            "Rust Params and WGSL HmmParams differ in size"
+        );
+    }
+
+    #[test]
+    fn prelude_follows_the_format() {
+        let p = prelude();
+        assert!(p.contains(&format!("const HMM_DIRTY: u32 = {}u;", format::DIRTY)));
+        assert!(p.contains(&format!(
+            "const HMM_INDEX_SHIFT: u32 = {}u;",
+            format::INDEX_SHIFT
+        )));
+    }
+
+    #[test]
+    fn errors_point_into_the_kernel() {
+        let e = build("fn hmm_kernel(i: u32) {\n  let x = nope;\n}\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ShaderError::Parse(_)), "{msg}");
+        assert!(msg.contains("kernel:2"), "{msg}");
+        assert!(matches!(
+            build("fn main() {}"),
+            Err(ShaderError::NoKernelFn)
+        ));
+    }
+
+    #[test]
+    fn control_buffer_round_trip() {
+        let l = ControlLayout {
+            fault_cap: 2,
+            bitmap_bits: 70,
+        };
+        let mut w = vec![0u32; l.words() as usize];
+        w[0] = 5; // overflowed: 5 faults, 2 records kept
+        w[1..5].copy_from_slice(&[3, FAULT_WRITE, 0x1000, 0x7f]);
+        w[5..9].copy_from_slice(&[65, 0, 0x2000, 0]);
+        let b = l.bitmap_off() as usize;
+        w[b] = 1 << 3;
+        w[b + 2] = 1 << 1; // invocation 65
+        let o = l.parse(&w);
+        assert_eq!(o.faults.len(), 2);
+        assert_eq!(o.faults[0].addr(), 0x7f_0000_1000);
+        assert_eq!(o.incomplete, vec![3, 65]);
+        assert_eq!(l.parse(&w[..3]), LaunchOutcome::default(), "short buffer");
+    }
+
+    #[test]
+    fn grid_covers_every_thread() {
+        for n in [0u32, 1, 64, 65, 64 * 65_535, 64 * 65_535 + 1, u32::MAX / 2] {
+            let (x, y, row) = grid(n);
+            assert!(x <= 65_535 && y <= 65_535);
+            assert!(u64::from(row) * u64::from(y) >= u64::from(n));
+        }
+    }
+
+    #[test]
+    fn mul_wide_matches_u64() {
+        // The WGSL hmm_mul_wide splits into 16-bit halves; check the same
+        // arithmetic on the host (the GPU tests check the shader itself).
+        fn mul_wide(a: u32, b: u32) -> u64 {
+            let (a0, a1, b0, b1) = (a & 0xffff, a >> 16, b & 0xffff, b >> 16);
+            let (p00, p01, p10, p11) = (a0 * b0, a0 * b1, a1 * b0, a1 * b1);
+            let mid = (p00 >> 16) + (p01 & 0xffff) + (p10 & 0xffff);
+            let lo = (p00 & 0xffff) | (mid << 16);
+            let hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16);
+            (u64::from(hi) << 32) | u64::from(lo)
+        }
+        for (a, b) in [
+            (0, 0),
+            (u32::MAX, u32::MAX),
+            (123_456_789, 4096),
+            (1 << 31, 8),
+            (65_535, 65_537),
+        ] {
+            assert_eq!(mul_wide(a, b), u64::from(a) * u64::from(b));
+        }
+    }
+}
