@@ -608,7 +608,19 @@ impl<B: Backend> Mirror<B> {
     /// Sync points: at the start, CPU writes since the last sync point are
     /// invalidated (device copies of those pages are dropped); at the end,
     /// device-dirty pages are written back.
+    ///
+    /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
+    /// y.as_mut_ptr(), a)` (see [`KernelArgs`](super::args::KernelArgs)).
     pub fn launch(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: impl super::args::KernelArgs,
+    ) -> Result<LaunchReport, MirrorError> {
+        args.with_words(|words| self.launch_words(kernel, n, words))
+    }
+
+    fn launch_words(
         &self,
         kernel: &B::Kernel,
         n: u32,

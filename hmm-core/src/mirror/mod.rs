@@ -105,6 +105,7 @@
 //! The generic [`conformance`] suite, including the port of the kernel's
 //! HMM selftests, is what every backend runs.
 
+pub mod args;
 pub mod backend;
 pub mod conformance;
 mod core;
