@@ -4,6 +4,8 @@
 //! callbacks, release the same subscriptions exactly once, and leave the
 //! same tree.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -174,7 +176,7 @@ impl Real {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(common::cases(400))]
     #[test]
     fn registry_matches_naive_model(ops in prop::collection::vec(op(), 1..60)) {
         let mut m = Model::default();

@@ -226,13 +226,19 @@ impl HostSpace {
     /// mirrored. Without userfaultfd, does nothing.
     pub fn watch(&self, range: VaRange) -> Result<(), HostError> {
         if let Some(m) = &self.monitor {
-            m.watch(range)?;
-            self.watches
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(range);
+            {
+                // Register and record under one lock, the lock `unwatch`
+                // holds while it computes and unregisters what no watch
+                // covers: otherwise an `unwatch` of an overlapping (dead)
+                // range could run between the two, unregister the range we
+                // just registered, and leave it mirrored with neither
+                // events nor write tracking (found by `hmm-stress`).
+                let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+                m.watch(range)?;
+                w.push(range);
+            }
             if let Some(t) = &self.tracker {
-                t.arm(range)?;
+                arm_retrying(t, range)?;
             }
             // Events cover it from now on: trust the cache there. (Callers
             // choose regions from a fresh read of the maps, so what is
@@ -249,8 +255,9 @@ impl HostSpace {
         };
         // Drop one matching watch, then unregister only the parts of
         // `range` no remaining watch covers.
+        // Held until the kernel registrations are dropped (see `watch`).
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let uncovered = {
-            let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = w.iter().position(|r| *r == range) {
                 w.swap_remove(i);
             }
@@ -277,6 +284,7 @@ impl HostSpace {
             self.maps.untrust(piece);
             m.unwatch(piece)?;
         }
+        drop(w);
         Ok(())
     }
 
@@ -333,5 +341,27 @@ impl HostSpace {
             self.space.invalidate(r, EventKind::CpuWrite);
         }
         Ok(pages)
+    }
+}
+
+/// Arms write tracking of a freshly watched range. The kernel refuses
+/// `UFFDIO_WRITEPROTECT` with `EAGAIN` while a non-cooperative event (an
+/// `munmap` or `madvise` anywhere in the process) waits to be read; the
+/// monitor thread reads it promptly, so retry for a bounded time instead of
+/// giving the range up as unwatched (found by `hmm-stress`). Callers hold
+/// no lock the monitor's sink could need.
+fn arm_retrying(t: &WriteTracker, range: VaRange) -> Result<(), HostError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match t.arm(range) {
+            Err(crate::cpu::write_track::TrackError::Protect(
+                crate::cpu::uffd::UffdError::Ioctl { ref source, .. },
+            )) if source.raw_os_error() == Some(libc::EAGAIN)
+                && t0.elapsed() < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::yield_now();
+            }
+            r => return Ok(r?),
+        }
     }
 }
