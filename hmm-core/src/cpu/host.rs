@@ -291,8 +291,11 @@ impl HostSpace {
     /// Tells write tracking that `pages` were just written by the mirror
     /// itself (a device write-back), so the next sync point does not report
     /// them as CPU writes and drop the device copies that are now equal to
-    /// them. A CPU write racing the write-back (a data race in the
-    /// application, during a launch) may then go unreported.
+    /// them. Callers must protect *before* they copy the pages or check
+    /// them: a CPU write that lands before the protection is then in what
+    /// they copied (or shows as a difference when they verify), and one
+    /// after it is reported by the next sync point. Protecting after
+    /// copying would swallow a CPU write landing in between.
     pub fn rearm_after_writeback(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
         let Some(t) = &self.tracker else {
             return Ok(());
