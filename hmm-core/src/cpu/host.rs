@@ -320,15 +320,19 @@ impl HostSpace {
     /// page since the last sync point becomes a [`EventKind::CpuWrite`]
     /// invalidation of exactly the written pages (degraded: of each whole
     /// watched range). Returns the number of pages invalidated.
+    ///
+    /// After the scan it waits (bounded, 1 s) until the monitor has read
+    /// and handled every pending kernel event: an `munmap`/`madvise` that
+    /// returned before (or ran during) the scan has had its event read,
+    /// but maybe not yet its invalidation — and the scan cannot report
+    /// writes to pages that are gone.
     pub fn sync_point(&self) -> Result<u64, HostError> {
         let Some(m) = &self.monitor else {
             return Ok(0);
         };
-        let Some(t) = &self.tracker else {
-            return Ok(0);
-        };
         let mut runs = Vec::new();
-        for w in m.watched() {
+        for w in self.tracker.as_ref().map_or(Vec::new(), |_| m.watched()) {
+            let Some(t) = &self.tracker else { break };
             if t.collect_into(w, &mut runs).is_err() {
                 // The kernel refuses to scan a range whose mapping changed
                 // under us (EPERM: no longer registered, e.g. unmapped and
@@ -338,6 +342,7 @@ impl HostSpace {
                 runs.push(w);
             }
         }
+        m.quiesce(std::time::Duration::from_secs(1));
         let mut pages = 0;
         for r in runs {
             pages += r.pages();
