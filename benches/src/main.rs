@@ -120,7 +120,7 @@ fn mirror_vs_pin(mib: u64) -> Result<(), Box<dyn std::error::Error>> {
             None
         };
         let setup = t0.elapsed();
-        m.launch(&kernel, probes, &args)?;
+        m.launch(&kernel, probes, args)?;
         let total = t0.elapsed();
         if let Some(p) = pin {
             m.unpin(p)?;

@@ -330,7 +330,7 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
             });
         }
         let src = a.base + (first * PAGE) as u64;
-        let r = m.launch(k, (n * WPP) as u32, &[src, out.addr()]);
+        let r = m.launch(k, (n * WPP) as u32, [src, out.addr()]);
         add(&a.c.launches, 1);
         add(&a.c.ops, 1);
         let raced = |p: usize, b: &Before| {

@@ -96,7 +96,7 @@ fn teardown_under_a_live_mirror_waits_for_work_and_allocates_nothing() {
     let copy = m.backend().test_kernel(TestKernel::CopyU32).expect("k");
     for (i, t) in maps.iter().enumerate() {
         t.write_word(0, i as u32);
-        m.launch(&copy, 1, &[t.addr(), out.addr()]).expect("launch");
+        m.launch(&copy, 1, [t.addr(), out.addr()]).expect("launch");
         assert_eq!(out.read_word(0), i as u32);
     }
     let regions = m.regions().len();
@@ -118,7 +118,7 @@ fn teardown_under_a_live_mirror_waits_for_work_and_allocates_nothing() {
     });
     let launcher = {
         let m = Arc::clone(&m);
-        std::thread::spawn(move || m.launch(&hold, 1, &[]).map(|_| ()))
+        std::thread::spawn(move || m.launch(&hold, 1, []).map(|_| ()))
     };
     while !STARTED.load(Ordering::SeqCst) {
         std::thread::yield_now();
@@ -155,7 +155,7 @@ fn teardown_under_a_live_mirror_waits_for_work_and_allocates_nothing() {
     // mirror still drops cleanly, removing every subscription.
     let fresh = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     assert!(matches!(
-        m.launch(&copy, 1, &[fresh.addr(), out.addr()]),
+        m.launch(&copy, 1, [fresh.addr(), out.addr()]),
         Err(hmm_core::mirror::MirrorError::Config(_))
     ));
     let m = Arc::into_inner(m).expect("sole owner");

@@ -613,7 +613,7 @@ impl EventMonitor {
         let t0 = std::time::Instant::now();
         loop {
             let s = self.shared.busy.load(Ordering::SeqCst);
-            if s % 2 == 0 && !self.readable() {
+            if s.is_multiple_of(2) && !self.readable() {
                 // Nothing queued, nothing in hand — unless a batch started
                 // between the two checks; then it must be waited for too.
                 if self.shared.busy.load(Ordering::SeqCst) == s {

@@ -237,7 +237,7 @@ fn device_copy<B: TestKernels>(
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    m.launch(&k, words as u32, &[src, out.addr()])
+    m.launch(&k, words as u32, [src, out.addr()])
 }
 
 /// Kernel test `anon_read`: the device reads anonymous memory the CPU
@@ -305,7 +305,7 @@ pub fn anon_write<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (pages * WPP) as u32, &[dst.addr(), 1000])
+    m.launch(&k, (pages * WPP) as u32, [dst.addr(), 1000])
         .expect("launch");
     for i in 0..pages * WPP {
         assert_eq!(dst.read_word(i), 1000 + i as u32);
@@ -326,7 +326,7 @@ pub fn anon_write_prot<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    match m.launch(&k, (2 * WPP) as u32, &[dst.addr(), 7]) {
+    match m.launch(&k, (2 * WPP) as u32, [dst.addr(), 7]) {
         Err(MirrorError::DeviceFault {
             write: true,
             reason: AccessError::ReadOnly,
@@ -339,7 +339,7 @@ pub fn anon_write_prot<B: TestKernels>(b: B) {
     dst.protect(libc::PROT_READ | libc::PROT_WRITE);
     h.maps().invalidate(dst.range());
     h.space().invalidate(dst.range(), EventKind::Protection);
-    m.launch(&k, (2 * WPP) as u32, &[dst.addr(), 7])
+    m.launch(&k, (2 * WPP) as u32, [dst.addr(), 7])
         .expect("writable now");
     assert_eq!(dst.read_word(5), 12);
 }
@@ -414,7 +414,7 @@ pub fn anon_write_huge<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, 0x20_0000 / 4, &[start, 0]).expect("launch");
+    m.launch(&k, 0x20_0000 / 4, [start, 0]).expect("launch");
     let off = ((start - big.addr()) / 4) as usize;
     for i in (0..0x20_0000 / 4).step_by(997) {
         assert_eq!(big.read_word(off + i), i as u32);
@@ -469,7 +469,7 @@ pub fn file_write<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (4 * WPP) as u32, &[dst.addr(), 0x100])
+    m.launch(&k, (4 * WPP) as u32, [dst.addr(), 0x100])
         .expect("launch");
     f.rewind().expect("seek");
     let mut buf = vec![0u8; 4 * PAGE_SIZE as usize];
@@ -594,7 +594,7 @@ pub fn double_map<B: TestKernels>(b1: B, b2: B) {
         .backend()
         .test_kernel(TestKernel::IncrementU32)
         .expect("kernel");
-    m1.launch(&inc, (2 * WPP) as u32, &[src.addr()])
+    m1.launch(&inc, (2 * WPP) as u32, [src.addr()])
         .expect("m1 write");
     assert_eq!(src.read_word(9), 6);
     device_copy(&m2, src.addr(), &out2, 2 * WPP).expect("m2 re-read");
@@ -626,7 +626,7 @@ pub fn eviction_under_a_small_pool<B: TestKernels>(b: B) {
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
     for p in 0..32u64 {
-        m.launch(&k, WPP as u32, &[src.addr() + p * PAGE_SIZE, out.addr()])
+        m.launch(&k, WPP as u32, [src.addr() + p * PAGE_SIZE, out.addr()])
             .expect("launch");
         assert_eq!(out.read_word(17), (p as usize * WPP + 17) as u32);
     }
@@ -665,7 +665,7 @@ pub fn dirty_pages_survive_eviction<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (16 * WPP) as u32, &[dst.addr(), 9])
+    m.launch(&k, (16 * WPP) as u32, [dst.addr(), 9])
         .expect("launch");
     for i in (0..16 * WPP).step_by(101) {
         assert_eq!(dst.read_word(i), 9 + i as u32);
@@ -698,7 +698,7 @@ pub fn linked_list<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::ListSum)
         .expect("kernel");
-    m.launch(&k, 1, &[head, outp]).expect("launch");
+    m.launch(&k, 1, [head, outp]).expect("launch");
     // SAFETY: `out` is live; volatile so the device's write-back is read.
     assert_eq!(unsafe { std::ptr::read_volatile(outp as *const u64) }, want);
     drop(nodes);
@@ -866,7 +866,7 @@ pub fn read_mostly_duplication<B: TestKernels>(b1: B, b2: B) {
         .backend()
         .test_kernel(TestKernel::IncrementU32)
         .expect("kernel");
-    m2.launch(&inc, (4 * WPP) as u32, &[src.addr()])
+    m2.launch(&inc, (4 * WPP) as u32, [src.addr()])
         .expect("m2 write");
     device_copy(&m1, src.addr(), &out1, 4 * WPP).expect("m1 read after write");
     assert_eq!(out1.read_word(5), 9, "the write collapsed m1's copy");
@@ -914,7 +914,7 @@ pub fn bad_ranges_are_typed_errors<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    let r = m.launch(&k, 0, &[0, 0]).expect("an empty launch");
+    let r = m.launch(&k, 0, [0, 0]).expect("an empty launch");
     assert_eq!((r.faults, r.pages_in, r.pages_out), (0, 0, 0));
     assert!(matches!(
         VaRange::from_start_len(VirtAddr(0x10000), 0),
@@ -976,12 +976,7 @@ pub fn wild_device_pointers_are_typed_faults<B: TestKernels>(b: B) {
             false,
             AccessError::Unmapped,
         );
-        expect_fault(
-            m.launch(&fill, 1, &[at, 0]),
-            at,
-            true,
-            AccessError::Unmapped,
-        );
+        expect_fault(m.launch(&fill, 1, [at, 0]), at, true, AccessError::Unmapped);
     }
     assert_eq!(m.stats().pool_used, 0);
     // The mirror is still usable.
@@ -1140,7 +1135,7 @@ pub fn kernel_outliving_its_mirror<B: TestKernels>(b1: B, b2: B) {
     let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     src.fill(|i| i as u32);
-    match m2.launch(&k, WPP as u32, &[src.addr(), out.addr()]) {
+    match m2.launch(&k, WPP as u32, [src.addr(), out.addr()]) {
         Ok(_) => assert_eq!(out.read_word(77), 77),
         Err(MirrorError::Backend(e)) => eprintln!("foreign kernel refused: {e}"),
         Err(e) => panic!("expected success or a backend error, got {e}"),
@@ -1256,7 +1251,7 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         let wrong = |r: Result<(), MirrorError>| matches!(r, Err(MirrorError::WrongProcess { .. }));
-        let ok = wrong(m.launch(&k, WPP as u32, &args).map(|_| ()))
+        let ok = wrong(m.launch(&k, WPP as u32, args).map(|_| ()))
             && wrong(m.prefetch(range, false).map(|_| ()))
             && wrong(m.pin(range).map(|_pin| ()))
             && !m.flush_releases();
