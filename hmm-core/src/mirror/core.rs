@@ -1155,8 +1155,16 @@ impl<B: Backend> Mirror<B> {
         }
         // Populating for write resolved the pages' write protection, which
         // the next sync point would report as CPU writes; the device copy
-        // equals the CPU page now, so protect them again.
-        let _ = inner.host.rearm_after_writeback(&addrs);
+        // equals the CPU page now, so protect them again. A read fault
+        // populates for read, which leaves the protection alone: the pages
+        // are still armed (by `watch`, or re-protected by the last sync
+        // point's scan), and a CPU write since the snapshot must stay
+        // reported. Skipping the re-arm there saves one write-protect ioctl
+        // (and its TLB flush) per page; at worst a page the CPU wrote before
+        // the snapshot is invalidated once more than needed.
+        if write {
+            let _ = inner.host.rearm_after_writeback(&addrs);
+        }
         Counters::add(&inner.counters.pages_in, todo.len() as u64);
         Ok(Attempt::Done(todo.len() as u64))
     }
