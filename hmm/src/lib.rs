@@ -109,6 +109,7 @@ pub enum OpenError {
 
 /// A device of any driver. Implements [`Backend`] by delegation.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
 pub enum Device {
     /// The cpu driver.
     Cpu(CpuDevice),

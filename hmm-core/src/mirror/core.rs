@@ -776,6 +776,18 @@ impl<B: Backend> Mirror<B> {
             }
             same
         });
+        // Oversubscription: a round that maps more pages than half the
+        // evictable pool evicts its own earlier pages (they are not yet
+        // accessed, so CLOCK takes them first) and the replay faults on
+        // them again — a livelock once the faulting working set exceeds
+        // the pool (3x did, every round). Service the lowest pages that
+        // fit; the other invocations are in the replay list anyway and
+        // fault again next round, so every round completes some.
+        let evictable = {
+            let dev = relock(&self.inner.dev);
+            (dev.pool.capacity() as usize).saturating_sub(dev.pinned_slots.len())
+        };
+        pf.truncate((evictable / 2).max(1));
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = self.inner.host.maps().new_epoch();
         for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
