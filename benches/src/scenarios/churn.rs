@@ -54,7 +54,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
                     Vec::new()
                 };
                 let args = [buf.as_ptr() as u64, out.as_mut_ptr() as u64, n, w];
-                m.launch(&k, chunks as u32, &args)?;
+                m.launch(&k, chunks as u32, args)?;
                 meter.note(&m);
                 unpin_all(&m, pins)?;
                 meter.off_clock(|| {

@@ -41,7 +41,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
             })?,
             _ => {}
         }
-        m.launch(&k, n.div_ceil(w) as u32, &args)?;
+        m.launch(&k, n.div_ceil(w) as u32, args)?;
         meter.note(&m);
         unpin_all(&m, pins)?;
         let s = meter.finish(&m);

@@ -48,7 +48,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
                 for pass in 0..PASSES {
                     if strategy == "mirror" {
                         let args = [data.as_ptr() as u64, out.as_mut_ptr() as u64, n, w];
-                        m.launch(&k, chunks as u32, &args)?;
+                        m.launch(&k, chunks as u32, args)?;
                         meter.note(&m);
                     } else {
                         let ro = range_of(&out)?;
@@ -63,7 +63,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
                             let tile = VaRange::from_start_len(hmm_core::VirtAddr(base), len * 4)?;
                             let p = meter.setup(|| m.pin(tile))?;
                             let outp = out.as_mut_ptr() as u64 + (at / w) * 4;
-                            m.launch(&k, len.div_ceil(w) as u32, &[base, outp, len, w])?;
+                            m.launch(&k, len.div_ceil(w) as u32, [base, outp, len, w])?;
                             meter.note(&m);
                             m.unpin(p)?;
                             at += len;

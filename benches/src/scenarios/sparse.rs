@@ -57,7 +57,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
                 } else {
                     Vec::new()
                 };
-                m.launch(&k, n as u32, &args)?;
+                m.launch(&k, n as u32, args)?;
                 meter.note(&m);
                 unpin_all(&m, pins)?;
                 let s = meter.finish(&m);
