@@ -22,15 +22,36 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// 4 KiB chunks of `staging` (which must hold `srcs.len()` pages). Returns,
 /// per page, whether it was read; an unreadable page's chunk is zeroed.
 pub(crate) fn read_pages(srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<bool>) {
+    let staging = &mut staging[..srcs.len() * PAGE];
+    let dsts: Vec<*mut u8> = staging
+        .chunks_exact_mut(PAGE)
+        .map(|c| c.as_mut_ptr())
+        .collect();
+    // SAFETY: each pointer is a distinct 4 KiB chunk of `staging`, which we
+    // borrow mutably for the call and do not touch otherwise meanwhile.
+    unsafe { read_pages_to(srcs, &dsts, ok) }
+}
+
+/// Reads the page at `srcs[k]` into the 4 KiB at `dsts[k]` (for example a
+/// host-addressable pool slot), `IOV_MAX` pages per system call. Returns,
+/// per page, whether it was read; an unreadable page's destination is
+/// zeroed.
+///
+/// # Safety
+///
+/// Every `dsts[k]` is valid for writes of 4096 bytes, the destinations are
+/// pairwise disjoint and disjoint from every source page, and nothing else
+/// reads or writes them during the call.
+pub(crate) unsafe fn read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>) {
     ok.clear();
     ok.resize(srcs.len(), false);
-    let staging = &mut staging[..srcs.len() * PAGE];
     let mut i = 0;
     while i < srcs.len() {
         let n = (srcs.len() - i).min(IOV_MAX);
-        let local: Vec<libc::iovec> = (i..i + n)
-            .map(|k| libc::iovec {
-                iov_base: staging[k * PAGE..].as_mut_ptr().cast(),
+        let local: Vec<libc::iovec> = dsts[i..i + n]
+            .iter()
+            .map(|d| libc::iovec {
+                iov_base: d.cast(),
                 iov_len: PAGE,
             })
             .collect();
@@ -41,10 +62,10 @@ pub(crate) fn read_pages(srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<boo
                 iov_len: PAGE,
             })
             .collect();
-        // SAFETY: `local` describes `n` disjoint 4 KiB chunks of `staging`,
-        // which we borrow mutably for the call; `remote` names addresses in
-        // our own process that the kernel validates itself (a missing page
-        // is an EFAULT, not a crash). Nothing else aliases `staging`.
+        // SAFETY: `local` describes `n` disjoint writable 4 KiB
+        // destinations nothing else touches (caller); `remote` names
+        // addresses in our own process that the kernel validates itself (a
+        // missing page is an EFAULT, not a crash).
         let got = unsafe {
             libc::process_vm_readv(
                 libc::getpid(),
@@ -62,7 +83,8 @@ pub(crate) fn read_pages(srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<boo
         if full < n {
             // Page i+full is bad (or the copy was cut short inside it).
             let bad = i + full;
-            staging[bad * PAGE..(bad + 1) * PAGE].fill(0);
+            // SAFETY: `dsts[bad]` is valid for 4096 bytes of writes (caller).
+            unsafe { std::ptr::write_bytes(dsts[bad], 0, PAGE) };
             i = bad + 1;
         } else {
             i += n;
