@@ -23,10 +23,17 @@
 //! stores. The `cpu` driver buffers an invocation's stores until it
 //! completes; a GPU's stores before a fault are visible, so the WGSL
 //! `saxpy` ([`WGSL_SAXPY`]) first touches every page its span covers —
-//! `x` for reading, `y` for writing, by storing back the value it just
-//! loaded, which changes nothing — and only then computes: after those
-//! probes nothing can fault (an invalidation waits for the launch), so
-//! its real stores happen exactly once.
+//! `y` for writing (an atomic add of 0, which changes nothing), then `x`
+//! for reading — and only then computes: after those probes nothing can
+//! fault (an invalidation waits for the launch), so its real stores happen
+//! exactly once.
+//!
+//! Both `saxpy` versions declare their intent to write `y` before reading
+//! it (the atomic add of 0 on the first and last word of the span). A
+//! mirror maps read faults read-only until a region has been written
+//! (`hmm_core::mirror`: pages only read need no twin); a kernel that read
+//! `y` first would fault once more per page of `y` to upgrade, and on the
+//! `cpu` driver redo its whole span.
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
@@ -82,6 +89,11 @@ impl BenchKernels for CpuDevice {
             let a = lane.args();
             let (x, y, s, n, w) = (a[0], a[1], a[2] as u32, a[3], a[4]);
             let (mut j, end) = span(i, n, w);
+            if j < end {
+                // Write intent first: `y` faults in writable, once.
+                lane.atomic_add_u32(y + j * 4, 0)?;
+                lane.atomic_add_u32(y + (end - 1) * 4, 0)?;
+            }
             let mut xs = [0u32; LANE_CHUNK];
             let mut ys = [0u32; LANE_CHUNK];
             // Load everything this invocation reads before its first store.
@@ -148,13 +160,12 @@ fn hmm_kernel(i: u32) {
         return;
     }
     let end = min(start + w, n);
-    // Every access that can fault, before any store that changes a value.
+    // Every access that can fault, before any store that changes a value:
+    // y for writing first (adding 0 changes nothing), then x for reading.
+    _ = hmm_atomic_add_u32(hmm_index(y, start, 4u), 0u);
+    _ = hmm_atomic_add_u32(hmm_index(y, end - 1u, 4u), 0u);
     _ = hmm_load_u32(hmm_index(x, start, 4u));
     _ = hmm_load_u32(hmm_index(x, end - 1u, 4u));
-    let yf = hmm_index(y, start, 4u);
-    hmm_store_u32(yf, hmm_load_u32(yf));
-    let yl = hmm_index(y, end - 1u, 4u);
-    hmm_store_u32(yl, hmm_load_u32(yl));
     if hmm_faulted() {
         return;
     }

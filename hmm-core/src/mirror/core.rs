@@ -96,6 +96,10 @@ struct RegionSlot<B: Backend> {
     range: VaRange,
     sub: Option<Subscription<Region<B>>>,
     dead: bool,
+    /// The region has taken a write fault: its read faults map writable
+    /// pages writable (saving upgrade faults); until then they map
+    /// read-only, which needs no twin.
+    written: bool,
 }
 
 /// Pages mapped by [`Mirror::pin`].
@@ -970,6 +974,7 @@ impl<B: Backend> Mirror<B> {
                 range,
                 sub: Some(sub),
                 dead: false,
+                written: false,
             },
         );
         drop(dev);
@@ -1124,6 +1129,18 @@ impl<B: Backend> Mirror<B> {
             });
         }
         let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(piece));
+        // Read faults map writable only in regions that have been written
+        // by the device: data a kernel only reads then needs no twin (a
+        // 4 KiB copy, and first-touch memory, per page), while a region a
+        // kernel writes pays one upgrade fault per page at most once, then
+        // maps writable straight away.
+        let region_written = match dev.regions.get_mut(&region_start) {
+            Some(r) => {
+                r.written |= write;
+                r.written
+            }
+            None => false,
+        };
         // Pages to install: not mapped, or mapped read-only but wanted for write.
         let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
         for (va, st) in piece.page_addrs().zip(states) {
@@ -1139,7 +1156,7 @@ impl<B: Backend> Mirror<B> {
             let writable = if write {
                 true
             } else {
-                cpu_writable && !read_mostly && !multi
+                cpu_writable && region_written && !read_mostly && !multi
             };
             match dev.table.lookup(va) {
                 Some(p) if p.writable() || !writable => {}
@@ -1195,8 +1212,19 @@ impl<B: Backend> Mirror<B> {
         // protection, leaving a stale device copy that no later sync point
         // dropped — `hmm-stress` found it. A failed protect leaves the pages
         // reported as written: conservative.
+        //
+        // A read fault populates for read, which leaves the protection
+        // alone: its pages are still armed (by `watch`, or re-protected by
+        // the last sync point's scan) unless the CPU wrote them since — and
+        // such a page stays reported as written until the next sync point
+        // drops its device copy, which is merely conservative. So only
+        // write faults re-arm: one write-protect ioctl (and its TLB flush)
+        // less per run of read-faulted pages, most of a sparse launch's
+        // system calls.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
-        let _ = inner.host.rearm_after_writeback(&addrs);
+        if write {
+            let _ = inner.host.rearm_after_writeback(&addrs);
+        }
         // Copy in with `process_vm_readv`, which survives vanished pages:
         // straight into the slots when the pool is host memory and every
         // slot is fresh (a failed read then only spoils slots that are

@@ -48,20 +48,8 @@ pub(crate) unsafe fn read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut
     let mut i = 0;
     while i < srcs.len() {
         let n = (srcs.len() - i).min(IOV_MAX);
-        let local: Vec<libc::iovec> = dsts[i..i + n]
-            .iter()
-            .map(|d| libc::iovec {
-                iov_base: d.cast(),
-                iov_len: PAGE,
-            })
-            .collect();
-        let remote: Vec<libc::iovec> = srcs[i..i + n]
-            .iter()
-            .map(|a| libc::iovec {
-                iov_base: a.as_mut_ptr(),
-                iov_len: PAGE,
-            })
-            .collect();
+        let local = coalesce(dsts[i..i + n].iter().map(|d| (d.cast(), PAGE)));
+        let remote = coalesce(srcs[i..i + n].iter().map(|a| (a.as_mut_ptr(), PAGE)));
         // SAFETY: `local` describes `n` disjoint writable 4 KiB
         // destinations nothing else touches (caller); `remote` names
         // addresses in our own process that the kernel validates itself (a
@@ -70,9 +58,9 @@ pub(crate) unsafe fn read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut
             libc::process_vm_readv(
                 libc::getpid(),
                 local.as_ptr(),
-                n as libc::c_ulong,
+                local.len() as libc::c_ulong,
                 remote.as_ptr(),
-                n as libc::c_ulong,
+                remote.len() as libc::c_ulong,
                 0,
             )
         };
@@ -90,6 +78,30 @@ pub(crate) unsafe fn read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut
             i += n;
         }
     }
+}
+
+/// `(address, len)` pieces as iovecs, adjacent pieces merged: the kernel
+/// pins the remote pages of one iovec under one `mmap_lock` round trip,
+/// so a run of consecutive pages costs one lookup instead of one per page
+/// (half the time of a large copy went to per-iovec overhead). Both sides
+/// of a `process_vm_*` call are consumed in order, byte by byte, so
+/// merging either side leaves the byte count returned — and what it says
+/// about which pieces were moved — unchanged.
+fn coalesce(pieces: impl Iterator<Item = (*mut libc::c_void, usize)>) -> Vec<libc::iovec> {
+    let mut v: Vec<libc::iovec> = Vec::new();
+    for (base, len) in pieces {
+        if let Some(last) = v.last_mut() {
+            if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
+                last.iov_len += len;
+                continue;
+            }
+        }
+        v.push(libc::iovec {
+            iov_base: base,
+            iov_len: len,
+        });
+    }
+    v
 }
 
 /// The byte runs where `new` differs from `old` (equal lengths), as
@@ -166,20 +178,16 @@ pub(crate) fn write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
     let mut i = 0;
     while i < runs.len() {
         let n = (runs.len() - i).min(IOV_MAX);
-        let local: Vec<libc::iovec> = runs[i..i + n]
-            .iter()
-            .map(|(_, b)| libc::iovec {
-                iov_base: b.as_ptr().cast_mut().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let remote: Vec<libc::iovec> = runs[i..i + n]
-            .iter()
-            .map(|(a, b)| libc::iovec {
-                iov_base: a.as_mut_ptr(),
-                iov_len: b.len(),
-            })
-            .collect();
+        let local = coalesce(
+            runs[i..i + n]
+                .iter()
+                .map(|(_, b)| (b.as_ptr().cast_mut().cast(), b.len())),
+        );
+        let remote = coalesce(
+            runs[i..i + n]
+                .iter()
+                .map(|(a, b)| (a.as_mut_ptr(), b.len())),
+        );
         // SAFETY: `local` only describes the borrowed byte slices, which the
         // kernel reads; the remote side is our own address space, checked
         // by the kernel (EFAULT for missing pages); the caller checked
@@ -188,9 +196,9 @@ pub(crate) fn write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
             libc::process_vm_writev(
                 libc::getpid(),
                 local.as_ptr(),
-                n as libc::c_ulong,
+                local.len() as libc::c_ulong,
                 remote.as_ptr(),
-                n as libc::c_ulong,
+                remote.len() as libc::c_ulong,
                 0,
             )
         };
