@@ -28,12 +28,15 @@
 //! fault (an invalidation waits for the launch), so its real stores happen
 //! exactly once.
 //!
-//! Both `saxpy` versions declare their intent to write `y` before reading
-//! it (the atomic add of 0 on the first and last word of the span). A
-//! mirror maps read faults read-only until a region has been written
-//! (`hmm_core::mirror`: pages only read need no twin); a kernel that read
-//! `y` first would fault once more per page of `y` to upgrade, and on the
-//! `cpu` driver redo its whole span.
+//! `saxpy` and `chunk_sum` declare their intent to write before their
+//! first load: an atomic add of 0 on the words they will store (it has no
+//! effect, so running it again on a replay is harmless). An invocation
+//! stops at its first fault, so a store that faults after a span was
+//! loaded and summed throws that work away and the replay does it again —
+//! for `chunk_sum` over fresh output that was a second full pass over the
+//! data. And a mirror maps read faults read-only until a region has been
+//! written (`hmm_core::mirror`: pages only read need no twin), so a kernel
+//! that read `y` before writing it would also fault once more per page.
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
@@ -121,6 +124,8 @@ impl BenchKernels for CpuDevice {
             let a = lane.args();
             let (data, out, n, w) = (a[0], a[1], a[2], a[3]);
             let (mut j, end) = span(i, n, w);
+            // Write intent first: the output faults in before the loads.
+            lane.atomic_add_u32(out + u64::from(i) * 4, 0)?;
             let mut buf = [0u32; LANE_CHUNK];
             let mut sum = 0u32;
             while j < end {
@@ -190,8 +195,12 @@ fn hmm_kernel(i: u32) {
 pub const WGSL_CHUNK_SUM: &str = r#"
 fn hmm_kernel(i: u32) {
     let data = hmm_arg_ptr(0u);
+    let outp = hmm_index(hmm_arg_ptr(1u), i, 4u);
     let n = hmm_arg_u32(2u);
     let w = hmm_arg_u32(3u);
+    // Write intent first (adding 0 changes nothing): the output faults in
+    // before the loads, not after a whole span was summed.
+    _ = hmm_atomic_add_u32(outp, 0u);
     let start = min(i * w, n);
     let end = min(start + w, n);
     var sum = 0u;
@@ -201,7 +210,7 @@ fn hmm_kernel(i: u32) {
             return;
         }
     }
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), sum);
+    hmm_store_u32(outp, sum);
 }
 "#;
 
