@@ -89,7 +89,7 @@ struct Opts {
     /// it a deadlock.
     #[arg(long, default_value_t = 20)]
     stall: u64,
-    /// Backend: `cpu` (GPU drivers add an arm in `main`).
+    /// Backend: `cpu` or `wgpu` (any adapter wgpu finds; lavapipe counts).
     #[arg(long, default_value = "cpu")]
     backend: String,
 }
@@ -102,9 +102,12 @@ fn main() -> ExitCode {
     }
     let threads_before = thread_count();
     let res = match o.backend.as_str() {
-        "cpu" => stress(&o, || hmm_driver_cpu::CpuDevice::with_threads(2)),
+        "cpu" => stress(&o, || Ok(hmm_driver_cpu::CpuDevice::with_threads(2))),
+        "wgpu" => stress(&o, || {
+            hmm_driver_wgpu::WgpuDevice::open().map_err(|e| format!("no wgpu device: {e}"))
+        }),
         other => {
-            eprintln!("error: unknown backend {other:?} (built: cpu)");
+            eprintln!("error: unknown backend {other:?} (built: cpu, wgpu)");
             return ExitCode::FAILURE;
         }
     };
@@ -391,7 +394,10 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
     }
 }
 
-fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> {
+fn stress<B: TestKernels>(
+    o: &Opts,
+    make: impl FnOnce() -> Result<B, String>,
+) -> Result<(), String> {
     let host = Arc::new(HostSpace::new().map_err(|e| e.to_string())?);
     let uffd = matches!(
         host.event_source(),
@@ -410,7 +416,7 @@ fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> 
         table_pages: 256,
         ..MirrorConfig::default()
     };
-    let m = Mirror::new(Arc::clone(&host), make(), cfg).map_err(|e| e.to_string())?;
+    let m = Mirror::new(Arc::clone(&host), make()?, cfg).map_err(|e| e.to_string())?;
     println!(
         "hmm-stress: backend {}, {} s, {} launcher + {} writer threads, 1 remapper, 1 prefetcher, arena {} pages ({} per chunk), pool {} slots, seed {:#x}",
         m.backend().info(),
