@@ -48,10 +48,21 @@
 //! `u32` words: `[0]` fault count (may exceed the capacity), then
 //! `fault_cap` records of 4 words in [`RawFaultRecord`] order, then a
 //! `2^DEDUP_BITS`-slot hash table that keeps a page from being recorded
-//! more than once per dispatch, then the incomplete bitmap (bit `i` =
-//! invocation `i`). [`ControlLayout`] gives
+//! more than once per dispatch, then one word counting invocations that
+//! completed with their loops cut short by the adapter (see below), then
+//! the incomplete bitmap (bit `i` = invocation `i`). [`ControlLayout`] gives
 //! the offsets and [`ControlLayout::parse`] turns the words into a
 //! [`LaunchOutcome`].
+//!
+//! # Loop budget
+//!
+//! Mesa's llvmpipe (lavapipe) silently ends every loop of an invocation
+//! that has run 65535 loop iterations in all. The library keeps loops off
+//! its hot paths (the page walk is unrolled) and checks for the budget
+//! after every kernel ([`LOOP_PROBE_ITERS`]); a driver that finds
+//! [`ControlLayout::loop_limit_hits`] nonzero fails the launch with
+//! [`loop_limit_message`]. A kernel that needs more iterations should
+//! spread its work over more invocations.
 
 use core::fmt::Write as _;
 
