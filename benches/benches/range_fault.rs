@@ -12,6 +12,8 @@
 //! - `madv_populate_write_*`: the bare `madvise` on the same buffer, the
 //!   floor `range_fault` adds its bookkeeping to.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -26,19 +28,10 @@ struct Buf {
 
 impl Buf {
     fn new(len: usize) -> Buf {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap of {len} bytes failed");
-        Buf { p, len }
+        Buf {
+            p: common::map(len) as *mut libc::c_void,
+            len,
+        }
     }
     fn range(&self) -> VaRange {
         VaRange::from_start_len(VirtAddr(self.p as u64), self.len as u64).expect("range")

@@ -366,8 +366,16 @@ fn fork_child_touching(addr: usize, len: usize) {
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
 }
 
+/// The fork tests run one at a time: a monitor with `EVENT_FORK` makes
+/// *every* fork in the process wait until that monitor reads the event and
+/// hands the child a copy of its userfaultfd; a second test forking at the
+/// same time then depends on the first test's monitor (and its child's
+/// munmap on an event nobody reads), which deadlocked a CI run.
+static FORK_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn fork_without_fork_events_never_waits_for_us() {
+    let _serial = FORK_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     let Some((mon, sink)) = monitor("fork_without_fork_events_never_waits_for_us") else {
         return;
     };
@@ -387,6 +395,7 @@ fn fork_without_fork_events_never_waits_for_us() {
 
 #[test]
 fn fork_events_are_handled_without_hang() {
+    let _serial = FORK_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     if !require_uffd("fork_events_are_handled_without_hang") {
         return;
     }

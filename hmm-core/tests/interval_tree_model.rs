@@ -2,6 +2,8 @@
 //! a naive `Vec` model, plus the tree's structural invariant check after
 //! every step; and a check that queries never touch the heap.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -157,7 +159,7 @@ fn tree_overlapping(t: &IntervalTree<u32>, start: u64, end: u64) -> Vec<(EntryId
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+    #![proptest_config(common::cases(3000))]
 
     #[test]
     fn matches_naive_model(ops in prop::collection::vec(op(), 1..200)) {

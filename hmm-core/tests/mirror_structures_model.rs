@@ -13,6 +13,16 @@
 //!
 //! Pool: random alloc / free / pick_victim / touch sequences against a
 //! `HashMap<slot, va>` with per-slot accessed bits.
+//!
+//! Both together, as the mirror drives them: faults that take a slot
+//! (evicting by CLOCK when the pool is full) and map it, upgrades,
+//! accessed bits, range zaps that free slots — one slot per mapped page
+//! and one mapped page per used slot after every step.
+//!
+//! Long runs: `PROPTEST_CASES=100000 cargo test -p hmm-core --release
+//! --test mirror_structures_model`.
+
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -426,8 +436,133 @@ fn run_pool(cap: u32, ops: Vec<POp>) {
     }
 }
 
+// ------------------------------------------------ table and pool together
+
+/// What the mirror does with both structures, as one state machine.
+#[derive(Clone, Debug)]
+enum MOp {
+    /// A device fault on page `sel` (a write if `w`): map it, taking a
+    /// slot and evicting a victim by CLOCK when the pool is full.
+    Fault { sel: usize, w: bool },
+    /// The device touched page `sel` (sets its accessed bit).
+    Touch(usize),
+    /// An invalidation of a range: unmap it and free its slots.
+    Zap { sel: usize, off: u16, len: u8 },
+}
+
+fn mop() -> impl Strategy<Value = MOp> {
+    prop_oneof![
+        5 => (0..NVA, any::<bool>()).prop_map(|(sel, w)| MOp::Fault { sel, w }),
+        2 => (0..NVA).prop_map(MOp::Touch),
+        2 => (0..NVA, 0u16..4096, any::<u8>()).prop_map(|(sel, off, len)| MOp::Zap { sel, off, len }),
+    ]
+}
+
+/// Model: page → (slot, writable); accessed bits by page. After every
+/// step: one slot per mapped page and one mapped page per used slot, the
+/// slot's owner is the page mapping it, no slot is handed out twice, a
+/// failed map leaves nothing behind, eviction only when the pool is full.
+fn run_mirror(cap: u32, budget: u32, ops: Vec<MOp>) {
+    let mut t = ShadowTable::new(budget).unwrap();
+    let mut p = PagePool::new(cap);
+    let mut m: BTreeMap<u64, (u32, bool)> = BTreeMap::new();
+    let mut accessed: HashMap<u64, bool> = HashMap::new();
+    let mut w = Vec::new();
+    for op in ops {
+        w.clear();
+        match op {
+            MOp::Fault { sel, w: write } => {
+                let va = va_of(sel);
+                match m.get(&va).copied() {
+                    Some((_, wr)) if wr || !write => {}
+                    Some((slot, _)) => {
+                        // Upgrade in place: same slot, now writable.
+                        let got = t.map(VirtAddr(va), Pte::leaf(PoolSlot(slot), true), &mut w);
+                        assert!(got.unwrap().is_some(), "upgrade of a mapped page");
+                        m.insert(va, (slot, true));
+                    }
+                    None => {
+                        let slot = match p.alloc(VirtAddr(va)) {
+                            Some(s) => Some(s),
+                            None => {
+                                assert_eq!(p.used(), cap, "alloc failed with room");
+                                let v = p.pick_victim(
+                                    |_, owner| {
+                                        let a = accessed.entry(owner.get()).or_default();
+                                        std::mem::replace(a, false)
+                                    },
+                                    |_| false,
+                                );
+                                match v {
+                                    None => {
+                                        assert_eq!(cap, 0, "no victim in a full pool");
+                                        None
+                                    }
+                                    Some(v) => {
+                                        let owner = p.owner(v).expect("victim has an owner");
+                                        assert_eq!(m.get(&owner.get()).map(|e| e.0), Some(v.0));
+                                        let mut removed = Vec::new();
+                                        t.unmap_range(
+                                            VaRange::from_start_len(owner, 4096).unwrap(),
+                                            &mut w,
+                                            &mut removed,
+                                        );
+                                        assert_eq!(removed.len(), 1);
+                                        assert_eq!(p.free(v), Some(owner));
+                                        m.remove(&owner.get());
+                                        Some(p.alloc(VirtAddr(va)).expect("a slot after eviction"))
+                                    }
+                                }
+                            }
+                        };
+                        if let Some(s) = slot {
+                            match t.map(VirtAddr(va), Pte::leaf(s, write), &mut w) {
+                                Ok(prev) => {
+                                    assert_eq!(prev, None);
+                                    m.insert(va, (s.0, write));
+                                    accessed.insert(va, false);
+                                }
+                                Err(TableError::OutOfTablePages { .. }) => {
+                                    // The mirror's undo: give the slot back.
+                                    assert_eq!(p.free(s), Some(VirtAddr(va)));
+                                }
+                                Err(e) => panic!("unexpected {e:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+            MOp::Touch(sel) => {
+                let va = va_of(sel);
+                if m.contains_key(&va) {
+                    accessed.insert(va, true);
+                }
+            }
+            MOp::Zap { sel, off, len } => {
+                let r = range_of(va_of(sel) + u64::from(off), len);
+                let mut removed = Vec::new();
+                t.unmap_range(r, &mut w, &mut removed);
+                for (va, pte) in removed {
+                    assert_eq!(m.remove(&va.get()).map(|e| e.0), Some(pte.slot().0));
+                    assert_eq!(p.free(pte.slot()), Some(va));
+                }
+            }
+        }
+        t.check_invariants();
+        assert_eq!(t.mapped_pages(), m.len() as u64);
+        assert_eq!(p.used() as usize, m.len(), "one slot per mapped page");
+        let mut slots = std::collections::HashSet::new();
+        for (va, pte) in t.mapped_in(VaRange::everything()) {
+            let (slot, wr) = m[&va.get()];
+            assert_eq!((pte.slot().0, pte.writable()), (slot, wr));
+            assert!(slots.insert(slot), "slot {slot} mapped twice");
+            assert_eq!(p.owner(PoolSlot(slot)), Some(va), "slot owner");
+        }
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    #![proptest_config(common::cases(1000))]
 
     #[test]
     fn table_matches_model(budget in 1u32..16, ops in prop::collection::vec(top(), 1..60)) {
@@ -437,5 +572,14 @@ proptest! {
     #[test]
     fn pool_matches_model(cap in 0u32..12, ops in prop::collection::vec(pop(), 1..80)) {
         run_pool(cap, ops);
+    }
+
+    #[test]
+    fn table_and_pool_together_match_model(
+        cap in 0u32..10,
+        budget in 1u32..12,
+        ops in prop::collection::vec(mop(), 1..100),
+    ) {
+        run_mirror(cap, budget, ops);
     }
 }

@@ -2,13 +2,19 @@
 //! invalidate sequences, some of them issued while an invalidation is held
 //! open (so insertions and removals are deferred), must call the same
 //! callbacks, release the same subscriptions exactly once, and leave the
-//! same tree.
+//! same tree; half the cases then tear the space down, which must send
+//! exactly the live subscriptions one `Release` each and refuse inserts.
+
+mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hmm_core::error::NotifierError;
 use hmm_core::notifier::{
-    AddressSpace, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, Subscription,
+    AddressSpace, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier,
+    Subscription,
 };
 use hmm_core::{VaRange, VirtAddr};
 use proptest::prelude::*;
@@ -36,6 +42,13 @@ impl IntervalNotifier for Rec {
     }
     fn release(&self) {
         self.log.lock().unwrap().releases.push(self.id);
+    }
+}
+
+struct SpaceRel(AtomicUsize);
+impl SpaceNotifier for SpaceRel {
+    fn release(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -174,9 +187,9 @@ impl Real {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(common::cases(400))]
     #[test]
-    fn registry_matches_naive_model(ops in prop::collection::vec(op(), 1..60)) {
+    fn registry_matches_naive_model(ops in prop::collection::vec(op(), 1..60), teardown in any::<bool>()) {
         let mut m = Model::default();
         let mut real = Real {
             space: AddressSpace::new(),
@@ -259,5 +272,25 @@ proptest! {
         let mut got_tree = real.space.subscribed_ranges();
         got_tree.sort();
         prop_assert_eq!(got_tree, want_tree);
+        if teardown {
+            // Process exit: every subscription in the tree gets exactly one
+            // Release invalidation, every whole-space notifier one release,
+            // and nothing can be added afterwards.
+            let rel = Arc::new(SpaceRel(AtomicUsize::new(0)));
+            real.space.register_notifier(rel.clone()).unwrap();
+            let n = real.inv_no();
+            let before = real.log.lock().unwrap().calls.len();
+            real.space.teardown();
+            let log = real.log.lock().unwrap();
+            prop_assert!(log.calls[before..].iter().all(|c| c.0 == n));
+            let mut got: Vec<u32> = log.calls[before..].iter().map(|c| c.1).collect();
+            drop(log);
+            got.sort_unstable();
+            let want: Vec<u32> = m.in_tree.keys().copied().collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(rel.0.load(Ordering::SeqCst), 1);
+            let refused = real.space.insert(range(0, 0), Rec { id: u32::MAX, log: Arc::clone(&real.log) });
+            prop_assert_eq!(refused.err(), Some(NotifierError::TornDown));
+        }
     }
 }

@@ -148,7 +148,10 @@ fn hmm_record_fault(p: vec2<u32>, flags: u32) {
     // one is still marked incomplete and replayed. Two pages sharing a
     // key (2^31 pages apart) only cost an extra round: the first is
     // mapped, the other records next time.
-    let key = ((((p.x >> 12u) | (p.y << 20u)) << 1u) | select(0u, 1u, flags != 0u)) + 1u;
+    let raw = ((((p.x >> 12u) | (p.y << 20u)) << 1u) | select(0u, 1u, flags != 0u)) + 1u;
+    // 0 marks an empty slot: a key that wrapped to 0 becomes 1 (sharing
+    // a key only costs a round, as above).
+    let key = select(raw, 1u, raw == 0u);
     let h = (key * 2654435761u) >> (32u - HMM_DEDUP_BITS);
     if atomicExchange(&hmm_ctl[1u + 4u * hmm_params.fault_cap + h], key) == key {
         return;

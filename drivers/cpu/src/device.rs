@@ -28,6 +28,7 @@ pub struct CpuDevice {
     subs: Arc<Submissions>,
     hooks: Mutex<Hooks>,
     cancel: Arc<AtomicBool>,
+    resident: bool,
 }
 
 impl Default for CpuDevice {
@@ -62,7 +63,18 @@ impl CpuDevice {
             subs: Arc::new(Submissions::new()),
             hooks: Mutex::new(Hooks::default()),
             cancel: Arc::new(AtomicBool::new(false)),
+            resident: false,
         }
+    }
+
+    /// Makes [`Backend::init`] touch every pool page, so the pool is
+    /// resident from the start, like a GPU's device memory. By default the
+    /// pool comes from `calloc`/`mmap` and each slot's first use costs a
+    /// host page fault — which a benchmark would otherwise charge to
+    /// whichever strategy copies more pages (`hmm-bench` asks for this).
+    pub fn with_resident_pool(mut self) -> Self {
+        self.resident = true;
+        self
     }
 
     /// Number of worker threads.
@@ -146,6 +158,9 @@ unsafe impl Backend for CpuDevice {
             return Err(BackendError::NotInitialised("init ran twice"));
         }
         let mem = Memory::new(config, MAX_POOL_SLOTS)?;
+        if self.resident {
+            mem.touch_pool();
+        }
         let workers = Workers::spawn(self.threads)?;
         *lock(&self.workers) = Some(workers);
         // Cannot fail: `init_lock` is held and `mem` was checked empty.

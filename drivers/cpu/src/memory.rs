@@ -113,6 +113,16 @@ impl Memory {
         })
     }
 
+    /// Writes one word of every pool page, so the host backs the whole
+    /// pool now rather than on each slot's first copy.
+    pub(crate) fn touch_pool(&self) {
+        for w in self.pool.iter().step_by(WORDS_PER_PAGE) {
+            // Relaxed: no device work exists yet (called from `init`), and
+            // zero is the value the word already holds.
+            w.store(0, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Index of the first pool word of `slot`, if the slot exists.
     pub(crate) fn slot_word(&self, slot: PoolSlot) -> Result<usize, BackendError> {
         if slot.0 >= self.pool_slots {

@@ -33,7 +33,7 @@ fn copy_with_mangled_faults(
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    let r = m.launch(&k, n, &[src.addr(), out.addr()]);
+    let r = m.launch(&k, n, [src.addr(), out.addr()]);
     (m, r)
 }
 

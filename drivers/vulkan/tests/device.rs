@@ -180,9 +180,9 @@ fn mirror_scenarios_are_validation_clean() {
         .test_kernel(TestKernel::IncrementU32)
         .expect("inc");
     let words = pages * 1024;
-    m.launch(&copy, words as u32, &[src.addr(), out.addr()])
+    m.launch(&copy, words as u32, [src.addr(), out.addr()])
         .expect("copy launch");
-    m.launch(&inc, words as u32, &[out.addr()])
+    m.launch(&inc, words as u32, [out.addr()])
         .expect("increment");
     for i in (0..words).step_by(517) {
         assert_eq!(out.read_word(i), i as u32 * 3 + 1, "word {i}");

@@ -1,7 +1,7 @@
 //! [`WgpuDevice`]: device memory, copies, launches and their outcomes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ struct Launches {
 
 /// A device opened through wgpu. See the [crate docs](crate).
 pub struct WgpuDevice {
+    /// Unique per opened device in this process.
+    pub(crate) id: u64,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     name: String,
@@ -141,7 +143,10 @@ impl WgpuDevice {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
+        // Relaxed: only uniqueness matters, no other memory is published.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         WgpuDevice {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             device,
             queue,
             name,
@@ -551,6 +556,11 @@ unsafe impl Backend for WgpuDevice {
     ) -> Result<SubmissionId, BackendError> {
         self.check()?;
         let mem = self.memory()?;
+        if kernel.device_id != self.id {
+            return Err(BackendError::Kernel(
+                "kernel was built for another wgpu device".into(),
+            ));
+        }
         if args.len() > MAX_ARGS {
             return Err(BackendError::Kernel(format!(
                 "{} kernel arguments; at most {MAX_ARGS} fit",

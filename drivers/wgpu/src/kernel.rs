@@ -8,6 +8,9 @@ use crate::device::WgpuDevice;
 /// device).
 pub struct WgpuKernel {
     pub(crate) pipeline: wgpu::ComputePipeline,
+    /// The [`WgpuDevice`] that built it (a pipeline of another device
+    /// must never reach wgpu: it would panic).
+    pub(crate) device_id: u64,
 }
 
 impl core::fmt::Debug for WgpuKernel {
@@ -46,6 +49,9 @@ impl WgpuDevice {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(BackendError::Kernel(e.to_string()));
         }
-        Ok(WgpuKernel { pipeline })
+        Ok(WgpuKernel {
+            pipeline,
+            device_id: self.id,
+        })
     }
 }

@@ -226,13 +226,19 @@ impl HostSpace {
     /// mirrored. Without userfaultfd, does nothing.
     pub fn watch(&self, range: VaRange) -> Result<(), HostError> {
         if let Some(m) = &self.monitor {
-            m.watch(range)?;
-            self.watches
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(range);
+            {
+                // Register and record under one lock, the lock `unwatch`
+                // holds while it computes and unregisters what no watch
+                // covers: otherwise an `unwatch` of an overlapping (dead)
+                // range could run between the two, unregister the range we
+                // just registered, and leave it mirrored with neither
+                // events nor write tracking (found by `hmm-stress`).
+                let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+                m.watch(range)?;
+                w.push(range);
+            }
             if let Some(t) = &self.tracker {
-                t.arm(range)?;
+                arm_retrying(t, range)?;
             }
             // Events cover it from now on: trust the cache there. (Callers
             // choose regions from a fresh read of the maps, so what is
@@ -249,8 +255,9 @@ impl HostSpace {
         };
         // Drop one matching watch, then unregister only the parts of
         // `range` no remaining watch covers.
+        // Held until the kernel registrations are dropped (see `watch`).
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let uncovered = {
-            let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = w.iter().position(|r| *r == range) {
                 w.swap_remove(i);
             }
@@ -277,14 +284,18 @@ impl HostSpace {
             self.maps.untrust(piece);
             m.unwatch(piece)?;
         }
+        drop(w);
         Ok(())
     }
 
     /// Tells write tracking that `pages` were just written by the mirror
     /// itself (a device write-back), so the next sync point does not report
     /// them as CPU writes and drop the device copies that are now equal to
-    /// them. A CPU write racing the write-back (a data race in the
-    /// application, during a launch) may then go unreported.
+    /// them. Callers must protect *before* they copy the pages or check
+    /// them: a CPU write that lands before the protection is then in what
+    /// they copied (or shows as a difference when they verify), and one
+    /// after it is reported by the next sync point. Protecting after
+    /// copying would swallow a CPU write landing in between.
     pub fn rearm_after_writeback(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
         let Some(t) = &self.tracker else {
             return Ok(());
@@ -309,15 +320,19 @@ impl HostSpace {
     /// page since the last sync point becomes a [`EventKind::CpuWrite`]
     /// invalidation of exactly the written pages (degraded: of each whole
     /// watched range). Returns the number of pages invalidated.
+    ///
+    /// After the scan it waits (bounded, 1 s) until the monitor has read
+    /// and handled every pending kernel event: an `munmap`/`madvise` that
+    /// returned before (or ran during) the scan has had its event read,
+    /// but maybe not yet its invalidation — and the scan cannot report
+    /// writes to pages that are gone.
     pub fn sync_point(&self) -> Result<u64, HostError> {
         let Some(m) = &self.monitor else {
             return Ok(0);
         };
-        let Some(t) = &self.tracker else {
-            return Ok(0);
-        };
         let mut runs = Vec::new();
-        for w in m.watched() {
+        for w in self.tracker.as_ref().map_or(Vec::new(), |_| m.watched()) {
+            let Some(t) = &self.tracker else { break };
             if t.collect_into(w, &mut runs).is_err() {
                 // The kernel refuses to scan a range whose mapping changed
                 // under us (EPERM: no longer registered, e.g. unmapped and
@@ -327,11 +342,34 @@ impl HostSpace {
                 runs.push(w);
             }
         }
+        m.quiesce(std::time::Duration::from_secs(1));
         let mut pages = 0;
         for r in runs {
             pages += r.pages();
             self.space.invalidate(r, EventKind::CpuWrite);
         }
         Ok(pages)
+    }
+}
+
+/// Arms write tracking of a freshly watched range. The kernel refuses
+/// `UFFDIO_WRITEPROTECT` with `EAGAIN` while a non-cooperative event (an
+/// `munmap` or `madvise` anywhere in the process) waits to be read; the
+/// monitor thread reads it promptly, so retry for a bounded time instead of
+/// giving the range up as unwatched (found by `hmm-stress`). Callers hold
+/// no lock the monitor's sink could need.
+fn arm_retrying(t: &WriteTracker, range: VaRange) -> Result<(), HostError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match t.arm(range) {
+            Err(crate::cpu::write_track::TrackError::Protect(
+                crate::cpu::uffd::UffdError::Ioctl { ref source, .. },
+            )) if source.raw_os_error() == Some(libc::EAGAIN)
+                && t0.elapsed() < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::yield_now();
+            }
+            r => return Ok(r?),
+        }
     }
 }

@@ -45,8 +45,13 @@
 //!   Once `read(2)` returns, the unmapping thread may run on (zap, reuse the
 //!   address range for a new mapping) concurrently with the sink.
 //! - Therefore the monitor thread calls [`InvalidationSink::invalidate`]
-//!   first, before anything else is done with an event (even bookkeeping),
-//!   and a consumer that writes device data back to CPU memory must
+//!   first, before anything else is done with an event (only the in-place
+//!   edit of its watch set comes before it: after the invalidation a new
+//!   mapping at the same addresses may be registered, and a later edit
+//!   would drop that registration from the set); it marks each batch
+//!   busy from before the `read(2)` until the batch went through the sink,
+//!   so a sync point can wait for it ([`EventMonitor::quiesce`]); and a
+//!   consumer that writes device data back to CPU memory must
 //!   re-check its invalidation sequence under its own lock right before the
 //!   write: the sequence advanced by `invalidate` is what closes the window
 //!   between "the kernel changed the mapping" and "the device stopped using
@@ -287,6 +292,10 @@ struct Shared {
     watched: Mutex<RangeSet>,
     counters: Counters,
     failed: AtomicBool,
+    /// Odd while a batch of events is being read and handled (from before
+    /// the `read(2)` until every event of it went through the sink), even
+    /// otherwise; see [`EventMonitor::quiesce`].
+    busy: AtomicU64,
 }
 
 impl Shared {
@@ -303,8 +312,15 @@ impl Shared {
     fn handle(&self, ev: Result<UffdEvent, super::uffd::DecodeError>) {
         match ev {
             Ok(UffdEvent::Unmap { range }) => {
-                self.call_sink(range, EventKind::Unmap);
+                // The set edit comes first (a short in-place edit under a
+                // mutex): once the sink's invalidation has ended, a new
+                // region may register the same addresses (a new mapping
+                // there), and removing the range after that would drop the
+                // new registration from the set — no sync point would scan
+                // it again, and CPU writes to it would go unseen (found by
+                // `hmm-stress`).
                 self.watched().remove(range);
+                self.call_sink(range, EventKind::Unmap);
                 bump(&self.counters.unmap);
             }
             Ok(UffdEvent::Remove { range }) => {
@@ -317,11 +333,12 @@ impl Shared {
                     bump(&self.counters.bad_messages);
                     return;
                 };
+                // Set edit first, as for `Unmap`.
+                self.watched().shift(old, to);
                 self.call_sink(old, EventKind::Remap);
                 if catch_unwind(AssertUnwindSafe(|| self.sink.remapped(from, to, len))).is_err() {
                     bump(&self.counters.sink_panics);
                 }
-                self.watched().shift(old, to);
                 bump(&self.counters.remap);
             }
             Ok(UffdEvent::Fork { child }) => {
@@ -363,17 +380,30 @@ impl Shared {
     fn drain(&self, buf: &mut Vec<Result<UffdEvent, super::uffd::DecodeError>>) -> Result<(), ()> {
         loop {
             buf.clear();
-            match self.uffd.read_events(buf) {
-                Ok(0) => return Ok(()),
+            // Odd from before the read until the batch is handled: the
+            // thread that caused an event resumes when it is read, and
+            // `quiesce` must then find the batch in progress.
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            let r = self.uffd.read_events(buf);
+            let r = match r {
+                Ok(0) => Ok(true),
                 Ok(_) => {
                     for ev in buf.drain(..) {
                         self.handle(ev);
                     }
+                    Ok(false)
                 }
                 Err(UffdError::ShortRead(_)) => {
                     bump(&self.counters.bad_messages);
+                    Ok(false)
                 }
-                Err(_) => return Err(()),
+                Err(_) => Err(()),
+            };
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            match r {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(()) => return Err(()),
             }
         }
     }
@@ -508,6 +538,7 @@ impl EventMonitor {
             sink,
             watched: Mutex::new(set),
             counters: Counters::default(),
+            busy: AtomicU64::new(0),
             failed: AtomicBool::new(false),
         });
         let ready = Arc::new(Barrier::new(2));
@@ -567,6 +598,46 @@ impl EventMonitor {
         self.shared.uffd.unregister(range)?;
         w.remove(range);
         Ok(())
+    }
+
+    /// Waits (up to `timeout`) until no event is waiting to be read and
+    /// none is being handled; returns whether that happened. A thread that
+    /// caused an event (`munmap`, `madvise`, `mremap`) resumes as soon as
+    /// the event is *read*, before its invalidation ran; a sync point calls
+    /// this after scanning for CPU writes, so every event caused before
+    /// (or during) its scan has been through the sink before the launch
+    /// that follows — that launch never runs on device copies such an
+    /// invalidation was about to drop (found by `hmm-stress`). Must not be
+    /// called from a sink (the monitor thread would wait for itself).
+    pub fn quiesce(&self, timeout: std::time::Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.shared.busy.load(Ordering::SeqCst);
+            if s.is_multiple_of(2) && !self.readable() {
+                // Nothing queued, nothing in hand — unless a batch started
+                // between the two checks; then it must be waited for too.
+                if self.shared.busy.load(Ordering::SeqCst) == s {
+                    return true;
+                }
+            }
+            if t0.elapsed() > timeout || self.shared.failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether an event waits to be read (a zero-timeout `poll`).
+    fn readable(&self) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.shared.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the fd stays open for the call (owned
+        // by `self.shared`). A zero timeout never blocks.
+        let r = unsafe { libc::poll(&mut fd, 1, 0) };
+        r > 0 && fd.revents & libc::POLLIN != 0
     }
 
     /// The watched ranges, sorted and coalesced.

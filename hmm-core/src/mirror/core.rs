@@ -362,30 +362,39 @@ impl<B: Backend> Inner<B> {
             }
         }
         // Our own write is not a CPU write: re-protect the pages so the next
-        // sync point does not drop the copies it just made equal — but only
-        // where the CPU page now equals the device copy. If the CPU wrote
-        // other bytes of the page during the launch, leave it reported:
-        // the next sync point must drop the (now stale) device copy.
+        // sync point does not drop the copies it just made equal. Protect
+        // first, then read the pages back: a CPU write after the protection
+        // is reported by the next sync point anyway, and one that landed
+        // between our write and the protection (the CPU wrote other bytes of
+        // the page during the launch) shows as a difference — those device
+        // copies are stale and are dropped right here. (Verifying before
+        // protecting, as this code once did, lost a CPU write landing
+        // between the two.)
         let mut idx: Vec<usize> = Vec::new();
         for (i, (va, _)) in dirty.iter().enumerate() {
             if touched.contains(va) {
                 idx.push(i);
             }
         }
-        let mut vok = Vec::new();
         let check: Vec<VirtAddr> = idx.iter().map(|&i| dirty[i].0).collect();
+        let _ = self.host.rearm_after_writeback(&check);
+        let mut vok = Vec::new();
         hostcopy::read_pages(&check, verify, &mut vok);
-        let written: Vec<VirtAddr> = idx
+        let stale: Vec<VirtAddr> = idx
             .iter()
             .enumerate()
             .filter(|(k, &i)| {
-                vok[*k] && verify[k * PAGE..(k + 1) * PAGE] == staging[i * PAGE..(i + 1) * PAGE]
+                !vok[*k] || verify[k * PAGE..(k + 1) * PAGE] != staging[i * PAGE..(i + 1) * PAGE]
             })
             .map(|(_, &i)| dirty[i].0)
             .collect();
-        let _ = self.host.rearm_after_writeback(&written);
-        let written = check;
-        let n = written.len() as u64;
+        for va in stale {
+            if let Ok(page) = VaRange::from_start_len(va, PAGE_SIZE) {
+                // Already written back: drop without writing again.
+                self.zap(dev, page, false);
+            }
+        }
+        let n = check.len() as u64;
         Counters::add(&self.counters.pages_out, n);
         n
     }
@@ -491,6 +500,11 @@ pub struct Mirror<B: Backend> {
     inner: Arc<Inner<B>>,
     worker: Option<JoinHandle<()>>,
     young: Option<NotifierHandle>,
+    /// The process that created the mirror. A forked child inherits the
+    /// value but none of the threads (release worker, event monitor, the
+    /// backend's own) the mirror needs: it gets
+    /// [`MirrorError::WrongProcess`] instead of a hang.
+    pid: u32,
 }
 
 impl<B: Backend> std::fmt::Debug for Mirror<B> {
@@ -579,6 +593,7 @@ impl<B: Backend> Mirror<B> {
             inner,
             worker: Some(worker),
             young,
+            pid: std::process::id(),
         })
     }
 
@@ -592,8 +607,25 @@ impl<B: Backend> Mirror<B> {
         &self.inner.host
     }
 
-    /// Gives advice for `range`.
+    /// `Err(WrongProcess)` in a forked child. Checked before any lock is
+    /// taken: a lock another thread held at `fork` stays held in the child.
+    fn same_process(&self) -> Result<(), MirrorError> {
+        let now = std::process::id();
+        if now == self.pid {
+            Ok(())
+        } else {
+            Err(MirrorError::WrongProcess {
+                created_in: self.pid,
+                used_in: now,
+            })
+        }
+    }
+
+    /// Gives advice for `range`. Ignored in a forked child.
     pub fn advise(&self, range: VaRange, advice: Advice) {
+        if self.same_process().is_err() {
+            return;
+        }
         let mut dev = relock(&self.inner.dev);
         dev.read_mostly.retain(|r| !r.overlaps(range));
         if advice == Advice::ReadMostly {
@@ -608,12 +640,25 @@ impl<B: Backend> Mirror<B> {
     /// Sync points: at the start, CPU writes since the last sync point are
     /// invalidated (device copies of those pages are dropped); at the end,
     /// device-dirty pages are written back.
+    ///
+    /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
+    /// y.as_mut_ptr(), a)` (see [`KernelArgs`](super::args::KernelArgs)).
     pub fn launch(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: impl super::args::KernelArgs,
+    ) -> Result<LaunchReport, MirrorError> {
+        args.with_words(|words| self.launch_words(kernel, n, words))
+    }
+
+    fn launch_words(
         &self,
         kernel: &B::Kernel,
         n: u32,
         args: &[u64],
     ) -> Result<LaunchReport, MirrorError> {
+        self.same_process()?;
         let inner = &*self.inner;
         let _serial = relock(&inner.launch);
         Counters::add(&inner.counters.launches, 1);
@@ -731,6 +776,18 @@ impl<B: Backend> Mirror<B> {
             }
             same
         });
+        // Oversubscription: a round that maps more pages than half the
+        // evictable pool evicts its own earlier pages (they are not yet
+        // accessed, so CLOCK takes them first) and the replay faults on
+        // them again — a livelock once the faulting working set exceeds
+        // the pool (3x did, every round). Service the lowest pages that
+        // fit; the other invocations are in the replay list anyway and
+        // fault again next round, so every round completes some.
+        let evictable = {
+            let dev = relock(&self.inner.dev);
+            (dev.pool.capacity() as usize).saturating_sub(dev.pinned_slots.len())
+        };
+        pf.truncate((evictable / 2).max(1));
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = self.inner.host.maps().new_epoch();
         for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
@@ -749,6 +806,7 @@ impl<B: Backend> Mirror<B> {
     /// the user's way to turn faults into one bulk copy. Returns pages
     /// copied in.
     pub fn prefetch(&self, range: VaRange, write: bool) -> Result<u64, MirrorError> {
+        self.same_process()?;
         let range = range.page_cover()?.user()?;
         let _serial = relock(&self.inner.launch);
         let epoch = self.inner.host.maps().new_epoch();
@@ -982,6 +1040,7 @@ impl<B: Backend> Mirror<B> {
             FaultFlags::READ
         };
         let mut st = FaultLoopStats::default();
+        let copy_failures = std::cell::Cell::new(0u32);
         let res = fault_and_commit(
             inner.host.faulter(),
             sub.interval(),
@@ -989,7 +1048,18 @@ impl<B: Backend> Mirror<B> {
             flags,
             inner.cfg.retry_timeout,
             &mut st,
-            |seq, states| self.commit(sub.start, sub.interval(), seq, piece, write, multi, states),
+            |seq, states| {
+                self.commit(
+                    sub.start,
+                    sub.interval(),
+                    seq,
+                    piece,
+                    write,
+                    multi,
+                    states,
+                    &copy_failures,
+                )
+            },
         );
         Counters::add(&inner.counters.retries, st.busy + st.refused);
         match res {
@@ -1019,6 +1089,7 @@ impl<B: Backend> Mirror<B> {
         write: bool,
         multi: bool,
         states: &[PageState],
+        copy_failures: &std::cell::Cell<u32>,
     ) -> Result<Attempt<u64>, MirrorError> {
         let inner = &*self.inner;
         let mut dev = relock(&inner.dev);
@@ -1057,11 +1128,11 @@ impl<B: Backend> Mirror<B> {
             }
         }
         if todo.is_empty() {
-            if write {
-                // The snapshot populated for write; see below.
-                let pages: Vec<VirtAddr> = piece.page_addrs().collect();
-                let _ = inner.host.rearm_after_writeback(&pages);
-            }
+            // Nothing copied, so nothing re-armed: populating for write may
+            // have resolved the pages' write protection, and the next sync
+            // point then drops their device copies — conservative. Re-arming
+            // here would also swallow a real CPU write made since the
+            // device copies were taken (found by `hmm-stress`).
             return Ok(Attempt::Done(0));
         }
         // Slots (evicting if needed).
@@ -1092,13 +1163,42 @@ impl<B: Backend> Mirror<B> {
                 },
             }
         }
-        // Copy in through a staging buffer that survives vanished pages.
+        // Write-protect the pages *before* copying them: populating for
+        // write resolved their protection (the next sync point would take
+        // it for a CPU write), and any CPU write from here on must be seen
+        // by the next sync point. Protecting after the copy (as this code
+        // once did) swallowed a CPU write landing between the copy and the
+        // protection, leaving a stale device copy that no later sync point
+        // dropped — `hmm-stress` found it. A failed protect leaves the pages
+        // reported as written: conservative.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
+        let _ = inner.host.rearm_after_writeback(&addrs);
+        // Copy in through a staging buffer that survives vanished pages.
         let Dev { staging, ok, .. } = &mut *dev;
         hostcopy::read_pages(&addrs, staging, ok);
-        if ok.iter().any(|b| !*b) {
+        if let Some(i) = ok.iter().position(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
             inner.undo_install(&mut dev, &todo, &slots);
+            // Unless it did not: memory the kernel lets no one else read
+            // (`memfd_secret`) stays mapped and present but cannot be
+            // copied. After a few failures, a fresh look at the mappings
+            // tells the two apart: still mapped readable means the page
+            // cannot be mirrored — a typed error now, not a retry loop
+            // spinning until the timeout.
+            copy_failures.set(copy_failures.get() + 1);
+            if copy_failures.get() >= 3 {
+                let va = addrs[i];
+                if let Ok(page) = VaRange::from_start_len(va, PAGE_SIZE) {
+                    inner.host.maps().invalidate(page);
+                }
+                if inner.host.lookup(va).ok().flatten().is_some_and(|m| m.read) {
+                    return Err(MirrorError::DeviceFault {
+                        addr: va,
+                        write,
+                        reason: AccessError::BadPage,
+                    });
+                }
+            }
             return Ok(Attempt::Retry);
         }
         let batch: Vec<HostToDevice> = slots
@@ -1141,10 +1241,6 @@ impl<B: Backend> Mirror<B> {
             inner.undo_install(&mut dev, &todo, &slots);
             return Err(e);
         }
-        // Populating for write resolved the pages' write protection, which
-        // the next sync point would report as CPU writes; the device copy
-        // equals the CPU page now, so protect them again.
-        let _ = inner.host.rearm_after_writeback(&addrs);
         Counters::add(&inner.counters.pages_in, todo.len() as u64);
         Ok(Attempt::Done(todo.len() as u64))
     }
@@ -1156,6 +1252,7 @@ impl<B: Backend> Mirror<B> {
     /// pin are not seen, and an `munmap` leaves the device reading the old
     /// data. That hazard is the point of comparison.
     pub fn pin(&self, range: VaRange) -> Result<PinHandle, MirrorError> {
+        self.same_process()?;
         let range = range.page_cover()?.user()?;
         let inner = &*self.inner;
         let _serial = relock(&inner.launch);
@@ -1257,6 +1354,7 @@ impl<B: Backend> Mirror<B> {
     /// Ends a pin: writes device-dirty pages back (if the CPU range still
     /// exists), unmaps and frees everything, unlocks the CPU pages.
     pub fn unpin(&self, pin: PinHandle) -> Result<(), MirrorError> {
+        self.same_process()?;
         let inner = &*self.inner;
         let _serial = relock(&inner.launch);
         let mut dev = relock(&inner.dev);
@@ -1317,7 +1415,11 @@ impl<B: Backend> Mirror<B> {
     /// Waits (up to 10 s) until the deferred-release worker has handled
     /// every region that died so far; returns whether it did. For tests
     /// and orderly shutdown.
+    /// False at once in a forked child.
     pub fn flush_releases(&self) -> bool {
+        if self.same_process().is_err() {
+            return false;
+        }
         let t0 = std::time::Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
             if !relock(&self.inner.dev).regions.values().any(|r| r.dead) {
@@ -1384,6 +1486,18 @@ fn release_worker<B: Backend>(owner: Weak<Inner<B>>, rx: Receiver<ReleaseMsg>) {
 
 impl<B: Backend> Drop for Mirror<B> {
     fn drop(&mut self) {
+        if self.same_process().is_err() {
+            // A forked child: the threads to join and the locks to take may
+            // not exist or be held forever here. Leak everything (the
+            // parent owns it), so dropping cannot hang or free the
+            // parent's state twice.
+            if let Some(w) = self.worker.take() {
+                std::mem::forget(w);
+            }
+            std::mem::forget(self.young.take());
+            std::mem::forget(Arc::clone(&self.inner));
+            return;
+        }
         let inner = &*self.inner;
         let _ = inner.release_tx.send(ReleaseMsg::Shutdown);
         if let Some(w) = self.worker.take() {

@@ -16,8 +16,10 @@
 //!    whose device page-table entry is missing (or read-only, for a write)
 //!    stops and leaves a fault record.
 //! 3. **Fault service.** Records are validated ([`faults`]: a device may
-//!    write garbage), taken in batches of 256, sorted, deduplicated and
-//!    coalesced into runs. For each run: find the region covering it or
+//!    write garbage), deduplicated per page, capped at half the evictable
+//!    pool per round (lowest pages first; the rest fault again on replay,
+//!    so an oversubscribed launch cannot evict its own round's pages and
+//!    livelock), taken in batches of 256, sorted and coalesced into runs. For each run: find the region covering it or
 //!    register one around the first page — the largest of 2 MiB / 64 KiB /
 //!    4 KiB that is aligned, inside the CPU mapping and overlaps no region
 //!    (`drm_gpusvm`'s rule) — with an interval notifier and a kernel-event
@@ -105,6 +107,7 @@
 //! The generic [`conformance`] suite, including the port of the kernel's
 //! HMM selftests, is what every backend runs.
 
+pub mod args;
 pub mod backend;
 pub mod conformance;
 mod core;

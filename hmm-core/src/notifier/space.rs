@@ -672,6 +672,9 @@ impl AddressSpace {
     /// Afterwards inserts and registrations fail with
     /// [`NotifierError::TornDown`]; existing subscriptions can still be
     /// removed or put. Idempotent.
+    ///
+    /// A callback or `release` that panics does not stop the others: every
+    /// one still runs, then the first panic is re-raised.
     pub fn teardown(&self) {
         let sh = &*self.shared;
         {
@@ -681,7 +684,14 @@ impl AddressSpace {
             }
             st.torn_down = true;
         }
-        self.invalidate(VaRange::everything(), EventKind::Release);
+        // A panicking callback or `release` must not keep the others from
+        // running (nothing may be lost at teardown): catch each, re-raise
+        // the first at the end. `catch_unwind` allocates nothing unless a
+        // panic happens.
+        let mut panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.invalidate(VaRange::everything(), EventKind::Release)
+        }))
+        .err();
         let mut list = sh.notifiers.write().unwrap_or_else(|e| e.into_inner());
         // Swap the list out rather than iterating in place so a notifier
         // dropped by a release cannot observe a half-drained list; taking a
@@ -692,9 +702,14 @@ impl AddressSpace {
         // emptied under its lock.
         sh.released.store(true, Ordering::Relaxed);
         for (_, n) in &taken {
-            n.release();
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.release())) {
+                panicked.get_or_insert(p);
+            }
         }
         drop(taken);
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
+        }
     }
 
     /// Whether [`AddressSpace::teardown`] has run.

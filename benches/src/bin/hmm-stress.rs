@@ -1,0 +1,643 @@
+//! `hmm-stress`: the stress / soak harness (issue #8).
+//!
+//! Everything at once, on one mirror over one arena of anonymous memory:
+//!
+//! - **launchers** run the `CopyU32` test kernel over random page ranges of
+//!   the arena into private output buffers and check every word the device
+//!   read;
+//! - **writers** rewrite whole arena pages on the CPU, each write stamping
+//!   a new version;
+//! - a **remapper** `munmap`s chunks of the arena and `mmap`s fresh memory at
+//!   the same addresses, or `madvise(MADV_DONTNEED)`s them (the CPU then
+//!   holds zeros), and re-stamps them;
+//! - a **prefetcher** prefetches random ranges;
+//! - a **watchdog** ends the run (exit 2) if no operation completes for
+//!   `--stall` seconds (a deadlock).
+//!
+//! # The invariant (checked on every word every device launch read)
+//!
+//! Each arena word holds its page's *stamp*, a per-page `u32` that only
+//! grows: a CPU write stores `stamp + 1` in every word of the page, then
+//! publishes it; an unmap/remap or `DONTNEED` first publishes a *floor* —
+//! the start of a new generation, above every stamp the old memory held —
+//! and then fills the new memory with it. Before a launch, the launcher
+//! records per page `floor = max(stamp, generation floor)`, which the CPU
+//! held (fully written) before the launch's sync point; after the launch it
+//! reads the stamps again. A device read `v` of a page is correct iff
+//!
+//! - `floor ≤ v ≤ stamp after the launch` — a value the CPU held at or
+//!   after the sync point, never one from before a rewrite, unmap, remap or
+//!   `DONTNEED` that completed before the launch; or
+//! - `v == 0` while that page was being remapped / `DONTNEED`ed during the
+//!   launch (fresh memory reads as zeros before it is re-stamped).
+//!
+//! A launch may also end with a typed `DeviceFault` if part of its range was
+//! unmapped while it ran; any other error is reported (and fails the run
+//! unless it is a bounded retry timeout under contention).
+//!
+//! At the end the arena and the outputs are unmapped, and the harness
+//! checks: every pool slot free, every page-table entry gone, every region
+//! released, every subscription gone once the mirror is dropped, and the
+//! process back to the threads it had before. Exit status 0 only if there
+//! were no violations and every check held.
+//!
+//! The inner function is generic over [`TestKernels`], so a GPU driver is
+//! one more arm in `main`'s match on `--backend`.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hmm_core::cpu::host::HostSpace;
+use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
+use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
+use hmm_core::{VaRange, VirtAddr};
+
+const PAGE: usize = 4096;
+const WPP: usize = PAGE / 4;
+/// Stamps per generation: a remap moves a page's stamp to the next multiple.
+const GEN: u32 = 1 << 12;
+
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "hmm-stress",
+    about = "hmm-rs stress/soak harness: launches, CPU writes, unmap/remap/DONTNEED and prefetch at once"
+)]
+struct Opts {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Launcher threads (writers: the same number; plus one remapper and
+    /// one prefetcher).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Seed of the random choices (each thread derives its own).
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Arena size in 4 KiB pages.
+    #[arg(long, default_value_t = 256)]
+    pages: usize,
+    /// Pages per remap chunk.
+    #[arg(long, default_value_t = 4)]
+    chunk: usize,
+    /// Device pool slots (smaller than the working set forces eviction).
+    #[arg(long, default_value_t = 192)]
+    pool: u32,
+    /// Seconds without any completed operation before the watchdog calls
+    /// it a deadlock.
+    #[arg(long, default_value_t = 20)]
+    stall: u64,
+    /// Backend: `cpu` (GPU drivers add an arm in `main`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+}
+
+fn main() -> ExitCode {
+    let o = Opts::parse();
+    if o.pages == 0 || o.chunk == 0 || o.pages % o.chunk != 0 || o.threads == 0 {
+        eprintln!("error: --pages must be a positive multiple of --chunk, --threads positive");
+        return ExitCode::FAILURE;
+    }
+    let threads_before = thread_count();
+    let res = match o.backend.as_str() {
+        "cpu" => stress(&o, || hmm_driver_cpu::CpuDevice::with_threads(2)),
+        other => {
+            eprintln!("error: unknown backend {other:?} (built: cpu)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let threads_after = thread_count();
+    println!("threads: {threads_before} before, {threads_after} after");
+    match res {
+        Ok(()) if threads_after <= threads_before => {
+            println!("hmm-stress: PASS");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            println!("hmm-stress: FAIL: threads left behind");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("hmm-stress: FAIL: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Threads of this process (`/proc/self/task`).
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// xorshift64*: small, seedable, good enough to pick ranges.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Rng {
+        Rng((seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Shared state of one run.
+struct Arena {
+    base: u64,
+    pages: usize,
+    chunk: usize,
+    /// CPU writes and remaps of a chunk exclude each other (a CPU write
+    /// into a hole would be a SIGSEGV); device launches take no lock.
+    locks: Vec<Mutex<()>>,
+    /// Per page: the last stamp fully written (Release after the words).
+    stamp: Vec<AtomicU32>,
+    /// Per page: the generation floor, published right after the old
+    /// memory went away (before the new memory is stamped).
+    floor: Vec<AtomicU32>,
+    /// Per page: odd while a remap / DONTNEED is in progress.
+    remaps: Vec<AtomicU32>,
+    stop: AtomicBool,
+    c: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    ops: AtomicU64,
+    launches: AtomicU64,
+    launch_faults: AtomicU64,
+    launch_timeouts: AtomicU64,
+    unexpected: AtomicU64,
+    words_checked: AtomicU64,
+    zeros_accepted: AtomicU64,
+    violations: AtomicU64,
+    cpu_writes: AtomicU64,
+    remaps: AtomicU64,
+    dontneeds: AtomicU64,
+    prefetches: AtomicU64,
+    prefetch_errors: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    // Relaxed: statistics only; read after the threads are joined or for
+    // a progress line.
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Arena {
+    fn page_ptr(&self, p: usize) -> *mut u32 {
+        (self.base + (p * PAGE) as u64) as *mut u32
+    }
+
+    /// Stores `v` in every word of page `p`, then publishes it.
+    fn stamp_page(&self, p: usize, v: u32) {
+        let w = self.page_ptr(p);
+        for i in 0..WPP {
+            // SAFETY: page `p` of the arena is mapped and writable: the
+            // caller holds its chunk lock, and only holders of that lock
+            // unmap it. Volatile: the device reads this memory behind the
+            // compiler's back.
+            unsafe { w.add(i).write_volatile(v) };
+        }
+        // Release: whoever reads this stamp (Acquire) sees the words above.
+        self.stamp[p].store(v, Ordering::Release);
+    }
+
+    fn cpu_write(&self, rng: &mut Rng) {
+        let p = rng.below(self.pages);
+        let _g = self.locks[p / self.chunk]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let s = self.stamp[p].load(Ordering::Acquire);
+        if s == u32::MAX {
+            return;
+        }
+        self.stamp_page(p, s + 1);
+        add(&self.c.cpu_writes, 1);
+    }
+
+    /// Unmaps and maps again (or `DONTNEED`s) one chunk, then re-stamps it
+    /// with a new generation.
+    fn remap(&self, rng: &mut Rng) -> Result<(), String> {
+        let c = rng.below(self.pages / self.chunk);
+        let _g = self.locks[c].lock().unwrap_or_else(|e| e.into_inner());
+        let first = c * self.chunk;
+        let pages = first..first + self.chunk;
+        for p in pages.clone() {
+            // SeqCst with the launchers' loads of `remaps`: a launch that
+            // saw an even count before and the same count after cannot
+            // overlap this remap.
+            self.remaps[p].fetch_add(1, Ordering::SeqCst);
+        }
+        let addr = self.page_ptr(first).cast::<libc::c_void>();
+        let len = self.chunk * PAGE;
+        let dontneed = rng.below(3) == 0;
+        if dontneed {
+            // SAFETY: our own arena chunk, locked against CPU writers; no
+            // Rust reference into it exists. Private anonymous: it then
+            // reads as zeros.
+            if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
+                return Err(format!("madvise: {}", std::io::Error::last_os_error()));
+            }
+        } else {
+            // SAFETY: as above; the chunk is mapped again at once below.
+            if unsafe { libc::munmap(addr, len) } != 0 {
+                return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+            }
+        }
+        // The old contents are gone: publish the floor before the new
+        // memory is stamped.
+        let mut next = Vec::with_capacity(self.chunk);
+        for p in pages.clone() {
+            let s = self.stamp[p].load(Ordering::Acquire);
+            let n = (s / GEN).saturating_add(1).saturating_mul(GEN).max(1);
+            self.floor[p].store(n, Ordering::SeqCst);
+            next.push(n);
+        }
+        if !dontneed {
+            // SAFETY: MAP_FIXED over the hole we just made in our own
+            // arena (the guard pages around the arena stay ours).
+            let p = unsafe {
+                libc::mmap(
+                    addr,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p != addr {
+                return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+            }
+        }
+        for (p, n) in pages.clone().zip(next) {
+            self.stamp_page(p, n);
+        }
+        for p in pages {
+            self.remaps[p].fetch_add(1, Ordering::SeqCst);
+        }
+        add(
+            if dontneed {
+                &self.c.dontneeds
+            } else {
+                &self.c.remaps
+            },
+            1,
+        );
+        Ok(())
+    }
+}
+
+/// Counts a worker thread out when it ends (normally or by panic).
+struct Live<'a>(&'a AtomicUsize);
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Per page of a launch: what the CPU held at the sync point.
+#[derive(Clone, Copy)]
+struct Before {
+    floor: u32,
+    remaps: u32,
+}
+
+fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: usize, seed: u64) {
+    let mut rng = Rng::new(seed, 1);
+    let out = TestMap::anon(max_pages, libc::PROT_READ | libc::PROT_WRITE);
+    let mut before = Vec::with_capacity(max_pages);
+    while !a.stop.load(Ordering::Relaxed) {
+        let n = 1 + rng.below(max_pages.min(a.pages));
+        let first = rng.below(a.pages - n + 1);
+        before.clear();
+        for p in first..first + n {
+            // remaps first: an even count here and the same count after the
+            // launch means no remap overlapped it.
+            let remaps = a.remaps[p].load(Ordering::SeqCst);
+            let s = a.stamp[p].load(Ordering::Acquire);
+            let f = a.floor[p].load(Ordering::SeqCst);
+            before.push(Before {
+                floor: s.max(f),
+                remaps,
+            });
+        }
+        let src = a.base + (first * PAGE) as u64;
+        let r = m.launch(k, (n * WPP) as u32, [src, out.addr()]);
+        add(&a.c.launches, 1);
+        add(&a.c.ops, 1);
+        let raced = |p: usize, b: &Before| {
+            b.remaps % 2 == 1 || a.remaps[p].load(Ordering::SeqCst) != b.remaps
+        };
+        match r {
+            Ok(_) => {}
+            Err(MirrorError::DeviceFault { addr, reason, .. }) => {
+                // Only acceptable at a page that was being remapped (the
+                // memory vanished under the launch: unmapped, or it kept
+                // vanishing while being populated).
+                let p = (addr.0.wrapping_sub(a.base) as usize) / PAGE;
+                let raced_here = (first..first + n).contains(&p) && raced(p, &before[p - first]);
+                if raced_here && matches!(reason, AccessError::Unmapped | AccessError::BadPage) {
+                    add(&a.c.launch_faults, 1);
+                } else {
+                    println!("UNEXPECTED: device fault at {addr} ({reason}; remapped meanwhile: {raced_here})");
+                    add(&a.c.unexpected, 1);
+                }
+                continue;
+            }
+            Err(MirrorError::RetryTimeout { .. }) => {
+                add(&a.c.launch_timeouts, 1);
+                continue;
+            }
+            Err(e) => {
+                println!("UNEXPECTED launch error: {e}");
+                add(&a.c.unexpected, 1);
+                continue;
+            }
+        }
+        let mut checked = 0;
+        for (i, b) in before.iter().enumerate() {
+            let p = first + i;
+            let after = a.stamp[p].load(Ordering::Acquire);
+            let zero_ok = raced(p, b);
+            for w in 0..WPP {
+                let v = out.read_word(i * WPP + w);
+                checked += 1;
+                if v == 0 && zero_ok {
+                    add(&a.c.zeros_accepted, 1);
+                    continue;
+                }
+                if v < b.floor || v > after {
+                    let n = a.c.violations.fetch_add(1, Ordering::Relaxed);
+                    if n < 10 {
+                        println!(
+                            "VIOLATION: page {p} word {w}: device read {v:#x}, CPU held {:#x}..={after:#x} (remaps {} → {})",
+                            b.floor,
+                            b.remaps,
+                            a.remaps[p].load(Ordering::SeqCst)
+                        );
+                    }
+                }
+            }
+        }
+        add(&a.c.words_checked, checked);
+    }
+}
+
+fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> {
+    let host = Arc::new(HostSpace::new().map_err(|e| e.to_string())?);
+    let uffd = matches!(
+        host.event_source(),
+        hmm_core::cpu::host::EventSource::Userfaultfd
+    );
+    if !uffd {
+        // Without kernel events nothing tells the mirror about unmaps or CPU
+        // writes; the invariant only holds with userfaultfd.
+        return Err(format!(
+            "userfaultfd unavailable ({:?}): the stress invariant needs kernel events",
+            host.event_source()
+        ));
+    }
+    let cfg = MirrorConfig {
+        pool_slots: o.pool,
+        table_pages: 256,
+        ..MirrorConfig::default()
+    };
+    let m = Mirror::new(Arc::clone(&host), make(), cfg).map_err(|e| e.to_string())?;
+    println!(
+        "hmm-stress: backend {}, {} s, {} launcher + {} writer threads, 1 remapper, 1 prefetcher, arena {} pages ({} per chunk), pool {} slots, seed {:#x}",
+        m.backend().info(),
+        o.duration,
+        o.threads,
+        o.threads,
+        o.pages,
+        o.chunk,
+        o.pool,
+        o.seed
+    );
+    let mut map = TestMap::anon(o.pages, libc::PROT_READ | libc::PROT_WRITE);
+    let arena = Arena {
+        base: map.addr(),
+        pages: o.pages,
+        chunk: o.chunk,
+        locks: (0..o.pages / o.chunk).map(|_| Mutex::new(())).collect(),
+        stamp: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
+        floor: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
+        remaps: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
+        stop: AtomicBool::new(false),
+        c: Counts::default(),
+    };
+    for p in 0..o.pages {
+        arena.stamp_page(p, GEN);
+    }
+    let kernel = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .map_err(|e| e.to_string())?;
+    let max_pages = (o.pool as usize / 4).clamp(1, 64);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(o.duration);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    // Workers still running; the watchdog keeps watching until none is, so
+    // a hang at shutdown is caught too.
+    let live = AtomicUsize::new(2 * o.threads + 2);
+    std::thread::scope(|s| {
+        let live = &live;
+
+        let (a, m, k) = (&arena, &m, &*kernel);
+        for t in 0..o.threads {
+            let seed = o.seed.wrapping_add(t as u64 * 7919);
+            s.spawn(move || {
+                let _live = Live(live);
+                launcher(a, m, k, max_pages, seed)
+            });
+            s.spawn(move || {
+                let _live = Live(live);
+                let mut rng = Rng::new(seed, 2);
+                while !a.stop.load(Ordering::Relaxed) {
+                    a.cpu_write(&mut rng);
+                    add(&a.c.ops, 1);
+                    if rng.below(8) == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        let failure = &failure;
+        s.spawn(move || {
+            let _live = Live(live);
+            let mut rng = Rng::new(o.seed, 3);
+            while !a.stop.load(Ordering::Relaxed) {
+                if let Err(e) = a.remap(&mut rng) {
+                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    a.stop.store(true, Ordering::Relaxed);
+                }
+                add(&a.c.ops, 1);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        s.spawn(move || {
+            let _live = Live(live);
+            let mut rng = Rng::new(o.seed, 4);
+            while !a.stop.load(Ordering::Relaxed) {
+                let n = 1 + rng.below(8);
+                let first = rng.below(a.pages - n.min(a.pages) + 1);
+                let r = VaRange::from_start_len(
+                    VirtAddr(a.base + (first * PAGE) as u64),
+                    (n * PAGE) as u64,
+                )
+                .expect("arena range");
+                match m.prefetch(r, false) {
+                    Ok(_) => add(&a.c.prefetches, 1),
+                    // Prefetching memory that is being remapped: typed.
+                    Err(MirrorError::DeviceFault { .. } | MirrorError::RetryTimeout { .. }) => {
+                        add(&a.c.prefetch_errors, 1)
+                    }
+                    Err(e) => {
+                        println!("UNEXPECTED prefetch error: {e}");
+                        add(&a.c.unexpected, 1);
+                    }
+                }
+                add(&a.c.ops, 1);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        // Progress line every second + watchdog.
+        s.spawn(move || {
+            let mut last_ops = 0;
+            let mut last_progress = Instant::now();
+            let mut next = t0 + Duration::from_secs(1);
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                if live.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    a.stop.store(true, Ordering::Relaxed);
+                }
+                let ops = a.c.ops.load(Ordering::Relaxed);
+                if ops != last_ops {
+                    last_ops = ops;
+                    last_progress = now;
+                } else if now.duration_since(last_progress) > Duration::from_secs(o.stall) {
+                    println!(
+                        "WATCHDOG: no operation completed for {} s — deadlock; stats: {}",
+                        o.stall,
+                        m.stats()
+                    );
+                    std::process::exit(2);
+                }
+                if now >= next {
+                    next += Duration::from_secs(1);
+                    let st = m.stats();
+                    println!(
+                        "[{:>4.0} s] ops {:>8}  launches {:>6}  cpu writes {:>8}  remaps {:>5}  dontneeds {:>5}  invalidations {:>7}  retries {:>5}  violations {}",
+                        now.duration_since(t0).as_secs_f64(),
+                        ops,
+                        a.c.launches.load(Ordering::Relaxed),
+                        a.c.cpu_writes.load(Ordering::Relaxed),
+                        a.c.remaps.load(Ordering::Relaxed),
+                        a.c.dontneeds.load(Ordering::Relaxed),
+                        st.invalidations_total(),
+                        st.retries,
+                        a.c.violations.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        });
+    });
+    let elapsed = t0.elapsed();
+    // Teardown checks.
+    drop(kernel);
+    map.unmap();
+    // The unmaps' invalidations run on the event thread; give them a moment.
+    let settle = Instant::now();
+    while m.stats().pool_used != 0 && settle.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let released = m.flush_releases();
+    let st = m.stats();
+    let c = &arena.c;
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    println!(
+        "---- hmm-stress results ({:.1} s) ----",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "operations: {} (launches {}, cpu page writes {}, remaps {}, dontneeds {}, prefetches {} + {} typed errors)",
+        g(&c.ops),
+        g(&c.launches),
+        g(&c.cpu_writes),
+        g(&c.remaps),
+        g(&c.dontneeds),
+        g(&c.prefetches),
+        g(&c.prefetch_errors)
+    );
+    println!(
+        "launches ended by a typed unmapped fault: {}, by a retry timeout: {}; unexpected errors: {}",
+        g(&c.launch_faults),
+        g(&c.launch_timeouts),
+        g(&c.unexpected)
+    );
+    println!(
+        "invalidations: {} (unmap {}, remove {}, cpu-write {}); fault retries: {}; replays: {}; evictions: {}; regions created {}, released {}, unwatched {}",
+        st.invalidations_total(),
+        st.invalidations[0],
+        st.invalidations[1],
+        st.invalidations[4],
+        st.retries,
+        st.replays,
+        st.evictions,
+        st.regions_created,
+        st.deferred_releases,
+        st.unwatched_regions
+    );
+    println!(
+        "words checked: {} ({} zeros accepted during a remap); violations: {}",
+        g(&c.words_checked),
+        g(&c.zeros_accepted),
+        g(&c.violations)
+    );
+    let mut problems = Vec::new();
+    if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        problems.push(e);
+    }
+    if g(&c.violations) > 0 {
+        problems.push(format!("{} stale reads", g(&c.violations)));
+    }
+    if g(&c.unexpected) > 0 {
+        problems.push(format!("{} unexpected errors", g(&c.unexpected)));
+    }
+    if g(&c.launches) == 0 {
+        problems.push("no launch ran".into());
+    }
+    println!(
+        "at the end: pool slots used {}, page-table entries {}, live regions {}, dead regions released: {released}",
+        st.pool_used,
+        st.mapped_pages,
+        m.regions().len()
+    );
+    if st.pool_used != 0 || st.mapped_pages != 0 || !m.regions().is_empty() || !released {
+        problems.push("device memory or regions left after everything was unmapped".into());
+    }
+    drop(m);
+    let subs = host.space().subscribed_ranges().len();
+    println!("subscriptions after the mirror was dropped: {subs}");
+    if subs != 0 {
+        problems.push(format!("{subs} subscriptions left"));
+    }
+    drop(host);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}

@@ -1,0 +1,48 @@
+//! The results table on stdout.
+
+use std::fmt::Write;
+
+use super::derive;
+use crate::scenarios::Row;
+
+fn mib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 20)
+}
+
+/// Renders the table (markdown, so it pastes into the README).
+pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| scenario | case | strategy | total ms | setup ms | in MiB | out MiB | device MiB | dev/touched | faults | batches | retries | invalidations | evictions | CPU ms | copy eff |"
+    );
+    let _ = writeln!(
+        t,
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    for r in rows {
+        let d = derive(r, memcpy_bw);
+        let s = &r.sample;
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {:.1} | {:.0}% |",
+            r.scenario,
+            r.case,
+            r.strategy,
+            s.total.as_secs_f64() * 1e3,
+            s.setup.as_secs_f64() * 1e3,
+            mib(d.bytes_in),
+            mib(d.bytes_out),
+            mib(s.device_bytes),
+            d.dev_ratio,
+            s.stats.faults,
+            s.stats.fault_batches,
+            s.stats.retries,
+            s.stats.invalidations_total(),
+            s.stats.evictions,
+            s.cpu.as_secs_f64() * 1e3,
+            d.copy_eff * 100.0,
+        );
+    }
+    t
+}

@@ -1,0 +1,45 @@
+//! What every example shares: the `--backend` flag, opening a mirror on
+//! the chosen device, and printing its counters.
+
+use hmm::{Device, Mirror, MirrorConfig};
+
+/// `--backend cpu|wgpu|vulkan|auto` (default `auto`: the best available).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArg {
+    /// Driver to run on: cpu, wgpu, vulkan, or auto (the best available).
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+}
+
+/// Why an example could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for StartError {}
+
+/// Opens the chosen device, prints which one it is, and wraps it in a mirror.
+pub fn open(arg: &BackendArg, cfg: MirrorConfig) -> Result<Mirror<Device>, StartError> {
+    let want = match arg.backend.as_str() {
+        // The vulkan driver is not built into the `hmm` facade yet.
+        "vulkan" => {
+            return Err(StartError(
+                "the vulkan driver is not available in this build; use --backend wgpu or cpu"
+                    .into(),
+            ))
+        }
+        s => hmm::parse_backend(Some(s)).map_err(|e| StartError(e.to_string()))?,
+    };
+    let opened = Device::open(want).map_err(|e| StartError(e.to_string()))?;
+    println!("{}", opened.note);
+    hmm::mirror(opened.device, cfg).map_err(|e| StartError(e.to_string()))
+}
+
+/// Prints the mirror's counters under a heading.
+pub fn print_counters(m: &Mirror<Device>) {
+    println!("mirror counters:\n{}", m.stats());
+}

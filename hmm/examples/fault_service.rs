@@ -1,0 +1,103 @@
+//! Fault-service benchmark for any driver (issue #5's figures): dense
+//! fault throughput, per-fault host cost at fault-batch sizes 1..1024, and
+//! the cost of a replay round. Prints figures; asserts only correctness.
+//!
+//! `cargo run --release -p hmm --example fault_service -- [cpu|wgpu|auto] [pages]`
+
+use std::time::Instant;
+
+use hmm::{Device, KernelSource, MirrorConfig};
+
+/// One invocation per page: reads word 7 of page `i` of `src`, writes it
+/// to `out[i]`.
+const TOUCH: KernelSource = KernelSource {
+    name: "touch",
+    wgsl: r#"
+fn hmm_kernel(i: u32) {
+    let v = hmm_load_u32(hmm_add(hmm_index(hmm_arg_ptr(0u), i, 4096u), 28u));
+    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), v);
+}
+"#,
+    cpu: |lane, i| {
+        let v = lane.load_u32(lane.args()[0] + u64::from(i) * 4096 + 28)?;
+        lane.store_u32(lane.args()[1] + u64::from(i) * 4, v)
+    },
+};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let want = hmm::parse_backend(a.first().map(String::as_str))?;
+    let pages: usize = a.get(1).map_or(Ok(8192), |s| s.parse())?;
+    let words = pages * 1024;
+    let src: Vec<u32> = (0..words as u32).collect();
+    let expect = |out: &[u32]| {
+        out.iter()
+            .enumerate()
+            .all(|(i, &v)| v as usize == i * 1024 + 7)
+    };
+
+    println!(
+        "fault service, {pages} pages ({} MiB) read once each",
+        (pages * 4096) >> 20
+    );
+    println!("| fault batch | first launch ms | resident launch ms | pages in (first/resident) | host µs per faulted page | pages/s | GB/s copied | submissions |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut note = String::new();
+    for batch in [1usize, 4, 16, 64, 256, 1024] {
+        let opened = Device::open(want)?;
+        note = opened.note.clone();
+        let cfg = MirrorConfig {
+            fault_batch: batch,
+            max_replays: 1 << 20,
+            ..MirrorConfig::default()
+        };
+        let m = hmm::mirror(opened.device, cfg)?;
+        let k = m.backend().kernel(&TOUCH)?;
+        let mut out = vec![0u32; pages];
+        let t = Instant::now();
+        let r1 = m.launch(&k, pages as u32, (src.as_ptr(), out.as_mut_ptr()))?;
+        let first = t.elapsed().as_secs_f64();
+        if !expect(&out) {
+            return Err("wrong result after the faulting launch".into());
+        }
+        // (No CPU write to `out` in between: that would be invalidated and
+        // fault again, which this launch is meant to exclude.)
+        let t = Instant::now();
+        let r2 = m.launch(&k, pages as u32, (src.as_ptr(), out.as_mut_ptr()))?;
+        let resident = t.elapsed().as_secs_f64();
+        if !expect(&out) {
+            return Err("wrong result on the resident launch".into());
+        }
+        let service = (first - resident).max(0.0);
+        let faulted = r1.pages_in as f64;
+        println!(
+            "| {batch} | {:.1} | {:.2} | {}/{} | {:.1} | {:.0} | {:.3} | {} |",
+            first * 1e3,
+            resident * 1e3,
+            r1.pages_in,
+            r2.pages_in,
+            service / faulted * 1e6,
+            faulted / service,
+            faulted * 4096.0 / service / 1e9,
+            r1.submissions
+        );
+    }
+    // A replay round's fixed cost: a launch that faults nothing, with one
+    // invocation, is one submission plus the sync points.
+    let opened = Device::open(want)?;
+    let m = hmm::mirror(opened.device, MirrorConfig::default())?;
+    let k = m.backend().kernel(&TOUCH)?;
+    let mut out = vec![0u32; 1];
+    m.launch(&k, 1, (src.as_ptr(), out.as_mut_ptr()))?;
+    let reps = 200;
+    let t = Instant::now();
+    for _ in 0..reps {
+        m.launch(&k, 1, (src.as_ptr(), out.as_mut_ptr()))?;
+    }
+    println!(
+        "one resident launch of 1 invocation (a replay round's floor): {:.1} µs",
+        t.elapsed().as_secs_f64() / f64::from(reps) * 1e6
+    );
+    println!("{note}");
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! hmm-rs for applications: one entry point over every driver.
+//!
+//! ```
+//! use hmm::{Device, Driver, KernelSource, MirrorConfig};
+//!
+//! // y = a * x + y, once for GPU drivers (WGSL against the shader
+//! // library) and once for the cpu driver (the same steps in Rust).
+//! const SAXPY: KernelSource = KernelSource {
+//!     name: "saxpy",
+//!     wgsl: r#"
+//! fn hmm_kernel(i: u32) {
+//!     let yp = hmm_index(hmm_arg_ptr(1u), i, 4u);
+//!     let x = hmm_load_f32(hmm_index(hmm_arg_ptr(0u), i, 4u));
+//!     hmm_store_f32(yp, hmm_arg_f32(2u) * x + hmm_load_f32(yp));
+//! }"#,
+//!     cpu: |lane, i| {
+//!         let (x, y, a) = (lane.args()[0], lane.args()[1], f32::from_bits(lane.args()[2] as u32));
+//!         let off = u64::from(i) * 4;
+//!         let v = a * lane.load_f32(x + off)? + lane.load_f32(y + off)?;
+//!         lane.store_f32(y + off, v)
+//!     },
+//! };
+//!
+//! let opened = Device::open(Some(Driver::Cpu)).unwrap();
+//! let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
+//! let kernel = mirror.backend().kernel(&SAXPY).unwrap();
+//! let x = vec![1.0f32; 1000];
+//! let mut y = vec![2.0f32; 1000];
+//! mirror.launch(&kernel, 1000, (x.as_ptr(), y.as_mut_ptr(), 3.0f32)).unwrap();
+//! assert!(y.iter().all(|&v| v == 5.0));
+//! ```
+//!
+//! [`Device::open`] with `None` picks the best available driver and says
+//! which and why ([`Opened::note`]): a GPU adapter through wgpu (Mesa's
+//! lavapipe counts), else the `cpu` driver.
+
+use std::sync::Arc;
+
+use hmm_core::mirror::backend::{
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+};
+use hmm_core::mirror::format::Pte;
+
+pub use hmm_core::cpu::host::HostSpace;
+pub use hmm_core::mirror::{
+    AccessError, Advice, LaunchReport, Mirror, MirrorConfig, MirrorError, MirrorStats,
+};
+pub use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+pub use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
+
+/// A driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Driver {
+    /// The reference driver: kernels are Rust closures on CPU threads,
+    /// through the same page table and pool as a GPU.
+    Cpu,
+    /// A GPU (or lavapipe) through wgpu; kernels are WGSL.
+    Wgpu,
+}
+
+impl Driver {
+    /// Every driver, best first.
+    pub const ALL: [Driver; 2] = [Driver::Wgpu, Driver::Cpu];
+
+    /// The name used on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Cpu => "cpu",
+            Driver::Wgpu => "wgpu",
+        }
+    }
+}
+
+/// A driver name that is not one of [`Driver::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown backend {0:?}: expected cpu, wgpu, vulkan or auto")]
+pub struct UnknownDriver(pub String);
+
+impl core::str::FromStr for Driver {
+    type Err = UnknownDriver;
+    fn from_str(s: &str) -> Result<Driver, UnknownDriver> {
+        match s {
+            "cpu" => Ok(Driver::Cpu),
+            "wgpu" => Ok(Driver::Wgpu),
+            _ => Err(UnknownDriver(s.to_string())),
+        }
+    }
+}
+
+/// Parses a `--backend` value: `auto` (or nothing) means the best available.
+pub fn parse_backend(s: Option<&str>) -> Result<Option<Driver>, UnknownDriver> {
+    match s {
+        None | Some("auto") => Ok(None),
+        Some(s) => s.parse().map(Some),
+    }
+}
+
+/// Why a requested driver could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The wgpu driver found no adapter.
+    #[error(transparent)]
+    Wgpu(#[from] hmm_driver_wgpu::OpenError),
+    /// The driver exists in the project but is not built into this crate.
+    #[error("the {0} driver is not available in this build")]
+    NotBuilt(&'static str),
+}
+
+/// A device of any driver. Implements [`Backend`] by delegation.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
+pub enum Device {
+    /// The cpu driver.
+    Cpu(CpuDevice),
+    /// The wgpu driver.
+    Wgpu(WgpuDevice),
+}
+
+/// An opened device and the line that says which one and why.
+#[derive(Debug)]
+pub struct Opened {
+    /// The device.
+    pub device: Device,
+    /// E.g. `backend: wgpu (llvmpipe …), the best available`.
+    pub note: String,
+}
+
+impl Device {
+    /// Opens `driver`, or with `None` the best available: wgpu if an
+    /// adapter opens, else the cpu driver (the note says why).
+    pub fn open(driver: Option<Driver>) -> Result<Opened, OpenError> {
+        match driver {
+            Some(Driver::Cpu) => Ok(Opened {
+                note: "backend: cpu (as requested)".into(),
+                device: Device::Cpu(CpuDevice::new()),
+            }),
+            Some(Driver::Wgpu) => {
+                let d = WgpuDevice::open()?;
+                Ok(Opened {
+                    note: format!("backend: wgpu on {} (as requested)", d.adapter_name()),
+                    device: Device::Wgpu(d),
+                })
+            }
+            None => match WgpuDevice::open() {
+                Ok(d) => Ok(Opened {
+                    note: format!("backend: wgpu on {} (best available)", d.adapter_name()),
+                    device: Device::Wgpu(d),
+                }),
+                Err(e) => Ok(Opened {
+                    note: format!("backend: cpu (fallback: {e})"),
+                    device: Device::Cpu(CpuDevice::new()),
+                }),
+            },
+        }
+    }
+
+    /// Which driver this is.
+    pub fn driver(&self) -> Driver {
+        match self {
+            Device::Cpu(_) => Driver::Cpu,
+            Device::Wgpu(_) => Driver::Wgpu,
+        }
+    }
+
+    /// Builds `src` for this device's driver.
+    pub fn kernel(&self, src: &KernelSource) -> Result<Kernel, BackendError> {
+        match self {
+            Device::Cpu(_) => Ok(Kernel::Cpu(CpuKernel::new(src.cpu))),
+            Device::Wgpu(d) => d.kernel(src.wgsl).map(Kernel::Wgpu),
+        }
+    }
+}
+
+/// The function the cpu driver runs per invocation.
+pub type CpuKernelFn = fn(&mut Lane<'_>, u32) -> Result<(), DeviceFault>;
+
+/// One kernel for every driver: WGSL against the shader library
+/// (`hmm_shaders`) for GPU drivers, the same steps in Rust for the cpu
+/// driver.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSource {
+    /// A name for messages.
+    pub name: &'static str,
+    /// WGSL defining `fn hmm_kernel(i: u32)`.
+    pub wgsl: &'static str,
+    /// The cpu driver's version.
+    pub cpu: CpuKernelFn,
+}
+
+/// A kernel built for one [`Device`].
+#[derive(Debug)]
+pub enum Kernel {
+    /// For the cpu driver.
+    Cpu(CpuKernel),
+    /// For the wgpu driver.
+    Wgpu(WgpuKernel),
+}
+
+/// A mirror of this process on `device`.
+pub fn mirror(device: Device, cfg: MirrorConfig) -> Result<Mirror<Device>, MirrorError> {
+    let host = Arc::new(HostSpace::new()?);
+    Mirror::new(host, device, cfg)
+}
+
+fn mismatch() -> BackendError {
+    BackendError::Kernel("kernel was built for another driver".into())
+}
+
+// SAFETY: every method delegates to the wrapped driver, whose own `Backend`
+// implementation upholds the contract; nothing here touches host memory.
+unsafe impl Backend for Device {
+    type Kernel = Kernel;
+
+    fn info(&self) -> BackendInfo {
+        match self {
+            Device::Cpu(d) => d.info(),
+            Device::Wgpu(d) => d.info(),
+        }
+    }
+    fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
+        match self {
+            Device::Cpu(d) => d.init(config),
+            Device::Wgpu(d) => d.init(config),
+        }
+    }
+    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        match self {
+            // SAFETY: the caller's guarantees are passed on unchanged.
+            Device::Cpu(d) => unsafe { d.copy_to_device(batch) },
+            // SAFETY: as above.
+            Device::Wgpu(d) => unsafe { d.copy_to_device(batch) },
+        }
+    }
+    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
+        match self {
+            // SAFETY: the caller's guarantees are passed on unchanged.
+            Device::Cpu(d) => unsafe { d.copy_to_host(batch) },
+            // SAFETY: as above.
+            Device::Wgpu(d) => unsafe { d.copy_to_host(batch) },
+        }
+    }
+    fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
+        match self {
+            Device::Cpu(d) => d.write_ptes(batch),
+            Device::Wgpu(d) => d.write_ptes(batch),
+        }
+    }
+    fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
+        match self {
+            Device::Cpu(d) => d.read_ptes(locs, out),
+            Device::Wgpu(d) => d.read_ptes(locs, out),
+        }
+    }
+    fn clear_pte_bits(
+        &self,
+        locs: &[PteLoc],
+        bits: u64,
+        old: &mut Vec<Pte>,
+    ) -> Result<(), BackendError> {
+        match self {
+            Device::Cpu(d) => d.clear_pte_bits(locs, bits, old),
+            Device::Wgpu(d) => d.clear_pte_bits(locs, bits, old),
+        }
+    }
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        invocations: Invocations<'_>,
+        args: &[u64],
+    ) -> Result<SubmissionId, BackendError> {
+        match (self, kernel) {
+            (Device::Cpu(d), Kernel::Cpu(k)) => d.launch(k, invocations, args),
+            (Device::Wgpu(d), Kernel::Wgpu(k)) => d.launch(k, invocations, args),
+            _ => Err(mismatch()),
+        }
+    }
+    fn wait(
+        &self,
+        id: SubmissionId,
+        timeout: Option<core::time::Duration>,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Device::Cpu(d) => d.wait(id, timeout),
+            Device::Wgpu(d) => d.wait(id, timeout),
+        }
+    }
+    fn is_complete(&self, id: SubmissionId) -> bool {
+        match self {
+            Device::Cpu(d) => d.is_complete(id),
+            Device::Wgpu(d) => d.is_complete(id),
+        }
+    }
+    fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
+        match self {
+            Device::Cpu(d) => d.take_outcome(id),
+            Device::Wgpu(d) => d.take_outcome(id),
+        }
+    }
+}
