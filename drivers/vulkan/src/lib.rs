@@ -90,39 +90,65 @@
 //!
 //! # Zero-copy mode
 //!
-//! **Not implemented.** [`Mode::ZeroCopy`] is probed (the device's
-//! `VK_EXT_external_memory_host` and `minImportedHostPointerAlignment` are
-//! reported by [`VulkanDevice::host_import_alignment`]) and opening in it
-//! fails with [`OpenError::Unsupported`] saying so. Why it is not a
-//! weekend's work with the shared library:
+//! **Not implemented; refused with a typed error.** [`Mode::ZeroCopy`]
+//! (or `HMM_VK_MODE=zero-copy`; [`Mode::from_env`]) is probed — the
+//! device's `VK_EXT_external_memory_host` and
+//! `minImportedHostPointerAlignment` are reported by
+//! [`VulkanDevice::host_import_alignment`] — and opening in it fails with
+//! [`OpenError::Unsupported`] naming which of the two reasons applies (no
+//! extension, or not built). A value of `HMM_VK_MODE` that is neither
+//! `copy` nor `zero-copy` is [`OpenError::BadMode`].
 //!
-//! - Kernels reach mirrored data through the pool bindings, indexed by the
-//!   slot in the page-table entry. A true mirror needs an entry to point at
-//!   the CPU's own page, i.e. one imported `VkDeviceMemory` per page (or
-//!   per region), each needing its own buffer binding. A `VkBuffer` is
-//!   bound to one memory object; swapping pages inside it needs sparse
-//!   binding (`vkQueueBindSparse`, absent on lavapipe).
-//! - One binding per import needs descriptor indexing (lavapipe here:
-//!   `runtimeDescriptorArray` and non-uniform indexing absent,
-//!   `maxPerStageDescriptorStorageBuffers` = 32), or raw device addresses
-//!   (`VK_KHR_buffer_device_address`, present on lavapipe), which WGSL —
-//!   and so naga's WGSL front end — cannot express.
-//! - The core's `Backend` contract has the core pick pool slots and copy
-//!   pages; a zero-copy backend needs the backend to pick the entry's
-//!   target for a host range, no twins and no write-back, and the import
-//!   released from the invalidate callback after waiting for the range's
-//!   last submission. That is a core change, not done here.
-//! - Userspace learns of `munmap` only after it happened
-//!   (userfaultfd), so the imported pages can be gone before the callback
-//!   releases the import; the Vulkan spec requires the host range to stay
-//!   valid for the import's lifetime. On drivers that pin imported pages
-//!   (the kernel GPU drivers) this is benign; on lavapipe, a kernel in
-//!   flight across another thread's `munmap` would fault the process.
+//! What was probed on Mesa lavapipe 22.3 (LLVM 15): the extension with a
+//! 4 KiB import alignment; `bufferDeviceAddress`; 32 storage buffers per
+//! stage (`maxPerStageDescriptorStorageBuffers`), with
+//! `runtimeDescriptorArray`, `descriptorBindingPartiallyBound` and
+//! non-uniform storage-buffer indexing all **absent** (so no WGSL
+//! `binding_array` of imports); no sparse binding.
 //!
-//! The feasible path: a SPIR-V variant of the library's pool accessors
-//! using `PhysicalStorageBuffer` pointers (device address of each import
-//! kept in a slot table), generated from the same WGSL by rewriting naga's
-//! IR or by a naga extension, plus the core hook above.
+//! The design that fits the shared WGSL library unchanged, worked out but
+//! not built:
+//!
+//! - **Core hook.** `Backend` gains a "PTE target" capability (default:
+//!   pool slots, as now). A zero-copy backend offers *import windows*
+//!   instead: window `w` is bound where pool binding `w` is now, and the
+//!   core — which keeps all policy — writes leaf entries with index
+//!   `w * slots_per_window + page-in-window`. The library's existing
+//!   translation (`slot / chunk_slots` picks the binding, the rest the
+//!   page; `chunk_slots` is a per-launch parameter) then reaches the CPU's
+//!   own page with no shader change.
+//! - **One import per region.** In zero-copy mode a region would be the
+//!   CPU mapping clipped to its 2 MiB-aligned block (not the aligned
+//!   power-of-two chunk copy mode uses, which splits an unaligned 256 KiB
+//!   buffer into up to ~30 regions), imported whole
+//!   (`VkImportMemoryHostPointerInfoEXT` on a buffer created with
+//!   `HOST_ALLOCATION_EXT`) when it first faults. No copies, no twins, no
+//!   write-back; `CpuWrite` invalidations are no-ops (the device reads the
+//!   very pages). The import is released when the region's last entry is
+//!   zapped or the region dies, by the release worker or the next flush
+//!   point after waiting on the timeline value of the last submission
+//!   that bound it — the same deferral destructive invalidations already
+//!   use for entries (`hmm_core::mirror`, "Destructive events never
+//!   wait"). Import slots are evicted whole when all are live.
+//! - **What blocks it.** (1) Bindings: the library has 4 pool bindings, so
+//!   4 live imports — too few for a kernel touching more than 4 regions
+//!   (a heap walk, two unaligned buffers straddling 2 MiB boundaries). The
+//!   fix is to generate the pool bindings and their `switch` arms from one
+//!   template in `hmm_shaders::compose` with a count per driver (up to 29
+//!   here: 32 minus page table, control, replay), a change to the shared
+//!   library not made on this branch. (2) A device that *is* the CPU:
+//!   lavapipe dereferences the imported pointer itself, so a kernel still
+//!   running when another thread `munmap`s its memory faults the whole
+//!   process (userfaultfd reports the unmap only after it happened; GPU
+//!   drivers pin imported pages, so there the device merely reads the old
+//!   pages). Zero-copy therefore needs the `cudaHostRegister` rule —
+//!   memory must not be unmapped while a kernel uses it — and the
+//!   conformance scenarios that unmap during a launch (`anon_teardown`)
+//!   cannot run in that mode on lavapipe.
+//!
+//! A raw-pointer variant (each import's device address in a slot table,
+//! `PhysicalStorageBuffer` access) would lift the binding limit but needs
+//! SPIR-V the WGSL front end cannot express.
 //!
 //! # Sparse residency
 //!

@@ -19,11 +19,11 @@ pub enum Mode {
     #[default]
     Copy,
     /// The device would read and write the CPU's own pages, imported with
-    /// `VK_EXT_external_memory_host`. **Not implemented yet**: opening in
-    /// this mode probes the extension and returns
-    /// [`OpenError::Unsupported`] saying which of the two reasons applies
-    /// (no extension, or not built). The [crate docs](crate#zero-copy-mode)
-    /// explain why and what it needs.
+    /// `VK_EXT_external_memory_host`. **Not implemented**: opening in this
+    /// mode probes the extension and returns [`OpenError::Unsupported`]
+    /// saying which of the two reasons applies (no extension, or not
+    /// built). The [crate docs](crate#zero-copy-mode) give the design and
+    /// what blocks it.
     ZeroCopy,
 }
 
@@ -34,8 +34,10 @@ pub struct OpenOptions {
     /// Default: the `HMM_VK_DEVICE` environment variable, else the first
     /// discrete GPU, then integrated, virtual, CPU (lavapipe) device.
     pub device_name: Option<String>,
-    /// Copy or zero-copy mirroring.
-    pub mode: Mode,
+    /// Copy or zero-copy mirroring. Default: the `HMM_VK_MODE`
+    /// environment variable (`copy` or `zero-copy`), else copy. Any other
+    /// value of the variable is an [`OpenError::BadMode`].
+    pub mode: Option<Mode>,
     /// Enable `VK_LAYER_KHRONOS_validation` with a messenger recording
     /// every error ([`VulkanDevice::validation_errors`]). Default: the
     /// `HMM_VK_VALIDATION=1` environment variable. Requested but not
@@ -63,6 +65,9 @@ pub enum OpenError {
     /// Validation was requested but the layer is not installed.
     #[error("validation requested but {VALIDATION_LAYER:?} is not installed (Debian: `apt-get install vulkan-validationlayers`)")]
     NoValidationLayer,
+    /// `HMM_VK_MODE` is neither `copy` nor `zero-copy`.
+    #[error("HMM_VK_MODE={0:?}: expected copy or zero-copy")]
+    BadMode(String),
     /// The chosen device lacks something the requested mode needs.
     #[error("device {device} does not support {what}")]
     Unsupported {
@@ -201,6 +206,10 @@ impl VulkanDevice {
 }
 
 fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
+    let mode = match opts.mode {
+        Some(m) => m,
+        None => Mode::from_env()?,
+    };
     // SAFETY: loads the system Vulkan loader; its initialisation has no
     // preconditions beyond being a well-formed library.
     let entry = unsafe { ash::Entry::load() }.map_err(|e| OpenError::NoLoader(e.to_string()))?;
@@ -289,7 +298,7 @@ fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
                 unsafe { l.destroy_debug_utils_messenger(*m, None) };
             }
         };
-    match select_and_create(&instance, opts) {
+    match select_and_create(&instance, opts, mode) {
         Ok(d) => {
             guard.0 = None;
             Ok(Ctx {
@@ -305,7 +314,7 @@ fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
                 sparse: d.sparse,
                 host_import: d.host_import,
                 force_staging: opts.force_staging,
-                mode: opts.mode,
+                mode,
             })
         }
         Err(e) => {
@@ -325,7 +334,11 @@ struct Selected {
     host_import: Option<u64>,
 }
 
-fn select_and_create(instance: &ash::Instance, opts: &OpenOptions) -> Result<Selected, OpenError> {
+fn select_and_create(
+    instance: &ash::Instance,
+    opts: &OpenOptions,
+    mode: Mode,
+) -> Result<Selected, OpenError> {
     let want = opts
         .device_name
         .clone()
@@ -410,7 +423,7 @@ fn select_and_create(instance: &ash::Instance, opts: &OpenOptions) -> Result<Sel
         unsafe { instance.get_physical_device_properties2(pd, &mut p2) };
         host_align = Some(hp.min_imported_host_pointer_alignment);
     }
-    if opts.mode == Mode::ZeroCopy {
+    if mode == Mode::ZeroCopy {
         let what = if host_ext {
             "zero-copy mirroring: the device has VK_EXT_external_memory_host, but this \
              driver does not implement the mode yet (crate docs, \"Zero-copy mode\")"
@@ -457,6 +470,22 @@ fn select_and_create(instance: &ash::Instance, opts: &OpenOptions) -> Result<Sel
     })
 }
 
+impl Mode {
+    /// The mode `HMM_VK_MODE` asks for (`copy`, `zero-copy`), else copy.
+    pub fn from_env() -> Result<Mode, OpenError> {
+        std::env::var("HMM_VK_MODE").map_or(Ok(Mode::Copy), |v| Mode::parse(&v))
+    }
+
+    /// `copy` (or empty) or `zero-copy`.
+    pub fn parse(v: &str) -> Result<Mode, OpenError> {
+        match v {
+            "" | "copy" => Ok(Mode::Copy),
+            "zero-copy" | "zerocopy" => Ok(Mode::ZeroCopy),
+            _ => Err(OpenError::BadMode(v.to_string())),
+        }
+    }
+}
+
 /// A device for tests, opened with `opts`: `Some` when a device opens;
 /// otherwise prints a skip line naming why and returns `None` — unless
 /// `HMM_REQUIRE_GPU=1`, which turns a missing device into a test failure
@@ -478,4 +507,21 @@ pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
 /// [`test_device_with`] the default options (copy mode).
 pub fn test_device() -> Option<VulkanDevice> {
     test_device_with(&OpenOptions::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmm_vk_mode_values() {
+        assert_eq!(Mode::parse("copy").ok(), Some(Mode::Copy));
+        assert_eq!(Mode::parse("").ok(), Some(Mode::Copy));
+        assert_eq!(Mode::parse("zero-copy").ok(), Some(Mode::ZeroCopy));
+        let e = Mode::parse("zero").expect_err("not a mode");
+        assert_eq!(
+            e.to_string(),
+            "HMM_VK_MODE=\"zero\": expected copy or zero-copy"
+        );
+    }
 }

@@ -195,7 +195,7 @@ fn mirror_scenarios_are_validation_clean() {
 fn zero_copy_mode_is_refused_with_the_reason() {
     let Some(copy) = test_device() else { return };
     let e = VulkanDevice::open_with(&OpenOptions {
-        mode: Mode::ZeroCopy,
+        mode: Some(Mode::ZeroCopy),
         ..Default::default()
     })
     .expect_err("zero-copy is not implemented; opening must say so");
