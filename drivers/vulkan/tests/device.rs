@@ -71,7 +71,9 @@ fn each_launch_has_its_own_timeline_value() {
     let oa = d.take_outcome(a).expect("outcome a");
     assert_eq!(oa.incomplete, (0..100).collect::<Vec<u32>>());
     assert_eq!(oa.faults.len(), 1, "deduplicated per page");
-    assert_eq!(oa.faults[0].addr(), 0x10000);
+    // Whichever invocation recorded first names its own address; the page
+    // is the same for all.
+    assert_eq!(oa.faults[0].addr() & !0xfff, 0x10000);
     let ob = d.take_outcome(b).expect("outcome b");
     assert_eq!(ob.incomplete, vec![3, 5]);
     assert!(matches!(
