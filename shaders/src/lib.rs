@@ -66,6 +66,8 @@
 
 use core::fmt::Write as _;
 
+pub mod test_kernels;
+
 use hmm_core::mirror::backend::{LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE};
 use hmm_core::mirror::format;
 
