@@ -938,6 +938,7 @@ unsafe impl Backend for VulkanDevice {
             replay: u32::from(matches!(invocations, Invocations::Only(_))),
             fault_cap: FAULT_CAP,
             chunk_slots: mem.chunk_slots,
+            loop_probe: hmm_shaders::LOOP_PROBE_ITERS,
             ..Params::default()
         };
         for (i, a) in args.iter().enumerate() {
@@ -1050,8 +1051,15 @@ unsafe impl Backend for VulkanDevice {
                 .read(0, bytemuck::cast_slice_mut(&mut words))
         };
         let outcome = sub.layout.parse(&words);
+        let cut_short = sub.layout.loop_limit_hits(&words);
         lock(&self.launches).free.push(sub.res);
         self.check()?;
+        if cut_short > 0 {
+            return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
+                cut_short,
+                self.device_name(),
+            )));
+        }
         Ok(outcome)
     }
 }
