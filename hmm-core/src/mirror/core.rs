@@ -1108,23 +1108,53 @@ impl<B: Backend> Mirror<B> {
         );
         drop(dev);
         Counters::add(&inner.counters.regions_created, 1);
-        if let Err(e) = inner.host.watch(range) {
+        // A watch can fail because the memory changed under us: a
+        // concurrent munmap + mmap left a hole at the moment of
+        // registering. The region has no pages yet, so trying again is
+        // sound; giving up at once would leave it mirrored with no events
+        // and no write tracking while its memory is ordinary (stale reads
+        // found by `hmm-stress`).
+        let mut watched = inner.host.watch(range);
+        for _ in 0..3 {
+            if watched.is_ok() {
+                break;
+            }
+            inner.host.maps().invalidate(range);
+            match inner.host.lookup(at)? {
+                Some(m) if m.range.start() <= range.start() && range.end() <= m.range.end() => {
+                    std::thread::yield_now();
+                    watched = inner.host.watch(range);
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = watched {
             // The mapping may have gone in the meantime (then the fault is
             // an access to unmapped memory), or the kernel may refuse to
             // register this kind of mapping (then it stays mirrored, seen
             // only through explicit invalidation — said once).
             inner.host.maps().invalidate(range);
-            if inner.host.lookup(at)?.is_none() {
+            let now = inner.host.lookup(at)?;
+            let covered = now
+                .as_ref()
+                .is_some_and(|m| m.range.start() <= range.start() && range.end() <= m.range.end());
+            if !covered {
+                // Gone (an access to unmapped memory), or reshaped since
+                // the region was chosen (choose again: the caller retries
+                // on RegionReleased, bounded).
                 let mut dev = inner.lock();
                 if let Some(slot) = dev.regions.get_mut(&range.start().0) {
                     slot.dead = true;
                 }
                 drop(dev);
                 let _ = inner.release_tx.send(ReleaseMsg::Region(range.start().0));
-                return Err(MirrorError::DeviceFault {
-                    addr: at,
-                    write,
-                    reason: AccessError::Unmapped,
+                return Err(match now {
+                    None => MirrorError::DeviceFault {
+                        addr: at,
+                        write,
+                        reason: AccessError::Unmapped,
+                    },
+                    Some(_) => MirrorError::RegionReleased { addr: at },
                 });
             }
             Counters::add(&inner.counters.unwatched_regions, 1);
@@ -1602,17 +1632,24 @@ impl PinHandle {
 /// Removes a dead region's notifier (waiting out running callbacks) and
 /// drops whatever it still maps. Not to be called from a callback.
 fn release_slot<B: Backend>(inner: &Inner<B>, mut slot: RegionSlot<B>) {
+    // Zap first, while the region is still watched and subscribed: a dead
+    // region keeps the pages an unmap did not take (the kernel merges
+    // neighbouring mappings, so only part of a region may be gone), and
+    // until they are dropped, CPU writes and unmaps there must still reach
+    // them. Unwatching first left a window in which a launch read those
+    // pages with nothing tracking the CPU's writes to them (stale reads
+    // found by `hmm-stress`). Nothing can map pages into the region after
+    // this: it is out of `regions`, so faults there make a new one.
+    {
+        let mut dev = inner.lock_idle();
+        inner.zap(&mut dev, slot.range, true);
+    }
     let _ = inner.host.unwatch(slot.range);
     if let Some(sub) = slot.sub.take() {
         // Not inside a callback: this waits until no invalidation can reach
         // the region any more.
         let _ = sub.remove();
     }
-    // Nothing can have been mapped in a dead region, but zap for certainty
-    // — as a callback would: once the device is idle, writing dirty pages
-    // back.
-    let mut dev = inner.lock_idle();
-    inner.zap(&mut dev, slot.range, true);
     Counters::add(&inner.counters.deferred_releases, 1);
 }
 
