@@ -17,16 +17,30 @@
 //! | [`chunk_sum`](BenchKernels::chunk_sum) | `[data, out, n, w]` | `out[i] = Σ data[j]` for `j` in `i*w .. min((i+1)*w, n)` (wrapping) |
 //!
 //! `w` is [`BenchKernels::words_per_invocation`]. All kernels follow the
-//! replay contract trivially: plain stores of values computed from inputs
-//! the invocation does not modify (`saxpy` reads `y[j]` before it stores
-//! it, and a replayed invocation re-reads the CPU's `y`, since its earlier
-//! stores never became visible — the `cpu` driver buffers them, a GPU
-//! driver must stop the invocation before its first store or the kernel
-//! must load every input before storing; the WGSL versions should load
-//! the whole chunk of `x` and `y` before the first store).
+//! replay contract: `gather` and `chunk_sum` make plain stores of values
+//! computed from inputs they do not modify; `saxpy` reads `y[j]` before it
+//! stores it, so a replayed invocation must not see its own earlier
+//! stores. The `cpu` driver buffers an invocation's stores until it
+//! completes; a GPU's stores before a fault are visible, so the WGSL
+//! `saxpy` ([`WGSL_SAXPY`]) first touches every page its span covers —
+//! `y` for writing (an atomic add of 0, which changes nothing), then `x`
+//! for reading — and only then computes: after those probes nothing can
+//! fault (an invalidation waits for the launch), so its real stores happen
+//! exactly once.
+//!
+//! `saxpy` and `chunk_sum` declare their intent to write before their
+//! first load: an atomic add of 0 on the words they will store (it has no
+//! effect, so running it again on a replay is harmless). An invocation
+//! stops at its first fault, so a store that faults after a span was
+//! loaded and summed throws that work away and the replay does it again —
+//! for `chunk_sum` over fresh output that was a second full pass over the
+//! data. And a mirror maps read faults read-only until a region has been
+//! written (`hmm_core::mirror`: pages only read need no twin), so a kernel
+//! that read `y` before writing it would also fault once more per page.
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
 
 /// The kernels `hmm-bench` needs from a backend.
 pub trait BenchKernels: Backend {
@@ -78,6 +92,11 @@ impl BenchKernels for CpuDevice {
             let a = lane.args();
             let (x, y, s, n, w) = (a[0], a[1], a[2] as u32, a[3], a[4]);
             let (mut j, end) = span(i, n, w);
+            if j < end {
+                // Write intent first: `y` faults in writable, once.
+                lane.atomic_add_u32(y + j * 4, 0)?;
+                lane.atomic_add_u32(y + (end - 1) * 4, 0)?;
+            }
             let mut xs = [0u32; LANE_CHUNK];
             let mut ys = [0u32; LANE_CHUNK];
             // Load everything this invocation reads before its first store.
@@ -105,6 +124,8 @@ impl BenchKernels for CpuDevice {
             let a = lane.args();
             let (data, out, n, w) = (a[0], a[1], a[2], a[3]);
             let (mut j, end) = span(i, n, w);
+            // Write intent first: the output faults in before the loads.
+            lane.atomic_add_u32(out + u64::from(i) * 4, 0)?;
             let mut buf = [0u32; LANE_CHUNK];
             let mut sum = 0u32;
             while j < end {
@@ -118,9 +139,177 @@ impl BenchKernels for CpuDevice {
     }
 }
 
+/// `gather` in WGSL against the shader library (`shaders/wgsl/hmm.wgsl`).
+/// A faulted load returns 0 and drops every later access, so the store
+/// happens only on the fault-free run.
+pub const WGSL_GATHER: &str = r#"
+fn hmm_kernel(i: u32) {
+    let k = hmm_load_u32(hmm_index(hmm_arg_ptr(1u), i, 4u));
+    let v = hmm_load_u32(hmm_index(hmm_arg_ptr(0u), k, 4u));
+    hmm_store_u32(hmm_index(hmm_arg_ptr(2u), i, 4u), v);
+}
+"#;
+
+/// `saxpy` in WGSL (`u32`, wrapping). `w` must be at most 1024 words, so
+/// one invocation's span of `x` (and of `y`) covers at most two pages,
+/// which the probes of its first and last words map before any store.
+pub const WGSL_SAXPY: &str = r#"
+fn hmm_kernel(i: u32) {
+    let x = hmm_arg_ptr(0u);
+    let y = hmm_arg_ptr(1u);
+    let a = hmm_arg_u32(2u);
+    let n = hmm_arg_u32(3u);
+    let w = hmm_arg_u32(4u);
+    let start = i * w;
+    if start >= n {
+        return;
+    }
+    let end = min(start + w, n);
+    // Every access that can fault, before any store that changes a value:
+    // y for writing first (adding 0 changes nothing), then x for reading.
+    _ = hmm_atomic_add_u32(hmm_index(y, start, 4u), 0u);
+    _ = hmm_atomic_add_u32(hmm_index(y, end - 1u, 4u), 0u);
+    _ = hmm_load_u32(hmm_index(x, start, 4u));
+    _ = hmm_load_u32(hmm_index(x, end - 1u, 4u));
+    if hmm_faulted() {
+        return;
+    }
+    var xs: array<u32, 64>;
+    var ys: array<u32, 64>;
+    for (var b = start; b < end; b += 64u) {
+        let m = min(64u, end - b);
+        for (var k = 0u; k < m; k++) {
+            xs[k] = hmm_load_u32(hmm_index(x, b + k, 4u));
+        }
+        for (var k = 0u; k < m; k++) {
+            ys[k] = hmm_load_u32(hmm_index(y, b + k, 4u));
+        }
+        for (var k = 0u; k < m; k++) {
+            hmm_store_u32(hmm_index(y, b + k, 4u), a * xs[k] + ys[k]);
+        }
+    }
+}
+"#;
+
+/// `chunk_sum` in WGSL (`u32`, wrapping): loads first, one store last.
+pub const WGSL_CHUNK_SUM: &str = r#"
+fn hmm_kernel(i: u32) {
+    let data = hmm_arg_ptr(0u);
+    let outp = hmm_index(hmm_arg_ptr(1u), i, 4u);
+    let n = hmm_arg_u32(2u);
+    let w = hmm_arg_u32(3u);
+    // Write intent first (adding 0 changes nothing): the output faults in
+    // before the loads, not after a whole span was summed.
+    _ = hmm_atomic_add_u32(outp, 0u);
+    let start = min(i * w, n);
+    let end = min(start + w, n);
+    var sum = 0u;
+    for (var j = start; j < end; j++) {
+        sum += hmm_load_u32(hmm_index(data, j, 4u));
+        if hmm_faulted() {
+            return;
+        }
+    }
+    hmm_store_u32(outp, sum);
+}
+"#;
+
+impl BenchKernels for WgpuDevice {
+    fn words_per_invocation(&self) -> u32 {
+        // At most 1024 (WGSL_SAXPY's probes cover two pages); a page per
+        // invocation keeps the replay rounds of a dense launch cheap.
+        1024
+    }
+
+    fn gather(&self) -> Result<Box<WgpuKernel>, BackendError> {
+        self.kernel(WGSL_GATHER).map(Box::new)
+    }
+
+    fn saxpy(&self) -> Result<Box<WgpuKernel>, BackendError> {
+        self.kernel(WGSL_SAXPY).map(Box::new)
+    }
+
+    fn chunk_sum(&self) -> Result<Box<WgpuKernel>, BackendError> {
+        self.kernel(WGSL_CHUNK_SUM).map(Box::new)
+    }
+}
+
 /// The CPU's answer for `chunk_sum` over `data` with chunks of `w` words.
 pub fn chunk_sums(data: &[u32], w: usize) -> Vec<u32> {
     data.chunks(w)
         .map(|c| c.iter().fold(0u32, |s, v| s.wrapping_add(*v)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wgsl_kernels_validate_against_the_library() {
+        for (name, src) in [
+            ("gather", WGSL_GATHER),
+            ("saxpy", WGSL_SAXPY),
+            ("chunk_sum", WGSL_CHUNK_SUM),
+        ] {
+            if let Err(e) = hmm_shaders::build(src) {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+
+    /// The WGSL kernels on a wgpu device, against the CPU's answers (a
+    /// span that straddles pages, faults in the middle of every round).
+    #[test]
+    fn wgsl_kernels_match_the_cpu_on_wgpu() {
+        use std::sync::Arc;
+        let Some(dev) = hmm_driver_wgpu::test_device() else {
+            return;
+        };
+        let host = Arc::new(hmm_core::cpu::host::HostSpace::new().unwrap());
+        let m = hmm_core::mirror::Mirror::new(host, dev, Default::default()).unwrap();
+        let n = 5000u32; // 4.9 spans of 1024 words: a short tail
+        let x: Vec<u32> = (0..n).map(|j| j.wrapping_mul(0x9e37_79b9)).collect();
+        let mut y: Vec<u32> = (0..n).map(|j| j ^ 0x5555).collect();
+        let want: Vec<u32> = (0..n as usize)
+            .map(|j| 7u32.wrapping_mul(x[j]).wrapping_add(y[j]))
+            .collect();
+        let w = m.backend().words_per_invocation();
+        let k = m.backend().saxpy().unwrap();
+        let args = [
+            x.as_ptr() as u64,
+            y.as_mut_ptr() as u64,
+            7,
+            u64::from(n),
+            u64::from(w),
+        ];
+        m.launch(&k, n.div_ceil(w), args).unwrap();
+        assert_eq!(y, want, "saxpy");
+        let mut sums = vec![0u32; n.div_ceil(w) as usize];
+        let k = m.backend().chunk_sum().unwrap();
+        let args = [
+            x.as_ptr() as u64,
+            sums.as_mut_ptr() as u64,
+            u64::from(n),
+            u64::from(w),
+        ];
+        m.launch(&k, n.div_ceil(w), args).unwrap();
+        assert_eq!(sums, chunk_sums(&x, w as usize), "chunk_sum");
+        let idx: Vec<u32> = (0..100).map(|i| (i * 37) % n).collect();
+        let mut out = vec![0u32; 100];
+        let k = m.backend().gather().unwrap();
+        let args = [
+            x.as_ptr() as u64,
+            idx.as_ptr() as u64,
+            out.as_mut_ptr() as u64,
+        ];
+        m.launch(&k, 100, args).unwrap();
+        let want: Vec<u32> = idx.iter().map(|&i| x[i as usize]).collect();
+        assert_eq!(out, want, "gather");
+    }
+
+    #[test]
+    fn chunk_sums_wrap_and_keep_the_short_tail() {
+        assert_eq!(chunk_sums(&[u32::MAX, 2, 5], 2), vec![1, 5]);
+    }
 }

@@ -75,7 +75,8 @@ fn run(cli: &Cli) -> ExitCode {
         }
     };
     println!("{}", sel.describe());
-    let plan = Plan::from_cli(cli);
+    let mut plan = Plan::from_cli(cli);
+    sel.fit(&mut plan, cli.size_mib.is_some());
     match sel.run(&plan, &cli.out_dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -44,7 +44,7 @@ use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
     LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
-use hmm_core::mirror::format::Pte;
+use hmm_core::mirror::format::{PoolSlot, Pte};
 
 pub use hmm_core::cpu::host::HostSpace;
 pub use hmm_core::mirror::{
@@ -349,6 +349,13 @@ unsafe impl Backend for Device {
             Device::Cpu(d) => d.take_outcome(id),
             Device::Wgpu(d) => d.take_outcome(id),
             Device::Vulkan(d) => d.take_outcome(id),
+        }
+    }
+    fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
+        match self {
+            Device::Cpu(d) => d.host_slot(slot),
+            Device::Wgpu(d) => d.host_slot(slot),
+            Device::Vulkan(d) => d.host_slot(slot),
         }
     }
 }

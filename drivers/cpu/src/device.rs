@@ -9,7 +9,7 @@ use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
     LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId,
 };
-use hmm_core::mirror::format::{Pte, DEVICE_BITS};
+use hmm_core::mirror::format::{PoolSlot, Pte, DEVICE_BITS};
 
 use crate::exec::{lock, CpuKernel, Hooks, Job, LaunchSpec, Submissions, Workers};
 use crate::memory::Memory;
@@ -140,7 +140,11 @@ impl Drop for CpuDevice {
 // - device work changes entries only with `fetch_or(ACCESSED)` and
 //   `fetch_or(ACCESSED | DIRTY)` (`Lane::check_leaf`, `Lane::commit`,
 //   `Lane::rmw`); `ACCESSED`/`DIRTY` live in the low word, and a 64-bit OR of
-//   low-word bits is an OR on the low word.
+//   low-word bits is an OR on the low word;
+// - `host_slot` points into the pool, allocated once by `init` and freed
+//   only when the device drops, 4096 bytes per in-range slot, writable
+//   through the atomics' `UnsafeCell`s; nothing but the core (under the
+//   copy contracts) and device work touches the pool.
 unsafe impl Backend for CpuDevice {
     type Kernel = CpuKernel;
 
@@ -182,6 +186,12 @@ unsafe impl Backend for CpuDevice {
             unsafe { mem.copy_in(w, c.src) };
         }
         Ok(())
+    }
+
+    fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
+        let mem = self.memory().ok()?;
+        let w = mem.slot_word(slot).ok()?;
+        core::ptr::NonNull::new(mem.slot_ptr(w))
     }
 
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {

@@ -138,7 +138,7 @@ impl Memory {
     /// [`Memory::slot_word`]). Derived from the whole slice, so it may be
     /// used for all 4096 bytes of the slot; writing through it is allowed
     /// because every byte is inside an `UnsafeCell` (`AtomicU32`).
-    fn slot_ptr(&self, first_word: usize) -> *mut u8 {
+    pub(crate) fn slot_ptr(&self, first_word: usize) -> *mut u8 {
         // `wrapping_add` keeps this safe code; `first_word + 1024 <=
         // pool.len()` holds for results of `slot_word`, so it stays in bounds.
         self.pool

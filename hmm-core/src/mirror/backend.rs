@@ -249,6 +249,26 @@ pub unsafe trait Backend: Send + Sync + 'static {
 
     /// The outcome of a completed submission; taken once.
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError>;
+
+    /// Where the 4 KiB of pool slot `slot` are addressable by the host, if
+    /// the pool is host memory (the `cpu` driver; a device with
+    /// host-visible coherent memory could say the same). With `Some`, the
+    /// core reads CPU pages straight into the slot and diffs write-backs
+    /// straight out of it — one copy instead of two through a staging
+    /// buffer. Default `None`: every copy goes through
+    /// [`copy_to_device`](Backend::copy_to_device) and
+    /// [`copy_to_host`](Backend::copy_to_host).
+    ///
+    /// Part of the trait's safety contract: a returned pointer is valid for
+    /// reads and writes of 4096 bytes while the backend lives, and the
+    /// memory is not otherwise accessed by the host. The core writes
+    /// through it only where `copy_to_device` would be allowed to write the
+    /// slot and reads only where `copy_to_host` would be allowed to read
+    /// it (no device work on the slot; none writing it, respectively).
+    fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
+        let _ = slot;
+        None
+    }
 }
 
 impl fmt::Display for BackendInfo {

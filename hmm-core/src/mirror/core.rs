@@ -96,6 +96,10 @@ struct RegionSlot<B: Backend> {
     range: VaRange,
     sub: Option<Subscription<Region<B>>>,
     dead: bool,
+    /// The region has taken a write fault: its read faults map writable
+    /// pages writable (saving upgrade faults); until then they map
+    /// read-only, which needs no twin.
+    written: bool,
 }
 
 /// Pages mapped by [`Mirror::pin`].
@@ -462,21 +466,42 @@ impl<B: Backend> Inner<B> {
             verify,
             ..
         } = dev;
-        let batch: Vec<DeviceToHost> = dirty
+        // A host-addressable pool is read in place; otherwise the pages
+        // come out through the staging buffer.
+        let direct: Option<Vec<*const u8>> = dirty
             .iter()
-            .enumerate()
-            .map(|(i, (_, slot))| DeviceToHost {
-                slot: *slot,
-                dst: staging[i * PAGE..].as_mut_ptr(),
-            })
+            .map(|(_, s)| self.backend.host_slot(*s).map(|p| p.as_ptr().cast_const()))
             .collect();
-        // SAFETY: each `dst` is a distinct 4 KiB chunk of `staging`, which
-        // we hold mutably and which outlives the call; launches are
-        // serialised and the device is idle for these slots (callers waited
-        // for the in-flight submission or run between submissions).
-        if unsafe { self.backend.copy_to_host(&batch) }.is_err() {
-            return 0;
+        if direct.is_none() {
+            let batch: Vec<DeviceToHost> = dirty
+                .iter()
+                .enumerate()
+                .map(|(i, (_, slot))| DeviceToHost {
+                    slot: *slot,
+                    dst: staging[i * PAGE..].as_mut_ptr(),
+                })
+                .collect();
+            // SAFETY: each `dst` is a distinct 4 KiB chunk of `staging`,
+            // which we hold mutably and which outlives the call; launches
+            // are serialised and the device is idle for these slots
+            // (callers waited for the in-flight submission or run between
+            // submissions).
+            if unsafe { self.backend.copy_to_host(&batch) }.is_err() {
+                return 0;
+            }
         }
+        let staging = &*staging;
+        let pages: Vec<&[u8]> = match &direct {
+            Some(ptrs) => ptrs
+                .iter()
+                // SAFETY: 4 KiB per slot vouched for by the backend
+                // (`host_slot`); the device is idle for these slots (as for
+                // `copy_to_host` above), so nothing writes them while these
+                // borrows live, which end before this function returns.
+                .map(|p| unsafe { std::slice::from_raw_parts(*p, PAGE) })
+                .collect(),
+            None => staging.chunks_exact(PAGE).take(dirty.len()).collect(),
+        };
         let mut cleared = Vec::with_capacity(dirty_locs.len());
         let _ = self
             .backend
@@ -486,7 +511,7 @@ impl<B: Backend> Inner<B> {
         let mut diff = Vec::new();
         let mut touched: Vec<VirtAddr> = Vec::new();
         for (i, (va, slot)) in dirty.iter().enumerate() {
-            let page = &staging[i * PAGE..(i + 1) * PAGE];
+            let page = pages[i];
             diff.clear();
             match twins.get(*slot) {
                 Some(t) => hostcopy::diff_runs(t, page, &mut diff),
@@ -503,7 +528,7 @@ impl<B: Backend> Inner<B> {
         hostcopy::write_runs(&runs);
         for (i, (_, slot)) in dirty.iter().enumerate() {
             if twins.get(*slot).is_some() {
-                twins.set(*slot, &staging[i * PAGE..(i + 1) * PAGE]);
+                twins.set(*slot, pages[i]);
             }
         }
         // Our own write is not a CPU write: re-protect the pages so the next
@@ -528,9 +553,7 @@ impl<B: Backend> Inner<B> {
         let stale: Vec<VirtAddr> = idx
             .iter()
             .enumerate()
-            .filter(|(k, &i)| {
-                !vok[*k] || verify[k * PAGE..(k + 1) * PAGE] != staging[i * PAGE..(i + 1) * PAGE]
-            })
+            .filter(|(k, &i)| !vok[*k] || verify[k * PAGE..(k + 1) * PAGE] != *pages[i])
             .map(|(_, &i)| dirty[i].0)
             .collect();
         for va in stale {
@@ -1104,6 +1127,7 @@ impl<B: Backend> Mirror<B> {
                 range,
                 sub: Some(sub),
                 dead: false,
+                written: false,
             },
         );
         drop(dev);
@@ -1287,6 +1311,18 @@ impl<B: Backend> Mirror<B> {
             });
         }
         let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(piece));
+        // Read faults map writable only in regions that have been written
+        // by the device: data a kernel only reads then needs no twin (a
+        // 4 KiB copy, and first-touch memory, per page), while a region a
+        // kernel writes pays one upgrade fault per page at most once, then
+        // maps writable straight away.
+        let region_written = match dev.regions.get_mut(&region_start) {
+            Some(r) => {
+                r.written |= write;
+                r.written
+            }
+            None => false,
+        };
         // Pages to install: not mapped, or mapped read-only but wanted for write.
         let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
         for (va, st) in piece.page_addrs().zip(states) {
@@ -1302,7 +1338,7 @@ impl<B: Backend> Mirror<B> {
             let writable = if write {
                 true
             } else {
-                cpu_writable && !read_mostly && !multi
+                cpu_writable && region_written && !read_mostly && !multi
             };
             match dev.table.lookup(va) {
                 Some(p) if p.writable() || !writable => {}
@@ -1326,9 +1362,14 @@ impl<B: Backend> Mirror<B> {
             .map(|p| p.slot())
             .collect();
         let mut slots = Vec::with_capacity(todo.len());
+        let mut upgrades = false;
         for (va, _) in &todo {
             match dev.table.lookup(*va) {
-                Some(p) => slots.push(p.slot()), // read-only → writable upgrade reuses the slot
+                Some(p) => {
+                    // read-only → writable upgrade reuses the slot
+                    upgrades = true;
+                    slots.push(p.slot());
+                }
                 None => match inner.alloc_slot(&mut dev, *va, &keep) {
                     Ok(s) => {
                         keep.insert(s);
@@ -1353,11 +1394,42 @@ impl<B: Backend> Mirror<B> {
         // protection, leaving a stale device copy that no later sync point
         // dropped — `hmm-stress` found it. A failed protect leaves the pages
         // reported as written: conservative.
+        //
+        // A read fault populates for read, which leaves the protection
+        // alone: its pages are still armed (by `watch`, or re-protected by
+        // the last sync point's scan) unless the CPU wrote them since — and
+        // such a page stays reported as written until the next sync point
+        // drops its device copy, which is merely conservative. So only
+        // write faults re-arm: one write-protect ioctl (and its TLB flush)
+        // less per run of read-faulted pages, most of a sparse launch's
+        // system calls.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
-        let _ = inner.host.rearm_after_writeback(&addrs);
-        // Copy in through a staging buffer that survives vanished pages.
+        if write {
+            let _ = inner.host.rearm_after_writeback(&addrs);
+        }
+        // Copy in with `process_vm_readv`, which survives vanished pages:
+        // straight into the slots when the pool is host memory and every
+        // slot is fresh (a failed read then only spoils slots that are
+        // freed again; an upgraded slot still backs a read-only entry),
+        // else through the staging buffer.
+        let direct: Option<Vec<*mut u8>> = if upgrades {
+            None
+        } else {
+            slots
+                .iter()
+                .map(|s| inner.backend.host_slot(*s).map(|p| p.as_ptr()))
+                .collect()
+        };
         let Dev { staging, ok, .. } = &mut *dev;
-        hostcopy::read_pages(&addrs, staging, ok);
+        match &direct {
+            // SAFETY: the backend vouches for 4 KiB of writable memory per
+            // slot (`Backend::host_slot`); the slots are distinct, fresh and
+            // unused by device work (none is in flight during fault
+            // service), as `copy_to_device` requires; pool memory is never
+            // a mirrored CPU page.
+            Some(dsts) => unsafe { hostcopy::read_pages_to(&addrs, dsts, ok) },
+            None => hostcopy::read_pages(&addrs, staging, ok),
+        }
         if let Some(i) = ok.iter().position(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
             inner.undo_install(&mut dev, &todo, &slots);
@@ -1383,27 +1455,35 @@ impl<B: Backend> Mirror<B> {
             }
             return Ok(Attempt::Retry);
         }
-        let batch: Vec<HostToDevice> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| HostToDevice {
-                slot: *s,
-                src: staging[i * PAGE..].as_ptr(),
-            })
-            .collect();
-        // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
-        // unmodified for the call; the destination slots are freshly
-        // allocated or belong to pages being upgraded, which no device work
-        // uses (launches are serialised and none is in flight during fault
-        // service).
-        if let Err(e) = unsafe { inner.backend.copy_to_device(&batch) } {
-            inner.undo_install(&mut dev, &todo, &slots);
-            return Err(e.into());
+        if direct.is_none() {
+            let batch: Vec<HostToDevice> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| HostToDevice {
+                    slot: *s,
+                    src: staging[i * PAGE..].as_ptr(),
+                })
+                .collect();
+            // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
+            // unmodified for the call; the destination slots are freshly
+            // allocated or belong to pages being upgraded, which no device
+            // work uses (launches are serialised and none is in flight
+            // during fault service).
+            if let Err(e) = unsafe { inner.backend.copy_to_device(&batch) } {
+                inner.undo_install(&mut dev, &todo, &slots);
+                return Err(e.into());
+            }
         }
         let Dev { staging, twins, .. } = &mut *dev;
         for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
             if *writable {
-                twins.set(*s, &staging[i * PAGE..(i + 1) * PAGE]);
+                match &direct {
+                    // SAFETY: the slot's 4 KiB were just written by the
+                    // read above and no device work touches them yet; the
+                    // backend vouches for their validity (`host_slot`).
+                    Some(d) => twins.set(*s, unsafe { std::slice::from_raw_parts(d[i], PAGE) }),
+                    None => twins.set(*s, &staging[i * PAGE..(i + 1) * PAGE]),
+                }
             }
         }
         let mut writes: Vec<PteWrite> = Vec::new();
@@ -1508,6 +1588,18 @@ impl<B: Backend> Mirror<B> {
         }
         for (addrs, slots) in addrs.chunks(STAGE_PAGES).zip(slots.chunks(STAGE_PAGES)) {
             let Dev { staging, ok, .. } = &mut *dev;
+            let direct: Option<Vec<*mut u8>> = slots
+                .iter()
+                .map(|s| inner.backend.host_slot(*s).map(|p| p.as_ptr()))
+                .collect();
+            if let Some(dsts) = direct {
+                // Host-addressable pool: one copy, straight into the slots.
+                // SAFETY: 4 KiB per slot vouched for by the backend
+                // (`host_slot`); the slots are distinct, freshly allocated
+                // and unused by device work, as `copy_to_device` requires.
+                unsafe { hostcopy::read_pages_to(addrs, &dsts, ok) };
+                continue;
+            }
             hostcopy::read_pages(addrs, staging, ok);
             let batch: Vec<HostToDevice> = slots
                 .iter()

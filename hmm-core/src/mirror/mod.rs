@@ -108,8 +108,10 @@
 //!
 //! # Coherence between devices
 //!
-//! With one mirror, read faults map writable when the CPU page is, saving
-//! upgrade faults. With several, read faults map read-only and a write
+//! With one mirror, read faults map writable when the CPU page is and the
+//! region has already taken a write fault, saving upgrade faults; in a
+//! region the device has only read, they map read-only, so pages a kernel
+//! merely reads cost one copy and no twin. With several, read faults map read-only and a write
 //! fault first invalidates the range in every other mirror (`Migrate`,
 //! owner-tagged so the writer skips its own callback; the others write
 //! dirty data back first): one writer or many readers per page.
