@@ -1,30 +1,24 @@
 //! Backend selection: the one place that knows which drivers exist.
 //!
-//! Built in: the `cpu` driver and the `wgpu` driver (any adapter wgpu's
-//! Vulkan backend finds; Mesa's lavapipe counts). `auto` probes wgpu first
-//! and falls back to cpu, saying why.
+//! Built in: the `cpu` driver, the `wgpu` driver (any adapter wgpu's
+//! Vulkan backend finds; Mesa's lavapipe counts) and the `vulkan` driver
+//! (ash, copy mode). `auto` probes wgpu, then vulkan, and falls back to
+//! cpu, saying why — the same order as `hmm::Device::open`.
 //!
 //! A driver plugs in by (1) implementing [`crate::kernels::BenchKernels`]
 //! for its device type, (2) adding a [`Selected`] variant and its probe in
-//! [`select`] (probe first for `auto`: a usable adapter wins over cpu),
-//! (3) adding the variant's arm in [`Selected::run`], [`Selected::describe`]
-//! and [`available`]. The **vulkan** arm goes exactly there: once
-//! `drivers/vulkan` is merged (`hmm::Driver::Vulkan` exists), add
-//! `Selected::Vulkan`, probe it before wgpu for `auto`, and give its
-//! device the same [`Selected::fit`] treatment (its pool is limited by
-//! `maxStorageBufferRange` like wgpu's).
+//! [`select`] (a usable adapter wins over cpu for `auto`), (3) adding the
+//! variant's arm in [`Selected::run`], [`Selected::describe`] and
+//! [`available`]. GPU variants share [`Selected::fit`]: their pool is
+//! limited by the largest storage binding.
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 use hmm_driver_cpu::CpuDevice;
+use hmm_driver_vulkan::VulkanDevice;
 use hmm_driver_wgpu::WgpuDevice;
 
 use crate::cli::{BackendChoice, Plan};
 use crate::scenarios::Res;
-
-/// Why `--backend vulkan` cannot run in this build.
-const VULKAN_MISSING: &str = "the vulkan driver (drivers/vulkan, issue #6) is not merged into \
-     this build (hmm::Driver has no Vulkan variant yet); --backend wgpu runs the same WGSL \
-     kernels through wgpu's Vulkan backend, --backend cpu on the software device";
 
 /// The backend chosen for this run, and why.
 pub enum Selected {
@@ -33,8 +27,10 @@ pub enum Selected {
         /// Why this backend was chosen, in words.
         why: String,
     },
-    /// A wgpu adapter (a GPU, or lavapipe).
-    Wgpu {
+    /// A GPU adapter (a real GPU, or lavapipe) through a GPU driver.
+    Gpu {
+        /// Which driver.
+        driver: GpuDriver,
         /// Why this backend was chosen, in words.
         why: String,
         /// The adapter, in words.
@@ -44,63 +40,104 @@ pub enum Selected {
     },
 }
 
+/// The GPU drivers the harness runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuDriver {
+    /// `drivers/wgpu`.
+    Wgpu,
+    /// `drivers/vulkan` (copy mode).
+    Vulkan,
+}
+
+impl GpuDriver {
+    fn name(self) -> &'static str {
+        match self {
+            GpuDriver::Wgpu => "wgpu",
+            GpuDriver::Vulkan => "vulkan",
+        }
+    }
+
+    /// Opens a device and describes it: `(adapter, max_pool_slots)`.
+    fn probe(self) -> Result<(String, u32), String> {
+        match self {
+            GpuDriver::Wgpu => WgpuDevice::open()
+                .map(|d| (d.adapter_name().to_owned(), d.info().max_pool_slots))
+                .map_err(|e| e.to_string()),
+            GpuDriver::Vulkan => VulkanDevice::open()
+                .map(|d| (d.device_name().to_owned(), d.info().max_pool_slots))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn selected(self, why: &str) -> Result<Selected, String> {
+        let (adapter, max_pool_slots) = self.probe()?;
+        Ok(Selected::Gpu {
+            driver: self,
+            why: why.into(),
+            adapter,
+            max_pool_slots,
+        })
+    }
+}
+
 /// Opens a wgpu device, as a backend error.
 fn wgpu_device() -> Result<WgpuDevice, BackendError> {
     WgpuDevice::open().map_err(|e| BackendError::Other(e.to_string()))
 }
 
-/// The `Selected::Wgpu` for an adapter that opened.
-fn wgpu_selected(d: &WgpuDevice, why: &str) -> Selected {
-    Selected::Wgpu {
-        why: why.into(),
-        adapter: d.adapter_name().to_owned(),
-        max_pool_slots: d.info().max_pool_slots,
-    }
+/// Opens a vulkan device, as a backend error.
+fn vulkan_device() -> Result<VulkanDevice, BackendError> {
+    VulkanDevice::open().map_err(|e| BackendError::Other(e.to_string()))
 }
 
 /// Picks the backend for `choice`; an explicit choice that is not built in
 /// (or finds no device) is an error.
 pub fn select(choice: BackendChoice) -> Result<Selected, String> {
     match choice {
-        BackendChoice::Auto => match WgpuDevice::open() {
-            // (vulkan, once merged, is probed here first.)
-            Ok(d) => Ok(wgpu_selected(
-                &d,
-                "best available: a wgpu adapter opened; --backend cpu for the software device",
-            )),
-            Err(e) => {
-                println!("note: no wgpu adapter ({e}); falling back to the cpu driver");
-                Ok(Selected::Cpu {
-                    why: "fallback: no GPU adapter found".into(),
-                })
+        BackendChoice::Auto => {
+            let mut why_not = Vec::new();
+            for d in [GpuDriver::Wgpu, GpuDriver::Vulkan] {
+                match d.selected(
+                    "best available: a GPU adapter opened; --backend cpu for the software device",
+                ) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => why_not.push(format!("{}: {e}", d.name())),
+                }
             }
-        },
+            println!(
+                "note: no GPU adapter ({}); falling back to the cpu driver",
+                why_not.join("; ")
+            );
+            Ok(Selected::Cpu {
+                why: "fallback: no GPU adapter found".into(),
+            })
+        }
         BackendChoice::Cpu => Ok(Selected::Cpu {
             why: "asked for with --backend cpu".into(),
         }),
-        BackendChoice::Wgpu => match WgpuDevice::open() {
-            Ok(d) => Ok(wgpu_selected(&d, "asked for with --backend wgpu")),
-            Err(e) => Err(format!("--backend wgpu: {e}")),
-        },
-        BackendChoice::Vulkan => Err(VULKAN_MISSING.into()),
+        BackendChoice::Wgpu => GpuDriver::Wgpu
+            .selected("asked for with --backend wgpu")
+            .map_err(|e| format!("--backend wgpu: {e}")),
+        BackendChoice::Vulkan => GpuDriver::Vulkan
+            .selected("asked for with --backend vulkan")
+            .map_err(|e| format!("--backend vulkan: {e}")),
     }
 }
 
 /// One line per backend this build knows, with whether it is usable here.
 pub fn available() -> Vec<String> {
-    let wgpu = match WgpuDevice::open() {
-        Ok(d) => format!(
-            "wgpu    yes ({}; pool up to {} MiB)",
-            d.adapter_name(),
-            u64::from(d.info().max_pool_slots) >> 8
-        ),
-        Err(e) => format!("wgpu    no adapter: {e}"),
-    };
-    vec![
-        format!("cpu     yes ({})", CpuDevice::new().info().device),
-        wgpu,
-        "vulkan  not built in (drivers/vulkan not merged yet, issue #6)".into(),
-    ]
+    let mut lines = vec![format!("cpu     yes ({})", CpuDevice::new().info().device)];
+    for d in [GpuDriver::Wgpu, GpuDriver::Vulkan] {
+        lines.push(match d.probe() {
+            Ok((adapter, slots)) => format!(
+                "{:<7} yes ({adapter}; pool up to {} MiB)",
+                d.name(),
+                u64::from(slots) >> 8
+            ),
+            Err(e) => format!("{:<7} no adapter: {e}", d.name()),
+        });
+    }
+    lines
 }
 
 /// A fresh `cpu` device; its pool is made resident at init, like GPU memory.
@@ -123,7 +160,12 @@ impl Selected {
             Selected::Cpu { why } => {
                 format!("backend: cpu ({why}); {}", CpuDevice::new().info().device)
             }
-            Selected::Wgpu { why, adapter, .. } => format!("backend: wgpu on {adapter} ({why})"),
+            Selected::Gpu {
+                driver,
+                why,
+                adapter,
+                ..
+            } => format!("backend: {} on {adapter} ({why})", driver.name()),
         }
     }
 
@@ -133,7 +175,7 @@ impl Selected {
     /// every strategy — pinning included — runs in one launch; and a
     /// software GPU (lavapipe) gets smaller `--quick` sizes.
     pub fn fit(&self, plan: &mut Plan, size_explicit: bool) {
-        let Selected::Wgpu {
+        let Selected::Gpu {
             adapter,
             max_pool_slots,
             ..
@@ -170,7 +212,14 @@ impl Selected {
     pub fn run(&self, plan: &Plan, out_dir: &std::path::Path) -> Res<()> {
         match self {
             Selected::Cpu { .. } => crate::harness::run(&cpu_device, "cpu", plan, out_dir),
-            Selected::Wgpu { .. } => crate::harness::run(&wgpu_device, "wgpu", plan, out_dir),
+            Selected::Gpu {
+                driver: GpuDriver::Wgpu,
+                ..
+            } => crate::harness::run(&wgpu_device, "wgpu", plan, out_dir),
+            Selected::Gpu {
+                driver: GpuDriver::Vulkan,
+                ..
+            } => crate::harness::run(&vulkan_device, "vulkan", plan, out_dir),
         }
     }
 }
@@ -185,13 +234,5 @@ mod tests {
         assert!(fits(256, 131_072));
         assert!(!fits(512, 131_072));
         assert!(fits(1024, 300_000));
-    }
-
-    #[test]
-    fn vulkan_says_why_it_cannot_run() {
-        let Err(e) = select(BackendChoice::Vulkan) else {
-            panic!("vulkan selected in a build without the driver");
-        };
-        assert!(e.contains("not merged"), "{e}");
     }
 }

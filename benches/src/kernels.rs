@@ -40,6 +40,7 @@
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};
 use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
 
 /// The kernels `hmm-bench` needs from a backend.
@@ -214,25 +215,35 @@ fn hmm_kernel(i: u32) {
 }
 "#;
 
-impl BenchKernels for WgpuDevice {
-    fn words_per_invocation(&self) -> u32 {
-        // At most 1024 (WGSL_SAXPY's probes cover two pages); a page per
-        // invocation keeps the replay rounds of a dense launch cheap.
-        1024
-    }
+/// The WGSL kernels on a GPU driver whose `kernel(&str)` builds a
+/// pipeline from WGSL against the shader library.
+macro_rules! wgsl_bench_kernels {
+    ($dev:ty, $kernel:ty) => {
+        impl BenchKernels for $dev {
+            fn words_per_invocation(&self) -> u32 {
+                // At most 1024 (WGSL_SAXPY's probes cover two pages); a
+                // page per invocation keeps the replay rounds of a dense
+                // launch cheap.
+                1024
+            }
 
-    fn gather(&self) -> Result<Box<WgpuKernel>, BackendError> {
-        self.kernel(WGSL_GATHER).map(Box::new)
-    }
+            fn gather(&self) -> Result<Box<$kernel>, BackendError> {
+                self.kernel(WGSL_GATHER).map(Box::new)
+            }
 
-    fn saxpy(&self) -> Result<Box<WgpuKernel>, BackendError> {
-        self.kernel(WGSL_SAXPY).map(Box::new)
-    }
+            fn saxpy(&self) -> Result<Box<$kernel>, BackendError> {
+                self.kernel(WGSL_SAXPY).map(Box::new)
+            }
 
-    fn chunk_sum(&self) -> Result<Box<WgpuKernel>, BackendError> {
-        self.kernel(WGSL_CHUNK_SUM).map(Box::new)
-    }
+            fn chunk_sum(&self) -> Result<Box<$kernel>, BackendError> {
+                self.kernel(WGSL_CHUNK_SUM).map(Box::new)
+            }
+        }
+    };
 }
+
+wgsl_bench_kernels!(WgpuDevice, WgpuKernel);
+wgsl_bench_kernels!(VulkanDevice, VulkanKernel);
 
 /// The CPU's answer for `chunk_sum` over `data` with chunks of `w` words.
 pub fn chunk_sums(data: &[u32], w: usize) -> Vec<u32> {
@@ -258,14 +269,13 @@ mod tests {
         }
     }
 
-    /// The WGSL kernels on a wgpu device, against the CPU's answers (a
+    /// The WGSL kernels on a GPU device, against the CPU's answers (a
     /// span that straddles pages, faults in the middle of every round).
-    #[test]
-    fn wgsl_kernels_match_the_cpu_on_wgpu() {
+    fn wgsl_kernels_match_the_cpu<B: BenchKernels>(dev: B)
+    where
+        B::Kernel: Sized,
+    {
         use std::sync::Arc;
-        let Some(dev) = hmm_driver_wgpu::test_device() else {
-            return;
-        };
         let host = Arc::new(hmm_core::cpu::host::HostSpace::new().unwrap());
         let m = hmm_core::mirror::Mirror::new(host, dev, Default::default()).unwrap();
         let n = 5000u32; // 4.9 spans of 1024 words: a short tail
@@ -306,6 +316,20 @@ mod tests {
         m.launch(&k, 100, args).unwrap();
         let want: Vec<u32> = idx.iter().map(|&i| x[i as usize]).collect();
         assert_eq!(out, want, "gather");
+    }
+
+    #[test]
+    fn wgsl_kernels_match_the_cpu_on_wgpu() {
+        if let Some(dev) = hmm_driver_wgpu::test_device() {
+            wgsl_kernels_match_the_cpu(dev);
+        }
+    }
+
+    #[test]
+    fn wgsl_kernels_match_the_cpu_on_vulkan() {
+        if let Some(dev) = hmm_driver_vulkan::test_device() {
+            wgsl_kernels_match_the_cpu(dev);
+        }
     }
 
     #[test]

@@ -24,16 +24,7 @@ impl std::error::Error for StartError {}
 
 /// Opens the chosen device, prints which one it is, and wraps it in a mirror.
 pub fn open(arg: &BackendArg, cfg: MirrorConfig) -> Result<Mirror<Device>, StartError> {
-    let want = match arg.backend.as_str() {
-        // The vulkan driver is not built into the `hmm` facade yet.
-        "vulkan" => {
-            return Err(StartError(
-                "the vulkan driver is not available in this build; use --backend wgpu or cpu"
-                    .into(),
-            ))
-        }
-        s => hmm::parse_backend(Some(s)).map_err(|e| StartError(e.to_string()))?,
-    };
+    let want = hmm::parse_backend(Some(&arg.backend)).map_err(|e| StartError(e.to_string()))?;
     let opened = Device::open(want).map_err(|e| StartError(e.to_string()))?;
     println!("{}", opened.note);
     hmm::mirror(opened.device, cfg).map_err(|e| StartError(e.to_string()))

@@ -8,10 +8,10 @@ use hmm_core::cpu::mirror_fault::{
     fault_and_commit, range_fault_checked, FaultLoopStats, MirrorFaultError,
 };
 use hmm_core::cpu::range_fault::{FaultError, FaultFlags, PageState, RangeFaulter};
+use hmm_core::mirror::conformance::TestMap;
 use hmm_core::notifier::{
-    AddressSpace, Attempt, EventKind, Interval, IntervalNotifier, NotifierRange, Seq,
+    AddressSpace, Attempt, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, Subscription,
 };
-use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
 struct Region {
     lock: Mutex<Vec<PageState>>,
@@ -26,66 +26,73 @@ impl IntervalNotifier for Region {
     }
 }
 
-struct Map(*mut libc::c_void, usize);
-impl Map {
-    fn anon(pages: usize, prot: libc::c_int) -> Map {
-        let len = pages * PAGE_SIZE as usize;
-        // SAFETY: anonymous private mapping at a kernel-chosen address;
-        // nothing else refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Map(p, len)
-    }
-    fn range(&self) -> VaRange {
-        VaRange::from_start_len(VirtAddr(self.0 as u64), self.1 as u64).unwrap()
-    }
-}
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping and nothing borrows it any more.
-        unsafe { libc::munmap(self.0, self.1) };
-    }
+/// A mapping, a subscription over it, and a faulter.
+struct Rig {
+    m: TestMap,
+    space: AddressSpace,
+    sub: Subscription<Region>,
+    f: RangeFaulter,
 }
 
-fn region() -> Region {
-    Region {
-        lock: Mutex::new(Vec::new()),
+impl Rig {
+    fn new(pages: usize, prot: libc::c_int) -> Rig {
+        let m = TestMap::anon(pages, prot);
+        let space = AddressSpace::new();
+        let sub = space
+            .insert(
+                m.range(),
+                Region {
+                    lock: Mutex::new(Vec::new()),
+                },
+            )
+            .unwrap();
+        let f = RangeFaulter::new().unwrap();
+        Rig { m, space, sub, f }
+    }
+
+    /// `fault_and_commit` over the whole mapping.
+    fn fault<T, E>(
+        &self,
+        flags: FaultFlags,
+        timeout: Duration,
+        st: &mut FaultLoopStats,
+        commit: impl FnMut(Seq, &[PageState]) -> Result<Attempt<T>, E>,
+    ) -> Result<T, MirrorFaultError<E>> {
+        fault_and_commit(
+            &self.f,
+            self.sub.interval(),
+            self.m.range(),
+            flags,
+            timeout,
+            st,
+            commit,
+        )
+    }
+
+    /// The driver's side of a commit: under the region lock, retry if the
+    /// sequence moved, else install the snapshot.
+    fn install(&self, seq: Seq, pages: &[PageState]) -> Result<Attempt<usize>, ()> {
+        let mut ptes = self.sub.lock.lock().unwrap();
+        if self.sub.interval().read_retry(seq) {
+            return Ok(Attempt::Retry);
+        }
+        ptes.extend_from_slice(pages);
+        Ok(Attempt::Done(pages.len()))
     }
 }
 
 #[test]
 fn fault_and_commit_installs_a_clean_snapshot() {
-    let m = Map::anon(8, libc::PROT_READ | libc::PROT_WRITE);
-    let space = AddressSpace::new();
-    let sub = space.insert(m.range(), region()).unwrap();
-    let f = RangeFaulter::new().unwrap();
+    let r = Rig::new(8, libc::PROT_READ | libc::PROT_WRITE);
     let mut st = FaultLoopStats::default();
-    let n = fault_and_commit(
-        &f,
-        sub.interval(),
-        m.range(),
-        FaultFlags::WRITE,
-        Duration::from_secs(1),
-        &mut st,
-        |seq, pages| {
-            let mut ptes = sub.lock.lock().unwrap();
-            if sub.interval().read_retry(seq) {
-                return Ok::<_, ()>(Attempt::Retry);
-            }
-            ptes.extend_from_slice(pages);
-            Ok(Attempt::Done(pages.len()))
-        },
-    )
-    .unwrap();
+    let n = r
+        .fault(
+            FaultFlags::WRITE,
+            Duration::from_secs(1),
+            &mut st,
+            |seq, pages| r.install(seq, pages),
+        )
+        .unwrap();
     assert_eq!(n, 8);
     assert_eq!(
         st,
@@ -95,7 +102,8 @@ fn fault_and_commit_installs_a_clean_snapshot() {
             refused: 0
         }
     );
-    assert!(sub
+    assert!(r
+        .sub
         .lock
         .lock()
         .unwrap()
@@ -105,48 +113,35 @@ fn fault_and_commit_installs_a_clean_snapshot() {
 
 #[test]
 fn snapshot_during_an_invalidation_reports_busy() {
-    let m = Map::anon(2, libc::PROT_READ | libc::PROT_WRITE);
-    let space = AddressSpace::new();
-    let sub = space.insert(m.range(), region()).unwrap();
-    let f = RangeFaulter::new().unwrap();
-    let seq = sub.interval().read_begin();
-    space.invalidate(m.range(), EventKind::Remove);
+    let r = Rig::new(2, libc::PROT_READ | libc::PROT_WRITE);
+    let snapshot = |seq: Seq, out: &mut Vec<PageState>| {
+        range_fault_checked(
+            &r.f,
+            r.sub.interval(),
+            seq,
+            r.m.range(),
+            FaultFlags::READ,
+            out,
+        )
+    };
     let mut out = Vec::new();
-    let r = range_fault_checked(
-        &f,
-        sub.interval(),
-        seq,
-        m.range(),
-        FaultFlags::READ,
-        &mut out,
-    );
-    assert!(matches!(r, Err(MirrorFaultError::Busy)));
+    let stale = r.sub.interval().read_begin();
+    r.space.invalidate(r.m.range(), EventKind::Remove);
+    assert!(matches!(
+        snapshot(stale, &mut out),
+        Err(MirrorFaultError::Busy)
+    ));
     // A fresh sequence is clean.
-    let seq = sub.interval().read_begin();
-    range_fault_checked(
-        &f,
-        sub.interval(),
-        seq,
-        m.range(),
-        FaultFlags::READ,
-        &mut out,
-    )
-    .unwrap();
+    snapshot(r.sub.interval().read_begin(), &mut out).unwrap();
     assert_eq!(out.len(), 2);
 }
 
 #[test]
 fn a_commit_refused_under_the_lock_starts_over() {
-    let m = Map::anon(4, libc::PROT_READ | libc::PROT_WRITE);
-    let space = AddressSpace::new();
-    let sub = space.insert(m.range(), region()).unwrap();
-    let f = RangeFaulter::new().unwrap();
+    let r = Rig::new(4, libc::PROT_READ | libc::PROT_WRITE);
     let mut st = FaultLoopStats::default();
     let mut first = true;
-    fault_and_commit(
-        &f,
-        sub.interval(),
-        m.range(),
+    r.fault(
         FaultFlags::READ,
         Duration::from_secs(1),
         &mut st,
@@ -154,14 +149,9 @@ fn a_commit_refused_under_the_lock_starts_over() {
             if first {
                 // An invalidation lands between the snapshot and the lock.
                 first = false;
-                space.invalidate(m.range(), EventKind::CpuWrite);
+                r.space.invalidate(r.m.range(), EventKind::CpuWrite);
             }
-            let mut ptes = sub.lock.lock().unwrap();
-            if sub.interval().read_retry(seq) {
-                return Ok::<_, ()>(Attempt::Retry);
-            }
-            ptes.extend_from_slice(pages);
-            Ok(Attempt::Done(()))
+            r.install(seq, pages)
         },
     )
     .unwrap();
@@ -177,21 +167,15 @@ fn a_commit_refused_under_the_lock_starts_over() {
 
 #[test]
 fn the_loop_is_bounded_by_its_timeout() {
-    let m = Map::anon(1, libc::PROT_READ | libc::PROT_WRITE);
-    let space = AddressSpace::new();
-    let sub = space.insert(m.range(), region()).unwrap();
-    let f = RangeFaulter::new().unwrap();
+    let r = Rig::new(1, libc::PROT_READ | libc::PROT_WRITE);
     let mut st = FaultLoopStats::default();
-    let r = fault_and_commit(
-        &f,
-        sub.interval(),
-        m.range(),
+    let res = r.fault(
         FaultFlags::READ,
         Duration::from_millis(20),
         &mut st,
         |_, _| Ok::<Attempt<()>, ()>(Attempt::Retry),
     );
-    match r {
+    match res {
         Err(MirrorFaultError::Timeout { attempts, elapsed }) => {
             assert!(attempts >= 1);
             assert!(elapsed >= Duration::from_millis(20));
@@ -202,23 +186,17 @@ fn the_loop_is_bounded_by_its_timeout() {
 
 #[test]
 fn protection_errors_end_the_loop_at_once() {
-    let m = Map::anon(2, libc::PROT_NONE);
-    let space = AddressSpace::new();
-    let sub = space.insert(m.range(), region()).unwrap();
-    let f = RangeFaulter::new().unwrap();
+    let r = Rig::new(2, libc::PROT_NONE);
     let mut st = FaultLoopStats::default();
-    let r = fault_and_commit(
-        &f,
-        sub.interval(),
-        m.range(),
-        FaultFlags::READ,
-        Duration::from_secs(1),
-        &mut st,
-        |_, _| Ok::<Attempt<()>, ()>(Attempt::Done(())),
-    );
+    let res = r.fault(FaultFlags::READ, Duration::from_secs(1), &mut st, |_, _| {
+        Ok::<Attempt<()>, ()>(Attempt::Done(()))
+    });
     assert!(
-        matches!(r, Err(MirrorFaultError::Fault(FaultError::NoAccess { .. }))),
-        "{r:?}"
+        matches!(
+            res,
+            Err(MirrorFaultError::Fault(FaultError::NoAccess { .. }))
+        ),
+        "{res:?}"
     );
     assert_eq!(st.attempts, 1);
 }

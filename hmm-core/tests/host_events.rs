@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::cpu::probe::Capabilities;
 use hmm_core::mirror::conformance::events_available;
-use hmm_core::notifier::{EventKind, Interval, IntervalNotifier, NotifierRange, Seq};
+use hmm_core::notifier::{EventKind, Interval, IntervalNotifier, NotifierRange, Seq, Subscription};
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
 const PS: usize = PAGE_SIZE as usize;
@@ -120,6 +120,14 @@ fn recorder() -> (Recorder, Arc<Log>) {
         },
         log,
     )
+}
+
+/// A recorder subscribed to `range`, with `range` watched for events.
+fn watched(host: &HostSpace, range: VaRange) -> (Subscription<Recorder>, Arc<Log>) {
+    let (rec, log) = recorder();
+    let sub = host.space().insert(range, rec).unwrap();
+    host.watch(range).unwrap();
+    (sub, log)
 }
 
 /// `pages` read-write private anonymous pages between two `PROT_NONE`
@@ -304,9 +312,7 @@ fn munmap_of_whole_range_sends_exactly_one_unmap_and_the_cache_follows() {
     };
     let mut m = Guarded::new(8);
     m.populate();
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
     assert_cached(&host, m.addr(3));
 
     let r = m.range();
@@ -326,9 +332,7 @@ fn munmap_of_one_middle_page_sends_unmap_of_that_page_only() {
     };
     let mut m = Guarded::new(8);
     m.populate();
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
     assert_cached(&host, m.addr(3));
 
     m.unmap(3, 1);
@@ -365,9 +369,7 @@ fn madvise_dontneed_sends_remove_and_keeps_the_mapping() {
     };
     let m = Guarded::new(8);
     m.populate();
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
 
     m.madvise(2, 3, libc::MADV_DONTNEED);
     let ev = log.settle(1);
@@ -392,9 +394,7 @@ fn moving_mremap_sends_remap_of_the_old_range_and_the_cache_follows() {
     let mut dst = Guarded::new(8);
     src.populate();
     src.write(5, 42);
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(src.range(), rec).unwrap();
-    host.watch(src.range()).unwrap();
+    let (_sub, log) = watched(&host, src.range());
     assert_cached(&host, src.addr(0));
     // Nothing written since `watch` armed tracking: a clean start.
     assert_eq!(host.sync_point().unwrap(), 0);
@@ -462,9 +462,7 @@ fn mprotect_sends_nothing_but_an_explicit_protection_invalidation_arrives() {
     };
     let m = Guarded::new(4);
     m.populate();
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
 
     m.mprotect(libc::PROT_READ);
     assert_eq!(log.quiet(), vec![], "the kernel has no event for mprotect");
@@ -485,9 +483,7 @@ fn cpu_writes_become_cpu_write_invalidations_of_exactly_the_written_pages() {
     for p in 0..8 {
         m.write(p, 1);
     }
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
     assert_eq!(host.sync_point().unwrap(), 0, "no writes yet");
     assert_eq!(log.snapshot(), vec![]);
 
@@ -531,9 +527,7 @@ fn fork_sends_the_parent_nothing_and_the_subscription_keeps_working() {
     };
     let mut m = Guarded::new(8);
     m.populate();
-    let (rec, log) = recorder();
-    let _sub = host.space().insert(m.range(), rec).unwrap();
-    host.watch(m.range()).unwrap();
+    let (_sub, log) = watched(&host, m.range());
     assert_eq!(host.sync_point().unwrap(), 0);
 
     let base = m.base;

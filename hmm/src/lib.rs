@@ -32,7 +32,11 @@
 //!
 //! [`Device::open`] with `None` picks the best available driver and says
 //! which and why ([`Opened::note`]): a GPU adapter through wgpu (Mesa's
-//! lavapipe counts), else the `cpu` driver.
+//! lavapipe counts), else a Vulkan device through the `vulkan` driver
+//! (ash), else the `cpu` driver. `Driver::Vulkan` opens the Vulkan driver
+//! with its defaults (copy mode; `HMM_VK_MODE=zero-copy` selects the
+//! zero-copy mode where the device supports it, `HMM_VK_DEVICE` and
+//! `HMM_VK_VALIDATION` as documented in `hmm_driver_vulkan`).
 
 use std::sync::Arc;
 
@@ -47,6 +51,7 @@ pub use hmm_core::mirror::{
     AccessError, Advice, LaunchReport, Mirror, MirrorConfig, MirrorError, MirrorStats,
 };
 pub use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+pub use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};
 pub use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
 
 /// A driver.
@@ -57,17 +62,21 @@ pub enum Driver {
     Cpu,
     /// A GPU (or lavapipe) through wgpu; kernels are WGSL.
     Wgpu,
+    /// A Vulkan device (or lavapipe) through ash; kernels are the same
+    /// WGSL, compiled to SPIR-V.
+    Vulkan,
 }
 
 impl Driver {
     /// Every driver, best first.
-    pub const ALL: [Driver; 2] = [Driver::Wgpu, Driver::Cpu];
+    pub const ALL: [Driver; 3] = [Driver::Wgpu, Driver::Vulkan, Driver::Cpu];
 
     /// The name used on command lines.
     pub fn name(self) -> &'static str {
         match self {
             Driver::Cpu => "cpu",
             Driver::Wgpu => "wgpu",
+            Driver::Vulkan => "vulkan",
         }
     }
 }
@@ -83,6 +92,7 @@ impl core::str::FromStr for Driver {
         match s {
             "cpu" => Ok(Driver::Cpu),
             "wgpu" => Ok(Driver::Wgpu),
+            "vulkan" => Ok(Driver::Vulkan),
             _ => Err(UnknownDriver(s.to_string())),
         }
     }
@@ -102,6 +112,9 @@ pub enum OpenError {
     /// The wgpu driver found no adapter.
     #[error(transparent)]
     Wgpu(#[from] hmm_driver_wgpu::OpenError),
+    /// The vulkan driver found no usable device (or not the mode asked for).
+    #[error(transparent)]
+    Vulkan(#[from] hmm_driver_vulkan::OpenError),
     /// The driver exists in the project but is not built into this crate.
     #[error("the {0} driver is not available in this build")]
     NotBuilt(&'static str),
@@ -115,6 +128,8 @@ pub enum Device {
     Cpu(CpuDevice),
     /// The wgpu driver.
     Wgpu(WgpuDevice),
+    /// The vulkan driver.
+    Vulkan(VulkanDevice),
 }
 
 /// An opened device and the line that says which one and why.
@@ -128,7 +143,8 @@ pub struct Opened {
 
 impl Device {
     /// Opens `driver`, or with `None` the best available: wgpu if an
-    /// adapter opens, else the cpu driver (the note says why).
+    /// adapter opens, else the vulkan driver if a device opens, else the
+    /// cpu driver (the note says why).
     pub fn open(driver: Option<Driver>) -> Result<Opened, OpenError> {
         match driver {
             Some(Driver::Cpu) => Ok(Opened {
@@ -142,15 +158,36 @@ impl Device {
                     device: Device::Wgpu(d),
                 })
             }
+            Some(Driver::Vulkan) => {
+                let d = VulkanDevice::open()?;
+                Ok(Opened {
+                    note: format!(
+                        "backend: vulkan on {} ({:?} mode, as requested)",
+                        d.device_name(),
+                        d.mode()
+                    ),
+                    device: Device::Vulkan(d),
+                })
+            }
             None => match WgpuDevice::open() {
                 Ok(d) => Ok(Opened {
                     note: format!("backend: wgpu on {} (best available)", d.adapter_name()),
                     device: Device::Wgpu(d),
                 }),
-                Err(e) => Ok(Opened {
-                    note: format!("backend: cpu (fallback: {e})"),
-                    device: Device::Cpu(CpuDevice::new()),
-                }),
+                Err(we) => match VulkanDevice::open() {
+                    Ok(d) => Ok(Opened {
+                        note: format!(
+                            "backend: vulkan on {} ({:?} mode; wgpu: {we})",
+                            d.device_name(),
+                            d.mode()
+                        ),
+                        device: Device::Vulkan(d),
+                    }),
+                    Err(ve) => Ok(Opened {
+                        note: format!("backend: cpu (fallback: wgpu: {we}; vulkan: {ve})"),
+                        device: Device::Cpu(CpuDevice::new()),
+                    }),
+                },
             },
         }
     }
@@ -160,6 +197,7 @@ impl Device {
         match self {
             Device::Cpu(_) => Driver::Cpu,
             Device::Wgpu(_) => Driver::Wgpu,
+            Device::Vulkan(_) => Driver::Vulkan,
         }
     }
 
@@ -168,6 +206,7 @@ impl Device {
         match self {
             Device::Cpu(_) => Ok(Kernel::Cpu(CpuKernel::new(src.cpu))),
             Device::Wgpu(d) => d.kernel(src.wgsl).map(Kernel::Wgpu),
+            Device::Vulkan(d) => d.kernel(src.wgsl).map(Kernel::Vulkan),
         }
     }
 }
@@ -195,6 +234,8 @@ pub enum Kernel {
     Cpu(CpuKernel),
     /// For the wgpu driver.
     Wgpu(WgpuKernel),
+    /// For the vulkan driver.
+    Vulkan(VulkanKernel),
 }
 
 /// A mirror of this process on `device`.
@@ -216,12 +257,14 @@ unsafe impl Backend for Device {
         match self {
             Device::Cpu(d) => d.info(),
             Device::Wgpu(d) => d.info(),
+            Device::Vulkan(d) => d.info(),
         }
     }
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
         match self {
             Device::Cpu(d) => d.init(config),
             Device::Wgpu(d) => d.init(config),
+            Device::Vulkan(d) => d.init(config),
         }
     }
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
@@ -230,6 +273,8 @@ unsafe impl Backend for Device {
             Device::Cpu(d) => unsafe { d.copy_to_device(batch) },
             // SAFETY: as above.
             Device::Wgpu(d) => unsafe { d.copy_to_device(batch) },
+            // SAFETY: as above.
+            Device::Vulkan(d) => unsafe { d.copy_to_device(batch) },
         }
     }
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
@@ -238,18 +283,22 @@ unsafe impl Backend for Device {
             Device::Cpu(d) => unsafe { d.copy_to_host(batch) },
             // SAFETY: as above.
             Device::Wgpu(d) => unsafe { d.copy_to_host(batch) },
+            // SAFETY: as above.
+            Device::Vulkan(d) => unsafe { d.copy_to_host(batch) },
         }
     }
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
         match self {
             Device::Cpu(d) => d.write_ptes(batch),
             Device::Wgpu(d) => d.write_ptes(batch),
+            Device::Vulkan(d) => d.write_ptes(batch),
         }
     }
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
         match self {
             Device::Cpu(d) => d.read_ptes(locs, out),
             Device::Wgpu(d) => d.read_ptes(locs, out),
+            Device::Vulkan(d) => d.read_ptes(locs, out),
         }
     }
     fn clear_pte_bits(
@@ -261,6 +310,7 @@ unsafe impl Backend for Device {
         match self {
             Device::Cpu(d) => d.clear_pte_bits(locs, bits, old),
             Device::Wgpu(d) => d.clear_pte_bits(locs, bits, old),
+            Device::Vulkan(d) => d.clear_pte_bits(locs, bits, old),
         }
     }
     fn launch(
@@ -272,6 +322,7 @@ unsafe impl Backend for Device {
         match (self, kernel) {
             (Device::Cpu(d), Kernel::Cpu(k)) => d.launch(k, invocations, args),
             (Device::Wgpu(d), Kernel::Wgpu(k)) => d.launch(k, invocations, args),
+            (Device::Vulkan(d), Kernel::Vulkan(k)) => d.launch(k, invocations, args),
             _ => Err(mismatch()),
         }
     }
@@ -283,24 +334,28 @@ unsafe impl Backend for Device {
         match self {
             Device::Cpu(d) => d.wait(id, timeout),
             Device::Wgpu(d) => d.wait(id, timeout),
+            Device::Vulkan(d) => d.wait(id, timeout),
         }
     }
     fn is_complete(&self, id: SubmissionId) -> bool {
         match self {
             Device::Cpu(d) => d.is_complete(id),
             Device::Wgpu(d) => d.is_complete(id),
+            Device::Vulkan(d) => d.is_complete(id),
         }
     }
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         match self {
             Device::Cpu(d) => d.take_outcome(id),
             Device::Wgpu(d) => d.take_outcome(id),
+            Device::Vulkan(d) => d.take_outcome(id),
         }
     }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         match self {
             Device::Cpu(d) => d.host_slot(slot),
             Device::Wgpu(d) => d.host_slot(slot),
+            Device::Vulkan(d) => d.host_slot(slot),
         }
     }
 }

@@ -48,12 +48,25 @@
 //! `u32` words: `[0]` fault count (may exceed the capacity), then
 //! `fault_cap` records of 4 words in [`RawFaultRecord`] order, then a
 //! `2^DEDUP_BITS`-slot hash table that keeps a page from being recorded
-//! more than once per dispatch, then the incomplete bitmap (bit `i` =
-//! invocation `i`). [`ControlLayout`] gives
+//! more than once per dispatch, then one word counting invocations that
+//! completed with their loops cut short by the adapter (see below), then
+//! the incomplete bitmap (bit `i` = invocation `i`). [`ControlLayout`] gives
 //! the offsets and [`ControlLayout::parse`] turns the words into a
 //! [`LaunchOutcome`].
+//!
+//! # Loop budget
+//!
+//! Mesa's llvmpipe (lavapipe) silently ends every loop of an invocation
+//! that has run 65535 loop iterations in all. The library keeps loops off
+//! its hot paths (the page walk is unrolled) and checks for the budget
+//! after every kernel ([`LOOP_PROBE_ITERS`]); a driver that finds
+//! [`ControlLayout::loop_limit_hits`] nonzero fails the launch with
+//! [`loop_limit_message`]. A kernel that needs more iterations should
+//! spread its work over more invocations.
 
 use core::fmt::Write as _;
+
+pub mod test_kernels;
 
 use hmm_core::mirror::backend::{LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE};
 use hmm_core::mirror::format;
@@ -72,6 +85,31 @@ pub const PT_AND_ENTRY: &str = "pt_and";
 
 /// log2 of the fault-dedup hash table's slots in the control buffer.
 pub const DEDUP_BITS: u32 = 10;
+
+/// Trip count of the loop every invocation runs after its kernel, to find
+/// out whether the adapter cut its loops short.
+///
+/// Mesa's llvmpipe (lavapipe) ends every loop of an invocation once the
+/// invocation has run 65535 loop iterations in all (gallivm's
+/// `LP_MAX_TGSI_LOOP_ITERATIONS`, shared between all loops of a shader);
+/// after that each loop runs its body at most once. Nothing in SPIR-V says
+/// so, and the kernel's results are then silently wrong. The probe is a
+/// loop of this many iterations, bounded by a uniform so it cannot be
+/// unrolled: if it completes fewer, the budget was spent and the
+/// invocation bumps the control buffer's loop-limit counter, which a
+/// driver turns into an error. Other adapters have no such budget and the
+/// probe costs two iterations.
+pub const LOOP_PROBE_ITERS: u32 = 2;
+
+/// What a driver says when [`ControlLayout::loop_limit_hits`] is nonzero:
+/// `hits` invocations of a launch on `adapter` had their loops cut short.
+pub fn loop_limit_message(hits: u32, adapter: &str) -> String {
+    format!(
+        "{hits} invocation(s) ran out of {adapter}'s loop-iteration budget, so their loops may \
+         have stopped early and their results are discarded (lavapipe allows 65535 loop \
+         iterations per invocation, all loops together): split the work over more invocations"
+    )
+}
 
 /// Threads per workgroup of every shader here.
 pub const WORKGROUP: u32 = 64;
@@ -125,8 +163,11 @@ pub struct Params {
     pub chunk_slots: u32,
     /// Threads per row of the dispatch grid.
     pub row_threads: u32,
+    /// Trip count of the loop-budget probe every invocation runs last
+    /// ([`LOOP_PROBE_ITERS`]; a uniform, so no compiler can unroll it).
+    pub loop_probe: u32,
     /// Padding.
-    pub pad: [u32; 2],
+    pub pad: u32,
     /// The arguments' 64-bit words as (lo, hi) pairs.
     pub args: [u32; 2 * MAX_ARGS],
 }
@@ -271,9 +312,24 @@ pub struct ControlLayout {
 }
 
 impl ControlLayout {
+    /// Word offset of the loop-budget counter: invocations that completed
+    /// but found the adapter's loop-iteration budget spent (see
+    /// [`LOOP_PROBE_ITERS`]). The bitmap follows it.
+    pub const fn loop_limit_off(&self) -> u32 {
+        1 + 4 * self.fault_cap + (1 << DEDUP_BITS)
+    }
     /// Word offset of the bitmap.
     pub const fn bitmap_off(&self) -> u32 {
-        1 + 4 * self.fault_cap + (1 << DEDUP_BITS)
+        self.loop_limit_off() + 1
+    }
+    /// Invocations that completed after running into the adapter's loop
+    /// budget: their loops may have stopped early, so their results are
+    /// not to be trusted. 0 for a short buffer.
+    pub fn loop_limit_hits(&self, words: &[u32]) -> u32 {
+        words
+            .get(self.loop_limit_off() as usize)
+            .copied()
+            .unwrap_or(0)
     }
     /// Total words.
     pub const fn words(&self) -> u32 {
@@ -390,6 +446,10 @@ fn hmm_kernel(i: u32) {
         let b = l.bitmap_off() as usize;
         w[b] = 1 << 3;
         w[b + 2] = 1 << 1; // invocation 65
+        assert_eq!(l.loop_limit_hits(&w), 0);
+        w[l.loop_limit_off() as usize] = 4;
+        assert_eq!(l.loop_limit_hits(&w), 4);
+        assert_eq!(l.loop_limit_hits(&w[..3]), 0, "short buffer");
         let o = l.parse(&w);
         assert_eq!(o.faults.len(), 2);
         assert_eq!(o.faults[0].addr(), 0x7f_0000_1000);

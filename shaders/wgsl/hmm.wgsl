@@ -28,14 +28,16 @@ struct HmmParams {
     replay: u32,
     // capacity of the fault-record array
     fault_cap: u32,
-    // word offset of the incomplete-invocation bitmap in hmm_ctl
+    // word offset of the incomplete-invocation bitmap in hmm_ctl; the
+    // loop-limit counter is the word before it
     bitmap_off: u32,
     // pool slots per pool binding
     chunk_slots: u32,
     // threads per row of the dispatch grid (workgroups in x * 64)
     row_threads: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // trip count of the loop-budget probe (LOOP_PROBE_ITERS in hmm-shaders)
+    loop_probe: u32,
+    _pad: u32,
     // kernel arguments: 64-bit words as (lo, hi) pairs, two per vec4
     args: array<vec4<u32>, 8>,
 }
@@ -174,35 +176,47 @@ fn hmm_entry_index(lo: u32, hi: u32) -> u32 {
 // Walks the table for the page of `p`; returns the leaf entry's low word
 // and its word position in hmm_pt (x = entry lo word, y = word index), or
 // x = 0 when some level is not valid.
+//
+// Unrolled, with no loop: lavapipe gives each invocation a budget of
+// 65535 loop iterations in all (see LOOP_PROBE_ITERS in hmm-shaders), and
+// a walk written as a loop spent it four iterations per translation — a
+// long pointer chase then saw valid entries as "not mapped" and faulted on
+// a resident page forever. The library's only loop is the bounded CAS
+// loop of hmm_atomic_add_f32.
 fn hmm_walk(p: vec2<u32>) -> vec2<u32> {
     // 48-bit addresses: anything above is never mapped.
     if (p.y >> 16u) != 0u {
         return vec2<u32>(0u, 0u);
     }
-    var table = 0u;
-    var level = 4u;
-    loop {
-        var idx: u32;
-        switch level {
-            case 4u: { idx = (p.y >> 7u) & 511u; }
-            case 3u: { idx = ((p.x >> 30u) | (p.y << 2u)) & 511u; }
-            case 2u: { idx = (p.x >> 21u) & 511u; }
-            default: { idx = (p.x >> 12u) & 511u; }
-        }
-        let w = (table * HMM_ENTRIES + idx) * 2u;
-        let lo = atomicLoad(&hmm_pt[w]);
-        if (lo & HMM_VALID) == 0u {
-            return vec2<u32>(0u, 0u);
-        }
-        if level == 1u {
-            return vec2<u32>(lo, w);
-        }
-        let hi = atomicLoad(&hmm_pt[w + 1u]);
-        table = hmm_entry_index(lo, hi);
-        level = level - 1u;
+    var t = hmm_walk_step(0u, (p.y >> 7u) & 511u);
+    if t.x == 0u {
+        return vec2<u32>(0u, 0u);
     }
-    // unreachable: the loop returns at level 1
-    return vec2<u32>(0u, 0u);
+    t = hmm_walk_step(t.y, ((p.x >> 30u) | (p.y << 2u)) & 511u);
+    if t.x == 0u {
+        return vec2<u32>(0u, 0u);
+    }
+    t = hmm_walk_step(t.y, (p.x >> 21u) & 511u);
+    if t.x == 0u {
+        return vec2<u32>(0u, 0u);
+    }
+    let w = (t.y * HMM_ENTRIES + ((p.x >> 12u) & 511u)) * 2u;
+    let lo = atomicLoad(&hmm_pt[w]);
+    if (lo & HMM_VALID) == 0u {
+        return vec2<u32>(0u, 0u);
+    }
+    return vec2<u32>(lo, w);
+}
+
+// One directory level: entry `idx` of table page `table`; returns
+// (1, next table page) or (0, 0) when the entry is not valid.
+fn hmm_walk_step(table: u32, idx: u32) -> vec2<u32> {
+    let w = (table * HMM_ENTRIES + idx) * 2u;
+    let lo = atomicLoad(&hmm_pt[w]);
+    if (lo & HMM_VALID) == 0u {
+        return vec2<u32>(0u, 0u);
+    }
+    return vec2<u32>(1u, hmm_entry_index(lo, atomicLoad(&hmm_pt[w + 1u])));
 }
 
 // Translates `p` for an access; returns (pool slot, word in page) or
@@ -479,5 +493,19 @@ fn hmm_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     hmm_kernel(inv);
     if hmm_fault {
         atomicOr(&hmm_ctl[hmm_params.bitmap_off + inv / 32u], 1u << (inv % 32u));
+        return;
+    }
+    // The loop-budget probe (see LOOP_PROBE_ITERS in hmm-shaders): on an
+    // adapter that cuts an invocation's loops short once it has run its
+    // iteration budget, this loop completes fewer than loop_probe trips.
+    var trips = 0u;
+    loop {
+        if trips >= hmm_params.loop_probe {
+            break;
+        }
+        trips += 1u;
+    }
+    if trips < hmm_params.loop_probe {
+        atomicAdd(&hmm_ctl[hmm_params.bitmap_off - 1u], 1u);
     }
 }

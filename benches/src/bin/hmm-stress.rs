@@ -89,7 +89,7 @@ struct Opts {
     /// it a deadlock.
     #[arg(long, default_value_t = 20)]
     stall: u64,
-    /// Backend: `cpu` (GPU drivers add an arm in `main`).
+    /// Backend: `cpu`, `wgpu` or `vulkan` (any adapter; lavapipe counts).
     #[arg(long, default_value = "cpu")]
     backend: String,
 }
@@ -102,9 +102,15 @@ fn main() -> ExitCode {
     }
     let threads_before = thread_count();
     let res = match o.backend.as_str() {
-        "cpu" => stress(&o, || hmm_driver_cpu::CpuDevice::with_threads(2)),
+        "cpu" => stress(&o, || Ok(hmm_driver_cpu::CpuDevice::with_threads(2))),
+        "wgpu" => stress(&o, || {
+            hmm_driver_wgpu::WgpuDevice::open().map_err(|e| format!("no wgpu device: {e}"))
+        }),
+        "vulkan" => stress(&o, || {
+            hmm_driver_vulkan::VulkanDevice::open().map_err(|e| format!("no vulkan device: {e}"))
+        }),
         other => {
-            eprintln!("error: unknown backend {other:?} (built: cpu)");
+            eprintln!("error: unknown backend {other:?} (built: cpu, wgpu, vulkan)");
             return ExitCode::FAILURE;
         }
     };
@@ -158,6 +164,12 @@ struct Arena {
     locks: Vec<Mutex<()>>,
     /// Per page: the last stamp fully written (Release after the words).
     stamp: Vec<AtomicU32>,
+    /// Per page: the stamp being written now (published before the first
+    /// word). A writer preempted between its words and `stamp` has already
+    /// put the new value in memory, where a concurrent launch may read it:
+    /// that is the CPU's data, not a stale read, so the check's upper bound
+    /// is this, read after the launch.
+    writing: Vec<AtomicU32>,
     /// Per page: the generation floor, published right after the old
     /// memory went away (before the new memory is stamped).
     floor: Vec<AtomicU32>,
@@ -198,6 +210,9 @@ impl Arena {
     /// Stores `v` in every word of page `p`, then publishes it.
     fn stamp_page(&self, p: usize, v: u32) {
         let w = self.page_ptr(p);
+        // SeqCst: ordered before the words, and against the launcher's
+        // load after its launch.
+        self.writing[p].store(v, Ordering::SeqCst);
         for i in 0..WPP {
             // SAFETY: page `p` of the arena is mapped and writable: the
             // caller holds its chunk lock, and only holders of that lock
@@ -352,7 +367,10 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                 }
                 continue;
             }
-            Err(MirrorError::RetryTimeout { .. }) => {
+            // Bounded give-ups under churn: the fault loop's retry timeout,
+            // and a region whose memory kept changing shape while it was
+            // being set up (the remapper hammers the same addresses).
+            Err(MirrorError::RetryTimeout { .. } | MirrorError::RegionReleased { .. }) => {
                 add(&a.c.launch_timeouts, 1);
                 continue;
             }
@@ -365,7 +383,9 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
         let mut checked = 0;
         for (i, b) in before.iter().enumerate() {
             let p = first + i;
-            let after = a.stamp[p].load(Ordering::Acquire);
+            let after = a.stamp[p]
+                .load(Ordering::Acquire)
+                .max(a.writing[p].load(Ordering::SeqCst));
             let zero_ok = raced(p, b);
             for w in 0..WPP {
                 let v = out.read_word(i * WPP + w);
@@ -391,7 +411,10 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
     }
 }
 
-fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> {
+fn stress<B: TestKernels>(
+    o: &Opts,
+    make: impl FnOnce() -> Result<B, String>,
+) -> Result<(), String> {
     let host = Arc::new(HostSpace::new().map_err(|e| e.to_string())?);
     let uffd = matches!(
         host.event_source(),
@@ -410,7 +433,7 @@ fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> 
         table_pages: 256,
         ..MirrorConfig::default()
     };
-    let m = Mirror::new(Arc::clone(&host), make(), cfg).map_err(|e| e.to_string())?;
+    let m = Mirror::new(Arc::clone(&host), make()?, cfg).map_err(|e| e.to_string())?;
     println!(
         "hmm-stress: backend {}, {} s, {} launcher + {} writer threads, 1 remapper, 1 prefetcher, arena {} pages ({} per chunk), pool {} slots, seed {:#x}",
         m.backend().info(),
@@ -429,6 +452,7 @@ fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> 
         chunk: o.chunk,
         locks: (0..o.pages / o.chunk).map(|_| Mutex::new(())).collect(),
         stamp: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
+        writing: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         floor: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         remaps: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         stop: AtomicBool::new(false),
@@ -497,9 +521,11 @@ fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> 
                 match m.prefetch(r, false) {
                     Ok(_) => add(&a.c.prefetches, 1),
                     // Prefetching memory that is being remapped: typed.
-                    Err(MirrorError::DeviceFault { .. } | MirrorError::RetryTimeout { .. }) => {
-                        add(&a.c.prefetch_errors, 1)
-                    }
+                    Err(
+                        MirrorError::DeviceFault { .. }
+                        | MirrorError::RetryTimeout { .. }
+                        | MirrorError::RegionReleased { .. },
+                    ) => add(&a.c.prefetch_errors, 1),
                     Err(e) => {
                         println!("UNEXPECTED prefetch error: {e}");
                         add(&a.c.unexpected, 1);
@@ -582,7 +608,7 @@ fn stress<B: TestKernels>(o: &Opts, make: impl Fn() -> B) -> Result<(), String> 
         g(&c.prefetch_errors)
     );
     println!(
-        "launches ended by a typed unmapped fault: {}, by a retry timeout: {}; unexpected errors: {}",
+        "launches ended by a typed unmapped fault: {}, by a bounded retry under churn: {}; unexpected errors: {}",
         g(&c.launch_faults),
         g(&c.launch_timeouts),
         g(&c.unexpected)

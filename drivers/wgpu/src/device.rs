@@ -579,6 +579,7 @@ unsafe impl Backend for WgpuDevice {
             replay: u32::from(matches!(invocations, Invocations::Only(_))),
             fault_cap: FAULT_CAP,
             chunk_slots: mem.chunk_slots,
+            loop_probe: hmm_shaders::LOOP_PROBE_ITERS,
             ..Params::default()
         };
         for (i, a) in args.iter().enumerate() {
@@ -703,10 +704,17 @@ unsafe impl Backend for WgpuDevice {
                 .slice(..sub.layout.bytes())
                 .get_mapped_range()
                 .map_err(other)?;
-            sub.layout.parse(bytemuck::cast_slice(&view))
+            let words: &[u32] = bytemuck::cast_slice(&view);
+            (sub.layout.parse(words), sub.layout.loop_limit_hits(words))
         };
         sub.res.readback.unmap();
         lock(&self.launches).free.push(sub.res);
+        let (outcome, cut_short) = outcome;
+        if cut_short > 0 {
+            return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
+                cut_short, &self.name,
+            )));
+        }
         Ok(outcome)
     }
 }

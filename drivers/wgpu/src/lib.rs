@@ -39,6 +39,18 @@
 //! compile is a [`BackendError::Kernel`] with naga's message; validation
 //! errors wgpu reports later, and a lost device, become typed errors of the
 //! next call rather than panics.
+//!
+//! # Lavapipe's loop budget
+//!
+//! Mesa's llvmpipe stops every loop of an invocation once the invocation
+//! has run 65535 loop iterations, all loops together, without telling
+//! anyone. The shader library therefore has no loop on its hot paths (the
+//! page walk is unrolled), and every invocation ends with a two-trip probe
+//! loop ([`hmm_shaders::LOOP_PROBE_ITERS`]): an invocation that completed
+//! with its budget spent is counted in the control buffer, and the launch
+//! fails with a [`BackendError::Kernel`] saying so rather than returning
+//! results computed by cut-short loops. Kernels that need more iterations
+//! per invocation should spread the work over more invocations.
 
 mod device;
 mod kernel;

@@ -1,64 +1,14 @@
-//! The conformance suite's kernels, in WGSL against the shader library.
+//! The conformance suite's kernels: the WGSL sources shared by every GPU
+//! driver ([`hmm_shaders::test_kernels`]).
 
 use hmm_core::mirror::backend::BackendError;
 use hmm_core::mirror::conformance::{TestKernel, TestKernels};
 
 use crate::{WgpuDevice, WgpuKernel};
 
-/// `out[i] = src[i]` (u32).
-pub const COPY_U32: &str = r#"
-fn hmm_kernel(i: u32) {
-    let v = hmm_load_u32(hmm_index(hmm_arg_ptr(0u), i, 4u));
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), v);
-}
-"#;
-
-/// `dst[i] = base + i`.
-pub const FILL_U32: &str = r#"
-fn hmm_kernel(i: u32) {
-    hmm_store_u32(hmm_index(hmm_arg_ptr(0u), i, 4u), hmm_arg_u32(1u) + i);
-}
-"#;
-
-/// `p[i] += 1`.
-pub const INCREMENT_U32: &str = r#"
-fn hmm_kernel(i: u32) {
-    let p = hmm_index(hmm_arg_ptr(0u), i, 4u);
-    let v = hmm_load_u32(p);
-    hmm_store_u32(p, v + 1u);
-}
-"#;
-
-/// Invocation 0 walks `struct Node { next: *Node, value: u64 }` from
-/// `args[0]` and stores the wrapping sum of `value` at `args[1]`.
-pub const LIST_SUM: &str = r#"
-fn hmm_kernel(i: u32) {
-    if i != 0u {
-        return;
-    }
-    var node = hmm_arg_ptr(0u);
-    var sum = vec2<u32>(0u, 0u);
-    loop {
-        if hmm_is_null(node) || hmm_faulted() {
-            break;
-        }
-        let v = hmm_load_u64(hmm_add(node, 8u));
-        let lo = sum.x + v.x;
-        sum = vec2<u32>(lo, sum.y + v.y + select(0u, 1u, lo < sum.x));
-        node = hmm_load_ptr(node);
-    }
-    hmm_store_u64(hmm_arg_ptr(1u), sum);
-}
-"#;
-
 impl TestKernels for WgpuDevice {
     fn test_kernel(&self, k: TestKernel) -> Result<Box<WgpuKernel>, BackendError> {
-        let src = match k {
-            TestKernel::CopyU32 => COPY_U32,
-            TestKernel::FillU32 => FILL_U32,
-            TestKernel::IncrementU32 => INCREMENT_U32,
-            TestKernel::ListSum => LIST_SUM,
-        };
-        self.kernel(src).map(Box::new)
+        self.kernel(hmm_shaders::test_kernels::source(k))
+            .map(Box::new)
     }
 }

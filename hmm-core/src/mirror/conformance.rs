@@ -1104,11 +1104,18 @@ pub fn freed_memory_is_an_unmapped_fault<B: TestKernels>(b: B) {
         h.space().invalidate(src.range(), EventKind::Unmap);
     }
     match device_copy(&m, addr, &out, 13 * WPP) {
+        // At the first page — or at a later one when another thread
+        // (tests run in parallel) mapped something at the first pages
+        // meanwhile; that mapping may also be one the device may not read
+        // (a guard page, a PROT_NONE test mapping).
         Err(MirrorError::DeviceFault {
-            reason: AccessError::Unmapped,
+            reason: AccessError::Unmapped | AccessError::NoAccess,
             addr: a,
             ..
-        }) => assert_eq!(a.0, addr),
+        }) => assert!(
+            (addr..addr + 13 * PAGE_SIZE).contains(&a.0),
+            "fault at {a} outside the freed range at {addr:#x}"
+        ),
         Ok(_) => {
             assert!(
                 h.lookup(VirtAddr(addr)).expect("maps").is_some(),

@@ -119,6 +119,9 @@ struct Dev<B: Backend> {
     read_mostly: Vec<VaRange>,
     /// The device submission running now, if any (launches are serialised).
     inflight: Option<SubmissionId>,
+    /// Entry updates of destructive invalidations ([`Inner::apply_zap`]),
+    /// written before the next submission or slot allocation.
+    deferred_ptes: Vec<PteWrite>,
     staging: Vec<u8>,
     ok: Vec<bool>,
     /// For every slot mapped writable: the page as the device got it (or
@@ -138,9 +141,20 @@ pub(crate) struct Inner<B: Backend> {
     cfg: MirrorConfig,
     /// The driver lock (see the module docs of `mirror`).
     dev: Mutex<Dev<B>>,
+    /// Destructive invalidations that found the driver lock held
+    /// ([`Inner::apply_zap`]); a leaf lock, never held across anything.
+    pending: Mutex<Vec<PendingZap>>,
     launch: Mutex<()>,
     counters: Counters,
     release_tx: Sender<ReleaseMsg>,
+}
+
+/// A destructive invalidation waiting for the driver lock.
+struct PendingZap {
+    range: VaRange,
+    region_start: u64,
+    /// Unmap or remap: the region dies.
+    dead: bool,
 }
 
 enum ReleaseMsg {
@@ -185,8 +199,35 @@ impl<B: Backend> IntervalNotifier for Region<B> {
         if nr.owner == Some(inner.owner) && nr.event == EventKind::Migrate {
             return true;
         }
+        // Destructive events (unmap, remap, remove) never wait — not for
+        // the device, not even for the driver lock; see `Inner::apply_zap`.
+        if matches!(
+            nr.event,
+            EventKind::Unmap | EventKind::Remap | EventKind::Remove
+        ) {
+            interval.set_seq(cur_seq);
+            Counters::add(&inner.counters.invalidations[event_index(nr.event)], 1);
+            if let Some(range) = nr.range.intersect(interval.range()) {
+                let z = PendingZap {
+                    range,
+                    region_start: self.start,
+                    dead: matches!(nr.event, EventKind::Unmap | EventKind::Remap),
+                };
+                match inner.dev.try_lock() {
+                    Ok(mut dev) => inner.apply_zap(&mut dev, z),
+                    Err(std::sync::TryLockError::Poisoned(p)) => {
+                        inner.apply_zap(&mut p.into_inner(), z)
+                    }
+                    // The holder (or the next one) applies it before doing
+                    // anything else with the table: every acquisition of
+                    // the driver lock drains the queue (`Inner::lock`).
+                    Err(std::sync::TryLockError::WouldBlock) => relock(&inner.pending).push(z),
+                }
+            }
+            return true;
+        }
         let mut dev = if nr.blockable {
-            relock(&inner.dev)
+            inner.lock()
         } else {
             match inner.dev.try_lock() {
                 Ok(g) => g,
@@ -194,39 +235,29 @@ impl<B: Backend> IntervalNotifier for Region<B> {
                 Err(std::sync::TryLockError::WouldBlock) => return false,
             }
         };
-        // Device work that may hold translations must finish first.
-        if let Some(s) = dev.inflight {
-            if !inner.backend.is_complete(s) {
-                if !nr.blockable {
-                    return false;
-                }
-                let _ = inner.backend.wait(s, None);
+        inner.drain_pending(&mut dev);
+        // Device work that may hold translations must finish first. The
+        // wait happens without the driver lock: a destructive invalidation
+        // may need it meanwhile (see `Inner::apply_zap`).
+        while let Some(s) = dev.inflight.filter(|s| !inner.backend.is_complete(*s)) {
+            if !nr.blockable {
+                return false;
+            }
+            drop(dev);
+            let waited = inner.backend.wait(s, None);
+            dev = inner.lock();
+            if waited.is_err() {
+                // A lost device runs nothing any more.
+                break;
             }
         }
+        inner.flush_deferred(&mut dev);
         interval.set_seq(cur_seq);
         Counters::add(&inner.counters.invalidations[event_index(nr.event)], 1);
         let Some(r) = nr.range.intersect(interval.range()) else {
             return true;
         };
-        let writeback = !matches!(
-            nr.event,
-            EventKind::Unmap | EventKind::Remap | EventKind::Remove
-        );
-        inner.zap(&mut dev, r, writeback);
-        if matches!(nr.event, EventKind::Unmap | EventKind::Remap) {
-            // The region dies whole, but only `r` is gone: the kernel merges
-            // neighbouring mappings into one VMA, so a region can span
-            // memory of which only a part was unmapped. The rest still
-            // holds live data: write its dirty pages back before dropping
-            // them (the device is idle, we waited above).
-            inner.zap(&mut dev, interval.range(), true);
-            if let Some(slot) = dev.regions.get_mut(&self.start) {
-                if !slot.dead {
-                    slot.dead = true;
-                    let _ = inner.release_tx.send(ReleaseMsg::Region(self.start));
-                }
-            }
-        }
+        inner.zap(&mut dev, r, true);
         true
     }
 }
@@ -244,6 +275,120 @@ impl<B: Backend> SpaceNotifier for Young<B> {
 }
 
 impl<B: Backend> Inner<B> {
+    /// Marks the region starting at `start` dead and hands it to the
+    /// deferred-release worker (once).
+    fn mark_dead(&self, dev: &mut Dev<B>, start: u64) {
+        if let Some(slot) = dev.regions.get_mut(&start) {
+            if !slot.dead {
+                slot.dead = true;
+                let _ = self.release_tx.send(ReleaseMsg::Region(start));
+            }
+        }
+    }
+
+    /// The driver lock, with every queued destructive invalidation applied
+    /// ([`Inner::apply_zap`]). Every acquisition goes through here.
+    fn lock(&self) -> MutexGuard<'_, Dev<B>> {
+        let mut dev = relock(&self.dev);
+        self.drain_pending(&mut dev);
+        dev
+    }
+
+    /// Applies the destructive invalidations queued while the driver lock
+    /// was held elsewhere.
+    fn drain_pending(&self, dev: &mut Dev<B>) {
+        let mut q = relock(&self.pending);
+        for z in q.drain(..) {
+            self.apply_zap(dev, z);
+        }
+    }
+
+    /// A destructive invalidation (unmap, remap, remove) of `z.range`
+    /// (driver lock held). It never calls the backend and never waits: the
+    /// shadow table forgets the pages and their slots are freed now; the
+    /// device's entries are cleared by [`Inner::flush_deferred`] before the
+    /// next submission and before any slot is allocated again; an unmapped
+    /// region goes to the release worker, which writes the rest of it back
+    /// once the device is idle (the kernel merges neighbouring mappings
+    /// into one VMA, so only part of a region may be gone).
+    ///
+    /// Why not wait, as every other invalidation does: these events come
+    /// from the monitor thread, the only reader of the userfaultfd, and a
+    /// device whose work runs on this process's own threads (lavapipe, the
+    /// cpu driver) may itself `munmap` or `madvise` memory a region happens
+    /// to cover — the kernel merges neighbouring anonymous mappings, so a
+    /// 64 KiB or 2 MiB region can span a driver's private pages (lavapipe's
+    /// LLVM JIT maps and unmaps single pages while it runs a submission).
+    /// That thread then sleeps until the monitor reads its event; a monitor
+    /// waiting for that submission — or for the driver lock, held by a
+    /// thread waiting for a staging copy or an A/D-bit pass queued behind
+    /// it — never reads it: a deadlock (seen in `anon_teardown` on
+    /// lavapipe, copy and staging configurations). Waiting would buy
+    /// nothing either: the kernel does not wait for us (an unmap has
+    /// already happened, a remove proceeds once the event is read), and
+    /// the data is discarded, not written back.
+    ///
+    /// What keeps this safe: a running submission may still reach the old
+    /// slots through the not-yet-cleared entries, and nothing reuses them
+    /// before it finishes — slots are allocated only by fault service,
+    /// prefetch and pinning, which run under the launch lock after the
+    /// running submission was waited for, and flush first. A commit that
+    /// passed its `read_retry` before the sequence advanced may still map
+    /// pages of the range; the zap queued behind it removes them before the
+    /// table is used again (every lock acquisition drains the queue).
+    fn apply_zap(&self, dev: &mut Dev<B>, z: PendingZap) {
+        let mut removed = Vec::new();
+        let Dev {
+            table,
+            deferred_ptes,
+            ..
+        } = &mut *dev;
+        table.unmap_range(z.range, deferred_ptes, &mut removed);
+        for (_, pte) in removed {
+            dev.twins.remove(pte.slot());
+            if !dev.pinned_slots.contains(&pte.slot()) {
+                dev.pool.free(pte.slot());
+            }
+        }
+        if z.dead {
+            self.mark_dead(dev, z.region_start);
+        }
+    }
+
+    /// The driver lock, with no submission of this mirror running and the
+    /// held-back entry updates written: waits for a running submission
+    /// without holding the lock (a destructive invalidation may need it
+    /// meanwhile, see [`Inner::apply_zap`]).
+    fn lock_idle(&self) -> MutexGuard<'_, Dev<B>> {
+        loop {
+            let mut dev = self.lock();
+            match dev.inflight.filter(|s| !self.backend.is_complete(*s)) {
+                Some(s) => {
+                    drop(dev);
+                    if self.backend.wait(s, None).is_err() {
+                        // A lost device runs nothing any more.
+                        let mut dev = self.lock();
+                        self.flush_deferred(&mut dev);
+                        return dev;
+                    }
+                }
+                None => {
+                    self.flush_deferred(&mut dev);
+                    return dev;
+                }
+            }
+        }
+    }
+
+    /// Writes the entry updates [`Inner::apply_zap`] held back (driver lock
+    /// held, no submission of this mirror running).
+    fn flush_deferred(&self, dev: &mut Dev<B>) {
+        if !dev.deferred_ptes.is_empty() {
+            let _ = self.backend.write_ptes(&dev.deferred_ptes);
+            dev.deferred_ptes.clear();
+        }
+    }
+
     /// Zaps every mapped page of `r` (driver lock held, device idle for
     /// those pages): writes dirty pages back first if `writeback`, then
     /// clears the entries and frees the slots.
@@ -423,7 +568,7 @@ impl<B: Backend> Inner<B> {
     }
 
     fn young(&self, range: VaRange, clear: bool) -> bool {
-        let dev = relock(&self.dev);
+        let dev = self.lock();
         let locs: Vec<PteLoc> = dev
             .table
             .mapped_in(range)
@@ -577,6 +722,7 @@ impl<B: Backend> Mirror<B> {
                 pinned_slots: HashSet::new(),
                 read_mostly: Vec::new(),
                 inflight: None,
+                deferred_ptes: Vec::new(),
                 staging: vec![0; STAGE_PAGES * PAGE],
                 ok: Vec::with_capacity(STAGE_PAGES),
                 twins: super::twins::Twins::new(cfg.pool_slots).ok_or_else(|| {
@@ -584,6 +730,8 @@ impl<B: Backend> Mirror<B> {
                 })?,
                 verify: vec![0; STAGE_PAGES * PAGE],
             }),
+            // Reserved so the monitor thread does not allocate while it lasts.
+            pending: Mutex::new(Vec::with_capacity(64)),
             launch: Mutex::new(()),
             counters: Counters::default(),
             release_tx: tx,
@@ -649,7 +797,7 @@ impl<B: Backend> Mirror<B> {
         if self.same_process().is_err() {
             return;
         }
-        let mut dev = relock(&self.inner.dev);
+        let mut dev = self.inner.lock();
         dev.read_mostly.retain(|r| !r.overlaps(range));
         if advice == Advice::ReadMostly {
             dev.read_mostly.push(range);
@@ -715,7 +863,8 @@ impl<B: Backend> Mirror<B> {
                 Invocations::Only(&replay)
             };
             let id = {
-                let mut dev = relock(&inner.dev);
+                let mut dev = inner.lock();
+                inner.flush_deferred(&mut dev);
                 let id = inner.backend.launch(kernel, inv, args)?;
                 dev.inflight = Some(id);
                 id
@@ -725,7 +874,11 @@ impl<B: Backend> Mirror<B> {
             let waited = inner.backend.wait(id, None);
             // Forget the submission before taking its outcome, so no
             // callback asks the backend about an id whose outcome is gone.
-            relock(&inner.dev).inflight = None;
+            {
+                let mut dev = inner.lock();
+                dev.inflight = None;
+                inner.flush_deferred(&mut dev);
+            }
             let outcome = inner.backend.take_outcome(id);
             waited?;
             let mut outcome = outcome?;
@@ -776,7 +929,7 @@ impl<B: Backend> Mirror<B> {
     /// Writes every device-dirty page back (the end-of-launch sync point).
     fn write_back_all(&self) -> u64 {
         let inner = &*self.inner;
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock();
         let pages: Vec<(VirtAddr, Pte)> = dev
             .table
             .mapped_in(VaRange::everything())
@@ -807,7 +960,7 @@ impl<B: Backend> Mirror<B> {
         // fit; the other invocations are in the replay list anyway and
         // fault again next round, so every round completes some.
         let evictable = {
-            let dev = relock(&self.inner.dev);
+            let dev = self.inner.lock();
             (dev.pool.capacity() as usize).saturating_sub(dev.pinned_slots.len())
         };
         pf.truncate((evictable / 2).max(1));
@@ -899,7 +1052,7 @@ impl<B: Backend> Mirror<B> {
     ) -> Result<(VaRange, crate::notifier::SubscriptionRef<Region<B>>), MirrorError> {
         let inner = &*self.inner;
         {
-            let dev = relock(&inner.dev);
+            let dev = inner.lock();
             if let Some((_, slot)) = dev.regions.range(..=at.0).next_back() {
                 if slot.range.contains(at) && !slot.dead {
                     if let Some(sub) = &slot.sub {
@@ -939,7 +1092,7 @@ impl<B: Backend> Mirror<B> {
                 reason: AccessError::ReadOnly,
             });
         }
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock();
         // Reap dead regions overlapping the mapping lazily: the worker may
         // not have run yet; their notifier is still live, so keep them out
         // of the chunk choice by treating them as present.
@@ -979,23 +1132,53 @@ impl<B: Backend> Mirror<B> {
         );
         drop(dev);
         Counters::add(&inner.counters.regions_created, 1);
-        if let Err(e) = inner.host.watch(range) {
+        // A watch can fail because the memory changed under us: a
+        // concurrent munmap + mmap left a hole at the moment of
+        // registering. The region has no pages yet, so trying again is
+        // sound; giving up at once would leave it mirrored with no events
+        // and no write tracking while its memory is ordinary (stale reads
+        // found by `hmm-stress`).
+        let mut watched = inner.host.watch(range);
+        for _ in 0..3 {
+            if watched.is_ok() {
+                break;
+            }
+            inner.host.maps().invalidate(range);
+            match inner.host.lookup(at)? {
+                Some(m) if m.range.start() <= range.start() && range.end() <= m.range.end() => {
+                    std::thread::yield_now();
+                    watched = inner.host.watch(range);
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = watched {
             // The mapping may have gone in the meantime (then the fault is
             // an access to unmapped memory), or the kernel may refuse to
             // register this kind of mapping (then it stays mirrored, seen
             // only through explicit invalidation — said once).
             inner.host.maps().invalidate(range);
-            if inner.host.lookup(at)?.is_none() {
-                let mut dev = relock(&inner.dev);
+            let now = inner.host.lookup(at)?;
+            let covered = now
+                .as_ref()
+                .is_some_and(|m| m.range.start() <= range.start() && range.end() <= m.range.end());
+            if !covered {
+                // Gone (an access to unmapped memory), or reshaped since
+                // the region was chosen (choose again: the caller retries
+                // on RegionReleased, bounded).
+                let mut dev = inner.lock();
                 if let Some(slot) = dev.regions.get_mut(&range.start().0) {
                     slot.dead = true;
                 }
                 drop(dev);
                 let _ = inner.release_tx.send(ReleaseMsg::Region(range.start().0));
-                return Err(MirrorError::DeviceFault {
-                    addr: at,
-                    write,
-                    reason: AccessError::Unmapped,
+                return Err(match now {
+                    None => MirrorError::DeviceFault {
+                        addr: at,
+                        write,
+                        reason: AccessError::Unmapped,
+                    },
+                    Some(_) => MirrorError::RegionReleased { addr: at },
                 });
             }
             Counters::add(&inner.counters.unwatched_regions, 1);
@@ -1009,7 +1192,7 @@ impl<B: Backend> Mirror<B> {
     fn reap_dead_at(&self, at: VirtAddr) {
         let inner = &*self.inner;
         let slot = {
-            let mut dev = relock(&inner.dev);
+            let mut dev = inner.lock();
             let start = dev
                 .regions
                 .range(..=at.0)
@@ -1036,7 +1219,7 @@ impl<B: Backend> Mirror<B> {
             // Already resident with the access needed (another run of this
             // launch got there first): nothing to do, and no populate —
             // which would count as a CPU write at the next sync point.
-            let dev = relock(&inner.dev);
+            let dev = inner.lock();
             if piece
                 .page_addrs()
                 .all(|va| dev.table.lookup(va).is_some_and(|p| p.writable() || !write))
@@ -1045,10 +1228,7 @@ impl<B: Backend> Mirror<B> {
             }
         }
         let multi = inner.host.mirrors_attached() > 1;
-        let read_mostly = relock(&inner.dev)
-            .read_mostly
-            .iter()
-            .any(|r| r.overlaps(piece));
+        let read_mostly = inner.lock().read_mostly.iter().any(|r| r.overlaps(piece));
         if multi && (write || !read_mostly) {
             // Single writer: drop every other device's copy first (ours are
             // skipped by owner tag). They write back dirty data on Migrate.
@@ -1116,7 +1296,9 @@ impl<B: Backend> Mirror<B> {
         copy_failures: &std::cell::Cell<u32>,
     ) -> Result<Attempt<u64>, MirrorError> {
         let inner = &*self.inner;
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock();
+        // Entries of zapped pages go before any slot is reused.
+        inner.flush_deferred(&mut dev);
         if interval.read_retry(seq) {
             return Ok(Attempt::Retry);
         }
@@ -1353,7 +1535,8 @@ impl<B: Backend> Mirror<B> {
             .map_err(|e| MirrorError::from_fault(e, range.start(), false))?;
         // SAFETY: mlock only changes residency of our own pages.
         let locked = unsafe { libc::mlock(range.start().as_mut_ptr(), range.len() as usize) } == 0;
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock();
+        inner.flush_deferred(&mut dev);
         let free = dev.pool.capacity() - dev.pool.used();
         if u64::from(free) < range.pages() {
             // Evict unpinned pages until enough slots are free: hold the
@@ -1449,7 +1632,7 @@ impl<B: Backend> Mirror<B> {
         self.same_process()?;
         let inner = &*self.inner;
         let _serial = relock(&inner.launch);
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock();
         let Some(p) = dev.pinned.remove(&pin.range.start().0) else {
             return Ok(());
         };
@@ -1469,7 +1652,7 @@ impl<B: Backend> Mirror<B> {
     pub fn stats(&self) -> MirrorStats {
         let c = &self.inner.counters;
         let g = Counters::get;
-        let dev = relock(&self.inner.dev);
+        let dev = self.inner.lock();
         MirrorStats {
             launches: g(&c.launches),
             submissions: g(&c.submissions),
@@ -1496,7 +1679,8 @@ impl<B: Backend> Mirror<B> {
 
     /// Live (not dead) regions, in address order.
     pub fn regions(&self) -> Vec<VaRange> {
-        relock(&self.inner.dev)
+        self.inner
+            .lock()
             .regions
             .values()
             .filter(|r| !r.dead)
@@ -1514,7 +1698,7 @@ impl<B: Backend> Mirror<B> {
         }
         let t0 = std::time::Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
-            if !relock(&self.inner.dev).regions.values().any(|r| r.dead) {
+            if !self.inner.lock().regions.values().any(|r| r.dead) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -1540,20 +1724,24 @@ impl PinHandle {
 /// Removes a dead region's notifier (waiting out running callbacks) and
 /// drops whatever it still maps. Not to be called from a callback.
 fn release_slot<B: Backend>(inner: &Inner<B>, mut slot: RegionSlot<B>) {
+    // Zap first, while the region is still watched and subscribed: a dead
+    // region keeps the pages an unmap did not take (the kernel merges
+    // neighbouring mappings, so only part of a region may be gone), and
+    // until they are dropped, CPU writes and unmaps there must still reach
+    // them. Unwatching first left a window in which a launch read those
+    // pages with nothing tracking the CPU's writes to them (stale reads
+    // found by `hmm-stress`). Nothing can map pages into the region after
+    // this: it is out of `regions`, so faults there make a new one.
+    {
+        let mut dev = inner.lock_idle();
+        inner.zap(&mut dev, slot.range, true);
+    }
     let _ = inner.host.unwatch(slot.range);
     if let Some(sub) = slot.sub.take() {
         // Not inside a callback: this waits until no invalidation can reach
         // the region any more.
         let _ = sub.remove();
     }
-    // Nothing can have been mapped in a dead region, but zap for certainty
-    // — as a callback would: once the device is idle, writing dirty pages
-    // back.
-    let mut dev = relock(&inner.dev);
-    if let Some(s) = dev.inflight {
-        let _ = inner.backend.wait(s, None);
-    }
-    inner.zap(&mut dev, slot.range, true);
     Counters::add(&inner.counters.deferred_releases, 1);
 }
 
@@ -1564,7 +1752,7 @@ fn release_worker<B: Backend>(owner: Weak<Inner<B>>, rx: Receiver<ReleaseMsg>) {
         };
         let Some(inner) = owner.upgrade() else { return };
         let slot = {
-            let mut dev = relock(&inner.dev);
+            let mut dev = inner.lock();
             match dev.regions.get(&start) {
                 Some(r) if r.dead => dev.regions.remove(&start),
                 _ => None,
@@ -1600,7 +1788,7 @@ impl<B: Backend> Drop for Mirror<B> {
         }
         // Remove every region (blocking: waits out running callbacks), then
         // free the device memory they held.
-        let slots: Vec<RegionSlot<B>> = std::mem::take(&mut relock(&inner.dev).regions)
+        let slots: Vec<RegionSlot<B>> = std::mem::take(&mut inner.lock().regions)
             .into_values()
             .collect();
         for mut s in slots {
@@ -1609,7 +1797,7 @@ impl<B: Backend> Drop for Mirror<B> {
                 let _ = sub.remove();
             }
         }
-        let mut dev = relock(&inner.dev);
+        let mut dev = inner.lock_idle();
         let pins: Vec<PinnedRange> = std::mem::take(&mut dev.pinned).into_values().collect();
         dev.pinned_slots.clear();
         inner.zap(&mut dev, VaRange::everything(), false);

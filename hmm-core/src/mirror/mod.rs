@@ -56,7 +56,8 @@
 //! # Invalidation (the region's notifier callback)
 //!
 //! Take the driver lock (a non-blockable invalidation gives up instead of
-//! waiting), wait for the in-flight submission (it may hold translations),
+//! waiting), wait for the in-flight submission (it may hold translations;
+//! the wait drops the lock),
 //! record the sequence, then for the invalidated part: write device-dirty
 //! pages back if the CPU range still exists (not for unmap, remap or
 //! `MADV_DONTNEED`-style removal), zap the entries, free the slots. On
@@ -67,6 +68,27 @@
 //! `crossbeam-channel`, which removes the notifier with the blocking
 //! `remove` (never allowed inside a callback) once no walker can see it.
 //! Invalidations this mirror caused itself (owner tag) are skipped.
+//!
+//! **Destructive events never wait.** Unmap, remap and remove arrive on the
+//! event monitor, the only reader of the userfaultfd; a device whose work
+//! runs on this process's own threads (lavapipe, the cpu driver) can
+//! itself `munmap` memory a region covers (neighbouring anonymous mappings
+//! merge into one VMA, so a region may span a driver's private pages), and
+//! that thread sleeps until the monitor reads its event. A callback that
+//! waited for the device — or for the driver lock, held by a thread that
+//! waits for a staging copy queued behind that work — deadlocked
+//! (`anon_teardown` on lavapipe). So these callbacks only advance the
+//! sequence and forget the pages in the shadow table (freeing their slots),
+//! or, if the driver lock is busy, queue that for the next holder (every
+//! acquisition drains the queue first); the device's entries are cleared
+//! before the next submission and before any slot is reused, and the
+//! release worker writes back the rest of a dead region once the device is
+//! idle. Nothing is lost by not waiting: the kernel does not wait for us
+//! either (an unmap has already happened, a remove proceeds once the event
+//! is read), and the device's copies of that memory are discarded anyway.
+//! A running submission may still use the old slots until it ends; nothing
+//! reuses them before (slots are allocated only under the launch lock,
+//! after the running submission was waited for).
 //!
 //! # Write-back never overwrites CPU data it did not change
 //!

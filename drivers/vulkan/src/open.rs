@@ -1,0 +1,527 @@
+//! Instance and device selection, validation layers, and the shared
+//! Vulkan context every other object keeps alive.
+
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex};
+
+use ash::vk;
+
+use crate::device::VulkanDevice;
+
+/// The Khronos validation layer (Debian: `vulkan-validationlayers`).
+pub const VALIDATION_LAYER: &CStr = c"VK_LAYER_KHRONOS_validation";
+
+/// How the device sees mirrored memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Device-private pool pages: mirrored pages are copied into the pool
+    /// and dirty ones copied back (the default; works everywhere).
+    #[default]
+    Copy,
+    /// The device would read and write the CPU's own pages, imported with
+    /// `VK_EXT_external_memory_host`. **Not implemented**: opening in this
+    /// mode probes the extension and returns [`OpenError::Unsupported`]
+    /// saying which of the two reasons applies (no extension, or not
+    /// built). The [crate docs](crate#zero-copy-mode) give the design and
+    /// what blocks it.
+    ZeroCopy,
+}
+
+/// How to pick and open the device.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Use only a device whose name contains this (case-insensitive).
+    /// Default: the `HMM_VK_DEVICE` environment variable, else the first
+    /// discrete GPU, then integrated, virtual, CPU (lavapipe) device.
+    pub device_name: Option<String>,
+    /// Copy or zero-copy mirroring. Default: the `HMM_VK_MODE`
+    /// environment variable (`copy` or `zero-copy`), else copy. Any other
+    /// value of the variable is an [`OpenError::BadMode`].
+    pub mode: Option<Mode>,
+    /// Enable `VK_LAYER_KHRONOS_validation` with a messenger recording
+    /// every error ([`VulkanDevice::validation_errors`]). Default: the
+    /// `HMM_VK_VALIDATION=1` environment variable. Requested but not
+    /// installed is an [`OpenError::NoValidationLayer`].
+    pub validation: Option<bool>,
+    /// Keep the pool and page table in memory the host never maps, going
+    /// through a staging buffer and `vkCmdCopyBuffer` as on a discrete GPU
+    /// without host-visible device memory. On devices where all memory is
+    /// host-visible (lavapipe, integrated GPUs) this is how the staging
+    /// path gets tested.
+    pub force_staging: bool,
+}
+
+/// Why no device could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No Vulkan loader (`libvulkan.so.1`).
+    #[error(
+        "no Vulkan loader ({0}); on Debian/Ubuntu `apt-get install libvulkan1 mesa-vulkan-drivers`"
+    )]
+    NoLoader(String),
+    /// The loader found no usable device.
+    #[error("no usable Vulkan device: {0}; on Debian/Ubuntu `apt-get install mesa-vulkan-drivers` provides lavapipe")]
+    NoDevice(String),
+    /// Validation was requested but the layer is not installed.
+    #[error("validation requested but {VALIDATION_LAYER:?} is not installed (Debian: `apt-get install vulkan-validationlayers`)")]
+    NoValidationLayer,
+    /// `HMM_VK_MODE` is neither `copy` nor `zero-copy`.
+    #[error("HMM_VK_MODE={0:?}: expected copy or zero-copy")]
+    BadMode(String),
+    /// The chosen device lacks something the requested mode needs.
+    #[error("device {device} does not support {what}")]
+    Unsupported {
+        /// The device, in words.
+        device: String,
+        /// What is missing.
+        what: String,
+    },
+    /// A Vulkan call failed.
+    #[error("{what}: {result}")]
+    Vk {
+        /// The call.
+        what: &'static str,
+        /// Its result.
+        result: vk::Result,
+    },
+}
+
+fn vkerr(what: &'static str) -> impl Fn(vk::Result) -> OpenError {
+    move |result| OpenError::Vk { what, result }
+}
+
+/// Validation messages recorded by the debug-utils messenger.
+#[derive(Debug, Default)]
+pub(crate) struct Validation {
+    /// Every error-severity message, in order.
+    pub(crate) errors: Mutex<Vec<String>>,
+    /// How many of `errors` were already returned as a backend error.
+    pub(crate) reported: Mutex<usize>,
+}
+
+/// Called by the validation layer for every message.
+///
+/// # Safety
+///
+/// Called by the Vulkan loader with a valid callback-data pointer and the
+/// `user_data` registered at messenger creation: a `*const Validation` that
+/// outlives the messenger (it is boxed in [`Ctx`], which destroys the
+/// messenger before dropping the box).
+unsafe extern "system" fn on_message(
+    severity: vk::DebugUtilsMessageSeverityFlagsEXT,
+    _types: vk::DebugUtilsMessageTypeFlagsEXT,
+    data: *const vk::DebugUtilsMessengerCallbackDataEXT<'_>,
+    user: *mut c_void,
+) -> vk::Bool32 {
+    if !severity.contains(vk::DebugUtilsMessageSeverityFlagsEXT::ERROR) || user.is_null() {
+        return vk::FALSE;
+    }
+    // SAFETY: the loader passes valid callback data for the call's duration.
+    let msg = unsafe { data.as_ref() }
+        // SAFETY: `p_message` is a NUL-terminated string valid for the call.
+        .and_then(|d| unsafe { d.message_as_c_str() })
+        .map_or_else(
+            || "(no message)".into(),
+            |m| m.to_string_lossy().into_owned(),
+        );
+    // SAFETY: `user` is the `Validation` registered with the messenger,
+    // alive as long as the messenger (see the function's safety section).
+    let v = unsafe { &*(user as *const Validation) };
+    if let Ok(mut e) = v.errors.lock() {
+        e.push(msg);
+    }
+    vk::FALSE
+}
+
+/// The instance, the logical device and what was learned about it. Shared
+/// (`Arc`) by every object that must destroy Vulkan handles, so the device
+/// outlives them all.
+pub(crate) struct Ctx {
+    _entry: ash::Entry,
+    instance: ash::Instance,
+    debug: Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>,
+    pub(crate) validation: Option<Box<Validation>>,
+    pub(crate) device: ash::Device,
+    pub(crate) mem_props: vk::PhysicalDeviceMemoryProperties,
+    pub(crate) limits: vk::PhysicalDeviceLimits,
+    pub(crate) queue_family: u32,
+    /// The device, in words.
+    pub(crate) name: String,
+    /// `sparseBinding` and `sparseResidencyBuffer`, probed.
+    pub(crate) sparse: (bool, bool),
+    /// `minImportedHostPointerAlignment` when the device supports
+    /// `VK_EXT_external_memory_host` (probed; not enabled, see
+    /// [`Mode::ZeroCopy`]).
+    pub(crate) host_import: Option<u64>,
+    pub(crate) force_staging: bool,
+    pub(crate) mode: Mode,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: every object created from the device holds an `Arc<Ctx>`,
+        // so none is left when this runs; waiting idle first makes the
+        // destruction legal even if work were still queued.
+        unsafe {
+            let _ = self.device.device_wait_idle();
+            self.device.destroy_device(None);
+        }
+        if let Some((loader, messenger)) = self.debug.take() {
+            // SAFETY: the messenger was created from this instance and is
+            // destroyed once, before the instance.
+            unsafe { loader.destroy_debug_utils_messenger(messenger, None) };
+        }
+        // SAFETY: the device and messenger, the instance's only children,
+        // are gone.
+        unsafe { self.instance.destroy_instance(None) };
+    }
+}
+
+fn device_kind_rank(t: vk::PhysicalDeviceType) -> u32 {
+    match t {
+        vk::PhysicalDeviceType::DISCRETE_GPU => 0,
+        vk::PhysicalDeviceType::INTEGRATED_GPU => 1,
+        vk::PhysicalDeviceType::VIRTUAL_GPU => 2,
+        vk::PhysicalDeviceType::CPU => 3,
+        _ => 4,
+    }
+}
+
+fn env_on(name: &str) -> bool {
+    std::env::var(name).as_deref() == Ok("1")
+}
+
+impl VulkanDevice {
+    /// Opens the preferred device in copy mode (validation per
+    /// `HMM_VK_VALIDATION`).
+    pub fn open() -> Result<VulkanDevice, OpenError> {
+        Self::open_with(&OpenOptions::default())
+    }
+
+    /// Opens a device chosen by `opts`.
+    pub fn open_with(opts: &OpenOptions) -> Result<VulkanDevice, OpenError> {
+        let ctx = open_ctx(opts)?;
+        VulkanDevice::new(Arc::new(ctx)).map_err(|e| OpenError::NoDevice(e.to_string()))
+    }
+}
+
+fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
+    let mode = match opts.mode {
+        Some(m) => m,
+        None => Mode::from_env()?,
+    };
+    // SAFETY: loads the system Vulkan loader; its initialisation has no
+    // preconditions beyond being a well-formed library.
+    let entry = unsafe { ash::Entry::load() }.map_err(|e| OpenError::NoLoader(e.to_string()))?;
+    let validation_on = opts
+        .validation
+        .unwrap_or_else(|| env_on("HMM_VK_VALIDATION"));
+    let validation = validation_on.then(|| Box::new(Validation::default()));
+    let mut layers: Vec<*const std::ffi::c_char> = Vec::new();
+    let mut exts: Vec<*const std::ffi::c_char> = Vec::new();
+    if validation_on {
+        // SAFETY: a plain query of the loader.
+        let have = unsafe { entry.enumerate_instance_layer_properties() }
+            .map_err(vkerr("vkEnumerateInstanceLayerProperties"))?;
+        if !have
+            .iter()
+            .any(|l| l.layer_name_as_c_str().ok() == Some(VALIDATION_LAYER))
+        {
+            return Err(OpenError::NoValidationLayer);
+        }
+        layers.push(VALIDATION_LAYER.as_ptr());
+        exts.push(ash::ext::debug_utils::NAME.as_ptr());
+    }
+    let app = vk::ApplicationInfo::default()
+        .application_name(c"hmm-rs")
+        .api_version(vk::API_VERSION_1_2);
+    let user = validation.as_deref().map_or(std::ptr::null_mut(), |v| {
+        v as *const Validation as *mut c_void
+    });
+    let mut messenger_info = vk::DebugUtilsMessengerCreateInfoEXT::default()
+        .message_severity(
+            vk::DebugUtilsMessageSeverityFlagsEXT::ERROR
+                | vk::DebugUtilsMessageSeverityFlagsEXT::WARNING,
+        )
+        .message_type(
+            vk::DebugUtilsMessageTypeFlagsEXT::VALIDATION
+                | vk::DebugUtilsMessageTypeFlagsEXT::GENERAL
+                | vk::DebugUtilsMessageTypeFlagsEXT::PERFORMANCE,
+        )
+        .pfn_user_callback(Some(on_message))
+        .user_data(user);
+    let mut info = vk::InstanceCreateInfo::default()
+        .application_info(&app)
+        .enabled_layer_names(&layers)
+        .enabled_extension_names(&exts);
+    if validation_on {
+        // Also report messages from instance creation itself.
+        info = info.push_next(&mut messenger_info);
+    }
+    // SAFETY: `info` and everything it points to live across the call.
+    let instance = unsafe { entry.create_instance(&info, None) }.map_err(|r| {
+        if r == vk::Result::ERROR_INCOMPATIBLE_DRIVER {
+            OpenError::NoDevice("no Vulkan 1.2 driver (ERROR_INCOMPATIBLE_DRIVER)".into())
+        } else {
+            OpenError::Vk {
+                what: "vkCreateInstance",
+                result: r,
+            }
+        }
+    })?;
+    // From here on, `Guard` destroys the instance on early return.
+    struct Guard(Option<ash::Instance>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(i) = self.0.take() {
+                // SAFETY: nothing created from the instance survives an
+                // early return (the messenger is destroyed before it).
+                unsafe { i.destroy_instance(None) };
+            }
+        }
+    }
+    let mut guard = Guard(Some(instance.clone()));
+    let debug = if validation_on {
+        let loader = ash::ext::debug_utils::Instance::new(&entry, &instance);
+        // SAFETY: `messenger_info` is valid; its user data outlives the
+        // messenger (boxed in the returned Ctx, destroyed after it).
+        let m = unsafe { loader.create_debug_utils_messenger(&messenger_info, None) }
+            .map_err(vkerr("vkCreateDebugUtilsMessengerEXT"))?;
+        Some((loader, m))
+    } else {
+        None
+    };
+    let destroy_debug =
+        |debug: &Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>| {
+            if let Some((l, m)) = debug {
+                // SAFETY: created above from this instance, destroyed once.
+                unsafe { l.destroy_debug_utils_messenger(*m, None) };
+            }
+        };
+    match select_and_create(&instance, opts, mode) {
+        Ok(d) => {
+            guard.0 = None;
+            Ok(Ctx {
+                _entry: entry,
+                instance,
+                debug,
+                validation,
+                device: d.device,
+                mem_props: d.mem_props,
+                limits: d.limits,
+                queue_family: d.queue_family,
+                name: d.name,
+                sparse: d.sparse,
+                host_import: d.host_import,
+                force_staging: opts.force_staging,
+                mode,
+            })
+        }
+        Err(e) => {
+            destroy_debug(&debug);
+            Err(e)
+        }
+    }
+}
+
+struct Selected {
+    device: ash::Device,
+    mem_props: vk::PhysicalDeviceMemoryProperties,
+    limits: vk::PhysicalDeviceLimits,
+    queue_family: u32,
+    name: String,
+    sparse: (bool, bool),
+    host_import: Option<u64>,
+}
+
+fn select_and_create(
+    instance: &ash::Instance,
+    opts: &OpenOptions,
+    mode: Mode,
+) -> Result<Selected, OpenError> {
+    let want = opts
+        .device_name
+        .clone()
+        .or_else(|| std::env::var("HMM_VK_DEVICE").ok())
+        .map(|s| s.to_lowercase());
+    // SAFETY: a plain query of a valid instance.
+    let pds = unsafe { instance.enumerate_physical_devices() }
+        .map_err(vkerr("vkEnumeratePhysicalDevices"))?;
+    let mut candidates = Vec::new();
+    let mut rejected = Vec::new();
+    for pd in pds {
+        // SAFETY: `pd` was enumerated from this instance.
+        let props = unsafe { instance.get_physical_device_properties(pd) };
+        let name = props
+            .device_name_as_c_str()
+            .map_or_else(|_| "?".into(), |n| n.to_string_lossy().into_owned());
+        if want
+            .as_ref()
+            .is_some_and(|w| !name.to_lowercase().contains(w))
+        {
+            rejected.push(format!("{name}: not named like {want:?}"));
+            continue;
+        }
+        if props.api_version < vk::API_VERSION_1_2 {
+            rejected.push(format!(
+                "{name}: Vulkan {}.{} < 1.2",
+                vk::api_version_major(props.api_version),
+                vk::api_version_minor(props.api_version)
+            ));
+            continue;
+        }
+        // SAFETY: as above.
+        let families = unsafe { instance.get_physical_device_queue_family_properties(pd) };
+        let Some(qf) = families
+            .iter()
+            .position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE))
+        else {
+            rejected.push(format!("{name}: no compute queue"));
+            continue;
+        };
+        let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
+        let mut f2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut v12);
+        // SAFETY: `f2` chains only structures this Vulkan 1.2 device knows.
+        unsafe { instance.get_physical_device_features2(pd, &mut f2) };
+        let features = f2.features;
+        if v12.timeline_semaphore == vk::FALSE {
+            rejected.push(format!("{name}: no timelineSemaphore"));
+            continue;
+        }
+        candidates.push((
+            device_kind_rank(props.device_type),
+            pd,
+            props,
+            qf as u32,
+            name,
+            features,
+        ));
+    }
+    candidates.sort_by_key(|c| c.0);
+    let Some((_, pd, props, qf, name, features)) = candidates.into_iter().next() else {
+        return Err(OpenError::NoDevice(if rejected.is_empty() {
+            "the loader lists no physical device".into()
+        } else {
+            rejected.join("; ")
+        }));
+    };
+    // SAFETY: a plain query of the chosen physical device.
+    let dev_exts = unsafe { instance.enumerate_device_extension_properties(pd) }
+        .map_err(vkerr("vkEnumerateDeviceExtensionProperties"))?;
+    let has_ext = |n: &CStr| {
+        dev_exts
+            .iter()
+            .any(|e| e.extension_name_as_c_str().ok() == Some(n))
+    };
+    let host_ext = has_ext(ash::ext::external_memory_host::NAME);
+    let mut host_align = None;
+    if host_ext {
+        let mut hp = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
+        let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut hp);
+        // SAFETY: the extension is supported, so its property struct may
+        // be chained.
+        unsafe { instance.get_physical_device_properties2(pd, &mut p2) };
+        host_align = Some(hp.min_imported_host_pointer_alignment);
+    }
+    if mode == Mode::ZeroCopy {
+        let what = if host_ext {
+            "zero-copy mirroring: the device has VK_EXT_external_memory_host, but this \
+             driver does not implement the mode yet (crate docs, \"Zero-copy mode\")"
+        } else {
+            "VK_EXT_external_memory_host, which zero-copy mirroring needs"
+        };
+        return Err(OpenError::Unsupported {
+            device: name,
+            what: what.into(),
+        });
+    }
+    let ext_names: Vec<*const std::ffi::c_char> = Vec::new();
+    let prio = [1.0f32];
+    let queues = [vk::DeviceQueueCreateInfo::default()
+        .queue_family_index(qf)
+        .queue_priorities(&prio)];
+    let mut v12 = vk::PhysicalDeviceVulkan12Features::default().timeline_semaphore(true);
+    let info = vk::DeviceCreateInfo::default()
+        .queue_create_infos(&queues)
+        .enabled_extension_names(&ext_names)
+        .push_next(&mut v12);
+    // SAFETY: `info` and what it points to live across the call; the
+    // requested feature and extensions were checked above.
+    let device =
+        unsafe { instance.create_device(pd, &info, None) }.map_err(vkerr("vkCreateDevice"))?;
+    // SAFETY: a plain query of the chosen physical device.
+    let mem_props = unsafe { instance.get_physical_device_memory_properties(pd) };
+    let kind = format!("{:?}", props.device_type);
+    Ok(Selected {
+        device,
+        mem_props,
+        limits: props.limits,
+        queue_family: qf,
+        name: format!(
+            "{name} ({kind}, Vulkan {}.{})",
+            vk::api_version_major(props.api_version),
+            vk::api_version_minor(props.api_version)
+        ),
+        sparse: (
+            features.sparse_binding == vk::TRUE,
+            features.sparse_residency_buffer == vk::TRUE,
+        ),
+        host_import: host_align,
+    })
+}
+
+impl Mode {
+    /// The mode `HMM_VK_MODE` asks for (`copy`, `zero-copy`), else copy.
+    pub fn from_env() -> Result<Mode, OpenError> {
+        std::env::var("HMM_VK_MODE").map_or(Ok(Mode::Copy), |v| Mode::parse(&v))
+    }
+
+    /// `copy` (or empty) or `zero-copy`.
+    pub fn parse(v: &str) -> Result<Mode, OpenError> {
+        match v {
+            "" | "copy" => Ok(Mode::Copy),
+            "zero-copy" | "zerocopy" => Ok(Mode::ZeroCopy),
+            _ => Err(OpenError::BadMode(v.to_string())),
+        }
+    }
+}
+
+/// A device for tests, opened with `opts`: `Some` when a device opens;
+/// otherwise prints a skip line naming why and returns `None` — unless
+/// `HMM_REQUIRE_GPU=1`, which turns a missing device into a test failure
+/// (CI sets it).
+pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
+    match VulkanDevice::open_with(opts) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
+                "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
+            );
+            eprintln!("skip: no Vulkan device: {e}");
+            None
+        }
+    }
+}
+
+/// [`test_device_with`] the default options (copy mode).
+pub fn test_device() -> Option<VulkanDevice> {
+    test_device_with(&OpenOptions::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmm_vk_mode_values() {
+        assert_eq!(Mode::parse("copy").ok(), Some(Mode::Copy));
+        assert_eq!(Mode::parse("").ok(), Some(Mode::Copy));
+        assert_eq!(Mode::parse("zero-copy").ok(), Some(Mode::ZeroCopy));
+        let e = Mode::parse("zero").expect_err("not a mode");
+        assert_eq!(
+            e.to_string(),
+            "HMM_VK_MODE=\"zero\": expected copy or zero-copy"
+        );
+    }
+}

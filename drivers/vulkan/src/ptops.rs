@@ -1,0 +1,235 @@
+//! Host requests on page-table entries that must be atomic with respect to
+//! running kernels (read, clear accessed/dirty), run as a compute pass on
+//! the device's queue (`pt_ops.wgsl`, the same shader the wgpu driver
+//! runs).
+//!
+//! Why not a host `AtomicU32::fetch_and` on the mapped table? On lavapipe
+//! that would work (host and device share one coherent mapping), but
+//! Vulkan gives no guarantee that host atomics and shader atomics on the
+//! same coherent memory are atomic with respect to each other, and the
+//! table may not be mapped at all (staging path). The compute pass is
+//! correct on every device.
+
+use std::sync::Arc;
+
+use ash::vk;
+use hmm_core::mirror::backend::{BackendError, PteLoc};
+use hmm_core::mirror::format::{Pte, ENTRIES};
+use hmm_shaders::{pt_binding, PtParams};
+
+use crate::device::{lock, write_set, VulkanDevice};
+use crate::kernel::{pipeline, spirv, Layouts, Pipeline};
+use crate::mem::{vk_err, Buffer, Placement};
+
+/// The pipeline, its descriptor set and buffers, grown on demand.
+pub(crate) struct PtOps {
+    pipeline: Pipeline,
+    params: Buffer,
+    dpool: vk::DescriptorPool,
+    set: vk::DescriptorSet,
+    cb: vk::CommandBuffer,
+    bufs: Option<PtBufs>,
+}
+
+struct PtBufs {
+    cap: u32,
+    list: Buffer,
+    out: Buffer,
+}
+
+impl PtOps {
+    pub(crate) fn new(dev: &VulkanDevice) -> Result<PtOps, BackendError> {
+        let layouts = Arc::new(Layouts::new(&dev.ctx, pt_binding::OUT + 1)?);
+        let module = naga::front::wgsl::parse_str(hmm_shaders::PT_OPS)
+            .map_err(|e| BackendError::Kernel(e.to_string()))?;
+        let info = hmm_shaders::validate_module(&module)
+            .map_err(|e| BackendError::Kernel(e.to_string()))?;
+        let words = spirv(&module, &info, hmm_shaders::PT_AND_ENTRY)?;
+        let entry = std::ffi::CString::new(hmm_shaders::PT_AND_ENTRY)
+            .map_err(|e| BackendError::Kernel(e.to_string()))?;
+        let pipeline = pipeline(&layouts, &words, &entry)?;
+        let params = Buffer::new(
+            &dev.ctx,
+            core::mem::size_of::<PtParams>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+            Placement::Host,
+        )?;
+        let d = &dev.ctx.device;
+        let sizes = [
+            vk::DescriptorPoolSize {
+                ty: vk::DescriptorType::UNIFORM_BUFFER,
+                descriptor_count: 1,
+            },
+            vk::DescriptorPoolSize {
+                ty: vk::DescriptorType::STORAGE_BUFFER,
+                descriptor_count: 3,
+            },
+        ];
+        // SAFETY: valid create info; destroyed in `destroy`.
+        let dpool = unsafe {
+            d.create_descriptor_pool(
+                &vk::DescriptorPoolCreateInfo::default()
+                    .max_sets(1)
+                    .pool_sizes(&sizes),
+                None,
+            )
+        }
+        .map_err(vk_err("vkCreateDescriptorPool"))?;
+        let set_layouts = [layouts.set];
+        // SAFETY: one set from a pool sized for it, over a live layout.
+        let set = match unsafe {
+            d.allocate_descriptor_sets(
+                &vk::DescriptorSetAllocateInfo::default()
+                    .descriptor_pool(dpool)
+                    .set_layouts(&set_layouts),
+            )
+        } {
+            Ok(v) => v[0],
+            Err(r) => {
+                // SAFETY: the pool has no users.
+                unsafe { d.destroy_descriptor_pool(dpool, None) };
+                return Err(vk_err("vkAllocateDescriptorSets")(r));
+            }
+        };
+        let cb = match dev.alloc_cb() {
+            Ok(cb) => cb,
+            Err(e) => {
+                // SAFETY: the pool has no users.
+                unsafe { d.destroy_descriptor_pool(dpool, None) };
+                return Err(e);
+            }
+        };
+        Ok(PtOps {
+            pipeline,
+            params,
+            dpool,
+            set,
+            cb,
+            bufs: None,
+        })
+    }
+
+    /// Destroys the descriptor pool (the device is idle).
+    pub(crate) fn destroy(self, d: &ash::Device) {
+        // SAFETY: called from the device's Drop after waiting idle; once.
+        unsafe { d.destroy_descriptor_pool(self.dpool, None) };
+    }
+
+    fn grow(&mut self, dev: &VulkanDevice, need: u32) -> Result<(), BackendError> {
+        if self.bufs.as_ref().is_some_and(|b| b.cap >= need) {
+            return Ok(());
+        }
+        let cap = need.next_power_of_two().max(256);
+        let table = dev.memory()?.table.buf;
+        let list = Buffer::new(
+            &dev.ctx,
+            u64::from(cap) * 4,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+            Placement::Host,
+        )?;
+        let out = Buffer::new(
+            &dev.ctx,
+            u64::from(cap) * 8,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+            Placement::Host,
+        )?;
+        // The set is idle: every operation waits for its submission.
+        write_set(
+            &dev.ctx.device,
+            self.set,
+            &[self.params.buf, table, list.buf, out.buf],
+        );
+        self.bufs = Some(PtBufs { cap, list, out });
+        Ok(())
+    }
+}
+
+impl VulkanDevice {
+    /// ANDs `keep` into the low word of each entry (`u32::MAX`: read only)
+    /// and appends the previous values to `out`.
+    pub(crate) fn pt_and(
+        &self,
+        locs: &[PteLoc],
+        keep: u32,
+        out: &mut Vec<Pte>,
+    ) -> Result<(), BackendError> {
+        self.check()?;
+        let mem = self.memory()?;
+        if locs.is_empty() {
+            return Ok(());
+        }
+        if let Some(bad) = locs
+            .iter()
+            .find(|l| l.table.0 >= mem.table_pages || usize::from(l.index) >= ENTRIES)
+        {
+            return Err(BackendError::Other(format!(
+                "entry {:?}/{} outside the table",
+                bad.table, bad.index
+            )));
+        }
+        let mut guard = lock(&self.pt_ops);
+        let ops = guard
+            .as_mut()
+            .ok_or(BackendError::NotInitialised("init has not run"))?;
+        for piece in locs.chunks(1 << 16) {
+            let n = piece.len() as u32;
+            let words: Vec<u32> = piece
+                .iter()
+                .map(|l| (l.table.0 * ENTRIES as u32 + u32::from(l.index)) * 2)
+                .collect();
+            let (gx, gy, row) = hmm_shaders::grid(n);
+            let params = PtParams {
+                count: n,
+                keep,
+                row_threads: row,
+                pad: 0,
+            };
+            ops.grow(self, n)?;
+            let b = ops
+                .bufs
+                .as_ref()
+                .ok_or(BackendError::NotInitialised("pt buffers"))?;
+            // SAFETY: mapped, in bounds (grown to `n`), and idle: the
+            // previous operation was waited for under this lock.
+            unsafe {
+                ops.params.write(0, bytemuck::bytes_of(&params));
+                b.list.write(0, bytemuck::cast_slice(&words));
+            }
+            let (pipe, layout, set) = (
+                ops.pipeline.pipeline,
+                ops.pipeline.layouts.pipeline,
+                ops.set,
+            );
+            let v = self.submit(ops.cb, |d, cb| {
+                // SAFETY: recording; live, compatible pipeline, layout, set.
+                unsafe {
+                    d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipe);
+                    d.cmd_bind_descriptor_sets(
+                        cb,
+                        vk::PipelineBindPoint::COMPUTE,
+                        layout,
+                        0,
+                        &[set],
+                        &[],
+                    );
+                    d.cmd_dispatch(cb, gx, gy, 1);
+                }
+            })?;
+            if !self.wait_value(v, None)? {
+                return Err(BackendError::DeviceLost(
+                    "page-table operation never completed".into(),
+                ));
+            }
+            let mut pairs = vec![0u32; 2 * n as usize];
+            // SAFETY: mapped, in bounds; the submission completed and ended
+            // with a HOST barrier.
+            unsafe { b.out.read(0, bytemuck::cast_slice_mut(&mut pairs)) };
+            out.extend(
+                pairs
+                    .chunks_exact(2)
+                    .map(|p| Pte(u64::from(p[0]) | (u64::from(p[1]) << 32))),
+            );
+        }
+        self.check()
+    }
+}
