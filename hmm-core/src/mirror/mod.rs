@@ -43,7 +43,13 @@
 //! may fault before any effect that must not be repeated — or keep their
 //! effects idempotent (plain stores of values computed from inputs the
 //! invocation does not itself modify). Atomics on mirrored memory belong
-//! after the last access that can fault. (The `cpu` driver is stricter than
+//! after the last access that can fault — except an atomic add of 0, which
+//! has no effect and is the idiom for touching a word for writing first:
+//! its page then faults in (writable) before the invocation does work
+//! that a later fault would throw away. Read faults map read-only until
+//! their region has been written (below), so a kernel that loads a
+//! buffer before storing to it saves a round per page by touching it for
+//! writing first. (The `cpu` driver is stricter than
 //! required: it buffers an invocation's plain stores and applies them only
 //! when the invocation completes.)
 //!
