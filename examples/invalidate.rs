@@ -74,7 +74,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = vec![0u32; WORDS];
 
     // 1. The device reads the buffer: it is now mirrored.
-    let buf = map(core::ptr::null_mut(), 0x1111_0000)?;
+    //
+    // The buffer lives far below where the kernel places mappings nobody
+    // asked an address for (top-down from near the stack): once it is
+    // unmapped, the hole must stay free for step 3, and another thread of
+    // this process (the driver's, the allocator's) mapping something there
+    // meanwhile would make "the same address" impossible. 16 TiB up is
+    // nowhere near them; try a few spots in case one is taken.
+    let buf = (1usize..=8)
+        .map(|k| map((k << 44) as *mut libc::c_void, 0x1111_0000))
+        .find_map(Result::ok)
+        .ok_or("no free spot for the buffer at 16..128 TiB")?;
     mirror.launch(&k, WORDS as u32, (buf, out.as_mut_ptr()))?;
     if (0..WORDS).any(|i| out[i] != 0x1111_0000 ^ i as u32) {
         return Err("first read: wrong data".into());
