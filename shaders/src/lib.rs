@@ -68,7 +68,9 @@ use core::fmt::Write as _;
 
 pub mod test_kernels;
 
-use hmm_core::mirror::backend::{LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE};
+use hmm_core::mirror::backend::{
+    BackendError, Invocations, LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE,
+};
 use hmm_core::mirror::format;
 
 /// The library (`wgsl/hmm.wgsl`), without the generated constants.
@@ -302,6 +304,75 @@ pub fn grid(threads: u32) -> (u32, u32, u32) {
     (x, y, x * WORKGROUP)
 }
 
+/// Everything a GPU driver needs to dispatch one launch: the uniform
+/// block, the control-buffer layout, the replay list and the grid. Both
+/// GPU drivers build it here, so a field of [`Params`] cannot be set by
+/// one and forgotten by the other.
+#[derive(Clone, Debug)]
+pub struct Dispatch<'a> {
+    /// The uniform block (`HmmParams`).
+    pub params: Params,
+    /// The control buffer this launch needs.
+    pub layout: ControlLayout,
+    /// Invocation ids to replay (empty for a first launch).
+    pub replay: &'a [u32],
+    /// Workgroups in x.
+    pub groups_x: u32,
+    /// Workgroups in y.
+    pub groups_y: u32,
+}
+
+impl<'a> Dispatch<'a> {
+    /// Plans a launch of `invocations` with `args` on a device holding
+    /// `chunk_slots` pool slots per binding and `fault_cap` fault records;
+    /// more than [`MAX_ARGS`] arguments is a [`BackendError::Kernel`].
+    pub fn plan(
+        invocations: Invocations<'a>,
+        args: &[u64],
+        fault_cap: u32,
+        chunk_slots: u32,
+    ) -> Result<Self, BackendError> {
+        if args.len() > MAX_ARGS {
+            return Err(BackendError::Kernel(
+                ShaderError::TooManyArgs(args.len()).to_string(),
+            ));
+        }
+        let (threads, bitmap_bits, replay): (u32, u32, &[u32]) = match invocations {
+            Invocations::All(n) => (n, n, &[]),
+            Invocations::Only(v) => {
+                let top = v.iter().copied().max().map_or(0, |m| m.saturating_add(1));
+                (v.len() as u32, top, v)
+            }
+        };
+        let layout = ControlLayout {
+            fault_cap,
+            bitmap_bits: bitmap_bits.max(1),
+        };
+        let (groups_x, groups_y, row_threads) = grid(threads);
+        let mut params = Params {
+            n: threads,
+            replay: u32::from(matches!(invocations, Invocations::Only(_))),
+            fault_cap,
+            bitmap_off: layout.bitmap_off(),
+            chunk_slots,
+            row_threads,
+            loop_probe: LOOP_PROBE_ITERS,
+            ..Params::default()
+        };
+        for (i, a) in args.iter().enumerate() {
+            params.args[2 * i] = *a as u32;
+            params.args[2 * i + 1] = (*a >> 32) as u32;
+        }
+        Ok(Dispatch {
+            params,
+            layout,
+            replay,
+            groups_x,
+            groups_y,
+        })
+    }
+}
+
 /// Where things live in a control buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlLayout {
@@ -455,6 +526,24 @@ fn hmm_kernel(i: u32) {
         assert_eq!(o.faults[0].addr(), 0x7f_0000_1000);
         assert_eq!(o.incomplete, vec![3, 65]);
         assert_eq!(l.parse(&w[..3]), LaunchOutcome::default(), "short buffer");
+    }
+
+    #[test]
+    fn dispatch_plans_replays_and_refuses_too_many_args() {
+        let d = Dispatch::plan(Invocations::Only(&[3, 70]), &[0x1_0000_0002, 7], 8, 64).unwrap();
+        assert_eq!(d.params.n, 2);
+        assert_eq!(d.params.replay, 1);
+        assert_eq!(d.params.loop_probe, LOOP_PROBE_ITERS);
+        assert_eq!(d.layout.bitmap_bits, 71);
+        assert_eq!(d.params.bitmap_off, d.layout.bitmap_off());
+        assert_eq!(&d.params.args[..4], &[2, 1, 7, 0]);
+        assert_eq!(d.replay, &[3, 70]);
+        let d = Dispatch::plan(Invocations::All(0), &[], 8, 64).unwrap();
+        assert_eq!((d.params.n, d.layout.bitmap_bits), (0, 1));
+        assert!(matches!(
+            Dispatch::plan(Invocations::All(1), &[0; MAX_ARGS + 1], 8, 64),
+            Err(BackendError::Kernel(_))
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use hmm_core::mirror::backend::{
     LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
-use hmm_shaders::{binding, ControlLayout, Params, MAX_ARGS, POOL_BINDINGS};
+use hmm_shaders::{binding, ControlLayout, Params, POOL_BINDINGS};
 
 use crate::kernel::{Layouts, Pipeline, VulkanKernel};
 use crate::mem::{vk_err, Buffer, Placement};
@@ -920,38 +920,13 @@ unsafe impl Backend for VulkanDevice {
                 "kernel built for another device".into(),
             ));
         }
-        if args.len() > MAX_ARGS {
-            return Err(BackendError::Kernel(format!(
-                "{} kernel arguments; at most {MAX_ARGS} fit",
-                args.len()
-            )));
-        }
-        let (threads, bitmap_bits, list): (u32, u32, &[u32]) = match invocations {
-            Invocations::All(n) => (n, n, &[]),
-            Invocations::Only(v) => {
-                let top = v.iter().copied().max().map_or(0, |m| m.saturating_add(1));
-                (v.len() as u32, top, v)
-            }
-        };
-        let mut params = Params {
-            n: threads,
-            replay: u32::from(matches!(invocations, Invocations::Only(_))),
-            fault_cap: FAULT_CAP,
-            chunk_slots: mem.chunk_slots,
-            loop_probe: hmm_shaders::LOOP_PROBE_ITERS,
-            ..Params::default()
-        };
-        for (i, a) in args.iter().enumerate() {
-            params.args[2 * i] = *a as u32;
-            params.args[2 * i + 1] = (*a >> 32) as u32;
-        }
-        let (gx, gy, row) = hmm_shaders::grid(threads);
-        params.row_threads = row;
-        let layout = ControlLayout {
-            fault_cap: FAULT_CAP,
-            bitmap_bits: bitmap_bits.max(1),
-        };
-        params.bitmap_off = layout.bitmap_off();
+        let hmm_shaders::Dispatch {
+            params,
+            layout,
+            replay: list,
+            groups_x: gx,
+            groups_y: gy,
+        } = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
 
         let mut l = lock(&self.launches);
         let pos = l
@@ -980,7 +955,7 @@ unsafe impl Backend for VulkanDevice {
         let playout = kernel.pipeline.layouts.pipeline;
         let set = res.set;
         let submitted = self.submit(res.cb, |d, cb| {
-            if threads > 0 {
+            if params.n > 0 {
                 // SAFETY: recording; pipeline, layout and set are live and
                 // compatible (same layouts object).
                 unsafe {
