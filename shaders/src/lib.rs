@@ -69,7 +69,8 @@ use core::fmt::Write as _;
 pub mod test_kernels;
 
 use hmm_core::mirror::backend::{
-    BackendError, Invocations, LaunchOutcome, RawFaultRecord, FAULT_ATOMIC, FAULT_WRITE,
+    BackendError, DeviceConfig, Invocations, LaunchOutcome, PteLoc, RawFaultRecord, FAULT_ATOMIC,
+    FAULT_WRITE,
 };
 use hmm_core::mirror::format;
 
@@ -373,6 +374,127 @@ impl<'a> Dispatch<'a> {
     }
 }
 
+/// How a GPU driver lays out a mirror's memory in storage bindings: the
+/// page table in one, the pool over [`POOL_BINDINGS`] of at most
+/// `slots_per_binding` slots each. Shared by both GPU drivers' `init`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Bytes of the page-table buffer.
+    pub table_bytes: u64,
+    /// Pool slots per binding (a slot `s` lives in binding
+    /// `s / chunk_slots`).
+    pub chunk_slots: u32,
+    /// Slots of each of the [`POOL_BINDINGS`] pool buffers (an unused
+    /// binding gets a one-page placeholder).
+    pub binding_slots: [u32; POOL_BINDINGS as usize],
+}
+
+impl MemoryPlan {
+    /// Plans `config` on a device whose storage bindings hold
+    /// `slots_per_binding` pool pages and `max_binding_bytes` bytes; a
+    /// pool or table that does not fit is [`BackendError::OutOfMemory`].
+    pub fn new(
+        config: DeviceConfig,
+        slots_per_binding: u32,
+        max_binding_bytes: u64,
+    ) -> Result<Self, BackendError> {
+        let per = slots_per_binding;
+        if per == 0 {
+            return Err(BackendError::OutOfMemory(
+                "storage bindings below one page".into(),
+            ));
+        }
+        let chunks = config.pool_slots.div_ceil(per).max(1);
+        if chunks > POOL_BINDINGS {
+            return Err(BackendError::OutOfMemory(format!(
+                "pool of {} slots needs {chunks} bindings of at most {per} slots; the library has {POOL_BINDINGS}",
+                config.pool_slots
+            )));
+        }
+        let table_bytes = u64::from(config.table_pages.max(1)) * format::TABLE_PAGE_BYTES;
+        if table_bytes > max_binding_bytes {
+            return Err(BackendError::OutOfMemory(format!(
+                "page table of {} pages exceeds one storage binding",
+                config.table_pages
+            )));
+        }
+        let chunk_slots = config.pool_slots.min(per).max(1);
+        let mut binding_slots = [1; POOL_BINDINGS as usize];
+        for (c, slots) in binding_slots.iter_mut().enumerate().take(chunks as usize) {
+            *slots = (config.pool_slots - c as u32 * chunk_slots)
+                .min(chunk_slots)
+                .max(1);
+        }
+        Ok(MemoryPlan {
+            table_bytes,
+            chunk_slots,
+            binding_slots,
+        })
+    }
+}
+
+/// One dispatch of the page-table operation (`pt_ops.wgsl`) over at most
+/// 65536 entries: their word positions, the uniform block and the grid.
+#[derive(Clone, Debug)]
+pub struct PtBatch {
+    /// Word index in the page-table buffer of each entry's low word.
+    pub words: Vec<u32>,
+    /// The uniform block.
+    pub params: PtParams,
+    /// Workgroups in x.
+    pub groups_x: u32,
+    /// Workgroups in y.
+    pub groups_y: u32,
+}
+
+impl PtBatch {
+    /// Entries one batch covers at most.
+    pub const MAX: usize = 1 << 16;
+
+    /// `Err` naming the first of `locs` outside a table of `table_pages`.
+    pub fn check(locs: &[PteLoc], table_pages: u32) -> Result<(), BackendError> {
+        match locs
+            .iter()
+            .find(|l| l.table.0 >= table_pages || usize::from(l.index) >= format::ENTRIES)
+        {
+            Some(bad) => Err(BackendError::Other(format!(
+                "entry {:?}/{} outside the table",
+                bad.table, bad.index
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The entries the operation read back: `(low, high)` word pairs.
+    pub fn ptes(pairs: &[u32]) -> impl Iterator<Item = format::Pte> + '_ {
+        pairs
+            .chunks_exact(2)
+            .map(|p| format::Pte(u64::from(p[0]) | (u64::from(p[1]) << 32)))
+    }
+
+    /// Plans one dispatch over `locs` (at most [`PtBatch::MAX`]) that
+    /// ANDs `keep` into each low word (`u32::MAX`: read only).
+    pub fn plan(locs: &[PteLoc], keep: u32) -> Self {
+        let n = locs.len() as u32;
+        let words = locs
+            .iter()
+            .map(|l| (l.table.0 * format::ENTRIES as u32 + u32::from(l.index)) * 2)
+            .collect();
+        let (groups_x, groups_y, row_threads) = grid(n);
+        PtBatch {
+            words,
+            params: PtParams {
+                count: n,
+                keep,
+                row_threads,
+                pad: 0,
+            },
+            groups_x,
+            groups_y,
+        }
+    }
+}
+
 /// Where things live in a control buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlLayout {
@@ -544,6 +666,52 @@ fn hmm_kernel(i: u32) {
             Dispatch::plan(Invocations::All(1), &[0; MAX_ARGS + 1], 8, 64),
             Err(BackendError::Kernel(_))
         ));
+    }
+
+    #[test]
+    fn memory_plan_splits_the_pool_and_refuses_what_does_not_fit() {
+        let cfg = |pool_slots, table_pages| DeviceConfig {
+            pool_slots,
+            table_pages,
+        };
+        let p = MemoryPlan::new(cfg(250, 4), 100, 1 << 20).unwrap();
+        assert_eq!(p.chunk_slots, 100);
+        assert_eq!(p.binding_slots, [100, 100, 50, 1]);
+        assert_eq!(p.table_bytes, 4 * 4096);
+        let p = MemoryPlan::new(cfg(0, 0), 100, 1 << 20).unwrap();
+        assert_eq!(
+            (p.chunk_slots, p.binding_slots, p.table_bytes),
+            (1, [1; 4], 4096)
+        );
+        for bad in [
+            MemoryPlan::new(cfg(401, 4), 100, 1 << 20),
+            MemoryPlan::new(cfg(10, 4), 0, 1 << 20),
+            MemoryPlan::new(cfg(10, 257), 100, 1 << 20),
+        ] {
+            assert!(matches!(bad, Err(BackendError::OutOfMemory(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pt_batches_address_low_words_and_check_bounds() {
+        use hmm_core::mirror::format::TablePage;
+        let locs = [
+            PteLoc {
+                table: TablePage(0),
+                index: 3,
+            },
+            PteLoc {
+                table: TablePage(2),
+                index: 511,
+            },
+        ];
+        let b = PtBatch::plan(&locs, !4);
+        assert_eq!(b.words, vec![6, (2 * 512 + 511) * 2]);
+        assert_eq!((b.params.count, b.params.keep), (2, !4));
+        assert!(PtBatch::check(&locs, 3).is_ok());
+        assert!(PtBatch::check(&locs, 2).is_err());
+        let ptes: Vec<_> = PtBatch::ptes(&[1, 2, 3]).collect();
+        assert_eq!(ptes, vec![format::Pte(0x2_0000_0001)]);
     }
 
     #[test]

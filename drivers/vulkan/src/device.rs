@@ -10,7 +10,7 @@ use hmm_core::mirror::backend::{
     LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
-use hmm_shaders::{binding, ControlLayout, Params, POOL_BINDINGS};
+use hmm_shaders::{binding, ControlLayout, MemoryPlan, Params, POOL_BINDINGS};
 
 use crate::kernel::{Layouts, Pipeline, VulkanKernel};
 use crate::mem::{vk_err, Buffer, Placement};
@@ -680,40 +680,17 @@ unsafe impl Backend for VulkanDevice {
         if self.mem.get().is_some() {
             return Err(BackendError::NotInitialised("init ran twice"));
         }
-        let per = self.slots_per_binding();
-        if per == 0 {
-            return Err(BackendError::OutOfMemory(
-                "storage bindings below one page".into(),
-            ));
-        }
-        let chunks = config.pool_slots.div_ceil(per).max(1);
-        if chunks > POOL_BINDINGS {
-            return Err(BackendError::OutOfMemory(format!(
-                "pool of {} slots needs {chunks} bindings of at most {per} slots; the library has {POOL_BINDINGS}",
-                config.pool_slots
-            )));
-        }
-        let table_bytes = u64::from(config.table_pages.max(1)) * PAGE;
-        if table_bytes > u64::from(self.ctx.limits.max_storage_buffer_range) {
-            return Err(BackendError::OutOfMemory(format!(
-                "page table of {} pages exceeds one storage binding",
-                config.table_pages
-            )));
-        }
+        let plan = MemoryPlan::new(
+            config,
+            self.slots_per_binding(),
+            u64::from(self.ctx.limits.max_storage_buffer_range),
+        )?;
         use vk::BufferUsageFlags as U;
         let usage = U::STORAGE_BUFFER | U::TRANSFER_SRC | U::TRANSFER_DST;
-        let table = Buffer::new(&self.ctx, table_bytes, usage, Placement::Device)?;
+        let table = Buffer::new(&self.ctx, plan.table_bytes, usage, Placement::Device)?;
         self.clear_unmapped(&table)?;
-        let chunk_slots = config.pool_slots.min(per).max(1);
         let mut pool = Vec::new();
-        for c in 0..POOL_BINDINGS {
-            let slots = if c < chunks {
-                (config.pool_slots - c * chunk_slots)
-                    .min(chunk_slots)
-                    .max(1)
-            } else {
-                1 // unused binding: a one-page placeholder
-            };
+        for slots in plan.binding_slots {
             let b = Buffer::new(&self.ctx, u64::from(slots) * PAGE, usage, Placement::Device)?;
             self.clear_unmapped(&b)?;
             pool.push(b);
@@ -721,7 +698,7 @@ unsafe impl Backend for VulkanDevice {
         let mem = Memory {
             table,
             pool,
-            chunk_slots,
+            chunk_slots: plan.chunk_slots,
             pool_slots: config.pool_slots,
             table_pages: config.table_pages,
         };

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use ash::vk;
 use hmm_core::mirror::backend::{BackendError, PteLoc};
-use hmm_core::mirror::format::{Pte, ENTRIES};
-use hmm_shaders::{pt_binding, PtParams};
+use hmm_core::mirror::format::Pte;
+use hmm_shaders::{pt_binding, PtBatch, PtParams};
 
 use crate::device::{lock, write_set, VulkanDevice};
 use crate::kernel::{pipeline, spirv, Layouts, Pipeline};
@@ -158,32 +158,19 @@ impl VulkanDevice {
         if locs.is_empty() {
             return Ok(());
         }
-        if let Some(bad) = locs
-            .iter()
-            .find(|l| l.table.0 >= mem.table_pages || usize::from(l.index) >= ENTRIES)
-        {
-            return Err(BackendError::Other(format!(
-                "entry {:?}/{} outside the table",
-                bad.table, bad.index
-            )));
-        }
+        PtBatch::check(locs, mem.table_pages)?;
         let mut guard = lock(&self.pt_ops);
         let ops = guard
             .as_mut()
             .ok_or(BackendError::NotInitialised("init has not run"))?;
-        for piece in locs.chunks(1 << 16) {
-            let n = piece.len() as u32;
-            let words: Vec<u32> = piece
-                .iter()
-                .map(|l| (l.table.0 * ENTRIES as u32 + u32::from(l.index)) * 2)
-                .collect();
-            let (gx, gy, row) = hmm_shaders::grid(n);
-            let params = PtParams {
-                count: n,
-                keep,
-                row_threads: row,
-                pad: 0,
-            };
+        for piece in locs.chunks(PtBatch::MAX) {
+            let PtBatch {
+                words,
+                params,
+                groups_x: gx,
+                groups_y: gy,
+            } = PtBatch::plan(piece, keep);
+            let n = params.count;
             ops.grow(self, n)?;
             let b = ops
                 .bufs
@@ -224,11 +211,7 @@ impl VulkanDevice {
             // SAFETY: mapped, in bounds; the submission completed and ended
             // with a HOST barrier.
             unsafe { b.out.read(0, bytemuck::cast_slice_mut(&mut pairs)) };
-            out.extend(
-                pairs
-                    .chunks_exact(2)
-                    .map(|p| Pte(u64::from(p[0]) | (u64::from(p[1]) << 32))),
-            );
+            out.extend(PtBatch::ptes(&pairs));
         }
         self.check()
     }

@@ -10,7 +10,7 @@ use hmm_core::mirror::backend::{
     LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
-use hmm_shaders::{binding, ControlLayout, Params, POOL_BINDINGS};
+use hmm_shaders::{binding, ControlLayout, MemoryPlan, Params, POOL_BINDINGS};
 
 use crate::kernel::WgpuKernel;
 use crate::other;
@@ -362,26 +362,11 @@ unsafe impl Backend for WgpuDevice {
         if self.mem.get().is_some() {
             return Err(BackendError::NotInitialised("init ran twice"));
         }
-        let per = self.slots_per_binding();
-        if per == 0 {
-            return Err(BackendError::OutOfMemory(
-                "storage bindings below one page".into(),
-            ));
-        }
-        let chunks = config.pool_slots.div_ceil(per).max(1);
-        if chunks > POOL_BINDINGS {
-            return Err(BackendError::OutOfMemory(format!(
-                "pool of {} slots needs {chunks} bindings of at most {per} slots; the library has {POOL_BINDINGS}",
-                config.pool_slots
-            )));
-        }
-        let table_bytes = u64::from(config.table_pages.max(1)) * PAGE;
-        if table_bytes > self.limits.max_storage_buffer_binding_size {
-            return Err(BackendError::OutOfMemory(format!(
-                "page table of {} pages exceeds one storage binding",
-                config.table_pages
-            )));
-        }
+        let plan = MemoryPlan::new(
+            config,
+            self.slots_per_binding(),
+            self.limits.max_storage_buffer_binding_size,
+        )?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
@@ -389,20 +374,12 @@ unsafe impl Backend for WgpuDevice {
         // wgpu zero-initialises buffers created without mapping.
         let table = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("hmm page table"),
-            size: table_bytes,
+            size: plan.table_bytes,
             usage,
             mapped_at_creation: false,
         });
-        let chunk_slots = config.pool_slots.min(per).max(1);
         let mut pool = Vec::new();
-        for c in 0..POOL_BINDINGS {
-            let slots = if c < chunks {
-                (config.pool_slots - c * chunk_slots)
-                    .min(chunk_slots)
-                    .max(1)
-            } else {
-                1 // unused binding: a one-page placeholder
-            };
+        for slots in plan.binding_slots {
             pool.push(self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("hmm pool"),
                 size: u64::from(slots) * PAGE,
@@ -416,7 +393,7 @@ unsafe impl Backend for WgpuDevice {
         let mem = Memory {
             table,
             pool,
-            chunk_slots,
+            chunk_slots: plan.chunk_slots,
             pool_slots: config.pool_slots,
             table_pages: config.table_pages,
         };

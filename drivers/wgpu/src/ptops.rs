@@ -3,8 +3,8 @@
 //! the device's queue (`pt_ops.wgsl`).
 
 use hmm_core::mirror::backend::{BackendError, PteLoc};
-use hmm_core::mirror::format::{Pte, ENTRIES};
-use hmm_shaders::{pt_binding, PtParams};
+use hmm_core::mirror::format::Pte;
+use hmm_shaders::{pt_binding, PtBatch, PtParams};
 
 use crate::device::{storage_entry as storage, uniform_entry, WgpuDevice};
 use crate::other;
@@ -143,33 +143,19 @@ impl WgpuDevice {
         if locs.is_empty() {
             return Ok(());
         }
-        let pages = (mem.table.size() / 4096) as u32;
-        if let Some(bad) = locs
-            .iter()
-            .find(|l| l.table.0 >= pages || usize::from(l.index) >= ENTRIES)
-        {
-            return Err(other(format!(
-                "entry {:?}/{} outside the table",
-                bad.table, bad.index
-            )));
-        }
+        PtBatch::check(locs, (mem.table.size() / 4096) as u32)?;
         let mut guard = self.pt_ops.lock().unwrap_or_else(|p| p.into_inner());
         let ops = guard
             .as_mut()
             .ok_or(BackendError::NotInitialised("init has not run"))?;
-        for piece in locs.chunks(1 << 16) {
-            let n = piece.len() as u32;
-            let words: Vec<u32> = piece
-                .iter()
-                .map(|l| (l.table.0 * ENTRIES as u32 + u32::from(l.index)) * 2)
-                .collect();
-            let (gx, gy, row) = hmm_shaders::grid(n);
-            let params = PtParams {
-                count: n,
-                keep,
-                row_threads: row,
-                pad: 0,
-            };
+        for piece in locs.chunks(PtBatch::MAX) {
+            let PtBatch {
+                words,
+                params,
+                groups_x: gx,
+                groups_y: gy,
+            } = PtBatch::plan(piece, keep);
+            let n = params.count;
             self.queue
                 .write_buffer(&ops.params, 0, bytemuck::bytes_of(&params));
             let pipeline = ops.pipeline.clone();
@@ -193,12 +179,7 @@ impl WgpuDevice {
                     .slice(..bytes)
                     .get_mapped_range()
                     .map_err(other)?;
-                let pairs: &[u32] = bytemuck::cast_slice(&view);
-                out.extend(
-                    pairs
-                        .chunks_exact(2)
-                        .map(|p| Pte(u64::from(p[0]) | (u64::from(p[1]) << 32))),
-                );
+                out.extend(PtBatch::ptes(bytemuck::cast_slice(&view)));
             }
             b.readback.unmap();
         }
