@@ -372,6 +372,22 @@ impl<'a> Dispatch<'a> {
             groups_y,
         })
     }
+
+    /// Whether per-launch resources made for `bitmap_bits` invocations
+    /// and `replay_cap` replay ids serve this launch (drivers keep a free
+    /// list of them).
+    pub fn fits(&self, bitmap_bits: u32, replay_cap: u32) -> bool {
+        bitmap_bits >= self.layout.bitmap_bits && replay_cap >= self.replay.len() as u32
+    }
+
+    /// `(bitmap_bits, replay_cap)` to make new per-launch resources with:
+    /// powers of two, at least 1024, so they serve later launches too.
+    pub fn capacity(&self) -> (u32, u32) {
+        (
+            self.layout.bitmap_bits.next_power_of_two().max(1024),
+            (self.replay.len() as u32).next_power_of_two().max(1024),
+        )
+    }
 }
 
 /// How a GPU driver lays out a mirror's memory in storage bindings: the
@@ -660,6 +676,8 @@ fn hmm_kernel(i: u32) {
         assert_eq!(d.params.bitmap_off, d.layout.bitmap_off());
         assert_eq!(&d.params.args[..4], &[2, 1, 7, 0]);
         assert_eq!(d.replay, &[3, 70]);
+        assert!(d.fits(71, 2) && !d.fits(70, 2) && !d.fits(71, 1));
+        assert_eq!(d.capacity(), (1024, 1024));
         let d = Dispatch::plan(Invocations::All(0), &[], 8, 64).unwrap();
         assert_eq!((d.params.n, d.layout.bitmap_bits), (0, 1));
         assert!(matches!(

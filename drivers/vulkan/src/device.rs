@@ -897,27 +897,26 @@ unsafe impl Backend for VulkanDevice {
                 "kernel built for another device".into(),
             ));
         }
+        let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
+        let mut l = lock(&self.launches);
+        let pos = l
+            .free
+            .iter()
+            .position(|r| plan.fits(r.bitmap_bits, r.replay_cap));
+        let res = match pos {
+            Some(p) => l.free.swap_remove(p),
+            None => {
+                let (bits, cap) = plan.capacity();
+                self.new_launch_res(mem, bits, cap)?
+            }
+        };
         let hmm_shaders::Dispatch {
             params,
             layout,
             replay: list,
             groups_x: gx,
             groups_y: gy,
-        } = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
-
-        let mut l = lock(&self.launches);
-        let pos = l
-            .free
-            .iter()
-            .position(|r| r.bitmap_bits >= layout.bitmap_bits && r.replay_cap >= list.len() as u32);
-        let res = match pos {
-            Some(p) => l.free.swap_remove(p),
-            None => self.new_launch_res(
-                mem,
-                layout.bitmap_bits.next_power_of_two().max(1024),
-                (list.len() as u32).next_power_of_two().max(1024),
-            )?,
-        };
+        } = plan;
         // SAFETY: (all three writes) the resources are idle (fresh, or
         // returned to the free list after their submission completed), so
         // no device work reads them; every write is in bounds (sized by
