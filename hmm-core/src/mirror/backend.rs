@@ -129,6 +129,34 @@ pub struct DeviceConfig {
     pub table_pages: u32,
 }
 
+/// A zero-copy device's windows onto host memory
+/// ([`Backend::host_windows`]).
+///
+/// Window `w` can be bound to up to `pages` consecutive pages of the
+/// process's own memory ([`Backend::bind_window`]); a leaf entry naming
+/// slot `w * pages + p` then reaches page `p` of that range — the CPU's own
+/// page, not a copy. This is HMM's true mirror: same pages, no copies, no
+/// write-back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostWindows {
+    /// Windows that can be bound at once (at least 1).
+    pub count: u32,
+    /// Pages per window: the largest region the core maps through one
+    /// (a power of two; 512 = 2 MiB covers the default region sizes).
+    pub pages: u32,
+}
+
+impl HostWindows {
+    /// The slot naming page `page` of window `window`.
+    pub fn slot(&self, window: u32, page: u32) -> PoolSlot {
+        PoolSlot(window * self.pages + page)
+    }
+    /// The window a slot falls in.
+    pub fn window_of(&self, slot: PoolSlot) -> u32 {
+        slot.0 / self.pages
+    }
+}
+
 /// What a backend says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendInfo {
@@ -174,8 +202,10 @@ pub enum BackendError {
 /// - [`Backend::copy_to_device`] reads host memory only at the 4096 bytes
 ///   named by each [`HostToDevice::src`], and only before it returns;
 /// - no other method reads or writes host memory the caller did not hand
-///   it, and device work never touches host memory (a zero-copy backend
-///   that maps host pages into the device states its own extra contract);
+///   it, and device work never touches host memory except through a bound
+///   host window ([`Backend::bind_window`]): only the pages of the range
+///   the window is bound to, only through entries naming that window's
+///   slots, and never after [`Backend::unbind_window`] returned;
 /// - the device sets only the `ACCESSED` and `DIRTY` bits of page-table
 ///   entries, and only with atomic OR on the entry's low word.
 pub unsafe trait Backend: Send + Sync + 'static {
@@ -268,6 +298,61 @@ pub unsafe trait Backend: Send + Sync + 'static {
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         let _ = slot;
         None
+    }
+
+    /// `Some` for a zero-copy device: leaf entries then name pages of host
+    /// windows ([`HostWindows`]) instead of pool slots, and the core copies
+    /// nothing — no copy in, no twin, no write-back; CPU writes need no
+    /// invalidation (the device reads the very pages). Default `None`: a
+    /// copy-mode device with a pool.
+    ///
+    /// A zero-copy backend gets `pool_slots: 0` in [`Backend::init`] and
+    /// never sees [`copy_to_device`](Backend::copy_to_device) or
+    /// [`copy_to_host`](Backend::copy_to_host).
+    fn host_windows(&self) -> Option<HostWindows> {
+        None
+    }
+
+    /// Binds window `window` to the `len` bytes of host memory at `addr`
+    /// (for example by importing them, `VK_EXT_external_memory_host`), so
+    /// device work launched afterwards reaches them through entries naming
+    /// the window's slots.
+    ///
+    /// # Safety
+    ///
+    /// The caller (the core) promises: `window < count`; the window is not
+    /// bound; `addr` is page-aligned, `len` is a non-zero multiple of 4096
+    /// of at most `pages` pages, and the range was, when the caller last
+    /// looked, part of one readable mapping of this process. The caller
+    /// writes entries naming the window only while it is bound.
+    ///
+    /// The caller cannot promise that the range stays mapped: another
+    /// thread may unmap it at any time (the mirror learns of it only
+    /// afterwards). A device that dereferences the host pointer itself (a
+    /// device emulated on the CPU) then faults the process if its work
+    /// touches the range after the unmap; a device that pins the pages (a
+    /// GPU driver's import) merely reads pages the CPU no longer has. Such
+    /// a backend must therefore be created through an `unsafe` constructor
+    /// whose contract forbids unmapping memory while a launch may use it
+    /// (CUDA's `cudaHostRegister` rule).
+    unsafe fn bind_window(
+        &self,
+        window: u32,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        let _ = (window, addr, len);
+        Err(BackendError::Other(
+            "this backend has no host windows (copy mode)".into(),
+        ))
+    }
+
+    /// Unbinds window `window` (a no-op if it is not bound), releasing
+    /// whatever held the host memory (an import, a pin). The caller calls
+    /// it only when no submitted device work may still use the window.
+    fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
+        let _ = window;
+        Ok(())
     }
 }
 
