@@ -6,8 +6,8 @@ use core::time::Duration;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use hmm_core::mirror::backend::{
-    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId,
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, HostWindows,
+    Invocations, LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId,
 };
 use hmm_core::mirror::format::{PoolSlot, Pte, DEVICE_BITS};
 
@@ -29,7 +29,14 @@ pub struct CpuDevice {
     hooks: Mutex<Hooks>,
     cancel: Arc<AtomicBool>,
     resident: bool,
+    /// Zero-copy mode: the number of host windows.
+    windows: Option<u32>,
 }
+
+/// Host windows a zero-copy [`CpuDevice`] offers.
+pub const ZERO_COPY_WINDOWS: u32 = 64;
+/// Pages per host window (2 MiB: the largest default region).
+pub const WINDOW_PAGES: u32 = 512;
 
 impl Default for CpuDevice {
     fn default() -> Self {
@@ -64,7 +71,35 @@ impl CpuDevice {
             hooks: Mutex::new(Hooks::default()),
             cancel: Arc::new(AtomicBool::new(false)),
             resident: false,
+            windows: None,
         }
+    }
+
+    /// Zero-copy mode: the device has no pool, and its kernels read and
+    /// write the CPU's own pages through [`ZERO_COPY_WINDOWS`] host windows
+    /// ([`Backend::host_windows`]) — HMM's true mirror, as a GPU importing
+    /// host memory (`VK_EXT_external_memory_host`) does it. The mirror
+    /// then copies nothing and writes nothing back.
+    ///
+    /// # Safety
+    ///
+    /// Kernels dereference host memory directly, on this process's worker
+    /// threads. While a launch runs, the caller must ensure that memory
+    /// the launch may touch is **not unmapped** (an unmap is reported to
+    /// the mirror only after it happened; the next access would fault the
+    /// process) and **not accessed non-atomically by other threads** (the
+    /// device's word accesses are atomic; a plain concurrent access to the
+    /// same bytes would be a data race). This is CUDA's `cudaHostRegister`
+    /// rule. Between launches anything goes: unmaps, remaps and writes
+    /// are invalidated as in copy mode.
+    pub unsafe fn zero_copy(mut self) -> Self {
+        self.windows = Some(ZERO_COPY_WINDOWS);
+        self
+    }
+
+    /// Whether the device is in zero-copy mode.
+    pub fn is_zero_copy(&self) -> bool {
+        self.windows.is_some()
     }
 
     /// Makes [`Backend::init`] touch every pool page, so the pool is
@@ -144,16 +179,85 @@ impl Drop for CpuDevice {
 // - `host_slot` points into the pool, allocated once by `init` and freed
 //   only when the device drops, 4096 bytes per in-range slot, writable
 //   through the atomics' `UnsafeCell`s; nothing but the core (under the
-//   copy contracts) and device work touches the pool.
+//   copy contracts) and device work touches the pool;
+// - zero-copy mode: device work reaches host memory only through a bound
+//   window (`Memory::word` after `Memory::slot_valid`), within the pages it
+//   was bound to, through entries naming its slots; `unbind_window` clears
+//   the length, so no launch queued afterwards passes `slot_valid` for it.
 unsafe impl Backend for CpuDevice {
     type Kernel = CpuKernel;
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
             driver: "cpu".into(),
-            device: format!("software MMU on {} host threads", self.threads),
+            device: format!(
+                "software MMU on {} host threads{}",
+                self.threads,
+                if self.windows.is_some() {
+                    ", zero-copy"
+                } else {
+                    ""
+                }
+            ),
             max_pool_slots: MAX_POOL_SLOTS,
         }
+    }
+
+    fn host_windows(&self) -> Option<HostWindows> {
+        self.windows.map(|count| HostWindows {
+            count,
+            pages: WINDOW_PAGES,
+        })
+    }
+
+    unsafe fn bind_window(
+        &self,
+        window: u32,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        let Some(win) = &mem.windows else {
+            return Err(BackendError::Other(
+                "bind_window on a copy-mode device".into(),
+            ));
+        };
+        let page = crate::memory::PAGE;
+        let pages = len / page;
+        if window as usize >= win.base.len()
+            || !(addr as usize).is_multiple_of(page)
+            || !len.is_multiple_of(page)
+            || pages == 0
+            || pages > WINDOW_PAGES as usize
+        {
+            return Err(BackendError::Other(format!(
+                "bad window binding: window {window} of {}, {len} bytes at {addr:p}",
+                win.base.len()
+            )));
+        }
+        // Acquire: pairs with the Release store below of an earlier bind.
+        if win.len_pages[window as usize].load(Acquire) != 0 {
+            return Err(BackendError::Other(format!("window {window} is bound")));
+        }
+        // Relaxed: published by the Release store of the length below.
+        win.base[window as usize].store(addr as usize, Relaxed);
+        // Release: a lane that sees the length (Acquire in `slot_valid`) sees the base.
+        win.len_pages[window as usize].store(pages as u32, Release);
+        Ok(())
+    }
+
+    fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
+        let mem = self.memory()?;
+        if let Some(n) = mem
+            .windows
+            .as_ref()
+            .and_then(|w| w.len_pages.get(window as usize))
+        {
+            // Release: no device work runs (the core's contract); orders the
+            // unbind before the next launch's jobs are queued.
+            n.store(0, Release);
+        }
+        Ok(())
     }
 
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
@@ -161,7 +265,10 @@ unsafe impl Backend for CpuDevice {
         if self.mem.get().is_some() {
             return Err(BackendError::NotInitialised("init ran twice"));
         }
-        let mem = Memory::new(config, MAX_POOL_SLOTS)?;
+        let mut mem = Memory::new(config, MAX_POOL_SLOTS)?;
+        if let Some(count) = self.windows {
+            mem.windows = Some(crate::memory::Windows::new(count, WINDOW_PAGES));
+        }
         if self.resident {
             mem.touch_pool();
         }

@@ -272,7 +272,7 @@ impl<'a> Lane<'a> {
             return Err(f);
         }
         for (&w, p) in &self.buf.words {
-            let word = &self.mem.pool[w];
+            let word = self.mem.word(w);
             if p.mask == u32::MAX {
                 // Relaxed: pool words are only ever accessed atomically (no data race); ordering with the host comes from the launch channel and the submission mutex.
                 word.store(p.value, Relaxed);
@@ -348,7 +348,7 @@ impl<'a> Lane<'a> {
             return Err(access.fault(va, FaultKind::NotPresent));
         }
         let slot = pte >> INDEX_SHIFT;
-        if slot >= u64::from(self.mem.pool_slots) {
+        if !self.mem.slot_valid(slot) {
             return Err(access.fault(va, FaultKind::BadEntry));
         }
         let vpn = va >> INDEX_SHIFT;
@@ -382,7 +382,7 @@ impl<'a> Lane<'a> {
     #[inline]
     fn load_word(&self, w: usize) -> u32 {
         // Relaxed: pool words are only ever accessed atomically (no data race); ordering with the host comes from the launch channel and the submission mutex.
-        let v = self.mem.pool[w].load(Relaxed);
+        let v = self.mem.word(w).load(Relaxed);
         if self.buf.words.is_empty() {
             v
         } else {
@@ -535,7 +535,7 @@ impl<'a> Lane<'a> {
             return Err(Access::Atomic.fault(va, FaultKind::Misaligned));
         }
         let (base, leaf) = self.translate(va, Access::Atomic)?;
-        let old = op(&self.mem.pool[base + (va as usize % PAGE) / 4]);
+        let old = op(self.mem.word(base + (va as usize % PAGE) / 4));
         // Release: a host that sees DIRTY (AcqRel in clear_pte_bits) also sees the data stored before it.
         self.mem.tables[leaf].fetch_or(ACCESSED | DIRTY, Release);
         Ok(old)

@@ -166,6 +166,6 @@ mod lane;
 mod memory;
 mod test_kernels;
 
-pub use device::{CpuDevice, MAX_POOL_SLOTS};
+pub use device::{CpuDevice, MAX_POOL_SLOTS, WINDOW_PAGES, ZERO_COPY_WINDOWS};
 pub use exec::{CpuKernel, FaultMangler, KernelFn};
 pub use lane::{DeviceFault, FaultKind, Lane};

@@ -25,7 +25,8 @@
 //! table (invocation → `wait`/`take_outcome`: a mutex).
 
 use core::ptr;
-use core::sync::atomic::{AtomicU32, AtomicU64};
+use core::sync::atomic::Ordering::{Acquire, Relaxed};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::alloc::{self, Layout};
 
 use hmm_core::mirror::backend::{BackendError, DeviceConfig};
@@ -83,6 +84,42 @@ pub(crate) struct Memory {
     pub(crate) pool_slots: u32,
     /// Number of table pages.
     pub(crate) table_pages: u32,
+    /// Zero-copy mode: the host windows (`CpuDevice::zero_copy`).
+    pub(crate) windows: Option<Windows>,
+}
+
+/// Host windows of a zero-copy device: window `w` reaches `len_pages[w]`
+/// pages of host memory at `base[w]`; slot `w * pages + p` is its page
+/// `p`. Changed only by `bind_window`/`unbind_window`, which the core calls
+/// only while no device work may use the window.
+pub(crate) struct Windows {
+    /// Pages per window (the slot stride).
+    pub(crate) pages: u32,
+    /// Host address of each window's first page (0: unbound).
+    pub(crate) base: Box<[AtomicUsize]>,
+    /// Pages bound in each window (0: unbound).
+    pub(crate) len_pages: Box<[AtomicU32]>,
+}
+
+impl Windows {
+    /// `count` unbound windows of `pages` pages.
+    pub(crate) fn new(count: u32, pages: u32) -> Self {
+        Windows {
+            pages,
+            base: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+            len_pages: (0..count).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// Whether `slot` names a page of a bound window.
+    fn slot_valid(&self, slot: u64) -> bool {
+        let w = slot / u64::from(self.pages);
+        let page = slot % u64::from(self.pages);
+        self.len_pages
+            .get(w as usize)
+            // Acquire: pairs with the Release store of `bind_window`, so the base is seen too.
+            .is_some_and(|n| page < u64::from(n.load(Acquire)))
+    }
 }
 
 impl Memory {
@@ -110,7 +147,41 @@ impl Memory {
             tables: zeroed_slice(entries, "page table")?,
             pool_slots: config.pool_slots,
             table_pages: config.table_pages,
+            windows: None,
         })
+    }
+
+    /// Whether a leaf entry's `slot` may be accessed: a pool slot, or in
+    /// zero-copy mode a page of a bound window.
+    #[inline]
+    pub(crate) fn slot_valid(&self, slot: u64) -> bool {
+        match &self.windows {
+            None => slot < u64::from(self.pool_slots),
+            Some(w) => w.slot_valid(slot),
+        }
+    }
+
+    /// The device word `w` (`slot * 1024 + word in page`) of a slot that
+    /// passed [`Memory::slot_valid`] during the current launch.
+    #[inline]
+    pub(crate) fn word(&self, w: usize) -> &AtomicU32 {
+        let Some(win) = &self.windows else {
+            return &self.pool[w];
+        };
+        let slot = w / WORDS_PER_PAGE;
+        let (window, page) = (slot / win.pages as usize, slot % win.pages as usize);
+        // Relaxed: `slot_valid` (Acquire on the length) already ordered this after the bind.
+        let base = win.base[window].load(Relaxed);
+        let addr = base + page * PAGE + (w % WORDS_PER_PAGE) * 4;
+        // SAFETY: the slot passed `slot_valid` in this launch, so the window
+        // is bound to at least `page + 1` pages at `base` (page-aligned host
+        // memory), and it stays bound while device work may use it (the
+        // core unbinds only when none is in flight). That the memory is
+        // still mapped, and not accessed non-atomically by other threads
+        // meanwhile, is the contract of the `unsafe` constructor
+        // `CpuDevice::zero_copy`. `addr` is 4-byte aligned (page-aligned base
+        // plus a word offset); `AtomicU32` has the layout of `u32`.
+        unsafe { &*(addr as *const AtomicU32) }
     }
 
     /// Writes one word of every pool page, so the host backs the whole

@@ -258,7 +258,9 @@ pub fn anon_read<B: TestKernels>(b: B) {
         "each page of src and out copied in once"
     );
     let st = m.stats();
-    assert_eq!(st.pool_used, 2 * pages as u64);
+    // (A zero-copy device maps the CPU's pages: no pool.)
+    let pool = if zero_copy(&m) { 0 } else { 2 * pages as u64 };
+    assert_eq!(st.pool_used, pool);
     // The kernel test expects one fault for the whole range; here: one
     // batch per round (the src pages, then — on replay — the out pages).
     assert_eq!(st.fault_batches, 2, "one fault batch per range");
@@ -310,11 +312,9 @@ pub fn anon_write<B: TestKernels>(b: B) {
     for i in 0..pages * WPP {
         assert_eq!(dst.read_word(i), 1000 + i as u32);
     }
-    assert_eq!(
-        m.stats().pages_out,
-        pages as u64,
-        "every page written back once"
-    );
+    // Zero-copy: the device wrote the CPU's own pages; nothing to write back.
+    let want = if zero_copy(&m) { 0 } else { pages as u64 };
+    assert_eq!(m.stats().pages_out, want, "every page written back once");
 }
 
 /// Kernel test `anon_write_prot`: writing read-only memory is an error
@@ -747,7 +747,11 @@ pub fn teardown_with_live_regions<B: TestKernels>(b: B) {
         .invalidate(VaRange::everything(), EventKind::Clear);
     let st = m.stats();
     assert_eq!((st.pool_used, st.mapped_pages), (0, 0), "every slot free");
-    assert_eq!(st.pages_out, 8, "the launch wrote its 8 output pages back");
+    let want = if zero_copy(&m) { 0 } else { 8 };
+    assert_eq!(
+        st.pages_out, want,
+        "the launch wrote its 8 output pages back"
+    );
     assert_eq!(out.read_word(8 * WPP - 1), (8 * WPP) as u32);
     // …and dropping the mirror removes every notifier.
     drop(m);
@@ -1058,12 +1062,19 @@ pub fn unmirrorable_mappings_are_typed<B: TestKernels>(b: B) {
         assert_ne!(p, libc::MAP_FAILED);
         // SAFETY: the fresh 4 KiB mapping above.
         unsafe { p.cast::<u32>().write_volatile(7) };
-        expect_fault(
-            device_copy(&m, p as u64, &out, 1),
-            p as u64,
-            false,
-            AccessError::BadPage,
-        );
+        let r = device_copy(&m, p as u64, &out, 1);
+        if zero_copy(&m) {
+            // A zero-copy device reads the pages itself, no system call in
+            // between: a device on this process's own threads can (and
+            // does), a GPU driver's import of secret memory fails.
+            match r {
+                Ok(_) => assert_eq!(out.read_word(0), 7),
+                Err(MirrorError::Backend(_)) => {}
+                Err(e) => expect_fault(Err::<(), _>(e), p as u64, false, AccessError::BadPage),
+            }
+        } else {
+            expect_fault(r, p as u64, false, AccessError::BadPage);
+        }
         assert!(
             t0.elapsed() < std::time::Duration::from_millis(900),
             "typed at once, not after the retry timeout"
@@ -1179,6 +1190,9 @@ pub fn reused_backend_and_bad_configs_are_refused<B: TestKernels>(make: impl Fn(
     ] {
         if bad.pool_slots == max {
             continue; // the device takes every u32: nothing is too big
+        }
+        if bad.pool_slots > max && make().host_windows().is_some() {
+            continue; // a zero-copy device ignores the pool size
         }
         match Mirror::new(Arc::clone(&host), make(), bad) {
             Err(MirrorError::Config(_)) => {}
@@ -1296,6 +1310,148 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
     assert_eq!(out.read_word(0), 5);
 }
 
+/// Whether the mirror's device is a zero-copy one.
+fn zero_copy<B: Backend>(m: &Mirror<B>) -> bool {
+    m.backend().host_windows().is_some()
+}
+
+/// Zero-copy: pinning copies into a pool, which a zero-copy device does
+/// not have: a typed error, and the mirror keeps working.
+pub fn zero_copy_pin_is_unsupported<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    assert!(zero_copy(&m), "a zero-copy device offers host windows");
+    let src = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|_| 8);
+    match m.pin(src.range()) {
+        Err(MirrorError::Unsupported(_)) => {}
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let out = TestMap::anon(2, libc::PROT_READ | libc::PROT_WRITE);
+    device_copy(&m, src.addr(), &out, 2 * WPP).expect("launch");
+    assert_eq!(out.read_word(WPP + 1), 8);
+}
+
+/// Zero-copy: the device uses the CPU's own pages. Nothing is copied in or
+/// written back; a CPU write between launches is seen without the page
+/// faulting in again (nothing stale was dropped, nothing needed to be);
+/// device writes are in the CPU's memory when the launch returns.
+pub fn zero_copy_shares_the_cpu_pages<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+    let out = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|i| i as u32);
+    let r1 = device_copy(&m, src.addr(), &out, 8 * WPP).expect("launch 1");
+    assert!(r1.faults > 0 && r1.pages_in > 0, "first touch maps: {r1:?}");
+    assert_eq!(out.read_word(8 * WPP - 1), (8 * WPP - 1) as u32);
+    src.fill(|i| 3 * i as u32);
+    let r2 = device_copy(&m, src.addr(), &out, 8 * WPP).expect("launch 2");
+    assert_eq!(
+        (r2.faults, r2.pages_in, r2.pages_out, r2.submissions),
+        (0, 0, 0, 1),
+        "the CPU's write needed no invalidation and nothing moved"
+    );
+    assert_eq!(out.read_word(8 * WPP - 1), 3 * (8 * WPP - 1) as u32);
+    let st = m.stats();
+    assert_eq!(
+        (st.pages_out, st.pool_used),
+        (0, 0),
+        "no write-back, no pool"
+    );
+}
+
+/// Zero-copy: more regions than windows, one per launch: windows are
+/// evicted (oldest first) and bound again; every result stays right.
+pub fn zero_copy_window_eviction<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let windows = m.backend().host_windows().expect("zero-copy").count as usize;
+    // Separate mappings (with guard pages): one region each.
+    let maps: Vec<TestMap> = (0..windows + 3)
+        .map(|j| {
+            let t = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+            t.fill(|i| (j * 10_000 + i) as u32);
+            t
+        })
+        .collect();
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    for round in 0..2 {
+        for (j, t) in maps.iter().enumerate() {
+            device_copy(&m, t.addr(), &out, WPP).expect("launch");
+            assert_eq!(
+                out.read_word(5),
+                (j * 10_000 + 5) as u32,
+                "round {round} map {j}"
+            );
+        }
+    }
+    assert!(m.stats().evictions > 0, "windows were evicted");
+}
+
+/// A linked list with one node at the start of each of `maps`; returns
+/// the sum of its values.
+fn list_across(maps: &[TestMap]) -> u64 {
+    let mut want = 0u64;
+    for (j, t) in maps.iter().enumerate() {
+        let next = maps.get(j + 1).map_or(0, |n| n.addr());
+        let value = 7 * j as u64 + 1;
+        want += value;
+        t.write_word(0, next as u32);
+        t.write_word(1, (next >> 32) as u32);
+        t.write_word(2, value as u32);
+        t.write_word(3, 0);
+    }
+    want
+}
+
+/// Zero-copy: one launch whose single invocation needs every window at
+/// once (a list through `windows - 1` separate mappings, plus the output),
+/// after earlier launches filled the windows with other regions: each
+/// fault-service round evicts only windows of earlier rounds, so the walk
+/// keeps what it mapped and the sum is right. One node more than the
+/// windows can hold cannot work — the invocation restarts from its first
+/// node on every replay, as on a GPU — and is the typed `NoProgress`,
+/// not a hang (the copy-mode analogue: an invocation touching more pages
+/// than the pool).
+pub fn zero_copy_one_launch_fills_every_window<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        max_replays: 300,
+        ..small_cfg()
+    };
+    let (_h, m) = setup(b, cfg);
+    let windows = m.backend().host_windows().expect("zero-copy").count as usize;
+    let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
+    let filler: Vec<TestMap> = (0..windows)
+        .map(|_| TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE))
+        .collect();
+    for t in &filler {
+        device_copy(&m, t.addr(), &out, 1).expect("filler launch");
+    }
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::ListSum)
+        .expect("kernel");
+    let maps: Vec<TestMap> = (0..windows - 1)
+        .map(|_| TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE))
+        .collect();
+    let want = list_across(&maps);
+    let evicted = m.stats().evictions;
+    m.launch(&k, 1, [maps[0].addr(), out.addr()])
+        .expect("launch");
+    let got = u64::from(out.read_word(0)) | (u64::from(out.read_word(1)) << 32);
+    assert_eq!(got, want);
+    assert!(
+        m.stats().evictions > evicted,
+        "windows were evicted during the walk"
+    );
+    let more: Vec<TestMap> = (0..windows + 1)
+        .map(|_| TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE))
+        .collect();
+    list_across(&more);
+    match m.launch(&k, 1, [more[0].addr(), out.addr()]) {
+        Err(MirrorError::NoProgress { .. }) => {}
+        other => panic!("expected NoProgress, got {other:?}"),
+    }
+}
+
 /// Expands to one `#[test]` per conformance scenario for the backend
 /// built by `$make` (an expression evaluated once per test).
 ///
@@ -1303,6 +1459,17 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
 /// whose backend is `None` returns at once (the maker prints the skip line
 /// naming why, and fails the test itself when the environment requires
 /// the device, e.g. `HMM_REQUIRE_GPU=1`).
+///
+/// `conformance_tests!(zero_copy optional $make)` is the suite for a
+/// zero-copy device ([`host_windows`](crate::mirror::backend::Backend::host_windows)): every scenario except the
+/// four that cannot apply — `anon_teardown` unmaps memory while a launch
+/// reads it, which the zero-copy contract forbids (a device that
+/// dereferences host pointers would fault the process);
+/// `pinning_hazard_is_real`, `eviction_under_a_small_pool` and
+/// `zero_page_pool` are about the pool a zero-copy device does not have —
+/// plus the zero-copy scenarios (`zero_copy_*`): pinning is a typed
+/// error, the device shares the CPU's pages, windows are evicted and
+/// reused, one launch can use more regions than there are windows.
 #[macro_export]
 macro_rules! conformance_tests {
     (optional $make:expr) => {
@@ -1350,5 +1517,32 @@ macro_rules! conformance_tests {
     };
     ($make:expr) => {
         $crate::conformance_tests!(optional Some($make));
+    };
+    (zero_copy optional $make:expr) => {
+        $crate::conformance_tests!(@optional $make;
+            open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
+            anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
+            file_write, anon_read_multiple, mixedmap, snapshot,
+            dirty_pages_survive_eviction,
+            linked_list, teardown_with_live_regions,
+            concurrent_launches_and_invalidations, accessed_bits_feed_young,
+            prefetch_replaces_faults, bad_ranges_are_typed_errors,
+            wild_device_pointers_are_typed_faults, prefetch_respects_protection,
+            unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            forked_child_gets_a_typed_error,
+            zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
+            zero_copy_window_eviction, zero_copy_one_launch_fills_every_window);
+        $crate::conformance_tests!(@optional2 $make;
+            kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
+            double_map, read_mostly_duplication);
+        #[test]
+        fn reused_backend_and_bad_configs_are_refused() {
+            if $make.is_none() {
+                return;
+            }
+            $crate::mirror::conformance::reused_backend_and_bad_configs_are_refused(|| {
+                $make.expect("the device opened a moment ago")
+            });
+        }
     };
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::backend::{
-    Backend, DeviceConfig, DeviceToHost, HostToDevice, Invocations, PteLoc, PteWrite, SubmissionId,
+    Backend, DeviceConfig, DeviceToHost, HostToDevice, HostWindows, Invocations, PteLoc, PteWrite,
+    SubmissionId,
 };
 use super::error::{AccessError, MirrorError};
 use super::faults::{self, PageFault, Run};
@@ -100,6 +101,23 @@ struct RegionSlot<B: Backend> {
     /// pages writable (saving upgrade faults); until then they map
     /// read-only, which needs no twin.
     written: bool,
+    /// Zero-copy devices: the host window bound to the region's range.
+    window: Option<u32>,
+}
+
+/// One host window of a zero-copy device (see "Zero-copy devices" in the
+/// module docs of `mirror`).
+#[derive(Clone, Copy, Debug, Default)]
+struct WindowState {
+    /// The region (by start) the window is bound to.
+    region: Option<u64>,
+    /// Detached from its region, still bound: unbound by the next
+    /// [`Inner::flush_deferred`], when no submission can use it.
+    releasing: bool,
+    /// The fault-service round that last mapped pages through it. Eviction
+    /// takes the oldest, never one of the current round (which would make
+    /// a round evict its own windows: a livelock).
+    round: u64,
 }
 
 /// Pages mapped by [`Mirror::pin`].
@@ -132,10 +150,19 @@ struct Dev<B: Backend> {
     twins: super::twins::Twins,
     /// Scratch for write-back verification (preallocated, never grows).
     verify: Vec<u8>,
+    /// Zero-copy devices: the state of every host window.
+    windows: Vec<WindowState>,
+    /// Windows detached by a destructive invalidation, unbound at the next
+    /// flush point (reserved, so the monitor thread does not allocate).
+    unbind_queue: Vec<u32>,
+    /// Fault-service rounds so far (window eviction order).
+    round: u64,
 }
 
 pub(crate) struct Inner<B: Backend> {
     backend: B,
+    /// `Some` for a zero-copy device ([`Backend::host_windows`]).
+    zc: Option<HostWindows>,
     host: Arc<HostSpace>,
     owner: OwnerTag,
     cfg: MirrorConfig,
@@ -197,6 +224,13 @@ impl<B: Backend> IntervalNotifier for Region<B> {
         // Our own coherence invalidations (another region's upgrade) must
         // not make our own fault retry forever.
         if nr.owner == Some(inner.owner) && nr.event == EventKind::Migrate {
+            return true;
+        }
+        // A zero-copy device reads the CPU's own pages: a CPU write leaves
+        // nothing stale to drop.
+        if inner.zc.is_some() && nr.event == EventKind::CpuWrite {
+            interval.set_seq(cur_seq);
+            Counters::add(&inner.counters.invalidations[event_index(nr.event)], 1);
             return true;
         }
         // Destructive events (unmap, remap, remove) never wait — not for
@@ -337,6 +371,10 @@ impl<B: Backend> Inner<B> {
     /// pages of the range; the zap queued behind it removes them before the
     /// table is used again (every lock acquisition drains the queue).
     fn apply_zap(&self, dev: &mut Dev<B>, z: PendingZap) {
+        if self.zc.is_some() {
+            self.apply_zap_windowed(dev, z);
+            return;
+        }
         let mut removed = Vec::new();
         let Dev {
             table,
@@ -353,6 +391,81 @@ impl<B: Backend> Inner<B> {
         if z.dead {
             self.mark_dead(dev, z.region_start);
         }
+    }
+
+    /// [`Inner::apply_zap`] on a zero-copy device: the whole region loses
+    /// its entries and its window is detached, to be unbound (releasing
+    /// the import, or the pages a GPU driver pinned for it) at the next
+    /// flush point; the next fault binds a fresh window to whatever memory
+    /// is there then. Also for a remove (`MADV_DONTNEED`), which keeps the
+    /// mapping: a GPU driver's import pins the old pages, which the CPU no
+    /// longer has.
+    fn apply_zap_windowed(&self, dev: &mut Dev<B>, z: PendingZap) {
+        let (range, window) = match dev.regions.get_mut(&z.region_start) {
+            Some(r) => (r.range, r.window.take()),
+            None => (z.range, None),
+        };
+        let mut removed = Vec::new();
+        let Dev {
+            table,
+            deferred_ptes,
+            ..
+        } = &mut *dev;
+        table.unmap_range(range, deferred_ptes, &mut removed);
+        if let Some(w) = window {
+            Self::detach_window(dev, w);
+        }
+        if z.dead {
+            self.mark_dead(dev, z.region_start);
+        }
+    }
+
+    /// Detaches window `w` from its region; [`Inner::flush_deferred`]
+    /// unbinds it.
+    fn detach_window(dev: &mut Dev<B>, w: u32) {
+        if let Some(ws) = dev.windows.get_mut(w as usize) {
+            ws.region = None;
+            if !ws.releasing {
+                ws.releasing = true;
+                dev.unbind_queue.push(w);
+            }
+        }
+    }
+
+    /// A window to bind for a region (zero-copy devices; driver lock held,
+    /// no submission running): a free one, or the one least recently used
+    /// by an earlier fault-service round, whose region loses its entries.
+    fn take_window(&self, dev: &mut Dev<B>, hw: HostWindows) -> Result<u32, MirrorError> {
+        if let Some(w) = dev
+            .windows
+            .iter()
+            .position(|ws| ws.region.is_none() && !ws.releasing)
+        {
+            return Ok(w as u32);
+        }
+        let round = dev.round;
+        let victim = dev
+            .windows
+            .iter()
+            .enumerate()
+            .filter(|(_, ws)| ws.region.is_some() && ws.round != round)
+            .min_by_key(|(_, ws)| ws.round)
+            .map(|(w, ws)| (w as u32, ws.region));
+        let Some((w, Some(start))) = victim else {
+            return Err(MirrorError::PoolExhausted {
+                needed: 1,
+                capacity: hw.count,
+            });
+        };
+        if let Some(r) = dev.regions.get_mut(&start) {
+            r.window = None;
+            let range = r.range;
+            self.zap(dev, range, false);
+        }
+        Self::detach_window(dev, w);
+        self.flush_deferred(dev);
+        Counters::add(&self.counters.evictions, 1);
+        Ok(w)
     }
 
     /// The driver lock, with no submission of this mirror running and the
@@ -387,6 +500,14 @@ impl<B: Backend> Inner<B> {
             let _ = self.backend.write_ptes(&dev.deferred_ptes);
             dev.deferred_ptes.clear();
         }
+        // Entries naming a detached window are gone (above, or written when
+        // it was detached): no later submission can reach it.
+        while let Some(w) = dev.unbind_queue.pop() {
+            let _ = self.backend.unbind_window(w);
+            if let Some(ws) = dev.windows.get_mut(w as usize) {
+                ws.releasing = false;
+            }
+        }
     }
 
     /// Zaps every mapped page of `r` (driver lock held, device idle for
@@ -404,6 +525,11 @@ impl<B: Backend> Inner<B> {
         let mut removed = Vec::new();
         dev.table.unmap_range(r, &mut writes, &mut removed);
         let _ = self.backend.write_ptes(&writes);
+        if self.zc.is_some() {
+            // Window pages, not pool slots: nothing to free (the window
+            // stays bound to its region until the region goes).
+            return;
+        }
         for (_, pte) in removed {
             dev.twins.remove(pte.slot());
             if !dev.pinned_slots.contains(&pte.slot()) {
@@ -421,6 +547,10 @@ impl<B: Backend> Inner<B> {
     /// `process_vm_writev`, so a page the kernel already unmapped (an
     /// `UNMAP` event not yet read) is skipped, not written.
     fn write_back(&self, dev: &mut Dev<B>, pages: &[(VirtAddr, Pte)]) -> u64 {
+        if self.zc.is_some() {
+            // The device wrote the CPU's own pages.
+            return 0;
+        }
         pages
             .chunks(STAGE_PAGES)
             .map(|c| self.write_back_chunk(dev, c))
@@ -607,6 +737,81 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// [`Mirror::commit`]'s second half on a zero-copy device: binds the
+    /// region's window if it has none (the import of the region's whole
+    /// range), then maps `todo` to the window's pages. No copy, no twin.
+    fn commit_windowed(
+        &self,
+        dev: &mut Dev<B>,
+        hw: HostWindows,
+        region_start: u64,
+        todo: &[(VirtAddr, bool)],
+    ) -> Result<Attempt<u64>, MirrorError> {
+        let Some(region) = dev.regions.get(&region_start).map(|r| (r.range, r.window)) else {
+            return Ok(Attempt::Retry);
+        };
+        let (range, window) = region;
+        let w = match window {
+            Some(w) => w,
+            None => {
+                let w = self.take_window(dev, hw)?;
+                // SAFETY: `w` is free (neither bound nor releasing: the
+                // flush in `take_window`/`commit` unbound every detached
+                // window) and below `hw.count`; the region's range is
+                // page-aligned, at most `hw.pages` pages (checked against
+                // the chunk sizes in `Mirror::new`) and was part of one
+                // readable mapping when the region was chosen, with the
+                // fault path's `read_retry` passed since. Entries naming
+                // `w` are written below, only while it is bound; whoever
+                // detaches it clears them first (`apply_zap_windowed`,
+                // `take_window`, `release_slot`).
+                unsafe {
+                    self.backend.bind_window(
+                        w,
+                        range.start().as_mut_ptr().cast(),
+                        range.len() as usize,
+                    )?
+                };
+                dev.windows[w as usize] = WindowState {
+                    region: Some(region_start),
+                    releasing: false,
+                    round: dev.round,
+                };
+                if let Some(r) = dev.regions.get_mut(&region_start) {
+                    r.window = Some(w);
+                }
+                w
+            }
+        };
+        dev.windows[w as usize].round = dev.round;
+        let mut writes = Vec::with_capacity(todo.len());
+        let mut failed = None;
+        for (va, writable) in todo {
+            let page = ((va.0 - range.start().0) / PAGE_SIZE) as u32;
+            if let Err(e) = dev
+                .table
+                .map(*va, Pte::leaf(hw.slot(w, page), *writable), &mut writes)
+            {
+                failed = Some(MirrorError::from(e));
+                break;
+            }
+        }
+        if let Err(e) = self.backend.write_ptes(&writes) {
+            failed.get_or_insert(e.into());
+        }
+        if let Some(e) = failed {
+            // Leave nothing half-installed (nothing ran on these entries).
+            for (va, _) in todo {
+                if let Ok(page) = VaRange::from_start_len(*va, PAGE_SIZE) {
+                    self.zap(dev, page, false);
+                }
+            }
+            return Err(e);
+        }
+        Counters::add(&self.counters.pages_in, todo.len() as u64);
+        Ok(Attempt::Done(todo.len() as u64))
+    }
+
     /// A free slot for `va`, evicting if the pool is full.
     /// `keep`: slots eviction must not pick (those of the pages being
     /// installed right now).
@@ -697,26 +902,42 @@ impl<B: Backend> Mirror<B> {
             ));
         }
         let info = backend.info();
-        if cfg.pool_slots > info.max_pool_slots {
+        let zc = backend.host_windows();
+        if let Some(hw) = zc {
+            if hw.count == 0 || !hw.pages.is_power_of_two() {
+                return Err(MirrorError::Config(format!(
+                    "the device offers unusable host windows ({hw:?})"
+                )));
+            }
+            let window_bytes = u64::from(hw.pages) * PAGE_SIZE;
+            if let Some(big) = cfg.chunk_sizes.iter().find(|c| **c > window_bytes) {
+                return Err(MirrorError::Config(format!(
+                    "region size {big} exceeds the device's {window_bytes}-byte host windows"
+                )));
+            }
+        } else if cfg.pool_slots > info.max_pool_slots {
             return Err(MirrorError::Config(format!(
                 "pool of {} slots exceeds the device's {}",
                 cfg.pool_slots, info.max_pool_slots
             )));
         }
+        // A zero-copy device has no pool: `pool_slots` is ignored.
+        let pool_slots = if zc.is_some() { 0 } else { cfg.pool_slots };
         backend.init(DeviceConfig {
-            pool_slots: cfg.pool_slots,
+            pool_slots,
             table_pages: cfg.table_pages,
         })?;
         let table = ShadowTable::new(cfg.table_pages)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let inner = Arc::new(Inner {
             backend,
+            zc,
             host: Arc::clone(&host),
             // Relaxed: a unique-id dispenser; no other memory depends on it.
             owner: OwnerTag(NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             dev: Mutex::new(Dev {
                 table,
-                pool: PagePool::new(cfg.pool_slots),
+                pool: PagePool::new(pool_slots),
                 regions: BTreeMap::new(),
                 pinned: BTreeMap::new(),
                 pinned_slots: HashSet::new(),
@@ -725,10 +946,13 @@ impl<B: Backend> Mirror<B> {
                 deferred_ptes: Vec::new(),
                 staging: vec![0; STAGE_PAGES * PAGE],
                 ok: Vec::with_capacity(STAGE_PAGES),
-                twins: super::twins::Twins::new(cfg.pool_slots).ok_or_else(|| {
+                twins: super::twins::Twins::new(pool_slots).ok_or_else(|| {
                     MirrorError::Config("cannot reserve address space for twin pages".into())
                 })?,
                 verify: vec![0; STAGE_PAGES * PAGE],
+                windows: vec![WindowState::default(); zc.map_or(0, |hw| hw.count as usize)],
+                unbind_queue: Vec::with_capacity(zc.map_or(0, |hw| hw.count as usize)),
+                round: 0,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
             pending: Mutex::new(Vec::with_capacity(64)),
@@ -959,11 +1183,17 @@ impl<B: Backend> Mirror<B> {
         // the pool (3x did, every round). Service the lowest pages that
         // fit; the other invocations are in the replay list anyway and
         // fault again next round, so every round completes some.
+        let zc = self.inner.zc.is_some();
         let evictable = {
-            let dev = self.inner.lock();
+            let mut dev = self.inner.lock();
+            dev.round += 1;
             (dev.pool.capacity() as usize).saturating_sub(dev.pinned_slots.len())
         };
-        pf.truncate((evictable / 2).max(1));
+        // A zero-copy device has no pool to overflow; its windows are
+        // capped below instead.
+        if !zc {
+            pf.truncate((evictable / 2).max(1));
+        }
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = self.inner.host.maps().new_epoch();
         for batch in pf.chunks_mut(self.inner.cfg.fault_batch) {
@@ -972,7 +1202,16 @@ impl<B: Backend> Mirror<B> {
             faults::coalesce(batch, &mut runs);
             for run in runs {
                 Counters::add(&self.inner.counters.fault_runs, 1);
-                pages_in += self.service_run(run, epoch)?;
+                match self.service_run(run, epoch) {
+                    Ok(n) => pages_in += n,
+                    // Every window is in use by this round (the round
+                    // mapped pages, or no window would be): the rest fault
+                    // again on replay, when older windows can be evicted.
+                    Err(MirrorError::PoolExhausted { .. }) if zc && pages_in > 0 => {
+                        return Ok(pages_in)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(pages_in)
@@ -985,6 +1224,7 @@ impl<B: Backend> Mirror<B> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let _serial = relock(&self.inner.launch);
+        self.inner.lock().round += 1;
         let epoch = self.inner.host.maps().new_epoch();
         let n = self.service_run(
             Run {
@@ -1128,6 +1368,7 @@ impl<B: Backend> Mirror<B> {
                 sub: Some(sub),
                 dead: false,
                 written: false,
+                window: None,
             },
         );
         drop(dev);
@@ -1316,13 +1557,14 @@ impl<B: Backend> Mirror<B> {
         // 4 KiB copy, and first-touch memory, per page), while a region a
         // kernel writes pays one upgrade fault per page at most once, then
         // maps writable straight away.
+        // (A zero-copy device maps the CPU's own pages: no twin either way.)
         let region_written = match dev.regions.get_mut(&region_start) {
             Some(r) => {
                 r.written |= write;
                 r.written
             }
             None => false,
-        };
+        } || inner.zc.is_some();
         // Pages to install: not mapped, or mapped read-only but wanted for write.
         let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
         for (va, st) in piece.page_addrs().zip(states) {
@@ -1352,6 +1594,9 @@ impl<B: Backend> Mirror<B> {
             // here would also swallow a real CPU write made since the
             // device copies were taken (found by `hmm-stress`).
             return Ok(Attempt::Done(0));
+        }
+        if let Some(hw) = inner.zc {
+            return inner.commit_windowed(&mut dev, hw, region_start, &todo);
         }
         // Slots (evicting if needed).
         // Slots eviction must leave alone: those of pages being upgraded and
@@ -1517,6 +1762,12 @@ impl<B: Backend> Mirror<B> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let inner = &*self.inner;
+        if inner.zc.is_some() {
+            return Err(MirrorError::Unsupported(
+                "pinning copies pages into a device pool, and a zero-copy device has none \
+                 (pin on a copy-mode device to compare)",
+            ));
+        }
         let _serial = relock(&inner.launch);
         // Populate and check permissions exactly as a fault would.
         let mapping = inner.host.lookup(range.start())?;
@@ -1735,6 +1986,11 @@ fn release_slot<B: Backend>(inner: &Inner<B>, mut slot: RegionSlot<B>) {
     {
         let mut dev = inner.lock_idle();
         inner.zap(&mut dev, slot.range, true);
+        if let Some(w) = slot.window.take() {
+            // Its entries are gone (above) and nothing runs: unbind now.
+            Inner::detach_window(&mut dev, w);
+            inner.flush_deferred(&mut dev);
+        }
     }
     let _ = inner.host.unwatch(slot.range);
     if let Some(sub) = slot.sub.take() {
@@ -1801,6 +2057,12 @@ impl<B: Backend> Drop for Mirror<B> {
         let pins: Vec<PinnedRange> = std::mem::take(&mut dev.pinned).into_values().collect();
         dev.pinned_slots.clear();
         inner.zap(&mut dev, VaRange::everything(), false);
+        for w in 0..dev.windows.len() as u32 {
+            if dev.windows[w as usize].region.is_some() {
+                Inner::detach_window(&mut dev, w);
+            }
+        }
+        inner.flush_deferred(&mut dev);
         for p in pins {
             if p.locked {
                 // SAFETY: undoing our own mlock; harmless if the range is gone.

@@ -114,6 +114,10 @@ pub enum MirrorError {
         /// The process that tried to use it.
         used_in: u32,
     },
+    /// The device cannot do what was asked (e.g. pinning on a zero-copy
+    /// device).
+    #[error("not supported by this device: {0}")]
+    Unsupported(&'static str),
     /// The mirror's configuration is unusable.
     #[error("bad mirror configuration: {0}")]
     Config(String),

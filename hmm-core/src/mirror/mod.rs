@@ -90,7 +90,52 @@
 //! reuses them before (slots are allocated only under the launch lock,
 //! after the running submission was waited for).
 //!
-//! # Write-back never overwrites CPU data it did not change
+//! # Zero-copy devices
+//!
+//! A backend whose [`host_windows`](backend::Backend::host_windows) is
+//! `Some` maps the CPU's own pages instead of copies (HMM's true mirror;
+//! `VK_EXT_external_memory_host` on a GPU, `CpuDevice::zero_copy` in the
+//! reference driver). Everything above holds — regions, notifiers, the
+//! sequence protocol, replay — with these differences:
+//!
+//! - **Fault service** binds the region's whole range to a free *host
+//!   window* (an import) the first time the region faults, then writes
+//!   leaf entries naming that window's pages. No copy, no twin, no
+//!   write-protection re-arming; read faults map writable wherever the CPU
+//!   page is (there is no twin to save).
+//! - **Windows are few** (bindings: 29 on lavapipe). When all are bound,
+//!   the one least recently used by an *earlier* fault-service round is
+//!   evicted whole: its region's entries are zapped and it is unbound
+//!   (the device is idle during fault service). A round never evicts its
+//!   own windows — a round that runs out stops and the rest fault again
+//!   on replay — so one invocation may use as many regions as there are
+//!   windows; more is the typed `NoProgress` (as an invocation touching
+//!   more pages than a copy-mode pool).
+//! - **Invalidations:** a CPU write needs none (`CpuWrite` only advances
+//!   the sequence). Protection, migrate and clear events zap entries and
+//!   keep the window. Destructive events (unmap, remap, remove) zap the
+//!   whole region's entries and *detach* its window without waiting, like
+//!   every destructive event; the window is unbound at the next flush
+//!   point (no submission running), so an import never outlives the
+//!   device's last use of it, and the next fault binds a fresh window to
+//!   whatever memory is there then. A remove detaches too: a GPU driver's
+//!   import pins the old pages, which the CPU no longer has.
+//! - **No write-back, no pool, no pinning** ([`Mirror::pin`] is
+//!   [`MirrorError::Unsupported`]: pinning copies).
+//! - **The contract moves to the user.** A device that dereferences host
+//!   pointers itself (lavapipe, the cpu driver) faults the process if a
+//!   kernel touches memory another thread unmapped during the launch —
+//!   userfaultfd reports an unmap only after it happened. Zero-copy
+//!   backends are therefore created through `unsafe` constructors whose
+//!   contract is CUDA's `cudaHostRegister` rule: memory a launch may touch
+//!   is not unmapped while it runs. (A GPU driver pins imported pages, so
+//!   there an unmap merely leaves the device reading pages the CPU no
+//!   longer has until the window is unbound.)
+//!
+//! The conformance suite runs in this mode too
+//! (`conformance_tests!(zero_copy …)`).
+//!
+//! # # Write-back never overwrites CPU data it did not change
 //!
 //! Copies are page-granular, but the CPU may write other bytes of a page
 //! while the device holds a writable copy (heap pages share cache lines
