@@ -145,6 +145,15 @@ fn cpu_device() -> Result<CpuDevice, BackendError> {
     Ok(CpuDevice::new().with_resident_pool())
 }
 
+/// A fresh zero-copy `cpu` device (the `zero-copy` strategy).
+fn cpu_zc_device() -> Result<CpuDevice, BackendError> {
+    // SAFETY: the harness never unmaps a buffer, nor touches it from
+    // another thread, while a launch that uses it runs: every scenario
+    // launches from this thread and frees or rewrites its buffers only
+    // after the launch returned (the progress bar's thread touches none).
+    Ok(unsafe { CpuDevice::new().zero_copy() })
+}
+
 /// Whether a large buffer of `mib` MiB fits a pool of `slots` slots in
 /// every scenario: sparse at 100 % needs the buffer, its index and output
 /// (0.2 % more) and slack; dense and setup need the buffer and slack.
@@ -211,15 +220,17 @@ impl Selected {
     /// Runs the harness on this backend.
     pub fn run(&self, plan: &Plan, out_dir: &std::path::Path) -> Res<()> {
         match self {
-            Selected::Cpu { .. } => crate::harness::run(&cpu_device, "cpu", plan, out_dir),
+            Selected::Cpu { .. } => {
+                crate::harness::run(&cpu_device, Some(&cpu_zc_device), "cpu", plan, out_dir)
+            }
             Selected::Gpu {
                 driver: GpuDriver::Wgpu,
                 ..
-            } => crate::harness::run(&wgpu_device, "wgpu", plan, out_dir),
+            } => crate::harness::run(&wgpu_device, None, "wgpu", plan, out_dir),
             Selected::Gpu {
                 driver: GpuDriver::Vulkan,
                 ..
-            } => crate::harness::run(&vulkan_device, "vulkan", plan, out_dir),
+            } => crate::harness::run(&vulkan_device, None, "vulkan", plan, out_dir),
         }
     }
 }

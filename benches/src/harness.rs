@@ -15,6 +15,7 @@ use crate::scenarios::{self, Ctx, Res, Row};
 /// Runs every scenario the plan wants on backend `B`.
 pub fn run<B: BenchKernels>(
     make: &dyn Fn() -> Result<B, BackendError>,
+    make_zc: Option<&dyn Fn() -> Result<B, BackendError>>,
     backend: &str,
     plan: &Plan,
     out_dir: &Path,
@@ -31,8 +32,24 @@ pub fn run<B: BenchKernels>(
         plan.size >> 20,
         plan.reps
     );
+    // The zero-copy arm runs where the driver can open a zero-copy device.
+    let make_zc = match make_zc.map(|z| z().map(|_| z)) {
+        Some(Ok(z)) => {
+            println!("zero-copy arm: yes (the same driver, its CPU-pages mode)");
+            Some(z)
+        }
+        Some(Err(e)) => {
+            println!("zero-copy arm: no ({e})");
+            None
+        }
+        None => {
+            println!("zero-copy arm: no (this driver has no zero-copy mode)");
+            None
+        }
+    };
     let cx = Ctx {
         make,
+        make_zc,
         host: Arc::new(HostSpace::new()?),
         plan,
         backend: backend.to_owned(),
@@ -66,5 +83,8 @@ pub fn run<B: BenchKernels>(
         t0.elapsed().as_secs_f64()
     );
     println!("{}", report::speedup_line(&rows));
+    if let Some(line) = report::zero_copy_line(&rows) {
+        println!("{line}");
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@ pub mod csv;
 pub mod plots;
 pub mod table;
 
-use crate::scenarios::Row;
+use crate::scenarios::{Row, ZERO_COPY};
 
 /// Figures derived from a row.
 pub struct Derived {
@@ -22,8 +22,10 @@ pub struct Derived {
 /// Derives the figures of `r` given the machine's memcpy bandwidth (B/s).
 pub fn derive(r: &Row, memcpy_bw: f64) -> Derived {
     let s = &r.sample;
-    let bytes_in = s.stats.pages_in * 4096;
-    let bytes_out = s.stats.pages_out * 4096;
+    // A zero-copy device's `pages_in` counts pages mapped, not copied.
+    let copied = r.strategy != ZERO_COPY;
+    let bytes_in = if copied { s.stats.pages_in * 4096 } else { 0 };
+    let bytes_out = if copied { s.stats.pages_out * 4096 } else { 0 };
     let secs = s.total.as_secs_f64().max(1e-9);
     Derived {
         bytes_in,
@@ -41,7 +43,10 @@ fn is_pin(strategy: &str) -> bool {
 /// `(key, pin time / mirror time)` per scenario case and mirror strategy.
 pub fn speedups(rows: &[Row]) -> Vec<(String, f64)> {
     let mut out = Vec::new();
-    for r in rows.iter().filter(|r| !is_pin(r.strategy)) {
+    for r in rows
+        .iter()
+        .filter(|r| !is_pin(r.strategy) && r.strategy != ZERO_COPY)
+    {
         let Some(p) = rows
             .iter()
             .find(|p| p.scenario == r.scenario && p.case == r.case && is_pin(p.strategy))
@@ -75,6 +80,35 @@ pub fn speedup_line(rows: &[Row]) -> String {
         .map(|(k, x)| format!("{k}={x:.2}x"))
         .collect();
     format!("mirror-vs-pin: {}", parts.join(" "))
+}
+
+/// The zero-copy line, where a zero-copy arm ran: per case, copy-mode
+/// mirror time / zero-copy time and pin time / zero-copy time
+/// (`zero-copy: sparse1%=2.10x/25.00x …`, above 1 = zero-copy faster).
+pub fn zero_copy_line(rows: &[Row]) -> Option<String> {
+    let time = |r: &Row| r.sample.total.as_secs_f64().max(1e-9);
+    let parts: Vec<String> = rows
+        .iter()
+        .filter(|z| z.strategy == ZERO_COPY)
+        .filter_map(|z| {
+            let same = |r: &&Row| r.scenario == z.scenario && r.case == z.case;
+            let copy = rows.iter().filter(same).find(|r| r.strategy == "mirror")?;
+            let pin = rows.iter().filter(same).find(|r| is_pin(r.strategy))?;
+            Some(format!(
+                "{}{}={:.2}x/{:.2}x",
+                z.scenario,
+                short_case(z.scenario, &z.case),
+                time(copy) / time(z),
+                time(pin) / time(z)
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "zero-copy-vs-copy/pin: {} (copy-mode mirror time / zero-copy time, pin time / zero-copy time)",
+            parts.join(" ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -114,6 +148,30 @@ mod tests {
         assert_eq!(
             speedup_line(&rows),
             "mirror-vs-pin: sparse1%=20.00x dense=1.00x dense+prefetch=2.00x oversub3x=0.50x setup1GiB=1.00x"
+        );
+        assert_eq!(zero_copy_line(&rows), None);
+    }
+
+    #[test]
+    fn zero_copy_rows_get_their_own_line() {
+        let rows = vec![
+            row("sparse", "1%", "mirror", 10),
+            row("sparse", "1%", "pin", 200),
+            row("sparse", "1%", "zero-copy", 5),
+            row("churn", "40x1-4MiB", "mirror", 30),
+            row("churn", "40x1-4MiB", "pin-per-use", 30),
+            row("churn", "40x1-4MiB", "zero-copy", 60),
+        ];
+        assert_eq!(
+            speedup_line(&rows),
+            "mirror-vs-pin: sparse1%=20.00x churn=1.00x"
+        );
+        assert_eq!(
+            zero_copy_line(&rows).as_deref(),
+            Some(
+                "zero-copy-vs-copy/pin: sparse1%=2.00x/40.00x churn=0.50x/0.50x \
+                 (copy-mode mirror time / zero-copy time, pin time / zero-copy time)"
+            )
         );
     }
 }

@@ -44,5 +44,15 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
             d.copy_eff * 100.0,
         );
     }
+    if rows
+        .iter()
+        .any(|r| r.strategy == crate::scenarios::ZERO_COPY)
+    {
+        let _ = writeln!(
+            t,
+            "\nzero-copy rows: the device uses the CPU's pages, so nothing is copied (in/out 0 MiB), \
+             `evictions` counts host windows rebound, and device memory is the page table alone."
+        );
+    }
     t
 }

@@ -4,6 +4,8 @@
 //! - **mirror**: launch; every page faults in, in batches.
 //! - **mirror+prefetch**: `prefetch(x)`, `prefetch(y, write)` (setup), launch.
 //! - **pin**: pin `x` and `y` (setup), launch, unpin (writes `y` back).
+//! - **zero-copy** (where the driver has it): launch on a zero-copy
+//!   device: no copy in, no write-back.
 
 use super::{pattern, pin_all, range_of, unpin_all, Ctx, Res, Row, Wrong};
 use crate::kernels::BenchKernels;
@@ -15,17 +17,17 @@ const A: u32 = 3;
 pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
     let size = cx.plan.size;
     let n = size / 8; // words in each of x and y
-    let bar = cx.bar("dense", (3 * cx.plan.reps) as u64);
+    let strategies = cx.arms(&["mirror", "mirror+prefetch", "pin"]);
+    let bar = cx.bar("dense", (strategies.len() * cx.plan.reps) as u64);
     bar.set_message("filling the buffers");
     let x: Vec<u32> = (0..n).map(|j| pattern(j, 2)).collect();
     let mut y: Vec<u32> = vec![0; n as usize];
     let pool = (size / 4096 + 64) as u32;
-    let strategies = ["mirror", "mirror+prefetch", "pin"];
     let r = cx.interleaved("dense", "saxpy", &strategies, size, &bar, |strategy| {
         for (j, v) in y.iter_mut().enumerate() {
             *v = pattern(j as u64, 3);
         }
-        let m = cx.mirror(pool, size)?;
+        let m = cx.mirror(strategy, pool, size)?;
         let k = m.backend().saxpy()?;
         let w = u64::from(m.backend().words_per_invocation());
         let args = [x.as_ptr() as u64, y.as_mut_ptr() as u64, u64::from(A), n, w];

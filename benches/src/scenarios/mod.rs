@@ -22,6 +22,10 @@ pub mod oversub;
 pub mod setup;
 pub mod sparse;
 
+/// The zero-copy strategy: on-demand mirroring on a zero-copy device
+/// (the device uses the CPU's own pages; nothing is copied).
+pub const ZERO_COPY: &str = "zero-copy";
+
 /// Any failure; a wrong kernel result is one ([`Wrong`]).
 pub type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -85,18 +89,38 @@ pub struct Ctx<'a, B: BenchKernels> {
     pub plan: &'a Plan,
     /// Backend driver name, for the rows.
     pub backend: String,
+    /// Makes a fresh zero-copy device of the same driver, where the device
+    /// has one (the `zero-copy` strategy).
+    pub make_zc: Option<&'a dyn Fn() -> Result<B, BackendError>>,
 }
 
 impl<B: BenchKernels> Ctx<'_, B> {
     /// A mirror on a fresh device with `pool_slots` slots and a table
-    /// large enough for buffers spread over `span` bytes of address space.
-    pub fn mirror(&self, pool_slots: u32, span: u64) -> Res<Mirror<B>> {
+    /// large enough for buffers spread over `span` bytes of address space:
+    /// a zero-copy device for the `zero-copy` strategy (its pool size is
+    /// ignored), a copy-mode one for every other.
+    pub fn mirror(&self, strategy: &str, pool_slots: u32, span: u64) -> Res<Mirror<B>> {
         let cfg = MirrorConfig {
             pool_slots,
             table_pages: pool_slots / 512 + (span >> 21) as u32 + 1024,
             ..MirrorConfig::default()
         };
-        Ok(Mirror::new(Arc::clone(&self.host), (self.make)()?, cfg)?)
+        let make = match (strategy, self.make_zc) {
+            (ZERO_COPY, Some(z)) => z,
+            (ZERO_COPY, None) => return Err("no zero-copy device for this driver".into()),
+            _ => self.make,
+        };
+        Ok(Mirror::new(Arc::clone(&self.host), make()?, cfg)?)
+    }
+
+    /// `strategies`, plus [`ZERO_COPY`] where the driver has a zero-copy
+    /// device.
+    pub fn arms(&self, strategies: &[&'static str]) -> Vec<&'static str> {
+        let mut v = strategies.to_vec();
+        if self.make_zc.is_some() {
+            v.push(ZERO_COPY);
+        }
+        v
     }
 
     /// A progress bar of `len` steps for `name` (hidden when stderr is not

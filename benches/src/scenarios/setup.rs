@@ -31,7 +31,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
             size,
             &bar,
             |strategy| {
-                let m = cx.mirror(pool, size)?;
+                let m = cx.mirror(strategy, pool, size)?;
                 let r = range_of(&data)?;
                 let mut meter = Meter::start(&m);
                 let pin = meter.setup(|| -> Res<_> {

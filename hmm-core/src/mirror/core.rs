@@ -1165,9 +1165,35 @@ impl<B: Backend> Mirror<B> {
     /// Services validated faults in batches; returns pages copied in.
     fn service(&self, pf: &mut [PageFault]) -> Result<u64, MirrorError> {
         let mut pages_in = 0;
+        let mut pf = pf.to_vec();
+        if let Some(hw) = self.inner.zc {
+            // Windows are few, and an invocation needs all of its regions
+            // at once (a replay restarts it). Serving faults in address
+            // order thrashes: a round maps the `x` regions of a saxpy, the
+            // next evicts them for `y`, the next for `x` again. So serve
+            // the lowest invocations first, with at most half the windows'
+            // worth of window-sized blocks per round: the next round then
+            // finds the other half free for those invocations' next
+            // regions, and evicts (oldest round first) only regions of
+            // invocations that have completed by then.
+            let block = u64::from(hw.pages) * PAGE_SIZE;
+            let cap = (hw.count as usize / 2).max(1);
+            pf.sort_by_key(|f| f.invocation);
+            let mut blocks: Vec<u64> = Vec::with_capacity(cap);
+            pf.retain(|f| {
+                let b = f.page.0 / block;
+                if blocks.contains(&b) {
+                    return true;
+                }
+                if blocks.len() < cap {
+                    blocks.push(b);
+                    return true;
+                }
+                false
+            });
+        }
         // One entry per page before batching: many invocations fault on the
         // same page, and a page must be serviced once, not once per batch.
-        let mut pf = pf.to_vec();
         pf.sort_unstable_by_key(|f| (f.page, !f.write));
         pf.dedup_by(|later, kept| {
             let same = later.page == kept.page;

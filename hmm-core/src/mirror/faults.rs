@@ -26,6 +26,9 @@ pub struct PageFault {
     pub addr: VirtAddr,
     /// Write (or atomic) access.
     pub write: bool,
+    /// The invocation that faulted (as reported; checked against the
+    /// launch's invocations).
+    pub invocation: u32,
 }
 
 /// A run of consecutive pages to service with one access mode.
@@ -65,6 +68,7 @@ pub fn validate(
             page: addr.page_down(),
             addr,
             write: r.flags & (FAULT_WRITE | FAULT_ATOMIC) != 0,
+            invocation: r.invocation,
         });
     }
     rejected
@@ -165,6 +169,7 @@ mod tests {
             page: VirtAddr(p),
             addr: VirtAddr(p + 8),
             write: w,
+            invocation: 0,
         };
         let mut batch = vec![
             f(0x3000, false),
