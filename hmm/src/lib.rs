@@ -41,8 +41,8 @@
 use std::sync::Arc;
 
 use hmm_core::mirror::backend::{
-    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, HostWindows,
+    Invocations, LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{PoolSlot, Pte};
 
@@ -356,6 +356,30 @@ unsafe impl Backend for Device {
             Device::Cpu(d) => d.host_slot(slot),
             Device::Wgpu(d) => d.host_slot(slot),
             Device::Vulkan(d) => d.host_slot(slot),
+        }
+    }
+    fn host_windows(&self) -> Option<HostWindows> {
+        match self {
+            Device::Cpu(d) => d.host_windows(),
+            Device::Wgpu(d) => d.host_windows(),
+            Device::Vulkan(d) => d.host_windows(),
+        }
+    }
+    unsafe fn bind_window(&self, window: u32, addr: *mut u8, len: usize) -> Result<(), BackendError> {
+        match self {
+            // SAFETY: the caller's guarantees are passed on unchanged.
+            Device::Cpu(d) => unsafe { d.bind_window(window, addr, len) },
+            // SAFETY: as above.
+            Device::Wgpu(d) => unsafe { d.bind_window(window, addr, len) },
+            // SAFETY: as above.
+            Device::Vulkan(d) => unsafe { d.bind_window(window, addr, len) },
+        }
+    }
+    fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
+        match self {
+            Device::Cpu(d) => d.unbind_window(window),
+            Device::Wgpu(d) => d.unbind_window(window),
+            Device::Vulkan(d) => d.unbind_window(window),
         }
     }
 }
