@@ -175,7 +175,10 @@ mod test_kernels;
 
 pub use device::VulkanDevice;
 pub use kernel::VulkanKernel;
-pub use open::{test_device, test_device_with, Mode, OpenError, OpenOptions, VALIDATION_LAYER};
+pub use open::{
+    test_device, test_device_with, test_device_zero_copy, Mode, OpenError, OpenOptions,
+    ZeroCopyOptIn, VALIDATION_LAYER,
+};
 
 #[cfg(doc)]
 use hmm_core::mirror::backend::BackendError;
