@@ -1284,7 +1284,7 @@ unsafe impl Backend for VulkanDevice {
                 "bind_window: {len} bytes; a window holds 1 to {max}"
             )));
         }
-        if addr as u64 % zc.align != 0 || len as u64 % zc.align != 0 {
+        if !(addr as u64).is_multiple_of(zc.align) || !(len as u64).is_multiple_of(zc.align) {
             return Err(BackendError::Other(format!(
                 "bind_window: {addr:p} + {len:#x} is not aligned to the device's \
                  minImportedHostPointerAlignment ({} bytes)",

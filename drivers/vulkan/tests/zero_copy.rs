@@ -224,6 +224,12 @@ fn host_windows_follow_the_device_limits() {
     );
     assert_eq!(d.pool_bindings(), hw.count, "one pool binding per window");
     assert_eq!(d.mode(), Mode::ZeroCopy);
+    if std::env::var("HMM_VK_VALIDATION").as_deref() == Ok("1") {
+        assert!(
+            d.validation_enabled(),
+            "HMM_VK_VALIDATION=1 reaches zero-copy devices"
+        );
+    }
     let align = d.host_import_alignment().expect("extension present");
     assert!(align.is_power_of_two() && align <= 2 << 20, "{align}");
     let info = d.info();
