@@ -184,7 +184,8 @@ impl VulkanDevice {
     /// the shader library (see [`hmm_shaders`]): naga parses and validates
     /// the composed source and writes SPIR-V, the same source the wgpu
     /// driver builds from (with [`VulkanDevice::pool_bindings`] pool
-    /// bindings: 4 in copy mode, one per host window in zero-copy mode). A kernel that does not parse or validate is a
+    /// bindings: 4 in copy mode, one per host window in zero-copy mode).
+    /// A kernel that does not parse or validate is a
     /// [`BackendError::Kernel`] whose message points at the kernel's own
     /// lines.
     pub fn kernel(&self, wgsl: &str) -> Result<VulkanKernel, BackendError> {

@@ -54,19 +54,19 @@
 //!
 //! # Synchronisation: a timeline semaphore is the fence of everything
 //!
-//! One timeline semaphore per device. Every submission (launch,
-//! page-table operation, staging copy) signals the next value, assigned
-//! under the queue lock so values are submitted in increasing order; a
-//! launch's [`SubmissionId`](hmm_core::mirror::backend::SubmissionId)
-//! *is* its value. [`Backend::wait`] is `vkWaitSemaphores` on exactly that value, and `is_complete` compares
-//! `vkGetSemaphoreCounterValue` with it: an invalidation waits for the
-//! submission that may hold its translations, never for work queued after
-//! it (no `vkQueueWaitIdle`, no per-submission `VkFence`). Because
-//! submissions on one queue may overlap, every command buffer starts with
-//! a global barrier ordering it after all earlier writes, and ends with a
-//! `→ HOST` barrier so the host sees the device's writes once it has
-//! waited on the value. Host writes to coherent memory are visible to the
-//! device at the next `vkQueueSubmit`.
+//! One timeline semaphore per device. Every submission (launch, page-table
+//! operation, staging copy) signals the next value, assigned under the
+//! queue lock so values are submitted in increasing order; a launch's
+//! [`SubmissionId`](hmm_core::mirror::backend::SubmissionId) *is* its
+//! value. [`Backend::wait`] is `vkWaitSemaphores` on exactly that value,
+//! and `is_complete` compares `vkGetSemaphoreCounterValue` with it: an
+//! invalidation waits for the submission that may hold its translations,
+//! never for work queued after it (no `vkQueueWaitIdle`, no per-submission
+//! `VkFence`). Because submissions on one queue may overlap, every command
+//! buffer starts with a global barrier ordering it after all earlier
+//! writes, and ends with a `→ HOST` barrier so the host sees the device's
+//! writes once it has waited on the value. Host writes to coherent memory
+//! are visible to the device at the next `vkQueueSubmit`.
 //!
 //! Accessed/dirty bits are read and cleared by a `pt_ops.wgsl` compute
 //! pass on the same queue (atomic with respect to kernels setting them),

@@ -631,6 +631,9 @@ fn select_and_create(
 
 impl Mode {
     /// The mode `HMM_VK_MODE` asks for (`copy`, `zero-copy`), else copy.
+    /// A zero-copy answer opens a device only with the caller's opt-in
+    /// ([`OpenOptions::zero_copy_opt_in`]); otherwise opening is
+    /// [`OpenError::ZeroCopyNotOptedIn`].
     pub fn from_env() -> Result<Mode, OpenError> {
         std::env::var("HMM_VK_MODE").map_or(Ok(Mode::Copy), |v| Mode::parse(&v))
     }
@@ -657,7 +660,7 @@ pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
                 std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
                 "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
             );
-            eprintln!("skip: no Vulkan device: {e}");
+            eprintln!("skip: no Vulkan device opened: {e}");
             None
         }
     }
