@@ -73,6 +73,9 @@ mod tests {
             TestKernel::ListSum,
         ] {
             crate::build(source(k)).unwrap_or_else(|e| panic!("{k:?}: {e}"));
+            for n in [1, crate::MAX_POOL_BINDINGS] {
+                crate::build_with(source(k), n).unwrap_or_else(|e| panic!("{k:?}, {n}: {e}"));
+            }
         }
     }
 }

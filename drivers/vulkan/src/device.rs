@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ash::vk;
 use hmm_core::mirror::backend::{
-    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, HostWindows,
+    Invocations, LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
 use hmm_shaders::{binding, ControlLayout, MemoryPlan, Params, POOL_BINDINGS};
@@ -31,7 +31,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Memory allocated by `init`.
 pub(crate) struct Memory {
     pub(crate) table: Buffer,
+    /// Copy mode: the pool's bindings. Zero-copy mode: empty.
     pub(crate) pool: Vec<Buffer>,
+    /// Zero-copy mode: what an unbound window's binding points at (one
+    /// page, never reached: no entry names an unbound window).
+    pub(crate) dummy: Option<Buffer>,
     pub(crate) chunk_slots: u32,
     pub(crate) pool_slots: u32,
     pub(crate) table_pages: u32,
@@ -72,6 +76,44 @@ struct Launches {
     free: Vec<LaunchRes>,
 }
 
+/// A bound host window: host memory imported with
+/// `VK_EXT_external_memory_host` and the storage buffer over it.
+struct Window {
+    ctx: Arc<Ctx>,
+    buf: vk::Buffer,
+    mem: vk::DeviceMemory,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: a window is dropped only when no pending submission's
+        // descriptor set names its buffer (`Windows::retired` holds it
+        // until the last such submission's timeline value is reached; the
+        // device waits idle before dropping the rest); destroyed once.
+        // Freeing an import releases the driver's hold on the host pages
+        // and never touches them.
+        unsafe {
+            self.ctx.device.destroy_buffer(self.buf, None);
+            self.ctx.device.free_memory(self.mem, None);
+        }
+    }
+}
+
+/// Zero-copy mode's window table.
+#[derive(Default)]
+struct Windows {
+    /// Per window: its import while bound.
+    bound: Vec<Option<Window>>,
+    /// Per window: the timeline value of the last submission whose
+    /// descriptor set named the window's current buffer.
+    last_use: Vec<u64>,
+    /// Unbound windows whose buffer a submission not yet complete still
+    /// names in its descriptor set (not used by it: the core unbinds a
+    /// window only when no submitted work reaches it through an entry),
+    /// with that submission's value; destroyed once it is reached.
+    retired: Vec<(u64, Window)>,
+}
+
 /// The staging buffer and the command buffer its copies are recorded in.
 #[derive(Default)]
 pub(crate) struct Staging {
@@ -89,6 +131,9 @@ pub struct VulkanDevice {
     launches: Mutex<Launches>,
     pub(crate) pt_ops: Mutex<Option<PtOps>>,
     staging: Mutex<Staging>,
+    /// Zero-copy mode's host windows (empty in copy mode). Lock order:
+    /// `launches`, then `windows`, then the queue.
+    windows: Mutex<Windows>,
 }
 
 impl core::fmt::Debug for VulkanDevice {
@@ -180,7 +225,8 @@ impl VulkanDevice {
             last: 0,
         });
         // From here, Drop cleans up.
-        let layouts = Layouts::new(&ctx, binding::POOL0 + POOL_BINDINGS);
+        let pool_bindings = pool_bindings(&ctx);
+        let layouts = Layouts::new(&ctx, binding::POOL0 + pool_bindings);
         let dev = VulkanDevice {
             kernel_layouts: match layouts {
                 Ok(l) => Arc::new(l),
@@ -200,8 +246,136 @@ impl VulkanDevice {
             launches: Mutex::new(Launches::default()),
             pt_ops: Mutex::new(None),
             staging: Mutex::new(Staging::default()),
+            windows: Mutex::new(Windows::default()),
         };
+        if let Some(zc) = &dev.ctx.zero_copy {
+            let mut w = lock(&dev.windows);
+            w.bound = (0..zc.windows.count).map(|_| None).collect();
+            w.last_use = vec![0; zc.windows.count as usize];
+        }
         Ok(dev)
+    }
+
+    /// Pool bindings of this device's kernels: [`POOL_BINDINGS`] in copy
+    /// mode, one per host window in zero-copy mode.
+    pub fn pool_bindings(&self) -> u32 {
+        pool_bindings(&self.ctx)
+    }
+
+    /// Destroys retired windows whose last submission completed.
+    fn reap(&self, w: &mut Windows) {
+        if w.retired.is_empty() {
+            return;
+        }
+        let done = self.counter();
+        w.retired.retain(|(v, _)| *v > done);
+    }
+
+    /// The window table's buffers, one per pool binding: each bound
+    /// window's import, the dummy buffer for the others.
+    fn window_buffers(w: &Windows, dummy: vk::Buffer) -> Vec<vk::Buffer> {
+        w.bound
+            .iter()
+            .map(|b| b.as_ref().map_or(dummy, |b| b.buf))
+            .collect()
+    }
+
+    /// Imports `len` bytes of host memory at `addr` as a storage buffer.
+    fn import(
+        &self,
+        zc: &crate::open::ZeroCopyCtx,
+        addr: *mut u8,
+        len: u64,
+    ) -> Result<Window, BackendError> {
+        let d = &self.ctx.device;
+        let handle = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
+        let mut hp = vk::MemoryHostPointerPropertiesEXT::default();
+        // SAFETY: the extension is enabled on this device (zero-copy mode);
+        // `addr` is aligned to minImportedHostPointerAlignment (checked by
+        // the caller) and `hp` is a valid output structure. The query
+        // reads no host memory.
+        let r = unsafe {
+            (zc.ext.fp().get_memory_host_pointer_properties_ext)(
+                zc.ext.device(),
+                handle,
+                addr.cast_const().cast(),
+                &mut hp,
+            )
+        };
+        if r != vk::Result::SUCCESS {
+            return Err(vk_err("vkGetMemoryHostPointerPropertiesEXT")(r));
+        }
+        let mut ext_info = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
+        let info = vk::BufferCreateInfo::default()
+            .size(len)
+            .usage(vk::BufferUsageFlags::STORAGE_BUFFER)
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .push_next(&mut ext_info);
+        // SAFETY: valid create info (host-allocation handle type of the
+        // enabled extension); destroyed on the error paths or by `Window`.
+        let buf = unsafe { d.create_buffer(&info, None) }.map_err(vk_err("vkCreateBuffer"))?;
+        // SAFETY: `buf` is a live buffer of this device.
+        let req = unsafe { d.get_buffer_memory_requirements(buf) };
+        let bits = req.memory_type_bits & hp.memory_type_bits;
+        use vk::MemoryPropertyFlags as F;
+        let ty = (0..self.ctx.mem_props.memory_type_count).find(|&i| {
+            bits & (1 << i) != 0
+                && self.ctx.mem_props.memory_types[i as usize]
+                    .property_flags
+                    .contains(F::HOST_VISIBLE | F::HOST_COHERENT)
+        });
+        let fail = |msg: String| {
+            // SAFETY: `buf` has no memory and no users.
+            unsafe { d.destroy_buffer(buf, None) };
+            Err(BackendError::Other(msg))
+        };
+        let Some(ty) = ty else {
+            return fail(format!(
+                "host window at {addr:p}: no host-coherent memory type can import it \
+                 (pointer types {:#x}, buffer types {:#x})",
+                hp.memory_type_bits, req.memory_type_bits
+            ));
+        };
+        if req.size > len {
+            return fail(format!(
+                "host window at {addr:p}: a {len}-byte buffer needs {} bytes of memory",
+                req.size
+            ));
+        }
+        let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
+            .handle_type(handle)
+            .host_pointer(addr.cast());
+        let alloc = vk::MemoryAllocateInfo::default()
+            .allocation_size(len)
+            .memory_type_index(ty)
+            .push_next(&mut import);
+        // SAFETY: `addr` and `len` are multiples of the import alignment
+        // (checked by the caller) and the range is, per the caller's
+        // promise (`bind_window`), part of one mapping of this process;
+        // the type is one the pointer and the buffer both accept.
+        let mem = match unsafe { d.allocate_memory(&alloc, None) } {
+            Ok(m) => m,
+            Err(r) => {
+                // SAFETY: `buf` has no memory and no users.
+                unsafe { d.destroy_buffer(buf, None) };
+                return Err(vk_err("vkAllocateMemory (host pointer import)")(r));
+            }
+        };
+        // SAFETY: fresh memory of a compatible type and at least
+        // `req.size` bytes; offset 0; bound once.
+        if let Err(r) = unsafe { d.bind_buffer_memory(buf, mem, 0) } {
+            // SAFETY: neither object has users.
+            unsafe {
+                d.destroy_buffer(buf, None);
+                d.free_memory(mem, None);
+            }
+            return Err(vk_err("vkBindBufferMemory")(r));
+        }
+        Ok(Window {
+            ctx: Arc::clone(&self.ctx),
+            buf,
+            mem,
+        })
     }
 
     /// The device, in words.
@@ -223,8 +397,9 @@ impl VulkanDevice {
     }
 
     /// `minImportedHostPointerAlignment` of `VK_EXT_external_memory_host`
-    /// when the device supports the extension (probed, whatever the mode;
-    /// what zero-copy mirroring would import at).
+    /// when the device supports the extension (probed, whatever the mode):
+    /// in zero-copy mode, the alignment a window's address and length
+    /// need ([`Backend::bind_window`]).
     pub fn host_import_alignment(&self) -> Option<u64> {
         self.ctx.host_import
     }
@@ -295,6 +470,16 @@ impl VulkanDevice {
     fn slots_per_binding(&self) -> u32 {
         let bytes = u64::from(self.ctx.limits.max_storage_buffer_range);
         (bytes / PAGE).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Zero-copy mode has no pool to copy to or from.
+    fn refuse_copy_in_zero_copy(&self, what: &str) -> Result<(), BackendError> {
+        if self.ctx.zero_copy.is_some() {
+            return Err(BackendError::Other(format!(
+                "{what}: zero-copy mode has no pool (the device reads the host's own pages)"
+            )));
+        }
+        Ok(())
     }
 
     /// Allocates a primary command buffer from the shared pool.
@@ -512,7 +697,7 @@ impl VulkanDevice {
             },
             vk::DescriptorPoolSize {
                 ty: vk::DescriptorType::STORAGE_BUFFER,
-                descriptor_count: binding::POOL0 - 1 + POOL_BINDINGS,
+                descriptor_count: binding::POOL0 - 1 + self.pool_bindings(),
             },
         ];
         // SAFETY: valid create info; destroyed when the resources are.
@@ -543,6 +728,11 @@ impl VulkanDevice {
         };
         let mut bufs: Vec<vk::Buffer> = vec![params.buf, mem.table.buf, control.buf, replay.buf];
         bufs.extend(mem.pool.iter().map(|b| b.buf));
+        if let Some(dummy) = &mem.dummy {
+            // Zero-copy: every window binding starts at the dummy; each
+            // launch points them at the window table of the moment.
+            bufs.extend((0..self.pool_bindings()).map(|_| dummy.buf));
+        }
         write_set(d, set, &bufs);
         let cb = match self.alloc_cb() {
             Ok(cb) => cb,
@@ -578,9 +768,27 @@ impl VulkanDevice {
     }
 }
 
+/// Pool bindings of kernels on a device with this context.
+fn pool_bindings(ctx: &Ctx) -> u32 {
+    ctx.zero_copy
+        .as_ref()
+        .map_or(POOL_BINDINGS, |z| z.windows.count)
+}
+
 /// Points binding `i` of `set` at `bufs[i]` (whole buffer; binding 0 is
 /// the uniform block).
 pub(crate) fn write_set(d: &ash::Device, set: vk::DescriptorSet, bufs: &[vk::Buffer]) {
+    write_set_from(d, set, 0, bufs);
+}
+
+/// Points binding `first + i` of `set` at `bufs[i]` (whole buffer;
+/// binding 0 is the uniform block).
+pub(crate) fn write_set_from(
+    d: &ash::Device,
+    set: vk::DescriptorSet,
+    first: u32,
+    bufs: &[vk::Buffer],
+) {
     let infos: Vec<[vk::DescriptorBufferInfo; 1]> = bufs
         .iter()
         .map(|&b| {
@@ -593,10 +801,11 @@ pub(crate) fn write_set(d: &ash::Device, set: vk::DescriptorSet, bufs: &[vk::Buf
         .iter()
         .enumerate()
         .map(|(i, info)| {
+            let b = first + i as u32;
             vk::WriteDescriptorSet::default()
                 .dst_set(set)
-                .dst_binding(i as u32)
-                .descriptor_type(if i == 0 {
+                .dst_binding(b)
+                .descriptor_type(if b == 0 {
                     vk::DescriptorType::UNIFORM_BUFFER
                 } else {
                     vk::DescriptorType::STORAGE_BUFFER
@@ -628,6 +837,12 @@ impl Drop for VulkanDevice {
         if let Some(p) = lock(&self.pt_ops).take() {
             p.destroy(d);
         }
+        {
+            // The device is idle: no submission names any window's buffer.
+            let mut w = lock(&self.windows);
+            w.retired.clear();
+            w.bound.clear();
+        }
         let q = lock(&self.q);
         // SAFETY: idle device; command buffers die with their pool; the
         // semaphore has no pending signal.
@@ -654,25 +869,47 @@ impl Drop for VulkanDevice {
 // a memcpy into mapped or staging memory before it returns; copy_to_host
 // writes exactly the 4096 bytes at each `dst`, before it returns; no other
 // method touches host memory it was not handed; in copy mode kernels only
-// reach device buffers, and the library (hmm.wgsl) sets only
-// ACCESSED/DIRTY, with atomicOr on an entry's low word (pt_ops.wgsl
-// clears them for the host with atomicAnd).
+// reach device buffers. In zero-copy mode a kernel reaches host memory
+// only through window bindings: binding `w` is window `w`'s import (exactly
+// the range bind_window was handed) or a device-side dummy, selected by an
+// entry's slot / 512, with indices clamped (`Restrict`) to the binding;
+// an unbound window's import stays alive only until the submissions whose
+// descriptor sets still name it complete, and those do not reach it (the
+// core unbinds only windows no submitted work reaches through an entry).
+// The library (hmm.wgsl) sets only ACCESSED/DIRTY, with atomicOr on an
+// entry's low word (pt_ops.wgsl clears them for the host with atomicAnd).
 unsafe impl Backend for VulkanDevice {
     type Kernel = VulkanKernel;
 
     fn info(&self) -> BackendInfo {
         let (sb, srb) = self.ctx.sparse;
+        let (mode, max_pool_slots) = match &self.ctx.zero_copy {
+            Some(zc) => (
+                format!(
+                    "ZeroCopy mode ({} host windows of {} pages, import alignment {} bytes)",
+                    zc.windows.count, zc.windows.pages, zc.align
+                ),
+                zc.windows.count.saturating_mul(zc.windows.pages),
+            ),
+            None => (
+                format!("{:?} mode", self.ctx.mode),
+                self.slots_per_binding().saturating_mul(POOL_BINDINGS),
+            ),
+        };
         BackendInfo {
             driver: "vulkan".into(),
             device: format!(
-                "{}; {:?} mode; sparse binding {}, sparse residency buffer {} (unused)",
+                "{}; {mode}; sparse binding {}, sparse residency buffer {} (unused)",
                 self.ctx.name,
-                self.ctx.mode,
                 if sb { "yes" } else { "no" },
                 if srb { "yes" } else { "no" }
             ),
-            max_pool_slots: self.slots_per_binding().saturating_mul(POOL_BINDINGS),
+            max_pool_slots,
         }
+    }
+
+    fn host_windows(&self) -> Option<HostWindows> {
+        self.ctx.zero_copy.as_ref().map(|z| z.windows)
     }
 
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
@@ -690,15 +927,33 @@ unsafe impl Backend for VulkanDevice {
         let table = Buffer::new(&self.ctx, plan.table_bytes, usage, Placement::Device)?;
         self.clear_unmapped(&table)?;
         let mut pool = Vec::new();
-        for slots in plan.binding_slots {
-            let b = Buffer::new(&self.ctx, u64::from(slots) * PAGE, usage, Placement::Device)?;
+        let mut dummy = None;
+        let mut chunk_slots = plan.chunk_slots;
+        if let Some(zc) = &self.ctx.zero_copy {
+            // No pool: leaf entries name window pages. Only the dummy
+            // that unbound windows' bindings point at.
+            if config.pool_slots != 0 {
+                return Err(BackendError::Other(format!(
+                    "zero-copy mode has no pool (init with pool_slots 0, not {})",
+                    config.pool_slots
+                )));
+            }
+            let b = Buffer::new(&self.ctx, PAGE, usage, Placement::Device)?;
             self.clear_unmapped(&b)?;
-            pool.push(b);
+            dummy = Some(b);
+            chunk_slots = zc.windows.pages;
+        } else {
+            for slots in plan.binding_slots {
+                let b = Buffer::new(&self.ctx, u64::from(slots) * PAGE, usage, Placement::Device)?;
+                self.clear_unmapped(&b)?;
+                pool.push(b);
+            }
         }
         let mem = Memory {
             table,
             pool,
-            chunk_slots: plan.chunk_slots,
+            dummy,
+            chunk_slots,
             pool_slots: config.pool_slots,
             table_pages: config.table_pages,
         };
@@ -711,6 +966,7 @@ unsafe impl Backend for VulkanDevice {
 
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
         self.check()?;
+        self.refuse_copy_in_zero_copy("copy_to_device")?;
         let mem = self.memory()?;
         if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
             return Err(BackendError::Other(format!(
@@ -764,6 +1020,7 @@ unsafe impl Backend for VulkanDevice {
 
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
         self.check()?;
+        self.refuse_copy_in_zero_copy("copy_to_host")?;
         let mem = self.memory()?;
         if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
             return Err(BackendError::Other(format!(
@@ -930,6 +1187,16 @@ unsafe impl Backend for VulkanDevice {
         let pipeline = kernel.pipeline.pipeline;
         let playout = kernel.pipeline.layouts.pipeline;
         let set = res.set;
+        // Zero-copy: point the window bindings at the window table of the
+        // moment, and hold it (no bind or unbind) until the submission is
+        // queued and every window it names records that submission.
+        let mut windows = mem.dummy.as_ref().map(|dummy| {
+            let mut w = lock(&self.windows);
+            self.reap(&mut w);
+            let bufs = Self::window_buffers(&w, dummy.buf);
+            write_set_from(&self.ctx.device, set, binding::POOL0, &bufs);
+            w
+        });
         let submitted = self.submit(res.cb, |d, cb| {
             if params.n > 0 {
                 // SAFETY: recording; pipeline, layout and set are live and
@@ -955,6 +1222,17 @@ unsafe impl Backend for VulkanDevice {
                 return Err(e);
             }
         };
+        if let Some(w) = windows.as_mut() {
+            let Windows {
+                bound, last_use, ..
+            } = &mut **w;
+            for (b, last) in bound.iter().zip(last_use.iter_mut()) {
+                if b.is_some() {
+                    *last = value;
+                }
+            }
+        }
+        drop(windows);
         l.in_flight.insert(
             value,
             Submission {
@@ -980,6 +1258,80 @@ unsafe impl Backend for VulkanDevice {
 
     fn is_complete(&self, id: SubmissionId) -> bool {
         self.counter() >= id.0
+    }
+
+    unsafe fn bind_window(
+        &self,
+        window: u32,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        self.check()?;
+        let Some(zc) = &self.ctx.zero_copy else {
+            return Err(BackendError::Other(
+                "bind_window: this device is in copy mode (no host windows)".into(),
+            ));
+        };
+        let HostWindows { count, pages } = zc.windows;
+        if window >= count {
+            return Err(BackendError::Other(format!(
+                "bind_window: window {window} outside 0..{count}"
+            )));
+        }
+        let max = u64::from(pages) * PAGE;
+        if len == 0 || len as u64 > max {
+            return Err(BackendError::Other(format!(
+                "bind_window: {len} bytes; a window holds 1 to {max}"
+            )));
+        }
+        if !(addr as u64).is_multiple_of(zc.align) || !(len as u64).is_multiple_of(zc.align) {
+            return Err(BackendError::Other(format!(
+                "bind_window: {addr:p} + {len:#x} is not aligned to the device's \
+                 minImportedHostPointerAlignment ({} bytes)",
+                zc.align
+            )));
+        }
+        let mut w = lock(&self.windows);
+        self.reap(&mut w);
+        if w.bound[window as usize].is_some() {
+            return Err(BackendError::Other(format!(
+                "bind_window: window {window} is already bound"
+            )));
+        }
+        let imported = self.import(zc, addr, len as u64)?;
+        w.bound[window as usize] = Some(imported);
+        // Launches before this one named the dummy in this binding.
+        w.last_use[window as usize] = 0;
+        drop(w);
+        self.check()
+    }
+
+    fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
+        self.check()?;
+        let Some(zc) = &self.ctx.zero_copy else {
+            return Ok(()); // copy mode: nothing is ever bound
+        };
+        if window >= zc.windows.count {
+            return Err(BackendError::Other(format!(
+                "unbind_window: window {window} outside 0..{}",
+                zc.windows.count
+            )));
+        }
+        let mut w = lock(&self.windows);
+        if let Some(old) = w.bound[window as usize].take() {
+            let last = w.last_use[window as usize];
+            w.last_use[window as usize] = 0;
+            if last > self.counter() {
+                // A submission's descriptor set still names the buffer
+                // (without reaching it: the caller's promise); destroy it
+                // once that submission completed.
+                w.retired.push((last, old));
+            }
+            // else: dropped here, releasing the import.
+        }
+        self.reap(&mut w);
+        drop(w);
+        self.check()
     }
 
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {

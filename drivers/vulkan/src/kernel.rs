@@ -183,13 +183,15 @@ impl VulkanDevice {
     /// Builds a kernel from WGSL that defines `fn hmm_kernel(i: u32)` using
     /// the shader library (see [`hmm_shaders`]): naga parses and validates
     /// the composed source and writes SPIR-V, the same source the wgpu
-    /// driver builds from. A kernel that does not parse or validate is a
+    /// driver builds from (with [`VulkanDevice::pool_bindings`] pool
+    /// bindings: 4 in copy mode, one per host window in zero-copy mode).
+    /// A kernel that does not parse or validate is a
     /// [`BackendError::Kernel`] whose message points at the kernel's own
     /// lines.
     pub fn kernel(&self, wgsl: &str) -> Result<VulkanKernel, BackendError> {
         self.check()?;
-        let (module, info) =
-            hmm_shaders::build(wgsl).map_err(|e| BackendError::Kernel(e.to_string()))?;
+        let (module, info) = hmm_shaders::build_with(wgsl, self.pool_bindings())
+            .map_err(|e| BackendError::Kernel(e.to_string()))?;
         let words = spirv(&module, &info, hmm_shaders::KERNEL_ENTRY)?;
         let entry = std::ffi::CString::new(hmm_shaders::KERNEL_ENTRY)
             .map_err(|e| BackendError::Kernel(e.to_string()))?;

@@ -1,6 +1,6 @@
-//! The Vulkan driver: a [`Backend`](hmm_core::mirror::backend::Backend) on
-//! `ash`, for any Vulkan 1.2 device with a compute queue and timeline
-//! semaphores (a discrete or integrated GPU, or Mesa's lavapipe on a CPU).
+//! The Vulkan driver: a [`Backend`] on `ash`, for any Vulkan 1.2 device
+//! with a compute queue and timeline semaphores (a discrete or integrated
+//! GPU, or Mesa's lavapipe on a CPU).
 //! Structured like the wgpu driver (`drivers/wgpu`), one level closer to
 //! the metal.
 //!
@@ -29,9 +29,10 @@
 //!
 //! - **Page table**: one storage buffer of `table_pages × 4 KiB` in the
 //!   shared format (`shaders/PAGE_TABLE.md`).
-//! - **Pool**: up to [`hmm_shaders::POOL_BINDINGS`] storage buffers of at
-//!   most `maxStorageBufferRange` each; slot `s` lives in binding
-//!   `s / chunk_slots` (as in the wgpu driver).
+//! - **Pool** (copy mode): [`hmm_shaders::POOL_BINDINGS`] storage buffers
+//!   of at most `maxStorageBufferRange` each; slot `s` lives in binding
+//!   `s / chunk_slots` (as in the wgpu driver). Zero-copy mode has host
+//!   windows in those bindings instead (below).
 //! - **Per launch** (reused from a free list once the outcome is taken): a
 //!   uniform params buffer, the control buffer (fault records, dedup table,
 //!   incomplete bitmap; zeroed by the host before submission, read by the
@@ -53,20 +54,19 @@
 //!
 //! # Synchronisation: a timeline semaphore is the fence of everything
 //!
-//! One timeline semaphore per device. Every submission (launch,
-//! page-table operation, staging copy) signals the next value, assigned
-//! under the queue lock so values are submitted in increasing order; a
-//! launch's [`SubmissionId`](hmm_core::mirror::backend::SubmissionId)
-//! *is* its value. [`Backend::wait`](hmm_core::mirror::backend::Backend::wait)
-//! is `vkWaitSemaphores` on exactly that value, and `is_complete` compares
-//! `vkGetSemaphoreCounterValue` with it: an invalidation waits for the
-//! submission that may hold its translations, never for work queued after
-//! it (no `vkQueueWaitIdle`, no per-submission `VkFence`). Because
-//! submissions on one queue may overlap, every command buffer starts with
-//! a global barrier ordering it after all earlier writes, and ends with a
-//! `→ HOST` barrier so the host sees the device's writes once it has
-//! waited on the value. Host writes to coherent memory are visible to the
-//! device at the next `vkQueueSubmit`.
+//! One timeline semaphore per device. Every submission (launch, page-table
+//! operation, staging copy) signals the next value, assigned under the
+//! queue lock so values are submitted in increasing order; a launch's
+//! [`SubmissionId`](hmm_core::mirror::backend::SubmissionId) *is* its
+//! value. [`Backend::wait`] is `vkWaitSemaphores` on exactly that value,
+//! and `is_complete` compares `vkGetSemaphoreCounterValue` with it: an
+//! invalidation waits for the submission that may hold its translations,
+//! never for work queued after it (no `vkQueueWaitIdle`, no per-submission
+//! `VkFence`). Because submissions on one queue may overlap, every command
+//! buffer starts with a global barrier ordering it after all earlier
+//! writes, and ends with a `→ HOST` barrier so the host sees the device's
+//! writes once it has waited on the value. Host writes to coherent memory
+//! are visible to the device at the next `vkQueueSubmit`.
 //!
 //! Accessed/dirty bits are read and cleared by a `pt_ops.wgsl` compute
 //! pass on the same queue (atomic with respect to kernels setting them),
@@ -90,62 +90,96 @@
 //!
 //! # Zero-copy mode
 //!
-//! **Not implemented; refused with a typed error.** [`Mode::ZeroCopy`]
-//! (or `HMM_VK_MODE=zero-copy`; [`Mode::from_env`]) is probed — the
-//! device's `VK_EXT_external_memory_host` and
-//! `minImportedHostPointerAlignment` are reported by
-//! [`VulkanDevice::host_import_alignment`] — and opening in it fails with
-//! [`OpenError::Unsupported`] naming which of the two reasons applies (no
-//! extension, or not built). A value of `HMM_VK_MODE` that is neither
-//! `copy` nor `zero-copy` is [`OpenError::BadMode`].
+//! The device reads and writes the CPU's own pages: no pool, no copies, no
+//! twins, no write-back. Built on `VK_EXT_external_memory_host`; tested on
+//! Mesa lavapipe only (see the limits below).
 //!
-//! What was probed on Mesa lavapipe 22.3 (LLVM 15): the extension with a
-//! 4 KiB import alignment; `bufferDeviceAddress`; 32 storage buffers per
-//! stage (`maxPerStageDescriptorStorageBuffers`), with
-//! `runtimeDescriptorArray`, `descriptorBindingPartiallyBound` and
-//! non-uniform storage-buffer indexing all **absent** (so no WGSL
-//! `binding_array` of imports); no sparse binding.
+//! **Opening is an explicit `unsafe` opt-in**: [`OpenOptions::zero_copy`],
+//! [`VulkanDevice::open_zero_copy`], or [`OpenOptions::zero_copy_opt_in`]
+//! set to a [`ZeroCopyOptIn`] (whose `unsafe fn new` carries the
+//! contract). The contract is CUDA's `cudaHostRegister` rule: memory a
+//! launch may touch must not be unmapped while the launch may run. A
+//! [`Mode::ZeroCopy`] without the opt-in — including
+//! `HMM_VK_MODE=zero-copy` through [`Mode::from_env`] on a plain
+//! [`VulkanDevice::open`] or [`test_device`] — is
+//! [`OpenError::ZeroCopyNotOptedIn`]. A harness that wants the variable to
+//! choose sets `zero_copy_opt_in` (with a `// SAFETY:` comment stating
+//! that it keeps its memory mapped while launches run) and leaves `mode`
+//! at `None`; tests use [`test_device_zero_copy`] (an `unsafe fn` with the
+//! same contract) which skips with a line where the device lacks the
+//! extension (a failure under `HMM_REQUIRE_ZERO_COPY=1`) and where there
+//! is no device (a failure under `HMM_REQUIRE_GPU=1`). A device without
+//! the extension is [`OpenError::Unsupported`] naming it.
 //!
-//! The design that fits the shared WGSL library unchanged, worked out but
-//! not built:
+//! How it works:
 //!
-//! - **Core hook.** `Backend` gains a "PTE target" capability (default:
-//!   pool slots, as now). A zero-copy backend offers *import windows*
-//!   instead: window `w` is bound where pool binding `w` is now, and the
-//!   core — which keeps all policy — writes leaf entries with index
-//!   `w * slots_per_window + page-in-window`. The library's existing
-//!   translation (`slot / chunk_slots` picks the binding, the rest the
-//!   page; `chunk_slots` is a per-launch parameter) then reaches the CPU's
-//!   own page with no shader change.
-//! - **One import per region.** In zero-copy mode a region would be the
-//!   CPU mapping clipped to its 2 MiB-aligned block (not the aligned
-//!   power-of-two chunk copy mode uses, which splits an unaligned 256 KiB
-//!   buffer into up to ~30 regions), imported whole
-//!   (`VkImportMemoryHostPointerInfoEXT` on a buffer created with
-//!   `HOST_ALLOCATION_EXT`) when it first faults. No copies, no twins, no
-//!   write-back; `CpuWrite` invalidations are no-ops (the device reads the
-//!   very pages). The import is released when the region's last entry is
-//!   zapped or the region dies, by the release worker or the next flush
-//!   point after waiting on the timeline value of the last submission
-//!   that bound it — the same deferral destructive invalidations already
-//!   use for entries (`hmm_core::mirror`, "Destructive events never
-//!   wait"). Import slots are evicted whole when all are live.
-//! - **What blocks it.** (1) Bindings: the library has 4 pool bindings, so
-//!   4 live imports — too few for a kernel touching more than 4 regions
-//!   (a heap walk, two unaligned buffers straddling 2 MiB boundaries). The
-//!   fix is to generate the pool bindings and their `switch` arms from one
-//!   template in `hmm_shaders::compose` with a count per driver (up to 29
-//!   here: 32 minus page table, control, replay), a change to the shared
-//!   library not made on this branch. (2) A device that *is* the CPU:
-//!   lavapipe dereferences the imported pointer itself, so a kernel still
-//!   running when another thread `munmap`s its memory faults the whole
-//!   process (userfaultfd reports the unmap only after it happened; GPU
-//!   drivers pin imported pages, so there the device merely reads the old
-//!   pages). Zero-copy therefore needs the `cudaHostRegister` rule —
-//!   memory must not be unmapped while a kernel uses it — and the
-//!   conformance scenarios that unmap during a launch (`anon_teardown`)
-//!   cannot run in that mode on lavapipe.
+//! - **Host windows** ([`Backend::host_windows`]): `count` windows of 512
+//!   pages (2 MiB), `count = min(`[`hmm_shaders::MAX_POOL_BINDINGS`]`,
+//!   maxPerStageDescriptorStorageBuffers − 3,
+//!   maxDescriptorSetStorageBuffers − 3, maxPerStageResources − 4)` — 29
+//!   on lavapipe. Every pool binding of a zero-copy device's kernels is a
+//!   window: kernels (user kernels, the conformance kernels) are composed
+//!   with `count` pool bindings ([`hmm_shaders::compose_with`],
+//!   [`VulkanDevice::pool_bindings`]), and `chunk_slots` is 512, so the
+//!   library's unchanged translation (`slot / chunk_slots` picks the
+//!   binding, `slot % chunk_slots` the page) takes the core's leaf slot
+//!   `w * 512 + p` to page `p` of window `w`.
+//! - **Binding** ([`Backend::bind_window`]): `addr` and `len` must be
+//!   multiples of `minImportedHostPointerAlignment`
+//!   ([`VulkanDevice::host_import_alignment`]; 4 KiB on lavapipe and on
+//!   the common desktop drivers), else a typed [`BackendError::Other`];
+//!   `vkGetMemoryHostPointerPropertiesEXT` gives the memory types, and a
+//!   `HOST_VISIBLE | HOST_COHERENT` one that the buffer accepts is
+//!   imported (`VkImportMemoryHostPointerInfoEXT`, `HOST_ALLOCATION_EXT`)
+//!   under a storage buffer created for that handle type. Coherent memory
+//!   and the `→ HOST` barrier every submission ends with make device
+//!   writes visible to the CPU once the launch was waited for; CPU writes
+//!   are visible to launches submitted afterwards.
+//! - **Descriptors**: an unbound window's binding points at a one-page
+//!   device buffer. Each launch rewrites the window bindings of its
+//!   (reused) descriptor set from the window table of that moment, under
+//!   the table's lock, so no set keeps naming a destroyed buffer; each
+//!   window remembers the last submission whose set named it.
+//! - **Unbinding** ([`Backend::unbind_window`]; a no-op for an unbound
+//!   window): releases the import at once, unless a submission not yet
+//!   complete still names the buffer in its descriptor set (without
+//!   reaching it: the core unbinds only windows no submitted work uses);
+//!   then the buffer and import are destroyed once that submission's
+//!   timeline value is reached (checked at the next bind, unbind or
+//!   launch, and when the device is dropped). Freeing an import never
+//!   touches the host pages.
+//! - `init` takes `pool_slots: 0` (anything else is an error) and
+//!   allocates the page table and the one-page dummy; `copy_to_device`
+//!   and `copy_to_host` are typed errors; `info()` names the mode, the
+//!   window count and the import alignment, and reports `count × 512` as
+//!   `max_pool_slots` (the slot space entries can name).
 //!
+//! Limits, honestly:
+//!
+//! - **Lavapipe dereferences the pointer.** A CPU "device" reads the
+//!   imported memory through the host pointer itself, so a kernel still
+//!   running when another thread unmaps its memory faults the whole
+//!   process — hence the `unsafe` opt-in. Conformance scenarios that
+//!   unmap during a launch cannot run in this mode on lavapipe.
+//! - **Real GPUs pin the imported pages** (the import holds them until
+//!   it is freed), so there an unmap leaves the device reading pages the
+//!   CPU no longer has rather than faulting; memory the device writes must
+//!   be writable, and some drivers refuse to import read-only or
+//!   file-backed mappings (a typed error from `vkAllocateMemory` or
+//!   `vkGetMemoryHostPointerPropertiesEXT`).
+//! - **Import alignment** above 4 KiB (not seen on current drivers) makes
+//!   page-aligned regions that are not aligned to it typed errors; the
+//!   driver does not round ranges out, as the extra pages might not be
+//!   mapped.
+//! - **Tested on lavapipe only** (Mesa 22.3, LLVM 15: the extension with
+//!   4 KiB alignment, 29 windows), through the `Backend` calls the core
+//!   makes (`tests/zero_copy.rs`), with and without validation layers.
+//!   No GPU has run it.
+//!
+//! Also probed on lavapipe: `bufferDeviceAddress`; 32 storage buffers per
+//! stage, with `runtimeDescriptorArray`, `descriptorBindingPartiallyBound`
+//! and non-uniform storage-buffer indexing all **absent** (so no WGSL
+//! `binding_array` of imports: the pool bindings are generated instead).
 //! A raw-pointer variant (each import's device address in a slot table,
 //! `PhysicalStorageBuffer` access) would lift the binding limit but needs
 //! SPIR-V the WGSL front end cannot express.
@@ -163,8 +197,9 @@
 //! with [`VulkanDevice::open`] (or [`test_device`]) and hands it to
 //! `Mirror::new` like the cpu and wgpu devices; `Mirror::pin` gives the
 //! pinning baseline on the same device. Copy mode with mapped memory vs
-//! [`OpenOptions::force_staging`] are the two configurations there are to
-//! compare.
+//! [`OpenOptions::force_staging`] are the two copy configurations; zero
+//! copy ([`VulkanDevice::open_zero_copy`], once the core drives host
+//! windows) is the third.
 
 mod device;
 mod kernel;
@@ -175,7 +210,10 @@ mod test_kernels;
 
 pub use device::VulkanDevice;
 pub use kernel::VulkanKernel;
-pub use open::{test_device, test_device_with, Mode, OpenError, OpenOptions, VALIDATION_LAYER};
+pub use open::{
+    test_device, test_device_with, test_device_zero_copy, Mode, OpenError, OpenOptions,
+    ZeroCopyOptIn, VALIDATION_LAYER,
+};
 
 #[cfg(doc)]
-use hmm_core::mirror::backend::BackendError;
+use hmm_core::mirror::backend::{Backend, BackendError};

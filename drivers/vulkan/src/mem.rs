@@ -2,7 +2,8 @@
 //!
 //! **One `VkDeviceMemory` per `VkBuffer`**, no sub-allocation. The driver
 //! allocates a handful of long-lived buffers (page table, up to
-//! [`hmm_shaders::POOL_BINDINGS`] pool chunks, per-launch params/control/
+//! [`hmm_shaders::POOL_BINDINGS`] pool chunks — or, in zero-copy mode, one
+//! import of host memory per bound window — per-launch params/control/
 //! replay buffers reused from a free list, the page-table-operation
 //! buffers, one growable staging buffer), so allocation count stays far
 //! below `maxMemoryAllocationCount` (4096 on common GPUs) and a

@@ -5,6 +5,7 @@ use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Mutex};
 
 use ash::vk;
+use hmm_core::mirror::backend::HostWindows;
 
 use crate::device::VulkanDevice;
 
@@ -18,13 +19,44 @@ pub enum Mode {
     /// and dirty ones copied back (the default; works everywhere).
     #[default]
     Copy,
-    /// The device would read and write the CPU's own pages, imported with
-    /// `VK_EXT_external_memory_host`. **Not implemented**: opening in this
-    /// mode probes the extension and returns [`OpenError::Unsupported`]
-    /// saying which of the two reasons applies (no extension, or not
-    /// built). The [crate docs](crate#zero-copy-mode) give the design and
-    /// what blocks it.
+    /// The device reads and writes the CPU's own pages, imported with
+    /// `VK_EXT_external_memory_host` into host windows
+    /// ([`Backend::host_windows`](hmm_core::mirror::backend::Backend::host_windows)).
+    /// Opening in this mode needs the caller's `unsafe` opt-in
+    /// ([`OpenOptions::zero_copy`], [`ZeroCopyOptIn`]); without it, or
+    /// without the extension, opening fails with a typed error. See the
+    /// [crate docs](crate#zero-copy-mode).
     ZeroCopy,
+}
+
+/// The caller's acceptance of zero-copy mode's contract: proof, for
+/// [`OpenOptions::zero_copy_opt_in`], that whoever opens the device took
+/// the `unsafe` step ([`ZeroCopyOptIn::new`]). Without it a device whose
+/// mode comes out as [`Mode::ZeroCopy`] (from [`OpenOptions::mode`] or
+/// `HMM_VK_MODE=zero-copy`) is refused with
+/// [`OpenError::ZeroCopyNotOptedIn`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZeroCopyOptIn(());
+
+impl ZeroCopyOptIn {
+    /// Accepts zero-copy mode's contract for every device opened with it.
+    ///
+    /// # Safety
+    ///
+    /// The `cudaHostRegister` rule: memory that a launch on a zero-copy
+    /// device may touch — every page the mirror may map for it, i.e. the
+    /// memory its pointer arguments reach — must not be unmapped (`munmap`,
+    /// `mremap` away, a `MAP_FIXED` over it, or freed back to the system
+    /// by an allocator) while that launch may still run. A device that
+    /// dereferences the imported host pointer itself (Mesa's lavapipe, any
+    /// `PHYSICAL_DEVICE_TYPE_CPU` device) would otherwise fault the whole
+    /// process; the mirror learns of an unmap only after it happened, too
+    /// late to stop the kernel. (A GPU whose driver pins imported pages
+    /// merely keeps reading the old pages.) Memory the launch may write
+    /// must also be writable for as long.
+    pub unsafe fn new() -> ZeroCopyOptIn {
+        ZeroCopyOptIn(())
+    }
 }
 
 /// How to pick and open the device.
@@ -49,6 +81,31 @@ pub struct OpenOptions {
     /// host-visible (lavapipe, integrated GPUs) this is how the staging
     /// path gets tested.
     pub force_staging: bool,
+    /// Permission to open in [`Mode::ZeroCopy`]: without it, a mode that
+    /// comes out as zero-copy (from `mode` or from `HMM_VK_MODE`) is an
+    /// [`OpenError::ZeroCopyNotOptedIn`]. With it, the mode is still
+    /// `mode` or the environment's: a harness that honours
+    /// `HMM_VK_MODE` sets this (an `unsafe` step, [`ZeroCopyOptIn::new`])
+    /// and leaves `mode` at `None`. [`OpenOptions::zero_copy`] sets both.
+    pub zero_copy_opt_in: Option<ZeroCopyOptIn>,
+}
+
+impl OpenOptions {
+    /// These options in [`Mode::ZeroCopy`], with the opt-in.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`ZeroCopyOptIn::new`]: memory a launch on the
+    /// device may touch must not be unmapped while the launch may run.
+    #[must_use]
+    pub unsafe fn zero_copy(self) -> OpenOptions {
+        OpenOptions {
+            mode: Some(Mode::ZeroCopy),
+            // SAFETY: this function's contract is the opt-in's.
+            zero_copy_opt_in: Some(unsafe { ZeroCopyOptIn::new() }),
+            ..self
+        }
+    }
 }
 
 /// Why no device could be opened.
@@ -68,6 +125,15 @@ pub enum OpenError {
     /// `HMM_VK_MODE` is neither `copy` nor `zero-copy`.
     #[error("HMM_VK_MODE={0:?}: expected copy or zero-copy")]
     BadMode(String),
+    /// Zero-copy mode was asked for (`mode`, or `HMM_VK_MODE=zero-copy`)
+    /// without the caller's `unsafe` opt-in ([`OpenOptions::zero_copy`],
+    /// [`OpenOptions::zero_copy_opt_in`]).
+    #[error(
+        "zero-copy mode needs the caller's unsafe opt-in (OpenOptions::zero_copy or \
+         zero_copy_opt_in; memory a launch may touch must not be unmapped while it runs); \
+         HMM_VK_MODE=zero-copy alone does not open it"
+    )]
+    ZeroCopyNotOptedIn,
     /// The chosen device lacks something the requested mode needs.
     #[error("device {device} does not support {what}")]
     Unsupported {
@@ -150,9 +216,11 @@ pub(crate) struct Ctx {
     /// `sparseBinding` and `sparseResidencyBuffer`, probed.
     pub(crate) sparse: (bool, bool),
     /// `minImportedHostPointerAlignment` when the device supports
-    /// `VK_EXT_external_memory_host` (probed; not enabled, see
-    /// [`Mode::ZeroCopy`]).
+    /// `VK_EXT_external_memory_host` (probed in either mode; enabled in
+    /// zero-copy mode only).
     pub(crate) host_import: Option<u64>,
+    /// Zero-copy mode: the extension's functions and the host windows.
+    pub(crate) zero_copy: Option<ZeroCopyCtx>,
     pub(crate) force_staging: bool,
     pub(crate) mode: Mode,
 }
@@ -177,6 +245,51 @@ impl Drop for Ctx {
     }
 }
 
+/// What zero-copy mode learned and loaded at open.
+pub(crate) struct ZeroCopyCtx {
+    /// `VK_EXT_external_memory_host`'s device functions.
+    pub(crate) ext: ash::ext::external_memory_host::Device,
+    /// `minImportedHostPointerAlignment`.
+    pub(crate) align: u64,
+    /// Windows (= pool bindings) and pages per window.
+    pub(crate) windows: HostWindows,
+}
+
+/// Pages per host window: the core's 2 MiB regions, or fewer where a
+/// storage binding is smaller (never on a conformant device: Vulkan
+/// requires `maxStorageBufferRange >= 2^27`).
+pub(crate) fn window_pages(limits: &vk::PhysicalDeviceLimits) -> u32 {
+    let fit = (u64::from(limits.max_storage_buffer_range) / 4096).clamp(1, 512) as u32;
+    1 << (31 - fit.leading_zeros())
+}
+
+/// Host windows a kernel can bind besides params, page table, control
+/// and replay: each of them is a pool binding of the composed kernel.
+pub(crate) fn window_count(limits: &vk::PhysicalDeviceLimits) -> u32 {
+    let other_storage = binding_count_besides_pool() - 1; // minus the uniform
+    hmm_shaders::MAX_POOL_BINDINGS
+        .min(
+            limits
+                .max_per_stage_descriptor_storage_buffers
+                .saturating_sub(other_storage),
+        )
+        .min(
+            limits
+                .max_descriptor_set_storage_buffers
+                .saturating_sub(other_storage),
+        )
+        .min(
+            limits
+                .max_per_stage_resources
+                .saturating_sub(binding_count_besides_pool()),
+        )
+}
+
+/// Bindings of a kernel before the pool: params, table, control, replay.
+const fn binding_count_besides_pool() -> u32 {
+    hmm_shaders::binding::POOL0
+}
+
 fn device_kind_rank(t: vk::PhysicalDeviceType) -> u32 {
     match t {
         vk::PhysicalDeviceType::DISCRETE_GPU => 0,
@@ -198,6 +311,18 @@ impl VulkanDevice {
         Self::open_with(&OpenOptions::default())
     }
 
+    /// Opens the preferred device in zero-copy mode (validation per
+    /// `HMM_VK_VALIDATION`): [`OpenOptions::zero_copy`] of the defaults.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`ZeroCopyOptIn::new`]: memory a launch on the
+    /// device may touch must not be unmapped while the launch may run.
+    pub unsafe fn open_zero_copy() -> Result<VulkanDevice, OpenError> {
+        // SAFETY: this function's contract is the opt-in's.
+        Self::open_with(&unsafe { OpenOptions::default().zero_copy() })
+    }
+
     /// Opens a device chosen by `opts`.
     pub fn open_with(opts: &OpenOptions) -> Result<VulkanDevice, OpenError> {
         let ctx = open_ctx(opts)?;
@@ -210,6 +335,9 @@ fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
         Some(m) => m,
         None => Mode::from_env()?,
     };
+    if mode == Mode::ZeroCopy && opts.zero_copy_opt_in.is_none() {
+        return Err(OpenError::ZeroCopyNotOptedIn);
+    }
     // SAFETY: loads the system Vulkan loader; its initialisation has no
     // preconditions beyond being a well-formed library.
     let entry = unsafe { ash::Entry::load() }.map_err(|e| OpenError::NoLoader(e.to_string()))?;
@@ -313,6 +441,7 @@ fn open_ctx(opts: &OpenOptions) -> Result<Ctx, OpenError> {
                 name: d.name,
                 sparse: d.sparse,
                 host_import: d.host_import,
+                zero_copy: d.zero_copy,
                 force_staging: opts.force_staging,
                 mode,
             })
@@ -332,6 +461,7 @@ struct Selected {
     name: String,
     sparse: (bool, bool),
     host_import: Option<u64>,
+    zero_copy: Option<ZeroCopyCtx>,
 }
 
 fn select_and_create(
@@ -423,19 +553,42 @@ fn select_and_create(
         unsafe { instance.get_physical_device_properties2(pd, &mut p2) };
         host_align = Some(hp.min_imported_host_pointer_alignment);
     }
+    let mut ext_names: Vec<*const std::ffi::c_char> = Vec::new();
+    let mut windows = None;
     if mode == Mode::ZeroCopy {
-        let what = if host_ext {
-            "zero-copy mirroring: the device has VK_EXT_external_memory_host, but this \
-             driver does not implement the mode yet (crate docs, \"Zero-copy mode\")"
-        } else {
-            "VK_EXT_external_memory_host, which zero-copy mirroring needs"
+        let Some(align) = host_align else {
+            return Err(OpenError::Unsupported {
+                device: name,
+                what: "VK_EXT_external_memory_host, which zero-copy mirroring needs".into(),
+            });
         };
-        return Err(OpenError::Unsupported {
-            device: name,
-            what: what.into(),
-        });
+        let count = window_count(&props.limits);
+        if count == 0 {
+            return Err(OpenError::Unsupported {
+                device: name,
+                what: format!(
+                    "zero-copy mirroring: no storage-buffer binding is left for a host window \
+                     (maxPerStageDescriptorStorageBuffers {}, maxDescriptorSetStorageBuffers {}, \
+                     maxPerStageResources {})",
+                    props.limits.max_per_stage_descriptor_storage_buffers,
+                    props.limits.max_descriptor_set_storage_buffers,
+                    props.limits.max_per_stage_resources
+                ),
+            });
+        }
+        let pages = window_pages(&props.limits);
+        if align == 0 || !align.is_power_of_two() || align > u64::from(pages) * 4096 {
+            return Err(OpenError::Unsupported {
+                device: name,
+                what: format!(
+                    "zero-copy mirroring: minImportedHostPointerAlignment {align} does not \
+                     divide a {pages}-page window"
+                ),
+            });
+        }
+        ext_names.push(ash::ext::external_memory_host::NAME.as_ptr());
+        windows = Some((align, HostWindows { count, pages }));
     }
-    let ext_names: Vec<*const std::ffi::c_char> = Vec::new();
     let prio = [1.0f32];
     let queues = [vk::DeviceQueueCreateInfo::default()
         .queue_family_index(qf)
@@ -449,6 +602,11 @@ fn select_and_create(
     // requested feature and extensions were checked above.
     let device =
         unsafe { instance.create_device(pd, &info, None) }.map_err(vkerr("vkCreateDevice"))?;
+    let zero_copy = windows.map(|(align, windows)| ZeroCopyCtx {
+        ext: ash::ext::external_memory_host::Device::new(instance, &device),
+        align,
+        windows,
+    });
     // SAFETY: a plain query of the chosen physical device.
     let mem_props = unsafe { instance.get_physical_device_memory_properties(pd) };
     let kind = format!("{:?}", props.device_type);
@@ -467,11 +625,15 @@ fn select_and_create(
             features.sparse_residency_buffer == vk::TRUE,
         ),
         host_import: host_align,
+        zero_copy,
     })
 }
 
 impl Mode {
     /// The mode `HMM_VK_MODE` asks for (`copy`, `zero-copy`), else copy.
+    /// A zero-copy answer opens a device only with the caller's opt-in
+    /// ([`OpenOptions::zero_copy_opt_in`]); otherwise opening is
+    /// [`OpenError::ZeroCopyNotOptedIn`].
     pub fn from_env() -> Result<Mode, OpenError> {
         std::env::var("HMM_VK_MODE").map_or(Ok(Mode::Copy), |v| Mode::parse(&v))
     }
@@ -498,7 +660,7 @@ pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
                 std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
                 "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
             );
-            eprintln!("skip: no Vulkan device: {e}");
+            eprintln!("skip: no Vulkan device opened: {e}");
             None
         }
     }
@@ -507,6 +669,40 @@ pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
 /// [`test_device_with`] the default options (copy mode).
 pub fn test_device() -> Option<VulkanDevice> {
     test_device_with(&OpenOptions::default())
+}
+
+/// A zero-copy device for tests ([`VulkanDevice::open_zero_copy`]):
+/// `None` with a skip line when no device opens (a failure under
+/// `HMM_REQUIRE_GPU=1`) or when the device lacks what zero-copy needs
+/// ([`OpenError::Unsupported`]; a failure under
+/// `HMM_REQUIRE_ZERO_COPY=1`).
+///
+/// # Safety
+///
+/// The contract of [`ZeroCopyOptIn::new`]: memory a launch on the device
+/// may touch must not be unmapped while the launch may run — a test must
+/// keep its mappings alive until its launches completed.
+pub unsafe fn test_device_zero_copy() -> Option<VulkanDevice> {
+    // SAFETY: this function's contract is the opt-in's.
+    match unsafe { VulkanDevice::open_zero_copy() } {
+        Ok(d) => Some(d),
+        Err(e @ OpenError::Unsupported { .. }) => {
+            assert!(
+                std::env::var("HMM_REQUIRE_ZERO_COPY").as_deref() != Ok("1"),
+                "HMM_REQUIRE_ZERO_COPY=1 but: {e}"
+            );
+            eprintln!("skip: no zero-copy Vulkan device: {e}");
+            None
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
+                "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
+            );
+            eprintln!("skip: no Vulkan device: {e}");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -194,18 +194,26 @@ fn mirror_scenarios_are_validation_clean() {
 }
 
 #[test]
-fn zero_copy_mode_is_refused_with_the_reason() {
+fn zero_copy_mode_needs_the_unsafe_opt_in() {
     let Some(copy) = test_device() else { return };
     let e = VulkanDevice::open_with(&OpenOptions {
         mode: Some(Mode::ZeroCopy),
         ..Default::default()
     })
-    .expect_err("zero-copy is not implemented; opening must say so");
-    let msg = e.to_string();
-    assert!(matches!(e, OpenError::Unsupported { .. }), "{msg}");
-    if copy.host_import_alignment().is_some() {
-        assert!(msg.contains("does not implement"), "{msg}");
-    } else {
-        assert!(msg.contains("VK_EXT_external_memory_host"), "{msg}");
+    .expect_err("zero-copy without the opt-in must be refused");
+    assert!(matches!(e, OpenError::ZeroCopyNotOptedIn), "{e}");
+    assert!(e.to_string().contains("unsafe opt-in"), "{e}");
+    // With it: opens where the extension is, names the extension where not.
+    // SAFETY: the device is dropped at once; no launch runs on it.
+    match VulkanDevice::open_with(&unsafe { OpenOptions::default().zero_copy() }) {
+        Ok(z) => {
+            assert_eq!(z.mode(), Mode::ZeroCopy);
+            assert!(copy.host_import_alignment().is_some());
+        }
+        Err(e) => {
+            assert!(copy.host_import_alignment().is_none(), "{e}");
+            assert!(matches!(e, OpenError::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("VK_EXT_external_memory_host"), "{e}");
+        }
     }
 }
