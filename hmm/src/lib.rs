@@ -365,7 +365,12 @@ unsafe impl Backend for Device {
             Device::Vulkan(d) => d.host_windows(),
         }
     }
-    unsafe fn bind_window(&self, window: u32, addr: *mut u8, len: usize) -> Result<(), BackendError> {
+    unsafe fn bind_window(
+        &self,
+        window: u32,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
         match self {
             // SAFETY: the caller's guarantees are passed on unchanged.
             Device::Cpu(d) => unsafe { d.bind_window(window, addr, len) },

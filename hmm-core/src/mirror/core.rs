@@ -1363,14 +1363,41 @@ impl<B: Backend> Mirror<B> {
         // not have run yet; their notifier is still live, so keep them out
         // of the chunk choice by treating them as present.
         let regions = &dev.regions;
-        let range = choose_chunk(at, mapping.range, &inner.cfg.chunk_sizes, |cand| {
-            regions
-                .range(..cand.end().0)
-                .next_back()
-                .is_some_and(|(_, r)| r.range.overlaps(cand))
-                || regions.range(cand.start().0..cand.end().0).next().is_some()
-        })
-        .map_err(|_| MirrorError::DeviceFault {
+        let chosen = match inner.zc {
+            // A zero-copy region costs a window, not a copy per page: make
+            // it as large as a window allows — the mapping clipped to the
+            // window-sized aligned block around `at` and to the regions on
+            // either side — rather than the aligned power-of-two chunk,
+            // which splits an unaligned 256 KiB buffer into a dozen
+            // regions (and windows).
+            Some(hw) => {
+                let block = u64::from(hw.pages) * PAGE_SIZE;
+                let b0 = at.0 & !(block - 1);
+                let mut lo = b0.max(mapping.range.start().0);
+                let mut hi = b0.saturating_add(block).min(mapping.range.end().0);
+                if let Some((_, r)) = regions.range(..=at.0).next_back() {
+                    lo = lo.max(r.range.end().0);
+                }
+                if let Some((&s, _)) = regions.range(at.0 + 1..).next() {
+                    hi = hi.min(s);
+                }
+                if lo <= at.0 && at.0 < hi {
+                    VaRange::new(VirtAddr(lo), VirtAddr(hi)).map_err(|_| ())
+                } else {
+                    // A (dead) region still covers `at`.
+                    Err(())
+                }
+            }
+            None => choose_chunk(at, mapping.range, &inner.cfg.chunk_sizes, |cand| {
+                regions
+                    .range(..cand.end().0)
+                    .next_back()
+                    .is_some_and(|(_, r)| r.range.overlaps(cand))
+                    || regions.range(cand.start().0..cand.end().0).next().is_some()
+            })
+            .map_err(|_| ()),
+        };
+        let range = chosen.map_err(|_| MirrorError::DeviceFault {
             addr: at,
             write,
             reason: AccessError::BadPage,

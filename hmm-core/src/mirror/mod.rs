@@ -98,6 +98,11 @@
 //! reference driver). Everything above holds — regions, notifiers, the
 //! sequence protocol, replay — with these differences:
 //!
+//! - **Regions are window-sized:** the CPU mapping clipped to the
+//!   window-sized (2 MiB) aligned block around the fault and to the
+//!   neighbouring regions — not the aligned power-of-two chunk copy mode
+//!   uses, which would cut an unaligned buffer into many regions, each
+//!   costing a window.
 //! - **Fault service** binds the region's whole range to a free *host
 //!   window* (an import) the first time the region faults, then writes
 //!   leaf entries naming that window's pages. No copy, no twin, no
