@@ -2,7 +2,10 @@
 //!
 //! Built in: the `cpu` driver, the `wgpu` driver (any adapter wgpu's
 //! Vulkan backend finds; Mesa's lavapipe counts) and the `vulkan` driver
-//! (ash, copy mode). `auto` probes wgpu, then vulkan, and falls back to
+//! (ash, copy mode). The cpu and vulkan drivers also run the `zero-copy`
+//! strategy on a zero-copy device of the same driver (the harness's
+//! buffers are never unmapped or touched during a launch, which is that
+//! mode's contract). `auto` probes wgpu, then vulkan, and falls back to
 //! cpu, saying why — the same order as `hmm::Device::open`.
 //!
 //! A driver plugs in by (1) implementing [`crate::kernels::BenchKernels`]
@@ -88,6 +91,16 @@ fn wgpu_device() -> Result<WgpuDevice, BackendError> {
 /// Opens a vulkan device, as a backend error.
 fn vulkan_device() -> Result<VulkanDevice, BackendError> {
     VulkanDevice::open().map_err(|e| BackendError::Other(e.to_string()))
+}
+
+/// Opens a zero-copy vulkan device (`VK_EXT_external_memory_host`), as a
+/// backend error.
+fn vulkan_zc_device() -> Result<VulkanDevice, BackendError> {
+    // SAFETY: the harness never unmaps, protects or touches from another
+    // thread a buffer while a launch that uses it runs: every scenario
+    // launches from this thread and frees or rewrites its buffers only
+    // after the launch returned.
+    unsafe { VulkanDevice::open_zero_copy() }.map_err(|e| BackendError::Other(e.to_string()))
 }
 
 /// Picks the backend for `choice`; an explicit choice that is not built in
@@ -230,7 +243,13 @@ impl Selected {
             Selected::Gpu {
                 driver: GpuDriver::Vulkan,
                 ..
-            } => crate::harness::run(&vulkan_device, None, "vulkan", plan, out_dir),
+            } => crate::harness::run(
+                &vulkan_device,
+                Some(&vulkan_zc_device),
+                "vulkan",
+                plan,
+                out_dir,
+            ),
         }
     }
 }

@@ -55,7 +55,7 @@ pub enum BackendChoice {
     Cpu,
     /// The wgpu driver (WGSL kernels; lavapipe counts).
     Wgpu,
-    /// The Vulkan driver.
+    /// The Vulkan driver (copy mode, with a zero-copy arm where the device imports host memory).
     Vulkan,
 }
 

@@ -9,6 +9,10 @@ pub struct BackendArg {
     /// Driver to run on: cpu, wgpu, vulkan, or auto (the best available).
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Zero-copy mode (cpu and vulkan drivers): the device uses the CPU's
+    /// own pages instead of copies.
+    #[arg(long)]
+    pub zero_copy: bool,
 }
 
 /// Why an example could not start.
@@ -25,7 +29,15 @@ impl std::error::Error for StartError {}
 /// Opens the chosen device, prints which one it is, and wraps it in a mirror.
 pub fn open(arg: &BackendArg, cfg: MirrorConfig) -> Result<Mirror<Device>, StartError> {
     let want = hmm::parse_backend(Some(&arg.backend)).map_err(|e| StartError(e.to_string()))?;
-    let opened = Device::open(want).map_err(|e| StartError(e.to_string()))?;
+    let opened = if arg.zero_copy {
+        // SAFETY: every example launches from its main thread and unmaps,
+        // protects or touches its buffers only after the launch returned
+        // (zero-copy mode's contract).
+        unsafe { Device::open_zero_copy(want) }
+    } else {
+        Device::open(want)
+    }
+    .map_err(|e| StartError(e.to_string()))?;
     println!("{}", opened.note);
     hmm::mirror(opened.device, cfg).map_err(|e| StartError(e.to_string()))
 }

@@ -118,6 +118,9 @@ pub enum OpenError {
     /// The driver exists in the project but is not built into this crate.
     #[error("the {0} driver is not available in this build")]
     NotBuilt(&'static str),
+    /// The driver has no zero-copy mode ([`Device::open_zero_copy`]).
+    #[error("the {0} driver has no zero-copy mode (the cpu and vulkan drivers do)")]
+    NoZeroCopy(&'static str),
 }
 
 /// A device of any driver. Implements [`Backend`] by delegation.
@@ -188,6 +191,47 @@ impl Device {
                         device: Device::Cpu(CpuDevice::new()),
                     }),
                 },
+            },
+        }
+    }
+
+    /// Opens `driver` (or, with `None`, the best driver that has one) in
+    /// its **zero-copy mode**: the device reads and writes the CPU's own
+    /// pages — nothing is copied in or written back (the `cpu` driver's
+    /// [`CpuDevice::zero_copy`], the `vulkan` driver's
+    /// `VK_EXT_external_memory_host` import). wgpu has no host-memory
+    /// import: [`OpenError::NoZeroCopy`].
+    ///
+    /// # Safety
+    ///
+    /// Zero-copy mode's contract (`hmm_core::mirror`, "Zero-copy devices";
+    /// CUDA's `cudaHostRegister` rule): while a launch runs, memory it may
+    /// touch is not unmapped, not made inaccessible or read-only
+    /// (`mprotect`), and not accessed non-atomically by other threads. A
+    /// device that runs on the CPU (lavapipe, the cpu driver) would
+    /// otherwise fault the process or race with it. Between launches
+    /// anything goes, as in copy mode.
+    pub unsafe fn open_zero_copy(driver: Option<Driver>) -> Result<Opened, OpenError> {
+        let vulkan = || -> Result<Opened, OpenError> {
+            // SAFETY: the caller's contract is the vulkan opt-in's.
+            let d = unsafe { VulkanDevice::open_zero_copy() }?;
+            Ok(Opened {
+                note: format!("backend: vulkan on {} (zero-copy mode)", d.device_name()),
+                device: Device::Vulkan(d),
+            })
+        };
+        let cpu = |why: String| Opened {
+            note: format!("backend: cpu (zero-copy mode{why})"),
+            // SAFETY: the caller's contract is the cpu driver's.
+            device: Device::Cpu(unsafe { CpuDevice::new().zero_copy() }),
+        };
+        match driver {
+            Some(Driver::Cpu) => Ok(cpu(", as requested".into())),
+            Some(Driver::Vulkan) => vulkan(),
+            Some(Driver::Wgpu) => Err(OpenError::NoZeroCopy("wgpu")),
+            None => match vulkan() {
+                Ok(o) => Ok(o),
+                Err(e) => Ok(cpu(format!("; fallback: vulkan: {e}"))),
             },
         }
     }
