@@ -521,6 +521,41 @@ fn cpu_writes_become_cpu_write_invalidations_of_exactly_the_written_pages() {
 }
 
 #[test]
+fn untracked_watches_get_events_but_no_cpu_write_scans() {
+    let Some(host) = host("untracked") else {
+        return;
+    };
+    let mut m = Guarded::new(8);
+    let (rec, log) = recorder();
+    let _sub = host.space().insert(m.range(), rec).unwrap();
+    host.watch_untracked(m.range()).unwrap();
+    m.write(2, 1);
+    assert_eq!(host.sync_point().unwrap(), 0, "untracked: nothing scanned");
+    assert_eq!(log.snapshot(), vec![]);
+    // A tracked watch of part of the range (another mirror's region) gets
+    // that part scanned again.
+    let half = m.pages(0, 4);
+    host.watch(half).unwrap();
+    m.write(1, 2);
+    m.write(6, 2);
+    if precise_tracking() {
+        assert_eq!(host.sync_point().unwrap(), 1);
+        assert_eq!(log.snapshot(), vec![(m.pages(1, 1), EventKind::CpuWrite)]);
+    } else {
+        assert_eq!(host.sync_point().unwrap(), 4);
+    }
+    host.unwatch(half).unwrap();
+    // Events still arrive for the untracked watch.
+    let before = log.snapshot().len();
+    m.unmap(5, 1);
+    assert!(poll_until(|| log.snapshot().len() > before));
+    assert_eq!(
+        log.snapshot()[before..],
+        [(m.pages(5, 1), EventKind::Unmap)]
+    );
+}
+
+#[test]
 fn fork_sends_the_parent_nothing_and_the_subscription_keeps_working() {
     let Some(host) = host("fork") else {
         return;

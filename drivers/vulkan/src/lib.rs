@@ -159,8 +159,9 @@
 //! - **Lavapipe dereferences the pointer.** A CPU "device" reads the
 //!   imported memory through the host pointer itself, so a kernel still
 //!   running when another thread unmaps its memory faults the whole
-//!   process — hence the `unsafe` opt-in. Conformance scenarios that
-//!   unmap during a launch cannot run in this mode on lavapipe.
+//!   process — hence the `unsafe` opt-in. The conformance scenario that
+//!   unmaps during a launch (`anon_teardown`) is therefore not part of
+//!   the zero-copy suite (`conformance_tests!(zero_copy …)`).
 //! - **Real GPUs pin the imported pages** (the import holds them until
 //!   it is freed), so there an unmap leaves the device reading pages the
 //!   CPU no longer has rather than faulting; memory the device writes must
@@ -173,8 +174,10 @@
 //!   mapped.
 //! - **Tested on lavapipe only** (Mesa 22.3, LLVM 15: the extension with
 //!   4 KiB alignment, 29 windows), through the `Backend` calls the core
-//!   makes (`tests/zero_copy.rs`), with and without validation layers.
-//!   No GPU has run it.
+//!   makes (`tests/zero_copy.rs`) and through the mirror: the conformance
+//!   suite's zero-copy flavour with the ported kernel selftests
+//!   (`tests/conformance_zero_copy.rs`, 34 scenarios), with and without
+//!   validation layers. No GPU has run it.
 //!
 //! Also probed on lavapipe: `bufferDeviceAddress`; 32 storage buffers per
 //! stage, with `runtimeDescriptorArray`, `descriptorBindingPartiallyBound`

@@ -108,8 +108,9 @@ pub struct HostSpace {
     /// Every `watch` not yet matched by an `unwatch` (a multiset: regions
     /// of several mirrors may watch the same or overlapping ranges). The
     /// kernel registration of a page is dropped only when no entry covers
-    /// it any more.
-    watches: std::sync::Mutex<Vec<VaRange>>,
+    /// it any more. The flag: the watch wants CPU-write tracking (zero-copy
+    /// mirrors do not: their device reads the CPU's pages).
+    watches: std::sync::Mutex<Vec<(VaRange, bool)>>,
 }
 
 impl std::fmt::Debug for HostSpace {
@@ -225,6 +226,19 @@ impl HostSpace {
     /// for kernel events and CPU writes. Call it when a region becomes
     /// mirrored. Without userfaultfd, does nothing.
     pub fn watch(&self, range: VaRange) -> Result<(), HostError> {
+        self.watch_with(range, true)
+    }
+
+    /// [`HostSpace::watch`] for kernel events only: CPU writes to `range`
+    /// are not tracked on this watch's behalf (no write protection armed,
+    /// nothing scanned at sync points) — for a zero-copy mirror, whose
+    /// device reads the CPU's own pages. Another watch of the same pages
+    /// that wants tracking still gets it.
+    pub fn watch_untracked(&self, range: VaRange) -> Result<(), HostError> {
+        self.watch_with(range, false)
+    }
+
+    fn watch_with(&self, range: VaRange, track: bool) -> Result<(), HostError> {
         if let Some(m) = &self.monitor {
             {
                 // Register and record under one lock, the lock `unwatch`
@@ -235,9 +249,9 @@ impl HostSpace {
                 // events nor write tracking (found by `hmm-stress`).
                 let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
                 m.watch(range)?;
-                w.push(range);
+                w.push((range, track));
             }
-            if let Some(t) = &self.tracker {
+            if let Some(t) = self.tracker.as_ref().filter(|_| track) {
                 arm_retrying(t, range)?;
             }
             // Events cover it from now on: trust the cache there. (Callers
@@ -258,10 +272,11 @@ impl HostSpace {
         // Held until the kernel registrations are dropped (see `watch`).
         let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let uncovered = {
-            if let Some(i) = w.iter().position(|r| *r == range) {
+            if let Some(i) = w.iter().position(|(r, _)| *r == range) {
                 w.swap_remove(i);
             }
-            let mut covers: Vec<VaRange> = w.iter().filter_map(|r| r.intersect(range)).collect();
+            let mut covers: Vec<VaRange> =
+                w.iter().filter_map(|(r, _)| r.intersect(range)).collect();
             covers.sort();
             let mut out = Vec::new();
             let mut at = range.start();
@@ -331,7 +346,11 @@ impl HostSpace {
             return Ok(0);
         };
         let mut runs = Vec::new();
-        for w in self.tracker.as_ref().map_or(Vec::new(), |_| m.watched()) {
+        for w in self
+            .tracker
+            .as_ref()
+            .map_or(Vec::new(), |_| self.tracked(m.watched()))
+        {
             let Some(t) = &self.tracker else { break };
             if t.collect_into(w, &mut runs).is_err() {
                 // The kernel refuses to scan a range whose mapping changed
@@ -350,6 +369,47 @@ impl HostSpace {
         }
         Ok(pages)
     }
+}
+
+impl HostSpace {
+    /// What a sync point scans: the watched ranges (as the monitor has
+    /// them: a remap moves a watch to its new address) less the parts only
+    /// untracked watches cover ([`HostSpace::watch_untracked`]).
+    fn tracked(&self, watched: Vec<VaRange>) -> Vec<VaRange> {
+        let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let untracked: Vec<VaRange> = w.iter().filter(|(_, t)| !*t).map(|(r, _)| *r).collect();
+        if untracked.is_empty() {
+            return watched;
+        }
+        let tracked: Vec<VaRange> = w.iter().filter(|(_, t)| *t).map(|(r, _)| *r).collect();
+        drop(w);
+        subtract(watched, &subtract(untracked, &tracked))
+    }
+}
+
+/// `a` less every range of `b`.
+fn subtract(a: Vec<VaRange>, b: &[VaRange]) -> Vec<VaRange> {
+    let mut out = a;
+    for s in b {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let mut keep = Vec::with_capacity(2);
+                if r.overlaps(*s) {
+                    if r.start() < s.start() {
+                        keep.extend(VaRange::new(r.start(), s.start()));
+                    }
+                    if s.end() < r.end() {
+                        keep.extend(VaRange::new(s.end(), r.end()));
+                    }
+                } else {
+                    keep.push(r);
+                }
+                keep
+            })
+            .collect();
+    }
+    out
 }
 
 /// Arms write tracking of a freshly watched range. The kernel refuses

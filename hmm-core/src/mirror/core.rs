@@ -1432,7 +1432,16 @@ impl<B: Backend> Mirror<B> {
         // sound; giving up at once would leave it mirrored with no events
         // and no write tracking while its memory is ordinary (stale reads
         // found by `hmm-stress`).
-        let mut watched = inner.host.watch(range);
+        // A zero-copy device reads the CPU's own pages: events only, no
+        // write tracking (no write protection to arm, nothing to scan).
+        let watch = |r| {
+            if inner.zc.is_some() {
+                inner.host.watch_untracked(r)
+            } else {
+                inner.host.watch(r)
+            }
+        };
+        let mut watched = watch(range);
         for _ in 0..3 {
             if watched.is_ok() {
                 break;
@@ -1441,7 +1450,7 @@ impl<B: Backend> Mirror<B> {
             match inner.host.lookup(at)? {
                 Some(m) if m.range.start() <= range.start() && range.end() <= m.range.end() => {
                     std::thread::yield_now();
-                    watched = inner.host.watch(range);
+                    watched = watch(range);
                 }
                 _ => break,
             }
