@@ -88,6 +88,18 @@ pub struct OpenOptions {
     /// `HMM_VK_MODE` sets this (an `unsafe` step, [`ZeroCopyOptIn::new`])
     /// and leaves `mode` at `None`. [`OpenOptions::zero_copy`] sets both.
     pub zero_copy_opt_in: Option<ZeroCopyOptIn>,
+    /// Zero-copy mode: how many host windows (pool bindings) kernels get;
+    /// default [`DEFAULT_WINDOWS`], at most what the device's binding
+    /// limits allow (29 on lavapipe). Fewer is faster per access (a kernel
+    /// selects its binding with a `switch` over them, which lavapipe runs
+    /// arm by arm); more lets a launch use more regions at once.
+    pub zero_copy_windows: Option<u32>,
+    /// Zero-copy mode: pages per host window (a region's largest size);
+    /// default [`DEFAULT_WINDOW_PAGES`] (32 MiB), rounded down to a power
+    /// of two one storage binding holds. Larger windows cover more memory
+    /// with few bindings; on a GPU that pins imports, each region pins
+    /// that much of the CPU mapping at once.
+    pub zero_copy_window_pages: Option<u32>,
 }
 
 impl OpenOptions {
@@ -255,11 +267,13 @@ pub(crate) struct ZeroCopyCtx {
     pub(crate) windows: HostWindows,
 }
 
-/// Pages per host window: the core's 2 MiB regions, or fewer where a
-/// storage binding is smaller (never on a conformant device: Vulkan
-/// requires `maxStorageBufferRange >= 2^27`).
-pub(crate) fn window_pages(limits: &vk::PhysicalDeviceLimits) -> u32 {
-    let fit = (u64::from(limits.max_storage_buffer_range) / 4096).clamp(1, 512) as u32;
+/// Pages per host window: `want` (a power of two, at least 512 so the
+/// core's 2 MiB regions fit), rounded down to a power of two that one
+/// storage binding holds (`maxStorageBufferRange`, at least 128 MiB on a
+/// conformant device).
+pub(crate) fn window_pages(limits: &vk::PhysicalDeviceLimits, want: u32) -> u32 {
+    let fit =
+        (u64::from(limits.max_storage_buffer_range) / 4096).clamp(1, u64::from(want.max(1))) as u32;
     1 << (31 - fit.leading_zeros())
 }
 
@@ -284,6 +298,13 @@ pub(crate) fn window_count(limits: &vk::PhysicalDeviceLimits) -> u32 {
                 .saturating_sub(binding_count_besides_pool()),
         )
 }
+
+/// Host windows a zero-copy device offers unless told otherwise
+/// ([`OpenOptions::zero_copy_windows`]).
+pub const DEFAULT_WINDOWS: u32 = 8;
+/// Pages per host window unless told otherwise
+/// ([`OpenOptions::zero_copy_window_pages`]): 32 MiB.
+pub const DEFAULT_WINDOW_PAGES: u32 = 8192;
 
 /// Bindings of a kernel before the pool: params, table, control, replay.
 const fn binding_count_besides_pool() -> u32 {
@@ -562,7 +583,8 @@ fn select_and_create(
                 what: "VK_EXT_external_memory_host, which zero-copy mirroring needs".into(),
             });
         };
-        let count = window_count(&props.limits);
+        let count =
+            window_count(&props.limits).min(opts.zero_copy_windows.unwrap_or(DEFAULT_WINDOWS));
         if count == 0 {
             return Err(OpenError::Unsupported {
                 device: name,
@@ -576,7 +598,10 @@ fn select_and_create(
                 ),
             });
         }
-        let pages = window_pages(&props.limits);
+        let pages = window_pages(
+            &props.limits,
+            opts.zero_copy_window_pages.unwrap_or(DEFAULT_WINDOW_PAGES),
+        );
         if align == 0 || !align.is_power_of_two() || align > u64::from(pages) * 4096 {
             return Err(OpenError::Unsupported {
                 device: name,

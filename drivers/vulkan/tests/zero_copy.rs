@@ -217,9 +217,13 @@ fn assert_clean(d: &VulkanDevice) {
 fn host_windows_follow_the_device_limits() {
     let Some(d) = device() else { return };
     let hw = d.host_windows().expect("zero-copy device has windows");
-    assert_eq!(hw.pages, 512);
     assert!(
-        (1..=hmm_shaders::MAX_POOL_BINDINGS).contains(&hw.count),
+        hw.pages.is_power_of_two()
+            && (512..=hmm_driver_vulkan::DEFAULT_WINDOW_PAGES).contains(&hw.pages),
+        "{hw:?}"
+    );
+    assert!(
+        (1..=hmm_driver_vulkan::DEFAULT_WINDOWS).contains(&hw.count),
         "{hw:?}"
     );
     assert_eq!(d.pool_bindings(), hw.count, "one pool binding per window");
@@ -236,11 +240,48 @@ fn host_windows_follow_the_device_limits() {
     assert!(info.device.contains("ZeroCopy mode"), "{}", info.device);
     assert!(
         info.device
-            .contains(&format!("{} host windows of 512 pages", hw.count)),
+            .contains(&format!("{} host windows of {} pages", hw.count, hw.pages)),
         "{}",
         info.device
     );
     eprintln!("{info}");
+}
+
+/// The window shape is the caller's choice within the device's limits:
+/// the count is capped at what the bindings allow, the size is rounded
+/// down to a power of two.
+#[test]
+fn window_shape_follows_the_options() {
+    let Some(first) = device() else { return };
+    drop(first);
+    let opts = |count, pages| {
+        // SAFETY: as in `device`: nothing here launches at all.
+        let o = unsafe { OpenOptions::default().zero_copy() };
+        OpenOptions {
+            zero_copy_windows: Some(count),
+            zero_copy_window_pages: Some(pages),
+            ..o
+        }
+    };
+    let d = VulkanDevice::open_with(&opts(3, 1000)).expect("open");
+    assert_eq!(
+        d.host_windows(),
+        Some(HostWindows {
+            count: 3,
+            pages: 512
+        })
+    );
+    assert_eq!(d.pool_bindings(), 3);
+    drop(d);
+    let d = VulkanDevice::open_with(&opts(1000, 2048)).expect("open");
+    let hw = d.host_windows().expect("windows");
+    assert!(hw.count <= hmm_shaders::MAX_POOL_BINDINGS, "{hw:?}");
+    assert_eq!(hw.pages, 2048);
+    drop(d);
+    match VulkanDevice::open_with(&opts(0, 512)) {
+        Err(OpenError::Unsupported { what, .. }) => assert!(what.contains("window"), "{what}"),
+        other => panic!("expected Unsupported for zero windows, got {other:?}"),
+    }
 }
 
 #[test]
@@ -421,7 +462,7 @@ fn bad_bindings_and_copies_are_typed_errors() {
     );
     d.init(CFG)
         .expect("init with pool_slots 0 after the refusal");
-    let m = Map::new(520);
+    let m = Map::new(hw.pages as usize + 8);
     let bad = |w: u32, off: usize, len: usize| {
         // SAFETY: every call here is refused before anything is imported
         // (checked below); the range lies inside `m` anyway.
@@ -438,7 +479,7 @@ fn bad_bindings_and_copies_are_typed_errors() {
         assert!(msg.contains("minImportedHostPointerAlignment"), "{msg}");
     }
     assert!(bad(0, 0, 0).contains("bytes"));
-    assert!(bad(0, 0, 513 * PAGE).contains("a window holds"));
+    assert!(bad(0, 0, (hw.pages as usize + 1) * PAGE).contains("a window holds"));
     assert!(bad(hw.count, 0, PAGE).contains("outside"));
     bind(&d, 1 % hw.count, &m, 0..1);
     assert!(bad(1 % hw.count, PAGE, PAGE).contains("already bound"));
