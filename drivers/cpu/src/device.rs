@@ -35,8 +35,8 @@ pub struct CpuDevice {
 
 /// Host windows a zero-copy [`CpuDevice`] offers.
 pub const ZERO_COPY_WINDOWS: u32 = 64;
-/// Pages per host window (2 MiB: the largest default region).
-pub const WINDOW_PAGES: u32 = 512;
+/// Pages per host window (32 MiB: a zero-copy region is the mapping clipped to one such aligned block).
+pub const WINDOW_PAGES: u32 = 8192;
 
 impl Default for CpuDevice {
     fn default() -> Self {
@@ -77,6 +77,7 @@ impl CpuDevice {
 
     /// Zero-copy mode: the device has no pool, and its kernels read and
     /// write the CPU's own pages through [`ZERO_COPY_WINDOWS`] host windows
+    /// of [`WINDOW_PAGES`] pages
     /// ([`Backend::host_windows`]) — HMM's true mirror, as a GPU importing
     /// host memory (`VK_EXT_external_memory_host`) does it. The mirror
     /// then copies nothing and writes nothing back.

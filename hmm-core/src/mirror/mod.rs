@@ -99,7 +99,8 @@
 //! sequence protocol, replay — with these differences:
 //!
 //! - **Regions are window-sized:** the CPU mapping clipped to the
-//!   window-sized (2 MiB) aligned block around the fault and to the
+//!   window-sized aligned block (32 MiB on the cpu and vulkan drivers by
+//!   default) around the fault and to the
 //!   neighbouring regions — not the aligned power-of-two chunk copy mode
 //!   uses, which would cut an unaligned buffer into many regions, each
 //!   costing a window.
@@ -108,7 +109,8 @@
 //!   leaf entries naming that window's pages. No copy, no twin, no
 //!   write-protection re-arming; read faults map writable wherever the CPU
 //!   page is (there is no twin to save).
-//! - **Windows are few** (bindings: 29 on lavapipe). When all are bound,
+//! - **Windows are few** (each is a shader binding on a GPU: at most 29
+//!   on lavapipe, 8 by default). When all are bound,
 //!   the one least recently used by an *earlier* fault-service round is
 //!   evicted whole: its region's entries are zapped and it is unbound
 //!   (the device is idle during fault service). A round never evicts its
