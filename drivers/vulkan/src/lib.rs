@@ -198,20 +198,26 @@
 //!
 //! # Sparse residency
 //!
-//! `sparseBinding` and `sparseResidencyBuffer` are probed and reported
-//! ([`VulkanDevice::sparse_support`] and `info()`), not used: the page
-//! table stays the shared software format. Lavapipe has no sparse
-//! support, so nothing sparse is tested here.
+//! **Not built.** `sparseBinding` and `sparseResidencyBuffer` are probed
+//! and reported ([`VulkanDevice::sparse_support`] and `info()`), not
+//! used: the page table stays the shared software format. Lavapipe has no
+//! sparse support and no GPU was in reach, so any sparse code would have
+//! been untested; none was written. Where it would go: the copy-mode pool
+//! as one sparse buffer as large as the slot space, with memory bound
+//! (`vkQueueBindSparse`, on the same timeline semaphore) only to the
+//! sparse blocks that hold allocated slots — device memory then follows
+//! the working set instead of the configured pool size.
 //!
 //! # Benchmarks
 //!
 //! [`VulkanDevice`] is a plain `Backend + TestKernels`: a harness opens it
 //! with [`VulkanDevice::open`] (or [`test_device`]) and hands it to
 //! `Mirror::new` like the cpu and wgpu devices; `Mirror::pin` gives the
-//! pinning baseline on the same device. Copy mode with mapped memory vs
-//! [`OpenOptions::force_staging`] are the two copy configurations; zero
-//! copy ([`VulkanDevice::open_zero_copy`], once the core drives host
-//! windows) is the third.
+//! pinning baseline on the same device. `hmm-bench --backend vulkan`
+//! runs copy mode, zero-copy mode ([`VulkanDevice::open_zero_copy`]) and
+//! pinning side by side on the same workloads and ends with a
+//! `zero-copy-vs-copy/pin:` line; the README has the figures.
+//! [`OpenOptions::force_staging`] is the other copy configuration.
 
 mod device;
 mod kernel;
