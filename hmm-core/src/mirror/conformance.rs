@@ -1486,6 +1486,11 @@ macro_rules! conformance_tests {
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             forked_child_gets_a_typed_error);
+        $crate::conformance_tests!(@common $make);
+    };
+    // The scenarios both flavours share beyond the one-device list: those
+    // on two devices, and the reused-backend check.
+    (@common $make:expr) => {
         $crate::conformance_tests!(@optional2 $make;
             kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
             double_map, read_mostly_duplication);
@@ -1534,17 +1539,6 @@ macro_rules! conformance_tests {
             forked_child_gets_a_typed_error,
             zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window);
-        $crate::conformance_tests!(@optional2 $make;
-            kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
-            double_map, read_mostly_duplication);
-        #[test]
-        fn reused_backend_and_bad_configs_are_refused() {
-            if $make.is_none() {
-                return;
-            }
-            $crate::mirror::conformance::reused_backend_and_bad_configs_are_refused(|| {
-                $make.expect("the device opened a moment ago")
-            });
-        }
+        $crate::conformance_tests!(@common $make);
     };
 }
