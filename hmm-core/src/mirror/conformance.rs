@@ -1388,6 +1388,62 @@ pub fn zero_copy_window_eviction<B: TestKernels>(b: B) {
     assert!(m.stats().evictions > 0, "windows were evicted");
 }
 
+/// Zero-copy: memory is unmapped, `MADV_DONTNEED`ed and mapped again
+/// *beside* running launches — by a thread whose own launches on it have
+/// returned, which the zero-copy contract allows — while another thread
+/// launches on memory of its own. Windows are detached by the destructive
+/// events while fault service binds others; every result stays right and
+/// every dead region is released.
+pub fn zero_copy_unmaps_beside_a_launch<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    let m = Arc::new(m);
+    const ROUNDS: u32 = 60;
+    let steady = {
+        let m = Arc::clone(&m);
+        std::thread::spawn(move || {
+            let src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+            let out = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
+            for r in 0..ROUNDS {
+                src.fill(|i| i as u32 ^ r);
+                device_copy(&m, src.addr(), &out, 8 * WPP).expect("steady launch");
+                assert_eq!(out.read_word(8 * WPP - 3), (8 * WPP - 3) as u32 ^ r);
+            }
+        })
+    };
+    let out = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+    for r in 0..ROUNDS {
+        let map = TestMap::anon(4, libc::PROT_READ | libc::PROT_WRITE);
+        map.fill(|i| i as u32 + r);
+        device_copy(&m, map.addr(), &out, 4 * WPP).expect("churn launch");
+        assert_eq!(out.read_word(WPP + 1), WPP as u32 + 1 + r);
+        // SAFETY: the first page of our own mapping; no launch uses it
+        // now (ours returned; the other thread's never touches it).
+        let rc = unsafe {
+            libc::madvise(
+                map.addr() as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0);
+        if !events_available(&h) {
+            h.space().invalidate(map.range(), EventKind::Remove);
+        }
+        device_copy(&m, map.addr(), &out, 4 * WPP).expect("launch after the remove");
+        assert_eq!(out.read_word(5), 0, "the removed page reads as zeros");
+        assert_eq!(out.read_word(WPP + 1), WPP as u32 + 1 + r);
+        if !events_available(&h) {
+            h.space().invalidate(map.range(), EventKind::Unmap);
+        }
+        drop(map); // unmapped while the other thread's launches run
+    }
+    steady.join().expect("steady thread");
+    if events_available(&h) {
+        assert!(m.stats().invalidations[0] > 0, "unmaps were seen");
+    }
+    assert!(m.flush_releases(), "dead regions released");
+}
+
 /// A linked list with one node at the start of each of `maps`; returns
 /// the sum of its values.
 fn list_across(maps: &[TestMap]) -> u64 {
@@ -1471,7 +1527,9 @@ pub fn zero_copy_one_launch_fills_every_window<B: TestKernels>(b: B) {
 /// `zero_page_pool` are about the pool a zero-copy device does not have —
 /// plus the zero-copy scenarios (`zero_copy_*`): pinning is a typed
 /// error, the device shares the CPU's pages, windows are evicted and
-/// reused, one launch can use more regions than there are windows.
+/// reused, one invocation can use every window at once (one more is
+/// `NoProgress`), and memory is unmapped and removed beside running
+/// launches.
 #[macro_export]
 macro_rules! conformance_tests {
     (optional $make:expr) => {
@@ -1538,7 +1596,8 @@ macro_rules! conformance_tests {
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             forked_child_gets_a_typed_error,
             zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
-            zero_copy_window_eviction, zero_copy_one_launch_fills_every_window);
+            zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
+            zero_copy_unmaps_beside_a_launch);
         $crate::conformance_tests!(@common $make);
     };
 }
