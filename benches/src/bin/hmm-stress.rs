@@ -43,6 +43,17 @@
 //!
 //! The inner function is generic over [`TestKernels`], so a GPU driver is
 //! one more arm in `main`'s match on `--backend`.
+//!
+//! # `--zero-copy`
+//!
+//! Runs the same on a zero-copy device (`cpu`, `vulkan`), whose kernels
+//! read the arena's own pages, within that mode's contract: the remapper
+//! `munmap`s only while it holds the *unmap gate* exclusively and every
+//! launch holds it shared (an unmap during a launch would fault the
+//! process on a device that runs on the CPU); `MADV_DONTNEED` needs no
+//! gate (the memory stays mapped and reads as zeros); CPU writers store
+//! with atomics (the cpu driver's device reads words atomically, so there
+//! is no data race). The invariant is unchanged.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -92,6 +103,10 @@ struct Opts {
     /// Backend: `cpu`, `wgpu` or `vulkan` (any adapter; lavapipe counts).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Run the device in zero-copy mode (cpu, vulkan; see the module docs
+    /// for how the harness keeps that mode's contract).
+    #[arg(long)]
+    zero_copy: bool,
 }
 
 fn main() -> ExitCode {
@@ -101,15 +116,30 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let threads_before = thread_count();
-    let res = match o.backend.as_str() {
-        "cpu" => stress(&o, || Ok(hmm_driver_cpu::CpuDevice::with_threads(2))),
-        "wgpu" => stress(&o, || {
+    // SAFETY (both zero-copy arms): the harness keeps zero-copy mode's
+    // contract — unmaps only under the exclusive unmap gate that every
+    // launch holds shared, CPU writes with atomic stores, no `mprotect`
+    // (see the module docs).
+    let res = match (o.backend.as_str(), o.zero_copy) {
+        ("cpu", true) => stress(&o, || {
+            Ok(unsafe { hmm_driver_cpu::CpuDevice::with_threads(2).zero_copy() })
+        }),
+        ("vulkan", true) => stress(&o, || {
+            unsafe { hmm_driver_vulkan::VulkanDevice::open_zero_copy() }
+                .map_err(|e| format!("no zero-copy vulkan device: {e}"))
+        }),
+        (other, true) => {
+            eprintln!("error: --zero-copy needs --backend cpu or vulkan, not {other:?}");
+            return ExitCode::FAILURE;
+        }
+        ("cpu", false) => stress(&o, || Ok(hmm_driver_cpu::CpuDevice::with_threads(2))),
+        ("wgpu", false) => stress(&o, || {
             hmm_driver_wgpu::WgpuDevice::open().map_err(|e| format!("no wgpu device: {e}"))
         }),
-        "vulkan" => stress(&o, || {
+        ("vulkan", false) => stress(&o, || {
             hmm_driver_vulkan::VulkanDevice::open().map_err(|e| format!("no vulkan device: {e}"))
         }),
-        other => {
+        (other, false) => {
             eprintln!("error: unknown backend {other:?} (built: cpu, wgpu, vulkan)");
             return ExitCode::FAILURE;
         }
@@ -175,6 +205,9 @@ struct Arena {
     floor: Vec<AtomicU32>,
     /// Per page: odd while a remap / DONTNEED is in progress.
     remaps: Vec<AtomicU32>,
+    /// `--zero-copy`: launches hold it shared, an `munmap` exclusively.
+    unmap_gate: std::sync::RwLock<()>,
+    zero_copy: bool,
     stop: AtomicBool,
     c: Counts,
 }
@@ -216,9 +249,12 @@ impl Arena {
         for i in 0..WPP {
             // SAFETY: page `p` of the arena is mapped and writable: the
             // caller holds its chunk lock, and only holders of that lock
-            // unmap it. Volatile: the device reads this memory behind the
-            // compiler's back.
-            unsafe { w.add(i).write_volatile(v) };
+            // unmap it; the word is 4-byte aligned, and every access to
+            // arena words from this process is atomic (a zero-copy cpu
+            // device reads them with atomic loads), so this is no data race.
+            let word = unsafe { &*w.add(i).cast::<AtomicU32>() };
+            // Relaxed: ordered by the `stamp` Release store below.
+            word.store(v, Ordering::Relaxed);
         }
         // Release: whoever reads this stamp (Acquire) sees the words above.
         self.stamp[p].store(v, Ordering::Release);
@@ -260,7 +296,12 @@ impl Arena {
             if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
                 return Err(format!("madvise: {}", std::io::Error::last_os_error()));
             }
-        } else {
+        }
+        // Zero-copy: no launch may run while memory is unmapped (the
+        // mode's contract); held until the chunk is mapped again.
+        let _gate = (!dontneed && self.zero_copy)
+            .then(|| self.unmap_gate.write().unwrap_or_else(|e| e.into_inner()));
+        if !dontneed {
             // SAFETY: as above; the chunk is mapped again at once below.
             if unsafe { libc::munmap(addr, len) } != 0 {
                 return Err(format!("munmap: {}", std::io::Error::last_os_error()));
@@ -345,7 +386,11 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
             });
         }
         let src = a.base + (first * PAGE) as u64;
+        let gate = a
+            .zero_copy
+            .then(|| a.unmap_gate.read().unwrap_or_else(|e| e.into_inner()));
         let r = m.launch(k, (n * WPP) as u32, [src, out.addr()]);
+        drop(gate);
         add(&a.c.launches, 1);
         add(&a.c.ops, 1);
         let raced = |p: usize, b: &Before| {
@@ -455,6 +500,8 @@ fn stress<B: TestKernels>(
         writing: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         floor: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         remaps: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
+        unmap_gate: std::sync::RwLock::new(()),
+        zero_copy: o.zero_copy,
         stop: AtomicBool::new(false),
         c: Counts::default(),
     };

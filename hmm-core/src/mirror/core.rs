@@ -157,6 +157,9 @@ struct Dev<B: Backend> {
     unbind_queue: Vec<u32>,
     /// Fault-service rounds so far (window eviction order).
     round: u64,
+    /// Windows bound in the current round (at most half of them per
+    /// round; see `Inner::take_window`).
+    bound_this_round: u32,
 }
 
 pub(crate) struct Inner<B: Backend> {
@@ -435,7 +438,23 @@ impl<B: Backend> Inner<B> {
     /// A window to bind for a region (zero-copy devices; driver lock held,
     /// no submission running): a free one, or the one least recently used
     /// by an earlier fault-service round, whose region loses its entries.
+    ///
+    /// A round binds at most half the windows (`PoolExhausted` then ends
+    /// it; the rest fault again on replay): the windows the previous round
+    /// bound — those its faulted invocations are about to use again when
+    /// they fault on their next region — are then older than anything
+    /// this round must evict only if nothing else is left. Without the cap
+    /// a round of many small regions (`hmm-stress --zero-copy`, whose
+    /// remapper splits its arena into many mappings) bound every window
+    /// and the next round had to evict the windows its own replays needed.
     fn take_window(&self, dev: &mut Dev<B>, hw: HostWindows) -> Result<u32, MirrorError> {
+        if dev.bound_this_round >= (hw.count / 2).max(1) {
+            return Err(MirrorError::PoolExhausted {
+                needed: 1,
+                capacity: hw.count,
+            });
+        }
+        dev.bound_this_round += 1;
         if let Some(w) = dev
             .windows
             .iter()
@@ -953,6 +972,7 @@ impl<B: Backend> Mirror<B> {
                 windows: vec![WindowState::default(); zc.map_or(0, |hw| hw.count as usize)],
                 unbind_queue: Vec::with_capacity(zc.map_or(0, |hw| hw.count as usize)),
                 round: 0,
+                bound_this_round: 0,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
             pending: Mutex::new(Vec::with_capacity(64)),
@@ -1199,6 +1219,7 @@ impl<B: Backend> Mirror<B> {
             let same = later.page == kept.page;
             if same {
                 kept.write |= later.write;
+                kept.invocation = kept.invocation.min(later.invocation);
             }
             same
         });
@@ -1213,6 +1234,7 @@ impl<B: Backend> Mirror<B> {
         let evictable = {
             let mut dev = self.inner.lock();
             dev.round += 1;
+            dev.bound_this_round = 0;
             (dev.pool.capacity() as usize).saturating_sub(dev.pinned_slots.len())
         };
         // A zero-copy device has no pool to overflow; its windows are
@@ -1226,6 +1248,20 @@ impl<B: Backend> Mirror<B> {
             Counters::add(&self.inner.counters.fault_batches, 1);
             let mut runs = Vec::new();
             faults::coalesce(batch, &mut runs);
+            if zc {
+                // Windows: the runs of the lowest invocations first (not
+                // the lowest addresses), so the regions one invocation
+                // needs next are bound before the round's window budget
+                // goes to invocations that cannot complete this round.
+                runs.sort_by_cached_key(|r| {
+                    batch
+                        .iter()
+                        .filter(|f| r.range.contains(f.page))
+                        .map(|f| f.invocation)
+                        .min()
+                        .unwrap_or(u32::MAX)
+                });
+            }
             for run in runs {
                 Counters::add(&self.inner.counters.fault_runs, 1);
                 match self.service_run(run, epoch) {
@@ -1250,7 +1286,11 @@ impl<B: Backend> Mirror<B> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let _serial = relock(&self.inner.launch);
-        self.inner.lock().round += 1;
+        {
+            let mut dev = self.inner.lock();
+            dev.round += 1;
+            dev.bound_this_round = 0;
+        }
         let epoch = self.inner.host.maps().new_epoch();
         let n = self.service_run(
             Run {
@@ -1298,6 +1338,15 @@ impl<B: Backend> Mirror<B> {
                 Ok(n) => {
                     pages_in += n;
                     at = end;
+                }
+                // Zero-copy: this round may bind no more windows. What the
+                // run mapped so far counts; the rest faults again on replay
+                // (`Mirror::service` stops the round).
+                Err(e @ MirrorError::PoolExhausted { .. })
+                    if self.inner.zc.is_some() && pages_in > 0 =>
+                {
+                    let _ = e;
+                    return Ok(pages_in);
                 }
                 // The region died under us: find (or make) the one that
                 // covers `at` now. Bounded, like every retry here.
