@@ -116,15 +116,16 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let threads_before = thread_count();
-    // SAFETY (both zero-copy arms): the harness keeps zero-copy mode's
-    // contract — unmaps only under the exclusive unmap gate that every
-    // launch holds shared, CPU writes with atomic stores, no `mprotect`
-    // (see the module docs).
     let res = match (o.backend.as_str(), o.zero_copy) {
         ("cpu", true) => stress(&o, || {
+            // SAFETY: the harness keeps zero-copy mode's contract — it
+            // unmaps only under the exclusive unmap gate that every launch
+            // holds shared, writes with atomic stores, never `mprotect`s
+            // (see the module docs).
             Ok(unsafe { hmm_driver_cpu::CpuDevice::with_threads(2).zero_copy() })
         }),
         ("vulkan", true) => stress(&o, || {
+            // SAFETY: as for the cpu arm.
             unsafe { hmm_driver_vulkan::VulkanDevice::open_zero_copy() }
                 .map_err(|e| format!("no zero-copy vulkan device: {e}"))
         }),
