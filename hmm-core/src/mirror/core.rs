@@ -75,7 +75,8 @@ pub struct LaunchReport {
     pub submissions: u32,
     /// Valid faults serviced.
     pub faults: u64,
-    /// Pages copied in while servicing them.
+    /// Pages copied in while servicing them (a zero-copy device: pages
+    /// mapped, nothing copied).
     pub pages_in: u64,
     /// Dirty pages written back at the end.
     pub pages_out: u64,

@@ -28,7 +28,8 @@ pub struct MirrorStats {
     pub unwatched_regions: u64,
     /// Regions released by the deferred-release worker.
     pub deferred_releases: u64,
-    /// Pages copied CPU → device.
+    /// Pages copied CPU → device (a zero-copy device: pages mapped, nothing
+    /// copied).
     pub pages_in: u64,
     /// Pages copied device → CPU.
     pub pages_out: u64,
