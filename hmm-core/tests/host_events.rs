@@ -545,6 +545,29 @@ fn untracked_watches_get_events_but_no_cpu_write_scans() {
         assert_eq!(host.sync_point().unwrap(), 4);
     }
     host.unwatch(half).unwrap();
+    // A tracked and an untracked watch of the same range (a copy-mode and
+    // a zero-copy mirror): ending the untracked one keeps the scan.
+    host.watch(half).unwrap();
+    host.unwatch_untracked(m.range()).unwrap();
+    host.watch_untracked(m.range()).unwrap();
+    host.watch_untracked(half).unwrap();
+    host.unwatch_untracked(half).unwrap();
+    let seen = log.snapshot().len();
+    m.write(2, 3);
+    if precise_tracking() {
+        assert_eq!(
+            host.sync_point().unwrap(),
+            1,
+            "the tracked watch is still scanned"
+        );
+        assert_eq!(
+            log.snapshot()[seen..],
+            [(m.pages(2, 1), EventKind::CpuWrite)]
+        );
+    } else {
+        assert_eq!(host.sync_point().unwrap(), 4);
+    }
+    host.unwatch(half).unwrap();
     // Events still arrive for the untracked watch.
     let before = log.snapshot().len();
     m.unmap(5, 1);

@@ -210,7 +210,10 @@ impl Device {
     /// (`mprotect`), and not accessed non-atomically by other threads. A
     /// device that runs on the CPU (lavapipe, the cpu driver) would
     /// otherwise fault the process or race with it. Between launches
-    /// anything goes, as in copy mode.
+    /// unmaps, remaps and writes are fine, as in copy mode; an `mprotect`
+    /// that narrows access to mirrored memory needs an explicit
+    /// `Protection` invalidation of the range before the next launch (the
+    /// kernel reports none).
     pub unsafe fn open_zero_copy(driver: Option<Driver>) -> Result<Opened, OpenError> {
         let vulkan = || -> Result<Opened, OpenError> {
             // SAFETY: the caller's contract is the vulkan opt-in's.

@@ -634,7 +634,10 @@ fn stress<B: TestKernels>(
     map.unmap();
     // The unmaps' invalidations run on the event thread; give them a moment.
     let settle = Instant::now();
-    while m.stats().pool_used != 0 && settle.elapsed() < Duration::from_secs(5) {
+    // (Not just the pool: a zero-copy device has none.)
+    let busy = |st: hmm_core::mirror::MirrorStats| st.pool_used != 0 || st.mapped_pages != 0;
+    while (busy(m.stats()) || !m.regions().is_empty()) && settle.elapsed() < Duration::from_secs(5)
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
     let released = m.flush_releases();

@@ -91,8 +91,12 @@ impl CpuDevice {
     /// process) and **not accessed non-atomically by other threads** (the
     /// device's word accesses are atomic; a plain concurrent access to the
     /// same bytes would be a data race). This is CUDA's `cudaHostRegister`
-    /// rule. Between launches anything goes: unmaps, remaps and writes
-    /// are invalidated as in copy mode.
+    /// rule. Between launches, unmaps, remaps, `MADV_DONTNEED` and writes
+    /// are fine (invalidated as in copy mode); narrowing the protection
+    /// of mirrored memory (`mprotect`) produces no kernel event, so it
+    /// needs an explicit `EventKind::Protection` invalidation of the range
+    /// before the next launch, or that launch's accesses fault the
+    /// process.
     pub unsafe fn zero_copy(mut self) -> Self {
         self.windows = Some(ZERO_COPY_WINDOWS);
         self

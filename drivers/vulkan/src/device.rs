@@ -872,7 +872,7 @@ impl Drop for VulkanDevice {
 // reach device buffers. In zero-copy mode a kernel reaches host memory
 // only through window bindings: binding `w` is window `w`'s import (exactly
 // the range bind_window was handed) or a device-side dummy, selected by an
-// entry's slot / 512, with indices clamped (`Restrict`) to the binding;
+// entry's slot / chunk_slots (the window size in pages), with indices clamped (`Restrict`) to the binding;
 // an unbound window's import stays alive only until the submissions whose
 // descriptor sets still name it complete, and those do not reach it (the
 // core unbinds only windows no submitted work reaches through an entry).
@@ -1299,15 +1299,24 @@ unsafe impl Backend for VulkanDevice {
             )));
         }
         let imported = self.import(zc, addr, len as u64)?;
+        // A validation error raised by the import: report it with the
+        // window left unbound (the caller takes an error for "not bound";
+        // keeping the import would make every later bind of the window
+        // fail with "already bound"). No submission has named it yet.
+        if let Err(e) = self.check() {
+            drop(imported);
+            return Err(e);
+        }
         w.bound[window as usize] = Some(imported);
         // Launches before this one named the dummy in this binding.
         w.last_use[window as usize] = 0;
-        drop(w);
-        self.check()
+        Ok(())
     }
 
     fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
-        self.check()?;
+        // The unbind happens whatever an earlier call left to report (the
+        // validation check comes last): a window the caller believes
+        // unbound must be unbound.
         let Some(zc) = &self.ctx.zero_copy else {
             return Ok(()); // copy mode: nothing is ever bound
         };

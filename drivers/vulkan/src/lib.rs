@@ -177,10 +177,10 @@
 //!   be writable, and some drivers refuse to import read-only or
 //!   file-backed mappings (a typed error from `vkAllocateMemory` or
 //!   `vkGetMemoryHostPointerPropertiesEXT`).
-//! - **Import alignment** above 4 KiB (not seen on current drivers) makes
-//!   page-aligned regions that are not aligned to it typed errors; the
-//!   driver does not round ranges out, as the extra pages might not be
-//!   mapped.
+//! - **Import alignment** above 4 KiB (not seen on current drivers: RADV,
+//!   ANV, NVIDIA and lavapipe report 4096) is refused when opening
+//!   ([`OpenError::Unsupported`]): the mirror's regions are page-aligned,
+//!   and rounding an import out could reach pages that are not mapped.
 //! - **Tested on lavapipe only** (Mesa 22.3, LLVM 15: the extension with
 //!   4 KiB alignment, up to 29 windows), through the `Backend` calls the core
 //!   makes (`tests/zero_copy.rs`) and through the mirror: the conformance

@@ -53,7 +53,11 @@ impl ZeroCopyOptIn {
     /// process; the mirror learns of an unmap only after it happened, too
     /// late to stop the kernel. (A GPU whose driver pins imported pages
     /// merely keeps reading the old pages.) Memory the launch may write
-    /// must also be writable for as long.
+    /// must also be writable for as long. Between launches, an `mprotect`
+    /// that narrows access to mirrored memory needs an explicit
+    /// `EventKind::Protection` invalidation of the range before the next
+    /// launch: the kernel reports none, and the device's entries would
+    /// still allow the old access.
     pub unsafe fn new() -> ZeroCopyOptIn {
         ZeroCopyOptIn(())
     }
@@ -602,12 +606,15 @@ fn select_and_create(
             &props.limits,
             opts.zero_copy_window_pages.unwrap_or(DEFAULT_WINDOW_PAGES),
         );
-        if align == 0 || !align.is_power_of_two() || align > u64::from(pages) * 4096 {
+        // The mirror's regions are page-aligned (a mapping clipped to a
+        // window-sized block): a coarser import granularity would make
+        // their imports fail at the first fault instead of here.
+        if align == 0 || !align.is_power_of_two() || align > 4096 {
             return Err(OpenError::Unsupported {
                 device: name,
                 what: format!(
-                    "zero-copy mirroring: minImportedHostPointerAlignment {align} does not \
-                     divide a {pages}-page window"
+                    "zero-copy mirroring: minImportedHostPointerAlignment {align} (hmm-rs \
+                     imports page-aligned regions: 4096 at most)"
                 ),
             });
         }

@@ -262,8 +262,20 @@ impl HostSpace {
         Ok(())
     }
 
-    /// Stops watching `range`.
+    /// Stops watching `range` (one [`HostSpace::watch`] of exactly it).
     pub fn unwatch(&self, range: VaRange) -> Result<(), HostError> {
+        self.unwatch_with(range, true)
+    }
+
+    /// Ends one [`HostSpace::watch_untracked`] of exactly `range`.
+    pub fn unwatch_untracked(&self, range: VaRange) -> Result<(), HostError> {
+        self.unwatch_with(range, false)
+    }
+
+    /// Ends the watch `(range, track)`: the flag must match, or a copy-mode
+    /// mirror's tracked watch of the same range could be the one removed,
+    /// leaving its CPU writes unscanned.
+    fn unwatch_with(&self, range: VaRange, track: bool) -> Result<(), HostError> {
         let Some(m) = &self.monitor else {
             return Ok(());
         };
@@ -272,7 +284,7 @@ impl HostSpace {
         // Held until the kernel registrations are dropped (see `watch`).
         let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let uncovered = {
-            if let Some(i) = w.iter().position(|(r, _)| *r == range) {
+            if let Some(i) = w.iter().position(|&(r, t)| r == range && t == track) {
                 w.swap_remove(i);
             }
             let mut covers: Vec<VaRange> =

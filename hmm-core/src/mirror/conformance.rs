@@ -1338,7 +1338,7 @@ pub fn zero_copy_pin_is_unsupported<B: TestKernels>(b: B) {
 /// faulting in again (nothing stale was dropped, nothing needed to be);
 /// device writes are in the CPU's memory when the launch returns.
 pub fn zero_copy_shares_the_cpu_pages<B: TestKernels>(b: B) {
-    let (_h, m) = setup(b, small_cfg());
+    let (h, m) = setup(b, small_cfg());
     let src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
     let out = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
     src.fill(|i| i as u32);
@@ -1359,6 +1359,13 @@ pub fn zero_copy_shares_the_cpu_pages<B: TestKernels>(b: B) {
         (0, 0),
         "no write-back, no pool"
     );
+    // "This range was recycled": the window goes too, and the next launch
+    // maps (and, on a pinning GPU, imports) whatever is there now.
+    h.space().invalidate(src.range(), EventKind::Clear);
+    src.fill(|i| 5 * i as u32);
+    let r3 = device_copy(&m, src.addr(), &out, 8 * WPP).expect("launch 3");
+    assert!(r3.faults > 0, "the cleared range faults in again");
+    assert_eq!(out.read_word(8 * WPP - 1), 5 * (8 * WPP - 1) as u32);
 }
 
 /// Zero-copy: more regions than windows, one per launch: windows are

@@ -104,6 +104,9 @@ struct RegionSlot<B: Backend> {
     written: bool,
     /// Zero-copy devices: the host window bound to the region's range.
     window: Option<u32>,
+    /// `HostSpace::watch` (or `watch_untracked`) succeeded for the range:
+    /// only then is there a watch of ours to end.
+    watched: bool,
 }
 
 /// One host window of a zero-copy device (see "Zero-copy devices" in the
@@ -296,6 +299,23 @@ impl<B: Backend> IntervalNotifier for Region<B> {
             return true;
         };
         inner.zap(&mut dev, r, true);
+        if inner.zc.is_some() && matches!(nr.event, EventKind::Clear | EventKind::Release) {
+            // "The range was recycled" (an application's explicit `Clear`,
+            // or the monitor's when it lost track of events): the memory
+            // behind the window may not be what was imported — a GPU
+            // driver's import pins the pages it saw. Drop the whole
+            // region's entries and its window (the device is idle here);
+            // the next fault binds whatever is there now.
+            let region = dev
+                .regions
+                .get_mut(&self.start)
+                .map(|s| (s.range, s.window.take()));
+            if let Some((range, Some(w))) = region {
+                inner.zap(&mut dev, range, false);
+                Inner::detach_window(&mut dev, w);
+                inner.flush_deferred(&mut dev);
+            }
+        }
         true
     }
 }
@@ -424,6 +444,16 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// Ends this mirror's watch of a region's `range` (tracked or not, as
+    /// it was made).
+    fn unwatch(&self, range: VaRange) -> Result<(), crate::cpu::host::HostError> {
+        if self.zc.is_some() {
+            self.host.unwatch_untracked(range)
+        } else {
+            self.host.unwatch(range)
+        }
+    }
+
     /// Detaches window `w` from its region; [`Inner::flush_deferred`]
     /// unbinds it.
     fn detach_window(dev: &mut Dev<B>, w: u32) {
@@ -477,10 +507,15 @@ impl<B: Backend> Inner<B> {
                 capacity: hw.count,
             });
         };
-        if let Some(r) = dev.regions.get_mut(&start) {
-            r.window = None;
-            let range = r.range;
-            self.zap(dev, range, false);
+        match dev.regions.get_mut(&start) {
+            Some(r) => {
+                r.window = None;
+                let range = r.range;
+                self.zap(dev, range, false);
+            }
+            // A released region detached its window first
+            // (`release_slot`): none can own a bound window.
+            None => debug_assert!(false, "window {w} bound to a released region"),
         }
         Self::detach_window(dev, w);
         self.flush_deferred(dev);
@@ -785,13 +820,39 @@ impl<B: Backend> Inner<B> {
                 // `w` are written below, only while it is bound; whoever
                 // detaches it clears them first (`apply_zap_windowed`,
                 // `take_window`, `release_slot`).
-                unsafe {
+                let bound = unsafe {
                     self.backend.bind_window(
                         w,
                         range.start().as_mut_ptr().cast(),
                         range.len() as usize,
-                    )?
+                    )
                 };
+                if let Err(e) = bound {
+                    // The import covers the whole region, which may include
+                    // memory the kernel never touches: if the mapping
+                    // changed shape since the region was chosen (a
+                    // neighbour freed, part of it protected), choose again
+                    // (`RegionReleased`, retried by the caller, bounded);
+                    // if it is intact, the device cannot import it.
+                    self.host.maps().invalidate(range);
+                    let intact = self
+                        .host
+                        .lookup(range.start())
+                        .ok()
+                        .flatten()
+                        .is_some_and(|m| {
+                            m.read
+                                && m.range.start() <= range.start()
+                                && range.end() <= m.range.end()
+                        });
+                    if intact {
+                        return Err(e.into());
+                    }
+                    self.mark_dead(dev, region_start);
+                    return Err(MirrorError::RegionReleased {
+                        addr: range.start(),
+                    });
+                }
                 dev.windows[w as usize] = WindowState {
                     region: Some(region_start),
                     releasing: false,
@@ -929,10 +990,11 @@ impl<B: Backend> Mirror<B> {
                     "the device offers unusable host windows ({hw:?})"
                 )));
             }
-            let window_bytes = u64::from(hw.pages) * PAGE_SIZE;
-            if let Some(big) = cfg.chunk_sizes.iter().find(|c| **c > window_bytes) {
+            // Slots (`PoolSlot`, a `u32`) name window pages.
+            let slots = u64::from(hw.count) * u64::from(hw.pages);
+            if slots > 1 << 32 {
                 return Err(MirrorError::Config(format!(
-                    "region size {big} exceeds the device's {window_bytes}-byte host windows"
+                    "the device's host windows ({hw:?}) name more pages than an entry can"
                 )));
             }
         } else if cfg.pool_slots > info.max_pool_slots {
@@ -1323,7 +1385,12 @@ impl<B: Backend> Mirror<B> {
             let (region_range, sub_ref) = self.region_for(at, run.write, epoch)?;
             // One commit must fit the pool with room to evict: cap a piece
             // at half the pool (at least one page).
-            let cap = (u64::from(self.inner.cfg.pool_slots / 2).min(STAGE_PAGES as u64)).max(1)
+            let cap = match self.inner.zc {
+                // No pool: a piece is at most a window (a region).
+                Some(hw) => u64::from(hw.pages),
+                None => u64::from(self.inner.cfg.pool_slots / 2).min(STAGE_PAGES as u64),
+            }
+            .max(1)
                 * PAGE_SIZE;
             let end = region_range
                 .end()
@@ -1472,6 +1539,7 @@ impl<B: Backend> Mirror<B> {
                 dead: false,
                 written: false,
                 window: None,
+                watched: false,
             },
         );
         drop(dev);
@@ -1503,6 +1571,14 @@ impl<B: Backend> Mirror<B> {
                     watched = watch(range);
                 }
                 _ => break,
+            }
+        }
+        if watched.is_ok() {
+            if let Some(slot) = inner.lock().regions.get_mut(&range.start().0) {
+                slot.watched = true;
+            } else {
+                // Released meanwhile (its release found no watch to end).
+                let _ = inner.unwatch(range);
             }
         }
         if let Err(e) = watched {
@@ -2104,7 +2180,9 @@ fn release_slot<B: Backend>(inner: &Inner<B>, mut slot: RegionSlot<B>) {
             inner.flush_deferred(&mut dev);
         }
     }
-    let _ = inner.host.unwatch(slot.range);
+    if slot.watched {
+        let _ = inner.unwatch(slot.range);
+    }
     if let Some(sub) = slot.sub.take() {
         // Not inside a callback: this waits until no invalidation can reach
         // the region any more.
@@ -2160,7 +2238,9 @@ impl<B: Backend> Drop for Mirror<B> {
             .into_values()
             .collect();
         for mut s in slots {
-            let _ = inner.host.unwatch(s.range);
+            if s.watched {
+                let _ = inner.unwatch(s.range);
+            }
             if let Some(sub) = s.sub.take() {
                 let _ = sub.remove();
             }

@@ -135,14 +135,16 @@
 //!   userfaultfd reports an unmap only after it happened. Zero-copy
 //!   backends are therefore created through `unsafe` constructors whose
 //!   contract is CUDA's `cudaHostRegister` rule: memory a launch may touch
-//!   is not unmapped while it runs. (A GPU driver pins imported pages, so
+//!   is not unmapped while it runs — and, because `mprotect` produces no
+//!   event, narrowing its protection between launches needs an explicit
+//!   `Protection` invalidation before the next one. (A GPU driver pins imported pages, so
 //!   there an unmap merely leaves the device reading pages the CPU no
 //!   longer has until the window is unbound.)
 //!
 //! The conformance suite runs in this mode too
 //! (`conformance_tests!(zero_copy …)`).
 //!
-//! # # Write-back never overwrites CPU data it did not change
+//! # Write-back never overwrites CPU data it did not change
 //!
 //! Copies are page-granular, but the CPU may write other bytes of a page
 //! while the device holds a writable copy (heap pages share cache lines
