@@ -690,42 +690,11 @@ impl VulkanDevice {
             Placement::Host,
         )?;
         let d = &self.ctx.device;
-        let sizes = [
-            vk::DescriptorPoolSize {
-                ty: vk::DescriptorType::UNIFORM_BUFFER,
-                descriptor_count: 1,
-            },
-            vk::DescriptorPoolSize {
-                ty: vk::DescriptorType::STORAGE_BUFFER,
-                descriptor_count: binding::POOL0 - 1 + self.pool_bindings(),
-            },
-        ];
-        // SAFETY: valid create info; destroyed when the resources are.
-        let dpool = unsafe {
-            d.create_descriptor_pool(
-                &vk::DescriptorPoolCreateInfo::default()
-                    .max_sets(1)
-                    .pool_sizes(&sizes),
-                None,
-            )
-        }
-        .map_err(vk_err("vkCreateDescriptorPool"))?;
-        let layouts = [self.kernel_layouts.set];
-        // SAFETY: one set from a pool sized for it, over a live layout.
-        let set = match unsafe {
-            d.allocate_descriptor_sets(
-                &vk::DescriptorSetAllocateInfo::default()
-                    .descriptor_pool(dpool)
-                    .set_layouts(&layouts),
-            )
-        } {
-            Ok(v) => v[0],
-            Err(r) => {
-                // SAFETY: the pool has no users.
-                unsafe { d.destroy_descriptor_pool(dpool, None) };
-                return Err(vk_err("vkAllocateDescriptorSets")(r));
-            }
-        };
+        let (dpool, set) = one_set(
+            d,
+            self.kernel_layouts.set,
+            binding::POOL0 - 1 + self.pool_bindings(),
+        )?;
         let mut bufs: Vec<vk::Buffer> = vec![params.buf, mem.table.buf, control.buf, replay.buf];
         bufs.extend(mem.pool.iter().map(|b| b.buf));
         if let Some(dummy) = &mem.dummy {
@@ -773,6 +742,52 @@ fn pool_bindings(ctx: &Ctx) -> u32 {
     ctx.zero_copy
         .as_ref()
         .map_or(POOL_BINDINGS, |z| z.windows.count)
+}
+
+/// A descriptor pool holding exactly one set of `layout` (one uniform
+/// buffer, `storage` storage buffers), and that set. The caller destroys
+/// the pool (which frees the set) when the resources it belongs to go.
+pub(crate) fn one_set(
+    d: &ash::Device,
+    layout: vk::DescriptorSetLayout,
+    storage: u32,
+) -> Result<(vk::DescriptorPool, vk::DescriptorSet), BackendError> {
+    let sizes = [
+        vk::DescriptorPoolSize {
+            ty: vk::DescriptorType::UNIFORM_BUFFER,
+            descriptor_count: 1,
+        },
+        vk::DescriptorPoolSize {
+            ty: vk::DescriptorType::STORAGE_BUFFER,
+            descriptor_count: storage,
+        },
+    ];
+    // SAFETY: valid create info; the caller destroys the pool.
+    let dpool = unsafe {
+        d.create_descriptor_pool(
+            &vk::DescriptorPoolCreateInfo::default()
+                .max_sets(1)
+                .pool_sizes(&sizes),
+            None,
+        )
+    }
+    .map_err(vk_err("vkCreateDescriptorPool"))?;
+    let layouts = [layout];
+    // SAFETY: one set from a pool sized for it, over a live layout.
+    match unsafe {
+        d.allocate_descriptor_sets(
+            &vk::DescriptorSetAllocateInfo::default()
+                .descriptor_pool(dpool)
+                .set_layouts(&layouts),
+        )
+    } {
+        Ok(v) => Ok((dpool, v[0])),
+        Err(r) => {
+            // SAFETY: the pool has no users.
+            unsafe { d.destroy_descriptor_pool(dpool, None) };
+            Err(vk_err("vkAllocateDescriptorSets")(r))
+        }
+    }
 }
 
 /// Points binding `i` of `set` at `bufs[i]` (whole buffer; binding 0 is

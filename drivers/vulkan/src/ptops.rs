@@ -17,9 +17,9 @@ use hmm_core::mirror::backend::{BackendError, PteLoc};
 use hmm_core::mirror::format::Pte;
 use hmm_shaders::{pt_binding, PtBatch, PtParams};
 
-use crate::device::{lock, write_set, VulkanDevice};
+use crate::device::{lock, one_set, write_set, VulkanDevice};
 use crate::kernel::{pipeline, spirv, Layouts, Pipeline};
-use crate::mem::{vk_err, Buffer, Placement};
+use crate::mem::{Buffer, Placement};
 
 /// The pipeline, its descriptor set and buffers, grown on demand.
 pub(crate) struct PtOps {
@@ -55,42 +55,7 @@ impl PtOps {
             Placement::Host,
         )?;
         let d = &dev.ctx.device;
-        let sizes = [
-            vk::DescriptorPoolSize {
-                ty: vk::DescriptorType::UNIFORM_BUFFER,
-                descriptor_count: 1,
-            },
-            vk::DescriptorPoolSize {
-                ty: vk::DescriptorType::STORAGE_BUFFER,
-                descriptor_count: 3,
-            },
-        ];
-        // SAFETY: valid create info; destroyed in `destroy`.
-        let dpool = unsafe {
-            d.create_descriptor_pool(
-                &vk::DescriptorPoolCreateInfo::default()
-                    .max_sets(1)
-                    .pool_sizes(&sizes),
-                None,
-            )
-        }
-        .map_err(vk_err("vkCreateDescriptorPool"))?;
-        let set_layouts = [layouts.set];
-        // SAFETY: one set from a pool sized for it, over a live layout.
-        let set = match unsafe {
-            d.allocate_descriptor_sets(
-                &vk::DescriptorSetAllocateInfo::default()
-                    .descriptor_pool(dpool)
-                    .set_layouts(&set_layouts),
-            )
-        } {
-            Ok(v) => v[0],
-            Err(r) => {
-                // SAFETY: the pool has no users.
-                unsafe { d.destroy_descriptor_pool(dpool, None) };
-                return Err(vk_err("vkAllocateDescriptorSets")(r));
-            }
-        };
+        let (dpool, set) = one_set(d, layouts.set, 3)?;
         let cb = match dev.alloc_cb() {
             Ok(cb) => cb,
             Err(e) => {
