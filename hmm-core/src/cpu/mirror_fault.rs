@@ -92,6 +92,29 @@ pub fn fault_and_commit<R, E>(
     flags: FaultFlags,
     timeout: Duration,
     stats: &mut FaultLoopStats,
+    commit: impl FnMut(Seq, &[PageState]) -> Result<Attempt<R>, E>,
+) -> Result<R, MirrorFaultError<E>> {
+    fault_and_commit_with(
+        |r, f, out| faulter.range_fault_into(r, f, out),
+        interval,
+        range,
+        flags,
+        timeout,
+        stats,
+        commit,
+    )
+}
+
+/// [`fault_and_commit`] with the snapshot taken by `snapshot(range, flags,
+/// out)` instead of a [`RangeFaulter`] (the mirror's
+/// [`HostSide`](crate::mirror::HostSide), or a fake under loom).
+pub fn fault_and_commit_with<R, E>(
+    mut snapshot: impl FnMut(VaRange, FaultFlags, &mut Vec<PageState>) -> Result<(), FaultError>,
+    interval: &Interval,
+    range: VaRange,
+    flags: FaultFlags,
+    timeout: Duration,
+    stats: &mut FaultLoopStats,
     mut commit: impl FnMut(Seq, &[PageState]) -> Result<Attempt<R>, E>,
 ) -> Result<R, MirrorFaultError<E>> {
     let t0 = Instant::now();
@@ -105,7 +128,14 @@ pub fn fault_and_commit<R, E>(
                 elapsed: t0.elapsed(),
             })?;
         stats.attempts += 1;
-        match range_fault_checked(faulter, interval, seq, range, flags, &mut pages) {
+        pages.clear();
+        let snap: Result<(), MirrorFaultError<core::convert::Infallible>> =
+            match snapshot(range, flags, &mut pages) {
+                Err(e) => Err(MirrorFaultError::Fault(e)),
+                Ok(()) if interval.check_retry(seq) => Err(MirrorFaultError::Busy),
+                Ok(()) => Ok(()),
+            };
+        match snap {
             Ok(()) => match commit(seq, &pages).map_err(MirrorFaultError::Commit)? {
                 Attempt::Done(r) => return Ok(r),
                 Attempt::Retry => stats.refused += 1,

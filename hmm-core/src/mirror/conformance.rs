@@ -28,8 +28,8 @@
 use std::sync::Arc;
 
 use super::backend::{Backend, BackendError};
-use super::core::{Advice, Mirror, MirrorConfig};
 use super::error::{AccessError, MirrorError};
+use super::{Advice, Mirror, MirrorConfig};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::host::HostSpace;
 use crate::notifier::EventKind;

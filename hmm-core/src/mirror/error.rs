@@ -118,6 +118,13 @@ pub enum MirrorError {
     /// device).
     #[error("not supported by this device: {0}")]
     Unsupported(&'static str),
+    /// The device was declared lost: it could not clear page-table entries
+    /// naming memory the mirror had to free (three times in a row, or it
+    /// reported itself lost), or it could not give back data it held.
+    /// Every later call that uses the device returns this; the reason names
+    /// the first failure.
+    #[error("device lost: {0}")]
+    DeviceLost(String),
     /// The mirror's configuration is unusable.
     #[error("bad mirror configuration: {0}")]
     Config(String),

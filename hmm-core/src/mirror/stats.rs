@@ -40,6 +40,11 @@ pub struct MirrorStats {
     pub invalidations: [u64; 8],
     /// Pages mapped by `prefetch`.
     pub prefetched: u64,
+    /// Device calls that failed where the mirror's state depends on them
+    /// (entry writes and clears, window unbinds, write-back reads); a
+    /// failed clear is retried, and repeated failures declare the device
+    /// lost.
+    pub device_errors: u64,
     /// Pages currently mapped on the device.
     pub mapped_pages: u64,
     /// Pool slots in use.
@@ -115,6 +120,7 @@ pub(crate) struct Counters {
     pub evictions: AtomicU64,
     pub invalidations: [AtomicU64; 8],
     pub prefetched: AtomicU64,
+    pub device_errors: AtomicU64,
 }
 
 impl Counters {

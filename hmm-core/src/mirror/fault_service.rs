@@ -1,0 +1,308 @@
+//! Fault service: from validated fault records to device entries.
+//!
+//! 1. **Plan the round.** One entry per page (the write wins, the lowest
+//!    invocation is kept); the residency chooses which pages this round
+//!    serves ([`Residency::plan_round`]: copy mode the lowest pages that
+//!    fit half the evictable pool, zero-copy the lowest invocations' blocks
+//!    within half the windows). The rest fault again on replay.
+//! 2. **Batches** of `MirrorConfig::fault_batch` (256, UVM's), each sorted
+//!    and coalesced into runs.
+//! 3. **Each run** is split at region boundaries ([`Mirror::region_for`]
+//!    registers regions on demand) and into pieces the residency can take
+//!    at once; each piece runs the `hmm_range_fault` loop:
+//!    `read_begin` → `range_fault` → take the driver lock → `read_retry`
+//!    → install ([`Mirror::commit`]). A sequence that moved starts the
+//!    piece over (bounded by `MirrorConfig::retry_timeout`).
+//! 4. A residency that can take no more this round
+//!    ([`MirrorError::PoolExhausted`] after progress) ends the round; the
+//!    replay brings the rest back.
+
+use super::backend::Backend;
+use super::error::{AccessError, MirrorError};
+use super::faults::{self, PageFault, Run};
+use super::handle::Mirror;
+use super::host_side::HostSide;
+use super::invalidate::Region;
+use super::residency::Install;
+use super::stats::Counters;
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::mirror_fault::{fault_and_commit_with, FaultLoopStats, MirrorFaultError};
+use crate::cpu::range_fault::{FaultFlags, PageState};
+use crate::notifier::{Attempt, EventKind, Interval, NotifierRange, Seq, SubscriptionRef};
+use crate::sync::lock;
+
+impl<B: Backend, H: HostSide> Mirror<B, H> {
+    /// Services validated faults; returns pages made resident.
+    pub(super) fn service(&self, pf: &[PageFault]) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        let mut pf = pf.to_vec();
+        // One entry per page before batching: many invocations fault on the
+        // same page, and a page must be serviced once, not once per batch.
+        pf.sort_unstable_by_key(|f| (f.page, !f.write));
+        pf.dedup_by(|later, kept| {
+            let same = later.page == kept.page;
+            if same {
+                kept.write |= later.write;
+                kept.invocation = kept.invocation.min(later.invocation);
+            }
+            same
+        });
+        {
+            let mut dev = inner.lock();
+            dev.res.begin_round();
+            dev.res.plan_round(&mut pf);
+        }
+        // One fresh read of the CPU mappings per fault-service round.
+        let epoch = inner.host.new_epoch();
+        let mut pages_in = 0;
+        for batch in pf.chunks(inner.cfg.fault_batch) {
+            Counters::add(&inner.counters.fault_batches, 1);
+            let mut batch = batch.to_vec();
+            let mut runs = Vec::new();
+            faults::coalesce(&mut batch, &mut runs);
+            inner.lock().res.order_runs(&mut runs, &batch);
+            for run in runs {
+                Counters::add(&inner.counters.fault_runs, 1);
+                match self.service_run(run, epoch) {
+                    Ok(n) => pages_in += n,
+                    // The residency can take no more this round, and the
+                    // round made progress: the rest fault again on replay,
+                    // when older memory can be evicted.
+                    Err(MirrorError::PoolExhausted { .. }) if pages_in > 0 => return Ok(pages_in),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(pages_in)
+    }
+
+    /// Makes `range` resident for read (or write) without a device fault:
+    /// the user's way to turn faults into one bulk copy. Returns pages
+    /// made resident.
+    pub fn prefetch(&self, range: VaRange, write: bool) -> Result<u64, MirrorError> {
+        self.same_process()?;
+        let range = range.page_cover()?.user()?;
+        let _serial = lock(&self.inner.launch);
+        {
+            let mut dev = self.inner.lock();
+            dev.health.check()?;
+            dev.res.begin_round();
+        }
+        let epoch = self.inner.host.new_epoch();
+        let n = self.service_run(
+            Run {
+                range,
+                write,
+                first_addr: range.start(),
+            },
+            epoch,
+        )?;
+        Counters::add(&self.inner.counters.prefetched, n);
+        Ok(n)
+    }
+
+    /// Services one run: splits it at region boundaries (creating regions
+    /// for pages no region covers) and runs the fault loop on each piece.
+    pub(super) fn service_run(&self, run: Run, epoch: u64) -> Result<u64, MirrorError> {
+        if run.range.end().0 > crate::addr::USER_VA_END {
+            // Kernel half (or a wild pointer): nothing can be mapped there.
+            return Err(MirrorError::DeviceFault {
+                addr: run.first_addr,
+                write: run.write,
+                reason: AccessError::Unmapped,
+            });
+        }
+        let inner = &*self.inner;
+        let cap = inner.lock().res.piece_pages(&inner.cfg) * PAGE_SIZE;
+        let mut pages_in = 0;
+        let mut at = run.range.start();
+        let mut released = 0;
+        while at < run.range.end() {
+            let (region_range, sub_ref) = self.region_for(at, run.write, epoch)?;
+            let end = region_range
+                .end()
+                .min(run.range.end())
+                .min(VirtAddr(at.0.saturating_add(cap)));
+            let piece = VaRange::new(at, end)?;
+            let first = if at == run.range.start() {
+                run.first_addr
+            } else {
+                at
+            };
+            match self.service_piece(&sub_ref, piece, run.write, first) {
+                Ok(n) => {
+                    pages_in += n;
+                    at = end;
+                }
+                // The round can take no more. What the run made resident so
+                // far counts; the rest faults again on replay
+                // (`Mirror::service` stops the round).
+                Err(MirrorError::PoolExhausted { .. }) if pages_in > 0 => return Ok(pages_in),
+                // The region died under us: find (or make) the one that
+                // covers `at` now. Bounded, like every retry here.
+                Err(MirrorError::RegionReleased { .. }) if released < 8 => released += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(pages_in)
+    }
+
+    /// The fault loop for one piece of one region.
+    fn service_piece(
+        &self,
+        sub: &SubscriptionRef<Region<B, H>>,
+        piece: VaRange,
+        write: bool,
+        first_addr: VirtAddr,
+    ) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        let read_mostly = {
+            // Already resident with the access needed (another run of this
+            // launch got there first): nothing to do, and no populate —
+            // which would count as a CPU write at the next sync point.
+            let dev = inner.lock();
+            if piece
+                .page_addrs()
+                .all(|va| dev.table.lookup(va).is_some_and(|p| p.writable() || !write))
+            {
+                return Ok(0);
+            }
+            dev.read_mostly.iter().any(|r| r.overlaps(piece))
+        };
+        let multi = inner.host.mirrors_attached() > 1;
+        if multi && (write || !read_mostly) {
+            // Single writer: drop every other device's copy first (ours are
+            // skipped by owner tag). They write back dirty data on it.
+            if let Ok(g) = inner.host.space().invalidate_start(
+                NotifierRange::new(piece, EventKind::Migrate).with_owner(inner.owner),
+            ) {
+                drop(g);
+            }
+        }
+        let flags = if write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::READ
+        };
+        let mut st = FaultLoopStats::default();
+        let copy_failures = std::cell::Cell::new(0u32);
+        let host = &*inner.host;
+        let res = fault_and_commit_with(
+            |r, f, out| host.range_fault_into(r, f, out),
+            sub.interval(),
+            piece,
+            flags,
+            inner.cfg.retry_timeout,
+            &mut st,
+            |seq, states| {
+                self.commit(Commit {
+                    region_start: sub.start,
+                    interval: sub.interval(),
+                    seq,
+                    piece,
+                    write,
+                    multi,
+                    states,
+                    copy_failures: &copy_failures,
+                })
+            },
+        );
+        Counters::add(&inner.counters.retries, st.busy + st.refused);
+        match res {
+            Ok(n) => Ok(n),
+            Err(MirrorFaultError::Fault(e)) => Err(MirrorError::from_fault(e, first_addr, write)),
+            Err(MirrorFaultError::Commit(e)) => Err(e),
+            Err(MirrorFaultError::Timeout { attempts, .. }) => Err(MirrorError::RetryTimeout {
+                addr: piece.start(),
+                attempts,
+            }),
+            Err(MirrorFaultError::Busy) => Err(MirrorError::RetryTimeout {
+                addr: piece.start(),
+                attempts: st.attempts,
+            }),
+        }
+    }
+
+    /// Under the driver lock: check the sequence, decide each page's
+    /// access, and let the residency install them. Returns pages installed.
+    fn commit(&self, c: Commit<'_>) -> Result<Attempt<u64>, MirrorError> {
+        let inner = &*self.inner;
+        let mut dev = inner.lock();
+        // Entries of zapped pages are cleared, and their memory released,
+        // before anything new is written: a clear retried later must never
+        // land after a newer entry.
+        inner.flush_or_fail(&mut dev)?;
+        if c.interval.read_retry(c.seq) {
+            return Ok(Attempt::Retry);
+        }
+        // A region that died (and may already be released: then no
+        // invalidation can reach it and read_retry stays quiet) must not
+        // get new entries.
+        let Some(region) = dev.regions.get_mut(&c.region_start).filter(|r| !r.dead) else {
+            return Err(MirrorError::RegionReleased {
+                addr: c.piece.start(),
+            });
+        };
+        let region_range = region.range;
+        // Read faults map writable only in regions that have been written
+        // by the device: data a kernel only reads then needs no twin, while
+        // a region a kernel writes pays one upgrade fault per page at most
+        // once, then maps writable straight away.
+        region.written |= c.write;
+        let region_written = region.written || dev.res.read_faults_map_writable();
+        let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(c.piece));
+        // Pages to install: not mapped, or mapped read-only but wanted for write.
+        let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
+        for (va, st) in c.piece.page_addrs().zip(c.states) {
+            let cpu_writable = match st {
+                PageState::Valid { writable } => *writable,
+                // Reads as zeros; its mapping may be read-only, and a write
+                // fault will upgrade it (with the permission check).
+                PageState::Zero => false,
+                // After a fault request every page is present or an error
+                // was returned; anything else means it vanished: retry.
+                _ => return Ok(Attempt::Retry),
+            };
+            let writable = if c.write {
+                true
+            } else {
+                cpu_writable && region_written && !read_mostly && !c.multi
+            };
+            match dev.table.lookup(va) {
+                Some(p) if p.writable() || !writable => {}
+                _ => todo.push((va, writable)),
+            }
+        }
+        if todo.is_empty() {
+            // Nothing copied, so nothing re-armed: populating for write may
+            // have resolved the pages' write protection, and the next sync
+            // point then drops their device copies — conservative. Re-arming
+            // here would also swallow a real CPU write made since the
+            // device copies were taken (found by `hmm-stress`).
+            return Ok(Attempt::Done(0));
+        }
+        let (mut cx, res) = dev.parts(inner);
+        res.install(
+            &mut cx,
+            Install {
+                region_start: c.region_start,
+                region: region_range,
+                todo: &todo,
+                write: c.write,
+                copy_failures: c.copy_failures,
+            },
+        )
+    }
+}
+
+/// One commit attempt of [`Mirror::commit`].
+struct Commit<'a> {
+    region_start: u64,
+    interval: &'a Interval,
+    seq: Seq,
+    piece: VaRange,
+    write: bool,
+    multi: bool,
+    states: &'a [PageState],
+    copy_failures: &'a std::cell::Cell<u32>,
+}

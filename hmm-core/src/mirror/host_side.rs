@@ -1,0 +1,189 @@
+//! [`HostSide`]: what a mirror needs from the CPU side, and nothing more.
+//!
+//! The mirror is generic over it so that the whole device-side protocol —
+//! fault service, every invalidation path including the destructive one
+//! that never waits, write-back and deferred release — can run against
+//! something other than the real process: an in-memory fake under `loom`
+//! (`tests/loom_mirror.rs`), where no userfaultfd, `/proc` or
+//! `process_vm_*` exists. [`HostSpace`] is the real implementation.
+//!
+//! The trait is consumer-shaped (rust-vmm's rule: small traits for
+//! consumers): each method is one thing the mirror does with the CPU side,
+//! named for what the mirror wants, not for how `HostSpace` does it.
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::cpu::host::{HostError, HostSpace};
+use crate::cpu::maps::Mapping;
+use crate::cpu::range_fault::{FaultError, FaultFlags, PageState};
+use crate::notifier::AddressSpace;
+
+/// Whether a watch asks for CPU writes to be tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteTracking {
+    /// CPU writes become `CpuWrite` invalidations at the next sync point
+    /// (device copies go stale when the CPU writes).
+    Tracked,
+    /// Kernel events only (the device reads the CPU's own pages).
+    Untracked,
+}
+
+/// The CPU side of a mirror: notifier registry, mappings, page snapshots,
+/// kernel-event watches, write tracking and the copies to and from CPU
+/// memory.
+///
+/// Every method may be called with the mirror's driver lock held, except
+/// [`HostSide::sync_point`], [`HostSide::watch`] and [`HostSide::unwatch`],
+/// which the mirror calls without it (they may wait for the event monitor,
+/// whose invalidations take that lock).
+pub trait HostSide: Send + Sync + 'static {
+    /// The interval-notifier registry regions subscribe to.
+    fn space(&self) -> &AddressSpace;
+
+    /// The start-of-launch sync point: CPU writes to tracked ranges since
+    /// the last one become `CpuWrite` invalidations. Returns the pages
+    /// invalidated.
+    fn sync_point(&self) -> Result<u64, HostError>;
+
+    /// Starts delivering kernel events (unmap, remap, remove) for `range`
+    /// as invalidations, and tracking CPU writes there if asked.
+    fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError>;
+
+    /// Ends one [`HostSide::watch`] of exactly `range` made with the same
+    /// `writes`.
+    fn unwatch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError>;
+
+    /// Re-arms write tracking of `pages` (sorted, page-aligned): the mirror
+    /// is about to copy them, or has just written them itself, and a CPU
+    /// write from now on must be reported by the next sync point.
+    fn rearm(&self, pages: &[VirtAddr]) -> Result<(), HostError>;
+
+    /// The mapping containing `addr`, read fresh where the cache is not
+    /// trusted.
+    fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, HostError>;
+
+    /// Starts a fault-service round: mapping lookups with the returned
+    /// epoch are at least as fresh as this call.
+    fn new_epoch(&self) -> u64;
+
+    /// The mapping containing `addr`, read during epoch `epoch` or later.
+    fn lookup_in_epoch(&self, addr: VirtAddr, epoch: u64) -> Result<Option<Mapping>, HostError>;
+
+    /// Forgets what is known about the mappings of `range` (the next lookup
+    /// reads them again): the mirror saw evidence they changed.
+    fn forget_mappings(&self, range: VaRange);
+
+    /// One `range_fault` snapshot of `range` (the `hmm_range_fault`
+    /// analogue), written into `out` (cleared first).
+    fn range_fault_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError>;
+
+    /// How many mirrors follow this host now.
+    fn mirrors_attached(&self) -> usize;
+    /// A mirror starts following this host.
+    fn attach_mirror(&self);
+    /// A mirror stops following this host.
+    fn detach_mirror(&self);
+
+    /// Reads the pages at `srcs` into consecutive 4 KiB chunks of `staging`
+    /// (which holds at least `srcs.len()` pages); `ok[k]` tells whether page
+    /// `k` was read (a page that vanished is not, and its chunk is zeroed).
+    /// Never faults the process.
+    fn read_pages(&self, srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<bool>);
+
+    /// [`HostSide::read_pages`] into the 4 KiB at each `dsts[k]`.
+    ///
+    /// # Safety
+    ///
+    /// Every `dsts[k]` is valid for writes of 4096 bytes, the destinations
+    /// are pairwise disjoint and disjoint from every source page, and
+    /// nothing else reads or writes them during the call.
+    unsafe fn read_pages_to(&self, srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>);
+
+    /// Writes each `(dst, bytes)` run to CPU memory, skipping runs whose
+    /// pages are gone; returns how many runs were written. Never faults the
+    /// process.
+    fn write_runs(&self, runs: &[(VirtAddr, &[u8])]) -> usize;
+}
+
+impl HostSide for HostSpace {
+    fn space(&self) -> &AddressSpace {
+        HostSpace::space(self)
+    }
+
+    fn sync_point(&self) -> Result<u64, HostError> {
+        HostSpace::sync_point(self)
+    }
+
+    fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
+        match writes {
+            WriteTracking::Tracked => HostSpace::watch(self, range),
+            WriteTracking::Untracked => self.watch_untracked(range),
+        }
+    }
+
+    fn unwatch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
+        match writes {
+            WriteTracking::Tracked => HostSpace::unwatch(self, range),
+            WriteTracking::Untracked => self.unwatch_untracked(range),
+        }
+    }
+
+    fn rearm(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
+        self.rearm_after_writeback(pages)
+    }
+
+    fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, HostError> {
+        HostSpace::lookup(self, addr)
+    }
+
+    fn new_epoch(&self) -> u64 {
+        self.maps().new_epoch()
+    }
+
+    fn lookup_in_epoch(&self, addr: VirtAddr, epoch: u64) -> Result<Option<Mapping>, HostError> {
+        Ok(self.maps().lookup_in_epoch(addr, epoch)?)
+    }
+
+    fn forget_mappings(&self, range: VaRange) {
+        self.maps().invalidate(range)
+    }
+
+    fn range_fault_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError> {
+        self.faulter().range_fault_into(range, flags, out)
+    }
+
+    fn mirrors_attached(&self) -> usize {
+        HostSpace::mirrors_attached(self)
+    }
+
+    fn attach_mirror(&self) {
+        HostSpace::attach_mirror(self)
+    }
+
+    fn detach_mirror(&self) {
+        HostSpace::detach_mirror(self)
+    }
+
+    fn read_pages(&self, srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<bool>) {
+        super::hostcopy::read_pages(srcs, staging, ok)
+    }
+
+    unsafe fn read_pages_to(&self, srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>) {
+        // SAFETY: the caller upholds `read_pages_to`'s contract, which is
+        // this method's.
+        unsafe { super::hostcopy::read_pages_to(srcs, dsts, ok) }
+    }
+
+    fn write_runs(&self, runs: &[(VirtAddr, &[u8])]) -> usize {
+        super::hostcopy::write_runs(runs)
+    }
+}

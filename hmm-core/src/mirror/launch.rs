@@ -1,0 +1,170 @@
+//! A launch, step by step ([`Mirror::launch`]).
+//!
+//! 1. **Sync point (start).** CPU writes to mirrored pages since the last
+//!    sync point become `CpuWrite` invalidations of exactly those pages, so
+//!    the device never reads a copy older than the CPU's data at launch.
+//! 2. **Submit** every invocation (after the queued entry writes are
+//!    flushed: a device that cannot clear entries runs nothing). An
+//!    invocation that touches an address whose entry is missing (or
+//!    read-only, for a write) stops and leaves a fault record.
+//! 3. **Fault service** (`fault_service`) of the validated records.
+//! 4. **Replay** only the invocations that faulted, until none does.
+//! 5. **Sync point (end).** Device-dirty pages are written back, so when
+//!    `launch` returns the CPU sees every device write — or the launch
+//!    returns the error that kept it from doing so.
+
+use super::args::KernelArgs;
+use super::backend::{Backend, Invocations};
+use super::config::LaunchReport;
+use super::error::MirrorError;
+use super::faults;
+use super::format::Pte;
+use super::handle::Mirror;
+use super::host_side::HostSide;
+use super::stats::Counters;
+use crate::addr::{VaRange, VirtAddr};
+use crate::sync::lock;
+
+impl<B: Backend, H: HostSide> Mirror<B, H> {
+    /// Runs `kernel` over invocations `0..n` with `args`, servicing device
+    /// faults and replaying the invocations that faulted until all have
+    /// completed. On return the CPU sees every device write.
+    ///
+    /// Sync points: at the start, CPU writes since the last sync point are
+    /// invalidated (device copies of those pages are dropped); at the end,
+    /// device-dirty pages are written back.
+    ///
+    /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
+    /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
+    pub fn launch(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: impl KernelArgs,
+    ) -> Result<LaunchReport, MirrorError> {
+        args.with_words(|words| self.launch_words(kernel, n, words))
+    }
+
+    fn launch_words(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: &[u64],
+    ) -> Result<LaunchReport, MirrorError> {
+        self.same_process()?;
+        let inner = &*self.inner;
+        let _serial = lock(&inner.launch);
+        inner.lock().health.check()?;
+        Counters::add(&inner.counters.launches, 1);
+        let mut report = LaunchReport {
+            cpu_written_pages: inner.host.sync_point()?,
+            ..LaunchReport::default()
+        };
+        let res = self.launch_rounds(kernel, n, args, &mut report);
+        // Whatever happened, invocations that completed may have left dirty
+        // pages: the CPU must see them (and a later sync point must not
+        // mistake them for stale copies). A write-back failure outranks the
+        // launch's own result: it means device writes did not reach the CPU.
+        let written = self.write_back_all();
+        res.and(written.map(|n| {
+            report.pages_out = n;
+            report
+        }))
+    }
+
+    fn launch_rounds(
+        &self,
+        kernel: &B::Kernel,
+        n: u32,
+        args: &[u64],
+        report: &mut LaunchReport,
+    ) -> Result<(), MirrorError> {
+        let inner = &*self.inner;
+        let mut replay: Vec<u32> = Vec::new();
+        let mut first = true;
+        let mut replays = 0u32;
+        loop {
+            let inv = if first {
+                Invocations::All(n)
+            } else {
+                Invocations::Only(&replay)
+            };
+            let id = {
+                let mut dev = inner.lock();
+                inner.flush_or_fail(&mut dev)?;
+                let id = inner.backend.launch(kernel, inv, args)?;
+                dev.inflight = Some(id);
+                id
+            };
+            report.submissions += 1;
+            Counters::add(&inner.counters.submissions, 1);
+            let waited = inner.backend.wait(id, None);
+            // Forget the submission before taking its outcome, so no
+            // callback asks the backend about an id whose outcome is gone.
+            {
+                let mut dev = inner.lock();
+                dev.inflight = None;
+                // A failure stays queued; the next submission's flush stops
+                // the launch if it persists.
+                inner.flush_quietly(&mut dev);
+            }
+            let outcome = inner.backend.take_outcome(id);
+            waited?;
+            let mut outcome = outcome?;
+            if outcome.incomplete.is_empty() {
+                break;
+            }
+            if replays >= inner.cfg.max_replays {
+                return Err(MirrorError::NoProgress { replays });
+            }
+            // Replay only invocations that were submitted in this round: a
+            // device reporting others (garbage) must not make us run
+            // invocations twice or outside 0..n.
+            let before = outcome.incomplete.len();
+            outcome.incomplete.sort_unstable();
+            outcome.incomplete.dedup();
+            if first {
+                outcome.incomplete.retain(|&i| i < n);
+            } else {
+                outcome
+                    .incomplete
+                    .retain(|i| replay.binary_search(i).is_ok());
+            }
+            let bogus_ids = (before - outcome.incomplete.len()) as u64;
+            Counters::add(&inner.counters.garbage_faults, bogus_ids);
+            if outcome.incomplete.is_empty() {
+                break;
+            }
+            let mut pf = Vec::new();
+            let garbage = faults::validate(&outcome.faults, &mut outcome.incomplete, &mut pf);
+            Counters::add(&inner.counters.garbage_faults, garbage);
+            if pf.is_empty() {
+                return Err(MirrorError::UnusableFaults {
+                    incomplete: outcome.incomplete.len(),
+                    garbage,
+                });
+            }
+            report.faults += pf.len() as u64;
+            Counters::add(&inner.counters.faults, pf.len() as u64);
+            report.pages_in += self.service(&pf)?;
+            replay = outcome.incomplete;
+            first = false;
+            replays += 1;
+            Counters::add(&inner.counters.replays, 1);
+        }
+        Ok(())
+    }
+
+    /// Writes every device-dirty page back (the end-of-launch sync point).
+    fn write_back_all(&self) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        let mut dev = inner.lock();
+        let pages: Vec<(VirtAddr, Pte)> = dev
+            .table
+            .mapped_in(VaRange::everything())
+            .filter(|(_, p)| p.writable())
+            .collect();
+        let (mut cx, res) = dev.parts(inner);
+        res.write_back(&mut cx, &pages)
+    }
+}

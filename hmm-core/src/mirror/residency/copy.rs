@@ -1,0 +1,647 @@
+//! Copy mode: a mirrored page is a copy in a device pool slot.
+//!
+//! - **Install** copies the CPU pages into fresh slots (evicting by CLOCK
+//!   over accessed bits when the pool is full, dirty pages written back
+//!   first), keeps a *twin* of every page mapped writable, and writes the
+//!   entries.
+//! - **Write-back** stores only the byte runs where the device copy differs
+//!   from its twin (the twin/diff technique of software distributed shared
+//!   memory, TreadMarks), so CPU writes to other bytes of the same page made
+//!   during a launch are never overwritten with stale data. Writes go
+//!   through the host's fault-proof copy, so a page the kernel already
+//!   unmapped is skipped rather than faulted on.
+//! - **Slots are freed only after their entries are confirmed cleared**
+//!   ([`Residency::retire`] quarantines, [`Residency::entries_cleared`]
+//!   frees; see the `residency` module docs).
+//!
+//! **Residual window, stated honestly:** userfaultfd reports an unmap only
+//! after it happened, and the unmapping thread resumes when the event is
+//! read. Between the kernel's unmap and our reading of the event, another
+//! thread could map new memory at the same address; a write-back in that
+//! window (which needs a launch that is still writing memory the
+//! application is freeing — a use-after-free in the application) could
+//! land there. The unmapping thread itself cannot: it is blocked until the
+//! event is read, and the invalidation starts immediately after.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{Install, Residency};
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::chunk::choose_chunk;
+use crate::cpu::range_fault::PageState;
+use crate::mirror::backend::{Backend, BackendError, DeviceToHost, HostToDevice, PteLoc, PteWrite};
+use crate::mirror::config::MirrorConfig;
+use crate::mirror::error::{AccessError, MirrorError};
+use crate::mirror::faults::PageFault;
+use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
+use crate::mirror::host_side::{HostSide, WriteTracking};
+use crate::mirror::hostcopy;
+use crate::mirror::pool::PagePool;
+use crate::mirror::state::{zap, Cx, RegionSlot};
+use crate::mirror::stats::Counters;
+use crate::mirror::twins::Twins;
+use crate::notifier::Attempt;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Pages moved per copy batch. Staging buffers are allocated once at this
+/// size and never grow: invalidation callbacks must not free heap memory
+/// other threads allocated (see `twins`), and a buffer that never grows is
+/// never reallocated.
+pub(crate) const STAGE_PAGES: usize = 512;
+
+/// The copy-mode residency.
+pub(crate) struct CopyPool {
+    pool: PagePool,
+    /// Slots of pinned pages: never evicted, never freed by a zap.
+    pinned: HashSet<PoolSlot>,
+    /// Slots whose entries left the shadow table but are not yet confirmed
+    /// cleared on the device: not free, not evictable.
+    quarantine: HashSet<PoolSlot>,
+    /// For every slot mapped writable: the page as the device got it (or
+    /// as last written back).
+    twins: Twins,
+    staging: Vec<u8>,
+    ok: Vec<bool>,
+    /// Scratch for write-back verification (preallocated, never grows).
+    verify: Vec<u8>,
+}
+
+impl CopyPool {
+    /// A pool of `slots`, checked against the device's `max` (also
+    /// reserving address space for the twins).
+    pub fn new(slots: u32, max: u32) -> Result<Self, MirrorError> {
+        if slots > max {
+            return Err(MirrorError::Config(format!(
+                "pool of {slots} slots exceeds the device's {max}"
+            )));
+        }
+        Ok(CopyPool {
+            pool: PagePool::new(slots),
+            pinned: HashSet::new(),
+            quarantine: HashSet::new(),
+            twins: Twins::new(slots).ok_or_else(|| {
+                MirrorError::Config("cannot reserve address space for twin pages".into())
+            })?,
+            staging: vec![0; STAGE_PAGES * PAGE],
+            ok: Vec::with_capacity(STAGE_PAGES),
+            verify: vec![0; STAGE_PAGES * PAGE],
+        })
+    }
+
+    fn exhausted(&self, needed: u64) -> MirrorError {
+        MirrorError::PoolExhausted {
+            needed,
+            capacity: self.pool.capacity(),
+        }
+    }
+
+    /// A free slot for `va`, evicting if the pool is full. `keep`: slots
+    /// eviction must not pick (those of the pages being installed now).
+    fn alloc_slot<B: Backend, H: HostSide>(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        va: VirtAddr,
+        keep: &HashSet<PoolSlot>,
+    ) -> Result<PoolSlot, MirrorError> {
+        if let Some(s) = self.pool.alloc(va) {
+            return Ok(s);
+        }
+        let (table, backend) = (&*cx.table, cx.backend);
+        let (pinned, quarantine) = (&self.pinned, &self.quarantine);
+        let victim = self.pool.pick_victim(
+            |_slot, owner| {
+                let Some(loc) = table.leaf_loc(owner) else {
+                    return false;
+                };
+                let mut old = Vec::with_capacity(1);
+                // An unreadable bit reads as "not young": CLOCK is advice.
+                backend.clear_pte_bits(&[loc], ACCESSED, &mut old).is_ok()
+                    && old.first().is_some_and(|p| p.accessed())
+            },
+            |slot| pinned.contains(&slot) || keep.contains(&slot) || quarantine.contains(&slot),
+        );
+        let owner = victim.and_then(|v| self.pool.owner(v));
+        let Some(owner) = owner else {
+            return Err(self.exhausted(1));
+        };
+        let page = VaRange::from_start_len(owner, PAGE_SIZE)?;
+        zap(cx, self, page, true)?;
+        Counters::add(&cx.counters.evictions, 1);
+        self.pool.alloc(va).ok_or_else(|| self.exhausted(1))
+    }
+
+    /// Undoes a partial install of `todo` into `slots`: zaps (without
+    /// write-back: nothing ran on them) the pages of this attempt that got
+    /// mapped, frees the fresh slots that did not, drops their twins.
+    fn undo_install<B: Backend, H: HostSide>(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        todo: &[(VirtAddr, bool)],
+        slots: &[PoolSlot],
+    ) {
+        for ((va, _), s) in todo.iter().zip(slots) {
+            match cx.table.lookup(*va) {
+                Some(p) if p.slot() == *s => {
+                    if let Ok(page) = VaRange::from_start_len(*va, PAGE_SIZE) {
+                        // Its clear stays queued if it fails (latched).
+                        let _ = zap(cx, self, page, false);
+                    }
+                }
+                _ => {
+                    // Never named by any entry this attempt wrote.
+                    self.twins.remove(*s);
+                    self.pool.free(*s);
+                }
+            }
+        }
+    }
+
+    /// [`Residency::write_back`] for at most `STAGE_PAGES` pages.
+    fn write_back_chunk<B: Backend, H: HostSide>(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        pages: &[(VirtAddr, Pte)],
+    ) -> Result<u64, MirrorError> {
+        let cand: Vec<(VirtAddr, PteLoc)> = pages
+            .iter()
+            .filter(|(_, p)| p.writable())
+            .filter_map(|(va, _)| cx.table.leaf_loc(*va).map(|l| (*va, l)))
+            .collect();
+        if cand.is_empty() {
+            return Ok(0);
+        }
+        let locs: Vec<PteLoc> = cand.iter().map(|c| c.1).collect();
+        // Read DIRTY, copy, and only then clear it: a failed copy must not
+        // leave the pages marked clean. (The device is idle here, so no
+        // write can land between the copy and the clear.) Both device
+        // calls are retried once; a device that cannot give back the data
+        // it holds is lost, and the loss is reported, never skipped.
+        let mut old = Vec::with_capacity(locs.len());
+        if let Err(e) = retry_once(|| {
+            old.clear();
+            cx.backend.read_ptes(&locs, &mut old)
+        }) {
+            return Err(lost(cx, "reading dirty bits for write-back", e));
+        }
+        let dirty: Vec<(VirtAddr, PteLoc, PoolSlot)> = cand
+            .iter()
+            .zip(&old)
+            .filter(|(_, p)| p.dirty())
+            .map(|((va, loc), p)| (*va, *loc, p.slot()))
+            .collect();
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        // A host-addressable pool is read in place; otherwise the pages
+        // come out through the staging buffer.
+        let direct: Option<Vec<*const u8>> = dirty
+            .iter()
+            .map(|(_, _, s)| cx.backend.host_slot(*s).map(|p| p.as_ptr().cast_const()))
+            .collect();
+        if direct.is_none() {
+            let staging = &mut self.staging;
+            let batch: Vec<DeviceToHost> = dirty
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, slot))| DeviceToHost {
+                    slot: *slot,
+                    dst: staging[i * PAGE..].as_mut_ptr(),
+                })
+                .collect();
+            // SAFETY: each `dst` is a distinct 4 KiB chunk of `staging`,
+            // which we hold mutably and which outlives the call; launches
+            // are serialised and the device is idle for these slots
+            // (callers waited for the in-flight submission or run between
+            // submissions).
+            if let Err(e) = retry_once(|| unsafe { cx.backend.copy_to_host(&batch) }) {
+                return Err(lost(cx, "copying dirty pages back", e));
+            }
+        }
+        let staging = &self.staging;
+        let pages: Vec<&[u8]> = match &direct {
+            Some(ptrs) => ptrs
+                .iter()
+                // SAFETY: 4 KiB per slot vouched for by the backend
+                // (`host_slot`); the device is idle for these slots (as for
+                // `copy_to_host` above), so nothing writes them while these
+                // borrows live, which end before this function returns.
+                .map(|p| unsafe { std::slice::from_raw_parts(*p, PAGE) })
+                .collect(),
+            None => staging.chunks_exact(PAGE).take(dirty.len()).collect(),
+        };
+        // The data is out: a DIRTY bit left set only means the page is
+        // compared with its twin again next time (an equal page writes
+        // nothing), so a failure here costs time, not data.
+        let dirty_locs: Vec<PteLoc> = dirty.iter().map(|d| d.1).collect();
+        let mut cleared = Vec::with_capacity(dirty_locs.len());
+        let _ = cx.backend.clear_pte_bits(&dirty_locs, DIRTY, &mut cleared);
+        // Only the bytes the device changed go back.
+        let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
+        let mut diff = Vec::new();
+        let mut touched: Vec<usize> = Vec::new();
+        for (i, (va, _, slot)) in dirty.iter().enumerate() {
+            let page = pages[i];
+            diff.clear();
+            match self.twins.get(*slot) {
+                Some(t) => hostcopy::diff_runs(t, page, &mut diff),
+                // No twin (pinned pages): the whole page.
+                None => diff.push((0, PAGE)),
+            }
+            if !diff.is_empty() {
+                touched.push(i);
+            }
+            for (off, len) in &diff {
+                runs.push((VirtAddr(va.0 + *off as u64), &page[*off..*off + *len]));
+            }
+        }
+        cx.host.write_runs(&runs);
+        for (i, (_, _, slot)) in dirty.iter().enumerate() {
+            if self.twins.get(*slot).is_some() {
+                self.twins.set(*slot, pages[i]);
+            }
+        }
+        // Our own write is not a CPU write: re-protect the pages so the next
+        // sync point does not drop the copies it just made equal. Protect
+        // first, then read the pages back: a CPU write after the protection
+        // is reported by the next sync point anyway, and one that landed
+        // between our write and the protection (the CPU wrote other bytes of
+        // the page during the launch) shows as a difference — those device
+        // copies are stale and are dropped right here. (Verifying before
+        // protecting, as this code once did, lost a CPU write landing
+        // between the two.) A failed re-arm leaves the pages reported as
+        // written: their copies are dropped at the next sync point, which
+        // is merely conservative.
+        let check: Vec<VirtAddr> = touched.iter().map(|&i| dirty[i].0).collect();
+        let _ = cx.host.rearm(&check);
+        let mut vok = Vec::new();
+        cx.host.read_pages(&check, &mut self.verify, &mut vok);
+        let stale: Vec<VirtAddr> = touched
+            .iter()
+            .enumerate()
+            .filter(|(k, &i)| !vok[*k] || self.verify[k * PAGE..(k + 1) * PAGE] != *pages[i])
+            .map(|(_, &i)| dirty[i].0)
+            .collect();
+        let n = check.len() as u64;
+        Counters::add(&cx.counters.pages_out, n);
+        for va in stale {
+            let page = VaRange::from_start_len(va, PAGE_SIZE)?;
+            // Already written back: drop without writing again.
+            zap(cx, self, page, false)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Runs a device call, and once more if it fails.
+fn retry_once(mut f: impl FnMut() -> Result<(), BackendError>) -> Result<(), BackendError> {
+    f().or_else(|_| f())
+}
+
+/// Declares the device lost: it holds data it cannot give back.
+fn lost<B: Backend, H: HostSide>(
+    cx: &mut Cx<'_, B, H>,
+    what: &str,
+    e: BackendError,
+) -> MirrorError {
+    Counters::add(&cx.counters.device_errors, 1);
+    cx.health.lose(format!(
+        "{what} failed twice ({e}); device-written data not yet on the CPU is lost"
+    ))
+}
+
+impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
+    fn writes(&self) -> WriteTracking {
+        WriteTracking::Tracked
+    }
+
+    fn read_faults_map_writable(&self) -> bool {
+        false
+    }
+
+    fn pool_slots(&self) -> u32 {
+        self.pool.capacity()
+    }
+
+    fn choose_region(
+        &self,
+        at: VirtAddr,
+        mapping: VaRange,
+        regions: &BTreeMap<u64, RegionSlot<B, H>>,
+        cfg: &MirrorConfig,
+    ) -> Option<VaRange> {
+        choose_chunk(at, mapping, &cfg.chunk_sizes, |cand| {
+            regions
+                .range(..cand.end().0)
+                .next_back()
+                .is_some_and(|(_, r)| r.range.overlaps(cand))
+                || regions.range(cand.start().0..cand.end().0).next().is_some()
+        })
+        .ok()
+    }
+
+    fn piece_pages(&self, cfg: &MirrorConfig) -> u64 {
+        // One install must fit the pool with room to evict: half the pool,
+        // at most one staging batch, at least one page.
+        u64::from(cfg.pool_slots / 2).min(STAGE_PAGES as u64).max(1)
+    }
+
+    fn begin_round(&mut self) {}
+
+    fn plan_round(&mut self, pf: &mut Vec<PageFault>) {
+        // Oversubscription: a round that maps more pages than half the
+        // evictable pool evicts its own earlier pages (they are not yet
+        // accessed, so CLOCK takes them first) and the replay faults on
+        // them again — a livelock once the faulting working set exceeds
+        // the pool. Service the lowest pages that fit; the other
+        // invocations are in the replay list anyway and fault again next
+        // round, so every round completes some.
+        let evictable = (self.pool.capacity() as usize).saturating_sub(self.pinned.len());
+        pf.truncate((evictable / 2).max(1));
+    }
+
+    fn install(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        req: Install<'_>,
+    ) -> Result<Attempt<u64>, MirrorError> {
+        let todo = req.todo;
+        // Slots eviction must leave alone: those of pages being upgraded and
+        // those allocated for this run so far.
+        let mut keep: HashSet<PoolSlot> = todo
+            .iter()
+            .filter_map(|(va, _)| cx.table.lookup(*va))
+            .map(|p| p.slot())
+            .collect();
+        let mut slots = Vec::with_capacity(todo.len());
+        let mut upgrades = false;
+        for (va, _) in todo {
+            match cx.table.lookup(*va) {
+                Some(p) => {
+                    // read-only → writable upgrade reuses the slot
+                    upgrades = true;
+                    slots.push(p.slot());
+                }
+                None => match self.alloc_slot(cx, *va, &keep) {
+                    Ok(s) => {
+                        keep.insert(s);
+                        slots.push(s);
+                    }
+                    Err(e) => {
+                        for (s, (va, _)) in slots.iter().zip(todo) {
+                            if cx.table.lookup(*va).is_none() {
+                                self.pool.free(*s);
+                            }
+                        }
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        // Write-protect the pages *before* copying them: populating for
+        // write resolved their protection (the next sync point would take
+        // it for a CPU write), and any CPU write from here on must be seen
+        // by the next sync point. Protecting after the copy swallowed a CPU
+        // write landing between the copy and the protection (`hmm-stress`
+        // found it). A failed protect leaves the pages reported as written:
+        // conservative.
+        //
+        // A read fault populates for read, which leaves the protection
+        // alone: its pages are still armed unless the CPU wrote them since —
+        // and such a page stays reported as written until the next sync
+        // point drops its device copy, which is merely conservative. So only
+        // write faults re-arm.
+        let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
+        if req.write {
+            let _ = cx.host.rearm(&addrs);
+        }
+        // Copy in: straight into the slots when the pool is host memory and
+        // every slot is fresh (a failed read then only spoils slots that
+        // are freed again; an upgraded slot still backs a read-only entry),
+        // else through the staging buffer.
+        let direct: Option<Vec<*mut u8>> = if upgrades {
+            None
+        } else {
+            slots
+                .iter()
+                .map(|s| cx.backend.host_slot(*s).map(|p| p.as_ptr()))
+                .collect()
+        };
+        match &direct {
+            // SAFETY: the backend vouches for 4 KiB of writable memory per
+            // slot (`Backend::host_slot`); the slots are distinct, fresh and
+            // unused by device work (none is in flight during fault
+            // service); pool memory is never a mirrored CPU page.
+            Some(dsts) => unsafe { cx.host.read_pages_to(&addrs, dsts, &mut self.ok) },
+            None => cx.host.read_pages(&addrs, &mut self.staging, &mut self.ok),
+        }
+        if let Some(i) = self.ok.iter().position(|b| !*b) {
+            // A page went away under us: its invalidation is on its way.
+            self.undo_install(cx, todo, &slots);
+            // Unless it did not: memory the kernel lets no one else read
+            // (`memfd_secret`) stays mapped and present but cannot be
+            // copied. After a few failures, a fresh look at the mappings
+            // tells the two apart: still mapped readable means the page
+            // cannot be mirrored — a typed error now, not a retry loop
+            // spinning until the timeout.
+            req.copy_failures.set(req.copy_failures.get() + 1);
+            if req.copy_failures.get() >= 3 {
+                let va = addrs[i];
+                if let Ok(page) = VaRange::from_start_len(va, PAGE_SIZE) {
+                    cx.host.forget_mappings(page);
+                }
+                if cx.host.lookup(va).ok().flatten().is_some_and(|m| m.read) {
+                    return Err(MirrorError::DeviceFault {
+                        addr: va,
+                        write: req.write,
+                        reason: AccessError::BadPage,
+                    });
+                }
+            }
+            return Ok(Attempt::Retry);
+        }
+        if direct.is_none() {
+            let batch: Vec<HostToDevice> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| HostToDevice {
+                    slot: *s,
+                    src: self.staging[i * PAGE..].as_ptr(),
+                })
+                .collect();
+            // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
+            // unmodified for the call; the destination slots are freshly
+            // allocated or belong to pages being upgraded, which no device
+            // work uses (launches are serialised and none is in flight
+            // during fault service).
+            if let Err(e) = unsafe { cx.backend.copy_to_device(&batch) } {
+                self.undo_install(cx, todo, &slots);
+                return Err(e.into());
+            }
+        }
+        for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
+            if *writable {
+                match &direct {
+                    // SAFETY: the slot's 4 KiB were just written by the
+                    // read above and no device work touches them yet; the
+                    // backend vouches for their validity (`host_slot`).
+                    Some(d) => self
+                        .twins
+                        .set(*s, unsafe { std::slice::from_raw_parts(d[i], PAGE) }),
+                    None => self.twins.set(*s, &self.staging[i * PAGE..(i + 1) * PAGE]),
+                }
+            }
+        }
+        let mut writes: Vec<PteWrite> = Vec::new();
+        let mut failed = None;
+        for ((va, writable), s) in todo.iter().zip(&slots) {
+            if let Err(e) = cx.table.map(*va, Pte::leaf(*s, *writable), &mut writes) {
+                failed = Some(MirrorError::from(e));
+                break;
+            }
+        }
+        if let Err(e) = cx.backend.write_ptes(&writes) {
+            Counters::add(&cx.counters.device_errors, 1);
+            failed.get_or_insert(e.into());
+        }
+        if let Some(e) = failed {
+            // Leave nothing half-installed: unmap what was mapped (its
+            // clears queued: the device may hold part of the batch), free
+            // the slots and twins this attempt took.
+            self.undo_install(cx, todo, &slots);
+            return Err(e);
+        }
+        Counters::add(&cx.counters.pages_in, todo.len() as u64);
+        Ok(Attempt::Done(todo.len() as u64))
+    }
+
+    fn write_back(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        pages: &[(VirtAddr, Pte)],
+    ) -> Result<u64, MirrorError> {
+        let mut n = 0;
+        for c in pages.chunks(STAGE_PAGES) {
+            n += self.write_back_chunk(cx, c)?;
+        }
+        Ok(n)
+    }
+
+    fn retire(&mut self, removed: &[(VirtAddr, Pte)]) {
+        for (_, pte) in removed {
+            self.twins.remove(pte.slot());
+            if !self.pinned.contains(&pte.slot()) {
+                self.quarantine.insert(pte.slot());
+            }
+        }
+    }
+
+    fn entries_cleared(&mut self, _backend: &B) -> Result<(), BackendError> {
+        for s in self.quarantine.drain() {
+            self.pool.free(s);
+        }
+        Ok(())
+    }
+
+    fn destructive(
+        &mut self,
+        _regions: &BTreeMap<u64, RegionSlot<B, H>>,
+        _region_start: u64,
+        hit: VaRange,
+    ) -> VaRange {
+        hit
+    }
+
+    fn pin(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        range: VaRange,
+        states: &[PageState],
+        writable: bool,
+    ) -> Result<(), MirrorError> {
+        let need = range.pages();
+        let free = |p: &PagePool| u64::from(p.capacity() - p.used());
+        if free(&self.pool) < need {
+            // Evict unpinned pages until enough slots are free: hold the
+            // slots gained (alloc_slot evicts only when none is free), then
+            // release them together.
+            let mut held = Vec::new();
+            let mut keep = HashSet::new();
+            while free(&self.pool) + (held.len() as u64) < need {
+                match self.alloc_slot(cx, range.start(), &keep) {
+                    Ok(s) => {
+                        keep.insert(s);
+                        held.push(s);
+                    }
+                    Err(_) => break,
+                }
+            }
+            for s in held {
+                self.pool.free(s);
+            }
+        }
+        if free(&self.pool) < need {
+            return Err(self.exhausted(need));
+        }
+        let addrs: Vec<VirtAddr> = range.page_addrs().collect();
+        let mut slots = Vec::with_capacity(addrs.len());
+        for va in &addrs {
+            if cx.table.lookup(*va).is_some() {
+                // Already mirrored on demand: drop that copy first.
+                zap(cx, self, VaRange::from_start_len(*va, PAGE_SIZE)?, true)?;
+            }
+            let s = self.pool.alloc(*va).ok_or_else(|| self.exhausted(1))?;
+            self.pinned.insert(s);
+            slots.push(s);
+        }
+        for (addrs, slots) in addrs.chunks(STAGE_PAGES).zip(slots.chunks(STAGE_PAGES)) {
+            let direct: Option<Vec<*mut u8>> = slots
+                .iter()
+                .map(|s| cx.backend.host_slot(*s).map(|p| p.as_ptr()))
+                .collect();
+            if let Some(dsts) = direct {
+                // Host-addressable pool: one copy, straight into the slots.
+                // SAFETY: 4 KiB per slot vouched for by the backend
+                // (`host_slot`); the slots are distinct, freshly allocated
+                // and unused by device work, as `copy_to_device` requires.
+                unsafe { cx.host.read_pages_to(addrs, &dsts, &mut self.ok) };
+                continue;
+            }
+            cx.host.read_pages(addrs, &mut self.staging, &mut self.ok);
+            let batch: Vec<HostToDevice> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| HostToDevice {
+                    slot: *s,
+                    src: self.staging[i * PAGE..].as_ptr(),
+                })
+                .collect();
+            // SAFETY: as in `install`: staging chunks alive for the call,
+            // slots fresh and unused by device work.
+            unsafe { cx.backend.copy_to_device(&batch)? };
+        }
+        let mut writes = Vec::new();
+        for ((va, s), st) in addrs.iter().zip(&slots).zip(states) {
+            let w = writable && st.is_writable();
+            cx.table
+                .map(*va, Pte::leaf(*s, w || writable), &mut writes)?;
+        }
+        cx.backend.write_ptes(&writes)?;
+        Counters::add(&cx.counters.pages_in, addrs.len() as u64);
+        Ok(())
+    }
+
+    fn unpin(&mut self, pages: &[(VirtAddr, Pte)]) {
+        for (_, pte) in pages {
+            self.pinned.remove(&pte.slot());
+        }
+    }
+
+    fn usage(&self) -> (u64, u64) {
+        (u64::from(self.pool.used()), u64::from(self.pool.capacity()))
+    }
+
+    fn teardown(&mut self) {
+        self.pinned.clear();
+    }
+}

@@ -1,0 +1,223 @@
+//! Residency: where a mirrored page lives on the device, and how it gets
+//! there and back.
+//!
+//! Everything else in the mirror — launches, fault batching, regions, the
+//! invalidation protocol, pinning's bookkeeping, statistics — is shared and
+//! asks a [`Residency`] the mode-specific questions. The implementation is
+//! chosen once, in [`Mirror::new`](super::Mirror::new), from what the
+//! backend offers:
+//!
+//! | implementation | backend | a mirrored page is… |
+//! |---|---|---|
+//! | [`copy::CopyPool`] | a pool of device slots | a copy in a pool slot, with a twin for byte-exact write-back |
+//! | [`windows::HostWindows`] | [`host_windows`](super::backend::Backend::host_windows) is `Some` | the CPU's own page, seen through an imported window (zero-copy) |
+//!
+//! # The contract
+//!
+//! The shared code owns the shadow page table and the order of entry
+//! writes; a residency owns the device memory the entries name. The one
+//! rule that keeps a device from reading another page's data:
+//!
+//! > Device memory an entry named is released (a slot freed for reuse, a
+//! > window unbound) only in [`Residency::entries_cleared`], which the
+//! > shared `flush` calls after the backend confirmed (`Ok` from
+//! > `write_ptes`) that every entry removed so far is cleared on the device.
+//!
+//! So when entries leave the shadow table (`zap`, a destructive
+//! invalidation, eviction), the shared code queues their clearing writes
+//! and hands the removed entries to [`Residency::retire`], which may only
+//! *quarantine* their memory. If the backend fails to clear them, the
+//! writes stay queued, the memory stays quarantined, and the next flush
+//! retries; a backend that keeps failing (3 times in a row) or reports
+//! itself lost is declared lost and every later call returns
+//! [`MirrorError::DeviceLost`]. Writes of new entries are refused while
+//! older clearing writes are still queued, so a retried clear can never
+//! overwrite a newer entry.
+//!
+//! Write-back ([`Residency::write_back`]) returns how many pages it wrote
+//! or an error; a residency that cannot read its own dirty data declares
+//! the device lost (the data is gone, and saying so is the only honest
+//! answer) instead of freeing it silently.
+//!
+//! # Adding a third residency
+//!
+//! Device-private migration (the device holds the only copy; a CPU touch
+//! brings it back) is the next one. To add it:
+//!
+//! 1. a module beside `copy` and `windows` with a type implementing
+//!    [`Residency`] — its own state (slots, windows, migrated pages) lives
+//!    in that type, never in [`Dev`](super::state::Dev);
+//! 2. a branch in [`choose`], the only place that looks at what the backend
+//!    offers;
+//! 3. the conformance suite run with it (`hmm-conformance`).
+//!
+//! Shared code must not learn which residency it talks to: a new question
+//! becomes a trait method with a default that describes today's behaviour.
+
+pub(crate) mod copy;
+pub(crate) mod windows;
+
+use std::collections::BTreeMap;
+
+use super::backend::{Backend, BackendError};
+use super::config::MirrorConfig;
+use super::error::MirrorError;
+use super::faults::{PageFault, Run};
+use super::format::Pte;
+use super::host_side::{HostSide, WriteTracking};
+use super::state::{Cx, RegionSlot};
+use crate::addr::{VaRange, VirtAddr};
+use crate::cpu::range_fault::PageState;
+use crate::notifier::Attempt;
+
+/// One install request: map `todo` (page, writable) of the region starting
+/// at `region_start` (covering `region`), driver lock held, no submission
+/// of this mirror running, the sequence checked by the caller.
+pub(crate) struct Install<'a> {
+    pub region_start: u64,
+    pub region: VaRange,
+    pub todo: &'a [(VirtAddr, bool)],
+    /// The fault was a write.
+    pub write: bool,
+    /// Copies that failed during this fault's attempts (a page that keeps
+    /// failing to copy while still mapped cannot be mirrored).
+    pub copy_failures: &'a std::cell::Cell<u32>,
+}
+
+/// Where mirrored pages live; see the module docs for the contract.
+///
+/// Every method runs with the driver lock held. Methods that take a
+/// [`Cx`] may call the backend; the others must not (they run on the event
+/// monitor's thread, which must never wait).
+pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
+    /// How regions are watched: whether CPU writes make device copies
+    /// stale.
+    fn writes(&self) -> WriteTracking;
+
+    /// Read faults may map writable pages writable at no extra cost (no
+    /// twin to keep).
+    fn read_faults_map_writable(&self) -> bool;
+
+    /// The pool the backend is initialised with, in slots (0: none).
+    fn pool_slots(&self) -> u32;
+
+    /// The region to register around a fault at `at`, inside `mapping`,
+    /// overlapping none of `regions`; `None` if a (dead) region still
+    /// covers `at`.
+    fn choose_region(
+        &self,
+        at: VirtAddr,
+        mapping: VaRange,
+        regions: &BTreeMap<u64, RegionSlot<B, H>>,
+        cfg: &MirrorConfig,
+    ) -> Option<VaRange>;
+
+    /// The most pages one install may take (a run is split into pieces of
+    /// at most this many).
+    fn piece_pages(&self, cfg: &MirrorConfig) -> u64;
+
+    /// A fault-service round (or a prefetch) begins.
+    fn begin_round(&mut self);
+
+    /// Chooses the faults this round serves, from `pf` (one per page,
+    /// sorted by page; left sorted by page). The rest fault again on
+    /// replay.
+    fn plan_round(&mut self, pf: &mut Vec<PageFault>);
+
+    /// Orders a batch's runs for service (default: address order).
+    fn order_runs(&self, runs: &mut [Run], batch: &[PageFault]) {
+        let _ = (runs, batch);
+    }
+
+    /// Makes `req.todo` resident and writes their entries.
+    /// [`MirrorError::PoolExhausted`] means this round can take no more;
+    /// the caller ends the round if it made progress.
+    fn install(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        req: Install<'_>,
+    ) -> Result<Attempt<u64>, MirrorError>;
+
+    /// Writes the device-dirty pages among `pages` (mapped entries) back to
+    /// the CPU; returns pages written. The device is idle for them.
+    fn write_back(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        pages: &[(VirtAddr, Pte)],
+    ) -> Result<u64, MirrorError>;
+
+    /// Entries `removed` left the shadow table and their clearing writes
+    /// are queued: quarantine what they named. Must not call the backend.
+    fn retire(&mut self, removed: &[(VirtAddr, Pte)]);
+
+    /// Every queued clearing write has been confirmed: release what
+    /// [`Residency::retire`] and detaching quarantined.
+    fn entries_cleared(&mut self, backend: &B) -> Result<(), BackendError>;
+
+    /// A destructive invalidation (unmap, remap, remove) hit `hit` of the
+    /// region at `region_start`: returns the range whose entries must go
+    /// (the residency may widen it). Must not call the backend.
+    fn destructive(
+        &mut self,
+        regions: &BTreeMap<u64, RegionSlot<B, H>>,
+        region_start: u64,
+        hit: VaRange,
+    ) -> VaRange;
+
+    /// The region's memory was recycled (`Clear`, `Release`): drop
+    /// whatever depends on what the memory was (the device is idle).
+    fn recycled(&mut self, cx: &mut Cx<'_, B, H>, region_start: u64) -> Result<(), MirrorError> {
+        let _ = (cx, region_start);
+        Ok(())
+    }
+
+    /// The region at `region_start` is being released (its entries are
+    /// gone): drop what belongs to it. Must not call the backend.
+    fn region_released(&mut self, region_start: u64) {
+        let _ = region_start;
+    }
+
+    /// Whether [`Mirror::pin`](super::Mirror::pin) can work at all
+    /// (checked before anything is populated or locked).
+    fn check_pin(&self) -> Result<(), MirrorError> {
+        Ok(())
+    }
+
+    /// The device side of [`Mirror::pin`](super::Mirror::pin): make every
+    /// page of `range` resident for good and map it (`states` from a fresh
+    /// `range_fault`).
+    fn pin(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        range: VaRange,
+        states: &[PageState],
+        writable: bool,
+    ) -> Result<(), MirrorError>;
+
+    /// Pinned `pages` become ordinary (evictable) again.
+    fn unpin(&mut self, pages: &[(VirtAddr, Pte)]) {
+        let _ = pages;
+    }
+
+    /// Device memory in use and available, in pages.
+    fn usage(&self) -> (u64, u64);
+
+    /// The mirror is going away: forget pins, detach everything (its
+    /// entries are zapped by the caller, which flushes after).
+    fn teardown(&mut self);
+}
+
+/// The residency for `backend`: host windows where it offers them, a copy
+/// pool otherwise. The only place that looks at the mode.
+pub(crate) fn choose<B: Backend, H: HostSide>(
+    backend: &B,
+    cfg: &MirrorConfig,
+) -> Result<Box<dyn Residency<B, H>>, MirrorError> {
+    match backend.host_windows() {
+        Some(hw) => Ok(Box::new(windows::HostWindows::new(hw)?)),
+        None => Ok(Box::new(copy::CopyPool::new(
+            cfg.pool_slots,
+            backend.info().max_pool_slots,
+        )?)),
+    }
+}

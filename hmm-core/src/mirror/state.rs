@@ -1,0 +1,346 @@
+//! The driver lock and what it guards ([`Dev`]), the mirror's shared state
+//! ([`Inner`]), and the two operations every path uses to take entries off
+//! the device: [`zap`] and [`flush`].
+//!
+//! # Entry writes are ordered, and memory is freed only after them
+//!
+//! Entries leave the shadow table at once; their clearing writes go to the
+//! `deferred` queue, and [`flush`] writes the queue (driver lock held, no
+//! submission of this mirror running). Only when the backend confirms the
+//! writes does the residency release the memory they named
+//! ([`Residency::entries_cleared`]). A failed flush leaves both queued and
+//! is retried by the next flush; three failures in a row — or a backend
+//! reporting itself lost — mark the device lost ([`Health`]). Paths that
+//! write *new* entries flush first and stop on failure, so a retried clear
+//! never lands after (and erases) a newer entry for the same slot of the
+//! table.
+
+use std::collections::BTreeMap;
+
+use super::backend::{Backend, BackendError, PteLoc, PteWrite, SubmissionId};
+use super::config::MirrorConfig;
+use super::error::MirrorError;
+use super::format::{Pte, ACCESSED};
+use super::host_side::{HostSide, WriteTracking};
+use super::invalidate::Region;
+use super::pagetable::ShadowTable;
+use super::residency::Residency;
+use super::stats::Counters;
+use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::{OwnerTag, Subscription};
+use crate::sync::channel::Sender;
+use crate::sync::{lock, Arc, Mutex, MutexGuard};
+
+/// Consecutive failed flushes after which the device is declared lost.
+pub(crate) const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// One region of this mirror (a registered, watched range).
+pub(crate) struct RegionSlot<B: Backend, H: HostSide> {
+    pub range: VaRange,
+    pub sub: Option<Subscription<Region<B, H>>>,
+    pub dead: bool,
+    /// The region has taken a write fault: its read faults map writable
+    /// pages writable (saving upgrade faults); until then they map
+    /// read-only, which needs no twin.
+    pub written: bool,
+    /// The host watch succeeded for the range: only then is there a watch
+    /// of ours to end.
+    pub watched: bool,
+}
+
+/// Pages mapped by [`Mirror::pin`](super::Mirror::pin).
+pub(crate) struct PinnedRange {
+    pub range: VaRange,
+    pub locked: bool,
+}
+
+/// Whether the device can still be trusted with entries.
+#[derive(Default)]
+pub(crate) struct Health {
+    failures: u32,
+    lost: Option<String>,
+}
+
+impl Health {
+    /// `Err(DeviceLost)` once the device was declared lost.
+    pub fn check(&self) -> Result<(), MirrorError> {
+        match &self.lost {
+            Some(why) => Err(MirrorError::DeviceLost(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the device was declared lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_some()
+    }
+
+    /// A device call that keeps state consistent failed while doing `what`.
+    pub fn failed(&mut self, what: &str, e: BackendError) -> MirrorError {
+        self.failures += 1;
+        if matches!(e, BackendError::DeviceLost(_)) || self.failures >= MAX_CONSECUTIVE_FAILURES {
+            return self.lose(format!("{what} failed {} time(s): {e}", self.failures));
+        }
+        MirrorError::Backend(e)
+    }
+
+    /// A flush went through.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Declares the device lost (the first reason is kept).
+    pub fn lose(&mut self, why: String) -> MirrorError {
+        let why = self.lost.get_or_insert(why).clone();
+        MirrorError::DeviceLost(why)
+    }
+}
+
+/// Everything the driver lock guards.
+pub(crate) struct Dev<B: Backend, H: HostSide> {
+    pub table: ShadowTable,
+    /// This mirror's regions, by start; they never overlap.
+    pub regions: BTreeMap<u64, RegionSlot<B, H>>,
+    pub pinned: BTreeMap<u64, PinnedRange>,
+    pub read_mostly: Vec<VaRange>,
+    /// The device submission running now, if any (launches are serialised).
+    pub inflight: Option<SubmissionId>,
+    /// Clearing writes not yet confirmed by the backend (see the module
+    /// docs), oldest first.
+    pub deferred: Vec<PteWrite>,
+    pub health: Health,
+    pub res: Box<dyn Residency<B, H>>,
+}
+
+/// What a residency and the shared table operations work with: the driver
+/// lock's state minus the residency itself, plus the mirror's fixed parts.
+pub(crate) struct Cx<'a, B: Backend, H: HostSide> {
+    pub table: &'a mut ShadowTable,
+    pub deferred: &'a mut Vec<PteWrite>,
+    pub regions: &'a mut BTreeMap<u64, RegionSlot<B, H>>,
+    pub health: &'a mut Health,
+    pub backend: &'a B,
+    pub host: &'a H,
+    pub counters: &'a Counters,
+    pub release_tx: &'a Sender<ReleaseMsg>,
+}
+
+impl<B: Backend, H: HostSide> Dev<B, H> {
+    /// Splits the guarded state into a [`Cx`] and the residency.
+    pub fn parts<'a>(
+        &'a mut self,
+        inner: &'a Inner<B, H>,
+    ) -> (Cx<'a, B, H>, &'a mut dyn Residency<B, H>) {
+        (
+            Cx {
+                table: &mut self.table,
+                deferred: &mut self.deferred,
+                regions: &mut self.regions,
+                health: &mut self.health,
+                backend: &inner.backend,
+                host: &inner.host,
+                counters: &inner.counters,
+                release_tx: &inner.release_tx,
+            },
+            &mut *self.res,
+        )
+    }
+}
+
+/// A destructive invalidation waiting for the driver lock.
+pub(crate) struct PendingZap {
+    pub range: VaRange,
+    pub region_start: u64,
+    /// Unmap or remap: the region dies.
+    pub dead: bool,
+}
+
+/// Work for the deferred-release worker.
+pub(crate) enum ReleaseMsg {
+    Region(u64),
+    Shutdown,
+}
+
+/// The mirror's shared state.
+pub(crate) struct Inner<B: Backend, H: HostSide> {
+    pub backend: B,
+    pub host: Arc<H>,
+    pub owner: OwnerTag,
+    pub cfg: MirrorConfig,
+    /// How this mirror's regions are watched (from the residency).
+    pub writes: WriteTracking,
+    /// The driver lock (see the module docs of `mirror`).
+    pub dev: Mutex<Dev<B, H>>,
+    /// Destructive invalidations that found the driver lock held
+    /// ([`Inner::apply_zap`]); a leaf lock, never held across anything.
+    pub pending: Mutex<Vec<PendingZap>>,
+    pub launch: Mutex<()>,
+    pub counters: Counters,
+    pub release_tx: Sender<ReleaseMsg>,
+}
+
+/// Marks the region starting at `start` dead and hands it to the
+/// deferred-release worker (once).
+pub(crate) fn mark_dead<B: Backend, H: HostSide>(cx: &mut Cx<'_, B, H>, start: u64) {
+    if let Some(slot) = cx.regions.get_mut(&start) {
+        if !slot.dead {
+            slot.dead = true;
+            // A send fails only when the worker is gone (mirror teardown),
+            // which releases every region itself.
+            let _ = cx.release_tx.send(ReleaseMsg::Region(start));
+        }
+    }
+}
+
+/// Removes every entry in `r` from the shadow table, queueing their
+/// clearing writes; returns the removed entries.
+pub(crate) fn unmap_deferred<B: Backend, H: HostSide>(
+    cx: &mut Cx<'_, B, H>,
+    r: VaRange,
+) -> Vec<(VirtAddr, Pte)> {
+    let mut removed = Vec::new();
+    cx.table.unmap_range(r, cx.deferred, &mut removed);
+    removed
+}
+
+/// Writes the queued clearing writes and lets the residency release what
+/// they named (driver lock held, no submission of this mirror running).
+/// See the module docs for what a failure does.
+pub(crate) fn flush<B: Backend, H: HostSide>(
+    cx: &mut Cx<'_, B, H>,
+    res: &mut dyn Residency<B, H>,
+) -> Result<(), MirrorError> {
+    if cx.health.is_lost() {
+        // Nothing runs on a lost device and nothing is freed for it; the
+        // queue need not grow without bound.
+        cx.deferred.clear();
+        return cx.health.check();
+    }
+    if !cx.deferred.is_empty() {
+        if let Err(e) = cx.backend.write_ptes(cx.deferred) {
+            Counters::add(&cx.counters.device_errors, 1);
+            return Err(cx.health.failed("clearing device page-table entries", e));
+        }
+        cx.deferred.clear();
+    }
+    if let Err(e) = res.entries_cleared(cx.backend) {
+        Counters::add(&cx.counters.device_errors, 1);
+        return Err(cx.health.failed("releasing device memory", e));
+    }
+    cx.health.succeeded();
+    Ok(())
+}
+
+/// Takes every mapped page of `r` off the device (driver lock held, device
+/// idle for those pages): writes dirty pages back first if `writeback`,
+/// then clears the entries and releases their memory (through [`flush`]).
+pub(crate) fn zap<B: Backend, H: HostSide>(
+    cx: &mut Cx<'_, B, H>,
+    res: &mut dyn Residency<B, H>,
+    r: VaRange,
+    writeback: bool,
+) -> Result<(), MirrorError> {
+    if cx.table.mapped_in(r).next().is_none() {
+        return Ok(());
+    }
+    let wb = if writeback {
+        let mapped: Vec<(VirtAddr, Pte)> = cx.table.mapped_in(r).collect();
+        res.write_back(cx, &mapped).map(|_| ())
+    } else {
+        Ok(())
+    };
+    let removed = unmap_deferred(cx, r);
+    res.retire(&removed);
+    let flushed = flush(cx, res);
+    wb.and(flushed)
+}
+
+impl<B: Backend, H: HostSide> Inner<B, H> {
+    /// The driver lock, with every queued destructive invalidation applied
+    /// ([`Inner::apply_zap`]). Every acquisition goes through here.
+    pub fn lock(&self) -> MutexGuard<'_, Dev<B, H>> {
+        let mut dev = lock(&self.dev);
+        self.drain_pending(&mut dev);
+        dev
+    }
+
+    /// Applies the destructive invalidations queued while the driver lock
+    /// was held elsewhere.
+    pub fn drain_pending(&self, dev: &mut Dev<B, H>) {
+        let mut q = lock(&self.pending);
+        for z in q.drain(..) {
+            self.apply_zap(dev, z);
+        }
+    }
+
+    /// The driver lock, with no submission of this mirror running and the
+    /// queued entry writes flushed (a failed flush stays queued and is
+    /// latched in [`Health`]): waits for a running submission without
+    /// holding the lock (a destructive invalidation may need it meanwhile,
+    /// see [`Inner::apply_zap`]).
+    pub fn lock_idle(&self) -> MutexGuard<'_, Dev<B, H>> {
+        loop {
+            let mut dev = self.lock();
+            match dev.inflight.filter(|s| !self.backend.is_complete(*s)) {
+                Some(s) => {
+                    drop(dev);
+                    if self.backend.wait(s, None).is_err() {
+                        // A lost device runs nothing any more.
+                        let mut dev = self.lock();
+                        self.flush_quietly(&mut dev);
+                        return dev;
+                    }
+                }
+                None => {
+                    self.flush_quietly(&mut dev);
+                    return dev;
+                }
+            }
+        }
+    }
+
+    /// [`flush`] where no caller can be told of a failure: the writes stay
+    /// queued and the failure counts toward declaring the device lost,
+    /// which every later call reports.
+    pub fn flush_quietly(&self, dev: &mut Dev<B, H>) {
+        let (mut cx, res) = dev.parts(self);
+        let _ = flush(&mut cx, res);
+    }
+
+    /// [`flush`] before new entries are written or a submission starts:
+    /// a failure stops the caller.
+    pub fn flush_or_fail(&self, dev: &mut Dev<B, H>) -> Result<(), MirrorError> {
+        let (mut cx, res) = dev.parts(self);
+        flush(&mut cx, res)
+    }
+
+    /// [`zap`] where no caller can be told of a failure (an invalidation
+    /// callback, a release): the failure is latched as for
+    /// [`Inner::flush_quietly`].
+    pub fn zap_quietly(&self, dev: &mut Dev<B, H>, r: VaRange, writeback: bool) {
+        let (mut cx, res) = dev.parts(self);
+        let _ = zap(&mut cx, res, r, writeback);
+    }
+
+    /// The accessed bits of `range` for the whole-space notifier's
+    /// `clear_young` / `test_young`.
+    pub fn young(&self, range: VaRange, clear: bool) -> bool {
+        let dev = self.lock();
+        let locs: Vec<PteLoc> = dev
+            .table
+            .mapped_in(range)
+            .filter_map(|(va, _)| dev.table.leaf_loc(va))
+            .collect();
+        if locs.is_empty() {
+            return false;
+        }
+        let mut old = Vec::with_capacity(locs.len());
+        let r = if clear {
+            self.backend.clear_pte_bits(&locs, ACCESSED, &mut old)
+        } else {
+            self.backend.read_ptes(&locs, &mut old)
+        };
+        // An unreadable bit reads as "not young": aging is advice.
+        r.is_ok() && old.iter().any(|p| p.accessed())
+    }
+}
