@@ -1,6 +1,8 @@
 //! The mirror's counters.
 
-use crate::sync::{AtomicU64, Ordering};
+// Statistics are not part of any protocol: std atomics even under loom,
+// so a model does not explore the interleavings of counter updates.
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a mirror's counters ([`super::Mirror::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
