@@ -14,8 +14,8 @@ use std::time::Duration;
 use clap::Parser;
 use hmm::{HostSpace, Mirror, MirrorConfig};
 use hmm_core::mirror::backend::{
-    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId, FAULT_WRITE,
+    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet,
+    Invocations, LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId, FAULT_WRITE,
 };
 use hmm_core::mirror::conformance::{self, TestKernel, TestKernels};
 use hmm_core::mirror::format::{
@@ -168,11 +168,16 @@ unsafe impl Backend for ToyDevice {
         inv: Invocations<'_>,
         args: &[u64],
     ) -> Result<SubmissionId, BackendError> {
-        let ids: Vec<u32> = match inv {
-            Invocations::All(n) => (0..n).collect(),
-            Invocations::Only(v) => v.to_vec(),
+        // The outcome's set is bounded by the launch's universe (`n`, or
+        // the replayed set's): at most n/8 bytes whatever faults.
+        let (ids, universe): (Vec<u32>, u32) = match inv {
+            Invocations::All(n) => ((0..n).collect(), n),
+            Invocations::Only(v) => (v.iter().collect(), v.universe()),
         };
-        let mut outcome = LaunchOutcome::default();
+        let mut outcome = LaunchOutcome {
+            incomplete: InvocationSet::new(universe),
+            ..LaunchOutcome::default()
+        };
         let mut m = lock(&self.mem);
         for i in ids {
             let mut lane = ToyLane {
@@ -182,7 +187,7 @@ unsafe impl Backend for ToyDevice {
             };
             if k(&mut lane, i).is_none() {
                 let (va, write) = lane.fault.unwrap_or((0, false));
-                outcome.incomplete.push(i);
+                outcome.incomplete.insert(i);
                 outcome.faults.push(RawFaultRecord {
                     invocation: i,
                     flags: if write { FAULT_WRITE } else { 0 },

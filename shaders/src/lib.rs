@@ -79,8 +79,8 @@ use core::fmt::Write as _;
 pub mod test_kernels;
 
 use hmm_core::mirror::backend::{
-    BackendError, DeviceConfig, Invocations, LaunchOutcome, PteLoc, RawFaultRecord, FAULT_ATOMIC,
-    FAULT_WRITE,
+    BackendError, DeviceConfig, InvocationSet, Invocations, LaunchOutcome, PteLoc, RawFaultRecord,
+    FAULT_ATOMIC, FAULT_WRITE,
 };
 use hmm_core::mirror::format;
 
@@ -444,25 +444,25 @@ pub fn grid(threads: u32) -> (u32, u32, u32) {
 /// GPU drivers build it here, so a field of [`Params`] cannot be set by
 /// one and forgotten by the other.
 #[derive(Clone, Debug)]
-pub struct Dispatch<'a> {
+pub struct Dispatch {
     /// The uniform block (`HmmParams`).
     pub params: Params,
     /// The control buffer this launch needs.
     pub layout: ControlLayout,
-    /// Invocation ids to replay (empty for a first launch).
-    pub replay: &'a [u32],
+    /// Invocation ids to replay, ascending (empty for a first launch).
+    pub replay: Vec<u32>,
     /// Workgroups in x.
     pub groups_x: u32,
     /// Workgroups in y.
     pub groups_y: u32,
 }
 
-impl<'a> Dispatch<'a> {
+impl Dispatch {
     /// Plans a launch of `invocations` with `args` on a device holding
     /// `chunk_slots` pool slots per binding and `fault_cap` fault records;
     /// more than [`MAX_ARGS`] arguments is a [`BackendError::Kernel`].
     pub fn plan(
-        invocations: Invocations<'a>,
+        invocations: Invocations<'_>,
         args: &[u64],
         fault_cap: u32,
         chunk_slots: u32,
@@ -472,11 +472,12 @@ impl<'a> Dispatch<'a> {
                 ShaderError::TooManyArgs(args.len()).to_string(),
             ));
         }
-        let (threads, bitmap_bits, replay): (u32, u32, &[u32]) = match invocations {
-            Invocations::All(n) => (n, n, &[]),
+        let (threads, bitmap_bits, replay): (u32, u32, Vec<u32>) = match invocations {
+            Invocations::All(n) => (n, n, Vec::new()),
             Invocations::Only(v) => {
-                let top = v.iter().copied().max().map_or(0, |m| m.saturating_add(1));
-                (v.len() as u32, top, v)
+                let list: Vec<u32> = v.iter().collect();
+                let top = list.last().map_or(0, |m| m.saturating_add(1));
+                (list.len() as u32, top, list)
             }
         };
         let layout = ControlLayout {
@@ -701,14 +702,7 @@ impl ControlLayout {
             });
         }
         let bitmap = &words[self.bitmap_off() as usize..self.words() as usize];
-        for (wi, &w) in bitmap.iter().enumerate() {
-            let mut bits = w;
-            while bits != 0 {
-                let b = bits.trailing_zeros();
-                out.incomplete.push(wi as u32 * 32 + b);
-                bits &= bits - 1;
-            }
-        }
+        out.incomplete = InvocationSet::from_bitmap_words(self.bitmap_bits, bitmap);
         out
     }
 }
@@ -882,20 +876,26 @@ fn hmm_kernel(i: u32) {
         let o = l.parse(&w);
         assert_eq!(o.faults.len(), 2);
         assert_eq!(o.faults[0].addr(), 0x7f_0000_1000);
-        assert_eq!(o.incomplete, vec![3, 65]);
+        assert_eq!(o.incomplete.iter().collect::<Vec<_>>(), vec![3, 65]);
         assert_eq!(l.parse(&w[..3]), LaunchOutcome::default(), "short buffer");
     }
 
     #[test]
     fn dispatch_plans_replays_and_refuses_too_many_args() {
-        let d = Dispatch::plan(Invocations::Only(&[3, 70]), &[0x1_0000_0002, 7], 8, 64).unwrap();
+        let d = Dispatch::plan(
+            Invocations::Only(&InvocationSet::from_ids(100, [3, 70])),
+            &[0x1_0000_0002, 7],
+            8,
+            64,
+        )
+        .unwrap();
         assert_eq!(d.params.n, 2);
         assert_eq!(d.params.replay, 1);
         assert_eq!(d.params.loop_probe, LOOP_PROBE_ITERS);
         assert_eq!(d.layout.bitmap_bits, 71);
         assert_eq!(d.params.bitmap_off, d.layout.bitmap_off());
         assert_eq!(&d.params.args[..4], &[2, 1, 7, 0]);
-        assert_eq!(d.replay, &[3, 70]);
+        assert_eq!(d.replay, vec![3, 70]);
         assert!(d.fits(71, 2) && !d.fits(70, 2) && !d.fits(71, 1));
         assert_eq!(d.capacity(), (1024, 1024));
         let d = Dispatch::plan(Invocations::All(0), &[], 8, 64).unwrap();

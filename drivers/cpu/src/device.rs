@@ -380,8 +380,8 @@ unsafe impl Backend for CpuDevice {
             return Ok(id);
         }
         let (all, only) = match invocations {
-            Invocations::All(n) => (Some(n), &[][..]),
-            Invocations::Only(v) => (None, v),
+            Invocations::All(n) => (Some(n), None),
+            Invocations::Only(v) => (None, Some(v)),
         };
         let chunks = Job::chunks(
             LaunchSpec {

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use hmm_core::mirror::backend::{
-    BackendError, LaunchOutcome, RawFaultRecord, SubmissionId, FAULT_ATOMIC, FAULT_WRITE,
+    BackendError, InvocationSet, LaunchOutcome, RawFaultRecord, SubmissionId, FAULT_ATOMIC,
+    FAULT_WRITE,
 };
 
 use crate::lane::{DeviceFault, FaultKind, Lane};
@@ -67,20 +68,28 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 enum Ids {
     All(u32),
-    Only(Box<[u32]>),
+    /// The replayed ids and their set's universe.
+    Only(Box<[u32]>, u32),
 }
 
 impl Ids {
+    /// Ids are below this (the outcome's `incomplete` universe).
+    fn universe(&self) -> u32 {
+        match self {
+            Ids::All(n) => *n,
+            Ids::Only(_, u) => *u,
+        }
+    }
     fn len(&self) -> usize {
         match self {
             Ids::All(n) => *n as usize,
-            Ids::Only(v) => v.len(),
+            Ids::Only(v, _) => v.len(),
         }
     }
     fn get(&self, i: usize) -> u32 {
         match self {
             Ids::All(_) => i as u32,
-            Ids::Only(v) => v.get(i).copied().unwrap_or(u32::MAX),
+            Ids::Only(v, _) => v.get(i).copied().unwrap_or(u32::MAX),
         }
     }
 }
@@ -134,7 +143,7 @@ pub(crate) struct LaunchSpec<'a> {
     pub(crate) id: SubmissionId,
     pub(crate) kernel: CpuKernel,
     pub(crate) all: Option<u32>,
-    pub(crate) only: &'a [u32],
+    pub(crate) only: Option<&'a InvocationSet>,
     pub(crate) args: &'a [u64],
     pub(crate) mem: Arc<Memory>,
     pub(crate) hooks: Hooks,
@@ -145,9 +154,10 @@ pub(crate) struct LaunchSpec<'a> {
 impl Job {
     /// Builds the job and splits it into chunks (at least one).
     pub(crate) fn chunks(spec: LaunchSpec<'_>, threads: usize) -> Vec<Chunk> {
-        let ids = match spec.all {
-            Some(n) => Ids::All(n),
-            None => Ids::Only(spec.only.into()),
+        let ids = match (spec.all, spec.only) {
+            (Some(n), _) => Ids::All(n),
+            (None, Some(set)) => Ids::Only(set.iter().collect(), set.universe()),
+            (None, None) => Ids::All(0),
         };
         let n = ids.len();
         // About four chunks per thread for balance, at most 4096
@@ -210,7 +220,8 @@ impl Job {
             });
         }
         r.faults.sort_by_key(|(inv, _)| *inv);
-        let incomplete: Vec<u32> = r.faults.iter().map(|(inv, _)| *inv).collect();
+        let incomplete =
+            InvocationSet::from_ids(self.ids.universe(), r.faults.iter().map(|(inv, _)| *inv));
         let cap = self.hooks.capacity.unwrap_or(usize::MAX);
         let mut faults: Vec<RawFaultRecord> = r
             .faults

@@ -9,8 +9,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmm_core::mirror::backend::{
-    Backend, BackendError, DeviceConfig, DeviceToHost, HostToDevice, Invocations, LaunchOutcome,
-    PteLoc, PteWrite, SubmissionId, FAULT_ATOMIC, FAULT_WRITE,
+    Backend, BackendError, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet, Invocations,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId, FAULT_ATOMIC, FAULT_WRITE,
 };
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage, ACCESSED, DIRTY};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, FaultKind, Lane};
@@ -491,12 +491,22 @@ fn fault_buffer_overflow_and_garbage_records() {
         r.flags |= 0x80;
         r.invocation = r.invocation.wrapping_add(1000);
     });
-    let o = run(&dev, &k, Invocations::Only(&[3, 7]), &[]);
+    let o = run(
+        &dev,
+        &k,
+        Invocations::Only(&InvocationSet::from_ids(u32::MAX, [3, 7])),
+        &[],
+    );
     assert_eq!(o.incomplete, vec![3, 7]);
     assert_eq!(o.faults[0].invocation, 1003);
     assert_eq!(o.faults[1].flags, 0x80);
     dev.clear_fault_record_mangler();
-    let o = run(&dev, &k, Invocations::Only(&[3]), &[]);
+    let o = run(
+        &dev,
+        &k,
+        Invocations::Only(&InvocationSet::from_ids(u32::MAX, [3])),
+        &[],
+    );
     assert_eq!(o.faults[0].invocation, 3);
     assert_eq!(o.faults[0].flags, 0);
 }

@@ -1195,7 +1195,7 @@ unsafe impl Backend for VulkanDevice {
         // `bitmap_bits`/`replay_cap` above).
         unsafe {
             res.params.write(0, bytemuck::bytes_of(&params));
-            res.replay.write(0, bytemuck::cast_slice(list));
+            res.replay.write(0, bytemuck::cast_slice(&list));
             let zeros = vec![0u8; layout.bytes() as usize];
             res.control.write(0, &zeros);
         }

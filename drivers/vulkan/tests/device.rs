@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::backend::{Backend, BackendError, DeviceConfig, Invocations, SubmissionId};
+use hmm_core::mirror::backend::{
+    Backend, BackendError, DeviceConfig, InvocationSet, Invocations, SubmissionId,
+};
 use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_driver_vulkan::{test_device, Mode, OpenError, OpenOptions, VulkanDevice};
@@ -63,7 +65,11 @@ fn each_launch_has_its_own_timeline_value() {
         .launch(&k, Invocations::All(100), &[0x10000, 7])
         .expect("launch a");
     let b = d
-        .launch(&k, Invocations::Only(&[3, 5]), &[0x10000, 7])
+        .launch(
+            &k,
+            Invocations::Only(&InvocationSet::from_ids(u32::MAX, [3, 5])),
+            &[0x10000, 7],
+        )
         .expect("launch b");
     assert!(b > a, "ids increase");
     assert!(d.wait(a, None).expect("wait a"));

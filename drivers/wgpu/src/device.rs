@@ -562,7 +562,7 @@ unsafe impl Backend for WgpuDevice {
             .write_buffer(&res.params, 0, bytemuck::bytes_of(&params));
         if !list.is_empty() {
             self.queue
-                .write_buffer(&res.replay, 0, bytemuck::cast_slice(list));
+                .write_buffer(&res.replay, 0, bytemuck::cast_slice(&list));
         }
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.clear_buffer(&res.control, 0, Some(layout.bytes()));

@@ -10,6 +10,7 @@
 //! conformance suite (`hmm_core::mirror::conformance`) against it; the
 //! `cpu` driver in `drivers/cpu` is the reference to copy from.
 
+pub use super::invocations::{InvocationSet, Iter as InvocationIter};
 use core::fmt;
 use core::time::Duration;
 
@@ -63,8 +64,8 @@ pub struct PteLoc {
 pub enum Invocations<'a> {
     /// Invocations `0..n`.
     All(u32),
-    /// Exactly these (a replay of the ones that faulted), ascending.
-    Only(&'a [u32]),
+    /// Exactly these (a replay of the ones that faulted).
+    Only(&'a InvocationSet),
 }
 
 impl Invocations<'_> {
@@ -116,8 +117,12 @@ pub struct LaunchOutcome {
     /// Fault records (possibly fewer than `incomplete` if the device's
     /// fault buffer overflowed; possibly garbage).
     pub faults: Vec<RawFaultRecord>,
-    /// Invocations that stopped at a fault and must be replayed, ascending.
-    pub incomplete: Vec<u32>,
+    /// Invocations that stopped at a fault and must be replayed. Build it
+    /// with the launch's universe (`n` of [`Invocations::All`], the
+    /// replayed set's [`InvocationSet::universe`] for
+    /// [`Invocations::Only`]), inserting ascending: its memory is then at
+    /// most `n / 8` bytes whatever faulted.
+    pub incomplete: InvocationSet,
 }
 
 /// Sizes the core asks a backend to allocate.

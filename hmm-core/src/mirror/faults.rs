@@ -14,7 +14,7 @@
 //! pages with the same access ([`coalesce`]), so one `range_fault` and one
 //! copy batch serve many faults.
 
-use super::backend::{RawFaultRecord, FAULT_ATOMIC, FAULT_KNOWN_FLAGS, FAULT_WRITE};
+use super::backend::{InvocationSet, RawFaultRecord, FAULT_ATOMIC, FAULT_KNOWN_FLAGS, FAULT_WRITE};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 
 /// One validated fault, at page granularity.
@@ -45,20 +45,14 @@ pub struct Run {
 /// Keeps the records that describe a real fault of an incomplete
 /// invocation; returns how many were rejected as garbage.
 ///
-/// `incomplete` must be ascending (the backend contract); if it is not, it
-/// is sorted here rather than trusted.
 pub fn validate(
     records: &[RawFaultRecord],
-    incomplete: &mut Vec<u32>,
+    incomplete: &InvocationSet,
     out: &mut Vec<PageFault>,
 ) -> u64 {
-    if !incomplete.windows(2).all(|w| w[0] < w[1]) {
-        incomplete.sort_unstable();
-        incomplete.dedup();
-    }
     let mut rejected = 0;
     for r in records {
-        if r.flags & !FAULT_KNOWN_FLAGS != 0 || incomplete.binary_search(&r.invocation).is_err() {
+        if r.flags & !FAULT_KNOWN_FLAGS != 0 || !incomplete.contains(r.invocation) {
             rejected += 1;
             continue;
         }
@@ -126,7 +120,7 @@ mod tests {
 
     #[test]
     fn garbage_records_are_rejected() {
-        let mut inc = vec![1, 2, 5];
+        let inc = InvocationSet::from_ids(8, [1, 2, 5]);
         let mut out = Vec::new();
         let bad = validate(
             &[
@@ -135,7 +129,7 @@ mod tests {
                 rec(2, 0x3000, 0x8000_0000), // unknown flag
                 rec(5, 0x4000_0000_1234, FAULT_WRITE),
             ],
-            &mut inc,
+            &inc,
             &mut out,
         );
         assert_eq!(bad, 2);
@@ -146,9 +140,9 @@ mod tests {
 
     #[test]
     fn the_top_page_does_not_overflow() {
-        let mut inc = vec![0];
+        let inc = InvocationSet::from_ids(1, [0]);
         let mut out = Vec::new();
-        validate(&[rec(0, u64::MAX - 3, FAULT_WRITE)], &mut inc, &mut out);
+        validate(&[rec(0, u64::MAX - 3, FAULT_WRITE)], &inc, &mut out);
         let mut runs = Vec::new();
         coalesce(&mut out, &mut runs);
         assert_eq!(runs.len(), 1);
@@ -156,11 +150,11 @@ mod tests {
     }
 
     #[test]
-    fn unsorted_incomplete_lists_are_not_trusted() {
-        let mut inc = vec![9, 3, 3, 1];
+    fn unsorted_incomplete_ids_are_kept_ascending() {
+        let inc = InvocationSet::from_ids(10, [9, 3, 3, 1]);
         let mut out = Vec::new();
-        assert_eq!(validate(&[rec(3, 0x1000, 0)], &mut inc, &mut out), 0);
-        assert_eq!(inc, vec![1, 3, 9]);
+        assert_eq!(validate(&[rec(3, 0x1000, 0)], &inc, &mut out), 0);
+        assert_eq!(inc.iter().collect::<Vec<_>>(), vec![1, 3, 9]);
     }
 
     #[test]

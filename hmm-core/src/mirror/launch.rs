@@ -14,7 +14,7 @@
 //!    returns the error that kept it from doing so.
 
 use super::args::KernelArgs;
-use super::backend::{Backend, Invocations};
+use super::backend::{Backend, InvocationSet, Invocations};
 use super::config::LaunchReport;
 use super::error::MirrorError;
 use super::faults;
@@ -80,7 +80,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         report: &mut LaunchReport,
     ) -> Result<(), MirrorError> {
         let inner = &*self.inner;
-        let mut replay: Vec<u32> = Vec::new();
+        let mut replay = InvocationSet::new(0);
         let mut first = true;
         let mut replays = 0u32;
         loop {
@@ -111,7 +111,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let outcome = inner.backend.take_outcome(id);
             waited?;
             let mut outcome = outcome?;
-            if outcome.incomplete.is_empty() {
+            if outcome.incomplete.is_empty() && outcome.incomplete.out_of_range() == 0 {
                 break;
             }
             if replays >= inner.cfg.max_replays {
@@ -120,23 +120,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             // Replay only invocations that were submitted in this round: a
             // device reporting others (garbage) must not make us run
             // invocations twice or outside 0..n.
-            let before = outcome.incomplete.len();
-            outcome.incomplete.sort_unstable();
-            outcome.incomplete.dedup();
+            let before = outcome.incomplete.len() as u64 + outcome.incomplete.out_of_range();
             if first {
-                outcome.incomplete.retain(|&i| i < n);
+                outcome.incomplete.retain(|i| i < n);
             } else {
-                outcome
-                    .incomplete
-                    .retain(|i| replay.binary_search(i).is_ok());
+                outcome.incomplete.retain(|i| replay.contains(i));
             }
-            let bogus_ids = (before - outcome.incomplete.len()) as u64;
+            let bogus_ids = before - outcome.incomplete.len() as u64;
             Counters::add(&inner.counters.garbage_faults, bogus_ids);
             if outcome.incomplete.is_empty() {
                 break;
             }
             let mut pf = Vec::new();
-            let garbage = faults::validate(&outcome.faults, &mut outcome.incomplete, &mut pf);
+            let garbage = faults::validate(&outcome.faults, &outcome.incomplete, &mut pf);
             Counters::add(&inner.counters.garbage_faults, garbage);
             if pf.is_empty() {
                 return Err(MirrorError::UnusableFaults {

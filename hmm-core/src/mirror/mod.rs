@@ -86,6 +86,7 @@ mod handle;
 pub mod host_side;
 mod hostcopy;
 mod invalidate;
+mod invocations;
 mod launch;
 pub mod pagetable;
 mod pin;
