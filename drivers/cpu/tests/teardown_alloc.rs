@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_core::notifier::SpaceNotifier;
 use hmm_core::VaRange;

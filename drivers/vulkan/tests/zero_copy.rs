@@ -11,11 +11,11 @@
 
 use std::collections::HashMap;
 
+use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::{
     Backend, BackendError, DeviceConfig, HostToDevice, HostWindows, Invocations, LaunchOutcome,
     PteLoc, PteWrite,
 };
-use hmm_core::mirror::conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage};
 use hmm_driver_vulkan::{Mode, OpenError, OpenOptions, VulkanDevice};
 

@@ -7,7 +7,7 @@
 //! each method, and the memory-safety part of that as `# Safety`.
 //!
 //! A driver developer implements [`Backend`], then runs the generic
-//! conformance suite (`hmm_core::mirror::conformance`) against it; the
+//! conformance suite (the `hmm-conformance` crate) against it; the
 //! `cpu` driver in `drivers/cpu` is the reference to copy from.
 
 use core::fmt;

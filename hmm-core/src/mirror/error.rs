@@ -106,7 +106,7 @@ pub enum MirrorError {
     /// The mirror was used in a process other than the one that created
     /// it: a forked child, which inherits the memory but none of the
     /// threads and kernel registrations a mirror runs on (the child has no
-    /// mirror; see `conformance::forked_child_gets_a_typed_error`).
+    /// mirror; see `hmm_conformance::forked_child_gets_a_typed_error`).
     #[error("mirror created in process {created_in} used in process {used_in} (a forked child has no mirror)")]
     WrongProcess {
         /// The creating process.

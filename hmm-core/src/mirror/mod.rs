@@ -142,7 +142,7 @@
 //!   longer has until the window is unbound.)
 //!
 //! The conformance suite runs in this mode too
-//! (`conformance_tests!(zero_copy …)`).
+//! (`hmm_conformance::conformance_tests!(zero_copy …)`).
 //!
 //! # Write-back never overwrites CPU data it did not change
 //!
@@ -186,14 +186,14 @@
 //!   and KSM produce no event (invalidate explicitly after `mprotect`).
 //! - [`Mirror::pin`] is the baseline to compare against: no notifier at
 //!   all — the device keeps the pinned copy whatever the CPU does until
-//!   [`Mirror::unpin`] (`conformance::pinning_hazard_is_real` shows it).
+//!   [`Mirror::unpin`] (`hmm_conformance::pinning_hazard_is_real` shows it).
 //!
-//! The generic [`conformance`] suite, including the port of the kernel's
-//! HMM selftests, is what every backend runs.
+//! The generic conformance suite, including the port of the kernel's HMM
+//! selftests, is what every backend runs: the `hmm-conformance` crate
+//! (`conformance/`): test code, outside this library.
 
 pub mod args;
 pub mod backend;
-pub mod conformance;
 mod core;
 pub mod error;
 pub mod faults;
