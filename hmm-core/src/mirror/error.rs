@@ -1,7 +1,7 @@
 //! The mirror's typed errors.
 
 use super::backend::BackendError;
-use super::pagetable::TableError;
+pub use super::pagetable::TableError;
 use crate::addr::VirtAddr;
 use crate::cpu::host::HostError;
 use crate::cpu::range_fault::FaultError;

@@ -199,11 +199,11 @@ pub mod error;
 pub mod faults;
 pub mod format;
 mod hostcopy;
-pub mod pagetable;
-pub mod pool;
+pub(crate) mod pagetable;
+pub(crate) mod pool;
 pub mod stats;
 mod twins;
 
 pub use self::core::{Advice, LaunchReport, Mirror, MirrorConfig, PinHandle};
-pub use error::{AccessError, MirrorError};
+pub use error::{AccessError, MirrorError, TableError};
 pub use stats::MirrorStats;

@@ -162,7 +162,8 @@ fn clip(range: VaRange) -> Option<(u64, u64)> {
     (s < e).then_some((s, e))
 }
 
-/// Host copy of a device page table; see the [module docs](self).
+/// Host copy of a device page table; see the module docs
+/// (`hmm-core/src/mirror/pagetable.rs`).
 #[derive(Clone)]
 pub struct ShadowTable {
     /// Entries of every page ever allocated, indexed by table page number.
