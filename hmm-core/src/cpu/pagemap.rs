@@ -77,6 +77,7 @@ pub const ALL_CATEGORIES: u64 = (1 << 8) - 1;
 
 /// Errors of the page-state readers.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PagemapError {
     /// `/proc/self/pagemap` could not be opened.
     #[error("cannot open /proc/self/pagemap: {0}")]

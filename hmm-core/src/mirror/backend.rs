@@ -170,6 +170,7 @@ pub struct BackendInfo {
 
 /// Errors a backend reports.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// Device memory could not be allocated.
     #[error("device out of memory: {0}")]

@@ -9,6 +9,7 @@ use crate::error::RangeError;
 
 /// Why a device access could not be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AccessError {
     /// No CPU mapping at the address (never mapped, or freed/unmapped).
     Unmapped,
@@ -34,6 +35,7 @@ impl core::fmt::Display for AccessError {
 
 /// Errors of a device mirror.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MirrorError {
     /// A device access that no CPU mapping allows; the launch ended.
     #[error("device {access} at {addr}: {reason}", access = if *write { "write" } else { "read" })]

@@ -66,6 +66,7 @@ const WORDS: usize = ENTRIES / 64;
 
 /// Errors of [`ShadowTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum TableError {
     /// A table needs at least its root page.
     #[error("a page table needs at least one table page (the root)")]
