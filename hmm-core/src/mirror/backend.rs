@@ -188,6 +188,11 @@ pub enum BackendError {
     /// [`Backend::init`] has not run, or ran twice.
     #[error("backend not initialised as required: {0}")]
     NotInitialised(&'static str),
+    /// The device cannot do this at all, or not in its mode: host windows
+    /// on a copy-mode device, a pool (or copies to and from one) on a
+    /// zero-copy device.
+    #[error("not supported by this device: {0}")]
+    Unsupported(String),
     /// Anything else the driver wants to say.
     #[error("{0}")]
     Other(String),
@@ -343,7 +348,7 @@ pub unsafe trait Backend: Send + Sync + 'static {
         len: usize,
     ) -> Result<(), BackendError> {
         let _ = (window, addr, len);
-        Err(BackendError::Other(
+        Err(BackendError::Unsupported(
             "this backend has no host windows (copy mode)".into(),
         ))
     }

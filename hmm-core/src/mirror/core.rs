@@ -1529,7 +1529,7 @@ impl<B: Backend> Mirror<B> {
                     start: range.start().0,
                 },
             )
-            .map_err(|_| MirrorError::Config("the address space was torn down".into()))?;
+            .map_err(|_| MirrorError::TornDown)?;
         let sref = sub.ops_arc();
         dev.regions.insert(
             range.start().0,

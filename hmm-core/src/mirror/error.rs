@@ -116,6 +116,11 @@ pub enum MirrorError {
         /// The process that tried to use it.
         used_in: u32,
     },
+    /// The host address space was torn down
+    /// ([`AddressSpace::teardown`](crate::notifier::AddressSpace::teardown)):
+    /// a launch or prefetch that needed a new region cannot register one.
+    #[error("the address space was torn down: no new region can be registered")]
+    TornDown,
     /// The device cannot do what was asked (e.g. pinning on a zero-copy
     /// device).
     #[error("not supported by this device: {0}")]
