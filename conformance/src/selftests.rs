@@ -385,6 +385,6 @@ pub fn double_map<B: TestKernels>(b1: B, b2: B) {
     );
     assert!(
         m2.stats().invalidations[5] > 0,
-        "migrate invalidation reached m2"
+        "the coherence invalidation reached m2"
     );
 }

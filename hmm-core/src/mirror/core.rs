@@ -215,7 +215,7 @@ fn event_index(e: EventKind) -> usize {
         EventKind::Remap => 2,
         EventKind::Protection => 3,
         EventKind::CpuWrite => 4,
-        EventKind::Migrate => 5,
+        EventKind::Coherence => 5,
         EventKind::Release => 6,
         EventKind::Clear => 7,
     }
@@ -230,7 +230,7 @@ impl<B: Backend> IntervalNotifier for Region<B> {
         };
         // Our own coherence invalidations (another region's upgrade) must
         // not make our own fault retry forever.
-        if nr.owner == Some(inner.owner) && nr.event == EventKind::Migrate {
+        if nr.owner == Some(inner.owner) && nr.event == EventKind::Coherence {
             return true;
         }
         // A zero-copy device reads the CPU's own pages: a CPU write leaves
@@ -1061,7 +1061,7 @@ impl<B: Backend> Mirror<B> {
         // unseen: collapse them (our own callbacks skip owner-tagged ones).
         if earlier > 0 {
             if let Ok(g) = host.space().invalidate_start(
-                NotifierRange::new(VaRange::everything(), EventKind::Migrate)
+                NotifierRange::new(VaRange::everything(), EventKind::Coherence)
                     .with_owner(inner.owner),
             ) {
                 drop(g);
@@ -1660,9 +1660,9 @@ impl<B: Backend> Mirror<B> {
         let read_mostly = inner.lock().read_mostly.iter().any(|r| r.overlaps(piece));
         if multi && (write || !read_mostly) {
             // Single writer: drop every other device's copy first (ours are
-            // skipped by owner tag). They write back dirty data on Migrate.
+            // skipped by owner tag). They write back dirty data on Coherence.
             if let Ok(g) = inner.host.space().invalidate_start(
-                NotifierRange::new(piece, EventKind::Migrate).with_owner(inner.owner),
+                NotifierRange::new(piece, EventKind::Coherence).with_owner(inner.owner),
             ) {
                 drop(g);
             }

@@ -119,7 +119,7 @@
 //!   windows; more is the typed `NoProgress` (as an invocation touching
 //!   more pages than a copy-mode pool).
 //! - **Invalidations:** a CPU write needs none (`CpuWrite` only advances
-//!   the sequence). Protection, migrate and clear events zap entries and
+//!   the sequence). Protection, coherence and clear events zap entries and
 //!   keep the window. Destructive events (unmap, remap, remove) zap the
 //!   whole region's entries and *detach* its window without waiting, like
 //!   every destructive event; the window is unbound at the next flush
@@ -172,7 +172,7 @@
 //! region has already taken a write fault, saving upgrade faults; in a
 //! region the device has only read, they map read-only, so pages a kernel
 //! merely reads cost one copy and no twin. With several, read faults map read-only and a write
-//! fault first invalidates the range in every other mirror (`Migrate`,
+//! fault first invalidates the range in every other mirror (`Coherence`,
 //! owner-tagged so the writer skips its own callback; the others write
 //! dirty data back first): one writer or many readers per page.
 //! [`Advice::ReadMostly`] keeps read faults read-only even for one mirror.
