@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use hmm::{HostSpace, Mirror, MirrorConfig};
+use hmm_conformance::{self as conformance, TestKernel, TestKernels};
 use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet,
     Invocations, LaunchOutcome, PteLoc, PteWrite, RawFaultRecord, SubmissionId, FAULT_WRITE,
 };
-use hmm_core::mirror::conformance::{self, TestKernel, TestKernels};
 use hmm_core::mirror::format::{
     level_index, Pte, ACCESSED, DIRTY, ENTRIES, LEVELS, TABLE_PAGE_BYTES,
 };
@@ -287,7 +287,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(mirror);
 
     // 2. Run scenarios of the generic conformance suite, as a real driver's
-    //    tests do with `hmm_core::conformance_tests!`.
+    //    tests do with `hmm_conformance::conformance_tests!`.
     conformance::open_close(ToyDevice::default());
     conformance::anon_read(ToyDevice::default());
     conformance::anon_write(ToyDevice::default());

@@ -15,9 +15,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use hmm_core::internal::pagetable::ShadowTable;
+use hmm_core::internal::pool::PagePool;
 use hmm_core::mirror::format::{PoolSlot, Pte};
-use hmm_core::mirror::pagetable::ShadowTable;
-use hmm_core::mirror::pool::PagePool;
 use hmm_core::{VaRange, VirtAddr};
 
 /// Pages in 1 GiB.

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hmm_core::cpu::range_fault::{FaultFlags, PageState, RangeFaulter};
-use hmm_core::cpu::sys::MADV_POPULATE_WRITE;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
+use libc::MADV_POPULATE_WRITE;
 
 struct Buf {
     p: *mut libc::c_void,

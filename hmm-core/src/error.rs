@@ -5,6 +5,7 @@ use thiserror::Error;
 
 /// A range argument was unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum RangeError {
     /// `start >= end`, or a zero length.
     #[error("empty range [{start:#x}, {end:#x})")]
@@ -42,6 +43,7 @@ pub enum RangeError {
 
 /// Errors of the interval-notifier registry.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum NotifierError {
     /// The address space was torn down ([`crate::notifier::AddressSpace::teardown`]);
     /// no new subscription or whole-space notifier can be added.

@@ -26,5 +26,22 @@ pub mod mirror;
 pub mod notifier;
 pub(crate) mod sync;
 
+/// **Not API.** Internal data structures of the mirror, public only so that
+/// this workspace's own property tests (`hmm-core/tests/mirror_structures_model.rs`)
+/// and benchmarks (`benches/benches/pagetable.rs`) can drive them directly.
+/// Nothing here is covered by semver: it may change or disappear in any
+/// release. Use [`mirror::Mirror`] instead.
+#[doc(hidden)]
+pub mod internal {
+    /// The host's shadow of a device page table (`ShadowTable`).
+    pub mod pagetable {
+        pub use crate::mirror::pagetable::*;
+    }
+    /// The device page pool with CLOCK eviction (`PagePool`).
+    pub mod pool {
+        pub use crate::mirror::pool::*;
+    }
+}
+
 pub use addr::{VaRange, VirtAddr, PAGE_SIZE};
 pub use error::{NotifierError, RangeError};

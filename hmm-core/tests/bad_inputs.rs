@@ -1,5 +1,5 @@
 //! Misuses that need no device (the catalog is `docs/BAD_INPUTS.md`; the
-//! mirror-level ones are in `hmm_core::mirror::conformance`, run by every
+//! mirror-level ones are in the `hmm-conformance` crate, run by every
 //! driver): each gets a typed error, nothing panics that the caller did
 //! not cause, nothing is lost, nothing hangs.
 

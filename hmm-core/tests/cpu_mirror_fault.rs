@@ -8,10 +8,69 @@ use hmm_core::cpu::mirror_fault::{
     fault_and_commit, range_fault_checked, FaultLoopStats, MirrorFaultError,
 };
 use hmm_core::cpu::range_fault::{FaultError, FaultFlags, PageState, RangeFaulter};
-use hmm_core::mirror::conformance::TestMap;
 use hmm_core::notifier::{
     AddressSpace, Attempt, EventKind, Interval, IntervalNotifier, NotifierRange, Seq, Subscription,
 };
+use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
+
+/// A private anonymous mapping between two `PROT_NONE` guard pages (tests
+/// run in parallel threads; the guards keep the kernel from merging
+/// neighbouring mappings into one VMA); unmapped on drop.
+struct TestMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl TestMap {
+    fn anon(pages: usize, prot: libc::c_int) -> TestMap {
+        let pg = PAGE_SIZE as usize;
+        let len = pages * pg;
+        // SAFETY: reserves fresh address space at a kernel-chosen address;
+        // nothing else refers to it.
+        let guard = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + 2 * pg,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(
+            guard,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let want = (guard as usize + pg) as *mut libc::c_void;
+        // SAFETY: MAP_FIXED over the middle of our own reservation only.
+        let p = unsafe {
+            libc::mmap(
+                want,
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p, want, "mmap: {}", std::io::Error::last_os_error());
+        TestMap { ptr: p.cast(), len }
+    }
+
+    fn range(&self) -> VaRange {
+        VaRange::from_start_len(VirtAddr(self.ptr as u64), self.len as u64).expect("range")
+    }
+}
+
+impl Drop for TestMap {
+    fn drop(&mut self) {
+        let pg = PAGE_SIZE as usize;
+        // SAFETY: our own mapping and its two guard pages, unmapped once.
+        unsafe { libc::munmap(self.ptr.sub(pg).cast(), self.len + 2 * pg) };
+    }
+}
 
 struct Region {
     lock: Mutex<Vec<PageState>>,

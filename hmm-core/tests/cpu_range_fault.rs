@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use hmm_core::cpu::maps::MappingCache;
 use hmm_core::cpu::pagemap::{Pagemap, ScanArgs};
+use hmm_core::cpu::pagemap::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
 use hmm_core::cpu::range_fault::{FaultError, FaultFlags, PageState, PopulateMethod, RangeFaulter};
-use hmm_core::cpu::sys::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
 use hmm_core::{RangeError, VaRange, VirtAddr, PAGE_SIZE};
 
 const PS: usize = PAGE_SIZE as usize;

@@ -14,9 +14,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use hmm_core::cpu::host::HostSpace;
+use hmm_core::cpu::host::{EventSource, HostSpace};
 use hmm_core::cpu::probe::Capabilities;
-use hmm_core::mirror::conformance::events_available;
 use hmm_core::notifier::{EventKind, Interval, IntervalNotifier, NotifierRange, Seq, Subscription};
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
@@ -27,6 +26,18 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(200);
 
 // ---------------------------------------------------------------- helpers
+
+/// Fails the test with a clear line when userfaultfd is missing and
+/// `HMM_REQUIRE_UFFD=1`; otherwise returns whether events are available.
+fn events_available(host: &HostSpace) -> bool {
+    let ok = matches!(host.event_source(), EventSource::Userfaultfd);
+    assert!(
+        ok || std::env::var("HMM_REQUIRE_UFFD").as_deref() != Ok("1"),
+        "HMM_REQUIRE_UFFD=1 but userfaultfd is unavailable: {:?}",
+        host.event_source()
+    );
+    ok
+}
 
 /// The host space, or `None` (after a skip line) without userfaultfd.
 /// `events_available` fails the test instead when `HMM_REQUIRE_UFFD=1`.

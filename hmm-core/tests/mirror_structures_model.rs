@@ -26,12 +26,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
+use hmm_core::internal::pagetable::ShadowTable;
+use hmm_core::internal::pool::PagePool;
 use hmm_core::mirror::backend::{PteLoc, PteWrite};
 use hmm_core::mirror::format::{
     level_index, PoolSlot, Pte, TablePage, ACCESSED, DIRTY, LEVELS, VALID, WRITABLE,
 };
-use hmm_core::mirror::pagetable::{ShadowTable, TableError};
-use hmm_core::mirror::pool::PagePool;
+use hmm_core::mirror::TableError;
 use hmm_core::{VaRange, VirtAddr};
 use proptest::prelude::*;
 

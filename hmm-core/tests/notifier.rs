@@ -122,13 +122,13 @@ fn owner_and_event_reach_the_callback() {
     let (_a, ra) = sub(&space, r(0x1000, 0x2000));
     let g = space
         .invalidate_start(
-            NotifierRange::new(r(0x1000, 0x2000), EventKind::Migrate).with_owner(OwnerTag(7)),
+            NotifierRange::new(r(0x1000, 0x2000), EventKind::Coherence).with_owner(OwnerTag(7)),
         )
         .unwrap();
     assert_eq!(g.range().owner, Some(OwnerTag(7)));
     drop(g);
     let c = ra.calls.lock().unwrap()[0];
-    assert_eq!((c.1, c.2), (EventKind::Migrate, Some(OwnerTag(7))));
+    assert_eq!((c.1, c.2), (EventKind::Coherence, Some(OwnerTag(7))));
 }
 
 #[test]

@@ -108,6 +108,7 @@ pub fn parse_backend(s: Option<&str>) -> Result<Option<Driver>, UnknownDriver> {
 
 /// Why a requested driver could not be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// The wgpu driver found no adapter.
     #[error(transparent)]

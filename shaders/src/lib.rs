@@ -220,6 +220,7 @@ pub struct PtParams {
 
 /// Errors building a kernel from WGSL.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ShaderError {
     /// The kernel passes more arguments than the library carries.
     #[error("{0} kernel arguments; at most {MAX_ARGS} fit")]

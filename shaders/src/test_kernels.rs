@@ -2,7 +2,7 @@
 //! ([`TestKernel`]), in WGSL
 //! against the library: one source for every GPU driver.
 
-use hmm_core::mirror::conformance::TestKernel;
+use hmm_conformance::TestKernel;
 
 /// `out[i] = src[i]` (u32).
 pub const COPY_U32: &str = r#"

@@ -61,8 +61,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
 use hmm_core::{VaRange, VirtAddr};
 

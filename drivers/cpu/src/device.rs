@@ -223,7 +223,7 @@ unsafe impl Backend for CpuDevice {
     ) -> Result<(), BackendError> {
         let mem = self.memory()?;
         let Some(win) = &mem.windows else {
-            return Err(BackendError::Other(
+            return Err(BackendError::Unsupported(
                 "bind_window on a copy-mode device".into(),
             ));
         };

@@ -15,6 +15,7 @@ use crate::memory::{Memory, PAGE, WORDS_PER_PAGE};
 
 /// Why a device access stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FaultKind {
     /// No valid entry on the walk (directory or leaf), or an address at or
     /// above `1 << 48`. A page fault: reported in the fault buffer, the

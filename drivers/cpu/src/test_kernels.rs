@@ -1,7 +1,7 @@
 //! The conformance suite's kernels, as Rust closures over the emulated MMU.
 
+use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::BackendError;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels};
 
 use crate::{CpuDevice, CpuKernel};
 

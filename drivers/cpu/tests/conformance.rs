@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
+use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::mirror::backend::RawFaultRecord;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{AccessError, LaunchReport, Mirror, MirrorConfig, MirrorError};
 use hmm_driver_cpu::CpuDevice;
 
-hmm_core::conformance_tests!(hmm_driver_cpu::CpuDevice::with_threads(2));
+hmm_conformance::conformance_tests!(hmm_driver_cpu::CpuDevice::with_threads(2));
 
 /// A small mirror on a device whose fault records pass through `mangle`,
 /// running the copy kernel over `n` invocations from one page into another.

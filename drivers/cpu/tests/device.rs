@@ -210,6 +210,17 @@ fn init_rules() {
 }
 
 #[test]
+fn copy_mode_has_no_host_windows() {
+    let dev = device(1, 4);
+    assert_eq!(dev.host_windows(), None);
+    let mut page = vec![0u8; 4096];
+    // SAFETY: a copy-mode device refuses before it touches the memory.
+    let r = unsafe { dev.bind_window(0, page.as_mut_ptr(), page.len()) };
+    assert!(matches!(r, Err(BackendError::Unsupported(_))), "{r:?}");
+    assert_eq!(page, vec![0u8; 4096]);
+}
+
+#[test]
 fn unmapped_reads_and_writes_fault_with_records() {
     let dev = device(2, 8);
     let mut m = Mapper::new();

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_core::notifier::SpaceNotifier;
 use hmm_core::VaRange;
@@ -156,7 +156,7 @@ fn teardown_under_a_live_mirror_waits_for_work_and_allocates_nothing() {
     let fresh = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     assert!(matches!(
         m.launch(&copy, 1, [fresh.addr(), out.addr()]),
-        Err(hmm_core::mirror::MirrorError::Config(_))
+        Err(hmm_core::mirror::MirrorError::TornDown)
     ));
     let m = Arc::into_inner(m).expect("sole owner");
     drop(m);

@@ -13,4 +13,4 @@ fn device() -> Option<CpuDevice> {
     Some(unsafe { CpuDevice::with_threads(2).zero_copy() })
 }
 
-hmm_core::conformance_tests!(zero_copy optional device());
+hmm_conformance::conformance_tests!(zero_copy optional device());

@@ -475,7 +475,7 @@ impl VulkanDevice {
     /// Zero-copy mode has no pool to copy to or from.
     fn refuse_copy_in_zero_copy(&self, what: &str) -> Result<(), BackendError> {
         if self.ctx.zero_copy.is_some() {
-            return Err(BackendError::Other(format!(
+            return Err(BackendError::Unsupported(format!(
                 "{what}: zero-copy mode has no pool (the device reads the host's own pages)"
             )));
         }
@@ -948,7 +948,7 @@ unsafe impl Backend for VulkanDevice {
             // No pool: leaf entries name window pages. Only the dummy
             // that unbound windows' bindings point at.
             if config.pool_slots != 0 {
-                return Err(BackendError::Other(format!(
+                return Err(BackendError::Unsupported(format!(
                     "zero-copy mode has no pool (init with pool_slots 0, not {})",
                     config.pool_slots
                 )));
@@ -1283,7 +1283,7 @@ unsafe impl Backend for VulkanDevice {
     ) -> Result<(), BackendError> {
         self.check()?;
         let Some(zc) = &self.ctx.zero_copy else {
-            return Err(BackendError::Other(
+            return Err(BackendError::Unsupported(
                 "bind_window: this device is in copy mode (no host windows)".into(),
             ));
         };

@@ -170,7 +170,7 @@
 //!   running when another thread unmaps its memory faults the whole
 //!   process — hence the `unsafe` opt-in. The conformance scenario that
 //!   unmaps during a launch (`anon_teardown`) is therefore not part of
-//!   the zero-copy suite (`conformance_tests!(zero_copy …)`).
+//!   the zero-copy suite (`hmm_conformance::conformance_tests!(zero_copy …)`).
 //! - **Real GPUs pin the imported pages** (the import holds them until
 //!   it is freed), so there an unmap leaves the device reading pages the
 //!   CPU no longer has rather than faulting; memory the device writes must

@@ -126,6 +126,7 @@ impl OpenOptions {
 
 /// Why no device could be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// No Vulkan loader (`libvulkan.so.1`).
     #[error(

@@ -2,4 +2,4 @@
 //! selftests) on the Vulkan driver in copy mode. Without a device each
 //! test prints a skip line; `HMM_REQUIRE_GPU=1` makes that a failure.
 
-hmm_core::conformance_tests!(optional hmm_driver_vulkan::test_device());
+hmm_conformance::conformance_tests!(optional hmm_driver_vulkan::test_device());

@@ -13,4 +13,4 @@ fn device() -> Option<hmm_driver_vulkan::VulkanDevice> {
     unsafe { hmm_driver_vulkan::test_device_zero_copy() }
 }
 
-hmm_core::conformance_tests!(zero_copy optional device());
+hmm_conformance::conformance_tests!(zero_copy optional device());

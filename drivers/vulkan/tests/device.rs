@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::mirror::backend::{
     Backend, BackendError, DeviceConfig, InvocationSet, Invocations, SubmissionId,
 };
-use hmm_core::mirror::conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_driver_vulkan::{test_device, Mode, OpenError, OpenOptions, VulkanDevice};
 

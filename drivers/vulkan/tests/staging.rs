@@ -3,7 +3,7 @@
 //! buffer and `vkCmdCopyBuffer`, the path a discrete GPU without
 //! host-visible device memory takes.
 
-hmm_core::conformance_tests!(optional hmm_driver_vulkan::test_device_with(
+hmm_conformance::conformance_tests!(optional hmm_driver_vulkan::test_device_with(
     &hmm_driver_vulkan::OpenOptions {
         force_staging: true,
         ..Default::default()

@@ -6,6 +6,7 @@ use crate::device::{Shared, WgpuDevice};
 
 /// Why no device could be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// wgpu found no adapter (no Vulkan driver: on Debian, lavapipe is in
     /// `mesa-vulkan-drivers`).

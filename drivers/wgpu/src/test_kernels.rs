@@ -1,8 +1,8 @@
 //! The conformance suite's kernels: the WGSL sources shared by every GPU
 //! driver ([`hmm_shaders::test_kernels`]).
 
+use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::BackendError;
-use hmm_core::mirror::conformance::{TestKernel, TestKernels};
 
 use crate::{WgpuDevice, WgpuKernel};
 

@@ -42,6 +42,7 @@ pub const DEFAULT_CHUNK_SIZES: [u64; 3] = [SZ_2M, SZ_64K, SZ_4K];
 
 /// Why no chunk could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ChunkError {
     /// The faulting address is not inside the given mapping range.
     #[error("fault address {addr} is outside the mapping {mapping}")]

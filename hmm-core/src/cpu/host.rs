@@ -33,6 +33,7 @@ use crate::notifier::{AddressSpace, EventKind};
 
 /// Errors of the host space.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HostError {
     /// Event monitor failure.
     #[error(transparent)]

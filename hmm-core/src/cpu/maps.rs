@@ -51,6 +51,7 @@ use crate::sync::{lock, AtomicU64, Mutex, Ordering};
 
 /// Errors from reading or parsing the process's memory map.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum MapsError {
     /// `/proc/self/maps` (or the configured source) could not be read.
     #[error("cannot read the memory map: {0}")]

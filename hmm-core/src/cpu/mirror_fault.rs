@@ -27,6 +27,7 @@ use crate::notifier::{Attempt, Interval, Seq};
 
 /// Failure of a sequence-checked fault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MirrorFaultError<E> {
     /// The snapshot itself failed (bad address, protection, …).
     #[error(transparent)]

@@ -10,7 +10,9 @@
 //!   remove, remap, fork) and CPU-write tracking (`WP_ASYNC` +
 //!   `PAGEMAP_SCAN`); [`probe`]: what this kernel offers.
 //! - [`host`]: all of it wired to an [`crate::notifier::AddressSpace`].
-//! - [`sys`]: the raw kernel ABI the above need.
+//! - `sys` (crate-private): the raw kernel ABI the above need; what of it
+//!   a public signature uses is re-exported where it is used
+//!   ([`pagemap`]: the scan's region type, category bits and flags).
 
 pub mod chunk;
 pub mod host;
@@ -21,6 +23,6 @@ pub mod pagemap;
 pub mod probe;
 pub mod range_fault;
 mod scratch;
-pub mod sys;
+pub(crate) mod sys;
 pub mod uffd;
 pub mod write_track;

@@ -146,6 +146,7 @@ pub trait InvalidationSink: Send + Sync + 'static {
 
 /// Errors of the monitor.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum MonitorError {
     /// The userfaultfd could not be opened or used.
     #[error(transparent)]

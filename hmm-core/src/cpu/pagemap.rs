@@ -54,11 +54,19 @@ use thiserror::Error;
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 use crate::cpu::sys::{
-    self, page_region, pm_scan_arg, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT,
-    PAGE_IS_SOFT_DIRTY, PAGE_IS_SWAPPED, PM_FILE_OR_SHARED_ANON, PM_PFN_MASK, PM_PRESENT,
-    PM_SOFT_DIRTY, PM_SWAPPED,
+    self, pm_scan_arg, PM_FILE_OR_SHARED_ANON, PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED,
 };
 use crate::error::RangeError;
+
+/// The scan's output type and bits, with the kernel's names
+/// (`linux/fs.h`): [`page_region`] is what [`Pagemap::pagemap_scan`]
+/// returns; `PAGE_IS_*` are the category bits of [`ScanArgs`] and of
+/// `page_region::categories`; `PM_SCAN_*` are the [`ScanArgs::flags`].
+pub use crate::cpu::sys::{
+    page_region, PAGE_IS_FILE, PAGE_IS_HUGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SOFT_DIRTY,
+    PAGE_IS_SWAPPED, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING,
+};
 
 /// Categories the `pread` fallback can compute.
 pub const FALLBACK_CATEGORIES: u64 =
@@ -69,6 +77,7 @@ pub const ALL_CATEGORIES: u64 = (1 << 8) - 1;
 
 /// Errors of the page-state readers.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PagemapError {
     /// `/proc/self/pagemap` could not be opened.
     #[error("cannot open /proc/self/pagemap: {0}")]

@@ -147,6 +147,7 @@ impl PageState {
 
 /// Errors of [`RangeFaulter::range_fault`].
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum FaultError {
     /// The range is empty, unaligned, overflowing or reaches the kernel half.
     #[error(transparent)]

@@ -64,7 +64,6 @@ pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
 
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 pub const UFFD_EVENT_FORK: u8 = 0x13;
@@ -157,11 +156,15 @@ pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub const PAGE_IS_HUGE: u64 = 1 << 6;
 pub const PAGE_IS_SOFT_DIRTY: u64 = 1 << 7;
 
+/// A run of pages with equal categories, as `PAGEMAP_SCAN` reports it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct page_region {
+    /// First address.
     pub start: u64,
+    /// One past the last address.
     pub end: u64,
+    /// `PAGE_IS_*` bits, masked by the scan's `return_mask`.
     pub categories: u64,
 }
 
@@ -193,8 +196,6 @@ pub const PAGEMAP_SCAN: u64 = ioc(
 pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAPPED: u64 = 1 << 62;
 pub const PM_FILE_OR_SHARED_ANON: u64 = 1 << 61;
-pub const PM_UFFD_WP: u64 = 1 << 57;
-pub const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
 pub const PM_PFN_MASK: u64 = (1 << 55) - 1;
 

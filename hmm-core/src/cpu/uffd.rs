@@ -226,6 +226,7 @@ impl core::ops::BitOr for RegisterMode {
 
 /// A message that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// An event code this crate does not know.
     #[error("unknown userfaultfd event code {0:#x}")]
@@ -247,6 +248,7 @@ pub enum DecodeError {
 
 /// Errors of the userfaultfd wrapper.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum UffdError {
     /// No way of opening a userfaultfd worked.
     #[error("userfaultfd unavailable: {}", attempts.iter().map(|a| a.reason()).collect::<Vec<_>>().join("; "))]

@@ -61,6 +61,7 @@ pub enum TrackMode {
 
 /// Errors of the write tracker.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TrackError {
     /// The range is not page aligned.
     #[error("{0} is not page aligned")]

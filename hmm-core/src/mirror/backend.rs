@@ -7,7 +7,7 @@
 //! each method, and the memory-safety part of that as `# Safety`.
 //!
 //! A driver developer implements [`Backend`], then runs the generic
-//! conformance suite (`hmm_core::mirror::conformance`) against it; the
+//! conformance suite (the `hmm-conformance` crate) against it; the
 //! `cpu` driver in `drivers/cpu` is the reference to copy from.
 
 pub use super::invocations::{InvocationSet, Iter as InvocationIter};
@@ -175,6 +175,7 @@ pub struct BackendInfo {
 
 /// Errors a backend reports.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// Device memory could not be allocated.
     #[error("device out of memory: {0}")]
@@ -192,6 +193,11 @@ pub enum BackendError {
     /// [`Backend::init`] has not run, or ran twice.
     #[error("backend not initialised as required: {0}")]
     NotInitialised(&'static str),
+    /// The device cannot do this at all, or not in its mode: host windows
+    /// on a copy-mode device, a pool (or copies to and from one) on a
+    /// zero-copy device.
+    #[error("not supported by this device: {0}")]
+    Unsupported(String),
     /// Anything else the driver wants to say.
     #[error("{0}")]
     Other(String),
@@ -347,7 +353,7 @@ pub unsafe trait Backend: Send + Sync + 'static {
         len: usize,
     ) -> Result<(), BackendError> {
         let _ = (window, addr, len);
-        Err(BackendError::Other(
+        Err(BackendError::Unsupported(
             "this backend has no host windows (copy mode)".into(),
         ))
     }

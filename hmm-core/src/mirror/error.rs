@@ -1,7 +1,7 @@
 //! The mirror's typed errors.
 
 use super::backend::BackendError;
-use super::pagetable::TableError;
+pub use super::pagetable::TableError;
 use crate::addr::VirtAddr;
 use crate::cpu::host::HostError;
 use crate::cpu::range_fault::FaultError;
@@ -9,6 +9,7 @@ use crate::error::RangeError;
 
 /// Why a device access could not be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AccessError {
     /// No CPU mapping at the address (never mapped, or freed/unmapped).
     Unmapped,
@@ -34,6 +35,7 @@ impl core::fmt::Display for AccessError {
 
 /// Errors of a device mirror.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MirrorError {
     /// A device access that no CPU mapping allows; the launch ended.
     #[error("device {access} at {addr}: {reason}", access = if *write { "write" } else { "read" })]
@@ -106,7 +108,7 @@ pub enum MirrorError {
     /// The mirror was used in a process other than the one that created
     /// it: a forked child, which inherits the memory but none of the
     /// threads and kernel registrations a mirror runs on (the child has no
-    /// mirror; see `conformance::forked_child_gets_a_typed_error`).
+    /// mirror; see `hmm_conformance::forked_child_gets_a_typed_error`).
     #[error("mirror created in process {created_in} used in process {used_in} (a forked child has no mirror)")]
     WrongProcess {
         /// The creating process.
@@ -114,6 +116,11 @@ pub enum MirrorError {
         /// The process that tried to use it.
         used_in: u32,
     },
+    /// The host address space was torn down
+    /// ([`AddressSpace::teardown`](crate::notifier::AddressSpace::teardown)):
+    /// a launch or prefetch that needed a new region cannot register one.
+    #[error("the address space was torn down: no new region can be registered")]
+    TornDown,
     /// The device cannot do what was asked (e.g. pinning on a zero-copy
     /// device).
     #[error("not supported by this device: {0}")]

@@ -174,7 +174,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             // Single writer: drop every other device's copy first (ours are
             // skipped by owner tag). They write back dirty data on it.
             if let Ok(g) = inner.host.space().invalidate_start(
-                NotifierRange::new(piece, EventKind::Migrate).with_owner(inner.owner),
+                NotifierRange::new(piece, EventKind::Coherence).with_owner(inner.owner),
             ) {
                 drop(g);
             }

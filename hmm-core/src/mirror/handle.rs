@@ -106,7 +106,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // unseen: collapse them (our own callbacks skip owner-tagged ones).
         if earlier > 0 {
             if let Ok(g) = host.space().invalidate_start(
-                NotifierRange::new(VaRange::everything(), EventKind::Migrate)
+                NotifierRange::new(VaRange::everything(), EventKind::Coherence)
                     .with_owner(inner.owner),
             ) {
                 drop(g);

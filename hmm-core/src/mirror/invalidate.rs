@@ -67,7 +67,7 @@ pub(crate) fn event_index(e: EventKind) -> usize {
         EventKind::Remap => 2,
         EventKind::Protection => 3,
         EventKind::CpuWrite => 4,
-        EventKind::Migrate => 5,
+        EventKind::Coherence => 5,
         EventKind::Release => 6,
         EventKind::Clear => 7,
     }
@@ -82,7 +82,7 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
         };
         // Our own coherence invalidations (another region's upgrade) must
         // not make our own fault retry forever.
-        if nr.owner == Some(inner.owner) && nr.event == EventKind::Migrate {
+        if nr.owner == Some(inner.owner) && nr.event == EventKind::Coherence {
             return true;
         }
         let count = || Counters::add(&inner.counters.invalidations[event_index(nr.event)], 1);

@@ -69,15 +69,15 @@
 //!   and KSM produce no event (invalidate explicitly after `mprotect`).
 //! - [`Mirror::pin`] is the baseline to compare against: no notifier at
 //!   all — the device keeps the pinned copy whatever the CPU does until
-//!   [`Mirror::unpin`].
+//!   [`Mirror::unpin`] (`hmm_conformance::pinning_hazard_is_real` shows it).
 //!
 //! The generic conformance suite, including the port of the kernel's HMM
-//! selftests, is what every backend runs.
+//! selftests, is what every backend runs: the `hmm-conformance` crate
+//! (`conformance/`): test code, outside this library.
 
 pub mod args;
 pub mod backend;
 mod config;
-pub mod conformance;
 pub mod error;
 mod fault_service;
 pub mod faults;
@@ -88,9 +88,9 @@ mod hostcopy;
 mod invalidate;
 mod invocations;
 mod launch;
-pub mod pagetable;
+pub(crate) mod pagetable;
 mod pin;
-pub mod pool;
+pub(crate) mod pool;
 mod regions;
 mod residency;
 mod state;
@@ -98,7 +98,7 @@ pub mod stats;
 mod twins;
 
 pub use config::{Advice, LaunchReport, MirrorConfig};
-pub use error::{AccessError, MirrorError};
+pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
 pub use host_side::{HostSide, WriteTracking};
 pub use pin::PinHandle;

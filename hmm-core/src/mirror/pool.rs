@@ -26,8 +26,8 @@
 use super::format::PoolSlot;
 use crate::addr::VirtAddr;
 
-/// Slot allocator with reverse map and CLOCK eviction; see the
-/// [module docs](self).
+/// Slot allocator with reverse map and CLOCK eviction; see the module docs
+/// (`hmm-core/src/mirror/pool.rs`).
 #[derive(Clone, Debug)]
 pub struct PagePool {
     /// Most slots.

@@ -103,7 +103,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     start: range.start().0,
                 },
             )
-            .map_err(|_| MirrorError::Config("the address space was torn down".into()))?;
+            .map_err(|_| MirrorError::TornDown)?;
         let sref = sub.ops_arc();
         dev.regions.insert(
             range.start().0,

@@ -38,7 +38,7 @@ pub struct MirrorStats {
     /// Pages evicted from a full pool.
     pub evictions: u64,
     /// Invalidations that reached this mirror, by event kind: unmap,
-    /// remove, remap, protection, cpu-write, migrate, release, clear.
+    /// remove, remap, protection, cpu-write, coherence, release, clear.
     pub invalidations: [u64; 8],
     /// Pages mapped by `prefetch`.
     pub prefetched: u64,
@@ -88,7 +88,7 @@ impl core::fmt::Display for MirrorStats {
         let k = &self.invalidations;
         writeln!(
             f,
-            "invalidations: unmap {} remove {} remap {} protection {} cpu-write {} migrate {} release {} clear {}",
+            "invalidations: unmap {} remove {} remap {} protection {} cpu-write {} coherence {} release {} clear {}",
             k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
         )?;
         write!(

@@ -8,6 +8,7 @@ use crate::addr::VaRange;
 /// good (a device mirror marks its region dead), a
 /// [`EventKind::CpuWrite`] only that device copies are stale.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EventKind {
     /// The range was unmapped (`munmap`, or the old half of `mremap`).
     Unmap,
@@ -21,8 +22,11 @@ pub enum EventKind {
     Protection,
     /// The CPU wrote to mirrored pages since the last sync point.
     CpuWrite,
-    /// Pages migrate between CPU and device memory.
-    Migrate,
+    /// Multi-device coherence: a device is about to write the range, so
+    /// every other device drops its copy (writing dirty data back first):
+    /// one writer or many readers per page. Owner-tagged, so the writer's
+    /// own mirror skips it. Nothing moves: this is not page migration.
+    Coherence,
     /// The address space is being torn down.
     Release,
     /// An explicit request to drop device copies (`invalidate` from the app
@@ -31,7 +35,8 @@ pub enum EventKind {
 }
 
 /// Identifies who started an invalidation, so a driver can skip the ones it
-/// caused itself (the kernel's `owner` field for migrations).
+/// caused itself (the kernel's `owner` field for migrations; here for
+/// [`EventKind::Coherence`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OwnerTag(pub u64);
 

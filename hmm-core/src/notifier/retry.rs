@@ -26,6 +26,7 @@ pub enum Attempt<R> {
 
 /// Failure of a [`retry_loop`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RetryError<E> {
     /// Timed out ([`NotifierError::RetryTimeout`]).
     #[error(transparent)]

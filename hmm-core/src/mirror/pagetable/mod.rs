@@ -66,6 +66,7 @@ const WORDS: usize = ENTRIES / 64;
 
 /// Errors of [`ShadowTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum TableError {
     /// A table needs at least its root page.
     #[error("a page table needs at least one table page (the root)")]
@@ -162,7 +163,8 @@ fn clip(range: VaRange) -> Option<(u64, u64)> {
     (s < e).then_some((s, e))
 }
 
-/// Host copy of a device page table; see the [module docs](self).
+/// Host copy of a device page table; see the module docs
+/// (`hmm-core/src/mirror/pagetable.rs`).
 #[derive(Clone)]
 pub struct ShadowTable {
     /// Entries of every page ever allocated, indexed by table page number.

@@ -1,0 +1,187 @@
+//! The conformance suite every backend runs, including the port of the
+//! Linux kernel's HMM selftests (`tools/testing/selftests/mm/hmm-tests.c`,
+//! run there against the `dmirror` test device of `lib/test_hmm.c`).
+//!
+//! A driver implements [`TestKernels`] (a handful of tiny kernels in its
+//! own kernel language) and instantiates the suite in one line:
+//!
+//! ```text
+//! hmm_conformance::conformance_tests!(hmm_driver_cpu::CpuDevice::new());
+//! ```
+//!
+//! which expands to one `#[test]` per scenario, named after the kernel
+//! test it ports (`anon_read`, `anon_write_prot`, …). This is test code —
+//! it asserts and panics, forks and maps memory — and no part of
+//! `hmm-core`'s API. A driver depends on it for [`TestKernels`] (its
+//! implementation of the suite's kernels, which benchmarks and stress
+//! tests reuse too) and instantiates the suite in its tests.
+//!
+//! The scenarios are also public functions, one per test, generic over
+//! the backend, for a harness that runs a few by hand
+//! (`examples/custom_backend.rs`). By theme:
+//!
+//! - the port of the kernel's selftests (`open_close` … `double_map`);
+//! - the mirror beyond them: eviction and the pool, pointer chasing, the
+//!   pinning baseline, teardown, concurrency, accessed bits, prefetch,
+//!   read-mostly duplication;
+//! - bad inputs (`docs/BAD_INPUTS.md`): every misuse involving a mirror is
+//!   a typed error;
+//! - zero-copy devices (`zero_copy_*`).
+//!
+//! # What carries over from the kernel tests, and what does not
+//!
+//! `dmirror` reads and writes through ioctls that fault pages into the
+//! device; here the same accesses come from device kernels whose faults the
+//! mirror services, and the kernel's `cpages`/`faults` counters become the
+//! mirror's `pages_in`/`fault_batches`. `mixedmap` maps the dmirror device
+//! file itself (`VM_MIXEDMAP`); no such file exists in userspace, so the
+//! port reads one kernel launch across mappings of different kinds (private
+//! anonymous, shared file, read-only) instead. The fork tests check that
+//! the child, which has no mirror (documented), cannot disturb the parent's
+//! device view. `migrate`/`exclusive` tests need device-private struct
+//! pages and are not ported.
+
+use hmm_core::mirror::backend::{Backend, BackendError};
+
+mod bad_inputs;
+mod mirroring;
+mod selftests;
+mod support;
+mod zero_copy;
+
+pub use bad_inputs::{
+    bad_ranges_are_typed_errors, forked_child_gets_a_typed_error,
+    freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror, prefetch_respects_protection,
+    reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
+    unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
+};
+pub use mirroring::{
+    accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
+    eviction_under_a_small_pool, linked_list, pinning_hazard_is_real, prefetch_replaces_faults,
+    read_mostly_duplication, teardown_with_live_regions, zero_page_pool,
+};
+pub use selftests::{
+    anon_read, anon_read_multiple, anon_read_prot, anon_teardown, anon_write, anon_write_child,
+    anon_write_child_shared, anon_write_huge, anon_write_prot, double_map, file_read, file_write,
+    mixedmap, open_close, snapshot,
+};
+pub use support::{events_available, TestMap};
+pub use zero_copy::{
+    zero_copy_one_launch_fills_every_window, zero_copy_pin_is_unsupported,
+    zero_copy_shares_the_cpu_pages, zero_copy_unmaps_beside_a_launch, zero_copy_window_eviction,
+};
+
+/// The kernels the suite needs, which each backend writes in its own
+/// kernel language. Arguments are 64-bit words; pointers are CPU
+/// addresses; every access goes through the device page table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestKernel {
+    /// `out[i] = src[i]` as `u32`; args `[src, out]`.
+    CopyU32,
+    /// `dst[i] = base + i` as `u32`; args `[dst, base]`.
+    FillU32,
+    /// `p[i] = p[i] + 1` as `u32` (plain load then store); args `[p]`.
+    IncrementU32,
+    /// Sums a linked list on the device: each node is
+    /// `{ next: u64, value: u64 }`; invocation 0 walks from `head` and
+    /// stores the sum at `out`; args `[head, out]`.
+    ListSum,
+}
+
+/// A backend that can build the suite's kernels.
+pub trait TestKernels: Backend {
+    /// Builds one of the suite's kernels.
+    fn test_kernel(&self, k: TestKernel) -> Result<Box<Self::Kernel>, BackendError>;
+}
+
+/// Expands to one `#[test]` per conformance scenario for the backend
+/// built by `$make` (an expression evaluated once per test).
+///
+/// `conformance_tests!(optional $make)` takes an `Option` instead: a test
+/// whose backend is `None` returns at once (the maker prints the skip line
+/// naming why, and fails the test itself when the environment requires
+/// the device, e.g. `HMM_REQUIRE_GPU=1`).
+///
+/// `conformance_tests!(zero_copy optional $make)` is the suite for a
+/// zero-copy device ([`host_windows`](hmm_core::mirror::backend::Backend::host_windows)): every scenario except the
+/// four that cannot apply — `anon_teardown` unmaps memory while a launch
+/// reads it, which the zero-copy contract forbids (a device that
+/// dereferences host pointers would fault the process);
+/// `pinning_hazard_is_real`, `eviction_under_a_small_pool` and
+/// `zero_page_pool` are about the pool a zero-copy device does not have —
+/// plus the zero-copy scenarios (`zero_copy_*`): pinning is a typed
+/// error, the device shares the CPU's pages, windows are evicted and
+/// reused, one invocation can use every window at once (one more is
+/// `NoProgress`), and memory is unmapped and removed beside running
+/// launches.
+#[macro_export]
+macro_rules! conformance_tests {
+    (optional $make:expr) => {
+        $crate::conformance_tests!(@optional $make;
+            open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
+            anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
+            file_write, anon_read_multiple, anon_teardown, mixedmap, snapshot,
+            eviction_under_a_small_pool, zero_page_pool, dirty_pages_survive_eviction,
+            linked_list, pinning_hazard_is_real, teardown_with_live_regions,
+            concurrent_launches_and_invalidations, accessed_bits_feed_young,
+            prefetch_replaces_faults, bad_ranges_are_typed_errors,
+            wild_device_pointers_are_typed_faults, prefetch_respects_protection,
+            unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            forked_child_gets_a_typed_error);
+        $crate::conformance_tests!(@common $make);
+    };
+    // The scenarios both flavours share beyond the one-device list: those
+    // on two devices, and the reused-backend check.
+    (@common $make:expr) => {
+        $crate::conformance_tests!(@optional2 $make;
+            kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
+            double_map, read_mostly_duplication);
+        #[test]
+        fn reused_backend_and_bad_configs_are_refused() {
+            if $make.is_none() {
+                return;
+            }
+            $crate::reused_backend_and_bad_configs_are_refused(|| {
+                $make.expect("the device opened a moment ago")
+            });
+        }
+    };
+    (@optional $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let Some(b) = $make else { return };
+                $crate::$name(b);
+            }
+        )*
+    };
+    (@optional2 $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let (Some(a), Some(b)) = ($make, $make) else { return };
+                $crate::$name(a, b);
+            }
+        )*
+    };
+    ($make:expr) => {
+        $crate::conformance_tests!(optional Some($make));
+    };
+    (zero_copy optional $make:expr) => {
+        $crate::conformance_tests!(@optional $make;
+            open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
+            anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
+            file_write, anon_read_multiple, mixedmap, snapshot,
+            dirty_pages_survive_eviction,
+            linked_list, teardown_with_live_regions,
+            concurrent_launches_and_invalidations, accessed_bits_feed_young,
+            prefetch_replaces_faults, bad_ranges_are_typed_errors,
+            wild_device_pointers_are_typed_faults, prefetch_respects_protection,
+            unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            forked_child_gets_a_typed_error,
+            zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
+            zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
+            zero_copy_unmaps_beside_a_launch);
+        $crate::conformance_tests!(@common $make);
+    };
+}
