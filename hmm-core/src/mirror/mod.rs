@@ -23,7 +23,7 @@
 //! | [`backend`] | what the mirror needs from a device ([`backend::Backend`]) |
 //!
 //! Shared code never branches on the residency: it asks the
-//! [`Residency`](residency) chosen at [`Mirror::new`] (the `residency`
+//! `Residency` chosen at [`Mirror::new`] (the `residency`
 //! module docs say how to add a third).
 //!
 //! # The replay contract for kernel authors
