@@ -247,8 +247,10 @@ pub enum BackendError {
 ///   whether memory may be reused.
 /// - **A lost device stays lost.** Once a call returned
 ///   [`BackendError::DeviceLost`], every later call that can fail returns
-///   `DeviceLost` too, except that [`unbind_window`](Backend::unbind_window)
-///   still makes its window unreachable first. After
+///   `DeviceLost` too ([`unbind_window`](Backend::unbind_window) still
+///   makes its window unreachable first; a call with nothing to do, such
+///   as the default `unbind_window` of a copy-mode backend, may return
+///   `Ok`). After
 ///   [`wait`](Backend::wait) or [`take_outcome`](Backend::take_outcome)
 ///   returned `DeviceLost` for a submission, that submission's work no
 ///   longer runs.
@@ -332,13 +334,15 @@ pub unsafe trait Backend: Send + Sync + 'static {
 
     /// Starts `kernel` over `invocations` with `args` (CPU pointers and
     /// scalars, as 64-bit words). Returns at once; the work runs
-    /// asynchronously. On `Err` no work of this launch runs (nothing was
-    /// submitted, or what was submitted completed before the call
-    /// returned); this is also where a driver reports an error it could not
-    /// attribute to any call (see the trait's `# Errors`). An invocation that touches an address whose entry is
+    /// asynchronously. An invocation that touches an address whose entry is
     /// missing or lacks `WRITABLE` for a write stops, is listed in
     /// [`LaunchOutcome::incomplete`], and (buffer space permitting) writes a
     /// [`RawFaultRecord`].
+    ///
+    /// On `Err` no work of this launch runs (nothing was submitted, or what
+    /// was submitted completed before the call returned). This is also
+    /// where a driver reports an error it could not attribute to any call
+    /// (see the trait's `# Errors`).
     fn launch(
         &self,
         kernel: &Self::Kernel,
