@@ -12,6 +12,9 @@ use hmm_core::mirror::backend::{
 use hmm_core::mirror::format::{PoolSlot, Pte, DEVICE_BITS};
 
 use crate::exec::{lock, CpuKernel, Hooks, Job, LaunchSpec, Submissions, Workers};
+use crate::faults::Call;
+#[cfg(feature = "fault-injection")]
+use crate::faults::{DeviceLeaf, FaultInjector};
 use crate::memory::Memory;
 
 /// Largest pool [`CpuDevice`] accepts: 2^20 − 1 slots (4 GiB), so a slot
@@ -31,6 +34,9 @@ pub struct CpuDevice {
     resident: bool,
     /// Zero-copy mode: the number of host windows.
     windows: Option<u32>,
+    /// Test hooks that fail calls on demand.
+    #[cfg(feature = "fault-injection")]
+    faults: FaultInjector,
 }
 
 /// Host windows a zero-copy [`CpuDevice`] offers.
@@ -62,6 +68,7 @@ impl CpuDevice {
     /// A device with `n` worker threads (at least 1). Threads start in
     /// [`Backend::init`].
     pub fn with_threads(n: usize) -> Self {
+        let cancel = Arc::new(AtomicBool::new(false));
         CpuDevice {
             threads: n.max(1),
             mem: OnceLock::new(),
@@ -69,7 +76,9 @@ impl CpuDevice {
             workers: Mutex::new(None),
             subs: Arc::new(Submissions::new()),
             hooks: Mutex::new(Hooks::default()),
-            cancel: Arc::new(AtomicBool::new(false)),
+            #[cfg(feature = "fault-injection")]
+            faults: FaultInjector::new(Arc::clone(&cancel)),
+            cancel,
             resident: false,
             windows: None,
         }
@@ -153,6 +162,73 @@ impl CpuDevice {
             .get()
             .ok_or(BackendError::NotInitialised("init has not run"))
     }
+
+    /// Testing only (feature `fault-injection`): the handle that makes
+    /// this device's calls fail on demand ([`FaultInjector`]). Every call
+    /// returns a handle to the same settings.
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> FaultInjector {
+        self.faults.clone()
+    }
+
+    /// Testing only (feature `fault-injection`): every valid leaf entry of
+    /// the *device's* page table that its MMU can reach from the root, in
+    /// table order — what device work can translate now, read from the
+    /// device-side table rather than the core's shadow. Empty before
+    /// [`Backend::init`].
+    #[cfg(feature = "fault-injection")]
+    pub fn device_leaf_entries(&self) -> Vec<DeviceLeaf> {
+        self.mem
+            .get()
+            .map(|m| crate::faults::leaf_entries(m))
+            .unwrap_or_default()
+    }
+
+    /// Testing only (feature `fault-injection`): the reachable leaf entries
+    /// of the device's page table that name `slot`
+    /// ([`CpuDevice::device_leaf_entries`] filtered), so a test can prove
+    /// that no entry names a slot the core freed.
+    #[cfg(feature = "fault-injection")]
+    pub fn entries_naming(&self, slot: PoolSlot) -> Vec<DeviceLeaf> {
+        let mut v = self.device_leaf_entries();
+        v.retain(|l| l.pte.index() == u64::from(slot.0));
+        v
+    }
+
+    /// Fault injection: fails with `DeviceLost` once the device was lost.
+    #[cfg(feature = "fault-injection")]
+    fn alive(&self) -> Result<(), BackendError> {
+        match self.faults.lost() {
+            Some(why) => Err(BackendError::DeviceLost(why)),
+            None => Ok(()),
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline(always)]
+    fn alive(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Fault injection: how many of the `len` items of this `call` to
+    /// apply, and the error to return after applying them. Without the
+    /// feature: all of them, and none.
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, call: Call, len: usize) -> (usize, Option<BackendError>) {
+        match self.faults.decide(call, len) {
+            Some(i) => (i.apply, Some(i.error)),
+            None => (len, None),
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline(always)]
+    fn inject(&self, _call: Call, len: usize) -> (usize, Option<BackendError>) {
+        (len, None)
+    }
+}
+
+/// `Ok(())`, or the injected error.
+fn result(injected: Option<BackendError>) -> Result<(), BackendError> {
+    injected.map_or(Ok(()), Err)
 }
 
 impl Drop for CpuDevice {
@@ -221,6 +297,7 @@ unsafe impl Backend for CpuDevice {
         addr: *mut u8,
         len: usize,
     ) -> Result<(), BackendError> {
+        self.alive()?;
         let mem = self.memory()?;
         let Some(win) = &mem.windows else {
             return Err(BackendError::Unsupported(
@@ -241,8 +318,15 @@ unsafe impl Backend for CpuDevice {
             )));
         }
         // Acquire: pairs with the Release store below of an earlier bind.
-        if win.len_pages[window as usize].load(Acquire) != 0 {
+        if win.len_pages[window as usize].load(Acquire) != 0
+            || win.held[window as usize].load(Acquire)
+        {
             return Err(BackendError::Other(format!("window {window} is bound")));
+        }
+        // A failed bind binds nothing (the trait's rule), whatever the
+        // injector's `Applied` says.
+        if let (_, Some(e)) = self.inject(Call::BindWindow, 1) {
+            return Err(e);
         }
         // Relaxed: published by the Release store of the length below.
         win.base[window as usize].store(addr as usize, Relaxed);
@@ -253,19 +337,29 @@ unsafe impl Backend for CpuDevice {
 
     fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
         let mem = self.memory()?;
-        if let Some(n) = mem
-            .windows
-            .as_ref()
-            .and_then(|w| w.len_pages.get(window as usize))
-        {
-            // Release: no device work runs (the core's contract); orders the
-            // unbind before the next launch's jobs are queued.
-            n.store(0, Release);
-        }
-        Ok(())
+        // The window becomes unreachable first, whatever else happens (the
+        // trait's safety contract), lost device and injected failure
+        // included.
+        let Some(win) = mem.windows.as_ref() else {
+            return self.alive();
+        };
+        let Some(n) = win.len_pages.get(window as usize) else {
+            return self.alive();
+        };
+        // Release: no device work runs (the core's contract); orders the
+        // unbind before the next launch's jobs are queued.
+        n.store(0, Release);
+        self.alive()?;
+        let (released, injected) = self.inject(Call::UnbindWindow, 1);
+        // Release: pairs with the Acquire load in `bind_window`. An
+        // injected failure that applies nothing leaves the window held
+        // (unreachable, but not bindable until an unbind succeeds).
+        win.held[window as usize].store(released == 0, Release);
+        result(injected)
     }
 
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
+        self.alive()?;
         let _guard = lock(&self.init_lock);
         if self.mem.get().is_some() {
             return Err(BackendError::NotInitialised("init ran twice"));
@@ -285,11 +379,13 @@ unsafe impl Backend for CpuDevice {
     }
 
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        self.alive()?;
         let mem = self.memory()?;
         for c in batch {
             mem.slot_word(c.slot)?;
         }
-        for c in batch {
+        let (n, injected) = self.inject(Call::CopyToDevice, batch.len());
+        for c in &batch[..n] {
             let w = mem.slot_word(c.slot)?;
             // SAFETY: `w` comes from `slot_word`; the caller guarantees `src`
             // is readable for 4096 bytes for the call and that no in-flight
@@ -297,7 +393,7 @@ unsafe impl Backend for CpuDevice {
             // owns, never the pool (the pool is private to this device).
             unsafe { mem.copy_in(w, c.src) };
         }
-        Ok(())
+        result(injected)
     }
 
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
@@ -307,11 +403,13 @@ unsafe impl Backend for CpuDevice {
     }
 
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
+        self.alive()?;
         let mem = self.memory()?;
         for c in batch {
             mem.slot_word(c.slot)?;
         }
-        for c in batch {
+        let (n, injected) = self.inject(Call::CopyToHost, batch.len());
+        for c in &batch[..n] {
             let w = mem.slot_word(c.slot)?;
             // SAFETY: `w` comes from `slot_word`; the caller guarantees `dst`
             // is writable for 4096 bytes, unaliased and not overlapping other
@@ -319,30 +417,34 @@ unsafe impl Backend for CpuDevice {
             // slot; `dst` is not in the private pool.
             unsafe { mem.copy_out(w, c.dst) };
         }
-        Ok(())
+        result(injected)
     }
 
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
+        self.alive()?;
         let mem = self.memory()?;
         for w in batch {
             mem.entry(w.table.0, w.index)?;
         }
-        for w in batch {
+        let (n, injected) = self.inject(Call::WritePtes, batch.len());
+        for w in &batch[..n] {
             mem.entry(w.table.0, w.index)?.store(w.pte.0, Release);
         }
-        Ok(())
+        result(injected)
     }
 
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
+        self.alive()?;
         let mem = self.memory()?;
         for l in locs {
             mem.entry(l.table.0, l.index)?;
         }
-        out.reserve(locs.len());
-        for l in locs {
+        let (n, injected) = self.inject(Call::ReadPtes, locs.len());
+        out.reserve(n);
+        for l in &locs[..n] {
             out.push(Pte(mem.entry(l.table.0, l.index)?.load(Acquire)));
         }
-        Ok(())
+        result(injected)
     }
 
     fn clear_pte_bits(
@@ -356,15 +458,17 @@ unsafe impl Backend for CpuDevice {
                 "clear_pte_bits: {bits:#x} is not a subset of ACCESSED | DIRTY"
             )));
         }
+        self.alive()?;
         let mem = self.memory()?;
         for l in locs {
             mem.entry(l.table.0, l.index)?;
         }
-        old.reserve(locs.len());
-        for l in locs {
+        let (n, injected) = self.inject(Call::ClearPteBits, locs.len());
+        old.reserve(n);
+        for l in &locs[..n] {
             old.push(Pte(mem.entry(l.table.0, l.index)?.fetch_and(!bits, AcqRel)));
         }
-        Ok(())
+        result(injected)
     }
 
     fn launch(
@@ -373,7 +477,12 @@ unsafe impl Backend for CpuDevice {
         invocations: Invocations<'_>,
         args: &[u64],
     ) -> Result<SubmissionId, BackendError> {
+        self.alive()?;
         let mem = Arc::clone(self.memory()?);
+        // A failed launch submits nothing (the trait's rule).
+        if let (_, Some(e)) = self.inject(Call::Launch, 1) {
+            return Err(e);
+        }
         let id = self.subs.begin();
         if invocations.is_empty() {
             self.subs.complete(id, Ok(LaunchOutcome::default()));
@@ -405,6 +514,13 @@ unsafe impl Backend for CpuDevice {
     }
 
     fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError> {
+        if let Err(lost) = self.alive() {
+            // Lost: queued invocations are skipped (the cancel flag); wait
+            // for the running ones, so no work of `id` runs once this
+            // returns.
+            let _ = self.subs.wait(id, None);
+            return Err(lost);
+        }
         self.subs.wait(id, timeout)
     }
 
@@ -413,6 +529,12 @@ unsafe impl Backend for CpuDevice {
     }
 
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
+        if let Err(lost) = self.alive() {
+            // As in `wait`; the outcome is dropped.
+            let _ = self.subs.wait(id, None);
+            let _ = self.subs.take(id);
+            return Err(lost);
+        }
         self.subs.take(id)
     }
 }

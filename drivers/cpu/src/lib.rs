@@ -151,6 +151,18 @@
 //! is reported, so the core's validation of device-written garbage can be
 //! tested.
 //!
+//! With the cargo feature **`fault-injection`** (off by default; tests and
+//! `hmm-stress` enable it) the device also fails `Backend` calls on demand
+//! and lets a test read its page table:
+//! `CpuDevice::faults()` returns a `FaultInjector` (an `Arc` handle) that
+//! fails the next *n* calls of a kind, every call, or a seeded random
+//! fraction, after applying nothing, a prefix of the batch or all of it
+//! (`Applied`), and can lose the device for good; and
+//! `CpuDevice::device_leaf_entries()` / `CpuDevice::entries_naming(slot)`
+//! list the leaf entries the device's MMU can reach, so a test can prove
+//! that no entry names a freed slot. None of it exists without the
+//! feature.
+//!
 //! ## Starting a new backend
 //!
 //! Copy this crate. Keep `device.rs`'s structure (validate the whole batch
@@ -162,10 +174,15 @@
 
 mod device;
 mod exec;
+// Without the feature only `Call` is used (the no-op injection points).
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+mod faults;
 mod lane;
 mod memory;
 mod test_kernels;
 
 pub use device::{CpuDevice, MAX_POOL_SLOTS, WINDOW_PAGES, ZERO_COPY_WINDOWS};
 pub use exec::{CpuKernel, FaultMangler, KernelFn};
+#[cfg(feature = "fault-injection")]
+pub use faults::{Applied, Call, DeviceLeaf, FaultInjector};
 pub use lane::{DeviceFault, FaultKind, Lane};

@@ -26,7 +26,7 @@
 
 use core::ptr;
 use core::sync::atomic::Ordering::{Acquire, Relaxed};
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::alloc::{self, Layout};
 
 use hmm_core::mirror::backend::{BackendError, DeviceConfig};
@@ -99,6 +99,9 @@ pub(crate) struct Windows {
     pub(crate) base: Box<[AtomicUsize]>,
     /// Pages bound in each window (0: unbound).
     pub(crate) len_pages: Box<[AtomicU32]>,
+    /// Windows unreachable but not released (an injected `unbind_window`
+    /// failure): not bindable until an unbind succeeds.
+    pub(crate) held: Box<[AtomicBool]>,
 }
 
 impl Windows {
@@ -108,6 +111,7 @@ impl Windows {
             pages,
             base: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             len_pages: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            held: (0..count).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 

@@ -134,6 +134,9 @@ pub struct VulkanDevice {
     /// Zero-copy mode's host windows (empty in copy mode). Lock order:
     /// `launches`, then `windows`, then the queue.
     windows: Mutex<Windows>,
+    /// Why the device was lost, once a call saw `ERROR_DEVICE_LOST` (or
+    /// a wait that never ends): every later call fails with it.
+    pub(crate) lost: Mutex<Option<String>>,
 }
 
 impl core::fmt::Debug for VulkanDevice {
@@ -247,6 +250,7 @@ impl VulkanDevice {
             pt_ops: Mutex::new(None),
             staging: Mutex::new(Staging::default()),
             windows: Mutex::new(Windows::default()),
+            lost: Mutex::new(None),
         };
         if let Some(zc) = &dev.ctx.zero_copy {
             let mut w = lock(&dev.windows);
@@ -427,8 +431,9 @@ impl VulkanDevice {
 
     /// Test hook: makes one call the validation layer rejects (a buffer
     /// with no usage flags, `VUID-VkBufferCreateInfo-usage-requiredbitmask`,
-    /// which drivers ignore) so a test can check that the messenger
-    /// records errors. Not part of the API.
+    /// which drivers ignore) outside every `Backend` call, so a test can
+    /// check that the messenger records errors and that an error no call
+    /// owns is returned by the next `launch` only. Not part of the API.
     #[doc(hidden)]
     pub fn provoke_validation_error(&self) {
         let info = vk::BufferCreateInfo::default()
@@ -442,22 +447,6 @@ impl VulkanDevice {
             // SAFETY: created above, unused, destroyed once.
             unsafe { self.ctx.device.destroy_buffer(b, None) };
         }
-    }
-
-    /// Fails with validation errors not yet reported, if any: they become
-    /// a typed error of the next call, like wgpu's uncaptured errors.
-    pub(crate) fn check(&self) -> Result<(), BackendError> {
-        let Some(v) = &self.ctx.validation else {
-            return Ok(());
-        };
-        let errs = lock(&v.errors);
-        let mut seen = lock(&v.reported);
-        if errs.len() > *seen {
-            let msg = errs[*seen..].join("; ");
-            *seen = errs.len();
-            return Err(BackendError::Other(format!("Vulkan validation: {msg}")));
-        }
-        Ok(())
     }
 
     pub(crate) fn memory(&self) -> Result<&Memory, BackendError> {
@@ -867,13 +856,12 @@ impl Drop for VulkanDevice {
         }
         drop(q);
         if let Some(v) = &self.ctx.validation {
-            let errs = lock(&v.errors);
-            let seen = *lock(&v.reported);
-            if errs.len() > seen && !std::thread::panicking() {
+            let errs = v.take_uncaptured();
+            if !errs.is_empty() && !std::thread::panicking() {
                 panic!(
                     "Vulkan validation reported {} unreturned error(s): {}",
-                    errs.len() - seen,
-                    errs[seen..].join("; ")
+                    errs.len(),
+                    errs.join("; ")
                 );
             }
         }
@@ -928,218 +916,223 @@ unsafe impl Backend for VulkanDevice {
     }
 
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
-        self.check()?;
-        if self.mem.get().is_some() {
-            return Err(BackendError::NotInitialised("init ran twice"));
-        }
-        let plan = MemoryPlan::new(
-            config,
-            self.slots_per_binding(),
-            u64::from(self.ctx.limits.max_storage_buffer_range),
-        )?;
-        use vk::BufferUsageFlags as U;
-        let usage = U::STORAGE_BUFFER | U::TRANSFER_SRC | U::TRANSFER_DST;
-        let table = Buffer::new(&self.ctx, plan.table_bytes, usage, Placement::Device)?;
-        self.clear_unmapped(&table)?;
-        let mut pool = Vec::new();
-        let mut dummy = None;
-        let mut chunk_slots = plan.chunk_slots;
-        if let Some(zc) = &self.ctx.zero_copy {
-            // No pool: leaf entries name window pages. Only the dummy
-            // that unbound windows' bindings point at.
-            if config.pool_slots != 0 {
-                return Err(BackendError::Unsupported(format!(
-                    "zero-copy mode has no pool (init with pool_slots 0, not {})",
-                    config.pool_slots
-                )));
+        self.scoped(|| {
+            if self.mem.get().is_some() {
+                return Err(BackendError::NotInitialised("init ran twice"));
             }
-            let b = Buffer::new(&self.ctx, PAGE, usage, Placement::Device)?;
-            self.clear_unmapped(&b)?;
-            dummy = Some(b);
-            chunk_slots = zc.windows.pages;
-        } else {
-            for slots in plan.binding_slots {
-                let b = Buffer::new(&self.ctx, u64::from(slots) * PAGE, usage, Placement::Device)?;
+            let plan = MemoryPlan::new(
+                config,
+                self.slots_per_binding(),
+                u64::from(self.ctx.limits.max_storage_buffer_range),
+            )?;
+            use vk::BufferUsageFlags as U;
+            let usage = U::STORAGE_BUFFER | U::TRANSFER_SRC | U::TRANSFER_DST;
+            let table = Buffer::new(&self.ctx, plan.table_bytes, usage, Placement::Device)?;
+            self.clear_unmapped(&table)?;
+            let mut pool = Vec::new();
+            let mut dummy = None;
+            let mut chunk_slots = plan.chunk_slots;
+            if let Some(zc) = &self.ctx.zero_copy {
+                // No pool: leaf entries name window pages. Only the dummy
+                // that unbound windows' bindings point at.
+                if config.pool_slots != 0 {
+                    return Err(BackendError::Unsupported(format!(
+                        "zero-copy mode has no pool (init with pool_slots 0, not {})",
+                        config.pool_slots
+                    )));
+                }
+                let b = Buffer::new(&self.ctx, PAGE, usage, Placement::Device)?;
                 self.clear_unmapped(&b)?;
-                pool.push(b);
+                dummy = Some(b);
+                chunk_slots = zc.windows.pages;
+            } else {
+                for slots in plan.binding_slots {
+                    let b =
+                        Buffer::new(&self.ctx, u64::from(slots) * PAGE, usage, Placement::Device)?;
+                    self.clear_unmapped(&b)?;
+                    pool.push(b);
+                }
             }
-        }
-        let mem = Memory {
-            table,
-            pool,
-            dummy,
-            chunk_slots,
-            pool_slots: config.pool_slots,
-            table_pages: config.table_pages,
-        };
-        self.mem
-            .set(mem)
-            .map_err(|_| BackendError::NotInitialised("init ran twice"))?;
-        *lock(&self.pt_ops) = Some(PtOps::new(self)?);
-        self.check()
+            let mem = Memory {
+                table,
+                pool,
+                dummy,
+                chunk_slots,
+                pool_slots: config.pool_slots,
+                table_pages: config.table_pages,
+            };
+            self.mem
+                .set(mem)
+                .map_err(|_| BackendError::NotInitialised("init ran twice"))?;
+            *lock(&self.pt_ops) = Some(PtOps::new(self)?);
+            Ok(())
+        })
     }
 
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
-        self.check()?;
-        self.refuse_copy_in_zero_copy("copy_to_device")?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
-            return Err(BackendError::Other(format!(
-                "slot {} outside the pool",
-                bad.slot.0
-            )));
-        }
-        let joins = |i: usize| {
-            let (a, b) = (&batch[i - 1], &batch[i]);
-            b.slot.0 == a.slot.0 + 1
-                && b.slot.0 % mem.chunk_slots != 0
-                && b.src as usize == (a.src as usize).wrapping_add(PAGE as usize)
-        };
-        let mut staged: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); mem.pool.len()];
-        let mut staged_pages = 0usize;
-        for (start, len) in runs(batch.len(), joins) {
-            let first = &batch[start];
-            // SAFETY: the caller guarantees each `src` is readable for 4096
-            // bytes during this call; a run's sources are consecutive
-            // pages (checked by `joins`), so the run is one readable range.
-            let bytes = unsafe { core::slice::from_raw_parts(first.src, len * PAGE as usize) };
-            let chunk = (first.slot.0 / mem.chunk_slots) as usize;
-            let off = u64::from(first.slot.0 % mem.chunk_slots) * PAGE;
-            let dst = &mem.pool[chunk];
-            if dst.mapped().is_some() {
-                // SAFETY: mapped, in bounds (slot checked above), and no
-                // in-flight work uses the destination slots (caller's
-                // promise).
-                unsafe { dst.write(off, bytes) };
-            } else {
-                staged[chunk].push((off, bytes));
-                staged_pages += len;
-                if staged_pages >= STAGING_PAGES {
-                    for (c, pieces) in staged.iter_mut().enumerate() {
-                        if !pieces.is_empty() {
-                            self.upload_staged(&mem.pool[c], pieces)?;
-                            pieces.clear();
+        self.scoped(|| {
+            self.refuse_copy_in_zero_copy("copy_to_device")?;
+            let mem = self.memory()?;
+            if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+                return Err(BackendError::Other(format!(
+                    "slot {} outside the pool",
+                    bad.slot.0
+                )));
+            }
+            let joins = |i: usize| {
+                let (a, b) = (&batch[i - 1], &batch[i]);
+                b.slot.0 == a.slot.0 + 1
+                    && b.slot.0 % mem.chunk_slots != 0
+                    && b.src as usize == (a.src as usize).wrapping_add(PAGE as usize)
+            };
+            let mut staged: Vec<Vec<(u64, &[u8])>> = vec![Vec::new(); mem.pool.len()];
+            let mut staged_pages = 0usize;
+            for (start, len) in runs(batch.len(), joins) {
+                let first = &batch[start];
+                // SAFETY: the caller guarantees each `src` is readable for 4096
+                // bytes during this call; a run's sources are consecutive
+                // pages (checked by `joins`), so the run is one readable range.
+                let bytes = unsafe { core::slice::from_raw_parts(first.src, len * PAGE as usize) };
+                let chunk = (first.slot.0 / mem.chunk_slots) as usize;
+                let off = u64::from(first.slot.0 % mem.chunk_slots) * PAGE;
+                let dst = &mem.pool[chunk];
+                if dst.mapped().is_some() {
+                    // SAFETY: mapped, in bounds (slot checked above), and no
+                    // in-flight work uses the destination slots (caller's
+                    // promise).
+                    unsafe { dst.write(off, bytes) };
+                } else {
+                    staged[chunk].push((off, bytes));
+                    staged_pages += len;
+                    if staged_pages >= STAGING_PAGES {
+                        for (c, pieces) in staged.iter_mut().enumerate() {
+                            if !pieces.is_empty() {
+                                self.upload_staged(&mem.pool[c], pieces)?;
+                                pieces.clear();
+                            }
                         }
+                        staged_pages = 0;
                     }
-                    staged_pages = 0;
                 }
             }
-        }
-        for (c, pieces) in staged.iter().enumerate() {
-            if !pieces.is_empty() {
-                self.upload_staged(&mem.pool[c], pieces)?;
+            for (c, pieces) in staged.iter().enumerate() {
+                if !pieces.is_empty() {
+                    self.upload_staged(&mem.pool[c], pieces)?;
+                }
             }
-        }
-        self.check()
+            Ok(())
+        })
     }
 
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
-        self.check()?;
-        self.refuse_copy_in_zero_copy("copy_to_host")?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
-            return Err(BackendError::Other(format!(
-                "slot {} outside the pool",
-                bad.slot.0
-            )));
-        }
-        let locate = |s: u32| {
-            (
-                (s / mem.chunk_slots) as usize,
-                u64::from(s % mem.chunk_slots) * PAGE,
-            )
-        };
-        if mem.pool.iter().all(|b| b.mapped().is_some()) {
-            for c in batch {
-                let (chunk, off) = locate(c.slot.0);
-                // SAFETY: the caller guarantees `dst` is valid for writes of
-                // 4096 bytes, unaliased and disjoint from other
-                // destinations; the slot's device writes completed (no
-                // in-flight work writes it, and every waited submission
-                // ended with a HOST barrier).
-                unsafe {
-                    let dst = core::slice::from_raw_parts_mut(c.dst, PAGE as usize);
-                    mem.pool[chunk].read(off, dst);
-                }
+        self.scoped(|| {
+            self.refuse_copy_in_zero_copy("copy_to_host")?;
+            let mem = self.memory()?;
+            if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+                return Err(BackendError::Other(format!(
+                    "slot {} outside the pool",
+                    bad.slot.0
+                )));
             }
-            return self.check();
-        }
-        let mut st = lock(&self.staging);
-        for piece in batch.chunks(STAGING_PAGES) {
-            let bytes = piece.len() as u64 * PAGE;
-            let sbuf = self.staging_buf(&mut st, bytes)?.buf;
-            let mut per_chunk: Vec<Vec<vk::BufferCopy>> = vec![Vec::new(); mem.pool.len()];
-            for (i, c) in piece.iter().enumerate() {
-                let (chunk, off) = locate(c.slot.0);
-                per_chunk[chunk].push(vk::BufferCopy {
-                    src_offset: off,
-                    dst_offset: i as u64 * PAGE,
-                    size: PAGE,
-                });
-            }
-            let pool: Vec<vk::Buffer> = mem.pool.iter().map(|b| b.buf).collect();
-            self.run_staging(&mut st, |d, cb| {
-                for (chunk, regions) in per_chunk.iter().enumerate() {
-                    if !regions.is_empty() {
-                        // SAFETY: recording; regions lie within both buffers.
-                        unsafe { d.cmd_copy_buffer(cb, pool[chunk], sbuf, regions) };
+            let locate = |s: u32| {
+                (
+                    (s / mem.chunk_slots) as usize,
+                    u64::from(s % mem.chunk_slots) * PAGE,
+                )
+            };
+            if mem.pool.iter().all(|b| b.mapped().is_some()) {
+                for c in batch {
+                    let (chunk, off) = locate(c.slot.0);
+                    // SAFETY: the caller guarantees `dst` is valid for writes of
+                    // 4096 bytes, unaliased and disjoint from other
+                    // destinations; the slot's device writes completed (no
+                    // in-flight work writes it, and every waited submission
+                    // ended with a HOST barrier).
+                    unsafe {
+                        let dst = core::slice::from_raw_parts_mut(c.dst, PAGE as usize);
+                        mem.pool[chunk].read(off, dst);
                     }
                 }
-            })?;
-            let sb = st
-                .buf
-                .as_ref()
-                .ok_or_else(|| BackendError::Other("staging".into()))?;
-            for (i, c) in piece.iter().enumerate() {
-                // SAFETY: as in the mapped path for `dst`; the staging copy
-                // completed and was made host-visible (waited, HOST
-                // barrier).
-                unsafe {
-                    let dst = core::slice::from_raw_parts_mut(c.dst, PAGE as usize);
-                    sb.read(i as u64 * PAGE, dst);
+                return Ok(());
+            }
+            let mut st = lock(&self.staging);
+            for piece in batch.chunks(STAGING_PAGES) {
+                let bytes = piece.len() as u64 * PAGE;
+                let sbuf = self.staging_buf(&mut st, bytes)?.buf;
+                let mut per_chunk: Vec<Vec<vk::BufferCopy>> = vec![Vec::new(); mem.pool.len()];
+                for (i, c) in piece.iter().enumerate() {
+                    let (chunk, off) = locate(c.slot.0);
+                    per_chunk[chunk].push(vk::BufferCopy {
+                        src_offset: off,
+                        dst_offset: i as u64 * PAGE,
+                        size: PAGE,
+                    });
+                }
+                let pool: Vec<vk::Buffer> = mem.pool.iter().map(|b| b.buf).collect();
+                self.run_staging(&mut st, |d, cb| {
+                    for (chunk, regions) in per_chunk.iter().enumerate() {
+                        if !regions.is_empty() {
+                            // SAFETY: recording; regions lie within both buffers.
+                            unsafe { d.cmd_copy_buffer(cb, pool[chunk], sbuf, regions) };
+                        }
+                    }
+                })?;
+                let sb = st
+                    .buf
+                    .as_ref()
+                    .ok_or_else(|| BackendError::Other("staging".into()))?;
+                for (i, c) in piece.iter().enumerate() {
+                    // SAFETY: as in the mapped path for `dst`; the staging copy
+                    // completed and was made host-visible (waited, HOST
+                    // barrier).
+                    unsafe {
+                        let dst = core::slice::from_raw_parts_mut(c.dst, PAGE as usize);
+                        sb.read(i as u64 * PAGE, dst);
+                    }
                 }
             }
-        }
-        self.check()
+            Ok(())
+        })
     }
 
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
-        self.check()?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch
-            .iter()
-            .find(|w| w.table.0 >= mem.table_pages || usize::from(w.index) >= ENTRIES)
-        {
-            return Err(BackendError::Other(format!(
-                "entry {:?}/{} outside the table",
-                bad.table, bad.index
-            )));
-        }
-        let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
-        let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
-        let words: Vec<u64> = batch.iter().map(|w| w.pte.0).collect();
-        let bytes: &[u8] = bytemuck::cast_slice(&words);
-        let mut pieces = Vec::new();
-        for (start, len) in runs(batch.len(), joins) {
-            let src = &bytes[start * 8..(start + len) * 8];
-            let off = pos(&batch[start]) * 8;
-            if mem.table.mapped().is_some() {
-                // SAFETY: mapped and in bounds (checked above); the core
-                // changes entries the device may be using only after
-                // waiting for that work (the trait's contract).
-                unsafe { mem.table.write(off, src) };
-            } else {
-                pieces.push((off, src));
+        self.scoped(|| {
+            let mem = self.memory()?;
+            if let Some(bad) = batch
+                .iter()
+                .find(|w| w.table.0 >= mem.table_pages || usize::from(w.index) >= ENTRIES)
+            {
+                return Err(BackendError::Other(format!(
+                    "entry {:?}/{} outside the table",
+                    bad.table, bad.index
+                )));
             }
-        }
-        if !pieces.is_empty() {
-            self.upload_staged(&mem.table, &pieces)?;
-        }
-        self.check()
+            let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
+            let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
+            let words: Vec<u64> = batch.iter().map(|w| w.pte.0).collect();
+            let bytes: &[u8] = bytemuck::cast_slice(&words);
+            let mut pieces = Vec::new();
+            for (start, len) in runs(batch.len(), joins) {
+                let src = &bytes[start * 8..(start + len) * 8];
+                let off = pos(&batch[start]) * 8;
+                if mem.table.mapped().is_some() {
+                    // SAFETY: mapped and in bounds (checked above); the core
+                    // changes entries the device may be using only after
+                    // waiting for that work (the trait's contract).
+                    unsafe { mem.table.write(off, src) };
+                } else {
+                    pieces.push((off, src));
+                }
+            }
+            if !pieces.is_empty() {
+                self.upload_staged(&mem.table, &pieces)?;
+            }
+            Ok(())
+        })
     }
 
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
-        self.pt_and(locs, u32::MAX, out)
+        self.scoped(|| self.pt_and(locs, u32::MAX, out))
     }
 
     fn clear_pte_bits(
@@ -1153,7 +1146,7 @@ unsafe impl Backend for VulkanDevice {
                 "clear_pte_bits: {bits:#x} is not a subset of A|D"
             )));
         }
-        self.pt_and(locs, !(bits as u32), old)
+        self.scoped(|| self.pt_and(locs, !(bits as u32), old))
     }
 
     fn launch(
@@ -1162,113 +1155,133 @@ unsafe impl Backend for VulkanDevice {
         invocations: Invocations<'_>,
         args: &[u64],
     ) -> Result<SubmissionId, BackendError> {
-        self.check()?;
-        let mem = self.memory()?;
-        if !Arc::ptr_eq(&kernel.pipeline.layouts.ctx, &self.ctx) {
-            return Err(BackendError::Kernel(
-                "kernel built for another device".into(),
-            ));
-        }
-        let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
-        let mut l = lock(&self.launches);
-        let pos = l
-            .free
-            .iter()
-            .position(|r| plan.fits(r.bitmap_bits, r.replay_cap));
-        let res = match pos {
-            Some(p) => l.free.swap_remove(p),
-            None => {
-                let (bits, cap) = plan.capacity();
-                self.new_launch_res(mem, bits, cap)?
+        self.alive()?;
+        // A validation message no call owns is reported here, before
+        // anything is submitted (see `validation.rs`).
+        self.take_uncaptured()?;
+        let mut queued = None;
+        let (r, msgs) = self.captured(|| {
+            let mem = self.memory()?;
+            if !Arc::ptr_eq(&kernel.pipeline.layouts.ctx, &self.ctx) {
+                return Err(BackendError::Kernel(
+                    "kernel built for another device".into(),
+                ));
             }
-        };
-        let hmm_shaders::Dispatch {
-            params,
-            layout,
-            replay: list,
-            groups_x: gx,
-            groups_y: gy,
-        } = plan;
-        // SAFETY: (all three writes) the resources are idle (fresh, or
-        // returned to the free list after their submission completed), so
-        // no device work reads them; every write is in bounds (sized by
-        // `bitmap_bits`/`replay_cap` above).
-        unsafe {
-            res.params.write(0, bytemuck::bytes_of(&params));
-            res.replay.write(0, bytemuck::cast_slice(&list));
-            let zeros = vec![0u8; layout.bytes() as usize];
-            res.control.write(0, &zeros);
-        }
-        let pipeline = kernel.pipeline.pipeline;
-        let playout = kernel.pipeline.layouts.pipeline;
-        let set = res.set;
-        // Zero-copy: point the window bindings at the window table of the
-        // moment, and hold it (no bind or unbind) until the submission is
-        // queued and every window it names records that submission.
-        let mut windows = mem.dummy.as_ref().map(|dummy| {
-            let mut w = lock(&self.windows);
-            self.reap(&mut w);
-            let bufs = Self::window_buffers(&w, dummy.buf);
-            write_set_from(&self.ctx.device, set, binding::POOL0, &bufs);
-            w
-        });
-        let submitted = self.submit(res.cb, |d, cb| {
-            if params.n > 0 {
-                // SAFETY: recording; pipeline, layout and set are live and
-                // compatible (same layouts object).
-                unsafe {
-                    d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipeline);
-                    d.cmd_bind_descriptor_sets(
-                        cb,
-                        vk::PipelineBindPoint::COMPUTE,
-                        playout,
-                        0,
-                        &[set],
-                        &[],
-                    );
-                    d.cmd_dispatch(cb, gx, gy, 1);
+            let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
+            let mut l = lock(&self.launches);
+            let pos = l
+                .free
+                .iter()
+                .position(|r| plan.fits(r.bitmap_bits, r.replay_cap));
+            let res = match pos {
+                Some(p) => l.free.swap_remove(p),
+                None => {
+                    let (bits, cap) = plan.capacity();
+                    self.new_launch_res(mem, bits, cap)?
                 }
-            }
-        });
-        let value = match submitted {
-            Ok(v) => v,
-            Err(e) => {
-                l.free.push(res);
-                return Err(e);
-            }
-        };
-        if let Some(w) = windows.as_mut() {
-            let Windows {
-                bound, last_use, ..
-            } = &mut **w;
-            for (b, last) in bound.iter().zip(last_use.iter_mut()) {
-                if b.is_some() {
-                    *last = value;
-                }
-            }
-        }
-        drop(windows);
-        l.in_flight.insert(
-            value,
-            Submission {
-                res,
+            };
+            let hmm_shaders::Dispatch {
+                params,
                 layout,
-                _pipeline: Arc::clone(&kernel.pipeline),
-            },
-        );
-        drop(l);
-        self.check()?;
-        Ok(SubmissionId(value))
+                replay: list,
+                groups_x: gx,
+                groups_y: gy,
+            } = plan;
+            // SAFETY: (all three writes) the resources are idle (fresh, or
+            // returned to the free list after their submission completed), so
+            // no device work reads them; every write is in bounds (sized by
+            // `bitmap_bits`/`replay_cap` above).
+            unsafe {
+                res.params.write(0, bytemuck::bytes_of(&params));
+                res.replay.write(0, bytemuck::cast_slice(&list));
+                let zeros = vec![0u8; layout.bytes() as usize];
+                res.control.write(0, &zeros);
+            }
+            let pipeline = kernel.pipeline.pipeline;
+            let playout = kernel.pipeline.layouts.pipeline;
+            let set = res.set;
+            // Zero-copy: point the window bindings at the window table of the
+            // moment, and hold it (no bind or unbind) until the submission is
+            // queued and every window it names records that submission.
+            let mut windows = mem.dummy.as_ref().map(|dummy| {
+                let mut w = lock(&self.windows);
+                self.reap(&mut w);
+                let bufs = Self::window_buffers(&w, dummy.buf);
+                write_set_from(&self.ctx.device, set, binding::POOL0, &bufs);
+                w
+            });
+            let submitted = self.submit(res.cb, |d, cb| {
+                if params.n > 0 {
+                    // SAFETY: recording; pipeline, layout and set are live and
+                    // compatible (same layouts object).
+                    unsafe {
+                        d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipeline);
+                        d.cmd_bind_descriptor_sets(
+                            cb,
+                            vk::PipelineBindPoint::COMPUTE,
+                            playout,
+                            0,
+                            &[set],
+                            &[],
+                        );
+                        d.cmd_dispatch(cb, gx, gy, 1);
+                    }
+                }
+            });
+            let value = match submitted {
+                Ok(v) => v,
+                Err(e) => {
+                    l.free.push(res);
+                    return Err(e);
+                }
+            };
+            queued = Some(value);
+            if let Some(w) = windows.as_mut() {
+                let Windows {
+                    bound, last_use, ..
+                } = &mut **w;
+                for (b, last) in bound.iter().zip(last_use.iter_mut()) {
+                    if b.is_some() {
+                        *last = value;
+                    }
+                }
+            }
+            drop(windows);
+            l.in_flight.insert(
+                value,
+                Submission {
+                    res,
+                    layout,
+                    _pipeline: Arc::clone(&kernel.pipeline),
+                },
+            );
+            drop(l);
+            Ok(SubmissionId(value))
+        });
+        let r = self.conclude(r, &msgs);
+        if let (Err(_), Some(value)) = (&r, queued) {
+            // Queued, yet failed (its submission raised a validation
+            // message): a failed launch leaves nothing running, so wait for
+            // it, then recycle its resources.
+            if let Ok(true) = self.wait_value(value, None).map_err(|e| self.latch(e)) {
+                let mut l = lock(&self.launches);
+                if let Some(sub) = l.in_flight.remove(&value) {
+                    l.free.push(sub.res);
+                }
+            }
+        }
+        r
     }
 
     fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError> {
+        self.alive()?;
         if id.0 == 0 || id.0 > lock(&self.q).last {
             return Err(BackendError::UnknownSubmission(id));
         }
         // The timeline value of exactly this submission: reached when it
         // (and, in queue order, the work submitted before it) completed —
         // never waits for later submissions.
-        self.wait_value(id.0, timeout)
+        self.wait_value(id.0, timeout).map_err(|e| self.latch(e))
     }
 
     fn is_complete(&self, id: SubmissionId) -> bool {
@@ -1281,112 +1294,116 @@ unsafe impl Backend for VulkanDevice {
         addr: *mut u8,
         len: usize,
     ) -> Result<(), BackendError> {
-        self.check()?;
-        let Some(zc) = &self.ctx.zero_copy else {
-            return Err(BackendError::Unsupported(
-                "bind_window: this device is in copy mode (no host windows)".into(),
-            ));
-        };
-        let HostWindows { count, pages } = zc.windows;
-        if window >= count {
-            return Err(BackendError::Other(format!(
-                "bind_window: window {window} outside 0..{count}"
-            )));
-        }
-        let max = u64::from(pages) * PAGE;
-        if len == 0 || len as u64 > max {
-            return Err(BackendError::Other(format!(
-                "bind_window: {len} bytes; a window holds 1 to {max}"
-            )));
-        }
-        if !(addr as u64).is_multiple_of(zc.align) || !(len as u64).is_multiple_of(zc.align) {
-            return Err(BackendError::Other(format!(
-                "bind_window: {addr:p} + {len:#x} is not aligned to the device's \
+        self.scoped(|| {
+            let Some(zc) = &self.ctx.zero_copy else {
+                return Err(BackendError::Unsupported(
+                    "bind_window: this device is in copy mode (no host windows)".into(),
+                ));
+            };
+            let HostWindows { count, pages } = zc.windows;
+            if window >= count {
+                return Err(BackendError::Other(format!(
+                    "bind_window: window {window} outside 0..{count}"
+                )));
+            }
+            let max = u64::from(pages) * PAGE;
+            if len == 0 || len as u64 > max {
+                return Err(BackendError::Other(format!(
+                    "bind_window: {len} bytes; a window holds 1 to {max}"
+                )));
+            }
+            if !(addr as u64).is_multiple_of(zc.align) || !(len as u64).is_multiple_of(zc.align) {
+                return Err(BackendError::Other(format!(
+                    "bind_window: {addr:p} + {len:#x} is not aligned to the device's \
                  minImportedHostPointerAlignment ({} bytes)",
-                zc.align
-            )));
-        }
-        let mut w = lock(&self.windows);
-        self.reap(&mut w);
-        if w.bound[window as usize].is_some() {
-            return Err(BackendError::Other(format!(
-                "bind_window: window {window} is already bound"
-            )));
-        }
-        let imported = self.import(zc, addr, len as u64)?;
-        // A validation error raised by the import: report it with the
-        // window left unbound (the caller takes an error for "not bound";
-        // keeping the import would make every later bind of the window
-        // fail with "already bound"). No submission has named it yet.
-        if let Err(e) = self.check() {
-            drop(imported);
-            return Err(e);
-        }
-        w.bound[window as usize] = Some(imported);
-        // Launches before this one named the dummy in this binding.
-        w.last_use[window as usize] = 0;
-        Ok(())
+                    zc.align
+                )));
+            }
+            let mut w = lock(&self.windows);
+            self.reap(&mut w);
+            if w.bound[window as usize].is_some() {
+                return Err(BackendError::Other(format!(
+                    "bind_window: window {window} is already bound"
+                )));
+            }
+            // A validation error raised by the import: reported with the
+            // window left unbound (the trait: an `Err` leaves it unbound;
+            // keeping the import would make every later bind of the window
+            // fail with "already bound") — `conclude` drops the import. No
+            // submission has named it yet.
+            let (imported, msgs) = self.captured(|| self.import(zc, addr, len as u64));
+            let imported = self.conclude(imported, &msgs)?;
+            w.bound[window as usize] = Some(imported);
+            // Launches before this one named the dummy in this binding.
+            w.last_use[window as usize] = 0;
+            Ok(())
+        })
     }
 
     fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
-        // The unbind happens whatever an earlier call left to report (the
-        // validation check comes last): a window the caller believes
-        // unbound must be unbound.
-        let Some(zc) = &self.ctx.zero_copy else {
-            return Ok(()); // copy mode: nothing is ever bound
-        };
-        if window >= zc.windows.count {
-            return Err(BackendError::Other(format!(
-                "unbind_window: window {window} outside 0..{}",
-                zc.windows.count
-            )));
-        }
-        let mut w = lock(&self.windows);
-        if let Some(old) = w.bound[window as usize].take() {
-            let last = w.last_use[window as usize];
-            w.last_use[window as usize] = 0;
-            if last > self.counter() {
-                // A submission's descriptor set still names the buffer
-                // (without reaching it: the caller's promise); destroy it
-                // once that submission completed.
-                w.retired.push((last, old));
+        // The unbind happens whatever else is the case — a lost device
+        // included (checked after it): a window the caller believes
+        // unbound must be unreachable (the trait's safety contract).
+        let (r, msgs) = self.captured(|| {
+            let Some(zc) = &self.ctx.zero_copy else {
+                return Ok(()); // copy mode: nothing is ever bound
+            };
+            if window >= zc.windows.count {
+                return Err(BackendError::Other(format!(
+                    "unbind_window: window {window} outside 0..{}",
+                    zc.windows.count
+                )));
             }
-            // else: dropped here, releasing the import.
-        }
-        self.reap(&mut w);
-        drop(w);
-        self.check()
+            let mut w = lock(&self.windows);
+            if let Some(old) = w.bound[window as usize].take() {
+                let last = w.last_use[window as usize];
+                w.last_use[window as usize] = 0;
+                if last > self.counter() {
+                    // A submission's descriptor set still names the buffer
+                    // (without reaching it: the caller's promise); destroy it
+                    // once that submission completed.
+                    w.retired.push((last, old));
+                }
+                // else: dropped here, releasing the import.
+            }
+            self.reap(&mut w);
+            drop(w);
+            Ok(())
+        });
+        self.alive()?;
+        self.conclude(r, &msgs)
     }
 
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
-        if !lock(&self.launches).in_flight.contains_key(&id.0) {
-            return Err(BackendError::UnknownSubmission(id));
-        }
-        if !self.wait(id, None)? {
-            return Err(BackendError::DeviceLost("launch never completed".into()));
-        }
-        let sub = lock(&self.launches)
-            .in_flight
-            .remove(&id.0)
-            .ok_or(BackendError::UnknownSubmission(id))?;
-        let mut words = vec![0u32; sub.layout.words() as usize];
-        // SAFETY: mapped, in bounds; the submission completed (waited) and
-        // ended with a HOST barrier, and nothing else writes the buffer.
-        unsafe {
-            sub.res
-                .control
-                .read(0, bytemuck::cast_slice_mut(&mut words))
-        };
-        let outcome = sub.layout.parse(&words);
-        let cut_short = sub.layout.loop_limit_hits(&words);
-        lock(&self.launches).free.push(sub.res);
-        self.check()?;
-        if cut_short > 0 {
-            return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
-                cut_short,
-                self.device_name(),
-            )));
-        }
-        Ok(outcome)
+        self.scoped(|| {
+            if !lock(&self.launches).in_flight.contains_key(&id.0) {
+                return Err(BackendError::UnknownSubmission(id));
+            }
+            if !self.wait(id, None)? {
+                return Err(BackendError::DeviceLost("launch never completed".into()));
+            }
+            let sub = lock(&self.launches)
+                .in_flight
+                .remove(&id.0)
+                .ok_or(BackendError::UnknownSubmission(id))?;
+            let mut words = vec![0u32; sub.layout.words() as usize];
+            // SAFETY: mapped, in bounds; the submission completed (waited) and
+            // ended with a HOST barrier, and nothing else writes the buffer.
+            unsafe {
+                sub.res
+                    .control
+                    .read(0, bytemuck::cast_slice_mut(&mut words))
+            };
+            let outcome = sub.layout.parse(&words);
+            let cut_short = sub.layout.loop_limit_hits(&words);
+            lock(&self.launches).free.push(sub.res);
+            if cut_short > 0 {
+                return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
+                    cut_short,
+                    self.device_name(),
+                )));
+            }
+            Ok(outcome)
+        })
     }
 }

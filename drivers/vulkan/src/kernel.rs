@@ -189,16 +189,17 @@ impl VulkanDevice {
     /// [`BackendError::Kernel`] whose message points at the kernel's own
     /// lines.
     pub fn kernel(&self, wgsl: &str) -> Result<VulkanKernel, BackendError> {
-        self.check()?;
-        let (module, info) = hmm_shaders::build_with(wgsl, self.pool_bindings())
-            .map_err(|e| BackendError::Kernel(e.to_string()))?;
-        let words = spirv(&module, &info, hmm_shaders::KERNEL_ENTRY)?;
-        let entry = std::ffi::CString::new(hmm_shaders::KERNEL_ENTRY)
-            .map_err(|e| BackendError::Kernel(e.to_string()))?;
-        let p = pipeline(&self.kernel_layouts, &words, &entry)?;
-        self.check()?;
-        Ok(VulkanKernel {
-            pipeline: Arc::new(p),
+        // Its own validation messages only (see `validation.rs`).
+        self.scoped(|| {
+            let (module, info) = hmm_shaders::build_with(wgsl, self.pool_bindings())
+                .map_err(|e| BackendError::Kernel(e.to_string()))?;
+            let words = spirv(&module, &info, hmm_shaders::KERNEL_ENTRY)?;
+            let entry = std::ffi::CString::new(hmm_shaders::KERNEL_ENTRY)
+                .map_err(|e| BackendError::Kernel(e.to_string()))?;
+            let p = pipeline(&self.kernel_layouts, &words, &entry)?;
+            Ok(VulkanKernel {
+                pipeline: Arc::new(p),
+            })
         })
     }
 }

@@ -82,11 +82,17 @@
 //! outside the table, too many arguments) is an error, never a panic.
 //! With `HMM_VK_VALIDATION=1` (or [`OpenOptions::validation`]) the device
 //! enables `VK_LAYER_KHRONOS_validation` and a debug-utils messenger that
-//! records every error ([`VulkanDevice::validation_errors`]); each recorded
-//! error becomes a [`BackendError::Other`] of the next call (so a
-//! conformance run with validation fails on it), and one still unreported
-//! when the device is dropped panics there. CI runs the driver's tests
-//! with `HMM_VK_VALIDATION=1`.
+//! records every error ([`VulkanDevice::validation_errors`]). Each call
+//! captures the messages its own Vulkan calls raise, on its own thread, and
+//! fails with them as a [`BackendError::Other`] (so a conformance run with
+//! validation fails on it): a message never fails a later call or another
+//! thread's call, and no call skips its work because of one (the `Backend`
+//! trait's `# Errors` rules). A message raised outside every call (set-up,
+//! teardown) is returned once, by the next `launch`, which then submits
+//! nothing; one still unreturned when the device is dropped panics there.
+//! A call that saw `ERROR_DEVICE_LOST` makes every later call fail with
+//! [`BackendError::DeviceLost`], except that `unbind_window` still unbinds
+//! first. CI runs the driver's tests with `HMM_VK_VALIDATION=1`.
 //!
 //! # Zero-copy mode
 //!
@@ -220,11 +226,13 @@
 //! [`OpenOptions::force_staging`] is the other copy configuration.
 
 mod device;
+mod errors;
 mod kernel;
 mod mem;
 mod open;
 mod ptops;
 mod test_kernels;
+mod validation;
 
 pub use device::VulkanDevice;
 pub use kernel::VulkanKernel;

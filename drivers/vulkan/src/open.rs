@@ -2,12 +2,13 @@
 //! Vulkan context every other object keeps alive.
 
 use std::ffi::{c_void, CStr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ash::vk;
 use hmm_core::mirror::backend::HostWindows;
 
 use crate::device::VulkanDevice;
+use crate::validation::{on_message, Validation};
 
 /// The Khronos validation layer (Debian: `vulkan-validationlayers`).
 pub const VALIDATION_LAYER: &CStr = c"VK_LAYER_KHRONOS_validation";
@@ -171,49 +172,6 @@ pub enum OpenError {
 
 fn vkerr(what: &'static str) -> impl Fn(vk::Result) -> OpenError {
     move |result| OpenError::Vk { what, result }
-}
-
-/// Validation messages recorded by the debug-utils messenger.
-#[derive(Debug, Default)]
-pub(crate) struct Validation {
-    /// Every error-severity message, in order.
-    pub(crate) errors: Mutex<Vec<String>>,
-    /// How many of `errors` were already returned as a backend error.
-    pub(crate) reported: Mutex<usize>,
-}
-
-/// Called by the validation layer for every message.
-///
-/// # Safety
-///
-/// Called by the Vulkan loader with a valid callback-data pointer and the
-/// `user_data` registered at messenger creation: a `*const Validation` that
-/// outlives the messenger (it is boxed in [`Ctx`], which destroys the
-/// messenger before dropping the box).
-unsafe extern "system" fn on_message(
-    severity: vk::DebugUtilsMessageSeverityFlagsEXT,
-    _types: vk::DebugUtilsMessageTypeFlagsEXT,
-    data: *const vk::DebugUtilsMessengerCallbackDataEXT<'_>,
-    user: *mut c_void,
-) -> vk::Bool32 {
-    if !severity.contains(vk::DebugUtilsMessageSeverityFlagsEXT::ERROR) || user.is_null() {
-        return vk::FALSE;
-    }
-    // SAFETY: the loader passes valid callback data for the call's duration.
-    let msg = unsafe { data.as_ref() }
-        // SAFETY: `p_message` is a NUL-terminated string valid for the call.
-        .and_then(|d| unsafe { d.message_as_c_str() })
-        .map_or_else(
-            || "(no message)".into(),
-            |m| m.to_string_lossy().into_owned(),
-        );
-    // SAFETY: `user` is the `Validation` registered with the messenger,
-    // alive as long as the messenger (see the function's safety section).
-    let v = unsafe { &*(user as *const Validation) };
-    if let Ok(mut e) = v.errors.lock() {
-        e.push(msg);
-    }
-    vk::FALSE
 }
 
 /// The instance, the logical device and what was learned about it. Shared

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::mirror::backend::{
-    Backend, BackendError, DeviceConfig, InvocationSet, Invocations, SubmissionId,
+    Backend, BackendError, DeviceConfig, DeviceToHost, InvocationSet, Invocations, PteLoc,
+    PteWrite, SubmissionId,
 };
+use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_driver_vulkan::{test_device, Mode, OpenError, OpenOptions, VulkanDevice};
 
@@ -156,12 +158,117 @@ fn validation_layer_records_errors_and_reports_them() {
         errs.iter().any(|e| e.contains("usage")),
         "the messenger saw the invalid buffer: {errs:?}"
     );
-    // The next call returns it as a typed error (and only once).
-    match d.init(CFG) {
-        Err(BackendError::Other(m)) => assert!(m.contains("Vulkan validation"), "{m}"),
+    // No call owns it: it fails no init, page-table write or copy (and
+    // skips none of their work)...
+    d.init(CFG)
+        .expect("init is not failed by an earlier, unrelated error");
+    let k = d.test_kernel(TestKernel::FillU32).expect("kernel");
+    let va = 0x4000_0000u64;
+    let mut writes: Vec<PteWrite> = (2..=4)
+        .rev()
+        .map(|level| PteWrite {
+            table: TablePage(4 - level),
+            index: level_index(va, level) as u16,
+            pte: Pte::table(TablePage(5 - level)),
+        })
+        .collect();
+    let leaf = PteLoc {
+        table: TablePage(3),
+        index: level_index(va, 1) as u16,
+    };
+    writes.push(PteWrite {
+        table: leaf.table,
+        index: leaf.index,
+        pte: Pte::leaf(PoolSlot(2), true),
+    });
+    d.write_ptes(&writes).expect("write_ptes");
+    let mut read = Vec::new();
+    d.read_ptes(&[leaf], &mut read).expect("read_ptes");
+    assert_eq!(read, vec![Pte::leaf(PoolSlot(2), true)], "written");
+    // ...the next launch returns it as a typed error, submitting nothing...
+    match d.launch(&k, Invocations::All(1024), &[va, 5]) {
+        Err(BackendError::Other(m)) => {
+            assert!(
+                m.contains("Vulkan validation") && m.contains("outside any call"),
+                "{m}"
+            )
+        }
         other => panic!("expected the validation error, got {other:?}"),
     }
-    d.init(CFG).expect("init after the error was reported");
+    // ...once: the launch after it runs through the entries written
+    // after the error.
+    let id = d
+        .launch(&k, Invocations::All(1024), &[va, 5])
+        .expect("launch after the error was reported");
+    assert!(d.wait(id, None).expect("wait"));
+    assert!(d.take_outcome(id).expect("outcome").incomplete.is_empty());
+    let mut page = vec![0u8; 4096];
+    // SAFETY: `page` is 4096 writable, unaliased bytes; nothing in flight.
+    unsafe {
+        d.copy_to_host(&[DeviceToHost {
+            slot: PoolSlot(2),
+            dst: page.as_mut_ptr(),
+        }])
+    }
+    .expect("copy out");
+    for (i, w) in page.chunks_exact(4).enumerate() {
+        let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        assert_eq!(w, 5 + i as u32, "word {i}");
+    }
+}
+
+#[test]
+fn another_threads_validation_errors_never_reach_this_threads_calls() {
+    let Some(d) = validated_device() else { return };
+    d.init(CFG).expect("init");
+    let d = Arc::new(d);
+    let leaf = PteLoc {
+        table: TablePage(1),
+        index: 7,
+    };
+    // Thread B: errors outside any call, one after another.
+    let noisy = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || {
+            for _ in 0..200 {
+                d.provoke_validation_error();
+            }
+        })
+    };
+    // This thread: page-table traffic, none of which may fail or be
+    // skipped.
+    for round in 0..200u32 {
+        let pte = if round % 2 == 0 {
+            Pte::leaf(PoolSlot(round % 64), true)
+        } else {
+            Pte::EMPTY
+        };
+        d.write_ptes(&[PteWrite {
+            table: leaf.table,
+            index: leaf.index,
+            pte,
+        }])
+        .expect("write_ptes");
+        let mut read = Vec::new();
+        d.read_ptes(&[leaf], &mut read).expect("read_ptes");
+        assert_eq!(read, vec![pte], "round {round}");
+        let mut old = Vec::new();
+        d.clear_pte_bits(&[leaf], hmm_core::mirror::format::DEVICE_BITS, &mut old)
+            .expect("clear_pte_bits");
+    }
+    noisy.join().expect("thread B");
+    assert!(d.validation_errors().len() >= 200);
+    // The next launch returns them all, once (so the drop is clean).
+    let k = d.test_kernel(TestKernel::FillU32).expect("kernel");
+    assert!(matches!(
+        d.launch(&k, Invocations::All(1), &[0x10000, 0]),
+        Err(BackendError::Other(_))
+    ));
+    let id = d
+        .launch(&k, Invocations::All(1), &[0x10000, 0])
+        .expect("launch");
+    assert!(d.wait(id, None).expect("wait"));
+    d.take_outcome(id).expect("outcome");
 }
 
 #[test]

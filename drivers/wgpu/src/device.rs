@@ -1,7 +1,7 @@
 //! [`WgpuDevice`]: device memory, copies, launches and their outcomes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use hmm_core::mirror::backend::{
 use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
 use hmm_shaders::{binding, ControlLayout, MemoryPlan, Params, POOL_BINDINGS};
 
+use crate::errors::Shared;
 use crate::kernel::WgpuKernel;
 use crate::other;
 use crate::ptops::PtOps;
@@ -22,14 +23,6 @@ const PAGE: u64 = TABLE_PAGE_BYTES;
 pub(crate) const FAULT_CAP: u32 = 1024;
 /// Pages copied back per submission at most (bounds the read-back buffer).
 const WRITEBACK_CHUNK: usize = 4096;
-
-/// State shared with wgpu's callbacks.
-pub(crate) struct Shared {
-    /// Why the device was lost, once it was.
-    pub(crate) lost: Mutex<Option<String>>,
-    /// Errors wgpu reported outside any error scope, not yet returned.
-    pub(crate) errors: Mutex<Vec<String>>,
-}
 
 /// Memory allocated by `init`.
 pub(crate) struct Memory {
@@ -78,7 +71,10 @@ pub struct WgpuDevice {
     pub(crate) queue: wgpu::Queue,
     name: String,
     limits: wgpu::Limits,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
+    /// Test hook: the next launch's submission fails validation
+    /// (`provoke_launch_error`).
+    pub(crate) break_next_launch: AtomicBool,
     pub(crate) layout: wgpu::BindGroupLayout,
     pub(crate) pipeline_layout: wgpu::PipelineLayout,
     pub(crate) mem: OnceLock<Memory>,
@@ -152,6 +148,7 @@ impl WgpuDevice {
             name,
             limits,
             shared,
+            break_next_launch: AtomicBool::new(false),
             layout,
             pipeline_layout,
             mem: OnceLock::new(),
@@ -175,20 +172,6 @@ impl WgpuDevice {
         (bytes / PAGE).min(u64::from(u32::MAX)) as u32
     }
 
-    /// Fails with the pending device-lost reason or uncaptured error, if any.
-    pub(crate) fn check(&self) -> Result<(), BackendError> {
-        if let Some(why) = lock(&self.shared.lost).clone() {
-            return Err(BackendError::DeviceLost(why));
-        }
-        let mut errs = lock(&self.shared.errors);
-        if !errs.is_empty() {
-            let msg = errs.join("; ");
-            errs.clear();
-            return Err(BackendError::Kernel(msg));
-        }
-        Ok(())
-    }
-
     pub(crate) fn memory(&self) -> Result<&Memory, BackendError> {
         self.mem
             .get()
@@ -207,10 +190,7 @@ impl WgpuDevice {
         }) {
             Ok(_) => Ok(true),
             Err(wgpu::PollError::Timeout) => Ok(false),
-            Err(e) => {
-                self.check()?;
-                Err(BackendError::DeviceLost(e.to_string()))
-            }
+            Err(e) => Err(self.lose(e.to_string())),
         }
     }
 
@@ -242,7 +222,7 @@ impl WgpuDevice {
                 }
             }
         }
-        Err(BackendError::DeviceLost("read-back never mapped".into()))
+        Err(self.lose("read-back never mapped"))
     }
 
     fn new_launch_res(&self, mem: &Memory, bitmap_bits: u32, replay_cap: u32) -> LaunchRes {
@@ -358,157 +338,170 @@ unsafe impl Backend for WgpuDevice {
     }
 
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
-        self.check()?;
-        if self.mem.get().is_some() {
-            return Err(BackendError::NotInitialised("init ran twice"));
-        }
-        let plan = MemoryPlan::new(
-            config,
-            self.slots_per_binding(),
-            self.limits.max_storage_buffer_binding_size,
-        )?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
-        // wgpu zero-initialises buffers created without mapping.
-        let table = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("hmm page table"),
-            size: plan.table_bytes,
-            usage,
-            mapped_at_creation: false,
-        });
-        let mut pool = Vec::new();
-        for slots in plan.binding_slots {
-            pool.push(self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("hmm pool"),
-                size: u64::from(slots) * PAGE,
+        self.scoped("init", other, || {
+            if self.mem.get().is_some() {
+                return Err(BackendError::NotInitialised("init ran twice"));
+            }
+            let plan = MemoryPlan::new(
+                config,
+                self.slots_per_binding(),
+                self.limits.max_storage_buffer_binding_size,
+            )?;
+            let usage = wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST;
+            // wgpu zero-initialises buffers created without mapping.
+            let table = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("hmm page table"),
+                size: plan.table_bytes,
                 usage,
                 mapped_at_creation: false,
-            }));
-        }
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(BackendError::OutOfMemory(e.to_string()));
-        }
-        let mem = Memory {
-            table,
-            pool,
-            chunk_slots: plan.chunk_slots,
-            pool_slots: config.pool_slots,
-            table_pages: config.table_pages,
-        };
-        *lock(&self.pt_ops) = Some(PtOps::new(self));
-        self.mem
-            .set(mem)
-            .map_err(|_| BackendError::NotInitialised("init ran twice"))?;
-        self.check()
-    }
-
-    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
-        self.check()?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
-            return Err(other(format!("slot {} outside the pool", bad.slot.0)));
-        }
-        let joins = |i: usize| {
-            let (a, b) = (&batch[i - 1], &batch[i]);
-            b.slot.0 == a.slot.0 + 1
-                && b.slot.0 % mem.chunk_slots != 0
-                && b.src as usize == (a.src as usize).wrapping_add(PAGE as usize)
-        };
-        for (start, len) in runs(batch.len(), joins) {
-            let first = &batch[start];
-            // SAFETY: the caller guarantees each `src` is readable for 4096
-            // bytes during this call; a run's sources are consecutive
-            // pages (checked by `joins`), so the run is one readable range
-            // of `len` pages. write_buffer copies it before returning.
-            let bytes = unsafe { core::slice::from_raw_parts(first.src, len * PAGE as usize) };
-            let chunk = (first.slot.0 / mem.chunk_slots) as usize;
-            let off = u64::from(first.slot.0 % mem.chunk_slots) * PAGE;
-            self.queue.write_buffer(&mem.pool[chunk], off, bytes);
-        }
-        self.check()
-    }
-
-    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
-        self.check()?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
-            return Err(other(format!("slot {} outside the pool", bad.slot.0)));
-        }
-        let mut rb = lock(&self.readback);
-        for piece in batch.chunks(WRITEBACK_CHUNK) {
-            let bytes = piece.len() as u64 * PAGE;
-            if rb.as_ref().is_none_or(|b| b.size() < bytes) {
-                *rb = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("hmm write-back"),
-                    size: bytes.max(64 * PAGE),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            });
+            let mut pool = Vec::new();
+            for slots in plan.binding_slots {
+                pool.push(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("hmm pool"),
+                    size: u64::from(slots) * PAGE,
+                    usage,
                     mapped_at_creation: false,
                 }));
             }
-            let buf = rb.as_ref().ok_or_else(|| other("no read-back buffer"))?;
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            Ok(Memory {
+                table,
+                pool,
+                chunk_slots: plan.chunk_slots,
+                pool_slots: config.pool_slots,
+                table_pages: config.table_pages,
+            })
+        })
+        .and_then(|mem| {
+            // Only memory whose creation raised no error is kept, so a
+            // failed init can be retried.
+            *lock(&self.pt_ops) = Some(self.scoped("init", other, || Ok(PtOps::new(self)))?);
+            self.mem
+                .set(mem)
+                .map_err(|_| BackendError::NotInitialised("init ran twice"))
+        })
+    }
+
+    unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        self.scoped("copy_to_device", other, || {
+            let mem = self.memory()?;
+            if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+                return Err(other(format!("slot {} outside the pool", bad.slot.0)));
+            }
             let joins = |i: usize| {
-                piece[i].slot.0 == piece[i - 1].slot.0 + 1 && piece[i].slot.0 % mem.chunk_slots != 0
+                let (a, b) = (&batch[i - 1], &batch[i]);
+                b.slot.0 == a.slot.0 + 1
+                    && b.slot.0 % mem.chunk_slots != 0
+                    && b.src as usize == (a.src as usize).wrapping_add(PAGE as usize)
             };
-            for (start, len) in runs(piece.len(), joins) {
-                let s = piece[start].slot.0;
-                enc.copy_buffer_to_buffer(
-                    &mem.pool[(s / mem.chunk_slots) as usize],
-                    u64::from(s % mem.chunk_slots) * PAGE,
-                    buf,
-                    start as u64 * PAGE,
-                    len as u64 * PAGE,
-                );
+            for (start, len) in runs(batch.len(), joins) {
+                let first = &batch[start];
+                // SAFETY: the caller guarantees each `src` is readable for
+                // 4096 bytes during this call; a run's sources are
+                // consecutive pages (checked by `joins`), so the run is one
+                // readable range of `len` pages. write_buffer copies it
+                // before returning.
+                let bytes = unsafe { core::slice::from_raw_parts(first.src, len * PAGE as usize) };
+                let chunk = (first.slot.0 / mem.chunk_slots) as usize;
+                let off = u64::from(first.slot.0 % mem.chunk_slots) * PAGE;
+                self.queue.write_buffer(&mem.pool[chunk], off, bytes);
             }
-            let index = self.queue.submit([enc.finish()]);
-            self.map_after(buf, bytes, index)?;
-            {
-                let view = buf.slice(..bytes).get_mapped_range().map_err(other)?;
-                for (i, c) in piece.iter().enumerate() {
-                    let src = &view[i * PAGE as usize..(i + 1) * PAGE as usize];
-                    // SAFETY: the caller guarantees `dst` is valid for
-                    // writes of 4096 bytes, unaliased, and not overlapping
-                    // another destination; `src` is 4096 bytes of mapped
-                    // device memory, disjoint from host pages.
-                    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), c.dst, PAGE as usize) };
+            Ok(())
+        })
+    }
+
+    unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
+        self.scoped("copy_to_host", other, || {
+            let mem = self.memory()?;
+            if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
+                return Err(other(format!("slot {} outside the pool", bad.slot.0)));
+            }
+            let mut rb = lock(&self.readback);
+            for piece in batch.chunks(WRITEBACK_CHUNK) {
+                let bytes = piece.len() as u64 * PAGE;
+                if rb.as_ref().is_none_or(|b| b.size() < bytes) {
+                    *rb = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("hmm write-back"),
+                        size: bytes.max(64 * PAGE),
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    }));
                 }
+                let buf = rb.as_ref().ok_or_else(|| other("no read-back buffer"))?;
+                let mut enc = self.device.create_command_encoder(&Default::default());
+                let joins = |i: usize| {
+                    piece[i].slot.0 == piece[i - 1].slot.0 + 1
+                        && piece[i].slot.0 % mem.chunk_slots != 0
+                };
+                for (start, len) in runs(piece.len(), joins) {
+                    let s = piece[start].slot.0;
+                    enc.copy_buffer_to_buffer(
+                        &mem.pool[(s / mem.chunk_slots) as usize],
+                        u64::from(s % mem.chunk_slots) * PAGE,
+                        buf,
+                        start as u64 * PAGE,
+                        len as u64 * PAGE,
+                    );
+                }
+                let index = self.queue.submit([enc.finish()]);
+                self.map_after(buf, bytes, index)?;
+                {
+                    let view = buf.slice(..bytes).get_mapped_range().map_err(other)?;
+                    for (i, c) in piece.iter().enumerate() {
+                        let src = &view[i * PAGE as usize..(i + 1) * PAGE as usize];
+                        // SAFETY: the caller guarantees `dst` is valid for
+                        // writes of 4096 bytes, unaliased, and not
+                        // overlapping another destination; `src` is 4096
+                        // bytes of mapped device memory, disjoint from host
+                        // pages.
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(src.as_ptr(), c.dst, PAGE as usize)
+                        };
+                    }
+                }
+                buf.unmap();
             }
-            buf.unmap();
-        }
-        self.check()
+            Ok(())
+        })
     }
 
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
-        self.check()?;
-        let mem = self.memory()?;
-        if let Some(bad) = batch
-            .iter()
-            .find(|w| w.table.0 >= mem.table_pages || usize::from(w.index) >= ENTRIES)
-        {
-            return Err(other(format!(
-                "entry {:?}/{} outside the table",
-                bad.table, bad.index
-            )));
-        }
-        let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
-        let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
-        let mut words: Vec<u64> = Vec::new();
-        for (start, len) in runs(batch.len(), joins) {
-            words.clear();
-            words.extend(batch[start..start + len].iter().map(|w| w.pte.0));
-            self.queue.write_buffer(
-                &mem.table,
-                pos(&batch[start]) * 8,
-                bytemuck::cast_slice(&words),
-            );
-        }
-        self.check()
+        // Only this call's own errors: an error another call raised (on
+        // this thread or another) neither fails it nor skips its writes.
+        self.scoped("write_ptes", other, || {
+            let mem = self.memory()?;
+            if let Some(bad) = batch
+                .iter()
+                .find(|w| w.table.0 >= mem.table_pages || usize::from(w.index) >= ENTRIES)
+            {
+                return Err(other(format!(
+                    "entry {:?}/{} outside the table",
+                    bad.table, bad.index
+                )));
+            }
+            let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
+            let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
+            let mut words: Vec<u64> = Vec::new();
+            for (start, len) in runs(batch.len(), joins) {
+                words.clear();
+                words.extend(batch[start..start + len].iter().map(|w| w.pte.0));
+                // Staged now, executed before the next submission's work
+                // (a submission that fails validation executes nothing and
+                // leaves them staged for the next one).
+                self.queue.write_buffer(
+                    &mem.table,
+                    pos(&batch[start]) * 8,
+                    bytemuck::cast_slice(&words),
+                );
+            }
+            Ok(())
+        })
     }
 
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
-        self.pt_and(locs, u32::MAX, out)
+        self.scoped("read_ptes", other, || self.pt_and(locs, u32::MAX, out))
     }
 
     fn clear_pte_bits(
@@ -522,7 +515,9 @@ unsafe impl Backend for WgpuDevice {
                 "clear_pte_bits: {bits:#x} is not a subset of A|D"
             )));
         }
-        self.pt_and(locs, !(bits as u32), old)
+        self.scoped("clear_pte_bits", other, || {
+            self.pt_and(locs, !(bits as u32), old)
+        })
     }
 
     fn launch(
@@ -531,7 +526,10 @@ unsafe impl Backend for WgpuDevice {
         invocations: Invocations<'_>,
         args: &[u64],
     ) -> Result<SubmissionId, BackendError> {
-        self.check()?;
+        self.alive()?;
+        // An error no call owns is reported here, before anything is
+        // submitted (see `errors.rs`).
+        self.take_uncaptured()?;
         let mem = self.memory()?;
         if kernel.device_id != self.id {
             return Err(BackendError::Kernel(
@@ -540,52 +538,96 @@ unsafe impl Backend for WgpuDevice {
         }
         let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
         let mut l = lock(&self.launches);
-        let pos = l
-            .free
-            .iter()
-            .position(|r| plan.fits(r.bitmap_bits, r.replay_cap));
-        let res = match pos {
-            Some(p) => l.free.swap_remove(p),
-            None => {
-                let (bits, cap) = plan.capacity();
-                self.new_launch_res(mem, bits, cap)
+        // Phase 1, in its own scopes: upload the parameters and record the
+        // commands. An error here submits nothing.
+        let (res, layout, commands, doomed) =
+            self.scoped("launch", BackendError::Kernel, || {
+                let pos = l
+                    .free
+                    .iter()
+                    .position(|r| plan.fits(r.bitmap_bits, r.replay_cap));
+                let res = match pos {
+                    Some(p) => l.free.swap_remove(p),
+                    None => {
+                        let (bits, cap) = plan.capacity();
+                        self.new_launch_res(mem, bits, cap)
+                    }
+                };
+                let hmm_shaders::Dispatch {
+                    params,
+                    layout,
+                    replay: list,
+                    groups_x: gx,
+                    groups_y: gy,
+                } = &plan;
+                self.queue
+                    .write_buffer(&res.params, 0, bytemuck::bytes_of(params));
+                if !list.is_empty() {
+                    self.queue
+                        .write_buffer(&res.replay, 0, bytemuck::cast_slice(list));
+                }
+                let mut enc = self.device.create_command_encoder(&Default::default());
+                enc.clear_buffer(&res.control, 0, Some(layout.bytes()));
+                if params.n > 0 {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&kernel.pipeline);
+                    pass.set_bind_group(0, &res.bind_group, &[]);
+                    pass.dispatch_workgroups(*gx, *gy, 1);
+                }
+                enc.copy_buffer_to_buffer(&res.control, 0, &res.readback, 0, layout.bytes());
+                // Relaxed: a test hook's flag, no data published with it.
+                let doomed = self
+                    .break_next_launch
+                    .swap(false, Ordering::Relaxed)
+                    .then(|| {
+                        let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some("hmm destroyed before submission (test hook)"),
+                            size: 256,
+                            usage: wgpu::BufferUsages::COPY_DST,
+                            mapped_at_creation: false,
+                        });
+                        enc.clear_buffer(&b, 0, None);
+                        b
+                    });
+                Ok((res, *layout, enc.finish(), doomed))
+            })?;
+        if let Some(b) = doomed {
+            // Test hook: the submission below now fails validation.
+            b.destroy();
+        }
+        // Phase 2, in its own scopes: submit and map the read-back.
+        let mut submitted = None;
+        let mapped: MapState = Arc::new(AtomicU8::new(0));
+        let queued = self.scoped("launch", BackendError::Kernel, || {
+            let index = self.queue.submit([commands]);
+            submitted = Some(index.clone());
+            let m = Arc::clone(&mapped);
+            res.readback
+                .slice(..layout.bytes())
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    // Release: pairs with the Acquire loads in `done`.
+                    m.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release);
+                });
+            Ok(index)
+        });
+        let index = match queued {
+            Ok(index) => index,
+            Err(e) => {
+                // A failed launch leaves nothing running: whatever of it
+                // was queued completes before the error is returned. Its
+                // resources are dropped (their read-back may be mapped).
+                if let (Some(index), Ok(())) = (submitted, self.alive()) {
+                    // A submission that failed validation executed nothing
+                    // and its index is not waitable (`WrongSubmissionIndex`);
+                    // that is not a lost device.
+                    let _ = self.device.poll(wgpu::PollType::Wait {
+                        submission_index: Some(index),
+                        timeout: None,
+                    });
+                }
+                return Err(e);
             }
         };
-        let hmm_shaders::Dispatch {
-            params,
-            layout,
-            replay: list,
-            groups_x: gx,
-            groups_y: gy,
-        } = plan;
-        self.queue
-            .write_buffer(&res.params, 0, bytemuck::bytes_of(&params));
-        if !list.is_empty() {
-            self.queue
-                .write_buffer(&res.replay, 0, bytemuck::cast_slice(&list));
-        }
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.clear_buffer(&res.control, 0, Some(layout.bytes()));
-        if params.n > 0 {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &res.bind_group, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-        }
-        enc.copy_buffer_to_buffer(&res.control, 0, &res.readback, 0, layout.bytes());
-        let index = self.queue.submit([enc.finish()]);
-        let mapped: MapState = Arc::new(AtomicU8::new(0));
-        let m = Arc::clone(&mapped);
-        res.readback
-            .slice(..layout.bytes())
-            .map_async(wgpu::MapMode::Read, move |r| {
-                // Release: pairs with the Acquire loads in `done`.
-                m.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release);
-            });
-        if let Err(e) = self.check() {
-            l.free.push(res);
-            return Err(e);
-        }
         l.next_id += 1;
         let id = l.next_id;
         l.in_flight.insert(
@@ -601,6 +643,7 @@ unsafe impl Backend for WgpuDevice {
     }
 
     fn wait(&self, id: SubmissionId, timeout: Option<Duration>) -> Result<bool, BackendError> {
+        self.alive()?;
         let (index, mapped) = {
             let l = lock(&self.launches);
             match l.in_flight.get(&id.0) {
@@ -622,7 +665,7 @@ unsafe impl Backend for WgpuDevice {
             let _ = self.device.poll(wgpu::PollType::Poll);
             std::thread::yield_now();
         }
-        self.check()?;
+        self.alive()?;
         Ok(true)
     }
 
@@ -638,34 +681,36 @@ unsafe impl Backend for WgpuDevice {
 
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         if !self.wait(id, None)? {
-            return Err(BackendError::DeviceLost("launch never completed".into()));
+            return Err(self.lose("launch never completed"));
         }
-        let sub = lock(&self.launches)
-            .in_flight
-            .remove(&id.0)
-            .ok_or(BackendError::UnknownSubmission(id))?;
-        // Acquire: pairs with the callback's Release store.
-        if sub.mapped.load(Ordering::Acquire) != 1 {
-            return Err(BackendError::DeviceLost("control read-back failed".into()));
-        }
-        let outcome = {
-            let view = sub
-                .res
-                .readback
-                .slice(..sub.layout.bytes())
-                .get_mapped_range()
-                .map_err(other)?;
-            let words: &[u32] = bytemuck::cast_slice(&view);
-            (sub.layout.parse(words), sub.layout.loop_limit_hits(words))
-        };
-        sub.res.readback.unmap();
-        lock(&self.launches).free.push(sub.res);
-        let (outcome, cut_short) = outcome;
-        if cut_short > 0 {
-            return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
-                cut_short, &self.name,
-            )));
-        }
-        Ok(outcome)
+        self.scoped("take_outcome", other, || {
+            let sub = lock(&self.launches)
+                .in_flight
+                .remove(&id.0)
+                .ok_or(BackendError::UnknownSubmission(id))?;
+            // Acquire: pairs with the callback's Release store.
+            if sub.mapped.load(Ordering::Acquire) != 1 {
+                return Err(self.lose("control read-back failed"));
+            }
+            let outcome = {
+                let view = sub
+                    .res
+                    .readback
+                    .slice(..sub.layout.bytes())
+                    .get_mapped_range()
+                    .map_err(other)?;
+                let words: &[u32] = bytemuck::cast_slice(&view);
+                (sub.layout.parse(words), sub.layout.loop_limit_hits(words))
+            };
+            sub.res.readback.unmap();
+            lock(&self.launches).free.push(sub.res);
+            let (outcome, cut_short) = outcome;
+            if cut_short > 0 {
+                return Err(BackendError::Kernel(hmm_shaders::loop_limit_message(
+                    cut_short, &self.name,
+                )));
+            }
+            Ok(outcome)
+        })
     }
 }

@@ -25,33 +25,32 @@ impl WgpuDevice {
     /// parse or validate is a [`BackendError::Kernel`] whose message points
     /// at the kernel's own lines.
     pub fn kernel(&self, wgsl: &str) -> Result<WgpuKernel, BackendError> {
-        self.check()?;
         // naga first: its messages name the kernel's lines.
         hmm_shaders::build(wgsl).map_err(|e| BackendError::Kernel(e.to_string()))?;
         let src = hmm_shaders::compose(wgsl);
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("hmm kernel"),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("hmm kernel"),
-                layout: Some(&self.pipeline_layout),
-                module: &module,
-                entry_point: Some(hmm_shaders::KERNEL_ENTRY),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(BackendError::Kernel(e.to_string()));
-        }
-        Ok(WgpuKernel {
-            pipeline,
-            device_id: self.id,
+        // In this call's own error scopes: its errors are its own, and an
+        // error of another call never fails it.
+        self.scoped("kernel", BackendError::Kernel, || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("hmm kernel"),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some("hmm kernel"),
+                    layout: Some(&self.pipeline_layout),
+                    module: &module,
+                    entry_point: Some(hmm_shaders::KERNEL_ENTRY),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+            Ok(WgpuKernel {
+                pipeline,
+                device_id: self.id,
+            })
         })
     }
 }

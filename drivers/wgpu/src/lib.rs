@@ -36,9 +36,21 @@
 //!
 //! [`WgpuDevice::kernel`] composes WGSL with the shader library
 //! ([`hmm_shaders`]) and builds a compute pipeline. A kernel that does not
-//! compile is a [`BackendError::Kernel`] with naga's message; validation
-//! errors wgpu reports later, and a lost device, become typed errors of the
-//! next call rather than panics.
+//! compile is a [`BackendError::Kernel`] with naga's message.
+//!
+//! # Errors
+//!
+//! Every call runs its wgpu commands inside its own error scopes, so a
+//! validation, out-of-memory or internal error is returned by the call
+//! whose commands raised it — never by a later call, never by another
+//! thread's call — and no call skips its work because of another's error
+//! (the `Backend` trait's `# Errors` rules). A lost device (wgpu's
+//! device-lost callback, or a read-back that never maps) fails every later
+//! call with [`BackendError::DeviceLost`]. An error wgpu reports outside
+//! every call (through its uncaptured-error handler: only set-up code or a
+//! test hook can raise one now) is returned once, by the next `launch`,
+//! which then submits nothing. A launch whose submission fails waits for
+//! whatever of it was queued before returning the error.
 //!
 //! # Lavapipe's loop budget
 //!
@@ -53,6 +65,7 @@
 //! per invocation should spread the work over more invocations.
 
 mod device;
+mod errors;
 mod kernel;
 mod open;
 mod ptops;

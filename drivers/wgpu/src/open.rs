@@ -1,8 +1,7 @@
 //! Finding an adapter and opening a device.
 
-use std::sync::{Arc, Mutex};
-
-use crate::device::{Shared, WgpuDevice};
+use crate::device::WgpuDevice;
+use crate::errors::Shared;
 
 /// Why no device could be opened.
 #[derive(Debug, thiserror::Error)]
@@ -71,22 +70,7 @@ impl WgpuDevice {
             adapter: named.clone(),
             why: e.to_string(),
         })?;
-        let shared = Arc::new(Shared {
-            lost: Mutex::new(None),
-            errors: Mutex::new(Vec::new()),
-        });
-        let s = Arc::clone(&shared);
-        device.set_device_lost_callback(move |reason, msg| {
-            if let Ok(mut l) = s.lost.lock() {
-                *l = Some(format!("{reason:?}: {msg}"));
-            }
-        });
-        let s = Arc::clone(&shared);
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            if let Ok(mut v) = s.errors.lock() {
-                v.push(e.to_string());
-            }
-        }));
+        let shared = Shared::attach(&device);
         Ok(WgpuDevice::new(device, queue, named, limits, shared))
     }
 }

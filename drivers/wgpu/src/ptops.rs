@@ -131,14 +131,14 @@ impl PtOps {
 
 impl WgpuDevice {
     /// ANDs `keep` into the low word of each entry (`u32::MAX`: read only)
-    /// and appends the previous values to `out`.
+    /// and appends the previous values to `out`. Runs inside the calling
+    /// method's error scopes (`WgpuDevice::scoped`).
     pub(crate) fn pt_and(
         &self,
         locs: &[PteLoc],
         keep: u32,
         out: &mut Vec<Pte>,
     ) -> Result<(), BackendError> {
-        self.check()?;
         let mem = self.memory()?;
         if locs.is_empty() {
             return Ok(());
@@ -183,6 +183,6 @@ impl WgpuDevice {
             }
             b.readback.unmap();
         }
-        self.check()
+        Ok(())
     }
 }

@@ -219,6 +219,55 @@ pub enum BackendError {
 ///   slots, and never after [`Backend::unbind_window`] returned;
 /// - the device sets only the `ACCESSED` and `DIRTY` bits of page-table
 ///   entries, and only with atomic OR on the entry's low word.
+///
+/// # Errors
+///
+/// The core's recovery from a failed call (which pool slot may be reused,
+/// which entries must be written again, which pages must be written back)
+/// rests on these rules, which every method returning a `Result` follows:
+///
+/// - **`Ok` is complete.** Everything the call was asked to do is done and
+///   visible: for [`write_ptes`](Backend::write_ptes) every entry of the
+///   batch is stored and every submission made after the call returned
+///   (launches, [`read_ptes`](Backend::read_ptes),
+///   [`clear_pte_bits`](Backend::clear_pte_bits)) sees it; for
+///   `clear_pte_bits` and `read_ptes` every location is done and its value
+///   appended; for the copies every page is copied; for
+///   [`unbind_window`](Backend::unbind_window) the window is released.
+/// - **`Err` is unknown.** A driver may report an error after applying
+///   none, some (a prefix, or any subset, in any order) or all of a batch:
+///   the core must assume nothing about which items took effect, and
+///   retries the whole batch (or a later batch superseding it) until a call
+///   returns `Ok`. Batches are idempotent, so a retry over a partly applied
+///   batch is correct: storing an entry twice, copying a page twice or
+///   clearing bits twice is the same as once (for `clear_pte_bits` the *old
+///   values* are not: see there). What an `Err` leaves appended to an
+///   output vector is unspecified; the caller truncates it. Bad input (a
+///   slot outside the pool, an entry outside the table) is reported before
+///   anything is applied; the core never sends it.
+/// - **An error belongs to the call that caused it.** A call never returns
+///   an error left over from an earlier call or raised by another thread's
+///   call, and never skips its own work because such an error is pending.
+///   A driver whose API reports errors asynchronously must attribute them
+///   to the call that caused them (wgpu: error scopes around the call's own
+///   commands; Vulkan: validation messages captured per thread while the
+///   call runs). An error the driver cannot attribute to any call (raised
+///   outside every `Backend` method) is returned by the next
+///   [`launch`](Backend::launch), which then submits nothing — never by a
+///   page-table, copy or window call, whose results the core uses to decide
+///   whether memory may be reused.
+/// - **A lost device stays lost.** Once a call returned
+///   [`BackendError::DeviceLost`], every later call that can fail returns
+///   `DeviceLost` too ([`unbind_window`](Backend::unbind_window) still
+///   makes its window unreachable first; a call with nothing to do, such
+///   as the default `unbind_window` of a copy-mode backend, may return
+///   `Ok`). After
+///   [`wait`](Backend::wait) or [`take_outcome`](Backend::take_outcome)
+///   returned `DeviceLost` for a submission, that submission's work no
+///   longer runs.
+/// - **A failed [`launch`](Backend::launch) leaves nothing running**:
+///   nothing was submitted, or the driver waited for what it submitted
+///   before returning the error.
 pub unsafe trait Backend: Send + Sync + 'static {
     /// What [`Backend::launch`] runs (a closure for `cpu`, a shader module
     /// for GPU drivers).
@@ -233,6 +282,10 @@ pub unsafe trait Backend: Send + Sync + 'static {
 
     /// Copies each `src` page into its slot.
     ///
+    /// On `Err` any slot of the batch may hold its new page, its old
+    /// contents, or a mix (see the trait's `# Errors`); the caller copies
+    /// again before device work reads the slots.
+    ///
     /// # Safety
     ///
     /// Every `src` must be valid for reads of 4096 bytes for the duration of
@@ -240,6 +293,10 @@ pub unsafe trait Backend: Send + Sync + 'static {
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError>;
 
     /// Copies each slot to its `dst` page.
+    ///
+    /// On `Err` any destination page may hold the slot's data, its old
+    /// contents, or a mix (see the trait's `# Errors`); the slots are
+    /// unchanged, so the caller may copy again.
     ///
     /// # Safety
     ///
@@ -252,15 +309,33 @@ pub unsafe trait Backend: Send + Sync + 'static {
     /// Stores page-table entries, in order. Visible to device work launched
     /// afterwards. Entries the device may be using concurrently are only
     /// ever changed by the core after it waited for that work.
+    ///
+    /// `Ok`: every entry of the batch is stored, and every submission made
+    /// after the call returned sees it. `Err`: any subset of the batch may
+    /// be stored (see the trait's `# Errors`); in particular an entry the
+    /// batch clears may still name its old slot, so the core keeps that
+    /// slot out of reuse and writes the batch again. The error is this
+    /// call's own: a driver never fails a page-table write, or skips it,
+    /// because of an earlier call's error.
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError>;
 
     /// Reads entries (appends to `out`, one per location), e.g. to collect
     /// accessed and dirty bits.
+    ///
+    /// Changes nothing on the device, so a retry after `Err` is always
+    /// correct; what an `Err` left appended to `out` is unspecified.
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError>;
 
     /// Atomically clears `bits` (a subset of `ACCESSED | DIRTY`) in each
     /// entry and appends the previous values to `old`, so no bit the device
     /// sets concurrently is lost.
+    ///
+    /// On `Err` the bits of any subset of the entries may have been cleared
+    /// and their old values are unspecified (see the trait's `# Errors`): a
+    /// retry would report the already-cleared entries as clean. The caller
+    /// must therefore treat every entry of a failed batch as if all of
+    /// `bits` had been set in its old value (a page as dirty, so it is
+    /// written back).
     fn clear_pte_bits(
         &self,
         locs: &[PteLoc],
@@ -274,6 +349,11 @@ pub unsafe trait Backend: Send + Sync + 'static {
     /// missing or lacks `WRITABLE` for a write stops, is listed in
     /// [`LaunchOutcome::incomplete`], and (buffer space permitting) writes a
     /// [`RawFaultRecord`].
+    ///
+    /// On `Err` no work of this launch runs (nothing was submitted, or what
+    /// was submitted completed before the call returned). This is also
+    /// where a driver reports an error it could not attribute to any call
+    /// (see the trait's `# Errors`).
     fn launch(
         &self,
         kernel: &Self::Kernel,
@@ -329,6 +409,10 @@ pub unsafe trait Backend: Send + Sync + 'static {
     /// device work launched afterwards reaches them through entries naming
     /// the window's slots.
     ///
+    /// On `Err` the window is left unbound (no device work reaches the
+    /// range through it), so the caller may bind it again later; a driver
+    /// that cannot guarantee that reports [`BackendError::DeviceLost`].
+    ///
     /// # Safety
     ///
     /// The caller (the core) promises: `window < count`; the window is not
@@ -361,6 +445,15 @@ pub unsafe trait Backend: Send + Sync + 'static {
     /// Unbinds window `window` (a no-op if it is not bound), releasing
     /// whatever held the host memory (an import, a pin). The caller calls
     /// it only when no submitted device work may still use the window.
+    ///
+    /// Whatever it returns, device work submitted afterwards never reaches
+    /// the window's host memory (the trait's safety contract): a driver
+    /// makes the window unreachable before anything that can fail, and
+    /// never skips that because of an earlier call's error. `Err` means
+    /// the release may be incomplete (the driver may still hold the
+    /// import or pin, and [`bind_window`](Backend::bind_window) of the
+    /// window may fail until it is released); the caller retries, and a
+    /// retry on a released window is a no-op `Ok`.
     fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
         let _ = window;
         Ok(())
