@@ -6,10 +6,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::{
     Backend, BackendError, DeviceConfig, DeviceToHost, Invocations, PteLoc, PteWrite,
 };
-use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage};
 use hmm_driver_wgpu::{test_device, WgpuDevice, WgpuKernel};
 

@@ -216,7 +216,8 @@ pub(crate) fn flush<B: Backend, H: HostSide>(
         cx.deferred.clear();
         return cx.health.check();
     }
-    if !cx.deferred.is_empty() {
+    let wrote = !cx.deferred.is_empty();
+    if wrote {
         if let Err(e) = cx.backend.write_ptes(cx.deferred) {
             Counters::add(&cx.counters.device_errors, 1);
             return Err(cx.health.failed("clearing device page-table entries", e));
@@ -227,7 +228,11 @@ pub(crate) fn flush<B: Backend, H: HostSide>(
         Counters::add(&cx.counters.device_errors, 1);
         return Err(cx.health.failed("releasing device memory", e));
     }
-    cx.health.succeeded();
+    // Only a write the device confirmed ends a run of failures: a flush
+    // with nothing to write proves nothing about the device.
+    if wrote {
+        cx.health.succeeded();
+    }
     Ok(())
 }
 

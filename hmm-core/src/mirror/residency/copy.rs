@@ -573,7 +573,15 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                         keep.insert(s);
                         held.push(s);
                     }
-                    Err(_) => break,
+                    Err(MirrorError::PoolExhausted { .. }) => break,
+                    // A device error while evicting is the caller's to see,
+                    // not a full pool.
+                    Err(e) => {
+                        for s in held {
+                            self.pool.free(s);
+                        }
+                        return Err(e);
+                    }
                 }
             }
             for s in held {
