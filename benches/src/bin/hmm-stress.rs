@@ -44,6 +44,18 @@
 //! The inner function is generic over [`TestKernels`], so a GPU driver is
 //! one more arm in `main`'s match on `--backend`.
 //!
+//! # `--inject-faults` (cpu driver)
+//!
+//! An injector thread makes the device fail, one failure at a time, on the
+//! calls the mirror's state depends on — page-table writes (with a random
+//! part of the failed batch applied: a failed call is "unknown", not
+//! "nothing happened"), entry reads and bit clears, launches, and in
+//! zero-copy mode window binds and unbinds — waiting for each to be hit
+//! before arming the next. Launches and prefetches may then end with the
+//! injected error (typed, counted); everything else must hold as without
+//! injection: no stale read, no other error, nothing left at the end. A
+//! run that injected nothing fails.
+//!
 //! # `--zero-copy`
 //!
 //! Runs the same on a zero-copy device (`cpu`, `vulkan`), whose kernels
@@ -65,6 +77,7 @@ use hmm_conformance::{TestKernel, TestKernels, TestMap};
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
 use hmm_core::{VaRange, VirtAddr};
+use hmm_driver_cpu::{Applied, Call, FaultInjector};
 
 const PAGE: usize = 4096;
 const WPP: usize = PAGE / 4;
@@ -107,6 +120,10 @@ struct Opts {
     /// for how the harness keeps that mode's contract).
     #[arg(long)]
     zero_copy: bool,
+    /// cpu driver only: inject device failures, one at a time (see the
+    /// module docs).
+    #[arg(long)]
+    inject_faults: bool,
 }
 
 fn main() -> ExitCode {
@@ -115,15 +132,30 @@ fn main() -> ExitCode {
         eprintln!("error: --pages must be a positive multiple of --chunk, --threads positive");
         return ExitCode::FAILURE;
     }
+    if o.inject_faults && o.backend != "cpu" {
+        eprintln!("error: --inject-faults needs --backend cpu (the driver with injection hooks)");
+        return ExitCode::FAILURE;
+    }
     let threads_before = thread_count();
-    let res = match (o.backend.as_str(), o.zero_copy) {
-        ("cpu", true) => stress(&o, || {
+    let cpu = |zero_copy: bool| {
+        let dev = hmm_driver_cpu::CpuDevice::with_threads(2);
+        let dev = if zero_copy {
             // SAFETY: the harness keeps zero-copy mode's contract — it
             // unmaps only under the exclusive unmap gate that every launch
             // holds shared, writes with atomic stores, never `mprotect`s
             // (see the module docs).
-            Ok(unsafe { hmm_driver_cpu::CpuDevice::with_threads(2).zero_copy() })
-        }),
+            unsafe { dev.zero_copy() }
+        } else {
+            dev
+        };
+        let inj = o.inject_faults.then(|| dev.faults());
+        (dev, inj)
+    };
+    let res = match (o.backend.as_str(), o.zero_copy) {
+        ("cpu", zc) => {
+            let (dev, inj) = cpu(zc);
+            stress_injected(&o, || Ok(dev), inj)
+        }
         ("vulkan", true) => stress(&o, || {
             // SAFETY: as for the cpu arm.
             unsafe { hmm_driver_vulkan::VulkanDevice::open_zero_copy() }
@@ -133,7 +165,6 @@ fn main() -> ExitCode {
             eprintln!("error: --zero-copy needs --backend cpu or vulkan, not {other:?}");
             return ExitCode::FAILURE;
         }
-        ("cpu", false) => stress(&o, || Ok(hmm_driver_cpu::CpuDevice::with_threads(2))),
         ("wgpu", false) => stress(&o, || {
             hmm_driver_wgpu::WgpuDevice::open().map_err(|e| format!("no wgpu device: {e}"))
         }),
@@ -209,6 +240,8 @@ struct Arena {
     /// `--zero-copy`: launches hold it shared, an `munmap` exclusively.
     unmap_gate: std::sync::RwLock<()>,
     zero_copy: bool,
+    /// Device failures are being injected (`--inject-faults`).
+    injecting: bool,
     stop: AtomicBool,
     c: Counts,
 }
@@ -228,6 +261,8 @@ struct Counts {
     dontneeds: AtomicU64,
     prefetches: AtomicU64,
     prefetch_errors: AtomicU64,
+    /// Launches and prefetches ended by an injected device failure.
+    injected_errors: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -420,6 +455,10 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                 add(&a.c.launch_timeouts, 1);
                 continue;
             }
+            Err(MirrorError::Backend(ref e)) if a.injecting && FaultInjector::is_injected(e) => {
+                add(&a.c.injected_errors, 1);
+                continue;
+            }
             Err(e) => {
                 println!("UNEXPECTED launch error: {e}");
                 add(&a.c.unexpected, 1);
@@ -460,6 +499,53 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
 fn stress<B: TestKernels>(
     o: &Opts,
     make: impl FnOnce() -> Result<B, String>,
+) -> Result<(), String> {
+    stress_injected(o, make, None)
+}
+
+/// The calls the injector fails, one at a time.
+fn injected_calls(zero_copy: bool) -> &'static [Call] {
+    if zero_copy {
+        &[
+            Call::WritePtes,
+            Call::Launch,
+            Call::BindWindow,
+            Call::UnbindWindow,
+        ]
+    } else {
+        &[
+            Call::WritePtes,
+            Call::ReadPtes,
+            Call::ClearPteBits,
+            Call::Launch,
+        ]
+    }
+}
+
+/// The injector thread: arms one failure, waits until a call hit it,
+/// pauses, arms the next.
+fn injector(a: &Arena, inj: &FaultInjector, seed: u64) {
+    let mut rng = Rng::new(seed, 5);
+    let calls = injected_calls(a.zero_copy);
+    inj.set_applied(Call::WritePtes, Applied::RandomPrefix);
+    while !a.stop.load(Ordering::Relaxed) {
+        let call = calls[rng.below(calls.len())];
+        let before = inj.injected(call);
+        inj.fail_next(call, 1);
+        while inj.injected(call) == before && !a.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        add(&a.c.ops, 1);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Nothing armed is left for the end-of-run checks.
+    inj.clear_all();
+}
+
+fn stress_injected<B: TestKernels>(
+    o: &Opts,
+    make: impl FnOnce() -> Result<B, String>,
+    inject: Option<FaultInjector>,
 ) -> Result<(), String> {
     let host = Arc::new(HostSpace::new().map_err(|e| e.to_string())?);
     let uffd = matches!(
@@ -503,6 +589,7 @@ fn stress<B: TestKernels>(
         remaps: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         unmap_gate: std::sync::RwLock::new(()),
         zero_copy: o.zero_copy,
+        injecting: inject.is_some(),
         stop: AtomicBool::new(false),
         c: Counts::default(),
     };
@@ -519,11 +606,18 @@ fn stress<B: TestKernels>(
     let failure: Mutex<Option<String>> = Mutex::new(None);
     // Workers still running; the watchdog keeps watching until none is, so
     // a hang at shutdown is caught too.
-    let live = AtomicUsize::new(2 * o.threads + 2);
+    let live = AtomicUsize::new(2 * o.threads + 2 + usize::from(inject.is_some()));
     std::thread::scope(|s| {
         let live = &live;
 
         let (a, m, k) = (&arena, &m, &*kernel);
+        if let Some(inj) = &inject {
+            let seed = o.seed;
+            s.spawn(move || {
+                let _live = Live(live);
+                injector(a, inj, seed);
+            });
+        }
         for t in 0..o.threads {
             let seed = o.seed.wrapping_add(t as u64 * 7919);
             s.spawn(move || {
@@ -574,6 +668,11 @@ fn stress<B: TestKernels>(
                         | MirrorError::RetryTimeout { .. }
                         | MirrorError::RegionReleased { .. },
                     ) => add(&a.c.prefetch_errors, 1),
+                    Err(MirrorError::Backend(ref e))
+                        if a.injecting && FaultInjector::is_injected(e) =>
+                    {
+                        add(&a.c.injected_errors, 1)
+                    }
                     Err(e) => {
                         println!("UNEXPECTED prefetch error: {e}");
                         add(&a.c.unexpected, 1);
@@ -643,6 +742,7 @@ fn stress<B: TestKernels>(
     let released = m.flush_releases();
     let st = m.stats();
     let c = &arena.c;
+    let mut problems_pre: Vec<String> = Vec::new();
     let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
     println!(
         "---- hmm-stress results ({:.1} s) ----",
@@ -683,7 +783,26 @@ fn stress<B: TestKernels>(
         g(&c.zeros_accepted),
         g(&c.violations)
     );
-    let mut problems = Vec::new();
+    if let Some(inj) = &inject {
+        let per: Vec<String> = injected_calls(o.zero_copy)
+            .iter()
+            .map(|c| format!("{c:?} {}", inj.injected(*c)))
+            .collect();
+        let total: u64 = injected_calls(o.zero_copy)
+            .iter()
+            .map(|c| inj.injected(*c))
+            .sum();
+        println!(
+            "injected device failures: {total} ({}); typed errors they caused: {}; device errors the mirror counted: {}",
+            per.join(", "),
+            g(&c.injected_errors),
+            st.device_errors
+        );
+        if total == 0 {
+            problems_pre.push("no device failure was injected".into());
+        }
+    }
+    let mut problems = std::mem::take(&mut problems_pre);
     if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         problems.push(e);
     }

@@ -24,6 +24,7 @@ use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::invalidate::Region;
 use super::residency::Install;
+use super::state::{RegionKey, RegionSlot};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::mirror_fault::{fault_and_commit_with, FaultLoopStats, MirrorFaultError};
@@ -196,7 +197,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             &mut st,
             |seq, states| {
                 self.commit(Commit {
-                    region_start: sub.start,
+                    region: sub.key,
                     interval: sub.interval(),
                     seq,
                     piece,
@@ -238,7 +239,8 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // A region that died (and may already be released: then no
         // invalidation can reach it and read_retry stays quiet) must not
         // get new entries.
-        let Some(region) = dev.regions.get_mut(&c.region_start).filter(|r| !r.dead) else {
+        let live = |r: &&mut RegionSlot<B, H>| !r.dead && r.id == c.region.id;
+        let Some(region) = dev.regions.get_mut(&c.region.start).filter(live) else {
             return Err(MirrorError::RegionReleased {
                 addr: c.piece.start(),
             });
@@ -285,7 +287,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         res.install(
             &mut cx,
             Install {
-                region_start: c.region_start,
+                key: c.region,
                 region: region_range,
                 todo: &todo,
                 write: c.write,
@@ -297,7 +299,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
 
 /// One commit attempt of [`Mirror::commit`].
 struct Commit<'a> {
-    region_start: u64,
+    region: RegionKey,
     interval: &'a Interval,
     seq: Seq,
     piece: VaRange,

@@ -82,6 +82,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 inflight: None,
                 deferred: Vec::new(),
                 health: Health::default(),
+                next_region_id: 0,
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.

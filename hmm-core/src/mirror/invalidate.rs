@@ -47,7 +47,7 @@ use std::sync::Weak;
 
 use super::backend::Backend;
 use super::host_side::{HostSide, WriteTracking};
-use super::state::{mark_dead, unmap_deferred, Dev, Inner, PendingZap};
+use super::state::{mark_dead, unmap_deferred, Dev, Inner, PendingZap, RegionKey};
 use super::stats::Counters;
 use crate::addr::VaRange;
 use crate::notifier::{EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier};
@@ -56,7 +56,7 @@ use crate::sync::{lock, try_lock};
 /// The interval-notifier callbacks of one region.
 pub(crate) struct Region<B: Backend, H: HostSide> {
     pub owner: Weak<Inner<B, H>>,
-    pub start: u64,
+    pub key: RegionKey,
 }
 
 /// The statistics slot of an event kind.
@@ -102,7 +102,7 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
             if let Some(range) = nr.range.intersect(interval.range()) {
                 let z = PendingZap {
                     range,
-                    region_start: self.start,
+                    region: self.key,
                     dead: matches!(nr.event, EventKind::Unmap | EventKind::Remap),
                 };
                 match try_lock(&inner.dev) {
@@ -155,7 +155,7 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
             // "The range was recycled" (an application's explicit `Clear`,
             // or the monitor's when it lost track of events).
             let (mut cx, res) = dev.parts(&inner);
-            let _ = res.recycled(&mut cx, self.start);
+            let _ = res.recycled(&mut cx, self.key);
         }
         true
     }
@@ -185,11 +185,11 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// why it must not wait.
     pub fn apply_zap(&self, dev: &mut Dev<B, H>, z: PendingZap) {
         let (mut cx, res) = dev.parts(self);
-        let range = res.destructive(cx.regions, z.region_start, z.range);
+        let range = res.destructive(cx.regions, z.region, z.range);
         let removed = unmap_deferred(&mut cx, range);
         res.retire(&removed);
         if z.dead {
-            mark_dead(&mut cx, z.region_start);
+            mark_dead(&mut cx, z.region);
         }
     }
 }

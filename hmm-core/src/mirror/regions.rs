@@ -31,7 +31,7 @@ use super::error::{AccessError, MirrorError};
 use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::invalidate::Region;
-use super::state::{Inner, RegionSlot, ReleaseMsg};
+use super::state::{Inner, RegionKey, RegionSlot, ReleaseMsg};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::SubscriptionRef;
@@ -93,6 +93,11 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             write,
             reason: AccessError::BadPage,
         })?;
+        let key = RegionKey {
+            start: range.start().0,
+            id: dev.next_region_id,
+        };
+        dev.next_region_id += 1;
         let sub = inner
             .host
             .space()
@@ -100,7 +105,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 range,
                 Region {
                     owner: Arc::downgrade(&self.inner),
-                    start: range.start().0,
+                    key,
                 },
             )
             .map_err(|_| MirrorError::TornDown)?;
@@ -108,6 +113,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         dev.regions.insert(
             range.start().0,
             RegionSlot {
+                id: key.id,
                 range,
                 sub: Some(sub),
                 dead: false,
@@ -138,11 +144,16 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
         }
         if watched.is_ok() {
-            if let Some(slot) = inner.lock().regions.get_mut(&range.start().0) {
-                slot.watched = true;
-            } else {
-                // Released meanwhile (its release found no watch to end);
-                // a failure leaves a watch the host's teardown ends.
+            let recorded = {
+                let mut dev = inner.lock();
+                let slot = dev.regions.get_mut(&key.start).filter(|r| r.id == key.id);
+                slot.map(|s| s.watched = true).is_some()
+            };
+            if !recorded {
+                // Released meanwhile (its release found no watch to end).
+                // Not under the driver lock: ending a watch may wait for
+                // the event monitor. A failure leaves a watch the host's
+                // teardown ends.
                 let _ = inner.host.unwatch(range, inner.writes);
             }
         }
@@ -161,12 +172,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 // the region was chosen (choose again: the caller retries
                 // on RegionReleased, bounded).
                 let mut dev = inner.lock();
-                if let Some(slot) = dev.regions.get_mut(&range.start().0) {
+                if let Some(slot) = dev.regions.get_mut(&key.start).filter(|r| r.id == key.id) {
                     slot.dead = true;
                 }
                 drop(dev);
                 // Fails only at teardown, which releases every region.
-                let _ = inner.release_tx.send(ReleaseMsg::Region(range.start().0));
+                let _ = inner.release_tx.send(ReleaseMsg::Region(key));
                 return Err(match now {
                     None => MirrorError::DeviceFault {
                         addr: at,
@@ -220,7 +231,7 @@ pub(crate) fn release_slot<B: Backend, H: HostSide>(
         // A failed write-back or clear is latched (`Health`): the next
         // launch reports it.
         inner.zap_quietly(&mut dev, slot.range, true);
-        dev.res.region_released(slot.range.start().0);
+        dev.res.region_released(slot.key());
         inner.flush_quietly(&mut dev);
     }
     if slot.watched {
@@ -241,14 +252,14 @@ pub(crate) fn release_worker<B: Backend, H: HostSide>(
     rx: Receiver<ReleaseMsg>,
 ) {
     while let Ok(msg) = rx.recv() {
-        let ReleaseMsg::Region(start) = msg else {
+        let ReleaseMsg::Region(key) = msg else {
             return;
         };
         let Some(inner) = owner.upgrade() else { return };
         let slot = {
             let mut dev = inner.lock();
-            match dev.regions.get(&start) {
-                Some(r) if r.dead => dev.regions.remove(&start),
+            match dev.regions.get(&key.start) {
+                Some(r) if r.dead && r.id == key.id => dev.regions.remove(&key.start),
                 _ => None,
             }
         };

@@ -34,8 +34,21 @@ use crate::sync::{lock, Arc, Mutex, MutexGuard};
 /// Consecutive failed flushes after which the device is declared lost.
 pub(crate) const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
+/// Names one region *instance*: its start (the key of the region map) and
+/// a number no other region of the mirror ever had. A region released and
+/// another registered at the same start are different regions; anything
+/// that outlives a region's stay in the map (a queued destructive zap, a
+/// window's owner, the release worker's message) names it by both, so it
+/// can never act on the successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RegionKey {
+    pub start: u64,
+    pub id: u64,
+}
+
 /// One region of this mirror (a registered, watched range).
 pub(crate) struct RegionSlot<B: Backend, H: HostSide> {
+    pub id: u64,
     pub range: VaRange,
     pub sub: Option<Subscription<Region<B, H>>>,
     pub dead: bool,
@@ -109,7 +122,27 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     /// docs), oldest first.
     pub deferred: Vec<PteWrite>,
     pub health: Health,
+    /// The id the next region gets ([`RegionKey`]).
+    pub next_region_id: u64,
     pub res: Box<dyn Residency<B, H>>,
+}
+
+impl<B: Backend, H: HostSide> RegionSlot<B, H> {
+    /// This region's key.
+    pub fn key(&self) -> RegionKey {
+        RegionKey {
+            start: self.range.start().0,
+            id: self.id,
+        }
+    }
+}
+
+/// The live instance `key` names, if it is still in the map.
+pub(crate) fn region_of<B: Backend, H: HostSide>(
+    regions: &BTreeMap<u64, RegionSlot<B, H>>,
+    key: RegionKey,
+) -> Option<&RegionSlot<B, H>> {
+    regions.get(&key.start).filter(|r| r.id == key.id)
 }
 
 /// What a residency and the shared table operations work with: the driver
@@ -150,14 +183,14 @@ impl<B: Backend, H: HostSide> Dev<B, H> {
 /// A destructive invalidation waiting for the driver lock.
 pub(crate) struct PendingZap {
     pub range: VaRange,
-    pub region_start: u64,
+    pub region: RegionKey,
     /// Unmap or remap: the region dies.
     pub dead: bool,
 }
 
 /// Work for the deferred-release worker.
 pub(crate) enum ReleaseMsg {
-    Region(u64),
+    Region(RegionKey),
     Shutdown,
 }
 
@@ -179,15 +212,15 @@ pub(crate) struct Inner<B: Backend, H: HostSide> {
     pub release_tx: Sender<ReleaseMsg>,
 }
 
-/// Marks the region starting at `start` dead and hands it to the
-/// deferred-release worker (once).
-pub(crate) fn mark_dead<B: Backend, H: HostSide>(cx: &mut Cx<'_, B, H>, start: u64) {
-    if let Some(slot) = cx.regions.get_mut(&start) {
+/// Marks region `key` dead and hands it to the deferred-release worker
+/// (once); nothing if that instance is no longer in the map.
+pub(crate) fn mark_dead<B: Backend, H: HostSide>(cx: &mut Cx<'_, B, H>, key: RegionKey) {
+    if let Some(slot) = cx.regions.get_mut(&key.start).filter(|r| r.id == key.id) {
         if !slot.dead {
             slot.dead = true;
             // A send fails only when the worker is gone (mirror teardown),
             // which releases every region itself.
-            let _ = cx.release_tx.send(ReleaseMsg::Region(start));
+            let _ = cx.release_tx.send(ReleaseMsg::Region(key));
         }
     }
 }

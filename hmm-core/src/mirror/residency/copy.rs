@@ -37,7 +37,7 @@ use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
 use crate::mirror::host_side::{HostSide, WriteTracking};
 use crate::mirror::hostcopy;
 use crate::mirror::pool::PagePool;
-use crate::mirror::state::{zap, Cx, RegionSlot};
+use crate::mirror::state::{zap, Cx, RegionKey, RegionSlot};
 use crate::mirror::stats::Counters;
 use crate::mirror::twins::Twins;
 use crate::notifier::Attempt;
@@ -546,7 +546,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
     fn destructive(
         &mut self,
         _regions: &BTreeMap<u64, RegionSlot<B, H>>,
-        _region_start: u64,
+        _key: RegionKey,
         hit: VaRange,
     ) -> VaRange {
         hit

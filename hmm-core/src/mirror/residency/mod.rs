@@ -65,16 +65,16 @@ use super::error::MirrorError;
 use super::faults::{PageFault, Run};
 use super::format::Pte;
 use super::host_side::{HostSide, WriteTracking};
-use super::state::{Cx, RegionSlot};
+use super::state::{Cx, RegionKey, RegionSlot};
 use crate::addr::{VaRange, VirtAddr};
 use crate::cpu::range_fault::PageState;
 use crate::notifier::Attempt;
 
-/// One install request: map `todo` (page, writable) of the region starting
-/// at `region_start` (covering `region`), driver lock held, no submission
+/// One install request: map `todo` (page, writable) of region `key`
+/// (covering `region`), driver lock held, no submission
 /// of this mirror running, the sequence checked by the caller.
 pub(crate) struct Install<'a> {
-    pub region_start: u64,
+    pub key: RegionKey,
     pub region: VaRange,
     pub todo: &'a [(VirtAddr, bool)],
     /// The fault was a write.
@@ -154,27 +154,28 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     /// [`Residency::retire`] and detaching quarantined.
     fn entries_cleared(&mut self, backend: &B) -> Result<(), BackendError>;
 
-    /// A destructive invalidation (unmap, remap, remove) hit `hit` of the
-    /// region at `region_start`: returns the range whose entries must go
-    /// (the residency may widen it). Must not call the backend.
+    /// A destructive invalidation (unmap, remap, remove) hit `hit` of
+    /// region `key` (which may have left the map since): returns the range
+    /// whose entries must go (the residency may widen it). Must not call
+    /// the backend.
     fn destructive(
         &mut self,
         regions: &BTreeMap<u64, RegionSlot<B, H>>,
-        region_start: u64,
+        key: RegionKey,
         hit: VaRange,
     ) -> VaRange;
 
     /// The region's memory was recycled (`Clear`, `Release`): drop
     /// whatever depends on what the memory was (the device is idle).
-    fn recycled(&mut self, cx: &mut Cx<'_, B, H>, region_start: u64) -> Result<(), MirrorError> {
-        let _ = (cx, region_start);
+    fn recycled(&mut self, cx: &mut Cx<'_, B, H>, key: RegionKey) -> Result<(), MirrorError> {
+        let _ = (cx, key);
         Ok(())
     }
 
-    /// The region at `region_start` is being released (its entries are
-    /// gone): drop what belongs to it. Must not call the backend.
-    fn region_released(&mut self, region_start: u64) {
-        let _ = region_start;
+    /// Region `key` is being released (its entries are gone): drop what
+    /// belongs to that instance. Must not call the backend.
+    fn region_released(&mut self, key: RegionKey) {
+        let _ = key;
     }
 
     /// Whether [`Mirror::pin`](super::Mirror::pin) can work at all

@@ -35,7 +35,7 @@
 //! happened), so zero-copy backends are created through `unsafe`
 //! constructors carrying CUDA's `cudaHostRegister` rule.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{Install, Residency};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
@@ -46,15 +46,17 @@ use crate::mirror::error::MirrorError;
 use crate::mirror::faults::{PageFault, Run};
 use crate::mirror::format::Pte;
 use crate::mirror::host_side::{HostSide, WriteTracking};
-use crate::mirror::state::{flush, mark_dead, zap, Cx, RegionSlot};
+use crate::mirror::state::{flush, mark_dead, region_of, zap, Cx, RegionKey, RegionSlot};
 use crate::mirror::stats::Counters;
 use crate::notifier::Attempt;
 
 /// One host window.
 #[derive(Clone, Copy, Debug, Default)]
 struct WindowState {
-    /// The region (by start) the window is bound to.
-    region: Option<u64>,
+    /// The region instance the window is bound to, and its range (kept
+    /// here: the region may leave the map before it is released, and its
+    /// entries must still be found).
+    region: Option<(RegionKey, VaRange)>,
     /// Detached from its region, still bound: unbound by the next flush,
     /// when its entries are confirmed cleared and no submission can use it.
     releasing: bool,
@@ -66,8 +68,9 @@ struct WindowState {
 pub(crate) struct HostWindows {
     hw: backend::HostWindows,
     windows: Vec<WindowState>,
-    /// Window bound to each region, by region start.
-    by_region: BTreeMap<u64, u32>,
+    /// Window bound to each region instance, by region id ([`RegionKey`]:
+    /// never by start, which a successor region may share).
+    by_region: HashMap<u64, u32>,
     /// Detached windows waiting to be unbound (reserved, so the monitor
     /// thread does not allocate).
     unbind_queue: Vec<u32>,
@@ -94,7 +97,7 @@ impl HostWindows {
         Ok(HostWindows {
             hw,
             windows: vec![WindowState::default(); hw.count as usize],
-            by_region: BTreeMap::new(),
+            by_region: HashMap::new(),
             unbind_queue: Vec::with_capacity(hw.count as usize),
             round: 0,
             bound_this_round: 0,
@@ -111,8 +114,8 @@ impl HostWindows {
     /// Detaches window `w` from its region; the next flush unbinds it.
     fn detach(&mut self, w: u32) {
         if let Some(ws) = self.windows.get_mut(w as usize) {
-            if let Some(r) = ws.region.take() {
-                self.by_region.remove(&r);
+            if let Some((key, _)) = ws.region.take() {
+                self.by_region.remove(&key.id);
             }
             if !ws.releasing {
                 ws.releasing = true;
@@ -146,13 +149,14 @@ impl HostWindows {
             .enumerate()
             .filter(|(_, ws)| ws.region.is_some() && ws.round != round)
             .min_by_key(|(_, ws)| ws.round)
-            .and_then(|(w, ws)| Some((w as u32, ws.region?)));
-        let Some((w, start)) = victim else {
+            .and_then(|(w, ws)| Some((w as u32, ws.region?.1)));
+        let Some((w, range)) = victim else {
             return Err(self.round_full());
         };
-        if let Some(range) = cx.regions.get(&start).map(|r| r.range) {
-            zap(cx, self, range, false)?;
-        }
+        // The owner's entries go first, found by the range kept with the
+        // window (its region may already be out of the map, on its way to
+        // the release worker).
+        zap(cx, self, range, false)?;
         self.detach(w);
         flush(cx, self)?;
         Counters::add(&cx.counters.evictions, 1);
@@ -168,10 +172,10 @@ impl HostWindows {
     fn window_for<B: Backend, H: HostSide>(
         &mut self,
         cx: &mut Cx<'_, B, H>,
-        region_start: u64,
+        key: RegionKey,
         range: VaRange,
     ) -> Result<u32, MirrorError> {
-        if let Some(&w) = self.by_region.get(&region_start) {
+        if let Some(&w) = self.by_region.get(&key.id) {
             return Ok(w);
         }
         let w = self.take_window(cx)?;
@@ -206,17 +210,17 @@ impl HostWindows {
             if intact {
                 return Err(e.into());
             }
-            mark_dead(cx, region_start);
+            mark_dead(cx, key);
             return Err(MirrorError::RegionReleased {
                 addr: range.start(),
             });
         }
         self.windows[w as usize] = WindowState {
-            region: Some(region_start),
+            region: Some((key, range)),
             releasing: false,
             round: self.round,
         };
-        self.by_region.insert(region_start, w);
+        self.by_region.insert(key.id, w);
         Ok(w)
     }
 }
@@ -317,7 +321,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
         cx: &mut Cx<'_, B, H>,
         req: Install<'_>,
     ) -> Result<Attempt<u64>, MirrorError> {
-        let w = self.window_for(cx, req.region_start, req.region)?;
+        let w = self.window_for(cx, req.key, req.region)?;
         self.windows[w as usize].round = self.round;
         let mut writes = Vec::with_capacity(req.todo.len());
         let mut failed = None;
@@ -381,34 +385,39 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
     fn destructive(
         &mut self,
         regions: &BTreeMap<u64, RegionSlot<B, H>>,
-        region_start: u64,
+        key: RegionKey,
         hit: VaRange,
     ) -> VaRange {
         // The whole region loses its entries and its window is detached;
         // the next fault binds a fresh window to whatever memory is there.
-        let range = regions.get(&region_start).map_or(hit, |r| r.range);
-        if let Some(&w) = self.by_region.get(&region_start) {
+        // (An instance that left the map already lost its entries, except
+        // those of a window it still holds, found by the window's range.)
+        let mut range = region_of(regions, key).map_or(hit, |r| r.range);
+        if let Some(&w) = self.by_region.get(&key.id) {
+            if let Some((_, r)) = self.windows[w as usize].region {
+                range = r;
+            }
             self.detach(w);
         }
         range
     }
 
-    fn recycled(&mut self, cx: &mut Cx<'_, B, H>, region_start: u64) -> Result<(), MirrorError> {
+    fn recycled(&mut self, cx: &mut Cx<'_, B, H>, key: RegionKey) -> Result<(), MirrorError> {
         // The memory behind the window may not be what was imported — a
         // GPU driver's import pins the pages it saw. Drop the whole
         // region's entries and its window (the device is idle here).
-        let Some(&w) = self.by_region.get(&region_start) else {
+        let Some(&w) = self.by_region.get(&key.id) else {
             return Ok(());
         };
-        if let Some(range) = cx.regions.get(&region_start).map(|r| r.range) {
+        if let Some((_, range)) = self.windows[w as usize].region {
             zap(cx, self, range, false)?;
         }
         self.detach(w);
         flush(cx, self)
     }
 
-    fn region_released(&mut self, region_start: u64) {
-        if let Some(&w) = self.by_region.get(&region_start) {
+    fn region_released(&mut self, key: RegionKey) {
+        if let Some(&w) = self.by_region.get(&key.id) {
             self.detach(w);
         }
     }
