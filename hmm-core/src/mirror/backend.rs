@@ -345,7 +345,12 @@ pub unsafe trait Backend: Send + Sync + 'static {
 
     /// Starts `kernel` over `invocations` with `args` (CPU pointers and
     /// scalars, as 64-bit words). Returns at once; the work runs
-    /// asynchronously. An invocation that touches an address whose entry is
+    /// asynchronously. Submission and completion are separate calls
+    /// ([`launch`](Backend::launch), then [`wait`](Backend::wait) or
+    /// [`is_complete`](Backend::is_complete), then
+    /// [`take_outcome`](Backend::take_outcome)), from any threads: a
+    /// non-blocking launch on the mirror is built on exactly that, so a
+    /// driver must not assume the submitting thread waits. An invocation that touches an address whose entry is
     /// missing or lacks `WRITABLE` for a write stops, is listed in
     /// [`LaunchOutcome::incomplete`], and (buffer space permitting) writes a
     /// [`RawFaultRecord`].
