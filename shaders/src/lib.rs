@@ -517,11 +517,15 @@ impl Dispatch {
     }
 
     /// `(bitmap_bits, replay_cap)` to make new per-launch resources with:
-    /// powers of two, at least 1024, so they serve later launches too.
+    /// powers of two, at least 1024, so they serve later launches too —
+    /// or exactly what this launch needs where the next power of two does
+    /// not fit a `u32` (above 2^31 invocations: rounding up must not wrap
+    /// to 0 and size the buffers for 1024).
     pub fn capacity(&self) -> (u32, u32) {
+        let round = |n: u32| n.checked_next_power_of_two().unwrap_or(n).max(1024);
         (
-            self.layout.bitmap_bits.next_power_of_two().max(1024),
-            (self.replay.len() as u32).next_power_of_two().max(1024),
+            round(self.layout.bitmap_bits),
+            round(self.replay.len() as u32),
         )
     }
 }
@@ -879,6 +883,21 @@ fn hmm_kernel(i: u32) {
         assert_eq!(o.faults[0].addr(), 0x7f_0000_1000);
         assert_eq!(o.incomplete.iter().collect::<Vec<_>>(), vec![3, 65]);
         assert_eq!(l.parse(&w[..3]), LaunchOutcome::default(), "short buffer");
+    }
+
+    #[test]
+    fn capacity_never_wraps_above_two_to_the_31() {
+        for n in [(1u32 << 31) + 1, u32::MAX - 1, u32::MAX] {
+            let d = Dispatch::plan(Invocations::All(n), &[], 8, 64).unwrap();
+            let (bits, _) = d.capacity();
+            assert!(
+                bits >= n,
+                "{n} invocations planned with a {bits}-bit bitmap"
+            );
+            assert!(d.fits(bits, 1024));
+        }
+        let d = Dispatch::plan(Invocations::All(1 << 31), &[], 8, 64).unwrap();
+        assert_eq!(d.capacity().0, 1 << 31);
     }
 
     #[test]

@@ -257,13 +257,16 @@ pub(crate) fn flush<B: Backend, H: HostSide>(
         }
         cx.deferred.clear();
     }
-    if let Err(e) = res.entries_cleared(cx.backend) {
-        Counters::add(&cx.counters.device_errors, 1);
-        return Err(cx.health.failed("releasing device memory", e));
-    }
-    // Only a write the device confirmed ends a run of failures: a flush
-    // with nothing to write proves nothing about the device.
-    if wrote {
+    let released = match res.entries_cleared(cx.backend) {
+        Ok(called) => called,
+        Err(e) => {
+            Counters::add(&cx.counters.device_errors, 1);
+            return Err(cx.health.failed("releasing device memory", e));
+        }
+    };
+    // Only a call the device confirmed ends a run of failures: a flush
+    // with nothing to do proves nothing about the device.
+    if wrote || released {
         cx.health.succeeded();
     }
     Ok(())

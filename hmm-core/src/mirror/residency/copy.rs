@@ -500,9 +500,13 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 break;
             }
         }
-        if let Err(e) = cx.backend.write_ptes(&writes) {
-            Counters::add(&cx.counters.device_errors, 1);
-            failed.get_or_insert(e.into());
+        match cx.backend.write_ptes(&writes) {
+            Ok(()) if !writes.is_empty() => cx.health.succeeded(),
+            Ok(()) => {}
+            Err(e) => {
+                Counters::add(&cx.counters.device_errors, 1);
+                failed.get_or_insert(e.into());
+            }
         }
         if let Some(e) = failed {
             // Leave nothing half-installed: unmap what was mapped (its
@@ -536,11 +540,11 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         }
     }
 
-    fn entries_cleared(&mut self, _backend: &B) -> Result<(), BackendError> {
+    fn entries_cleared(&mut self, _backend: &B) -> Result<bool, BackendError> {
         for s in self.quarantine.drain() {
             self.pool.free(s);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn destructive(

@@ -151,8 +151,9 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     fn retire(&mut self, removed: &[(VirtAddr, Pte)]);
 
     /// Every queued clearing write has been confirmed: release what
-    /// [`Residency::retire`] and detaching quarantined.
-    fn entries_cleared(&mut self, backend: &B) -> Result<(), BackendError>;
+    /// [`Residency::retire`] and detaching quarantined. Returns whether it
+    /// called the device (a confirmed call ends a run of failures).
+    fn entries_cleared(&mut self, backend: &B) -> Result<bool, BackendError>;
 
     /// A destructive invalidation (unmap, remap, remove) hit `hit` of
     /// region `key` (which may have left the map since): returns the range

@@ -336,9 +336,13 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
                 break;
             }
         }
-        if let Err(e) = cx.backend.write_ptes(&writes) {
-            Counters::add(&cx.counters.device_errors, 1);
-            failed.get_or_insert(e.into());
+        match cx.backend.write_ptes(&writes) {
+            Ok(()) if !writes.is_empty() => cx.health.succeeded(),
+            Ok(()) => {}
+            Err(e) => {
+                Counters::add(&cx.counters.device_errors, 1);
+                failed.get_or_insert(e.into());
+            }
         }
         if let Some(e) = failed {
             // Leave nothing half-installed (nothing ran on these entries;
@@ -368,10 +372,11 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
         // bound to its region until the region goes).
     }
 
-    fn entries_cleared(&mut self, backend: &B) -> Result<(), BackendError> {
+    fn entries_cleared(&mut self, backend: &B) -> Result<bool, BackendError> {
         // Entries naming a detached window are confirmed gone: no later
         // submission can reach it. A window whose unbind fails stays
         // queued (and `releasing`, so nothing binds it).
+        let called = !self.unbind_queue.is_empty();
         while let Some(&w) = self.unbind_queue.last() {
             backend.unbind_window(w)?;
             self.unbind_queue.pop();
@@ -379,7 +384,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
                 ws.releasing = false;
             }
         }
-        Ok(())
+        Ok(called)
     }
 
     fn destructive(
