@@ -515,6 +515,27 @@ fn pread_fallback_matches_scan() {
     );
 }
 
+/// The fallback's per-page touch is a real write in every build: a page
+/// the read fault left on the shared zero page gets its own frame. (An
+/// unused `fetch_add(0)` compiled to nothing in release, leaving the zero
+/// page in place.)
+#[test]
+fn touch_write_takes_a_write_fault() {
+    let _serial = serial();
+    let m = Map::anon(2, RW);
+    let f = RangeFaulter::new().unwrap();
+    f.range_fault(m.pages(0, 2), FaultFlags::READ).unwrap();
+    assert_eq!(present(m.pages(0, 2)).1, vec![0, 1], "read left zero pages");
+    let p = m.pages(0, 1).start().get() as *mut u8;
+    // SAFETY: `p` is the first byte of page 0 of `m`, which is mapped
+    // readable and writable for the whole test and not unmapped by anyone.
+    unsafe { hmm_core::cpu::range_fault::touch_write(p) };
+    let (all, zero) = present(m.pages(0, 2));
+    assert_eq!(all, vec![0, 1]);
+    assert_eq!(zero, vec![1], "page 0 was written, page 1 was not");
+    assert_eq!(m.read(0), 0, "the touch kept the contents");
+}
+
 #[test]
 fn touch_populate_fallback() {
     let _serial = serial();

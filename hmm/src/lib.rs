@@ -51,8 +51,24 @@ pub use hmm_core::mirror::{
     AccessError, Advice, LaunchReport, Mirror, MirrorConfig, MirrorError, MirrorStats,
 };
 pub use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+#[cfg(feature = "vulkan")]
 pub use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};
+#[cfg(feature = "wgpu")]
 pub use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
+
+/// Runs `$body` with `$d` bound to the wrapped driver of whichever variant
+/// `$dev` is; arms for drivers this build leaves out do not exist.
+macro_rules! on_device {
+    ($dev:expr, $d:ident => $body:expr) => {
+        match $dev {
+            Device::Cpu($d) => $body,
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu($d) => $body,
+            #[cfg(feature = "vulkan")]
+            Device::Vulkan($d) => $body,
+        }
+    };
+}
 
 /// A driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,8 +84,29 @@ pub enum Driver {
 }
 
 impl Driver {
-    /// Every driver, best first.
+    /// Every driver, best first (built into this crate or not: see
+    /// [`Driver::is_built`]).
     pub const ALL: [Driver; 3] = [Driver::Wgpu, Driver::Vulkan, Driver::Cpu];
+
+    /// Whether this build of `hmm` contains the driver (the `wgpu` and
+    /// `vulkan` Cargo features, both on by default; `cpu` always).
+    pub const fn is_built(self) -> bool {
+        match self {
+            Driver::Cpu => true,
+            Driver::Wgpu => cfg!(feature = "wgpu"),
+            Driver::Vulkan => cfg!(feature = "vulkan"),
+        }
+    }
+
+    /// The Cargo feature of `hmm` that builds the driver (`None` for the
+    /// cpu driver, which is always built).
+    pub const fn feature(self) -> Option<&'static str> {
+        match self {
+            Driver::Cpu => None,
+            Driver::Wgpu => Some("wgpu"),
+            Driver::Vulkan => Some("vulkan"),
+        }
+    }
 
     /// The name used on command lines.
     pub fn name(self) -> &'static str {
@@ -111,14 +148,24 @@ pub fn parse_backend(s: Option<&str>) -> Result<Option<Driver>, UnknownDriver> {
 #[non_exhaustive]
 pub enum OpenError {
     /// The wgpu driver found no adapter.
+    #[cfg(feature = "wgpu")]
     #[error(transparent)]
     Wgpu(#[from] hmm_driver_wgpu::OpenError),
     /// The vulkan driver found no usable device (or not the mode asked for).
+    #[cfg(feature = "vulkan")]
     #[error(transparent)]
     Vulkan(#[from] hmm_driver_vulkan::OpenError),
-    /// The driver exists in the project but is not built into this crate.
-    #[error("the {0} driver is not available in this build")]
-    NotBuilt(&'static str),
+    /// The driver exists in the project but this build of `hmm` leaves it
+    /// out: rebuild with the named Cargo feature.
+    #[error(
+        "the {driver} driver is not built into this binary (enable hmm's `{feature}` feature)"
+    )]
+    NotBuilt {
+        /// The driver asked for (its command-line name).
+        driver: &'static str,
+        /// The `hmm` feature that builds it.
+        feature: &'static str,
+    },
     /// The driver has no zero-copy mode ([`Device::open_zero_copy`]).
     #[error("the {0} driver has no zero-copy mode (the cpu and vulkan drivers do)")]
     NoZeroCopy(&'static str),
@@ -131,8 +178,10 @@ pub enum Device {
     /// The cpu driver.
     Cpu(CpuDevice),
     /// The wgpu driver.
+    #[cfg(feature = "wgpu")]
     Wgpu(WgpuDevice),
     /// The vulkan driver.
+    #[cfg(feature = "vulkan")]
     Vulkan(VulkanDevice),
 }
 
@@ -148,44 +197,32 @@ pub struct Opened {
 impl Device {
     /// Opens `driver`, or with `None` the best available: wgpu if an
     /// adapter opens, else the vulkan driver if a device opens, else the
-    /// cpu driver (the note says why).
+    /// cpu driver (the note says why). Drivers this build leaves out are
+    /// skipped by `None` (the note names them) and refused by name with
+    /// [`OpenError::NotBuilt`].
     pub fn open(driver: Option<Driver>) -> Result<Opened, OpenError> {
         match driver {
             Some(Driver::Cpu) => Ok(Opened {
                 note: "backend: cpu (as requested)".into(),
                 device: Device::Cpu(CpuDevice::new()),
             }),
-            Some(Driver::Wgpu) => {
-                let d = WgpuDevice::open()?;
-                Ok(Opened {
-                    note: format!("backend: wgpu on {} (as requested)", d.adapter_name()),
-                    device: Device::Wgpu(d),
-                })
-            }
-            Some(Driver::Vulkan) => {
-                let d = VulkanDevice::open()?;
-                Ok(Opened {
-                    note: format!(
-                        "backend: vulkan on {} ({:?} mode, as requested)",
-                        d.device_name(),
-                        d.mode()
-                    ),
-                    device: Device::Vulkan(d),
-                })
-            }
-            None => match WgpuDevice::open() {
-                Ok(d) => Ok(Opened {
-                    note: format!("backend: wgpu on {} (best available)", d.adapter_name()),
-                    device: Device::Wgpu(d),
+            Some(Driver::Wgpu) => open_wgpu().map(|(device, name)| Opened {
+                note: format!("backend: wgpu on {name} (as requested)"),
+                device,
+            }),
+            Some(Driver::Vulkan) => open_vulkan().map(|(device, what)| Opened {
+                note: format!("backend: vulkan on {what}, as requested)"),
+                device,
+            }),
+            None => match open_wgpu() {
+                Ok((device, name)) => Ok(Opened {
+                    note: format!("backend: wgpu on {name} (best available)"),
+                    device,
                 }),
-                Err(we) => match VulkanDevice::open() {
-                    Ok(d) => Ok(Opened {
-                        note: format!(
-                            "backend: vulkan on {} ({:?} mode; wgpu: {we})",
-                            d.device_name(),
-                            d.mode()
-                        ),
-                        device: Device::Vulkan(d),
+                Err(we) => match open_vulkan() {
+                    Ok((device, what)) => Ok(Opened {
+                        note: format!("backend: vulkan on {what}; wgpu: {we})"),
+                        device,
                     }),
                     Err(ve) => Ok(Opened {
                         note: format!("backend: cpu (fallback: wgpu: {we}; vulkan: {ve})"),
@@ -217,12 +254,17 @@ impl Device {
     /// kernel reports none).
     pub unsafe fn open_zero_copy(driver: Option<Driver>) -> Result<Opened, OpenError> {
         let vulkan = || -> Result<Opened, OpenError> {
-            // SAFETY: the caller's contract is the vulkan opt-in's.
-            let d = unsafe { VulkanDevice::open_zero_copy() }?;
-            Ok(Opened {
-                note: format!("backend: vulkan on {} (zero-copy mode)", d.device_name()),
-                device: Device::Vulkan(d),
-            })
+            #[cfg(feature = "vulkan")]
+            {
+                // SAFETY: the caller's contract is the vulkan opt-in's.
+                let d = unsafe { VulkanDevice::open_zero_copy() }?;
+                Ok(Opened {
+                    note: format!("backend: vulkan on {} (zero-copy mode)", d.device_name()),
+                    device: Device::Vulkan(d),
+                })
+            }
+            #[cfg(not(feature = "vulkan"))]
+            Err(not_built(Driver::Vulkan))
         };
         let cpu = |why: String| Opened {
             note: format!("backend: cpu (zero-copy mode{why})"),
@@ -244,7 +286,9 @@ impl Device {
     pub fn driver(&self) -> Driver {
         match self {
             Device::Cpu(_) => Driver::Cpu,
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(_) => Driver::Wgpu,
+            #[cfg(feature = "vulkan")]
             Device::Vulkan(_) => Driver::Vulkan,
         }
     }
@@ -253,10 +297,44 @@ impl Device {
     pub fn kernel(&self, src: &KernelSource) -> Result<Kernel, BackendError> {
         match self {
             Device::Cpu(_) => Ok(Kernel::Cpu(CpuKernel::new(src.cpu))),
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(d) => d.kernel(src.wgsl).map(Kernel::Wgpu),
+            #[cfg(feature = "vulkan")]
             Device::Vulkan(d) => d.kernel(src.wgsl).map(Kernel::Vulkan),
         }
     }
+}
+
+#[cfg(not(all(feature = "wgpu", feature = "vulkan")))]
+fn not_built(driver: Driver) -> OpenError {
+    OpenError::NotBuilt {
+        driver: driver.name(),
+        feature: driver.feature().unwrap_or("none"),
+    }
+}
+
+/// The wgpu driver's device and adapter name.
+fn open_wgpu() -> Result<(Device, String), OpenError> {
+    #[cfg(feature = "wgpu")]
+    {
+        let d = WgpuDevice::open()?;
+        let name = d.adapter_name().to_string();
+        Ok((Device::Wgpu(d), name))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    Err(not_built(Driver::Wgpu))
+}
+
+/// The vulkan driver's device and "NAME (MODE mode" for the note.
+fn open_vulkan() -> Result<(Device, String), OpenError> {
+    #[cfg(feature = "vulkan")]
+    {
+        let d = VulkanDevice::open()?;
+        let what = format!("{} ({:?} mode", d.device_name(), d.mode());
+        Ok((Device::Vulkan(d), what))
+    }
+    #[cfg(not(feature = "vulkan"))]
+    Err(not_built(Driver::Vulkan))
 }
 
 /// The function the cpu driver runs per invocation.
@@ -281,8 +359,10 @@ pub enum Kernel {
     /// For the cpu driver.
     Cpu(CpuKernel),
     /// For the wgpu driver.
+    #[cfg(feature = "wgpu")]
     Wgpu(WgpuKernel),
     /// For the vulkan driver.
+    #[cfg(feature = "vulkan")]
     Vulkan(VulkanKernel),
 }
 
@@ -302,52 +382,28 @@ unsafe impl Backend for Device {
     type Kernel = Kernel;
 
     fn info(&self) -> BackendInfo {
-        match self {
-            Device::Cpu(d) => d.info(),
-            Device::Wgpu(d) => d.info(),
-            Device::Vulkan(d) => d.info(),
-        }
+        on_device!(self, d => d.info())
     }
     fn init(&self, config: DeviceConfig) -> Result<(), BackendError> {
-        match self {
-            Device::Cpu(d) => d.init(config),
-            Device::Wgpu(d) => d.init(config),
-            Device::Vulkan(d) => d.init(config),
-        }
+        on_device!(self, d => d.init(config))
     }
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
-        match self {
+        on_device!(self, d => {
             // SAFETY: the caller's guarantees are passed on unchanged.
-            Device::Cpu(d) => unsafe { d.copy_to_device(batch) },
-            // SAFETY: as above.
-            Device::Wgpu(d) => unsafe { d.copy_to_device(batch) },
-            // SAFETY: as above.
-            Device::Vulkan(d) => unsafe { d.copy_to_device(batch) },
-        }
+            unsafe { d.copy_to_device(batch) }
+        })
     }
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
-        match self {
+        on_device!(self, d => {
             // SAFETY: the caller's guarantees are passed on unchanged.
-            Device::Cpu(d) => unsafe { d.copy_to_host(batch) },
-            // SAFETY: as above.
-            Device::Wgpu(d) => unsafe { d.copy_to_host(batch) },
-            // SAFETY: as above.
-            Device::Vulkan(d) => unsafe { d.copy_to_host(batch) },
-        }
+            unsafe { d.copy_to_host(batch) }
+        })
     }
     fn write_ptes(&self, batch: &[PteWrite]) -> Result<(), BackendError> {
-        match self {
-            Device::Cpu(d) => d.write_ptes(batch),
-            Device::Wgpu(d) => d.write_ptes(batch),
-            Device::Vulkan(d) => d.write_ptes(batch),
-        }
+        on_device!(self, d => d.write_ptes(batch))
     }
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
-        match self {
-            Device::Cpu(d) => d.read_ptes(locs, out),
-            Device::Wgpu(d) => d.read_ptes(locs, out),
-            Device::Vulkan(d) => d.read_ptes(locs, out),
-        }
+        on_device!(self, d => d.read_ptes(locs, out))
     }
     fn clear_pte_bits(
         &self,
@@ -355,11 +411,7 @@ unsafe impl Backend for Device {
         bits: u64,
         old: &mut Vec<Pte>,
     ) -> Result<(), BackendError> {
-        match self {
-            Device::Cpu(d) => d.clear_pte_bits(locs, bits, old),
-            Device::Wgpu(d) => d.clear_pte_bits(locs, bits, old),
-            Device::Vulkan(d) => d.clear_pte_bits(locs, bits, old),
-        }
+        on_device!(self, d => d.clear_pte_bits(locs, bits, old))
     }
     fn launch(
         &self,
@@ -369,8 +421,12 @@ unsafe impl Backend for Device {
     ) -> Result<SubmissionId, BackendError> {
         match (self, kernel) {
             (Device::Cpu(d), Kernel::Cpu(k)) => d.launch(k, invocations, args),
+            #[cfg(feature = "wgpu")]
             (Device::Wgpu(d), Kernel::Wgpu(k)) => d.launch(k, invocations, args),
+            #[cfg(feature = "vulkan")]
             (Device::Vulkan(d), Kernel::Vulkan(k)) => d.launch(k, invocations, args),
+            // Only reachable when a GPU driver is built.
+            #[allow(unreachable_patterns)]
             _ => Err(mismatch()),
         }
     }
@@ -379,39 +435,19 @@ unsafe impl Backend for Device {
         id: SubmissionId,
         timeout: Option<core::time::Duration>,
     ) -> Result<bool, BackendError> {
-        match self {
-            Device::Cpu(d) => d.wait(id, timeout),
-            Device::Wgpu(d) => d.wait(id, timeout),
-            Device::Vulkan(d) => d.wait(id, timeout),
-        }
+        on_device!(self, d => d.wait(id, timeout))
     }
     fn is_complete(&self, id: SubmissionId) -> bool {
-        match self {
-            Device::Cpu(d) => d.is_complete(id),
-            Device::Wgpu(d) => d.is_complete(id),
-            Device::Vulkan(d) => d.is_complete(id),
-        }
+        on_device!(self, d => d.is_complete(id))
     }
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
-        match self {
-            Device::Cpu(d) => d.take_outcome(id),
-            Device::Wgpu(d) => d.take_outcome(id),
-            Device::Vulkan(d) => d.take_outcome(id),
-        }
+        on_device!(self, d => d.take_outcome(id))
     }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
-        match self {
-            Device::Cpu(d) => d.host_slot(slot),
-            Device::Wgpu(d) => d.host_slot(slot),
-            Device::Vulkan(d) => d.host_slot(slot),
-        }
+        on_device!(self, d => d.host_slot(slot))
     }
     fn host_windows(&self) -> Option<HostWindows> {
-        match self {
-            Device::Cpu(d) => d.host_windows(),
-            Device::Wgpu(d) => d.host_windows(),
-            Device::Vulkan(d) => d.host_windows(),
-        }
+        on_device!(self, d => d.host_windows())
     }
     unsafe fn bind_window(
         &self,
@@ -419,20 +455,12 @@ unsafe impl Backend for Device {
         addr: *mut u8,
         len: usize,
     ) -> Result<(), BackendError> {
-        match self {
+        on_device!(self, d => {
             // SAFETY: the caller's guarantees are passed on unchanged.
-            Device::Cpu(d) => unsafe { d.bind_window(window, addr, len) },
-            // SAFETY: as above.
-            Device::Wgpu(d) => unsafe { d.bind_window(window, addr, len) },
-            // SAFETY: as above.
-            Device::Vulkan(d) => unsafe { d.bind_window(window, addr, len) },
-        }
+            unsafe { d.bind_window(window, addr, len) }
+        })
     }
     fn unbind_window(&self, window: u32) -> Result<(), BackendError> {
-        match self {
-            Device::Cpu(d) => d.unbind_window(window),
-            Device::Wgpu(d) => d.unbind_window(window),
-            Device::Vulkan(d) => d.unbind_window(window),
-        }
+        on_device!(self, d => d.unbind_window(window))
     }
 }

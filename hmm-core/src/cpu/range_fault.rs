@@ -62,8 +62,10 @@
 //! killing us, and no memory is written. Write faults need a real write
 //! access: after re-reading the VMA list (so a stale cache cannot send us
 //! into a read-only page) and a `process_vm_readv` pass, every page gets an
-//! atomic `fetch_add(0)` on one byte. That changes no value even with
-//! concurrent writers, but it is a genuine write: it dirties file pages
+//! atomic write of the value it holds on one byte ([`touch_write`]: a
+//! locked `or` of 0 on x86-64, which the optimiser cannot drop as it
+//! drops an unused `fetch_add(0)` in release builds). That changes no
+//! value even with concurrent writers, but it is a genuine write: it dirties file pages
 //! (they will be written back, `mtime` changes), sets soft-dirty, and if
 //! another thread unmaps or write-protects the range between the check and
 //! the touch the process gets SIGSEGV. [`RangeFaulter::populate_method`]
@@ -634,18 +636,60 @@ impl RangeFaulter {
                     let p = iov.iov_base.cast::<u8>();
                     // SAFETY: `p` is in a mapping that a fresh read of
                     // /proc/self/maps showed readable and writable, and the
-                    // kernel just read it successfully. `AtomicU8` has the
-                    // size and alignment of `u8`. `fetch_add(0)` stores the
-                    // value it read, atomically, so concurrent writers lose
-                    // nothing. The caveat (a concurrent munmap/mprotect by
+                    // kernel just read it successfully; `touch_write`'s
+                    // contract. The caveat (a concurrent munmap/mprotect by
                     // another thread would raise SIGSEGV) is documented on
                     // the module.
-                    let a = unsafe { core::sync::atomic::AtomicU8::from_ptr(p) };
-                    a.fetch_add(0, core::sync::atomic::Ordering::Relaxed);
+                    unsafe { touch_write(p) };
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Writes the byte at `p` without changing it, in a way no compiler may
+/// remove and no concurrent writer can lose: a locked `or` of 0 on x86-64,
+/// a `compare_exchange(v, v)` loop elsewhere.
+///
+/// Why not `AtomicU8::fetch_add(0, Relaxed)`: its result is unused and its
+/// value is unchanged, so LLVM folds it (at `-O`, not in debug) into a
+/// compiler barrier or a plain load — no store, no write fault, and the
+/// page never becomes writable (the release-only failure of
+/// `touch_populate_fallback`). A compare-exchange that succeeds is a store
+/// the optimiser must keep (its success depends on memory), and inline
+/// assembly is opaque to it.
+///
+/// # Safety
+///
+/// `p` must point into a mapping that is readable and writable for the
+/// whole call (another thread unmapping or write-protecting it raises
+/// SIGSEGV, as any write would).
+#[doc(hidden)]
+pub unsafe fn touch_write(p: *mut u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: a one-byte locked read-modify-write of `p`, which the
+        // caller guarantees is mapped readable and writable; `or 0` leaves
+        // the value as it was and the `lock` prefix makes the whole RMW
+        // atomic, so a concurrent writer's store is never overwritten with
+        // an older value. The asm touches no register but flags.
+        unsafe {
+            core::arch::asm!("lock or byte ptr [{p}], 0", p = in(reg) p, options(nostack));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use core::sync::atomic::{AtomicU8, Ordering};
+        // SAFETY: the caller guarantees `p` is mapped readable and
+        // writable; `AtomicU8` has the size and alignment of `u8`.
+        let a = unsafe { AtomicU8::from_ptr(p) };
+        // Relaxed: only the write access matters (it takes the fault and
+        // dirties the page); no other memory is ordered by it.
+        let mut v = a.load(Ordering::Relaxed);
+        while let Err(now) = a.compare_exchange_weak(v, v, Ordering::Relaxed, Ordering::Relaxed) {
+            v = now;
+        }
     }
 }
 
