@@ -459,9 +459,9 @@ impl Gate {
     }
 }
 
-// SAFETY: the fake touches host memory only at the `src`/`dst` pages of
-// the copies, during the call (one word each, within the 4096 bytes); it
-// has no host windows, and its "device" sets no entry bits.
+// SAFETY: the fake touches host memory only at the 4096 bytes of each
+// copy's `src` (it reads the first word) or `dst`, during the call; it has
+// no host windows, and its "device" sets no entry bits.
 unsafe impl Backend for FakeDevice {
     /// Invocation `i` reads the page at `kernel[i]`.
     type Kernel = [u64];
