@@ -95,7 +95,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// The naive model: a map of live subscriptions and, while an invalidation
-/// that hit something is open, lists of deferred inserts and removals.
+/// that hit something (or saw an insert) is open, lists of deferred inserts
+/// and removals.
 #[derive(Default)]
 struct Model {
     in_tree: BTreeMap<u32, VaRange>,
@@ -104,10 +105,14 @@ struct Model {
     calls: Vec<(u32, u32)>,
     releases: Vec<u32>,
     deferring: bool,
+    /// An invalidation is open (hit or not): an insert then makes the
+    /// sequence odd and is deferred, as one hit would.
+    open: bool,
 }
 
 impl Model {
     fn insert(&mut self, id: u32, r: VaRange) {
+        self.deferring |= self.open;
         if self.deferring {
             self.pending_insert.insert(id, r);
         } else {
@@ -138,6 +143,7 @@ impl Model {
     }
     fn end(&mut self) {
         self.deferring = false;
+        self.open = false;
         let ins = std::mem::take(&mut self.pending_insert);
         self.in_tree.extend(ins);
         for id in std::mem::take(&mut self.pending_remove) {
@@ -224,6 +230,7 @@ proptest! {
                     let g = space.invalidate_start(NotifierRange::new(range(a, l), EventKind::Unmap)).unwrap();
                     let hit = m.invalidate(n, range(a, l));
                     m.deferring = hit;
+                    m.open = true;
                     prop_assert_eq!(space.current_seq() % 2 == 1, hit);
                     for i in inner {
                         match i {

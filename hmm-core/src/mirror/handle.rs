@@ -83,6 +83,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 deferred: Vec::new(),
                 health: Health::default(),
                 next_region_id: 0,
+                releasing: 0,
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
@@ -208,21 +209,35 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             .collect()
     }
 
-    /// Waits (up to 10 s) until the deferred-release worker has handled
-    /// every region that died so far; returns whether it did. For tests
-    /// and orderly shutdown. False at once in a forked child.
+    /// Waits (up to 10 s) until every region that died so far is
+    /// released — by the deferred-release worker, or by a fault that met it
+    /// first — including releases already under way; returns whether they
+    /// were. For tests and orderly shutdown. False at once in a forked
+    /// child.
     pub fn flush_releases(&self) -> bool {
         if self.same_process().is_err() {
             return false;
         }
         let t0 = std::time::Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if !self.inner.lock().regions.values().any(|r| r.dead) {
-                return true;
+        loop {
+            {
+                let dev = self.inner.lock();
+                // A region the worker has taken out of the map is no longer
+                // marked dead there, but its release is still running.
+                if dev.releasing == 0 && !dev.regions.values().any(|r| r.dead) {
+                    return true;
+                }
             }
+            if t0.elapsed() >= Duration::from_secs(10) {
+                return false;
+            }
+            // Under loom a sleep would not let the model schedule the
+            // worker; yielding does.
+            #[cfg(hmm_loom)]
+            crate::sync::thread::yield_now();
+            #[cfg(not(hmm_loom))]
             std::thread::sleep(Duration::from_millis(1));
         }
-        false
     }
 }
 

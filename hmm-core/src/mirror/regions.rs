@@ -31,7 +31,7 @@ use super::error::{AccessError, MirrorError};
 use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::invalidate::Region;
-use super::state::{Inner, RegionKey, RegionSlot, ReleaseMsg};
+use super::state::{Dev, Inner, RegionKey, RegionSlot, ReleaseMsg};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::SubscriptionRef;
@@ -205,12 +205,35 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 .next_back()
                 .filter(|(_, r)| r.dead && r.range.contains(at))
                 .map(|(k, _)| *k);
-            start.and_then(|k| dev.regions.remove(&k))
+            start.and_then(|k| take_dead(&mut dev, k, None))
         };
         if let Some(slot) = slot {
-            release_slot(inner, slot);
+            release_taken(inner, slot);
         }
     }
+}
+
+/// Takes the dead region at `start` (instance `id`, if given) out of the
+/// map for release, counting it in [`Dev::releasing`] until
+/// [`release_taken`] is done with it.
+fn take_dead<B: Backend, H: HostSide>(
+    dev: &mut Dev<B, H>,
+    start: u64,
+    id: Option<u64>,
+) -> Option<RegionSlot<B, H>> {
+    match dev.regions.get(&start) {
+        Some(r) if r.dead && id.is_none_or(|id| r.id == id) => {
+            dev.releasing += 1;
+            dev.regions.remove(&start)
+        }
+        _ => None,
+    }
+}
+
+/// Releases a region [`take_dead`] handed over, then ends its count.
+fn release_taken<B: Backend, H: HostSide>(inner: &Inner<B, H>, slot: RegionSlot<B, H>) {
+    release_slot(inner, slot);
+    inner.lock().releasing -= 1;
 }
 
 /// Removes a dead region's notifier (waiting out running callbacks) and
@@ -256,15 +279,9 @@ pub(crate) fn release_worker<B: Backend, H: HostSide>(
             return;
         };
         let Some(inner) = owner.upgrade() else { return };
-        let slot = {
-            let mut dev = inner.lock();
-            match dev.regions.get(&key.start) {
-                Some(r) if r.dead && r.id == key.id => dev.regions.remove(&key.start),
-                _ => None,
-            }
-        };
+        let slot = take_dead(&mut inner.lock(), key.start, Some(key.id));
         if let Some(slot) = slot {
-            release_slot(&inner, slot);
+            release_taken(&inner, slot);
         }
     }
 }

@@ -124,6 +124,10 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     pub health: Health,
     /// The id the next region gets ([`RegionKey`]).
     pub next_region_id: u64,
+    /// Dead regions taken out of `regions` whose release
+    /// (`regions::release_taken`) has not finished: `flush_releases` waits
+    /// for them too.
+    pub releasing: usize,
     pub res: Box<dyn Residency<B, H>>,
 }
 
@@ -351,6 +355,10 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// [`flush`] before new entries are written or a submission starts:
     /// a failure stops the caller.
     pub fn flush_or_fail(&self, dev: &mut Dev<B, H>) -> Result<(), MirrorError> {
+        // A destructive invalidation may have queued a zap since this
+        // holder took the lock (it found the lock held): apply it before
+        // the entries are trusted for new writes or a submission.
+        self.drain_pending(dev);
         let (mut cx, res) = dev.parts(self);
         flush(&mut cx, res)
     }

@@ -266,7 +266,19 @@ impl SpaceShared {
         if st.torn_down {
             return Err(NotifierError::TornDown);
         }
-        let cur = self.seq_now();
+        let mut cur = self.seq_now();
+        if cur & 1 == 0 && st.active > 0 {
+            // An invalidation is running that hit nothing when it started
+            // (so it left the sequence even): it cannot tell the new
+            // subscription about its range either. Make the sequence odd,
+            // so the insertion is deferred like any other and the first
+            // read_begin waits for the end; the last `end_walk` makes it
+            // even again. Without this a fault that registers its region
+            // during an unmap of that very range commits the old page
+            // (`tests/loom_mirror.rs`, remap_racing_first_fault_registration).
+            cur |= 1;
+            self.set_seq(&st, cur);
+        }
         if cur & 1 == 1 {
             // An invalidation is walking the tree: defer. Recording the
             // running sequence makes the first read_begin wait for its end,
