@@ -41,15 +41,18 @@
 use std::sync::Arc;
 
 use hmm_core::mirror::backend::{
-    Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, HostWindows,
-    Invocations, LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+    Backend, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, HostWindows, Invocations,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
 };
 use hmm_core::mirror::format::{PoolSlot, Pte};
 
 pub use hmm_core::cpu::host::HostSpace;
+pub use hmm_core::mirror::backend::BackendError;
 pub use hmm_core::mirror::{
     AccessError, Advice, LaunchReport, Mirror, MirrorConfig, MirrorError, MirrorStats,
 };
+pub use hmm_core::notifier::EventKind;
+pub use hmm_core::{VaRange, VirtAddr};
 pub use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
 #[cfg(feature = "vulkan")]
 pub use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};

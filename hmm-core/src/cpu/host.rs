@@ -29,7 +29,7 @@ use super::probe::Capabilities;
 use super::range_fault::{FaultError, RangeFaulter};
 use super::write_track::{TrackError, TrackMode, WriteTracker};
 use crate::addr::{VaRange, VirtAddr};
-use crate::notifier::{AddressSpace, EventKind};
+use crate::notifier::{AddressSpace, EventKind, NotifierHandle, NotifierRange, SpaceNotifier};
 
 /// Errors of the host space.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,25 @@ impl InvalidationSink for Sink {
     }
 }
 
+/// Drops the cached mappings of a range whose protection changed. The
+/// kernel reports no `mprotect`; the explicit [`EventKind::Protection`]
+/// invalidation (however it is made: `Mirror::protection_changed` or
+/// [`AddressSpace::invalidate`]) is the only word of it, and the cached
+/// permissions must not outlive it — narrowing or widening — or the next
+/// device fault is judged by the old ones.
+struct ForgetProtection {
+    maps: Arc<MappingCache>,
+}
+
+impl SpaceNotifier for ForgetProtection {
+    fn invalidate_range_start(&self, range: &NotifierRange) -> bool {
+        if range.event == EventKind::Protection {
+            self.maps.invalidate(range.range);
+        }
+        true
+    }
+}
+
 /// How the host learns about CPU-side changes on this machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventSource {
@@ -100,6 +119,9 @@ pub struct HostSpace {
     // handle) must be gone before the space itself.
     monitor: Option<EventMonitor>,
     tracker: Option<WriteTracker>,
+    /// [`ForgetProtection`]'s registration (unregistered before the space
+    /// handle below drops).
+    _protection: Option<NotifierHandle>,
     space: AddressSpace,
     maps: Arc<MappingCache>,
     faulter: RangeFaulter,
@@ -159,9 +181,16 @@ impl HostSpace {
         if let Some(TrackMode::Degraded(why)) = tracker.as_ref().map(WriteTracker::mode) {
             eprintln!("hmm-rs: CPU-write tracking degraded: {why}");
         }
+        // Fails only on a torn-down space, whose invalidations reach no one.
+        let protection = space
+            .register_notifier(Arc::new(ForgetProtection {
+                maps: Arc::clone(&maps),
+            }))
+            .ok();
         Ok(HostSpace {
             monitor,
             tracker,
+            _protection: protection,
             space,
             maps,
             faulter,

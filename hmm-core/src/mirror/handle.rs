@@ -209,6 +209,27 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             .collect()
     }
 
+    /// Tells the mirror that the protection of `range` changed
+    /// (`mprotect`, narrowing or widening): the kernel reports no event for
+    /// it, so without this call the device keeps the access it had. After
+    /// it returns, every later launch sees the protection the CPU has now:
+    /// a device write to memory made read-only is a typed
+    /// [`MirrorError::DeviceFault`], and a write to memory made writable
+    /// again succeeds.
+    ///
+    /// It drops the host's cached view of the mappings in `range` (their
+    /// permissions included) and invalidates `range` as
+    /// [`EventKind::Protection`] on the whole address space, so every
+    /// mirror of it — not just this one — refaults the range. Errors:
+    /// [`MirrorError::WrongProcess`] in a forked child.
+    pub fn protection_changed(&self, range: VaRange) -> Result<(), MirrorError> {
+        self.same_process()?;
+        let host = &self.inner.host;
+        host.forget_mappings(range);
+        host.space().invalidate(range, EventKind::Protection);
+        Ok(())
+    }
+
     /// Waits (up to 10 s) until every region that died so far is
     /// released — by the deferred-release worker, or by a fault that met it
     /// first — including releases already under way; returns whether they

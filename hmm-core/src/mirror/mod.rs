@@ -66,7 +66,9 @@
 //!   back data it holds, is declared lost: every later call returns
 //!   [`MirrorError::DeviceLost`] (`state` module docs).
 //! - A mirrored page is valid as of the last sync point; `mprotect`, swap
-//!   and KSM produce no event (invalidate explicitly after `mprotect`).
+//!   and KSM produce no event (after `mprotect`, narrowing or widening,
+//!   call [`Mirror::protection_changed`]: it drops the cached
+//!   permissions and invalidates the range).
 //! - [`Mirror::pin`] is the baseline to compare against: no notifier at
 //!   all — the device keeps the pinned copy whatever the CPU does until
 //!   [`Mirror::unpin`] (`hmm_conformance::pinning_hazard_is_real` shows it).

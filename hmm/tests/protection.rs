@@ -1,0 +1,145 @@
+//! `mprotect` of mirrored memory, followed both ways (narrowing and
+//! widening) by one explicit call (issue #19, finding 3): the device sees
+//! the protection the CPU has after the call, never the cached one.
+
+use hmm::{AccessError, Device, Driver, KernelSource, MirrorConfig, MirrorError, VaRange};
+
+const PAGE: usize = 4096;
+
+const ADD_ONE: KernelSource = KernelSource {
+    name: "add_one",
+    wgsl: r#"
+fn hmm_kernel(i: u32) {
+    let p = hmm_index(hmm_arg_ptr(0u), i, 4u);
+    hmm_store_u32(p, hmm_load_u32(p) + 1u);
+}"#,
+    cpu: |lane, i| {
+        let p = lane.args()[0] + u64::from(i) * 4;
+        let v = lane.load_u32(p)?;
+        lane.store_u32(p, v + 1)
+    },
+};
+
+struct Page(*mut u32);
+
+impl Page {
+    fn new() -> Page {
+        // SAFETY: a fresh anonymous mapping chosen by the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Page(p.cast())
+    }
+    fn protect(&self, prot: i32) {
+        // SAFETY: changes the protection of our own mapping, whole.
+        assert_eq!(unsafe { libc::mprotect(self.0.cast(), PAGE, prot) }, 0);
+    }
+    fn word(&self, i: usize) -> u32 {
+        assert!(i < PAGE / 4);
+        // SAFETY: in bounds of the mapping, which stays readable.
+        unsafe { self.0.add(i).read_volatile() }
+    }
+    fn range(&self) -> VaRange {
+        VaRange::from_start_len(hmm::VirtAddr::from_ptr(self.0), PAGE as u64).unwrap()
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.0.cast(), PAGE) };
+    }
+}
+
+/// How a test tells the mirror about the `mprotect`.
+#[derive(Clone, Copy, Debug)]
+enum Tell {
+    /// `Mirror::protection_changed` (the facade's one call).
+    Mirror,
+    /// The primitive under it: an explicit `Protection` invalidation of
+    /// the address space.
+    Space,
+}
+
+#[test]
+fn protection_changes_are_followed_both_ways() {
+    for tell in [Tell::Mirror, Tell::Space] {
+        follow(tell);
+    }
+}
+
+fn follow(tell: Tell) {
+    for driver in [Driver::Cpu, Driver::Wgpu, Driver::Vulkan] {
+        if !driver.is_built() {
+            continue;
+        }
+        let opened = match Device::open(Some(driver)) {
+            Ok(o) => o,
+            Err(e) if std::env::var_os("HMM_REQUIRE_GPU").is_none() => {
+                println!("skip: no {} device: {e}", driver.name());
+                continue;
+            }
+            Err(e) => panic!("{}: {e} (HMM_REQUIRE_GPU is set)", driver.name()),
+        };
+        let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
+        let kernel = mirror.backend().kernel(&ADD_ONE).unwrap();
+        let page = Page::new();
+        let n = (PAGE / 4) as u32;
+        mirror.launch(&kernel, n, (page.0,)).unwrap();
+        assert!(
+            (0..PAGE / 4).all(|i| page.word(i) == 1),
+            "{}",
+            driver.name()
+        );
+
+        // Narrowing: the device's write is refused, typed, nothing written.
+        page.protect(libc::PROT_READ);
+        changed(&mirror, tell, page.range());
+        match mirror.launch(&kernel, n, (page.0,)) {
+            Err(MirrorError::DeviceFault {
+                write: true,
+                reason: AccessError::ReadOnly,
+                ..
+            }) => {}
+            r => panic!(
+                "{} {tell:?}: write to a read-only page: {r:?}",
+                driver.name()
+            ),
+        }
+        assert!(
+            (0..PAGE / 4).all(|i| page.word(i) == 1),
+            "{}",
+            driver.name()
+        );
+
+        // Widening: the same call makes the page writable for the device.
+        page.protect(libc::PROT_READ | libc::PROT_WRITE);
+        changed(&mirror, tell, page.range());
+        mirror
+            .launch(&kernel, n, (page.0,))
+            .unwrap_or_else(|e| panic!("{} {tell:?}: after widening: {e}", driver.name()));
+        assert!(
+            (0..PAGE / 4).all(|i| page.word(i) == 2),
+            "{}",
+            driver.name()
+        );
+    }
+}
+
+fn changed(mirror: &hmm::Mirror<Device>, tell: Tell, range: VaRange) {
+    match tell {
+        Tell::Mirror => mirror.protection_changed(range).unwrap(),
+        Tell::Space => mirror
+            .host()
+            .space()
+            .invalidate(range, hmm::EventKind::Protection),
+    }
+}
