@@ -58,6 +58,14 @@ proptest! {
         }
         prop_assert_eq!(s.iter().collect::<Vec<_>>(), m.iter().copied().collect::<Vec<_>>());
         prop_assert_eq!(s.out_of_range(), out);
+        // iter_from at every word edge and around it, and past the end.
+        for lo in (0..universe.saturating_add(130)).step_by(13).chain([63, 64, 65, 127, 128]) {
+            prop_assert_eq!(
+                s.iter_from(lo).collect::<Vec<_>>(),
+                m.range(lo..).copied().collect::<Vec<_>>(),
+                "iter_from({})", lo
+            );
+        }
         for id in 0..universe.min(6000) {
             prop_assert_eq!(s.contains(id), m.contains(&id));
         }

@@ -131,11 +131,11 @@ impl CpuDevice {
         self.threads
     }
 
-    /// Fault injection: the device's fault buffer holds at most `records`
-    /// records per launch (`None`: unbounded, the default). Invocations
-    /// whose record did not fit are still listed in
-    /// [`LaunchOutcome::incomplete`]; records are kept in ascending
-    /// invocation order. Applies to later launches.
+    /// The device's fault buffer holds at most `records` records per
+    /// launch (`None`: the default, 65,536). Invocations whose record did
+    /// not fit are still listed in [`LaunchOutcome::incomplete`] and fault
+    /// again on replay; the records kept are those of the lowest
+    /// invocations, ascending. Applies to later launches.
     pub fn set_fault_buffer_capacity(&self, records: Option<usize>) {
         lock(&self.hooks).capacity = records;
     }

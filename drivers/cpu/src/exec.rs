@@ -66,10 +66,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Fault records a launch keeps when no capacity was set
+/// ([`crate::CpuDevice::set_fault_buffer_capacity`]): about 3 MiB of
+/// records. Invocations whose record did not fit are still incomplete
+/// and fault again on replay, as on the GPU drivers, so host memory per
+/// launch does not grow with the number of faulting invocations.
+pub(crate) const DEFAULT_FAULT_RECORDS: usize = 1 << 16;
+
+/// The invocations a launch runs: all of `0..n`, or a replayed set (held
+/// as the set itself: at most `n / 8` bytes, never a list of every id).
 enum Ids {
     All(u32),
-    /// The replayed ids and their set's universe.
-    Only(Box<[u32]>, u32),
+    Only(InvocationSet),
 }
 
 impl Ids {
@@ -77,19 +85,25 @@ impl Ids {
     fn universe(&self) -> u32 {
         match self {
             Ids::All(n) => *n,
-            Ids::Only(_, u) => *u,
+            Ids::Only(set) => set.universe(),
         }
     }
     fn len(&self) -> usize {
         match self {
             Ids::All(n) => *n as usize,
-            Ids::Only(v, _) => v.len(),
+            Ids::Only(set) => set.len(),
         }
     }
-    fn get(&self, i: usize) -> u32 {
+    /// Calls `f` with each id in `lo..hi`, ascending.
+    fn each_in(&self, lo: u64, hi: u64, mut f: impl FnMut(u32)) {
         match self {
-            Ids::All(_) => i as u32,
-            Ids::Only(v, _) => v.get(i).copied().unwrap_or(u32::MAX),
+            Ids::All(_) => (lo..hi).for_each(|i| f(i as u32)),
+            Ids::Only(set) => {
+                let Ok(lo) = u32::try_from(lo) else { return };
+                set.iter_from(lo)
+                    .take_while(|&id| u64::from(id) < hi)
+                    .for_each(f)
+            }
         }
     }
 }
@@ -100,21 +114,83 @@ enum Failure {
     Fault(DeviceFault),
 }
 
-#[derive(Default)]
+/// What a chunk (and, merged, the job) produced, in memory bounded by the
+/// launch size whatever the number of faulting invocations: every
+/// faulting id is a bit (`incomplete`), at most `cap` of them also carry a
+/// fault record (the lowest ids), and of the failures only the lowest and
+/// a count are kept.
 struct Results {
+    /// Faulting ids not yet merged into the job's set (a chunk's own,
+    /// ascending; at most a chunk's length).
+    faulted: Vec<u32>,
+    /// Fault records, ascending by id, at most `cap`.
     faults: Vec<(u32, DeviceFault)>,
-    failures: Vec<(u32, Failure)>,
+    cap: usize,
+    /// The lowest-numbered failure and how many there were.
+    failure: Option<(u32, Failure)>,
+    failures: u64,
     lost: Option<String>,
 }
 
 impl Results {
-    fn merge(&mut self, other: Results) {
-        self.faults.extend(other.faults);
-        self.failures.extend(other.failures);
+    fn new(cap: usize) -> Results {
+        Results {
+            faulted: Vec::new(),
+            faults: Vec::new(),
+            cap,
+            failure: None,
+            failures: 0,
+            lost: None,
+        }
+    }
+
+    fn fault(&mut self, inv: u32, f: DeviceFault) {
+        self.faulted.push(inv);
+        if self.faults.len() < self.cap {
+            self.faults.push((inv, f));
+        }
+    }
+
+    fn fail(&mut self, inv: u32, f: Failure) {
+        self.failures += 1;
+        if self.failure.as_ref().is_none_or(|(first, _)| inv < *first) {
+            self.failure = Some((inv, f));
+        }
+    }
+
+    /// Takes in a chunk's results, keeping the `cap` lowest records.
+    fn merge(&mut self, other: Results, incomplete: &mut InvocationSet) {
+        for id in other.faulted {
+            incomplete.insert(id);
+        }
+        // Chunks mostly finish in ascending order: a chunk whose lowest
+        // record lies above a full buffer's highest adds nothing.
+        let full_above = self.faults.len() >= self.cap
+            && match (self.faults.last(), other.faults.first()) {
+                (Some((top, _)), Some((low, _))) => low > top,
+                _ => true,
+            };
+        if !full_above && !other.faults.is_empty() {
+            self.faults.extend(other.faults);
+            self.faults.sort_by_key(|(inv, _)| *inv);
+            self.faults.truncate(self.cap);
+        }
+        self.failures += other.failures;
+        if let Some((inv, f)) = other.failure {
+            if self.failure.as_ref().is_none_or(|(first, _)| inv < *first) {
+                self.failure = Some((inv, f));
+            }
+        }
         if self.lost.is_none() {
             self.lost = other.lost;
         }
     }
+}
+
+/// The job's merged results and its set of incomplete invocations.
+struct Merged {
+    results: Results,
+    incomplete: InvocationSet,
 }
 
 /// One launch.
@@ -128,14 +204,16 @@ pub(crate) struct Job {
     subs: Arc<Submissions>,
     cancel: Arc<AtomicBool>,
     remaining: AtomicUsize,
-    results: Mutex<Results>,
+    /// Fault records kept at most (the fault-buffer capacity).
+    cap: usize,
+    merged: Mutex<Merged>,
 }
 
-/// A contiguous range of a job's invocation list.
+/// The job's invocations whose ids lie in `start..end`.
 pub(crate) struct Chunk {
     job: Arc<Job>,
-    start: usize,
-    end: usize,
+    start: u64,
+    end: u64,
 }
 
 /// Everything `launch` needs to build a job.
@@ -156,14 +234,19 @@ impl Job {
     pub(crate) fn chunks(spec: LaunchSpec<'_>, threads: usize) -> Vec<Chunk> {
         let ids = match (spec.all, spec.only) {
             (Some(n), _) => Ids::All(n),
-            (None, Some(set)) => Ids::Only(set.iter().collect(), set.universe()),
+            (None, Some(set)) => Ids::Only(set.clone()),
             (None, None) => Ids::All(0),
         };
-        let n = ids.len();
+        let n = ids.len() as u64;
+        let universe = u64::from(ids.universe());
         // About four chunks per thread for balance, at most 4096
-        // invocations each so a cancel is noticed soon.
-        let per = n.div_ceil(threads.max(1) * 4).clamp(1, 4096);
+        // invocations each (on average, for a replayed set) so a chunk's
+        // own results stay small.
+        let per = n.div_ceil(threads.max(1) as u64 * 4).clamp(1, 4096);
         let count = n.div_ceil(per).max(1);
+        // Chunks split the id space evenly: `count` pieces of `0..universe`.
+        let span = universe.div_ceil(count).max(1);
+        let cap = spec.hooks.capacity.unwrap_or(DEFAULT_FAULT_RECORDS);
         let job = Arc::new(Job {
             id: spec.id,
             kernel: spec.kernel,
@@ -173,39 +256,59 @@ impl Job {
             hooks: spec.hooks,
             subs: spec.subs,
             cancel: spec.cancel,
-            remaining: AtomicUsize::new(count),
-            results: Mutex::new(Results::default()),
+            remaining: AtomicUsize::new(count as usize),
+            cap,
+            merged: Mutex::new(Merged {
+                results: Results::new(cap),
+                incomplete: InvocationSet::new(universe as u32),
+            }),
         });
         (0..count)
             .map(|c| Chunk {
                 job: Arc::clone(&job),
-                start: c * per,
-                end: ((c + 1) * per).min(n),
+                start: c * span,
+                end: ((c + 1) * span).min(universe),
             })
             .collect()
     }
 
     /// Records a chunk's results; the last chunk finishes the job.
     fn chunk_done(&self, results: Results) {
-        lock(&self.results).merge(results);
+        {
+            let mut m = lock(&self.merged);
+            let Merged {
+                results: into,
+                incomplete,
+            } = &mut *m;
+            into.merge(results, incomplete);
+        }
         if self.remaining.fetch_sub(1, AcqRel) == 1 {
             self.finish();
         }
     }
 
     fn finish(&self) {
-        let r = core::mem::take(&mut *lock(&self.results));
-        let outcome = self.outcome(r);
+        let m = core::mem::replace(
+            &mut *lock(&self.merged),
+            Merged {
+                results: Results::new(0),
+                incomplete: InvocationSet::new(0),
+            },
+        );
+        let outcome = self.outcome(m);
         self.subs.complete(self.id, outcome);
     }
 
-    fn outcome(&self, mut r: Results) -> Result<LaunchOutcome, BackendError> {
+    fn outcome(&self, m: Merged) -> Result<LaunchOutcome, BackendError> {
+        let Merged {
+            results: r,
+            incomplete,
+        } = m;
         if let Some(why) = r.lost {
             return Err(BackendError::DeviceLost(why));
         }
-        r.failures.sort_by_key(|(inv, _)| *inv);
-        if let Some((inv, failure)) = r.failures.first() {
-            let more = match r.failures.len() - 1 {
+        if let Some((inv, failure)) = &r.failure {
+            let more = match r.failures - 1 {
                 0 => String::new(),
                 m => format!(" (and {m} more failed invocations)"),
             };
@@ -219,14 +322,10 @@ impl Job {
                 Failure::Fault(f) => BackendError::Kernel(format!("invocation {inv}: {f}{more}")),
             });
         }
-        r.faults.sort_by_key(|(inv, _)| *inv);
-        let incomplete =
-            InvocationSet::from_ids(self.ids.universe(), r.faults.iter().map(|(inv, _)| *inv));
-        let cap = self.hooks.capacity.unwrap_or(usize::MAX);
         let mut faults: Vec<RawFaultRecord> = r
             .faults
             .iter()
-            .take(cap)
+            .take(self.cap)
             .map(|(inv, f)| RawFaultRecord {
                 invocation: *inv,
                 flags: if f.write { FAULT_WRITE } else { 0 }
@@ -260,15 +359,14 @@ impl Chunk {
     /// Runs the chunk's invocations on this thread.
     fn run(self) {
         let job = &*self.job;
-        let mut out = Results::default();
+        let mut out = Results::new(job.cap);
         let mut lane = Lane::new(&job.mem, &job.args);
-        for i in self.start..self.end {
+        job.ids.each_in(self.start, self.end, |inv| {
             // Relaxed: a best-effort stop hint; the outcome is reported through the submission mutex.
-            if job.cancel.load(Relaxed) {
+            if out.lost.is_some() || job.cancel.load(Relaxed) {
                 out.lost = Some("device dropped with the launch in flight".into());
-                break;
+                return;
             }
-            let inv = job.ids.get(i);
             lane.begin(inv);
             let ran = panic::catch_unwind(AssertUnwindSafe(|| (job.kernel.0)(&mut lane, inv)));
             let result = match ran {
@@ -279,29 +377,27 @@ impl Chunk {
                 }
                 Err(payload) => {
                     lane.discard();
-                    out.failures
-                        .push((inv, Failure::Panic(panic_message(&*payload))));
-                    continue;
+                    out.fail(inv, Failure::Panic(panic_message(&*payload)));
+                    return;
                 }
             };
             if let Err(f) = result {
                 if f.is_page_fault() {
-                    out.faults.push((inv, f));
+                    out.fault(inv, f);
                 } else {
-                    out.failures.push((inv, Failure::Fault(f)));
+                    out.fail(inv, Failure::Fault(f));
                 }
             }
-        }
+        });
         drop(lane);
         job.chunk_done(out);
     }
 
     /// Accounts for a chunk that never ran (no worker could take it).
     pub(crate) fn abandon(self, why: &str) {
-        self.job.chunk_done(Results {
-            lost: Some(why.to_owned()),
-            ..Results::default()
-        });
+        let mut r = Results::new(0);
+        r.lost = Some(why.to_owned());
+        self.job.chunk_done(r);
     }
 }
 

@@ -182,6 +182,24 @@ impl InvocationSet {
         }
     }
 
+    /// The ids not below `lo`, ascending (a driver splitting a replay
+    /// into pieces starts each piece here instead of skipping from 0).
+    pub fn iter_from(&self, lo: u32) -> Iter<'_> {
+        Iter {
+            inner: match &self.repr {
+                Repr::List(v) => IterRepr::List(v[v.partition_point(|&id| id < lo)..].iter()),
+                Repr::Bits { words, .. } => {
+                    let word = lo as usize / 64;
+                    IterRepr::Bits {
+                        words,
+                        word,
+                        bits: words.get(word).map_or(0, |w| w & (!0u64 << (lo % 64))),
+                    }
+                }
+            },
+        }
+    }
+
     /// Keeps only the ids for which `keep` holds.
     pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
         match &mut self.repr {
