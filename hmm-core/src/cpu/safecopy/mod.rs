@@ -167,7 +167,7 @@ pub enum SyscallReason {
 impl fmt::Display for SyscallReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            SyscallReason::Unsupported => "no recoverable copy on this architecture",
+            SyscallReason::Unsupported => "only x86-64 has one",
             SyscallReason::Environment => "HMM_SAFE_COPY selects it",
             SyscallReason::Requested => "selected by the program",
             SyscallReason::InstallFailed => "installing the fault handler failed",
