@@ -735,3 +735,71 @@ fn a_hardware_memory_error_is_its_own_error() {
         stdout_has(&out, "hardware error after") || stdout_has(&out, "MADV_HWPOISON unavailable")
     );
 }
+
+/// Our handler, as read back from `sigaction` (for the forwarding test).
+static OURS: AtomicUsize = AtomicUsize::new(0);
+
+/// Re-labels a SIGSEGV as the SIGBUS a machine check in the same page
+/// would raise (`BUS_MCEERR_AR`, `si_addr_lsb` 12) and hands it to ours.
+extern "C" fn as_machine_check(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel's siginfo for this fault, ours to edit: signo and
+    // code fields, si_addr at offset 16 (kept), si_addr_lsb at 24.
+    unsafe {
+        (*info).si_signo = libc::SIGBUS;
+        (*info).si_code = libc::BUS_MCEERR_AR;
+        info.cast::<u8>().add(24).cast::<i16>().write_unaligned(12);
+    }
+    // SAFETY: OURS holds an SA_SIGINFO handler's address (read back from
+    // sigaction before this one replaced it).
+    let ours: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+        unsafe { std::mem::transmute(OURS.load(Ordering::Relaxed)) };
+    ours(libc::SIGBUS, info, ctx);
+}
+
+/// The hardware-error path end to end on any kernel: a handler put in
+/// front of ours presents a copy's real page fault as a machine check in
+/// that page; the copy must return `HardwareMemoryError` with the exact
+/// progress, without probing the poisoned page again.
+#[test]
+fn a_machine_check_under_a_copy_is_its_own_error() {
+    let out = in_child("a_machine_check_under_a_copy_is_its_own_error", || {
+        let len = 8 * PAGE;
+        let a = anon(len);
+        let b = anon(len);
+        fill(a, len, 2);
+        // SAFETY: pages 5.. of our own mapping.
+        unmap(unsafe { a.add(5 * PAGE) }, 3 * PAGE);
+        // The permission is taken while ours is installed; the front
+        // handler goes in afterwards (the race the module docs describe,
+        // made on purpose).
+        let rc = Recoverable::check().expect("recoverable path");
+        // SAFETY: plain-data struct, zero is valid; query, then install.
+        unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            assert_eq!(
+                libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut cur),
+                0
+            );
+            OURS.store(cur.sa_sigaction, Ordering::Relaxed);
+        }
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            as_machine_check;
+        install(libc::SIGSEGV, f as *const () as libc::sighandler_t, true);
+        // SAFETY: `b` is ours; `a` ordinary memory with a hole.
+        let r = unsafe { rc.copy_in(b, a.add(100), len - 100) };
+        assert_eq!(
+            r,
+            Err(CopyError::HardwareMemoryError {
+                copied: 5 * PAGE - 100
+            })
+        );
+        assert_eq!(wrong_from(b, 100, 5 * PAGE - 100, 2), 0);
+        assert_eq!(safecopy::recovered_faults(), (1, 1), "no second touch");
+        println!("machine check typed");
+    });
+    assert!(out.status.success() && stdout_has(&out, "machine check typed"));
+}

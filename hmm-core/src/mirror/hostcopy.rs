@@ -26,6 +26,12 @@
 //! Either way a page that cannot be read is reported (`ok[k] = false`,
 //! its destination zeroed) and a run that cannot be written is skipped;
 //! a hardware memory error in a page counts as a page that cannot be read.
+//!
+//! Which mappings are ordinary comes from the mapping cache, so it is as
+//! fresh as the cache: in the residual window the `residency::copy` docs
+//! describe (memory unmapped and mapped again by another thread before
+//! the unmap event is read) a new mapping is copied the way the old one
+//! was classified.
 
 use crate::addr::{VirtAddr, PAGE_SIZE};
 use crate::cpu::safecopy::Recoverable;

@@ -67,7 +67,9 @@
 //!   again and the default action kills the process with the right signal
 //!   and a core dump; a signal that was *sent* (`si_code <= 0`) is raised
 //!   again, and is delivered with the default action once the handler
-//!   returns. Rust's own stack-overflow handler (installed by `std` at
+//!   returns. (The previous action's `sa_mask`, `SA_NODEFER` and
+//!   `SA_RESETHAND` are not re-enacted: it runs inside our handler, with
+//!   the faulting signal blocked.) Rust's own stack-overflow handler (installed by `std` at
 //!   startup on `SIGSEGV`/`SIGBUS`, running on the thread's `sigaltstack`)
 //!   is such a previous handler: a guard-page hit still prints "thread …
 //!   has overflowed its stack" and aborts, because ours forwards it (ours
