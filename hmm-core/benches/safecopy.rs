@@ -20,6 +20,12 @@
 //!   every chunk, as `hostcopy` pays once per batch;
 //! - `process_vm_readv`: one iovec per side (`hostcopy` merges consecutive
 //!   pages the same way), the syscall path.
+//!
+//! Then the write-back shape: 1024 runs of 16 or 64 bytes, 256 bytes
+//! apart (what a twin diff of a partly rewritten page produces), written
+//! with one `Recoverable::check` and a `copy_out` per run (the recoverable
+//! `write_runs`) against one `process_vm_writev` with an iovec per run
+//! (the syscall `write_runs`), in ns per run.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -111,6 +117,50 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// ns per run of writing 1024 runs of `len` bytes (stride 256) into
+/// `dst` from `src`, recoverable (`safe`) or with `process_vm_writev`.
+fn runs_ns(dst: *mut u8, src: *const u8, len: usize, safe: bool) -> f64 {
+    const RUNS: usize = 1024;
+    const ROUNDS: usize = 200;
+    let t0 = Instant::now();
+    for _ in 0..ROUNDS {
+        if safe {
+            let rc = Recoverable::check().expect("recoverable path");
+            for k in 0..RUNS {
+                // SAFETY: run `k` lies inside both populated 256 KiB
+                // prefixes, which are disjoint.
+                let r = unsafe { rc.copy_out(dst.add(k * 256), src.add(k * 256), len) };
+                assert!(r.is_ok());
+            }
+        } else {
+            let iov = |base: *const u8| -> Vec<libc::iovec> {
+                (0..RUNS)
+                    .map(|k| libc::iovec {
+                        // SAFETY: inside the same mapping (see above).
+                        iov_base: unsafe { base.add(k * 256) }.cast_mut().cast(),
+                        iov_len: len,
+                    })
+                    .collect()
+            };
+            let (l, r) = (iov(src), iov(dst));
+            // SAFETY: local iovecs read our source runs; the remote side is
+            // our own process.
+            let put = unsafe {
+                libc::process_vm_writev(
+                    libc::getpid(),
+                    l.as_ptr(),
+                    RUNS as _,
+                    r.as_ptr(),
+                    RUNS as _,
+                    0,
+                )
+            };
+            assert_eq!(put, (RUNS * len) as isize);
+        }
+    }
+    t0.elapsed().as_secs_f64() * 1e9 / (RUNS * ROUNDS) as f64
+}
+
 fn main() {
     let reps: usize = std::env::var("HMM_SAFECOPY_BENCH_REPS")
         .ok()
@@ -189,6 +239,32 @@ fn main() {
                     phi
                 );
             }
+        }
+    }
+    println!();
+    println!(
+        "{:>9} {:<28} {:>24}",
+        "run", "method", "ns per run median [min-max]"
+    );
+    for len in [16, 64] {
+        for safe in [true, false] {
+            let mut v: Vec<f64> = (0..reps).map(|_| runs_ns(dst, src, len, safe)).collect();
+            let (lo, hi) = (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            );
+            println!(
+                "{:>7} B {:<28} {:>8.1} [{:.1}-{:.1}]",
+                len,
+                if safe {
+                    "check + copy_out per run"
+                } else {
+                    "process_vm_writev, iovec/run"
+                },
+                median(&mut v),
+                lo,
+                hi
+            );
         }
     }
 }
