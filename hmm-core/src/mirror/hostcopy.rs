@@ -500,6 +500,7 @@ mod tests {
     /// results, and the path says why. Runs in a child process (this test
     /// binary, only this test) since it changes process-wide handlers.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn copies_fall_back_when_our_handler_is_replaced() {
         use crate::cpu::safecopy::{self, CopyPath, SyscallReason};
         const NAME: &str = "mirror::hostcopy::tests::copies_fall_back_when_our_handler_is_replaced";

@@ -216,6 +216,7 @@ static RECOVERED: AtomicU64 = AtomicU64::new(0);
 static HW_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 /// Whether `HMM_SAFE_COPY` asks for the syscall path (read once).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn env_wants_syscall() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
     *ENV.get_or_init(|| match std::env::var_os("HMM_SAFE_COPY") {
