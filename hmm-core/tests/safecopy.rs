@@ -107,6 +107,21 @@ impl Rng {
     }
 }
 
+/// Waits (boundedly) until the copy has written the word at `at` (the
+/// last word before page `k` of the destination), so that the destruction
+/// lands while the copy is running around page `k`.
+fn await_progress(at: usize) {
+    for _ in 0..50_000_000 {
+        // SAFETY: the destination is mapped up to page `k` during the
+        // round; a volatile read of a word another thread may be writing
+        // (a torn value only ends the wait).
+        if unsafe { std::ptr::read_volatile(at as *const u64) } != 0 {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Bytes of the `n` at the page-aligned `p` that differ from round
 /// `round`'s pattern.
 fn wrong(p: *const u8, n: usize, round: usize) -> usize {
@@ -150,8 +165,10 @@ struct Tally {
 }
 
 /// Runs `rounds` copies of `pages` pages while another thread destroys
-/// everything from page `k` (random, ≥ 1) on, at a random moment after the
-/// copy starts: `destroy(k)` is that thread's action, `copy` the copy,
+/// everything from page `k` (random, in the first quarter) on, mid-copy: `destroy(k)` is
+/// that thread's action (the tests' versions first wait until the copy
+/// has written the destination up to page `k`, see [`await_progress`],
+/// and a short random delay follows the start signal), `copy` the copy,
 /// `check(n, k, round)` counts wrong bytes among the first `n` copied and
 /// may free the round's memory. Each copy must either complete or fail
 /// with exact progress: at least `k` pages (the pages before `k` stay; the
@@ -170,8 +187,10 @@ fn race(
     let mut t = Tally::default();
     for round in 0..rounds {
         setup(round);
-        let k = 1 + (rng.next() as usize) % (pages - 1);
-        let delay = (rng.next() % 4000) as usize;
+        // Early in the copy, so that most of it is still to come when the
+        // destruction lands.
+        let k = 1 + (rng.next() as usize) % (pages / 4);
+        let delay = (rng.next() % 64) as usize;
         let ready = AtomicBool::new(false);
         let go = AtomicBool::new(false);
         let r = std::thread::scope(|s| {
@@ -224,13 +243,14 @@ fn assert_race_child(out: &Output) {
 }
 
 const ROUNDS: usize = 300;
-const PAGES: usize = 256;
+const PAGES: usize = 512;
 
 #[test]
 fn read_recovers_when_the_source_is_unmapped_mid_copy() {
     let out = in_child("read_recovers_when_the_source_is_unmapped_mid_copy", || {
         let len = PAGES * PAGE;
         let dst = anon(len);
+        let dst_addr = dst as usize;
         let src = AtomicUsize::new(0);
         let t = race(
             ROUNDS,
@@ -243,6 +263,7 @@ fn read_recovers_when_the_source_is_unmapped_mid_copy() {
                 unsafe { std::ptr::write_bytes(dst, 0, len) };
             },
             &|k| {
+                await_progress(dst_addr + k * PAGE - 8);
                 let p = src.load(Ordering::Relaxed) as *mut u8;
                 // SAFETY: the tail of this round's source mapping.
                 unmap(unsafe { p.add(k * PAGE) }, (PAGES - k) * PAGE);
@@ -286,6 +307,7 @@ fn read_recovers_from_sigbus_when_the_file_is_truncated_mid_copy() {
             assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
             let src = mmap(len, libc::MAP_SHARED, fd);
             let dst = anon(len);
+            let dst_addr = dst as usize;
             let t = race(
                 ROUNDS,
                 PAGES,
@@ -298,6 +320,7 @@ fn read_recovers_from_sigbus_when_the_file_is_truncated_mid_copy() {
                     unsafe { std::ptr::write_bytes(dst, 0, len) };
                 },
                 &|k| {
+                    await_progress(dst_addr + k * PAGE - 8);
                     // SAFETY: shrinking our own memfd: pages from k on
                     // now raise SIGBUS.
                     assert_eq!(unsafe { libc::ftruncate(fd, (k * PAGE) as libc::off_t) }, 0);
@@ -336,6 +359,7 @@ fn write_recovers_when_the_destination_is_unmapped_mid_copy() {
                 },
                 &|k| {
                     let p = dst.load(Ordering::Relaxed) as *mut u8;
+                    await_progress(p as usize + k * PAGE - 8);
                     // SAFETY: the tail of this round's destination mapping.
                     unmap(unsafe { p.add(k * PAGE) }, (PAGES - k) * PAGE);
                 },
