@@ -247,7 +247,10 @@ pub fn active_path() -> CopyPath {
 }
 
 /// How many faults the handler has recovered in this process, and how
-/// many of them were hardware memory errors.
+/// many of them were hardware memory errors. Counted per signal: an
+/// ordinary fault usually counts twice (the copy meets it, then the probe
+/// that confirms where the bad memory starts meets it again); a hardware
+/// error once (the poisoned memory is not touched again).
 pub fn recovered_faults() -> (u64, u64) {
     // Relaxed: statistics counters.
     (
