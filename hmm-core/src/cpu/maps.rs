@@ -135,6 +135,62 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Whether a plain CPU copy (the recoverable `rep movsb` of
+    /// [`crate::cpu::safecopy`]) may read or write this mapping's pages.
+    /// `false` for mappings where a load may have side effects or must not
+    /// happen: I/O and PFN maps (`VM_IO`, `VM_PFNMAP`: device registers,
+    /// GPU apertures, `[vvar]`) and `memfd_secret` memory, which the kernel
+    /// keeps from everyone else (`process_vm_readv` refuses it, and the
+    /// mirror reports it as unmirrorable; a copy of our own would leak it).
+    /// Those pages keep going through `process_vm_*`.
+    ///
+    /// Decided from the maps line alone, never from `/proc/self/smaps`
+    /// (whose `VmFlags` would say `io`/`pf` exactly, but which costs a
+    /// whole page walk per mapping to read). The kernel gives `VM_IO` and
+    /// `VM_PFNMAP` only to mappings a driver sets up through a *device*
+    /// file's `mmap` (under `/dev`, or an anonymous-inode / dma-buf file a
+    /// driver handed out) and to its own special areas; all of those are
+    /// recognisable by name:
+    ///
+    /// - allowed: plain anonymous memory, `[heap]`, `[stack]`,
+    ///   `[stack:tid]`, `[anon:name]`, `[anon_shmem:name]`, `[vdso]`
+    ///   (ordinary kernel text pages); files that are not under `/dev`,
+    ///   plus `/dev/zero` (shared anonymous memory), `/dev/shm/...` (tmpfs)
+    ///   and memfds;
+    /// - refused: every other bracketed name (`[vvar]`, `[vvar_vclock]`,
+    ///   `[vsyscall]`, `[uprobes]`, ...), every other path under `/dev/`
+    ///   (`/dev/mem`, `/dev/dri/*`, `/dev/nvidia*`, ...), `anon_inode:`
+    ///   files (io_uring rings, perf buffers, KVM), `/dmabuf:` buffers and
+    ///   `/secretmem`.
+    ///
+    /// Over-refusing costs only speed: those pages take the syscall path,
+    /// which is what every page took before the recoverable copy existed.
+    pub fn plain_copy_ok(&self) -> bool {
+        match &self.kind {
+            MappingKind::Anonymous => true,
+            MappingKind::Special(s) => {
+                s == "[heap]"
+                    || s == "[stack]"
+                    || s == "[vdso]"
+                    || s.starts_with("[stack:")
+                    || s.starts_with("[anon:")
+                    || s.starts_with("[anon_shmem:")
+            }
+            MappingKind::File { path, .. } => {
+                let p = path.as_os_str().as_bytes();
+                if p.starts_with(b"/dev/") {
+                    p == b"/dev/zero" || p.starts_with(b"/dev/shm/")
+                } else {
+                    !(p.starts_with(b"anon_inode:")
+                        || p.starts_with(b"/dmabuf:")
+                        || p == b"/secretmem")
+                }
+            }
+        }
+    }
+}
+
 /// Column at which the kernel starts the name (`seq_setwidth(m, 25 +
 /// sizeof(void *) * 6 - 1)` in `fs/proc/task_mmu.c`, then one space).
 const NAME_PAD: usize = 25 + core::mem::size_of::<usize>() * 6 - 1;
@@ -525,6 +581,13 @@ impl MappingCache {
         self.epoch.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The epoch [`MappingCache::new_epoch`] last started (no new one is
+    /// started): lookups in it are as fresh as the latest fault round.
+    pub fn current_epoch(&self) -> u64 {
+        // Relaxed: a counter compared under the state lock only.
+        self.epoch.load(Ordering::Relaxed)
+    }
+
     /// Like [`MappingCache::lookup`], but outside trusted ranges a hit is
     /// served if the cache was re-read during `epoch` (otherwise it
     /// re-reads first). Misses always re-read.
@@ -720,6 +783,79 @@ mod tests {
             MappingKind::File { path, .. } => assert_eq!(path.to_str(), Some(" leading space")),
             k => panic!("unexpected {k:?}"),
         }
+    }
+
+    #[test]
+    fn special_mappings_are_kept_from_plain_copies() {
+        let ok = |line: &str| parse_line(line.as_bytes(), 1).unwrap().plain_copy_ok();
+        let pad = |head: &str, name: &str| format!("{head:<72} {name}");
+        assert!(ok("1000-2000 rw-p 00000000 00:00 0"));
+        for good in [
+            "[heap]",
+            "[stack]",
+            "[stack:42]",
+            "[anon:arena]",
+            "[anon_shmem:x]",
+            "[vdso]",
+            "/usr/lib/libc.so.6",
+            "/memfd:pool (deleted)",
+            "/dev/zero (deleted)",
+            "/dev/shm/buf",
+            "/SYSV00000000 (deleted)",
+        ] {
+            assert!(ok(&pad("1000-2000 rw-s 00000000 00:01 7", good)), "{good}");
+        }
+        for bad in [
+            "[vvar]",
+            "[vvar_vclock]",
+            "[vsyscall]",
+            "/dev/mem",
+            "/dev/dri/renderD128",
+            "anon_inode:[io_uring]",
+            "/dmabuf:",
+            "/secretmem (deleted)",
+        ] {
+            assert!(!ok(&pad("1000-2000 rw-s 00000000 00:05 7", bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_memory_is_kept_from_plain_copies() {
+        // SAFETY: memfd_secret(0) creates a new fd or fails.
+        let fd = unsafe { libc::syscall(libc::SYS_memfd_secret, 0) } as i32;
+        if fd < 0 {
+            // Not offered by this kernel (or disabled): nothing to classify.
+            return;
+        }
+        // SAFETY: sizing and mapping our own new fd.
+        let p = unsafe {
+            libc::ftruncate(fd, 4096);
+            libc::mmap(
+                core::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let maps = read_self_maps().unwrap();
+        let m = maps
+            .iter()
+            .find(|m| m.range.contains(VirtAddr(p as u64)))
+            .expect("the secret mapping");
+        let plain = m.plain_copy_ok();
+        // SAFETY: unmapping and closing what we created.
+        unsafe {
+            libc::munmap(p, 4096);
+            libc::close(fd);
+        }
+        assert!(!plain, "{m:?}");
+        let vvar = maps
+            .iter()
+            .find(|m| m.kind == MappingKind::Special("[vvar]".into()));
+        assert!(vvar.is_none_or(|m| !m.plain_copy_ok()));
     }
 
     #[test]

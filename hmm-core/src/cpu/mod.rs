@@ -9,6 +9,8 @@
 //! - [`uffd`], [`monitor`], [`write_track`]: userfaultfd events (unmap,
 //!   remove, remap, fork) and CPU-write tracking (`WP_ASYNC` +
 //!   `PAGEMAP_SCAN`); [`probe`]: what this kernel offers.
+//! - [`safecopy`]: copies to and from application memory that survive the
+//!   memory vanishing (an exception-table `rep movsb`, or `process_vm_*`).
 //! - [`host`]: all of it wired to an [`crate::notifier::AddressSpace`].
 //! - `sys` (crate-private): the raw kernel ABI the above need; what of it
 //!   a public signature uses is re-exported where it is used
@@ -22,6 +24,7 @@ pub mod monitor;
 pub mod pagemap;
 pub mod probe;
 pub mod range_fault;
+pub mod safecopy;
 mod scratch;
 pub(crate) mod sys;
 pub mod uffd;

@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::sync::OnceLock;
 
+use super::safecopy::{CopyPath, SyscallReason};
 use super::scratch::ScratchMap;
 use super::sys;
 use super::uffd::{Features, OpenAttempt, OpenMode, UffdError, Userfaultfd};
@@ -60,6 +61,10 @@ pub struct Capabilities {
     pub populate_write: ProbeResult,
     /// `sysconf(_SC_PAGESIZE)`.
     pub page_size: u64,
+    /// How copies to and from application memory are made, as of the
+    /// probe ([`super::safecopy::active_path`] on the probing thread;
+    /// probing installs the fault handler, as the first copy would).
+    pub copy_path: CopyPath,
 }
 
 fn errno_string(e: &io::Error) -> String {
@@ -181,6 +186,7 @@ impl Capabilities {
             populate_read: probe_madvise(sys::MADV_POPULATE_READ),
             populate_write: probe_madvise(sys::MADV_POPULATE_WRITE),
             page_size: u64::try_from(ps).unwrap_or(0),
+            copy_path: super::safecopy::active_path(),
         }
     }
 
@@ -282,6 +288,15 @@ impl Capabilities {
                 "no MADV_POPULATE_READ ({e}): range_fault populates by reading each page"
             ));
         }
+        match self.copy_path {
+            CopyPath::Recoverable => {}
+            // Asked for: not a degradation of this machine.
+            CopyPath::Syscall(SyscallReason::Environment | SyscallReason::Requested) => {}
+            CopyPath::Syscall(why) => out.push(format!(
+                "no recoverable copy ({why}): pages are copied with process_vm_readv/writev \
+                 (about a third of memcpy's throughput)"
+            )),
+        }
         out
     }
 }
@@ -336,6 +351,7 @@ impl fmt::Display for Capabilities {
         )?;
         writeln!(f, "  MADV_POPULATE_READ   {}", yes(&self.populate_read))?;
         writeln!(f, "  MADV_POPULATE_WRITE  {}", yes(&self.populate_write))?;
+        writeln!(f, "  copy path            {}", self.copy_path)?;
         let d = self.degradations();
         if d.is_empty() {
             write!(f, "  degradations         none")
@@ -368,15 +384,18 @@ mod tests {
             populate_read: Ok(()),
             populate_write: Err("EINVAL".into()),
             page_size: 16384,
+            copy_path: CopyPath::Syscall(SyscallReason::Displaced),
         };
         let d = caps.degradations();
-        assert_eq!(d.len(), 4, "{d:#?}");
+        assert_eq!(d.len(), 5, "{d:#?}");
         assert!(d[0].contains("page size"));
         assert!(d[1].starts_with("no userfaultfd"));
         assert!(d[2].contains("no PAGEMAP_SCAN"));
         assert!(d[3].contains("MADV_POPULATE_WRITE"));
+        assert!(d[4].starts_with("no recoverable copy (another SIGSEGV"));
         let text = caps.to_string();
         assert!(text.contains("userfaultfd          no"));
+        assert!(text.contains("copy path            process_vm_readv/writev"));
         assert!(!caps.wp_async_usable());
     }
 }

@@ -13,7 +13,7 @@
 
 use crate::addr::{VaRange, VirtAddr};
 use crate::cpu::host::{HostError, HostSpace};
-use crate::cpu::maps::Mapping;
+use crate::cpu::maps::{Mapping, MappingCache};
 use crate::cpu::range_fault::{FaultError, FaultFlags, PageState};
 use crate::notifier::AddressSpace;
 
@@ -174,16 +174,60 @@ impl HostSide for HostSpace {
     }
 
     fn read_pages(&self, srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<bool>) {
-        super::hostcopy::read_pages(srcs, staging, ok)
+        let mut route = PlainRoute::new(self.maps());
+        super::hostcopy::read_pages(srcs, staging, ok, &mut |a| route.allows(a))
     }
 
     unsafe fn read_pages_to(&self, srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>) {
+        let mut route = PlainRoute::new(self.maps());
         // SAFETY: the caller upholds `read_pages_to`'s contract, which is
         // this method's.
-        unsafe { super::hostcopy::read_pages_to(srcs, dsts, ok) }
+        unsafe { super::hostcopy::read_pages_to(srcs, dsts, ok, &mut |a| route.allows(a)) }
     }
 
     fn write_runs(&self, runs: &[(VirtAddr, &[u8])]) -> usize {
-        super::hostcopy::write_runs(runs)
+        let mut route = PlainRoute::new(self.maps());
+        super::hostcopy::write_runs(runs, &mut |a| route.allows(a))
+    }
+}
+
+/// Which CPU pages a plain (recoverable) copy may touch, for one batch:
+/// [`Mapping::plain_copy_ok`] of the mapping containing each page, from
+/// the mapping cache. A batch lies mostly in one mapping, so the last
+/// answer is kept with its range and a batch costs about one lookup. The
+/// lookups are fresh as of the current epoch: served from the cache
+/// inside ranges whose changes events report, or if the cache was read in
+/// this epoch (the fault service that called us has just read it), else
+/// after one re-read. A page in no mapping, or whose lookup fails, is
+/// routed to the syscall path, which reports it as unreadable.
+struct PlainRoute<'a> {
+    maps: &'a MappingCache,
+    epoch: u64,
+    last: Option<(VaRange, bool)>,
+}
+
+impl<'a> PlainRoute<'a> {
+    fn new(maps: &'a MappingCache) -> Self {
+        PlainRoute {
+            maps,
+            epoch: maps.current_epoch(),
+            last: None,
+        }
+    }
+
+    fn allows(&mut self, a: VirtAddr) -> bool {
+        if let Some((r, ok)) = self.last {
+            if r.contains(a) {
+                return ok;
+            }
+        }
+        match self.maps.lookup_in_epoch(a, self.epoch) {
+            Ok(Some(m)) => {
+                let ok = m.plain_copy_ok();
+                self.last = Some((m.range, ok));
+                ok
+            }
+            _ => false,
+        }
     }
 }

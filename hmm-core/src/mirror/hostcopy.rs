@@ -5,15 +5,36 @@
 //! gone, so between an application's `munmap` and the invalidation that
 //! follows, a fault service may try to read a page `range_fault` saw a
 //! moment ago, and a write-back may target one. A plain `memcpy` would
-//! raise SIGSEGV there. `process_vm_readv` / `process_vm_writev` on our own
-//! pid do the same copies inside the kernel and report `EFAULT` for a
-//! missing page instead, so the mirror treats the page as gone.
+//! raise SIGSEGV there. Two ways to copy anyway, same results:
 //!
-//! Each call moves up to `IOV_MAX` (1024) pages; the kernel stops at the
-//! first bad page and reports how many bytes it moved, so the copy is
-//! resumed after the bad page and every bad page is reported.
+//! - the recoverable copy ([`crate::cpu::safecopy`]): an exception-table
+//!   `rep movsb` whose faults on the application's side become errors with
+//!   exact progress. Used whenever [`Recoverable::check`] allows it for the
+//!   batch (checked once per call of these functions), for every page the
+//!   caller's `plain` says is ordinary memory
+//!   ([`crate::cpu::maps::Mapping::plain_copy_ok`]);
+//! - `process_vm_readv` / `process_vm_writev` on our own pid: the kernel
+//!   does the copy and reports `EFAULT` for a missing page. Used for the
+//!   rest: I/O / PFN mappings and secret memory (which the kernel refuses,
+//!   so such a page reads as failed), and whole batches when the
+//!   recoverable copy is off (`HMM_SAFE_COPY=syscall`, another fault
+//!   handler, blocked signals, not x86-64). Each call moves up to `IOV_MAX`
+//!   (1024) pages; the kernel stops at the first bad page and reports how
+//!   many bytes it moved, so the copy is resumed after the bad page and
+//!   every bad page is reported.
+//!
+//! Either way a page that cannot be read is reported (`ok[k] = false`,
+//! its destination zeroed) and a run that cannot be written is skipped;
+//! a hardware memory error in a page counts as a page that cannot be read.
+//!
+//! Which mappings are ordinary comes from the mapping cache, so it is as
+//! fresh as the cache: in the residual window the `residency::copy` docs
+//! describe (memory unmapped and mapped again by another thread before
+//! the unmap event is read) a new mapping is copied the way the old one
+//! was classified.
 
 use crate::addr::{VirtAddr, PAGE_SIZE};
+use crate::cpu::safecopy::Recoverable;
 
 const IOV_MAX: usize = 1024;
 const PAGE: usize = PAGE_SIZE as usize;
@@ -21,7 +42,13 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Reads the pages at `srcs` (page-aligned CPU addresses) into consecutive
 /// 4 KiB chunks of `staging` (which must hold `srcs.len()` pages). Returns,
 /// per page, whether it was read; an unreadable page's chunk is zeroed.
-pub(crate) fn read_pages(srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<bool>) {
+/// `plain(a)`: whether the page at `a` may be read by a plain CPU copy.
+pub(crate) fn read_pages(
+    srcs: &[VirtAddr],
+    staging: &mut [u8],
+    ok: &mut Vec<bool>,
+    plain: &mut dyn FnMut(VirtAddr) -> bool,
+) {
     let staging = &mut staging[..srcs.len() * PAGE];
     let dsts: Vec<*mut u8> = staging
         .chunks_exact_mut(PAGE)
@@ -29,20 +56,89 @@ pub(crate) fn read_pages(srcs: &[VirtAddr], staging: &mut [u8], ok: &mut Vec<boo
         .collect();
     // SAFETY: each pointer is a distinct 4 KiB chunk of `staging`, which we
     // borrow mutably for the call and do not touch otherwise meanwhile.
-    unsafe { read_pages_to(srcs, &dsts, ok) }
+    unsafe { read_pages_to(srcs, &dsts, ok, plain) }
 }
 
 /// Reads the page at `srcs[k]` into the 4 KiB at `dsts[k]` (for example a
-/// host-addressable pool slot), `IOV_MAX` pages per system call. Returns,
-/// per page, whether it was read; an unreadable page's destination is
-/// zeroed.
+/// host-addressable pool slot). Returns, per page, whether it was read; an
+/// unreadable page's destination is zeroed. `plain` as for [`read_pages`].
 ///
 /// # Safety
 ///
 /// Every `dsts[k]` is valid for writes of 4096 bytes, the destinations are
 /// pairwise disjoint and disjoint from every source page, and nothing else
 /// reads or writes them during the call.
-pub(crate) unsafe fn read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>) {
+pub(crate) unsafe fn read_pages_to(
+    srcs: &[VirtAddr],
+    dsts: &[*mut u8],
+    ok: &mut Vec<bool>,
+    plain: &mut dyn FnMut(VirtAddr) -> bool,
+) {
+    ok.clear();
+    ok.resize(srcs.len(), false);
+    let Ok(rc) = Recoverable::check() else {
+        // SAFETY: the caller's contract is `sys_read_pages_to`'s.
+        unsafe { sys_read_pages_to(srcs, dsts, ok) };
+        return;
+    };
+    let mut slow = Vec::new();
+    let mut i = 0;
+    while i < srcs.len() {
+        if !plain(srcs[i]) {
+            slow.push(i);
+            i += 1;
+            continue;
+        }
+        // One copy for a run of pages consecutive on both sides.
+        let mut j = i + 1;
+        while j < srcs.len()
+            && srcs[j].0 == srcs[j - 1].0 + PAGE_SIZE
+            && dsts[j] == dsts[j - 1].wrapping_add(PAGE)
+            && plain(srcs[j])
+        {
+            j += 1;
+        }
+        // SAFETY: `dsts[i..j]` are consecutive, so `dsts[i]` is valid for
+        // `(j - i) * 4096` bytes of writes nothing else touches (caller);
+        // the sources are disjoint from them (caller) and ordinary memory
+        // or unmapped (`plain`).
+        let r = unsafe { rc.copy_in(dsts[i], srcs[i].0 as usize as *const u8, (j - i) * PAGE) };
+        match r {
+            Ok(()) => {
+                ok[i..j].fill(true);
+                i = j;
+            }
+            Err(e) => {
+                // Pages before the one that failed are whole; that one
+                // (perhaps partly copied) is reported and zeroed.
+                let bad = i + e.copied() / PAGE;
+                ok[i..bad].fill(true);
+                // SAFETY: `dsts[bad]` is valid for 4096 bytes of writes.
+                unsafe { std::ptr::write_bytes(dsts[bad], 0, PAGE) };
+                i = bad + 1;
+            }
+        }
+    }
+    if !slow.is_empty() {
+        let s: Vec<VirtAddr> = slow.iter().map(|&k| srcs[k]).collect();
+        let d: Vec<*mut u8> = slow.iter().map(|&k| dsts[k]).collect();
+        let mut o = Vec::with_capacity(slow.len());
+        // SAFETY: a subset of the caller's pages and destinations, under
+        // the same contract.
+        unsafe { sys_read_pages_to(&s, &d, &mut o) };
+        for (x, &k) in slow.iter().enumerate() {
+            ok[k] = o[x];
+        }
+    }
+}
+
+/// [`read_pages_to`] through `process_vm_readv`, `IOV_MAX` pages per
+/// system call.
+///
+/// # Safety
+///
+/// As for [`read_pages_to`].
+unsafe fn sys_read_pages_to(srcs: &[VirtAddr], dsts: &[*mut u8], ok: &mut Vec<bool>) {
     ok.clear();
     ok.resize(srcs.len(), false);
     let mut i = 0;
@@ -172,8 +268,39 @@ fn byte_runs(
 }
 
 /// Writes each `(dst, bytes)` run to CPU memory, skipping runs whose pages
-/// are gone; returns how many runs were written.
-pub(crate) fn write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
+/// are gone; returns how many runs were written. `plain` as for
+/// [`read_pages`]. The caller checked under the driver lock that the runs
+/// belong to the mirrored range, and no run overlaps the bytes of another.
+pub(crate) fn write_runs(
+    runs: &[(VirtAddr, &[u8])],
+    plain: &mut dyn FnMut(VirtAddr) -> bool,
+) -> usize {
+    let Ok(rc) = Recoverable::check() else {
+        return sys_write_runs(runs);
+    };
+    let mut written = 0;
+    let mut slow = Vec::new();
+    for (k, (dst, bytes)) in runs.iter().enumerate() {
+        let pages = dst.page_down().0..dst.0 + bytes.len() as u64;
+        if !pages.step_by(PAGE).all(|p| plain(VirtAddr(p))) {
+            slow.push(runs[k]);
+            continue;
+        }
+        // SAFETY: the source is a borrowed byte slice (our staging, pool
+        // or twin memory), not CPU memory of the mirrored range; the
+        // destination is application memory in ordinary mappings
+        // (`plain`) that the mirror is allowed to overwrite (caller), and
+        // may vanish under the copy (then it is skipped).
+        if unsafe { rc.copy_out(dst.0 as usize as *mut u8, bytes.as_ptr(), bytes.len()) }.is_ok() {
+            written += 1;
+        }
+    }
+    written + sys_write_runs(&slow)
+}
+
+/// [`write_runs`] through `process_vm_writev`, `IOV_MAX` runs per system
+/// call.
+fn sys_write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
     let mut written = 0;
     let mut i = 0;
     while i < runs.len() {
@@ -297,8 +424,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unmapped_pages_are_reported_not_fatal() {
+    /// Three pages, the middle one unmapped: read and written with
+    /// `plain` answering `route(page index)`; checks the documented
+    /// results. Returns the mapping's base (pages 0 and 2 still mapped).
+    fn three_pages_one_gone(route: &dyn Fn(usize) -> bool) {
         let len = 3 * PAGE;
         // SAFETY: fresh private anonymous mapping owned by this test.
         let p = unsafe {
@@ -323,25 +452,96 @@ mod tests {
             VirtAddr(base + PAGE as u64),
             VirtAddr(base + 2 * PAGE as u64),
         ];
+        let mut plain = |a: VirtAddr| route(((a.0 - base) / PAGE as u64) as usize);
         let mut staging = vec![1u8; 3 * PAGE];
         let mut ok = Vec::new();
-        read_pages(&addrs, &mut staging, &mut ok);
+        read_pages(&addrs, &mut staging, &mut ok, &mut plain);
         assert_eq!(ok, [true, false, true]);
         assert!(staging[..PAGE].iter().all(|&b| b == 7));
         assert!(staging[PAGE..2 * PAGE].iter().all(|&b| b == 0));
+        assert!(staging[2 * PAGE..].iter().all(|&b| b == 7));
         staging.fill(9);
-        let runs: Vec<(VirtAddr, &[u8])> = addrs
+        let mut runs: Vec<(VirtAddr, &[u8])> = addrs
             .iter()
             .enumerate()
             .map(|(i, a)| (*a, &staging[i * PAGE..(i + 1) * PAGE]))
             .collect();
-        assert_eq!(write_runs(&runs), 2, "the unmapped page is skipped");
-        // SAFETY: page 2 is still mapped.
-        assert_eq!(unsafe { *((base + 2 * PAGE as u64) as *const u8) }, 9);
+        // A run crossing from page 0 into the hole, and a short one.
+        runs.push((VirtAddr(base + PAGE as u64 - 8), &staging[..16]));
+        runs.push((VirtAddr(base + 2 * PAGE as u64 + 8), &staging[..8]));
+        assert_eq!(
+            write_runs(&runs, &mut plain),
+            3,
+            "runs touching the unmapped page are skipped"
+        );
+        // SAFETY: pages 0 and 2 are still mapped.
+        unsafe {
+            assert_eq!(*((base + 2 * PAGE as u64) as *const u8), 9);
+            assert_eq!(*(base as *const u8), 9);
+        }
         // SAFETY: unmapping what is left of our mapping.
         unsafe {
             libc::munmap(p, PAGE);
             libc::munmap((base + 2 * PAGE as u64) as *mut libc::c_void, PAGE);
         }
+    }
+
+    #[test]
+    fn unmapped_pages_are_reported_not_fatal() {
+        // Recoverable where available, the syscall path for all pages, and
+        // a mix (page 2 "special").
+        three_pages_one_gone(&|_| true);
+        three_pages_one_gone(&|_| false);
+        three_pages_one_gone(&|i| i != 2);
+    }
+
+    /// With our handler replaced by someone else's, copies fall back to
+    /// `process_vm_*` (the foreign handler never runs), report the same
+    /// results, and the path says why. Runs in a child process (this test
+    /// binary, only this test) since it changes process-wide handlers.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn copies_fall_back_when_our_handler_is_replaced() {
+        use crate::cpu::safecopy::{self, CopyPath, SyscallReason};
+        const NAME: &str = "mirror::hostcopy::tests::copies_fall_back_when_our_handler_is_replaced";
+        const CHILD: &str = "HMM_HOSTCOPY_CHILD";
+        extern "C" fn foreign(_: libc::c_int) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(99) };
+        }
+        if std::env::var(CHILD).as_deref() == Ok(NAME) {
+            assert_eq!(safecopy::active_path(), CopyPath::Recoverable);
+            let (before, _) = safecopy::recovered_faults();
+            three_pages_one_gone(&|_| true);
+            let (mid, _) = safecopy::recovered_faults();
+            assert!(mid > before, "the recoverable path met the hole");
+            for sig in [libc::SIGSEGV, libc::SIGBUS] {
+                // SAFETY: plain-data struct, zero is valid; installing a
+                // one-argument handler for a valid signal.
+                unsafe {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = foreign as *const () as libc::sighandler_t;
+                    assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
+                }
+            }
+            assert_eq!(
+                safecopy::active_path(),
+                CopyPath::Syscall(SyscallReason::Displaced)
+            );
+            three_pages_one_gone(&|_| true);
+            assert_eq!(safecopy::recovered_faults().0, mid, "no fault taken");
+            println!("fell back");
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, NAME)
+            .env_remove("HMM_SAFE_COPY")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("fell back"),
+            "{out:?}"
+        );
     }
 }

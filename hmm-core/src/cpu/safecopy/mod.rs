@@ -1,0 +1,356 @@
+//! Fault-recoverable copies between the application's memory and ours.
+//!
+//! The mirror copies pages the application may unmap (or truncate, or
+//! poison) at any moment: a page `range_fault` saw present a microsecond ago
+//! can be gone when the copy reaches it, because the kernel reports an
+//! unmap to userspace only *after* it happened. A plain `memcpy` would take
+//! SIGSEGV (or SIGBUS for a truncated file) and kill the process. The old
+//! answer was to copy inside the kernel with `process_vm_readv` /
+//! `process_vm_writev` on our own pid, which turns a missing page into
+//! `EFAULT`; it costs a fixed ~1 µs per call plus pinning every page, about
+//! 30 % of `memcpy` throughput (`/work/shared/perf-lab`, gap A).
+//!
+//! # The technique: an exception table
+//!
+//! This is what Linux itself does for `copy_from_user` / `copy_to_user`
+//! (`arch/x86/lib/copy_user_64.S`, `arch/x86/mm/extable.c`): the copy is one
+//! `rep movsb` whose address is listed in an *exception table* together
+//! with a *fixup* address. When the instruction faults, the fault handler
+//! finds the faulting instruction pointer in the table, rewrites it to the
+//! fixup, and returns; the fixup turns the registers `rep movsb` left behind
+//! (`rcx` = bytes not copied) into the return value. Wasmtime does the same
+//! in userspace for WebAssembly's trapping loads (a SIGSEGV handler that
+//! looks the PC up in the compiled module's trap table and redirects it),
+//! as does HotSpot for implicit null checks.
+//!
+//! Here:
+//!
+//! - the copy routines are written in assembly (`global_asm!`) so that the
+//!   only instruction that touches memory is the `rep movsb` and nothing
+//!   else is live across it: no stack frame, no spilled registers, no
+//!   lock. Resuming at the fixup is therefore always sound. There is one
+//!   routine per direction: [`Recoverable::copy_in`] (the application's
+//!   memory is the source, `rsi`) and [`Recoverable::copy_out`] (it is the
+//!   destination, `rdi`). Each returns `(bytes not copied, code)` in
+//!   `rax:rdx`.
+//! - a `SIGSEGV`/`SIGBUS` handler (`sigaction`, `SA_SIGINFO | SA_ONSTACK`)
+//!   recovers a fault **only** when all of these hold (the *recovery
+//!   rule*):
+//!   1. `si_code > 0`: the kernel raised it for a real fault (not `kill`,
+//!      `tgkill` or `sigqueue`, whose codes are ≤ 0);
+//!   2. the interrupted instruction pointer (`uc_mcontext.gregs[REG_RIP]`)
+//!      lies in `[begin, end)` of an exception-table entry, i.e. *is* one of
+//!      our `rep movsb`;
+//!   3. the faulting address `si_addr` lies in what is left of the
+//!      application-side range of that copy: with `cur` = `rsi` (for
+//!      `copy_in`) or `rdi` (for `copy_out`) and `left` = `rcx` as the
+//!      ucontext holds them at the fault, `cur <= si_addr < cur + left`.
+//!      `rep movsb` updates `rsi`, `rdi` and `rcx` as it goes, so the
+//!      registers are the copy's exact progress and no per-thread state is
+//!      needed. For a hardware memory error (`BUS_MCEERR_AR`/`AO`) the
+//!      kernel reports the poisoned unit `[si_addr, si_addr + 2^si_addr_lsb)`
+//!      instead of a byte; it must overlap `[cur, cur + left)`.
+//!
+//!   A fault on the *other* side of the copy (our own staging buffer or
+//!   pool slot) fails rule 3 and is not recovered: that would be a bug in
+//!   this crate, and it crashes like any wild access. A recovered fault
+//!   sets `rip` to the entry's fixup and `rdx` to 1 (an ordinary fault:
+//!   [`CopyError::Fault`]) or 2 (a machine check on the application's page:
+//!   [`CopyError::HardwareMemoryError`]). `sigreturn` restores the signal
+//!   mask. No `longjmp`, no unwinding, no allocation, no lock, no
+//!   thread-local: the handler is async-signal-safe.
+//! - every other fault is *chained*: the previous action (saved when ours
+//!   was installed) is called as it asked to be (`sa_sigaction` with
+//!   `SA_SIGINFO`, else `sa_handler`). A previous `SIG_DFL` (or `SIG_IGN`,
+//!   which the kernel does not honour for a real fault either) is
+//!   reinstated and the handler returns: the faulting instruction runs
+//!   again and the default action kills the process with the right signal
+//!   and a core dump; a signal that was *sent* (`si_code <= 0`) is raised
+//!   again, and is delivered with the default action once the handler
+//!   returns. (The previous action's `sa_mask`, `SA_NODEFER` and
+//!   `SA_RESETHAND` are not re-enacted: it runs inside our handler, with
+//!   the faulting signal blocked.) Rust's own stack-overflow handler (installed by `std` at
+//!   startup on `SIGSEGV`/`SIGBUS`, running on the thread's `sigaltstack`)
+//!   is such a previous handler: a guard-page hit still prints "thread …
+//!   has overflowed its stack" and aborts, because ours forwards it (ours
+//!   asks for `SA_ONSTACK` too, so it runs on that alternate stack).
+//!
+//! # When the recoverable copy is not used
+//!
+//! [`Recoverable::check`], called before each batch of copies, answers
+//! with a [`SyscallReason`] and the caller uses `process_vm_*` instead:
+//!
+//! - not x86-64 ([`SyscallReason::Unsupported`], decided at compile time);
+//! - `HMM_SAFE_COPY=syscall` in the environment, read once
+//!   ([`SyscallReason::Environment`]; any value other than `recoverable`
+//!   or empty also selects the syscall path), or [`force_syscall`]
+//!   ([`SyscallReason::Requested`]). Processes whose runtimes own
+//!   `SIGSEGV` (a JVM, Go, sanitizers) should use one of these;
+//! - our handler is no longer the installed one
+//!   ([`SyscallReason::Displaced`]): checked with `sigaction(sig, NULL,
+//!   &cur)` for both signals before each batch;
+//! - this thread blocks `SIGSEGV` or `SIGBUS` ([`SyscallReason::SignalsBlocked`]):
+//!   the kernel kills a process that faults with the signal blocked, so the
+//!   handler would never run;
+//! - installation failed ([`SyscallReason::InstallFailed`]).
+//!
+//! **The race, stated honestly.** The check is a snapshot: another thread
+//! calling `sigaction(SIGSEGV, …)` between the check and a fault in the
+//! batch replaces our handler under us, and the fault then goes to theirs
+//! (or kills the process). No userspace protocol can close this — a
+//! handler installation is not something one can lock against — so code
+//! that installs fault handlers while mirrors copy must select the syscall
+//! path. A handler installed *before* ours is always fine (we chain to it);
+//! one installed after ours that chains back to us is detected as
+//! `Displaced` and costs only speed. The same applies to the saved previous
+//! action: it is read, published, and only then is ours installed; a
+//! handler installed by another thread in between is lost from the chain.
+//!
+//! # What may be copied this way
+//!
+//! `rep movsb` touches the memory itself, so it must never be pointed at a
+//! mapping where a load has side effects or is forbidden: I/O and PFN maps
+//! (`VM_IO`, `VM_PFNMAP`: device registers, `[vvar]`), and `memfd_secret`
+//! memory, which the kernel keeps out of reach of everyone else
+//! (`process_vm_readv` fails there and the mirror reports the page as
+//! unmirrorable). Callers route those mappings to the syscall path; see
+//! [`crate::cpu::maps::Mapping::plain_copy_ok`].
+//!
+//! # Why hand-written
+//!
+//! No maintained crate offers a recoverable copy with progress reporting:
+//! the ones that catch SIGSEGV do it with `sigsetjmp`/`siglongjmp`, which
+//! Rust cannot express soundly (a function that returns twice) and which
+//! cannot say how far the copy got. The code is small: two five-instruction
+//! routines, a table, a handler and its installation.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+/// Which mechanism copies between the application's memory and ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyPath {
+    /// The exception-table `rep movsb` copy with the fault handler.
+    Recoverable,
+    /// `process_vm_readv` / `process_vm_writev` on our own pid.
+    Syscall(SyscallReason),
+}
+
+impl fmt::Display for CopyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CopyPath::Recoverable => write!(f, "recoverable rep movsb (exception table)"),
+            CopyPath::Syscall(why) => write!(f, "process_vm_readv/writev ({why})"),
+        }
+    }
+}
+
+/// Why the syscall path is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallReason {
+    /// No recoverable copy for this target (only x86-64 has one).
+    Unsupported,
+    /// `HMM_SAFE_COPY` is set to something other than `recoverable`.
+    Environment,
+    /// [`force_syscall`] asked for it.
+    Requested,
+    /// Installing the fault handler failed.
+    InstallFailed,
+    /// Someone replaced our `SIGSEGV` or `SIGBUS` handler.
+    Displaced,
+    /// The calling thread blocks `SIGSEGV` or `SIGBUS`.
+    SignalsBlocked,
+}
+
+impl fmt::Display for SyscallReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SyscallReason::Unsupported => "only x86-64 has one",
+            SyscallReason::Environment => "HMM_SAFE_COPY selects it",
+            SyscallReason::Requested => "selected by the program",
+            SyscallReason::InstallFailed => "installing the fault handler failed",
+            SyscallReason::Displaced => "another SIGSEGV/SIGBUS handler replaced ours",
+            SyscallReason::SignalsBlocked => "this thread blocks SIGSEGV or SIGBUS",
+        })
+    }
+}
+
+/// A copy that stopped at the application's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CopyError {
+    /// The application-side memory faulted (unmapped, protected, a file
+    /// truncated under a shared mapping) after `copied` bytes.
+    #[error("application memory faulted after {copied} bytes")]
+    Fault {
+        /// Bytes copied before the fault (all of them correct).
+        copied: usize,
+    },
+    /// A hardware memory error (machine check, `BUS_MCEERR_AR`/`AO`) in the
+    /// application-side memory after `copied` bytes.
+    #[error("hardware memory error in application memory after {copied} bytes")]
+    HardwareMemoryError {
+        /// Bytes copied before the error.
+        copied: usize,
+    },
+}
+
+impl CopyError {
+    /// Bytes copied before the copy stopped.
+    pub fn copied(&self) -> usize {
+        match *self {
+            CopyError::Fault { copied } | CopyError::HardwareMemoryError { copied } => copied,
+        }
+    }
+}
+
+/// Set by [`force_syscall`].
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Faults the handler recovered (both kinds).
+static RECOVERED: AtomicU64 = AtomicU64::new(0);
+/// Hardware memory errors among them.
+static HW_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `HMM_SAFE_COPY` asks for the syscall path (read once).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn env_wants_syscall() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    *ENV.get_or_init(|| match std::env::var_os("HMM_SAFE_COPY") {
+        None => false,
+        Some(v) => !(v.is_empty() || v == "recoverable"),
+    })
+}
+
+/// Forces the syscall path (`true`) for every later batch, or returns to
+/// the default (`false`: recoverable where available, unless
+/// `HMM_SAFE_COPY` says otherwise). The programmatic twin of
+/// `HMM_SAFE_COPY=syscall`, for programs that install their own fault
+/// handlers while mirrors copy. Affects batches that start after the call.
+pub fn force_syscall(yes: bool) {
+    // Relaxed: a preference read at the start of each batch; nothing else
+    // is published through it.
+    FORCED.store(yes, Ordering::Relaxed);
+}
+
+/// The path the next batch of copies on this thread would take. Installs
+/// the fault handler if the recoverable path is selected and it is not
+/// installed yet (as the first copy would).
+pub fn active_path() -> CopyPath {
+    match Recoverable::check() {
+        Ok(_) => CopyPath::Recoverable,
+        Err(why) => CopyPath::Syscall(why),
+    }
+}
+
+/// How many faults the handler has recovered in this process, and how
+/// many of them were hardware memory errors. Counted per signal: an
+/// ordinary fault usually counts twice (the copy meets it, then the probe
+/// that confirms where the bad memory starts meets it again); a hardware
+/// error once (the poisoned memory is not touched again).
+pub fn recovered_faults() -> (u64, u64) {
+    // Relaxed: statistics counters.
+    (
+        RECOVERED.load(Ordering::Relaxed),
+        HW_ERRORS.load(Ordering::Relaxed),
+    )
+}
+
+/// Permission, for one batch on the thread that obtained it, to use the
+/// recoverable copy: [`Recoverable::check`] found our handler installed
+/// for both signals and neither signal blocked in this thread. Not `Send`:
+/// the signal-mask check is per thread. Get a fresh one per batch (see the
+/// module docs for why the check is only a snapshot).
+#[derive(Debug)]
+pub struct Recoverable {
+    _thread: std::marker::PhantomData<*const ()>,
+    /// Uninhabited where there is no recoverable copy.
+    #[cfg(not(target_arch = "x86_64"))]
+    never: std::convert::Infallible,
+}
+
+impl Recoverable {
+    /// Whether the recoverable copy may be used now on this thread
+    /// (installing the handler on first use), or why not. Costs three
+    /// system calls (two `sigaction` queries and one `pthread_sigmask`
+    /// query).
+    pub fn check() -> Result<Recoverable, SyscallReason> {
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Err(SyscallReason::Unsupported)
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Relaxed: see `force_syscall`.
+            if FORCED.load(Ordering::Relaxed) {
+                return Err(SyscallReason::Requested);
+            }
+            if env_wants_syscall() {
+                return Err(SyscallReason::Environment);
+            }
+            x86_64::ready()?;
+            Ok(Recoverable {
+                _thread: std::marker::PhantomData,
+            })
+        }
+    }
+
+    /// Copies `n` bytes from the application's memory at `src` to `dst`.
+    /// Returns the error (with the bytes copied so far) if `src` faults,
+    /// instead of raising a signal.
+    ///
+    /// # Safety
+    ///
+    /// - `dst` is valid for writes of `n` bytes, and nothing else reads or
+    ///   writes it during the call (a fault there is *not* recovered: it
+    ///   crashes the process, as any wild write would);
+    /// - `src..src + n` does not overlap `dst..dst + n`, and is ordinary
+    ///   memory or unmapped: not an I/O or PFN mapping, not `memfd_secret`
+    ///   (see [`crate::cpu::maps::Mapping::plain_copy_ok`]). It may be
+    ///   unmapped, protected, truncated or concurrently written by other
+    ///   threads at any time; the bytes read are then whatever the memory
+    ///   held, as with `process_vm_readv`.
+    pub unsafe fn copy_in(&self, dst: *mut u8, src: *const u8, n: usize) -> Result<(), CopyError> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the caller's contract is `x86_64::copy`'s for the
+            // source side; `self` proves the handler is in place.
+            unsafe { x86_64::copy(dst, src, n, x86_64::Side::Source) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (dst, src, n);
+            match self.never {}
+        }
+    }
+
+    /// Copies `n` bytes from `src` to the application's memory at `dst`.
+    /// Returns the error (with the bytes copied so far) if `dst` faults,
+    /// instead of raising a signal. A failed copy may have written part of
+    /// the range (the first `copied` bytes at least).
+    ///
+    /// # Safety
+    ///
+    /// - `src` is valid for reads of `n` bytes, and nothing writes it during
+    ///   the call (a fault there is not recovered);
+    /// - `dst..dst + n` does not overlap `src..src + n`, and is ordinary
+    ///   memory or unmapped (as for [`Recoverable::copy_in`]'s source); it
+    ///   is memory the caller may overwrite: nothing in this process holds
+    ///   a Rust reference to it.
+    pub unsafe fn copy_out(&self, dst: *mut u8, src: *const u8, n: usize) -> Result<(), CopyError> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the caller's contract is `x86_64::copy`'s for the
+            // destination side; `self` proves the handler is in place.
+            unsafe { x86_64::copy(dst, src, n, x86_64::Side::Destination) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (dst, src, n);
+            match self.never {}
+        }
+    }
+}
