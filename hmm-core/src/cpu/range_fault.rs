@@ -238,8 +238,26 @@ pub struct FaultStats {
 /// [`FaultError::Unstable`].
 const MAX_ATTEMPTS: u32 = 4;
 
-/// Categories `range_fault` asks the scan for.
-const RETURN_MASK: u64 = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO;
+/// Categories `range_fault` asks the scan for ([`return_mask`] adds
+/// `PAGE_IS_FILE` where it matters).
+const RETURN_MASK: u64 = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO;
+
+/// The scan's return mask for a piece of `m`. `PAGE_IS_FILE` costs the
+/// kernel a folio lookup per present page (4–5x on long scans of populated
+/// memory, `perf-lab/scanmask.c`), and [`classify`] reads it only for a
+/// present, non-zero page of a writable private mapping that is not
+/// anonymous (a private file mapping: a page-cache page there must be
+/// copied before a write). Elsewhere the answer is the same without it: a
+/// shared mapping is writable either way, a private anonymous mapping
+/// holds anonymous pages (or the zero page, classified before the bit is
+/// looked at), and a read-only mapping is read-only either way.
+fn return_mask(m: &Mapping) -> u64 {
+    if m.write && !m.shared && !m.is_private_anonymous() {
+        RETURN_MASK | PAGE_IS_FILE
+    } else {
+        RETURN_MASK
+    }
+}
 
 /// The `hmm_range_fault` analogue for this process.
 #[derive(Debug)]
@@ -492,7 +510,7 @@ impl RangeFaulter {
         self.scans.fetch_add(1, Ordering::Relaxed);
         self.pagemap.scan_with(
             piece,
-            &ScanArgs::report(RETURN_MASK),
+            &ScanArgs::report(return_mask(m)),
             &mut |r: page_region| {
                 let a = ((r.start.max(base) - base) >> PAGE_SHIFT) as usize;
                 let b = (((r.end - base) >> PAGE_SHIFT) as usize).min(out.len());
@@ -763,6 +781,103 @@ mod tests {
             classify(PAGE_IS_PRESENT, &file),
             (PageState::Valid { writable: true }, true)
         );
+    }
+
+    /// Maps `pages` of `fd` (or anonymous memory when `fd < 0`).
+    fn map(pages: usize, flags: libc::c_int, prot: libc::c_int, fd: libc::c_int) -> VaRange {
+        // SAFETY: a fresh mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                pages << PAGE_SHIFT,
+                prot,
+                flags,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        VaRange::from_start_len(VirtAddr(p as u64), (pages as u64) << PAGE_SHIFT).unwrap()
+    }
+
+    /// Asking for `PAGE_IS_FILE` only in private file mappings changes no
+    /// snapshot: every kind of mapping, with pages never touched, read,
+    /// written (copied, for a private file mapping), gives the states the
+    /// full mask gives.
+    #[test]
+    fn file_category_only_where_it_matters() {
+        const N: usize = 8;
+        // SAFETY: a memfd we own, sized to N pages and filled.
+        let fd = unsafe { libc::memfd_create(c"hmm-rf-file".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is ours.
+        assert_eq!(unsafe { libc::ftruncate(fd, (N << PAGE_SHIFT) as i64) }, 0);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let maps = [
+            ("private anon", map(N, anon, rw, -1)),
+            (
+                "shared anon",
+                map(N, libc::MAP_SHARED | libc::MAP_ANONYMOUS, rw, -1),
+            ),
+            ("private file", map(N, libc::MAP_PRIVATE, rw, fd)),
+            ("shared file", map(N, libc::MAP_SHARED, rw, fd)),
+            (
+                "read-only private file",
+                map(N, libc::MAP_PRIVATE, libc::PROT_READ, fd),
+            ),
+        ];
+        for (k, (_, r)) in maps.iter().enumerate() {
+            let p = r.start().0 as *mut u8;
+            let writable = k != 4;
+            for i in 0..N {
+                let q = p.wrapping_add(i << PAGE_SHIFT);
+                // SAFETY: pages of our own mappings, all readable; written
+                // only where the mapping is writable (a write copies the
+                // page in a private file mapping).
+                unsafe {
+                    match i % 4 {
+                        1 => drop(q.read_volatile()),
+                        2 if writable => q.write_volatile(7),
+                        2 => drop(q.read_volatile()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let f = RangeFaulter::new().unwrap();
+        for (name, r) in &maps {
+            let m = f.maps().lookup(r.start()).unwrap().unwrap();
+            let mut full = vec![PageState::Error; N];
+            f.pagemap()
+                .scan_with(
+                    *r,
+                    &ScanArgs::report(RETURN_MASK | PAGE_IS_FILE),
+                    &mut |g| {
+                        let a = ((g.start - r.start().0) >> PAGE_SHIFT) as usize;
+                        let b = ((g.end - r.start().0) >> PAGE_SHIFT) as usize;
+                        full[a..b].fill(classify(g.categories, &m).0);
+                    },
+                )
+                .unwrap();
+            let got = f.range_fault(*r, FaultFlags::SNAPSHOT).unwrap();
+            assert_eq!(got, full, "{name}");
+            // The private file mapping is the one where the bit decides.
+            if *name == "private file" {
+                assert_eq!(
+                    got[1],
+                    PageState::Valid { writable: false },
+                    "page-cache page"
+                );
+                assert_eq!(got[2], PageState::Valid { writable: true }, "copied page");
+            }
+        }
+        for (_, r) in &maps {
+            // SAFETY: unmapping our own mappings.
+            unsafe { libc::munmap(r.start().0 as *mut libc::c_void, r.len() as usize) };
+        }
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
     }
 
     #[test]
