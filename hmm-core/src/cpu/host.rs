@@ -27,7 +27,7 @@ use super::maps::{Mapping, MappingCache, MapsError};
 use super::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorError};
 use super::probe::Capabilities;
 use super::range_fault::{FaultError, RangeFaulter};
-use super::write_track::{TrackError, TrackMode, WriteTracker};
+use super::write_track::{ArmedRuns, TrackError, TrackMode, WriteTracker};
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{AddressSpace, EventKind};
 
@@ -56,6 +56,9 @@ struct Sink {
     /// clone taken by [`HostSpace::new`], released when the monitor stops.
     space: AddressSpace,
     maps: Arc<MappingCache>,
+    /// The write tracker's armed runs (set once the tracker exists): they
+    /// follow unmaps and moves as the watch set does.
+    armed: std::sync::OnceLock<Arc<ArmedRuns>>,
 }
 
 impl InvalidationSink for Sink {
@@ -72,6 +75,13 @@ impl InvalidationSink for Sink {
             self.maps.untrust(range);
             self.maps.invalidate(range);
         }
+        // A moved range's runs move in `remapped` (before the kernel's
+        // UNMAP of the old range arrives).
+        if kind == EventKind::Unmap {
+            if let Some(a) = self.armed.get() {
+                a.unmapped(range);
+            }
+        }
         if let Err(p) = r {
             std::panic::resume_unwind(p);
         }
@@ -80,6 +90,9 @@ impl InvalidationSink for Sink {
     fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
         if let Ok(old) = VaRange::from_start_len(from, len) {
             self.maps.remap(old, to);
+            if let Some(a) = self.armed.get() {
+                a.moved(old, to);
+            }
         }
     }
 }
@@ -140,12 +153,16 @@ impl HostSpace {
             super::pagemap::Pagemap::open().map_err(FaultError::from)?,
         );
         let caps = Capabilities::get();
+        let mut sinks: Option<Arc<Sink>> = None;
         let (monitor, source) = if caps.uffd_available() {
             let sink = Arc::new(Sink {
                 space: space.clone(),
                 maps: Arc::clone(&maps),
+                armed: std::sync::OnceLock::new(),
             });
-            (Some(EventMonitor::start(sink)?), EventSource::Userfaultfd)
+            let mon = EventMonitor::start(Arc::clone(&sink))?;
+            sinks = Some(sink);
+            (Some(mon), EventSource::Userfaultfd)
         } else {
             let why = caps
                 .degradations()
@@ -156,6 +173,10 @@ impl HostSpace {
             (None, EventSource::ExplicitOnly(why))
         };
         let tracker = monitor.as_ref().map(EventMonitor::write_tracker);
+        if let (Some(sink), Some(t)) = (&sinks, &tracker) {
+            // No watch exists yet, so no event can have been missed.
+            let _ = sink.armed.set(t.armed_runs());
+        }
         if let Some(TrackMode::Degraded(why)) = tracker.as_ref().map(WriteTracker::mode) {
             eprintln!("hmm-rs: CPU-write tracking degraded: {why}");
         }
@@ -310,6 +331,10 @@ impl HostSpace {
         };
         for piece in uncovered {
             self.maps.untrust(piece);
+            // Unregistering clears the protection: no longer armed.
+            if let Some(t) = &self.tracker {
+                t.forget(piece);
+            }
             m.unwatch(piece)?;
         }
         drop(w);
@@ -425,16 +450,19 @@ fn subtract(a: Vec<VaRange>, b: &[VaRange]) -> Vec<VaRange> {
     out
 }
 
-/// Arms write tracking of a freshly watched range. The kernel refuses
-/// `UFFDIO_WRITEPROTECT` with `EAGAIN` while a non-cooperative event (an
-/// `munmap` or `madvise` anywhere in the process) waits to be read; the
-/// monitor thread reads it promptly, so retry for a bounded time instead of
-/// giving the range up as unwatched (found by `hmm-stress`). Callers hold
-/// no lock the monitor's sink could need.
+/// Starts write tracking of a freshly watched range
+/// ([`WriteTracker::track`]: parts another watch already armed keep their
+/// pending writes). Arming is a `PAGEMAP_SCAN`, but where it falls back to
+/// `UFFDIO_WRITEPROTECT` (or is made to use it) the kernel refuses that
+/// with `EAGAIN` while a non-cooperative event (an `munmap` or `madvise`
+/// anywhere in the process) waits to be read; the monitor thread reads it
+/// promptly, so retry for a bounded time instead of giving the range up as
+/// unwatched (found by `hmm-stress`). Callers hold no lock the monitor's
+/// sink could need.
 fn arm_retrying(t: &WriteTracker, range: VaRange) -> Result<(), HostError> {
     let t0 = std::time::Instant::now();
     loop {
-        match t.arm(range) {
+        match t.track(range) {
             Err(crate::cpu::write_track::TrackError::Protect(
                 crate::cpu::uffd::UffdError::Ioctl { ref source, .. },
             )) if source.raw_os_error() == Some(libc::EAGAIN)
