@@ -9,6 +9,10 @@
 //!   (first arm after a disarm, and re-arm of the armed range) and of
 //!   never-touched memory, with `PAGEMAP_SCAN` and with
 //!   `UFFDIO_WRITEPROTECT`.
+//! - watch: µs per populated 2 MiB region to start tracking it, armed
+//!   whole (`HostSpace::watch`) or on copy (`watch_on_copy` plus
+//!   `track_pages` of 1 or 5 scattered pages, 0.2 % or 1 % of the region,
+//!   as a sparse device read would).
 //!
 //! Each figure is the median over `reps` repetitions with [min - max]; the
 //! two methods alternate within each repetition.
@@ -16,6 +20,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use hmm_core::cpu::host::HostSpace;
 use hmm_core::cpu::monitor::{EventMonitor, InvalidationSink};
 use hmm_core::cpu::range_fault::RangeFaulter;
 use hmm_core::cpu::write_track::{ArmMethod, TrackMode};
@@ -211,6 +216,62 @@ fn arm(reps: usize) {
     mon.unwatch(all).unwrap();
 }
 
+fn watch(reps: usize, rng: &mut Rng) {
+    const LEN: usize = 256 << 20;
+    const REGION: usize = 2 << 20;
+    let regions = LEN / REGION;
+    let host = HostSpace::new().unwrap();
+    if host
+        .write_tracker()
+        .is_none_or(|t| t.mode() != &TrackMode::Precise)
+    {
+        println!("## watch: tracking not precise here, skipped");
+        return;
+    }
+    let m = Anon::new(LEN, true);
+    let region = |i: usize| {
+        VaRange::from_start_len(VirtAddr((m.p as usize + i * REGION) as u64), REGION as u64)
+            .unwrap()
+    };
+    println!("## watch {regions} populated regions of 2 MiB (µs per region)");
+    for density in [1, 5] {
+        let mut t = [vec![], vec![]];
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            for i in 0..regions {
+                host.watch(region(i)).unwrap();
+            }
+            t[0].push(t0.elapsed().as_secs_f64() * 1e6 / regions as f64);
+            for i in 0..regions {
+                host.unwatch(region(i)).unwrap();
+            }
+            let picks: Vec<Vec<VirtAddr>> = (0..regions)
+                .map(|i| {
+                    rng.pages(density, REGION / PS)
+                        .into_iter()
+                        .map(|p| VirtAddr(region(i).start().get() + (p * PS) as u64))
+                        .collect()
+                })
+                .collect();
+            let t0 = Instant::now();
+            for (i, pages) in picks.iter().enumerate() {
+                host.watch_on_copy(region(i)).unwrap();
+                host.track_pages(pages).unwrap();
+            }
+            t[1].push(t0.elapsed().as_secs_f64() * 1e6 / regions as f64);
+            for i in 0..regions {
+                host.unwatch(region(i)).unwrap();
+            }
+        }
+        row("watch, armed whole", &mut t[0], "µs/region");
+        row(
+            &format!("watch_on_copy + track_pages of {density} scattered pages"),
+            &mut t[1],
+            "µs/region",
+        );
+    }
+}
+
 fn main() {
     let reps: usize = std::env::args()
         .nth(1)
@@ -219,4 +280,5 @@ fn main() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     populate(reps, &mut rng);
     arm(reps);
+    watch(reps, &mut rng);
 }

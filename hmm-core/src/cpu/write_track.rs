@@ -586,6 +586,24 @@ impl WriteTracker {
             .map_err(TrackError::Protect)
     }
 
+    /// Pages of `range` in the armed set.
+    pub fn armed_pages(&self, range: VaRange) -> u64 {
+        set_split(&self.armed_set(), range, true)
+            .iter()
+            .map(|r| r.pages())
+            .sum()
+    }
+
+    /// Puts `range` in the armed set without protecting it (arming it
+    /// failed): the collect then reports its pages as written (a
+    /// never-armed page reads as written) or fails for it, which is
+    /// conservative, and re-protects what it reports.
+    pub(crate) fn mark_armed(&self, range: VaRange) {
+        if self.precise().is_some() {
+            self.add_armed(range);
+        }
+    }
+
     /// Takes `range` out of the armed set without a syscall: its
     /// registration was dropped (which clears protection) or it is gone.
     pub fn forget(&self, range: VaRange) {
