@@ -235,6 +235,15 @@ fn set_add(set: &mut Vec<VaRange>, r: VaRange) {
     }
 }
 
+/// [`set_add`], then keeps spare capacity for the sink's in-place edits
+/// (see [`ArmedRuns`]).
+fn add_keeping_room(set: &mut Vec<VaRange>, r: VaRange) {
+    set_add(set, r);
+    if set.capacity() - set.len() < 4 {
+        set.reserve(16);
+    }
+}
+
 /// Removes `r` from `set`.
 fn set_remove(set: &mut Vec<VaRange>, r: VaRange) {
     let first = set.partition_point(|x| x.end() <= r.start());
@@ -390,11 +399,7 @@ impl WriteTracker {
     /// Adds `r` to the armed set and keeps spare capacity for the sink's
     /// in-place edits.
     fn add_armed(&self, r: VaRange) {
-        let mut set = self.armed_set();
-        set_add(&mut set, r);
-        if set.capacity() - set.len() < 4 {
-            set.reserve(16);
-        }
+        add_keeping_room(&mut self.armed_set(), r);
     }
 
     /// The armed set, for an event sink to keep in step with the memory.
@@ -434,10 +439,16 @@ impl WriteTracker {
             return Ok(());
         };
         let uffd = self.uffd.upgrade().ok_or(TrackError::MonitorGone)?;
-        let todo = set_split(&self.armed_set(), range, false);
-        for r in todo {
+        // The set stays locked while the missing parts are protected: two
+        // callers tracking the same unarmed page (two mirrors copying it)
+        // must not both protect it, or a CPU write between the two
+        // protections — after the first caller's copy — would be dropped.
+        // (The scan does not wait for the monitor, whose sink also takes
+        // this lock.)
+        let mut set = self.armed_set();
+        for r in set_split(&set, range, false) {
             self.protect(pagemap, &uffd, r)?;
-            self.add_armed(r);
+            add_keeping_room(&mut set, r);
         }
         Ok(())
     }
