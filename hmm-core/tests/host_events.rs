@@ -450,7 +450,14 @@ fn moving_mremap_sends_remap_of_the_old_range_and_the_cache_follows() {
         .unwrap()
         .expect("moved mapping");
     assert_eq!(moved.range, new);
-    assert_eq!(host.lookup(VirtAddr(old.start().get())).unwrap(), None);
+    // The old addresses are free: another test's mmap may land there (a
+    // parallel test did), but the moved read-write mapping must not be
+    // remembered there.
+    let at_old = host.lookup(VirtAddr(old.start().get())).unwrap();
+    assert!(
+        at_old.as_ref().is_none_or(|m| !(m.range == old && m.write)),
+        "{at_old:?}"
+    );
     assert_eq!(dst.read(5), 42);
     // The watch followed the mapping: a CPU write at the new address is
     // seen by the next sync point.
@@ -727,4 +734,139 @@ fn unwatched_ranges_send_nothing() {
     assert_eq!(host.sync_point().unwrap(), 0);
     let c = host.event_counts();
     assert_eq!((c.unmap, c.remove, c.remap), (0, 0, 0), "{c:?}");
+}
+
+/// `watch_on_copy` (issue 15's hybrid): nothing armed at first, so CPU
+/// writes to pages never handed to `track_pages` are not reported; the
+/// first page is armed alone; tracking it again keeps its pending write;
+/// past `LAZY_WHOLE_PAGES` armed pages the whole watch is armed; the
+/// unwatch empties the armed set.
+#[test]
+fn on_copy_watch_arms_per_run_then_whole() {
+    let Some(host) = host("on_copy_watch_arms_per_run_then_whole") else {
+        return;
+    };
+    let Some(t) = host.write_tracker().filter(|_| precise_tracking()) else {
+        eprintln!("skip on_copy_watch_arms_per_run_then_whole: tracking not precise");
+        return;
+    };
+    assert_eq!(hmm_core::cpu::host::LAZY_WHOLE_PAGES, 1, "this test's plan");
+    let g = Guarded::new(64);
+    for p in (0..64).step_by(2) {
+        g.write(p, 1);
+    }
+    let va = |p: usize| VirtAddr(g.addr(p));
+    let run = |a: usize, n: usize| VaRange::from_start_len(va(a), (n * PS) as u64).unwrap();
+    host.watch_on_copy(g.range()).unwrap();
+    assert_eq!(t.armed(), vec![]);
+    g.write(3, 2);
+    assert_eq!(
+        host.sync_point().unwrap(),
+        0,
+        "nothing armed: nothing tracked"
+    );
+    host.track_pages(&[va(5)]).unwrap();
+    assert_eq!(t.armed(), vec![run(5, 1)]);
+    g.write(5, 1);
+    g.write(10, 1);
+    // Tracking an armed page again keeps its pending write.
+    host.track_pages(&[va(5)]).unwrap();
+    assert_eq!(t.armed(), vec![run(5, 1)]);
+    assert_eq!(host.sync_point().unwrap(), 1);
+    // A second page: the whole watch.
+    host.track_pages(&[va(9)]).unwrap();
+    assert_eq!(t.armed(), vec![g.range()]);
+    g.write(60, 1);
+    g.write(61, 1);
+    assert_eq!(host.sync_point().unwrap(), 2);
+    host.unwatch(g.range()).unwrap();
+    assert_eq!(t.armed(), vec![]);
+    // A write-back re-arm arms (and grows) the same way.
+    host.watch_on_copy(g.range()).unwrap();
+    host.rearm_after_writeback(&[va(12)]).unwrap();
+    assert_eq!(t.armed(), vec![run(12, 1)]);
+    g.write(12, 1);
+    assert_eq!(host.sync_point().unwrap(), 1);
+    host.rearm_after_writeback(&[va(20), va(21)]).unwrap();
+    assert_eq!(t.armed(), vec![g.range()]);
+    host.unwatch(g.range()).unwrap();
+}
+
+/// In a transparent huge page, `track_pages` arms whole 2 MiB blocks
+/// (protecting part of one would split the huge mapping). Needs THP: where
+/// the kernel gives none, the test says so and checks the 4 KiB case.
+#[test]
+fn on_copy_watch_arms_huge_pages_whole() {
+    let Some(host) = host("on_copy_watch_arms_huge_pages_whole") else {
+        return;
+    };
+    let Some(t) = host.write_tracker().filter(|_| precise_tracking()) else {
+        eprintln!("skip on_copy_watch_arms_huge_pages_whole: tracking not precise");
+        return;
+    };
+    const HUGE: usize = 2 << 20;
+    // 4 MiB at a 2 MiB boundary inside an 8 MiB reservation.
+    // SAFETY: fresh address space at a kernel-chosen address.
+    let res = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4 * HUGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(res, libc::MAP_FAILED);
+    let at = (res as usize + HUGE - 1) & !(HUGE - 1);
+    // SAFETY: replaces part of our own reservation; nothing refers to it.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            2 * HUGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, at);
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(p, 2 * HUGE, libc::MADV_HUGEPAGE) };
+    // SAFETY: the first byte of each block of our own read-write mapping.
+    unsafe {
+        (at as *mut u8).write_volatile(1);
+        ((at + HUGE) as *mut u8).write_volatile(1);
+    }
+    let whole = VaRange::from_start_len(VirtAddr(at as u64), (2 * HUGE) as u64).unwrap();
+    let pm = hmm_core::cpu::pagemap::Pagemap::open().unwrap();
+    let huge = pm
+        .pagemap_scan(
+            whole,
+            &hmm_core::cpu::pagemap::ScanArgs {
+                category_mask: hmm_core::cpu::pagemap::PAGE_IS_HUGE,
+                return_mask: hmm_core::cpu::pagemap::PAGE_IS_HUGE,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    host.watch_on_copy(whole).unwrap();
+    let page = VirtAddr((at + HUGE + 5 * PS) as u64);
+    host.track_pages(&[page]).unwrap();
+    let second = VaRange::from_start_len(VirtAddr((at + HUGE) as u64), HUGE as u64).unwrap();
+    if huge
+        .iter()
+        .any(|r| r.start <= second.start().get() && second.end().get() <= r.end)
+    {
+        assert_eq!(t.armed(), vec![second], "huge page: its whole block");
+    } else {
+        eprintln!("on_copy_watch_arms_huge_pages_whole: no transparent huge page here ({huge:?})");
+        assert_eq!(
+            t.armed(),
+            vec![VaRange::from_start_len(page, PAGE_SIZE).unwrap()]
+        );
+    }
+    host.unwatch(whole).unwrap();
+    // SAFETY: our own reservation, mapping included.
+    unsafe { libc::munmap(res, 4 * HUGE) };
 }
