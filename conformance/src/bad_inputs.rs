@@ -121,6 +121,67 @@ pub fn wild_device_pointers_are_typed_faults<B: TestKernels>(b: B) {
     assert_eq!(out.read_word(3), 33);
 }
 
+/// Misaligned 32- and 64-bit accesses end the launch with the same typed
+/// error on every driver — `DeviceFault { reason: Misaligned }` naming the
+/// exact address, read or write — never a silent access to other bytes
+/// (GPUs ignore the low address bits), and nothing is written. The
+/// mirror stays usable.
+pub fn misaligned_accesses_are_typed_faults<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let src = TestMap::anon(1, rw);
+    src.fill(|i| i as u32 + 1);
+    let out = TestMap::anon(1, rw);
+    let copy = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    let exact = |r: Result<_, MirrorError>, at: u64, write: bool| match r {
+        Err(MirrorError::DeviceFault {
+            addr,
+            write: w,
+            reason: AccessError::Misaligned,
+        }) => assert_eq!((addr, w), (VirtAddr(at), write), "misaligned fault"),
+        other => panic!("expected a misaligned fault at {at:#x}, got {other:?}"),
+    };
+    for off in 1..4 {
+        exact(
+            m.launch(&copy, 4, [src.addr() + off, out.addr()]),
+            src.addr() + off,
+            false,
+        );
+        exact(
+            m.launch(&copy, 4, [src.addr(), out.addr() + off]),
+            out.addr() + off,
+            true,
+        );
+    }
+    assert!(
+        (0..WPP).all(|i| out.read_word(i) == 0),
+        "nothing was written"
+    );
+    // A 64-bit load 4- but not 8-aligned (a list head).
+    let list = m
+        .backend()
+        .test_kernel(TestKernel::ListSum)
+        .expect("kernel");
+    // Which field a driver's kernel reads first differs: the fault names
+    // one of the head node's two misaligned words.
+    match m.launch(&list, 1, [src.addr() + 4, out.addr()]) {
+        Err(MirrorError::DeviceFault {
+            addr,
+            write: false,
+            reason: AccessError::Misaligned,
+        }) => assert!(
+            [src.addr() + 4, src.addr() + 12].contains(&addr.0),
+            "misaligned list head: fault at {addr}"
+        ),
+        other => panic!("expected a misaligned read of the list head, got {other:?}"),
+    }
+    device_copy(&m, src.addr(), &out, WPP).expect("the mirror still works");
+    assert!((0..WPP).all(|i| out.read_word(i) == i as u32 + 1));
+}
+
 /// Protection misuse through prefetch (the launch forms are
 /// `anon_read_prot` / `anon_write_prot`): a write prefetch of read-only
 /// memory is a `ReadOnly` fault, any prefetch of `PROT_NONE` memory a

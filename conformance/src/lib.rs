@@ -51,7 +51,8 @@ mod zero_copy;
 
 pub use bad_inputs::{
     bad_ranges_are_typed_errors, forked_child_gets_a_typed_error,
-    freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror, prefetch_respects_protection,
+    freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror,
+    misaligned_accesses_are_typed_faults, prefetch_respects_protection,
     reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
     unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
 };
@@ -127,7 +128,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
-            forked_child_gets_a_typed_error);
+            forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults);
         $crate::conformance_tests!(@common $make);
     };
     // The scenarios both flavours share beyond the one-device list: those
@@ -178,7 +179,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
-            forked_child_gets_a_typed_error,
+            forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
             zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
             zero_copy_unmaps_beside_a_launch);

@@ -144,19 +144,32 @@ pub mod long_invocation {
         };
         let m = Mirror::new(host, dev, cfg).expect("mirror");
         let (pages, rounds) = (256u32, 200u32);
-        let data: Vec<u32> = (0..pages * 1024)
-            .map(|w| w.wrapping_mul(2_654_435_761))
+        // Whole pages of their own: a heap page the data shared with other
+        // allocations would be written by other threads now and then — a
+        // true CPU write the sync point must report, which costs a refault.
+        #[repr(C, align(4096))]
+        struct Page([u32; 1024]);
+        let data: Vec<Page> = (0..pages)
+            .map(|p| {
+                Page(core::array::from_fn(|w| {
+                    (p * 1024 + w as u32).wrapping_mul(2_654_435_761)
+                }))
+            })
             .collect();
         // Fault the data in first, so the long invocation runs in one
         // round: the bug needed no fault to show.
         m.prefetch(VaRange::of_slice(&data).expect("range"), false)
             .expect("prefetch");
         let want = (0..pages * rounds)
-            .map(|k| data[(((k * 97) % pages) * 1024) as usize])
+            .map(|k| data[((k * 97) % pages) as usize].0[0])
             .fold(0u32, u32::wrapping_add);
         let mut out = vec![0u32; 1];
         let r = m
-            .launch(&kernel, 1, (data.as_ptr(), out.as_mut_ptr(), pages, rounds))
+            .launch(
+                &kernel,
+                1,
+                (data.as_ptr().cast::<u32>(), out.as_mut_ptr(), pages, rounds),
+            )
             .expect("the launch completes");
         assert_eq!(out[0], want, "device sum");
         // The output page is the only one left to fault in — unless a

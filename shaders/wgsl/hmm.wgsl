@@ -17,9 +17,11 @@
 //
 // Pointers are `vec2<u32>` (x = low word, y = high word of the 64-bit CPU
 // virtual address), so the library needs no SHADER_INT64. Accesses must be
-// naturally aligned (4 bytes for u32/f32, 8 for u64 pointers); the low
-// address bits of a misaligned access are ignored, as most GPUs do for
-// storage buffers.
+// naturally aligned (4 bytes for u32/i32/f32 and atomics, 8 for u64 and
+// pointers): a misaligned one records a fault with HMM_FAULT_MISALIGNED
+// (never deduplicated) and the launch ends with a typed error naming the
+// address — the same on every driver, where GPUs would silently ignore the
+// low address bits.
 
 struct HmmParams {
     // invocations in this dispatch
@@ -144,6 +146,10 @@ fn hmm_record_fault(p: vec2<u32>, flags: u32) {
         return;
     }
     hmm_fault = true;
+    if (flags & HMM_FAULT_MISALIGNED) != 0u {
+        hmm_store_fault_record(p, flags);
+        return;
+    }
     // Deduplicate: thousands of invocations usually fault on the same few
     // pages. A page (with its access kind) whose key is already in its
     // hash slot was recorded by another invocation of this dispatch; this
@@ -158,6 +164,12 @@ fn hmm_record_fault(p: vec2<u32>, flags: u32) {
     if atomicExchange(&hmm_ctl[1u + 4u * hmm_params.fault_cap + h], key) == key {
         return;
     }
+    hmm_store_fault_record(p, flags);
+}
+
+// Appends one record to the fault buffer (dropped when it is full: the
+// invocation is still marked incomplete and faults again on replay).
+fn hmm_store_fault_record(p: vec2<u32>, flags: u32) {
     let k = atomicAdd(&hmm_ctl[0], 1u);
     if k < hmm_params.fault_cap {
         let base = 1u + 4u * k;
@@ -222,6 +234,10 @@ fn hmm_walk_step(table: u32, idx: u32) -> vec2<u32> {
 // Translates `p` for an access; returns (pool slot, word in page) or
 // records a fault and returns (0xffffffff, 0).
 fn hmm_translate(p: vec2<u32>, flags: u32) -> vec2<u32> {
+    if (p.x & 3u) != 0u {
+        hmm_record_fault(p, flags | HMM_FAULT_MISALIGNED);
+        return vec2<u32>(0xffffffffu, 0u);
+    }
     let write = (flags & (HMM_FAULT_WRITE | HMM_FAULT_ATOMIC)) != 0u;
     let page = vec2<u32>(p.x & ~4095u, p.y);
     let word = (p.x & 4095u) >> 2u;
@@ -300,8 +316,12 @@ fn hmm_store_f32(p: vec2<u32>, v: f32) {
 // A 64-bit word (8-byte aligned, so both halves share a page), e.g. a
 // pointer stored in CPU memory.
 fn hmm_load_u64(p: vec2<u32>) -> vec2<u32> {
-    let lo = hmm_load_u32(vec2<u32>(p.x & ~7u, p.y));
-    let hi = hmm_load_u32(vec2<u32>((p.x & ~7u) + 4u, p.y));
+    if (p.x & 7u) != 0u {
+        hmm_record_fault(p, HMM_FAULT_MISALIGNED);
+        return vec2<u32>(0u, 0u);
+    }
+    let lo = hmm_load_u32(p);
+    let hi = hmm_load_u32(vec2<u32>(p.x + 4u, p.y));
     return vec2<u32>(lo, hi);
 }
 
@@ -315,7 +335,11 @@ fn hmm_store_u64(p: vec2<u32>, v: vec2<u32>) {
     if hmm_fault {
         return;
     }
-    let t = hmm_translate(vec2<u32>(p.x & ~7u, p.y), HMM_FAULT_WRITE);
+    if (p.x & 7u) != 0u {
+        hmm_record_fault(p, HMM_FAULT_WRITE | HMM_FAULT_MISALIGNED);
+        return;
+    }
+    let t = hmm_translate(p, HMM_FAULT_WRITE);
     if t.x == 0xffffffffu {
         return;
     }

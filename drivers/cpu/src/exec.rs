@@ -14,7 +14,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use hmm_core::mirror::backend::{
     BackendError, InvocationSet, LaunchOutcome, RawFaultRecord, SubmissionId, FAULT_ATOMIC,
-    FAULT_WRITE,
+    FAULT_MISALIGNED, FAULT_WRITE,
 };
 
 use crate::lane::{DeviceFault, FaultKind, Lane};
@@ -329,7 +329,12 @@ impl Job {
             .map(|(inv, f)| RawFaultRecord {
                 invocation: *inv,
                 flags: if f.write { FAULT_WRITE } else { 0 }
-                    | if f.atomic { FAULT_ATOMIC } else { 0 },
+                    | if f.atomic { FAULT_ATOMIC } else { 0 }
+                    | if f.kind == FaultKind::Misaligned {
+                        FAULT_MISALIGNED
+                    } else {
+                        0
+                    },
                 addr_lo: f.addr as u32,
                 addr_hi: (f.addr >> 32) as u32,
             })
@@ -382,7 +387,10 @@ impl Chunk {
                 }
             };
             if let Err(f) = result {
-                if f.is_page_fault() {
+                // Misaligned accesses are reported like page faults, with
+                // their flag: the core ends the launch with the typed error
+                // every driver gives.
+                if f.is_page_fault() || f.kind == FaultKind::Misaligned {
                     out.fault(inv, f);
                 } else {
                     out.fail(inv, Failure::Fault(f));

@@ -24,8 +24,11 @@ pub enum FaultKind {
     /// The leaf is valid but not `WRITABLE` and the access writes. A page
     /// fault, handled like [`FaultKind::NotPresent`].
     ReadOnly,
-    /// An atomic on an address that is not 4-byte aligned. A kernel bug,
-    /// not a page fault: the launch ends with `BackendError::Kernel`.
+    /// A 32-bit load, store or atomic at an address that is not 4-byte
+    /// aligned, or a 64-bit one not 8-byte aligned. A kernel bug, not a
+    /// page fault: reported with `FAULT_MISALIGNED`, the launch ends with
+    /// `MirrorError::DeviceFault { reason: AccessError::Misaligned, .. }`
+    /// — as on the GPU drivers, whose shader library checks the same rule.
     Misaligned,
     /// A table entry points past the allocated table pages or pool slots.
     /// A corrupt page table (a core bug): the launch ends with
@@ -66,7 +69,7 @@ impl fmt::Display for DeviceFault {
         let why = match self.kind {
             FaultKind::NotPresent => "not present",
             FaultKind::ReadOnly => "read-only page",
-            FaultKind::Misaligned => "misaligned atomic",
+            FaultKind::Misaligned => "misaligned access",
             FaultKind::BadEntry => "corrupt page-table entry",
         };
         write!(f, "device {what} fault at {:#x}: {why}", self.addr)
@@ -458,33 +461,32 @@ impl<'a> Lane<'a> {
         Ok(b[0])
     }
 
-    /// Loads a little-endian `u32` (any alignment; naturally aligned loads
-    /// are one atomic word access).
+    /// Loads a little-endian `u32` (one atomic word access). `va` must be
+    /// 4-byte aligned: otherwise a [`FaultKind::Misaligned`] fault, as on
+    /// the GPU drivers. Byte access at any alignment:
+    /// [`Lane::load_bytes`].
     #[inline]
     pub fn load_u32(&mut self, va: u64) -> Result<u32, DeviceFault> {
-        if va.is_multiple_of(4) {
-            let (base, _) = self.translate(va, Access::Read)?;
-            return Ok(self.load_word(base + (va as usize % PAGE) / 4));
+        if !va.is_multiple_of(4) {
+            return Err(Access::Read.fault(va, FaultKind::Misaligned));
         }
-        let mut b = [0u8; 4];
-        self.load_bytes(va, &mut b)?;
-        Ok(u32::from_le_bytes(b))
+        let (base, _) = self.translate(va, Access::Read)?;
+        Ok(self.load_word(base + (va as usize % PAGE) / 4))
     }
 
-    /// Loads a little-endian `u64` (any alignment; an aligned load is two
-    /// word accesses, not one atomic access).
+    /// Loads a little-endian `u64` (two word accesses, not one atomic
+    /// access). `va` must be 8-byte aligned ([`FaultKind::Misaligned`]
+    /// otherwise).
     #[inline]
     pub fn load_u64(&mut self, va: u64) -> Result<u64, DeviceFault> {
-        if va.is_multiple_of(8) {
-            let (base, _) = self.translate(va, Access::Read)?;
-            let w = base + (va as usize % PAGE) / 4;
-            let lo = self.load_word(w);
-            let hi = self.load_word(w + 1);
-            return Ok(u64::from(lo) | (u64::from(hi) << 32));
+        if !va.is_multiple_of(8) {
+            return Err(Access::Read.fault(va, FaultKind::Misaligned));
         }
-        let mut b = [0u8; 8];
-        self.load_bytes(va, &mut b)?;
-        Ok(u64::from_le_bytes(b))
+        let (base, _) = self.translate(va, Access::Read)?;
+        let w = base + (va as usize % PAGE) / 4;
+        let lo = self.load_word(w);
+        let hi = self.load_word(w + 1);
+        Ok(u64::from(lo) | (u64::from(hi) << 32))
     }
 
     /// Loads an `f32`.
@@ -502,20 +504,26 @@ impl<'a> Lane<'a> {
         self.store_bytes(va, &[v])
     }
 
-    /// Buffers a little-endian `u32` store (any alignment).
+    /// Buffers a little-endian `u32` store. `va` must be 4-byte aligned
+    /// ([`FaultKind::Misaligned`] otherwise; [`Lane::store_bytes`] for any
+    /// alignment).
     #[inline]
     pub fn store_u32(&mut self, va: u64, v: u32) -> Result<(), DeviceFault> {
-        if va.is_multiple_of(4) {
-            let (base, leaf) = self.translate(va, Access::Write)?;
-            self.buf.note_page(va, leaf, base);
-            self.buf.put(base + (va as usize % PAGE) / 4, u32::MAX, v);
-            return Ok(());
+        if !va.is_multiple_of(4) {
+            return Err(Access::Write.fault(va, FaultKind::Misaligned));
         }
-        self.store_bytes(va, &v.to_le_bytes())
+        let (base, leaf) = self.translate(va, Access::Write)?;
+        self.buf.note_page(va, leaf, base);
+        self.buf.put(base + (va as usize % PAGE) / 4, u32::MAX, v);
+        Ok(())
     }
 
-    /// Buffers a little-endian `u64` store (any alignment).
+    /// Buffers a little-endian `u64` store. `va` must be 8-byte aligned
+    /// ([`FaultKind::Misaligned`] otherwise).
     pub fn store_u64(&mut self, va: u64, v: u64) -> Result<(), DeviceFault> {
+        if !va.is_multiple_of(8) {
+            return Err(Access::Write.fault(va, FaultKind::Misaligned));
+        }
         self.store_bytes(va, &v.to_le_bytes())
     }
 
@@ -633,10 +641,13 @@ mod tests {
         assert_eq!(lane.load_u32(VA).expect("load"), 0x1122_3344);
         lane.store_u8(VA + 1, 0xaa).expect("store");
         assert_eq!(lane.load_u32(VA).expect("load"), 0x1122_aa44);
-        // Unaligned u64 across the page boundary.
+        // Unaligned bytes across the page boundary.
         let edge = VA + 4096 - 3;
-        lane.store_u64(edge, 0x0102_0304_0506_0708).expect("store");
-        assert_eq!(lane.load_u64(edge).expect("load"), 0x0102_0304_0506_0708);
+        let bytes = 0x0102_0304_0506_0708u64.to_le_bytes();
+        lane.store_bytes(edge, &bytes).expect("store");
+        let mut back = [0u8; 8];
+        lane.load_bytes(edge, &mut back).expect("load");
+        assert_eq!(back, bytes);
         assert_eq!(lane.load_u8(VA + 4096).expect("load"), 0x05);
         // Nothing reached memory yet.
         assert!(m.pool.iter().all(|w| w.load(Relaxed) == 0));
@@ -714,7 +725,7 @@ mod tests {
         assert_eq!(kind(lane.load_u32(0x0080_0000_0000)), FaultKind::BadEntry);
         assert_eq!(kind(lane.load_u32(VA + 3 * 4096)), FaultKind::NotPresent);
         assert_eq!(kind(lane.load_u32(1 << 48)), FaultKind::NotPresent);
-        assert_eq!(kind(lane.load_u32(u64::MAX - 1)), FaultKind::NotPresent);
+        assert_eq!(kind(lane.load_u32(u64::MAX - 3)), FaultKind::NotPresent);
         let mut big = [0u8; 16];
         let f = lane
             .load_bytes(VA + 2 * 4096 - 8, &mut big)

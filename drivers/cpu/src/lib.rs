@@ -56,14 +56,17 @@
 //!    (see below) — never any other bit;
 //! 6. the data lives at `slot * 4096 + offset` in the pool.
 //!
-//! Alignment: plain loads and stores may have any alignment and may cross
-//! pages (each page is translated; the fault address is the first byte on
-//! the faulting page). Naturally aligned `u32` accesses are single atomic
-//! word accesses; `u64`/`f64` are two word accesses (not single-copy
-//! atomic, as on GPUs without 64-bit atomics); others are split into bytes
-//! of words. Atomics (`u32` only) must be 4-byte aligned: a misaligned
-//! atomic returns [`FaultKind::Misaligned`], which ends the launch with
-//! `BackendError::Kernel` (it is a kernel bug, not something a replay fixes).
+//! Alignment, the same rule as the GPU drivers' shader library: `u32`,
+//! `i32`, `f32` values and atomics must be 4-byte aligned, `u64`/`f64` 8-byte
+//! aligned. A misaligned one returns [`FaultKind::Misaligned`], reported
+//! as a fault record flagged `FAULT_MISALIGNED`, and the core ends the
+//! launch with `MirrorError::DeviceFault { reason: AccessError::Misaligned,
+//! .. }` naming the address (a kernel bug, not something a replay fixes).
+//! Byte access (`load_u8`, `load_bytes`, `store_bytes`) takes any address
+//! and may cross pages (each page is translated; the fault address is the
+//! first byte on the faulting page). Aligned `u32` accesses are single
+//! atomic word accesses; `u64`/`f64` are two word accesses (not single-copy
+//! atomic, as on GPUs without 64-bit atomics).
 //!
 //! ## Faults, replay, and the contract for kernel authors
 //!

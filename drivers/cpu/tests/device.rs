@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hmm_core::mirror::backend::{
     Backend, BackendError, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, SubmissionId, FAULT_ATOMIC, FAULT_WRITE,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId, FAULT_ATOMIC, FAULT_MISALIGNED, FAULT_WRITE,
 };
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage, ACCESSED, DIRTY};
 use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, FaultKind, Lane};
@@ -396,16 +396,36 @@ fn panicking_kernel_is_reported_and_device_survives() {
 }
 
 #[test]
-fn misaligned_atomic_and_corrupt_table_are_typed_errors() {
+fn misaligned_accesses_are_flagged_records_and_corrupt_table_a_typed_error() {
     let dev = device(1, 4);
     let mut m = Mapper::new();
     let leaf = m.map(&dev, VA, 0, true);
-    let k = CpuKernel::new(|lane, _| lane.atomic_add_u32(VA + 2, 1).map(drop));
-    let id = dev.launch(&k, Invocations::All(1), &[]).expect("launch");
-    dev.wait(id, None).expect("wait");
-    assert!(
-        matches!(dev.take_outcome(id), Err(BackendError::Kernel(m)) if m.contains("misaligned"))
-    );
+    // Every misaligned 32/64-bit access: a record flagged FAULT_MISALIGNED
+    // (the core turns it into MirrorError::DeviceFault), never a plain
+    // page fault and never a silent access.
+    let cases: [(u64, u32); 5] = [
+        (VA + 2, FAULT_WRITE | FAULT_ATOMIC), // atomic
+        (VA + 1, 0),                          // u32 load
+        (VA + 3, FAULT_WRITE),                // u32 store
+        (VA + 4, 0),                          // u64 load, 4- not 8-aligned
+        (VA + 12, FAULT_WRITE),               // u64 store
+    ];
+    for (i, &(addr, flags)) in cases.iter().enumerate() {
+        let k = CpuKernel::new(move |lane, _| match i {
+            0 => lane.atomic_add_u32(addr, 1).map(drop),
+            1 => lane.load_u32(addr).map(drop),
+            2 => lane.store_u32(addr, 1),
+            3 => lane.load_u64(addr).map(drop),
+            _ => lane.store_u64(addr, 1),
+        });
+        let id = dev.launch(&k, Invocations::All(1), &[]).expect("launch");
+        dev.wait(id, None).expect("wait");
+        let o = dev.take_outcome(id).expect("outcome");
+        assert_eq!(o.incomplete, vec![0u32], "case {i}");
+        assert_eq!(o.faults.len(), 1, "case {i}");
+        assert_eq!(o.faults[0].addr(), addr, "case {i}");
+        assert_eq!(o.faults[0].flags, flags | FAULT_MISALIGNED, "case {i}");
+    }
     dev.write_ptes(&[PteWrite {
         table: leaf.table,
         index: leaf.index,

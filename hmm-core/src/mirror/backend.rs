@@ -86,8 +86,14 @@ impl Invocations<'_> {
 pub const FAULT_WRITE: u32 = 1 << 0;
 /// Fault-record flag: the access was an atomic read-modify-write.
 pub const FAULT_ATOMIC: u32 = 1 << 1;
+/// Fault-record flag: the access was not naturally aligned (4 bytes for
+/// 32-bit values, 8 for 64-bit ones). Not a page fault: the launch ends
+/// with [`MirrorError::DeviceFault`](super::MirrorError::DeviceFault)
+/// `{ reason: AccessError::Misaligned, .. }` naming the address, on every
+/// driver alike.
+pub const FAULT_MISALIGNED: u32 = 1 << 2;
 /// Fault-record flags a device may set; records with others are garbage.
-pub const FAULT_KNOWN_FLAGS: u32 = FAULT_WRITE | FAULT_ATOMIC;
+pub const FAULT_KNOWN_FLAGS: u32 = FAULT_WRITE | FAULT_ATOMIC | FAULT_MISALIGNED;
 
 /// A fault exactly as the device wrote it into its fault buffer. The core
 /// validates every field before acting on it: a device may write garbage.

@@ -20,6 +20,11 @@ pub enum AccessError {
     /// The page cannot be mirrored (I/O or PFN mapping, or it kept
     /// vanishing).
     BadPage,
+    /// The kernel accessed a 32-bit value at an address that is not a
+    /// multiple of 4, or a 64-bit value at one not a multiple of 8. A
+    /// kernel bug, reported the same way on every driver (GPUs ignore the
+    /// low address bits of such an access; the library refuses it).
+    Misaligned,
 }
 
 impl core::fmt::Display for AccessError {
@@ -29,6 +34,9 @@ impl core::fmt::Display for AccessError {
             AccessError::NoAccess => "mapping is not readable",
             AccessError::ReadOnly => "mapping is read-only",
             AccessError::BadPage => "page cannot be mirrored",
+            AccessError::Misaligned => {
+                "misaligned access (4-byte values need 4-byte alignment, 8-byte values 8)"
+            }
         })
     }
 }

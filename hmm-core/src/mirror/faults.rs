@@ -14,7 +14,9 @@
 //! pages with the same access ([`coalesce`]), so one `range_fault` and one
 //! copy batch serve many faults.
 
-use super::backend::{InvocationSet, RawFaultRecord, FAULT_ATOMIC, FAULT_KNOWN_FLAGS, FAULT_WRITE};
+use super::backend::{
+    InvocationSet, RawFaultRecord, FAULT_ATOMIC, FAULT_KNOWN_FLAGS, FAULT_MISALIGNED, FAULT_WRITE,
+};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 
 /// One validated fault, at page granularity.
@@ -29,6 +31,9 @@ pub struct PageFault {
     /// The invocation that faulted (as reported; checked against the
     /// launch's invocations).
     pub invocation: u32,
+    /// The access was misaligned ([`FAULT_MISALIGNED`]): not serviceable,
+    /// the launch ends with a typed error naming `addr`.
+    pub misaligned: bool,
 }
 
 /// A run of consecutive pages to service with one access mode.
@@ -63,6 +68,7 @@ pub fn validate(
             addr,
             write: r.flags & (FAULT_WRITE | FAULT_ATOMIC) != 0,
             invocation: r.invocation,
+            misaligned: r.flags & FAULT_MISALIGNED != 0,
         });
     }
     rejected
@@ -160,6 +166,7 @@ mod tests {
     #[test]
     fn coalescing_merges_neighbours_and_dedupes() {
         let f = |p: u64, w: bool| PageFault {
+            misaligned: false,
             page: VirtAddr(p),
             addr: VirtAddr(p + 8),
             write: w,

@@ -16,7 +16,7 @@
 use super::args::KernelArgs;
 use super::backend::{Backend, InvocationSet, Invocations};
 use super::config::LaunchReport;
-use super::error::MirrorError;
+use super::error::{AccessError, MirrorError};
 use super::faults;
 use super::format::Pte;
 use super::handle::Mirror;
@@ -36,6 +36,15 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     ///
     /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
     /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
+    ///
+    /// **Alignment**, the same on every driver: a kernel's 32-bit values
+    /// (`u32`, `i32`, `f32`, atomics) must lie at addresses that are
+    /// multiples of 4, its 64-bit values (`u64`, pointers) at multiples of
+    /// 8. A misaligned access ends the launch with
+    /// [`MirrorError::DeviceFault`] `{ reason: AccessError::Misaligned, .. }`
+    /// naming its address (the lowest, if several invocations made one);
+    /// writes of invocations that completed before it may have reached
+    /// the CPU, as with any device fault.
     pub fn launch(
         &self,
         kernel: &B::Kernel,
@@ -134,6 +143,15 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut pf = Vec::new();
             let garbage = faults::validate(&outcome.faults, &outcome.incomplete, &mut pf);
             Counters::add(&inner.counters.garbage_faults, garbage);
+            // A misaligned access is a kernel bug, not a page to map: the
+            // launch ends naming the lowest such address.
+            if let Some(f) = pf.iter().filter(|f| f.misaligned).min_by_key(|f| f.addr) {
+                return Err(MirrorError::DeviceFault {
+                    addr: f.addr,
+                    write: f.write,
+                    reason: AccessError::Misaligned,
+                });
+            }
             if pf.is_empty() {
                 return Err(MirrorError::UnusableFaults {
                     incomplete: outcome.incomplete.len(),
