@@ -102,6 +102,6 @@ mod twins;
 pub use config::{Advice, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
-pub use host_side::{HostSide, WriteTracking};
+pub use host_side::{HostSide, RunFate, WriteTracking};
 pub use pin::PinHandle;
 pub use stats::MirrorStats;
