@@ -546,6 +546,65 @@ mod tests {
         }
     }
 
+    /// A read-only page refuses the write: the run is `Refused` at the
+    /// page's first byte (when `refused` says so) and the memory is left
+    /// as it was, on both copy paths; `Gone` when `refused` says no.
+    #[test]
+    fn refused_writes_are_told_from_gone_ones() {
+        for plain in [true, false] {
+            // SAFETY: fresh private anonymous mapping owned by this test.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    2 * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            let base = p as u64;
+            let ro = base + PAGE as u64;
+            // SAFETY: our mapping; the second page becomes read-only.
+            unsafe {
+                std::ptr::write_bytes(p.cast::<u8>(), 7, 2 * PAGE);
+                assert_eq!(
+                    libc::mprotect(ro as *mut libc::c_void, PAGE, libc::PROT_READ),
+                    0
+                );
+            }
+            let data = vec![9u8; 64];
+            let runs: Vec<(VirtAddr, &[u8])> =
+                vec![(VirtAddr(base), &data[..]), (VirtAddr(ro + 8), &data[..])];
+            let mut asked = Vec::new();
+            let mut fates = Vec::new();
+            write_runs(
+                &runs,
+                &mut |_| plain,
+                &mut |a| {
+                    asked.push(a);
+                    true
+                },
+                &mut fates,
+            );
+            assert_eq!(
+                fates,
+                [RunFate::Written, RunFate::Refused(VirtAddr(ro + 8))],
+                "plain {plain}"
+            );
+            assert_eq!(asked, [VirtAddr(ro + 8)]);
+            write_runs(&runs, &mut |_| plain, &mut |_| false, &mut fates);
+            assert_eq!(fates, [RunFate::Written, RunFate::Gone], "plain {plain}");
+            // SAFETY: both pages are still mapped readable.
+            unsafe {
+                assert_eq!(*(base as *const u8), 9);
+                assert_eq!(*((ro + 8) as *const u8), 7, "the refused page is unchanged");
+                libc::munmap(p, 2 * PAGE);
+            }
+        }
+    }
+
     #[test]
     fn unmapped_pages_are_reported_not_fatal() {
         // Recoverable where available, the syscall path for all pages, and
