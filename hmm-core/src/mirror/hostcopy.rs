@@ -574,7 +574,7 @@ mod tests {
                     0
                 );
             }
-            let data = vec![9u8; 64];
+            let data = [9u8; 64];
             let runs: Vec<(VirtAddr, &[u8])> =
                 vec![(VirtAddr(base), &data[..]), (VirtAddr(ro + 8), &data[..])];
             let mut asked = Vec::new();

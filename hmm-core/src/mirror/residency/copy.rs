@@ -9,7 +9,15 @@
 //!   memory, TreadMarks), so CPU writes to other bytes of the same page made
 //!   during a launch are never overwritten with stale data. Writes go
 //!   through the host's fault-proof copy, so a page the kernel already
-//!   unmapped is skipped rather than faulted on.
+//!   unmapped is skipped rather than faulted on. A page whose memory is
+//!   still there but refuses the write (made read-only behind the mirror's
+//!   back) is *not* skipped: it stays mapped and dirty with its twin,
+//!   eviction passes it over, and the refusal is reported
+//!   ([`MirrorError::WriteBackRefused`]) — by the caller's call, or by the
+//!   next launch, which tries it again first.
+//! - **Oversubscription** ([`Residency::plan_round`]): each round serves the
+//!   lowest invocations and keeps the pages brought in for them from
+//!   eviction until they complete, so some invocation always progresses.
 //! - **Slots are freed only after their entries are confirmed cleared**
 //!   ([`Residency::retire`] quarantines, [`Residency::entries_cleared`]
 //!   frees; see the `residency` module docs).
