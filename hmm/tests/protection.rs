@@ -149,9 +149,11 @@ fn changed(mirror: &hmm::Mirror<Device>, tell: Tell, range: VaRange) {
 /// the launch is a typed error naming the page (not `Ok` with the writes
 /// lost), the CPU page is unchanged, and the device keeps its data — a
 /// launch while the page is still read-only reports the refusal again
-/// without running, and once the page is writable again the kept data is
-/// written: by the next launch (`Retry::Launch`, which then runs on top
-/// of it) or by `protection_changed` (`Retry::Tell`).
+/// without running (so does one after `protection_changed` while it is
+/// still read-only: the callback's refusal is remembered), and once the
+/// page is writable again the kept data is written: by the next launch
+/// (`Retry::Launch`, which then runs on top of it) or by
+/// `protection_changed` (`Retry::Tell`).
 #[test]
 fn untold_mprotect_keeps_device_writes_and_reports_them() {
     for retry in [Retry::Launch, Retry::Tell] {
@@ -206,6 +208,15 @@ fn refused(retry: Retry) {
             r => panic!("{name} {retry:?}: launch with a refusal pending: {r:?}"),
         }
         assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
+        // Told while still read-only: the invalidation callback's
+        // write-back is refused too, where no caller can be told; the data
+        // stays, and the next launch reports it.
+        mirror.protection_changed(page.range()).unwrap();
+        assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
+        match mirror.launch(&kernel, n, (page.0,)) {
+            Err(MirrorError::WriteBackRefused { .. }) => {}
+            r => panic!("{name} {retry:?}: launch after a refused callback: {r:?}"),
+        }
 
         page.protect(libc::PROT_READ | libc::PROT_WRITE);
         match retry {
