@@ -58,8 +58,9 @@ pub use bad_inputs::{
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
-    eviction_under_a_small_pool, linked_list, pinning_hazard_is_real, prefetch_replaces_faults,
-    read_mostly_duplication, teardown_with_live_regions, zero_page_pool,
+    eviction_under_a_small_pool, linked_list, oversubscribed_load_then_store_2x,
+    oversubscribed_load_then_store_4x, oversubscribed_load_then_store_8x, pinning_hazard_is_real,
+    prefetch_replaces_faults, read_mostly_duplication, teardown_with_live_regions, zero_page_pool,
 };
 pub use selftests::{
     anon_read, anon_read_multiple, anon_read_prot, anon_teardown, anon_write, anon_write_child,
@@ -87,6 +88,13 @@ pub enum TestKernel {
     /// `{ next: u64, value: u64 }`; invocation 0 walks from `head` and
     /// stores the sum at `out`; args `[head, out]`.
     ListSum,
+    /// Load-then-store over a spread: invocation `i` sums the 64 words
+    /// `src[(i / 128) * 8192 + i % 128 + 128 * j]` for `j` in `0..64`
+    /// (64 loads 512 bytes apart: 8 pages, shared by 128 invocations) and
+    /// stores the wrapping sum at `out[i]`; args `[src, out]`. No touch for
+    /// writing first: the store comes after every load (the replay
+    /// contract allows it).
+    GatherSum,
 }
 
 /// A backend that can build the suite's kernels.
@@ -128,7 +136,9 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
-            forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults);
+            forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
+            oversubscribed_load_then_store_2x, oversubscribed_load_then_store_4x,
+            oversubscribed_load_then_store_8x);
         $crate::conformance_tests!(@common $make);
     };
     // The scenarios both flavours share beyond the one-device list: those

@@ -38,6 +38,60 @@ pub fn eviction_under_a_small_pool<B: TestKernels>(b: B) {
     assert!(st.pool_used <= 8);
 }
 
+/// Oversubscription with a kernel that follows the replay contract but
+/// does not touch its output for writing first: every invocation loads 64
+/// words spread over 8 pages, then stores their sum
+/// ([`TestKernel::GatherSum`]). The data is `factor` times the pool (256
+/// slots, 1 MiB). Every launch must finish with every sum right — issue 19
+/// finding 6: on the cpu driver 2× and more ended in
+/// `NoProgress { replays: 1000 }`, every invocation faulting in every round.
+fn oversubscribed_load_then_store<B: TestKernels>(b: B, factor: usize) {
+    const POOL: usize = 256;
+    let cfg = MirrorConfig {
+        pool_slots: POOL as u32,
+        ..MirrorConfig::default()
+    };
+    let (_h, m) = setup(b, cfg);
+    let pages = POOL * factor;
+    let src = TestMap::anon(pages, libc::PROT_READ | libc::PROT_WRITE);
+    src.fill(|i| i as u32);
+    let n = pages * WPP / 64;
+    let out = TestMap::anon(
+        (n * 4).div_ceil(PAGE_SIZE as usize),
+        libc::PROT_READ | libc::PROT_WRITE,
+    );
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::GatherSum)
+        .expect("kernel");
+    let r = m.launch(&k, n as u32, [src.addr(), out.addr()]);
+    let r = r.unwrap_or_else(|e| panic!("{factor}x oversubscription: {e}"));
+    assert!(
+        r.pages_in as usize > pages,
+        "{factor}x: the pool was oversubscribed ({r:?})"
+    );
+    for i in 0..n {
+        let base = (i / 128 * 8192 + i % 128) as u32;
+        let want = (0..64u32).fold(0u32, |s, j| s.wrapping_add(base + 128 * j));
+        assert_eq!(out.read_word(i), want, "{factor}x: out[{i}]");
+    }
+}
+
+/// [`oversubscribed_load_then_store`] at 2×.
+pub fn oversubscribed_load_then_store_2x<B: TestKernels>(b: B) {
+    oversubscribed_load_then_store(b, 2);
+}
+
+/// [`oversubscribed_load_then_store`] at 4×.
+pub fn oversubscribed_load_then_store_4x<B: TestKernels>(b: B) {
+    oversubscribed_load_then_store(b, 4);
+}
+
+/// [`oversubscribed_load_then_store`] at 8×.
+pub fn oversubscribed_load_then_store_8x<B: TestKernels>(b: B) {
+    oversubscribed_load_then_store(b, 8);
+}
+
 /// A pool of zero pages is a typed error at the first fault, not a panic
 /// or a hang.
 pub fn zero_page_pool<B: TestKernels>(b: B) {

@@ -403,7 +403,7 @@ fn run_pool(cap: u32, ops: Vec<POp>) {
                         calls.push((s.0, y));
                         y
                     },
-                    is_pinned,
+                    |s, _| is_pinned(s),
                 );
                 let candidates = m.keys().filter(|&&s| !is_pinned(PoolSlot(s))).count();
                 assert!(calls.len() <= 2 * candidates, "more than two sweeps");
@@ -492,7 +492,7 @@ fn run_mirror(cap: u32, budget: u32, ops: Vec<MOp>) {
                                         let a = accessed.entry(owner.get()).or_default();
                                         std::mem::replace(a, false)
                                     },
-                                    |_| false,
+                                    |_, _| false,
                                 );
                                 match v {
                                     None => {

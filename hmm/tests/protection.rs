@@ -143,3 +143,106 @@ fn changed(mirror: &hmm::Mirror<Device>, tell: Tell, range: VaRange) {
             .invalidate(range, hmm::EventKind::Protection),
     }
 }
+
+/// Issue #19, finding 2: `mprotect(PROT_READ)` *without* telling the
+/// mirror, then a launch that writes the page. The write-back is refused:
+/// the launch is a typed error naming the page (not `Ok` with the writes
+/// lost), the CPU page is unchanged, and the device keeps its data — a
+/// launch while the page is still read-only reports the refusal again
+/// without running (so does one after `protection_changed` while it is
+/// still read-only: the callback's refusal is remembered), and once the
+/// page is writable again the kept data is written: by the next launch
+/// (`Retry::Launch`, which then runs on top of it) or by
+/// `protection_changed` (`Retry::Tell`).
+#[test]
+fn untold_mprotect_keeps_device_writes_and_reports_them() {
+    for retry in [Retry::Launch, Retry::Tell] {
+        refused(retry);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Retry {
+    Launch,
+    Tell,
+}
+
+fn refused(retry: Retry) {
+    for driver in [Driver::Cpu, Driver::Wgpu, Driver::Vulkan] {
+        if !driver.is_built() {
+            continue;
+        }
+        let opened = match Device::open(Some(driver)) {
+            Ok(o) => o,
+            Err(e) if std::env::var_os("HMM_REQUIRE_GPU").is_none() => {
+                println!("skip: no {} device: {e}", driver.name());
+                continue;
+            }
+            Err(e) => panic!("{}: {e} (HMM_REQUIRE_GPU is set)", driver.name()),
+        };
+        let name = driver.name();
+        let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
+        let kernel = mirror.backend().kernel(&ADD_ONE).unwrap();
+        let page = Page::new();
+        let n = (PAGE / 4) as u32;
+        let r = mirror.launch(&kernel, n, (page.0,)).unwrap();
+        assert_eq!(r.pages_out, 1, "{name}");
+        assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
+
+        // Read-only behind the mirror's back: the device still holds a
+        // writable copy, so the kernel runs — and its writes cannot go back.
+        page.protect(libc::PROT_READ);
+        let base = page.0 as u64;
+        match mirror.launch(&kernel, n, (page.0,)) {
+            Err(MirrorError::WriteBackRefused { addr })
+                if (base..base + PAGE as u64).contains(&addr.0) => {}
+            r => panic!("{name} {retry:?}: write-back to a read-only page: {r:?}"),
+        }
+        assert!(
+            (0..PAGE / 4).all(|i| page.word(i) == 1),
+            "{name}: nothing written"
+        );
+        // Still read-only: the next launch reports it again, before running.
+        match mirror.launch(&kernel, n, (page.0,)) {
+            Err(MirrorError::WriteBackRefused { .. }) => {}
+            r => panic!("{name} {retry:?}: launch with a refusal pending: {r:?}"),
+        }
+        assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
+        // Told while still read-only: the invalidation callback's
+        // write-back is refused too, where no caller can be told; the data
+        // stays, and the next launch reports it.
+        mirror.protection_changed(page.range()).unwrap();
+        assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
+        match mirror.launch(&kernel, n, (page.0,)) {
+            Err(MirrorError::WriteBackRefused { .. }) => {}
+            r => panic!("{name} {retry:?}: launch after a refused callback: {r:?}"),
+        }
+
+        page.protect(libc::PROT_READ | libc::PROT_WRITE);
+        match retry {
+            Retry::Launch => {
+                // The kept data (2) is written first, then the kernel runs
+                // on it once (3).
+                let r = mirror
+                    .launch(&kernel, n, (page.0,))
+                    .unwrap_or_else(|e| panic!("{name}: after widening: {e}"));
+                assert_eq!(r.pages_out, 1, "{name}");
+                assert!(
+                    (0..PAGE / 4).all(|i| page.word(i) == 3),
+                    "{name}: {}",
+                    page.word(0)
+                );
+            }
+            Retry::Tell => {
+                mirror.protection_changed(page.range()).unwrap();
+                assert!(
+                    (0..PAGE / 4).all(|i| page.word(i) == 2),
+                    "{name}: {}",
+                    page.word(0)
+                );
+                mirror.launch(&kernel, n, (page.0,)).unwrap();
+                assert!((0..PAGE / 4).all(|i| page.word(i) == 3), "{name}");
+            }
+        }
+    }
+}

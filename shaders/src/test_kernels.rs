@@ -50,6 +50,23 @@ fn hmm_kernel(i: u32) {
 }
 "#;
 
+/// Invocation `i` sums `src[(i / 128) * 8192 + i % 128 + 128 * j]` for
+/// `j` in `0..64` and stores the sum at `out[i]` (loads, then the store).
+pub const GATHER_SUM: &str = r#"
+fn hmm_kernel(i: u32) {
+    let src = hmm_arg_ptr(0u);
+    let base = (i / 128u) * 8192u + i % 128u;
+    var sum = 0u;
+    for (var j = 0u; j < 64u; j++) {
+        sum += hmm_load_u32(hmm_index(src, base + 128u * j, 4u));
+        if hmm_faulted() {
+            break;
+        }
+    }
+    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), sum);
+}
+"#;
+
 /// The WGSL source of one of the suite's kernels.
 pub fn source(k: TestKernel) -> &'static str {
     match k {
@@ -57,6 +74,7 @@ pub fn source(k: TestKernel) -> &'static str {
         TestKernel::FillU32 => FILL_U32,
         TestKernel::IncrementU32 => INCREMENT_U32,
         TestKernel::ListSum => LIST_SUM,
+        TestKernel::GatherSum => GATHER_SUM,
     }
 }
 
@@ -71,6 +89,7 @@ mod tests {
             TestKernel::FillU32,
             TestKernel::IncrementU32,
             TestKernel::ListSum,
+            TestKernel::GatherSum,
         ] {
             crate::build(source(k)).unwrap_or_else(|e| panic!("{k:?}: {e}"));
             for n in [1, crate::MAX_POOL_BINDINGS] {

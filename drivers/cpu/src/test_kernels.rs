@@ -35,6 +35,15 @@ impl TestKernels for CpuDevice {
                 }
                 lane.store_u64(out, sum)
             }),
+            TestKernel::GatherSum => CpuKernel::new(|lane, i| {
+                let (src, out) = (lane.args()[0], lane.args()[1]);
+                let base = u64::from(i / 128 * 8192 + i % 128);
+                let mut sum = 0u32;
+                for j in 0..64 {
+                    sum = sum.wrapping_add(lane.load_u32(src + (base + 128 * j) * 4)?);
+                }
+                lane.store_u32(out + u64::from(i) * 4, sum)
+            }),
         }))
     }
 }

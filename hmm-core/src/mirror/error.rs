@@ -140,6 +140,21 @@ pub enum MirrorError {
     /// the first failure.
     #[error("device lost: {0}")]
     DeviceLost(String),
+    /// Device-written data could not be written back: the CPU memory at
+    /// `addr` exists but refuses the write (made read-only, or
+    /// `PROT_NONE`, e.g. by `mprotect` without
+    /// [`Mirror::protection_changed`](super::Mirror::protection_changed)).
+    /// Nothing was dropped: the device keeps the data, and the next launch
+    /// (which first tries the write again and returns this error while it
+    /// is still refused) or a `protection_changed` call after the memory
+    /// is writable again writes it. A refusal met where no caller could be
+    /// told (an invalidation callback, an eviction) is reported by the
+    /// next launch.
+    #[error("write-back to {addr} refused: the CPU memory is there but not writable; the device keeps the data until it can be written")]
+    WriteBackRefused {
+        /// The first address that refused the write.
+        addr: VirtAddr,
+    },
     /// The mirror's configuration is unusable.
     #[error("bad mirror configuration: {0}")]
     Config(String),

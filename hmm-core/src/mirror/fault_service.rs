@@ -2,9 +2,11 @@
 //!
 //! 1. **Plan the round.** One entry per page (the write wins, the lowest
 //!    invocation is kept); the residency chooses which pages this round
-//!    serves ([`Residency::plan_round`]: copy mode the lowest pages that
-//!    fit half the evictable pool, zero-copy the lowest invocations' blocks
-//!    within half the windows). The rest fault again on replay.
+//!    serves ([`Residency::plan_round`]: copy mode the lowest invocations'
+//!    pages, new ones within half the evictable pool, and it keeps the
+//!    pages of those invocations from eviction until they complete;
+//!    zero-copy the lowest invocations' blocks within half the windows).
+//!    The rest fault again on replay.
 //! 2. **Batches** of `MirrorConfig::fault_batch` (256, UVM's), each sorted
 //!    and coalesced into runs.
 //! 3. **Each run** is split at region boundaries ([`Mirror::region_for`]
@@ -17,7 +19,7 @@
 //!    ([`MirrorError::PoolExhausted`] after progress) ends the round; the
 //!    replay brings the rest back.
 
-use super::backend::Backend;
+use super::backend::{Backend, InvocationSet};
 use super::error::{AccessError, MirrorError};
 use super::faults::{self, PageFault, Run};
 use super::handle::Mirror;
@@ -34,7 +36,12 @@ use crate::sync::lock;
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// Services validated faults; returns pages made resident.
-    pub(super) fn service(&self, pf: &[PageFault]) -> Result<u64, MirrorError> {
+    /// `incomplete`: the invocations the next replay runs.
+    pub(super) fn service(
+        &self,
+        pf: &[PageFault],
+        incomplete: &InvocationSet,
+    ) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
         let mut pf = pf.to_vec();
         // One entry per page before batching: many invocations fault on the
@@ -51,7 +58,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         {
             let mut dev = inner.lock();
             dev.res.begin_round();
-            dev.res.plan_round(&mut pf);
+            dev.res.plan_round(&mut pf, incomplete);
         }
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = inner.host.new_epoch();

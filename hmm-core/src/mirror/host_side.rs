@@ -17,6 +17,8 @@ use crate::cpu::maps::{Mapping, MappingCache};
 use crate::cpu::range_fault::{FaultError, FaultFlags, PageState};
 use crate::notifier::AddressSpace;
 
+pub use super::hostcopy::RunFate;
+
 /// Whether a watch asks for CPU writes to be tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteTracking {
@@ -121,6 +123,24 @@ pub trait HostSide: Send + Sync + 'static {
     /// pages are gone; returns how many runs were written. Never faults the
     /// process.
     fn write_runs(&self, runs: &[(VirtAddr, &[u8])]) -> usize;
+
+    /// [`HostSide::write_runs`], saying per run what became of it
+    /// (`fates`, cleared first, one per run): written, skipped because its
+    /// memory is gone, or refused because its memory exists but is not
+    /// writable (the mirror keeps such data and reports the refusal). The
+    /// default writes the runs one at a time through
+    /// [`HostSide::write_runs`] and calls every failure gone: right for a
+    /// host whose memory cannot be write-protected.
+    fn write_runs_checked(&self, runs: &[(VirtAddr, &[u8])], fates: &mut Vec<RunFate>) {
+        fates.clear();
+        for r in runs {
+            fates.push(if self.write_runs(std::slice::from_ref(r)) == 1 {
+                RunFate::Written
+            } else {
+                RunFate::Gone
+            });
+        }
+    }
 }
 
 impl HostSide for HostSpace {
@@ -205,8 +225,26 @@ impl HostSide for HostSpace {
     }
 
     fn write_runs(&self, runs: &[(VirtAddr, &[u8])]) -> usize {
-        let mut route = PlainRoute::new(self.maps());
-        super::hostcopy::write_runs(runs, &mut |a| route.allows(a))
+        let mut fates = Vec::with_capacity(runs.len());
+        self.write_runs_checked(runs, &mut fates);
+        fates.iter().filter(|f| **f == RunFate::Written).count()
+    }
+
+    fn write_runs_checked(&self, runs: &[(VirtAddr, &[u8])], fates: &mut Vec<RunFate>) {
+        let maps = self.maps();
+        let mut route = PlainRoute::new(maps);
+        // A failed write: gone or refused? A fresh look at the mapping
+        // (the cache forced to re-read it): still mapped without write
+        // permission is a refusal; no mapping is memory that is gone. A
+        // writable mapping that failed a write is a file page past the end
+        // of its file (SIGBUS): gone too. (`hostcopy` module docs.)
+        let mut refused = |a: VirtAddr| {
+            if let Ok(page) = VaRange::from_start_len(a.page_down(), crate::addr::PAGE_SIZE) {
+                maps.invalidate(page);
+            }
+            matches!(maps.lookup(a), Ok(Some(m)) if !m.write)
+        };
+        super::hostcopy::write_runs(runs, &mut |a| route.allows(a), &mut refused, fates)
     }
 }
 

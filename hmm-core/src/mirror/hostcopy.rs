@@ -24,8 +24,22 @@
 //!   every bad page is reported.
 //!
 //! Either way a page that cannot be read is reported (`ok[k] = false`,
-//! its destination zeroed) and a run that cannot be written is skipped;
-//! a hardware memory error in a page counts as a page that cannot be read.
+//! its destination zeroed); a run that cannot be written is skipped if its
+//! memory is gone and reported as refused if its memory is still there
+//! but not writable ([`RunFate`]: the caller keeps such data); a hardware
+//! memory error in a page counts as a page that cannot be read.
+//!
+//! Gone or refused is decided after the failure, by a fresh look at the
+//! mappings (the caller's `refused`; for [`HostSpace`] the mapping cache
+//! forced to re-read `/proc/self/maps` for that page): a mapping that
+//! still covers the address and lacks `PROT_WRITE` refuses; no mapping
+//! (or one that is writable, i.e. a file page past the end of its file)
+//! means the memory is gone. The fault handler's `si_code`
+//! (`SEGV_ACCERR` vs `SEGV_MAPERR`) would tell the same for the
+//! recoverable copy, but not for `process_vm_writev`, which says `EFAULT`
+//! for both; one rule for both paths, paid only when a write fails.
+//!
+//! [`HostSpace`]: crate::cpu::host::HostSpace
 //!
 //! Which mappings are ordinary comes from the mapping cache, so it is as
 //! fresh as the cache: in the residual window the `residency::copy` docs
@@ -267,41 +281,77 @@ fn byte_runs(
     }
 }
 
-/// Writes each `(dst, bytes)` run to CPU memory, skipping runs whose pages
-/// are gone; returns how many runs were written. `plain` as for
-/// [`read_pages`]. The caller checked under the driver lock that the runs
-/// belong to the mirrored range, and no run overlaps the bytes of another.
+/// Writes each `(dst, bytes)` run to CPU memory and says, per run, what
+/// became of it (`fates`, cleared first, one per run): written, skipped
+/// because its memory is gone, or refused. `plain` as for [`read_pages`].
+/// `refused(addr)` is asked about the first byte a failed run could not
+/// write: whether that memory exists but refuses the write (the caller
+/// looks it up fresh); if not, the memory is gone and the run is skipped,
+/// as an unmapped page must be. The caller checked under the driver lock
+/// that the runs belong to the mirrored range, and no run overlaps the
+/// bytes of another. A refused run may have been written in part (up to
+/// the page that refused); writing it again writes the same bytes.
 pub(crate) fn write_runs(
     runs: &[(VirtAddr, &[u8])],
     plain: &mut dyn FnMut(VirtAddr) -> bool,
-) -> usize {
-    let Ok(rc) = Recoverable::check() else {
-        return sys_write_runs(runs);
-    };
-    let mut written = 0;
-    let mut slow = Vec::new();
-    for (k, (dst, bytes)) in runs.iter().enumerate() {
-        let pages = dst.page_down().0..dst.0 + bytes.len() as u64;
-        if !pages.step_by(PAGE).all(|p| plain(VirtAddr(p))) {
-            slow.push(runs[k]);
-            continue;
-        }
-        // SAFETY: the source is a borrowed byte slice (our staging, pool
-        // or twin memory), not CPU memory of the mirrored range; the
-        // destination is application memory in ordinary mappings
-        // (`plain`) that the mirror is allowed to overwrite (caller), and
-        // may vanish under the copy (then it is skipped).
-        if unsafe { rc.copy_out(dst.0 as usize as *mut u8, bytes.as_ptr(), bytes.len()) }.is_ok() {
-            written += 1;
+    refused: &mut dyn FnMut(VirtAddr) -> bool,
+    fates: &mut Vec<RunFate>,
+) {
+    fates.clear();
+    let mut failed: Vec<Option<VirtAddr>> = vec![None; runs.len()];
+    match Recoverable::check() {
+        Err(_) => sys_write_runs(runs, &mut failed),
+        Ok(rc) => {
+            let mut slow = Vec::new();
+            for (k, (dst, bytes)) in runs.iter().enumerate() {
+                let pages = dst.page_down().0..dst.0 + bytes.len() as u64;
+                if !pages.step_by(PAGE).all(|p| plain(VirtAddr(p))) {
+                    slow.push(k);
+                    continue;
+                }
+                // SAFETY: the source is a borrowed byte slice (our staging,
+                // pool or twin memory), not CPU memory of the mirrored
+                // range; the destination is application memory in ordinary
+                // mappings (`plain`) that the mirror is allowed to
+                // overwrite (caller), and may vanish or be protected under
+                // the copy (then the copy stops and says where).
+                let r =
+                    unsafe { rc.copy_out(dst.0 as usize as *mut u8, bytes.as_ptr(), bytes.len()) };
+                if let Err(e) = r {
+                    failed[k] = Some(VirtAddr(dst.0 + e.copied() as u64));
+                }
+            }
+            let s: Vec<(VirtAddr, &[u8])> = slow.iter().map(|&k| runs[k]).collect();
+            let mut f = vec![None; s.len()];
+            sys_write_runs(&s, &mut f);
+            for (x, &k) in slow.iter().enumerate() {
+                failed[k] = f[x];
+            }
         }
     }
-    written + sys_write_runs(&slow)
+    fates.extend(failed.iter().map(|f| match f {
+        None => RunFate::Written,
+        Some(at) if refused(*at) => RunFate::Refused(*at),
+        Some(_) => RunFate::Gone,
+    }));
+}
+
+/// What became of one run [`write_runs`] was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunFate {
+    /// Every byte reached CPU memory.
+    Written,
+    /// Its memory is gone (unmapped, or a file page past the end of its
+    /// file): skipped, as a write to memory no one can read any more.
+    Gone,
+    /// Its memory exists but refused the write at this address (a mapping
+    /// made read-only, or `PROT_NONE`): nothing may be dropped.
+    Refused(VirtAddr),
 }
 
 /// [`write_runs`] through `process_vm_writev`, `IOV_MAX` runs per system
-/// call.
-fn sys_write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
-    let mut written = 0;
+/// call: `failed[k]` is set to the first address run `k` could not write.
+fn sys_write_runs(runs: &[(VirtAddr, &[u8])], failed: &mut [Option<VirtAddr>]) {
     let mut i = 0;
     while i < runs.len() {
         let n = (runs.len() - i).min(IOV_MAX);
@@ -317,8 +367,9 @@ fn sys_write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
         );
         // SAFETY: `local` only describes the borrowed byte slices, which the
         // kernel reads; the remote side is our own address space, checked
-        // by the kernel (EFAULT for missing pages); the caller checked
-        // under the driver lock that the runs belong to the mirrored range.
+        // by the kernel (EFAULT for missing or read-only pages); the caller
+        // checked under the driver lock that the runs belong to the
+        // mirrored range.
         let put = unsafe {
             libc::process_vm_writev(
                 libc::getpid(),
@@ -336,10 +387,11 @@ fn sys_write_runs(runs: &[(VirtAddr, &[u8])]) -> usize {
             left -= runs[i + k].1.len();
             k += 1;
         }
-        written += k;
+        if k < n {
+            failed[i + k] = Some(VirtAddr(runs[i + k].0 .0 + left as u64));
+        }
         i += if k < n { k + 1 } else { n };
     }
-    written
 }
 
 #[cfg(test)]
@@ -469,9 +521,17 @@ mod tests {
         // A run crossing from page 0 into the hole, and a short one.
         runs.push((VirtAddr(base + PAGE as u64 - 8), &staging[..16]));
         runs.push((VirtAddr(base + 2 * PAGE as u64 + 8), &staging[..8]));
+        let mut fates = Vec::new();
+        write_runs(&runs, &mut plain, &mut |_| false, &mut fates);
         assert_eq!(
-            write_runs(&runs, &mut plain),
-            3,
+            fates,
+            [
+                RunFate::Written,
+                RunFate::Gone,
+                RunFate::Written,
+                RunFate::Gone,
+                RunFate::Written
+            ],
             "runs touching the unmapped page are skipped"
         );
         // SAFETY: pages 0 and 2 are still mapped.
@@ -483,6 +543,65 @@ mod tests {
         unsafe {
             libc::munmap(p, PAGE);
             libc::munmap((base + 2 * PAGE as u64) as *mut libc::c_void, PAGE);
+        }
+    }
+
+    /// A read-only page refuses the write: the run is `Refused` at the
+    /// page's first byte (when `refused` says so) and the memory is left
+    /// as it was, on both copy paths; `Gone` when `refused` says no.
+    #[test]
+    fn refused_writes_are_told_from_gone_ones() {
+        for plain in [true, false] {
+            // SAFETY: fresh private anonymous mapping owned by this test.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    2 * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            let base = p as u64;
+            let ro = base + PAGE as u64;
+            // SAFETY: our mapping; the second page becomes read-only.
+            unsafe {
+                std::ptr::write_bytes(p.cast::<u8>(), 7, 2 * PAGE);
+                assert_eq!(
+                    libc::mprotect(ro as *mut libc::c_void, PAGE, libc::PROT_READ),
+                    0
+                );
+            }
+            let data = [9u8; 64];
+            let runs: Vec<(VirtAddr, &[u8])> =
+                vec![(VirtAddr(base), &data[..]), (VirtAddr(ro + 8), &data[..])];
+            let mut asked = Vec::new();
+            let mut fates = Vec::new();
+            write_runs(
+                &runs,
+                &mut |_| plain,
+                &mut |a| {
+                    asked.push(a);
+                    true
+                },
+                &mut fates,
+            );
+            assert_eq!(
+                fates,
+                [RunFate::Written, RunFate::Refused(VirtAddr(ro + 8))],
+                "plain {plain}"
+            );
+            assert_eq!(asked, [VirtAddr(ro + 8)]);
+            write_runs(&runs, &mut |_| plain, &mut |_| false, &mut fates);
+            assert_eq!(fates, [RunFate::Written, RunFate::Gone], "plain {plain}");
+            // SAFETY: both pages are still mapped readable.
+            unsafe {
+                assert_eq!(*(base as *const u8), 9);
+                assert_eq!(*((ro + 8) as *const u8), 7, "the refused page is unchanged");
+                libc::munmap(p, 2 * PAGE);
+            }
         }
     }
 

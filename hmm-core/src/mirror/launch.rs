@@ -11,7 +11,13 @@
 //! 4. **Replay** only the invocations that faulted, until none does.
 //! 5. **Sync point (end).** Device-dirty pages are written back, so when
 //!    `launch` returns the CPU sees every device write — or the launch
-//!    returns the error that kept it from doing so.
+//!    returns the error that kept it from doing so. Memory that is gone is
+//!    skipped; memory that is there but refuses the write (read-only after
+//!    an untold `mprotect`) is [`MirrorError::WriteBackRefused`], and the
+//!    device keeps that data (entry, slot and twin) until a later
+//!    write-back gets through: the next launch tries it before anything
+//!    else, and so does [`Mirror::protection_changed`].
+//!    [`LaunchReport::pages_out`] counts only pages that reached the CPU.
 
 use super::args::KernelArgs;
 use super::backend::{Backend, InvocationSet, Invocations};
@@ -64,12 +70,22 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let inner = &*self.inner;
         let _serial = lock(&inner.launch);
         inner.lock().health.check()?;
+        // A write-back refused where no caller could be told (an
+        // invalidation callback, an eviction) kept its data on the device:
+        // try it again first, and report it while it is still refused —
+        // before the kernel runs, so nothing is lost and nothing new is
+        // written over it.
+        if inner.lock().res.has_refused() {
+            self.write_back_all()?;
+        }
         Counters::add(&inner.counters.launches, 1);
         let mut report = LaunchReport {
             cpu_written_pages: inner.host.sync_point()?,
             ..LaunchReport::default()
         };
+        inner.lock().res.launch_boundary();
         let res = self.launch_rounds(kernel, n, args, &mut report);
+        inner.lock().res.launch_boundary();
         // Whatever happened, invocations that completed may have left dirty
         // pages: the CPU must see them (and a later sync point must not
         // mistake them for stale copies). A write-back failure outranks the
@@ -160,7 +176,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
             report.faults += pf.len() as u64;
             Counters::add(&inner.counters.faults, pf.len() as u64);
-            report.pages_in += self.service(&pf)?;
+            report.pages_in += self.service(&pf, &outcome.incomplete)?;
             replay = outcome.incomplete;
             first = false;
             replays += 1;

@@ -68,7 +68,18 @@
 //! - A mirrored page is valid as of the last sync point; `mprotect`, swap
 //!   and KSM produce no event (after `mprotect`, narrowing or widening,
 //!   call [`Mirror::protection_changed`]: it drops the cached
-//!   permissions and invalidates the range).
+//!   permissions and invalidates the range). Without the call, device
+//!   writes to memory made read-only are never dropped silently: the
+//!   write-back is refused, the launch returns
+//!   [`MirrorError::WriteBackRefused`], and the device keeps the data until
+//!   a write-back gets through (memory that is gone is skipped).
+//! - Oversubscription makes progress for every kernel that follows the
+//!   replay contract, whenever the pool can hold one invocation's pages:
+//!   fault service serves the lowest invocations first and keeps the pages
+//!   it brought in for them from eviction until they complete
+//!   (`residency::copy`), so a round cannot evict the pages of the
+//!   invocations it serves. Touching outputs for writing first saves
+//!   rounds; it is not required.
 //! - [`Mirror::pin`] is the baseline to compare against: no notifier at
 //!   all — the device keeps the pinned copy whatever the CPU does until
 //!   [`Mirror::unpin`] (`hmm_conformance::pinning_hazard_is_real` shows it).
@@ -102,6 +113,6 @@ mod twins;
 pub use config::{Advice, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
-pub use host_side::{HostSide, WriteTracking};
+pub use host_side::{HostSide, RunFate, WriteTracking};
 pub use pin::PinHandle;
 pub use stats::MirrorStats;

@@ -102,11 +102,12 @@ impl PagePool {
     /// still young at its second look (the device keeps touching all of
     /// them), the first unpinned slot met is returned anyway so eviction
     /// makes progress. Returns `None` only if the pool holds no allocated
-    /// slot or every allocated slot is pinned.
+    /// slot or every allocated slot is pinned. `pinned(slot, owner)`: the
+    /// slot may not be evicted now.
     pub fn pick_victim(
         &mut self,
         mut young: impl FnMut(PoolSlot, VirtAddr) -> bool,
-        mut pinned: impl FnMut(PoolSlot) -> bool,
+        mut pinned: impl FnMut(PoolSlot, VirtAddr) -> bool,
     ) -> Option<PoolSlot> {
         let n = self.owners.len() as u32;
         if self.used == 0 {
@@ -120,7 +121,7 @@ impl PagePool {
                 continue;
             };
             let slot = PoolSlot(s);
-            if pinned(slot) {
+            if pinned(slot, va) {
                 continue;
             }
             fallback.get_or_insert(slot);
@@ -158,7 +159,7 @@ mod tests {
         let mut p = PagePool::new(0);
         assert_eq!(p.alloc(va(1)), None);
         assert_eq!(p.free(PoolSlot(0)), None);
-        assert_eq!(p.pick_victim(|_, _| false, |_| false), None);
+        assert_eq!(p.pick_victim(|_, _| false, |_, _| false), None);
         assert_eq!((p.capacity(), p.used()), (0, 0));
     }
 
@@ -206,15 +207,15 @@ mod tests {
                 looked.push((s.0, a));
                 core::mem::take(&mut accessed[s.0 as usize])
             },
-            |_| false,
+            |_, _| false,
         );
         assert_eq!(v, Some(PoolSlot(2)));
         assert_eq!(looked, vec![(0, va(0)), (1, va(1)), (2, va(2))]);
         // The hand moved on: next look starts at 3, which is old.
-        assert_eq!(p.pick_victim(|_, _| false, |_| false), Some(PoolSlot(3)));
+        assert_eq!(p.pick_victim(|_, _| false, |_, _| false), Some(PoolSlot(3)));
         // Then 0, whose bit was cleared by its second chance.
         assert_eq!(
-            p.pick_victim(|s, _| accessed[s.0 as usize], |_| false),
+            p.pick_victim(|s, _| accessed[s.0 as usize], |_, _| false),
             Some(PoolSlot(0))
         );
     }
@@ -232,7 +233,7 @@ mod tests {
                 calls += 1;
                 true
             },
-            |s| s.0 == 0,
+            |s, _| s.0 == 0,
         );
         assert_eq!(v, Some(PoolSlot(1)), "first unpinned slot met");
         assert_eq!(calls, 6, "two looks at each of the 3 unpinned slots");
@@ -241,7 +242,7 @@ mod tests {
     #[test]
     fn clock_returns_none_when_all_pinned_or_empty() {
         let mut p = PagePool::new(3);
-        assert_eq!(p.pick_victim(|_, _| false, |_| false), None);
+        assert_eq!(p.pick_victim(|_, _| false, |_, _| false), None);
         for i in 0..3 {
             p.alloc(va(i));
         }
@@ -251,13 +252,13 @@ mod tests {
                 young_calls += 1;
                 false
             },
-            |_| true,
+            |_, _| true,
         );
         assert_eq!(v, None);
         assert_eq!(young_calls, 0);
         for i in 0..3 {
             p.free(PoolSlot(i));
         }
-        assert_eq!(p.pick_victim(|_, _| false, |_| false), None);
+        assert_eq!(p.pick_victim(|_, _| false, |_, _| false), None);
     }
 }

@@ -294,7 +294,25 @@ pub(crate) fn zap<B: Backend, H: HostSide>(
     } else {
         Ok(())
     };
-    let removed = unmap_deferred(cx, r);
+    // Pages whose write-back was refused hold the only copy of device
+    // writes: their entries stay (the residency remembers them, and the
+    // next launch reports the refusal). A zap without write-back drops
+    // them with everything else.
+    let keep = if writeback {
+        res.refused(r)
+    } else {
+        Vec::new()
+    };
+    let mut removed = Vec::new();
+    let mut at = r.start();
+    for k in keep.iter().copied().chain(std::iter::once(r.end())) {
+        if k > at {
+            if let Ok(gap) = VaRange::new(at, k) {
+                removed.extend(unmap_deferred(cx, gap));
+            }
+        }
+        at = VirtAddr(k.0.saturating_add(crate::addr::PAGE_SIZE)).max(at);
+    }
     res.retire(&removed);
     let flushed = flush(cx, res);
     wb.and(flushed)

@@ -9,7 +9,15 @@
 //!   memory, TreadMarks), so CPU writes to other bytes of the same page made
 //!   during a launch are never overwritten with stale data. Writes go
 //!   through the host's fault-proof copy, so a page the kernel already
-//!   unmapped is skipped rather than faulted on.
+//!   unmapped is skipped rather than faulted on. A page whose memory is
+//!   still there but refuses the write (made read-only behind the mirror's
+//!   back) is *not* skipped: it stays mapped and dirty with its twin,
+//!   eviction passes it over, and the refusal is reported
+//!   ([`MirrorError::WriteBackRefused`]) — by the caller's call, or by the
+//!   next launch, which tries it again first.
+//! - **Oversubscription** ([`Residency::plan_round`]): each round serves the
+//!   lowest invocations and keeps the pages brought in for them from
+//!   eviction until they complete, so some invocation always progresses.
 //! - **Slots are freed only after their entries are confirmed cleared**
 //!   ([`Residency::retire`] quarantines, [`Residency::entries_cleared`]
 //!   frees; see the `residency` module docs).
@@ -23,18 +31,20 @@
 //! land there. The unmapping thread itself cannot: it is blocked until the
 //! event is read, and the invalidation starts immediately after.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::{Install, Residency};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::chunk::choose_chunk;
 use crate::cpu::range_fault::PageState;
-use crate::mirror::backend::{Backend, BackendError, DeviceToHost, HostToDevice, PteLoc, PteWrite};
+use crate::mirror::backend::{
+    Backend, BackendError, DeviceToHost, HostToDevice, InvocationSet, PteLoc, PteWrite,
+};
 use crate::mirror::config::MirrorConfig;
 use crate::mirror::error::{AccessError, MirrorError};
 use crate::mirror::faults::PageFault;
 use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
-use crate::mirror::host_side::{HostSide, WriteTracking};
+use crate::mirror::host_side::{HostSide, RunFate, WriteTracking};
 use crate::mirror::hostcopy;
 use crate::mirror::pool::PagePool;
 use crate::mirror::state::{zap, Cx, RegionKey, RegionSlot};
@@ -65,6 +75,15 @@ pub(crate) struct CopyPool {
     ok: Vec<bool>,
     /// Scratch for write-back verification (preallocated, never grows).
     verify: Vec<u8>,
+    /// During a launch: the invocations the last round served, each with
+    /// the pages brought in (or found held) for it ([`Residency::plan_round`]).
+    focus: BTreeMap<u32, Vec<VirtAddr>>,
+    /// The pages of `focus`: eviction leaves them alone.
+    focus_pages: HashSet<VirtAddr>,
+    /// Pages whose write-back the CPU memory refused: their entries stay,
+    /// still dirty, until a write-back gets through (or their memory goes
+    /// away); eviction passes them over.
+    refused: BTreeSet<VirtAddr>,
 }
 
 impl CopyPool {
@@ -86,6 +105,9 @@ impl CopyPool {
             staging: vec![0; STAGE_PAGES * PAGE],
             ok: Vec::with_capacity(STAGE_PAGES),
             verify: vec![0; STAGE_PAGES * PAGE],
+            focus: BTreeMap::new(),
+            focus_pages: HashSet::new(),
+            refused: BTreeSet::new(),
         })
     }
 
@@ -107,26 +129,43 @@ impl CopyPool {
         if let Some(s) = self.pool.alloc(va) {
             return Ok(s);
         }
-        let (table, backend) = (&*cx.table, cx.backend);
-        let (pinned, quarantine) = (&self.pinned, &self.quarantine);
-        let victim = self.pool.pick_victim(
-            |_slot, owner| {
-                let Some(loc) = table.leaf_loc(owner) else {
-                    return false;
-                };
-                let mut old = Vec::with_capacity(1);
-                // An unreadable bit reads as "not young": CLOCK is advice.
-                backend.clear_pte_bits(&[loc], ACCESSED, &mut old).is_ok()
-                    && old.first().is_some_and(|p| p.accessed())
-            },
-            |slot| pinned.contains(&slot) || keep.contains(&slot) || quarantine.contains(&slot),
-        );
-        let owner = victim.and_then(|v| self.pool.owner(v));
-        let Some(owner) = owner else {
-            return Err(self.exhausted(1));
-        };
-        let page = VaRange::from_start_len(owner, PAGE_SIZE)?;
-        zap(cx, self, page, true)?;
+        // A victim whose write-back is refused stays (its data has nowhere
+        // else to go; `refused` remembers it for the next launch to
+        // report): pick another. Each refusal removes one candidate, so
+        // this ends.
+        loop {
+            let (table, backend) = (&*cx.table, cx.backend);
+            let (pinned, quarantine) = (&self.pinned, &self.quarantine);
+            let (focus, refused) = (&self.focus_pages, &self.refused);
+            let victim = self.pool.pick_victim(
+                |_slot, owner| {
+                    let Some(loc) = table.leaf_loc(owner) else {
+                        return false;
+                    };
+                    let mut old = Vec::with_capacity(1);
+                    // An unreadable bit reads as "not young": CLOCK is advice.
+                    backend.clear_pte_bits(&[loc], ACCESSED, &mut old).is_ok()
+                        && old.first().is_some_and(|p| p.accessed())
+                },
+                |slot, owner| {
+                    pinned.contains(&slot)
+                        || keep.contains(&slot)
+                        || quarantine.contains(&slot)
+                        || focus.contains(&owner)
+                        || refused.contains(&owner)
+                },
+            );
+            let owner = victim.and_then(|v| self.pool.owner(v));
+            let Some(owner) = owner else {
+                return Err(self.exhausted(1));
+            };
+            let page = VaRange::from_start_len(owner, PAGE_SIZE)?;
+            match zap(cx, self, page, true) {
+                Ok(()) => break,
+                Err(MirrorError::WriteBackRefused { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
         Counters::add(&cx.counters.evictions, 1);
         self.pool.alloc(va).ok_or_else(|| self.exhausted(1))
     }
@@ -230,16 +269,10 @@ impl CopyPool {
                 .collect(),
             None => staging.chunks_exact(PAGE).take(dirty.len()).collect(),
         };
-        // The data is out: a DIRTY bit left set only means the page is
-        // compared with its twin again next time (an equal page writes
-        // nothing), so a failure here costs time, not data.
-        let dirty_locs: Vec<PteLoc> = dirty.iter().map(|d| d.1).collect();
-        let mut cleared = Vec::with_capacity(dirty_locs.len());
-        let _ = cx.backend.clear_pte_bits(&dirty_locs, DIRTY, &mut cleared);
         // Only the bytes the device changed go back.
         let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
+        let mut run_page: Vec<usize> = Vec::new();
         let mut diff = Vec::new();
-        let mut touched: Vec<usize> = Vec::new();
         for (i, (va, _, slot)) in dirty.iter().enumerate() {
             let page = pages[i];
             diff.clear();
@@ -248,17 +281,70 @@ impl CopyPool {
                 // No twin (pinned pages): the whole page.
                 None => diff.push((0, PAGE)),
             }
-            if !diff.is_empty() {
-                touched.push(i);
-            }
             for (off, len) in &diff {
                 runs.push((VirtAddr(va.0 + *off as u64), &page[*off..*off + *len]));
+                run_page.push(i);
             }
         }
-        cx.host.write_runs(&runs);
-        for (i, (_, _, slot)) in dirty.iter().enumerate() {
-            if self.twins.get(*slot).is_some() {
-                self.twins.set(*slot, pages[i]);
+        let mut fates = Vec::with_capacity(runs.len());
+        cx.host.write_runs_checked(&runs, &mut fates);
+        // Per page: no runs (equal to its twin), all written, some gone
+        // (its memory went away: nothing to keep), or some refused (its
+        // memory is there but not writable: the data must stay).
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Same,
+            Written,
+            Gone,
+            Refused(VirtAddr),
+        }
+        let mut fate = vec![Fate::Same; dirty.len()];
+        for (k, f) in fates.iter().enumerate() {
+            let p = &mut fate[run_page[k]];
+            *p = match (*p, *f) {
+                (Fate::Refused(a), _) => Fate::Refused(a),
+                (_, RunFate::Refused(a)) => Fate::Refused(a),
+                (Fate::Gone, _) | (_, RunFate::Gone) => Fate::Gone,
+                _ => Fate::Written,
+            };
+        }
+        // The data is out where it could go: clear DIRTY on those pages
+        // (not on refused ones, which must be written again). A DIRTY bit
+        // left set only means the page is compared with its twin again
+        // next time (an equal page writes nothing), so a failure here
+        // costs time, not data. The device is idle: no write can land
+        // between the copy and the clear.
+        let dirty_locs: Vec<PteLoc> = dirty
+            .iter()
+            .zip(&fate)
+            .filter(|(_, f)| !matches!(f, Fate::Refused(_)))
+            .map(|(d, _)| d.1)
+            .collect();
+        let mut cleared = Vec::with_capacity(dirty_locs.len());
+        let _ = cx.backend.clear_pte_bits(&dirty_locs, DIRTY, &mut cleared);
+        let mut first_refusal = None;
+        for (i, (va, _, slot)) in dirty.iter().enumerate() {
+            match fate[i] {
+                Fate::Refused(a) => {
+                    // Keep the twin as it was: the next try diffs against
+                    // what the CPU last got.
+                    self.refused.insert(*va);
+                    first_refusal.get_or_insert(a);
+                }
+                _ => {
+                    if self.refused.remove(va) {
+                        // It was refused before and is written now: the
+                        // mapping's permissions changed since the fresh
+                        // look that saw the refusal, so that look must not
+                        // be trusted any more.
+                        if let Ok(page) = VaRange::from_start_len(*va, PAGE_SIZE) {
+                            cx.host.forget_mappings(page);
+                        }
+                    }
+                    if self.twins.get(*slot).is_some() {
+                        self.twins.set(*slot, pages[i]);
+                    }
+                }
             }
         }
         // Our own write is not a CPU write: re-protect the pages so the next
@@ -271,7 +357,11 @@ impl CopyPool {
         // protecting, as this code once did, lost a CPU write landing
         // between the two.) A failed re-arm leaves the pages reported as
         // written: their copies are dropped at the next sync point, which
-        // is merely conservative.
+        // is merely conservative. Pages whose memory went away read back
+        // as failed and are dropped too; refused ones are left alone.
+        let touched: Vec<usize> = (0..dirty.len())
+            .filter(|&i| matches!(fate[i], Fate::Written | Fate::Gone))
+            .collect();
         let check: Vec<VirtAddr> = touched.iter().map(|&i| dirty[i].0).collect();
         let _ = cx.host.rearm(&check);
         let mut vok = Vec::new();
@@ -282,14 +372,18 @@ impl CopyPool {
             .filter(|(k, &i)| !vok[*k] || self.verify[k * PAGE..(k + 1) * PAGE] != *pages[i])
             .map(|(_, &i)| dirty[i].0)
             .collect();
-        let n = check.len() as u64;
+        // Only pages that reached the CPU count as written back.
+        let n = fate.iter().filter(|f| **f == Fate::Written).count() as u64;
         Counters::add(&cx.counters.pages_out, n);
         for va in stale {
             let page = VaRange::from_start_len(va, PAGE_SIZE)?;
             // Already written back: drop without writing again.
             zap(cx, self, page, false)?;
         }
-        Ok(n)
+        match first_refusal {
+            Some(addr) => Err(MirrorError::WriteBackRefused { addr }),
+            None => Ok(n),
+        }
     }
 }
 
@@ -351,16 +445,77 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
 
     fn begin_round(&mut self) {}
 
-    fn plan_round(&mut self, pf: &mut Vec<PageFault>) {
-        // Oversubscription: a round that maps more pages than half the
-        // evictable pool evicts its own earlier pages (they are not yet
-        // accessed, so CLOCK takes them first) and the replay faults on
-        // them again — a livelock once the faulting working set exceeds
-        // the pool. Service the lowest pages that fit; the other
-        // invocations are in the replay list anyway and fault again next
-        // round, so every round completes some.
+    fn plan_round(&mut self, pf: &mut Vec<PageFault>, incomplete: &InvocationSet) {
+        // Oversubscription. A replay restarts an invocation, so it
+        // completes only in a round where *all* its pages are resident at
+        // once — and a device that reports one fault per invocation per
+        // round (the cpu driver stops an invocation at its first fault; the
+        // GPU drivers record only the first) reveals them one round at a
+        // time. Choosing pages by address (as this once did) let every
+        // round's installs evict the pages earlier rounds brought in for
+        // the same invocations — all of them looked equally young, since
+        // every replayed invocation touches what it has — and a kernel
+        // that loads from several pages and stores afterwards livelocked
+        // from 2x oversubscription on (issue 19, finding 6).
+        //
+        // So invocations are served in ascending order, and the pages
+        // brought in for the ones served stay out of eviction's reach
+        // (`focus`) until they complete or fall out of the plan. A round
+        // takes invocations while the pages they hold plus the ones they
+        // need fit the evictable pool and the new ones fit half of it
+        // (the other half is what eviction takes from); the lowest
+        // incomplete invocation is always taken. It keeps its pages from
+        // round to round and gains at least one each round, so it
+        // completes once the pool can hold its pages: every round moves
+        // some invocation forward.
         let evictable = (self.pool.capacity() as usize).saturating_sub(self.pinned.len());
-        pf.truncate((evictable / 2).max(1));
+        let new_cap = (evictable / 2).max(1);
+        let old = std::mem::take(&mut self.focus);
+        let mut by_inv: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (k, f) in pf.iter().enumerate() {
+            by_inv.entry(f.invocation).or_default().push(k);
+        }
+        let ids: std::collections::BTreeSet<u32> = by_inv
+            .keys()
+            .copied()
+            .chain(old.keys().copied().filter(|&i| incomplete.contains(i)))
+            .collect();
+        let mut held: HashSet<VirtAddr> = HashSet::new();
+        let mut take = vec![false; pf.len()];
+        let mut new = 0usize;
+        for id in ids {
+            let had: &[VirtAddr] = old.get(&id).map_or(&[], |v| v.as_slice());
+            let faults = by_inv.get(&id).map_or(&[][..], |v| v.as_slice());
+            let more_held = had.iter().filter(|a| !held.contains(a)).count();
+            let more_new = faults
+                .iter()
+                .filter(|&&k| !held.contains(&pf[k].page))
+                .count();
+            if !self.focus.is_empty()
+                && (held.len() + more_held + more_new > evictable || new + more_new > new_cap)
+            {
+                break;
+            }
+            let mut pages = had.to_vec();
+            held.extend(had.iter().copied());
+            for &k in faults {
+                take[k] = true;
+                pages.push(pf[k].page);
+                new += usize::from(held.insert(pf[k].page));
+            }
+            self.focus.insert(id, pages);
+        }
+        let mut k = 0;
+        pf.retain(|_| {
+            k += 1;
+            take[k - 1]
+        });
+        self.focus_pages = held;
+    }
+
+    fn launch_boundary(&mut self) {
+        self.focus.clear();
+        self.focus_pages.clear();
     }
 
     fn install(
@@ -532,14 +687,32 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError> {
         let mut n = 0;
+        let mut refused = None;
         for c in pages.chunks(STAGE_PAGES) {
-            n += self.write_back_chunk(cx, c)?;
+            match self.write_back_chunk(cx, c) {
+                Ok(k) => n += k,
+                // The other chunks are still written: a refusal keeps its
+                // own pages, not everyone's.
+                Err(e @ MirrorError::WriteBackRefused { .. }) => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(n)
+        refused.map_or(Ok(n), Err)
+    }
+
+    fn refused(&self, r: VaRange) -> Vec<VirtAddr> {
+        self.refused.range(r.start()..r.end()).copied().collect()
+    }
+
+    fn has_refused(&self) -> bool {
+        !self.refused.is_empty()
     }
 
     fn retire(&mut self, removed: &[(VirtAddr, Pte)]) {
-        for (_, pte) in removed {
+        for (va, pte) in removed {
+            self.refused.remove(va);
             self.twins.remove(pte.slot());
             if !self.pinned.contains(&pte.slot()) {
                 self.quarantine.insert(pte.slot());

@@ -59,7 +59,7 @@ pub(crate) mod windows;
 
 use std::collections::BTreeMap;
 
-use super::backend::{Backend, BackendError};
+use super::backend::{Backend, BackendError, InvocationSet};
 use super::config::MirrorConfig;
 use super::error::MirrorError;
 use super::faults::{PageFault, Run};
@@ -120,9 +120,14 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     fn begin_round(&mut self);
 
     /// Chooses the faults this round serves, from `pf` (one per page,
-    /// sorted by page; left sorted by page). The rest fault again on
-    /// replay.
-    fn plan_round(&mut self, pf: &mut Vec<PageFault>);
+    /// sorted by page, each carrying the lowest invocation that faulted
+    /// on it; left sorted by page). The rest fault again on replay.
+    /// `incomplete`: the invocations the round's replay will run.
+    fn plan_round(&mut self, pf: &mut Vec<PageFault>, incomplete: &InvocationSet);
+
+    /// A launch begins or ends: state kept across its rounds (copy mode's
+    /// protected pages) is dropped.
+    fn launch_boundary(&mut self) {}
 
     /// Orders a batch's runs for service (default: address order).
     fn order_runs(&self, runs: &mut [Run], batch: &[PageFault]) {
@@ -139,12 +144,30 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     ) -> Result<Attempt<u64>, MirrorError>;
 
     /// Writes the device-dirty pages among `pages` (mapped entries) back to
-    /// the CPU; returns pages written. The device is idle for them.
+    /// the CPU; returns pages written. The device is idle for them. A page
+    /// whose CPU memory refuses the write keeps its data and stays dirty
+    /// (it is remembered: [`Residency::refused`]); the others are written,
+    /// and the first refusal is returned as
+    /// [`MirrorError::WriteBackRefused`].
     fn write_back(
         &mut self,
         cx: &mut Cx<'_, B, H>,
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError>;
+
+    /// The pages in `r` whose write-back was refused and not yet retried
+    /// successfully, sorted: their entries must stay (a `zap` keeps them),
+    /// since they hold the only copy of device writes.
+    fn refused(&self, r: VaRange) -> Vec<VirtAddr> {
+        let _ = r;
+        Vec::new()
+    }
+
+    /// Whether some page's write-back was refused and is still pending
+    /// (the next launch tries it first and reports a refusal).
+    fn has_refused(&self) -> bool {
+        false
+    }
 
     /// Entries `removed` left the shadow table and their clearing writes
     /// are queued: quarantine what they named. Must not call the backend.

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::{Install, Residency};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::range_fault::PageState;
-use crate::mirror::backend::{self, Backend, BackendError};
+use crate::mirror::backend::{self, Backend, BackendError, InvocationSet};
 use crate::mirror::config::MirrorConfig;
 use crate::mirror::error::MirrorError;
 use crate::mirror::faults::{PageFault, Run};
@@ -276,7 +276,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
         self.bound_this_round = 0;
     }
 
-    fn plan_round(&mut self, pf: &mut Vec<PageFault>) {
+    fn plan_round(&mut self, pf: &mut Vec<PageFault>, _incomplete: &InvocationSet) {
         // An invocation needs all of its regions at once (a replay restarts
         // it): serve the lowest invocations first, with at most half the
         // windows' worth of window-sized blocks per round; the next round
