@@ -159,11 +159,11 @@ fn bench_pool(c: &mut Criterion) {
     }
     let mut rng = Lcg(5);
     g.bench_function("pick_victim_full_262144_half_young", |b| {
-        b.iter(|| p.pick_victim(|_, _| rng.next() & 1 == 1, |_| false))
+        b.iter(|| p.pick_victim(|_, _| rng.next() & 1 == 1, |_, _| false))
     });
     g.throughput(Throughput::Elements(2 * PAGES));
     g.bench_function("pick_victim_full_262144_all_young", |b| {
-        b.iter(|| p.pick_victim(|_, _| true, |_| false))
+        b.iter(|| p.pick_victim(|_, _| true, |_, _| false))
     });
     g.finish();
 }

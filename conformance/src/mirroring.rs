@@ -77,17 +77,20 @@ fn oversubscribed_load_then_store<B: TestKernels>(b: B, factor: usize) {
     }
 }
 
-/// [`oversubscribed_load_then_store`] at 2×.
+/// A pool oversubscribed 2× by a load-then-store kernel (see the
+/// module's `oversubscribed_load_then_store`): every result right.
 pub fn oversubscribed_load_then_store_2x<B: TestKernels>(b: B) {
     oversubscribed_load_then_store(b, 2);
 }
 
-/// [`oversubscribed_load_then_store`] at 4×.
+/// A pool oversubscribed 4× by a load-then-store kernel (see the
+/// module's `oversubscribed_load_then_store`): every result right.
 pub fn oversubscribed_load_then_store_4x<B: TestKernels>(b: B) {
     oversubscribed_load_then_store(b, 4);
 }
 
-/// [`oversubscribed_load_then_store`] at 8×.
+/// A pool oversubscribed 8× by a load-then-store kernel (see the
+/// module's `oversubscribed_load_then_store`): every result right.
 pub fn oversubscribed_load_then_store_8x<B: TestKernels>(b: B) {
     oversubscribed_load_then_store(b, 8);
 }

@@ -336,7 +336,7 @@ pub(crate) fn write_runs(
     }));
 }
 
-/// What became of one run [`write_runs`] was given.
+/// What became of one run `write_runs` was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunFate {
     /// Every byte reached CPU memory.
