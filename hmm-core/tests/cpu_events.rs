@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hmm_core::cpu::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorOptions};
 use hmm_core::cpu::probe::{Capabilities, UffdAvailability};
 use hmm_core::cpu::uffd::{Features, RegisterMode, UffdEvent, Userfaultfd};
-use hmm_core::cpu::write_track::{ArmMethod, TrackError, TrackMode};
+use hmm_core::cpu::write_track::{TrackError, TrackMode};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
@@ -491,12 +491,6 @@ fn missing_mode_makes_us_the_fault_handler() {
 
 #[test]
 fn write_tracking_reports_exactly_the_written_pages() {
-    for method in [ArmMethod::Scan, ArmMethod::Ioctl] {
-        write_tracking_exact(method);
-    }
-}
-
-fn write_tracking_exact(method: ArmMethod) {
     let Some((mon, sink)) = monitor("write_tracking_reports_exactly_the_written_pages") else {
         return;
     };
@@ -507,8 +501,6 @@ fn write_tracking_exact(method: ArmMethod) {
     }
     mon.watch(m.range()).unwrap();
     let t = mon.write_tracker();
-    t.set_arm_method(method);
-    assert_eq!(t.arm_method(), method);
     if let TrackMode::Degraded(why) = t.mode() {
         assert!(!Capabilities::get().wp_async_usable());
         eprintln!("write tracking degraded: {why}");
@@ -544,199 +536,18 @@ fn write_tracking_exact(method: ArmMethod) {
     let c = mon.counts();
     assert_eq!((c.wp_faults, c.unexpected_faults), (0, 0));
     assert_eq!(sink.take(), vec![]);
-    // Typed errors, no panic: arming an unwatched range, unaligned range.
-    // A range never armed has nothing to collect.
+    // Typed errors, no panic: unwatched range, unaligned range.
     let other = Mapping::new(2);
-    assert!(
-        matches!(
-            (method, t.arm(other.range())),
-            (ArmMethod::Scan, Err(TrackError::Scan { .. }))
-                | (ArmMethod::Ioctl, Err(TrackError::Protect(_)))
-        ),
-        "{method:?}"
-    );
-    assert_eq!(t.collect(other.range()).unwrap(), vec![]);
-    // An armed range that is no longer registered fails the collect.
-    let mut gone = Mapping::new(2);
-    mon.watch(gone.range()).unwrap();
-    t.arm(gone.range()).unwrap();
-    mon.unwatch(gone.range()).unwrap();
     assert!(matches!(
-        t.collect(gone.range()),
+        t.collect(other.range()),
         Err(TrackError::Scan { .. })
     ));
-    gone.unmap_pages(0, 2);
     let unaligned =
         VaRange::new(VirtAddr(m.addr as u64 + 1), VirtAddr(m.addr as u64 + 10)).unwrap();
     assert!(matches!(
         t.collect(unaligned),
         Err(TrackError::Unaligned(_))
     ));
-}
-
-/// `len` bytes of fresh read-write anonymous memory at a 1 GiB-aligned
-/// address, inside a 3 GiB `PROT_NONE` reservation (no page table of any
-/// level exists there until something is touched). Returns the mapping
-/// and the reservation, to unmap after it.
-fn mapping_in_empty_gigabyte(pages: usize) -> (Mapping, Mapping) {
-    const GIB: usize = 1 << 30;
-    let res = Mapping::with_prot(3 * GIB / PS, libc::PROT_NONE);
-    let at = (res.addr + GIB - 1) & !(GIB - 1);
-    // SAFETY: replaces part of our own PROT_NONE reservation, which
-    // nothing uses, with a read-write mapping.
-    let p = unsafe {
-        libc::mmap(
-            at as *mut libc::c_void,
-            pages * PS,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(p as usize, at);
-    // SAFETY: advice on our own mapping: 4 KiB pages, so "never touched"
-    // stays a page-table hole.
-    unsafe { libc::madvise(p, pages * PS, libc::MADV_NOHUGEPAGE) };
-    let m = Mapping {
-        addr: at,
-        len: pages * PS,
-        mapped: true,
-    };
-    (m, res)
-}
-
-/// Settles whether arming write-protects page-table holes on this kernel,
-/// whether a never-touched page lay where no PMD table existed at all,
-/// where the PMD table had no PTE table for it, or where the PTE table
-/// had an empty entry. A written one must be reported — and a *read* one
-/// must not: that is what tells a marker from a hole left alone, since a
-/// read maps the zero page, which without a marker has no uffd-wp bit and
-/// reads as written (so would a `MADV_POPULATE_READ` by a device fault).
-/// Both arming methods.
-#[test]
-fn write_tracking_covers_page_table_holes() {
-    for method in [ArmMethod::Scan, ArmMethod::Ioctl] {
-        let Some((mon, _sink)) = monitor("write_tracking_covers_page_table_holes") else {
-            return;
-        };
-        let t = mon.write_tracker();
-        if t.mode() != &TrackMode::Precise {
-            eprintln!("SKIP write_tracking_covers_page_table_holes: tracking degraded");
-            return;
-        }
-        t.set_arm_method(method);
-        // 4 MiB in an untouched gigabyte: no PMD table.
-        let (m, _res) = mapping_in_empty_gigabyte(1024);
-        mon.watch(m.range()).unwrap();
-        t.arm(m.range()).unwrap();
-        m.write(700, 1);
-        // SAFETY: pages of our own readable mapping.
-        unsafe {
-            (
-                m.page_ptr(701).read_volatile(),
-                m.page_ptr(100).read_volatile(),
-            )
-        };
-        assert_eq!(
-            t.collect(m.range()).unwrap(),
-            vec![m.pages(700, 1)],
-            "{method:?}: no PMD table"
-        );
-        // Page 0 touched: a PMD table, a PTE table for the first 2 MiB with
-        // empty entries around page 0, and none for the second 2 MiB.
-        let (m, _res) = mapping_in_empty_gigabyte(1024);
-        m.write(0, 1);
-        mon.watch(m.range()).unwrap();
-        t.arm(m.range()).unwrap();
-        m.write(3, 1);
-        m.write(600, 1);
-        // SAFETY: pages of our own readable mapping.
-        unsafe {
-            (
-                m.page_ptr(4).read_volatile(),
-                m.page_ptr(601).read_volatile(),
-            )
-        };
-        assert_eq!(
-            t.collect(m.range()).unwrap(),
-            vec![m.pages(3, 1), m.pages(600, 1)],
-            "{method:?}: empty PTE, no PTE table"
-        );
-        assert_eq!(t.collect(m.range()).unwrap(), vec![], "{method:?}");
-    }
-}
-
-/// The collect reports exactly the armed pages written: not pages never
-/// armed (which read as written), touched or not; a re-arm drops the
-/// writes before it; `track` arms what is not armed and keeps pending
-/// writes; and a collect of more than 512 runs reports each run once.
-#[test]
-fn collect_reports_only_armed_written_pages() {
-    let Some((mon, _sink)) = monitor("collect_reports_only_armed_written_pages") else {
-        return;
-    };
-    let t = mon.write_tracker();
-    if t.mode() != &TrackMode::Precise {
-        eprintln!("SKIP collect_reports_only_armed_written_pages: tracking degraded");
-        return;
-    }
-    let m = Mapping::new(64);
-    for i in (0..64).step_by(2) {
-        m.write(i, 1); // even pages populated, odd never touched
-    }
-    mon.watch(m.range()).unwrap();
-    // Armed: 0..16 and 32..48. Never armed: 16..32 and 48..64.
-    t.arm(m.pages(0, 16)).unwrap();
-    t.arm(m.pages(32, 16)).unwrap();
-    assert_eq!(t.armed(), vec![m.pages(0, 16), m.pages(32, 16)]);
-    // Re-armed after a write: the write is dropped; written again after
-    // the re-arm: reported.
-    m.write(5, 2);
-    t.arm(m.pages(5, 1)).unwrap();
-    m.write(6, 2);
-    t.arm(m.pages(6, 1)).unwrap();
-    m.write(6, 3);
-    for p in [2, 35, 20, 21, 50, 51] {
-        m.write(p, 2); // armed populated / never touched, never armed both
-    }
-    // Reads of armed never-touched pages are not writes.
-    // SAFETY: pages of our own readable mapping.
-    unsafe {
-        (
-            m.page_ptr(37).read_volatile(),
-            m.page_ptr(9).read_volatile(),
-        )
-    };
-    assert_eq!(
-        t.collect(m.range()).unwrap(),
-        vec![m.pages(2, 1), m.pages(6, 1), m.pages(35, 1)]
-    );
-    assert_eq!(t.collect(m.range()).unwrap(), vec![]);
-    // `track` arms 16..32 and 48..64 and leaves the pending write to 3.
-    m.write(3, 2);
-    t.track(m.range()).unwrap();
-    assert_eq!(t.armed(), vec![m.range()]);
-    m.write(20, 3);
-    assert_eq!(
-        t.collect(m.range()).unwrap(),
-        vec![m.pages(3, 1), m.pages(20, 1)]
-    );
-    // Disarmed pages are not collected.
-    t.disarm(m.pages(0, 8)).unwrap();
-    m.write(1, 4);
-    m.write(9, 4);
-    assert_eq!(t.collect(m.range()).unwrap(), vec![m.pages(9, 1)]);
-    // More than 512 runs in one collect: each once, none missing.
-    let big = Mapping::new(1300);
-    mon.watch(big.range()).unwrap();
-    t.arm(big.range()).unwrap();
-    for p in (0..1300).step_by(2) {
-        big.write(p, 1);
-    }
-    let want: Vec<VaRange> = (0..1300).step_by(2).map(|p| big.pages(p, 1)).collect();
-    assert_eq!(t.collect(big.range()).unwrap(), want);
-    assert_eq!(t.collect(big.range()).unwrap(), vec![]);
 }
 
 #[test]

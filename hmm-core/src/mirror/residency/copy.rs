@@ -406,9 +406,6 @@ fn lost<B: Backend, H: HostSide>(
 
 impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
     fn writes(&self) -> WriteTracking {
-        // Armed whole at the watch: with the `PAGEMAP_SCAN` fast path a
-        // populated 2 MiB region costs ~4.7 µs, less than arming 5 runs of
-        // it one by one (`OnCopy`; `examples/track_perf`).
         WriteTracking::Tracked
     }
 
@@ -565,17 +562,13 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         // conservative.
         //
         // A read fault populates for read, which leaves the protection
-        // alone: its pages, if armed, stay armed unless the CPU wrote them
-        // since — and such a page stays reported as written until the next
-        // sync point drops its device copy, which is merely conservative
-        // (re-arming it would hide the write from other copies of it). So
-        // read faults only arm what is not armed yet (regions watched
-        // `OnCopy` arm nothing up front), before the copy like the re-arm.
+        // alone: its pages are still armed unless the CPU wrote them since —
+        // and such a page stays reported as written until the next sync
+        // point drops its device copy, which is merely conservative. So only
+        // write faults re-arm.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
         if req.write {
             let _ = cx.host.rearm(&addrs);
-        } else {
-            let _ = cx.host.track(&addrs);
         }
         // Copy in: straight into the slots when the pool is host memory and
         // every slot is fresh (a failed read then only spoils slots that
@@ -776,9 +769,6 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             return Err(self.exhausted(need));
         }
         let addrs: Vec<VirtAddr> = range.page_addrs().collect();
-        // Armed before the copy (regions watched `OnCopy` arm nothing up
-        // front); a failure is handled conservatively by the host.
-        let _ = cx.host.track(&addrs);
         let mut slots = Vec::with_capacity(addrs.len());
         for va in &addrs {
             if cx.table.lookup(*va).is_some() {
