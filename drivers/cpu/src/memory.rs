@@ -224,6 +224,12 @@ impl Memory {
             let rc =
                 unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_POPULATE_WRITE) };
             if rc == 0 {
+                // The partial pages at either end, if the allocation is not
+                // page aligned, were outside the advice.
+                for w in [self.pool.first(), self.pool.last()].into_iter().flatten() {
+                    // Relaxed: as below.
+                    w.store(0, core::sync::atomic::Ordering::Relaxed);
+                }
                 return;
             }
         }
