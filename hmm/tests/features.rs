@@ -5,7 +5,10 @@
 //! CI runs this file twice: with default features and with
 //! `cargo test -p hmm --no-default-features`.
 
-use hmm::{Device, Driver, KernelSource, MirrorConfig, OpenError};
+use hmm::{Device, Driver, MirrorConfig, OpenError};
+
+mod common;
+use common::ADD_ONE;
 
 #[test]
 fn is_built_follows_the_features() {
@@ -69,20 +72,6 @@ fn best_available_names_what_it_skipped() {
         }
     }
 }
-
-const ADD_ONE: KernelSource = KernelSource {
-    name: "add_one",
-    wgsl: r#"
-fn hmm_kernel(i: u32) {
-    let p = hmm_index(hmm_arg_ptr(0u), i, 4u);
-    hmm_store_u32(p, hmm_load_u32(p) + 1u);
-}"#,
-    cpu: |lane, i| {
-        let p = lane.args()[0] + u64::from(i) * 4;
-        let v = lane.load_u32(p)?;
-        lane.store_u32(p, v + 1)
-    },
-};
 
 #[test]
 fn the_cpu_driver_runs_in_every_build() {

@@ -2,23 +2,12 @@
 //! widening) by one explicit call (issue #19, finding 3): the device sees
 //! the protection the CPU has after the call, never the cached one.
 
-use hmm::{AccessError, Device, Driver, KernelSource, MirrorConfig, MirrorError, VaRange};
+use hmm::{AccessError, Device, Driver, MirrorConfig, MirrorError, VaRange};
+
+mod common;
+use common::ADD_ONE;
 
 const PAGE: usize = 4096;
-
-const ADD_ONE: KernelSource = KernelSource {
-    name: "add_one",
-    wgsl: r#"
-fn hmm_kernel(i: u32) {
-    let p = hmm_index(hmm_arg_ptr(0u), i, 4u);
-    hmm_store_u32(p, hmm_load_u32(p) + 1u);
-}"#,
-    cpu: |lane, i| {
-        let p = lane.args()[0] + u64::from(i) * 4;
-        let v = lane.load_u32(p)?;
-        lane.store_u32(p, v + 1)
-    },
-};
 
 struct Page(*mut u32);
 

@@ -321,7 +321,15 @@ impl CopyPool {
             .map(|(d, _)| d.1)
             .collect();
         let mut cleared = Vec::with_capacity(dirty_locs.len());
-        let _ = cx.backend.clear_pte_bits(&dirty_locs, DIRTY, &mut cleared);
+        // Not a reason to fail the write-back (see above), but counted: a
+        // device error is never dropped unseen.
+        if cx
+            .backend
+            .clear_pte_bits(&dirty_locs, DIRTY, &mut cleared)
+            .is_err()
+        {
+            Counters::add(&cx.counters.device_errors, 1);
+        }
         let mut first_refusal = None;
         for (i, (va, _, slot)) in dirty.iter().enumerate() {
             match fate[i] {
