@@ -44,6 +44,7 @@
 use hmm_core::mirror::backend::{Backend, BackendError};
 
 mod bad_inputs;
+pub mod heap;
 mod mirroring;
 mod selftests;
 mod support;
@@ -52,9 +53,10 @@ mod zero_copy;
 pub use bad_inputs::{
     bad_ranges_are_typed_errors, forked_child_gets_a_typed_error,
     freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror,
-    misaligned_accesses_are_typed_faults, prefetch_respects_protection,
-    reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
-    unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
+    misaligned_accesses_are_typed_faults, oversized_launches_are_typed_errors,
+    prefetch_respects_protection, reused_backend_and_bad_configs_are_refused,
+    two_userfaultfd_owners_of_one_range, unmirrorable_mappings_are_typed,
+    wild_device_pointers_are_typed_faults,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -137,7 +139,8 @@ macro_rules! conformance_tests {
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            oversubscribed_load_then_store_2x, oversubscribed_load_then_store_4x,
+            oversized_launches_are_typed_errors, oversubscribed_load_then_store_2x,
+            oversubscribed_load_then_store_4x,
             oversubscribed_load_then_store_8x);
         $crate::conformance_tests!(@common $make);
     };
@@ -190,7 +193,8 @@ macro_rules! conformance_tests {
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
+            oversized_launches_are_typed_errors, zero_copy_pin_is_unsupported,
+            zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
             zero_copy_unmaps_beside_a_launch);
         $crate::conformance_tests!(@common $make);

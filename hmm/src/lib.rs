@@ -446,6 +446,9 @@ unsafe impl Backend for Device {
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         on_device!(self, d => d.take_outcome(id))
     }
+    fn max_invocations(&self) -> u32 {
+        on_device!(self, d => d.max_invocations())
+    }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         on_device!(self, d => d.host_slot(slot))
     }

@@ -20,7 +20,7 @@
 //!    [`LaunchReport::pages_out`] counts only pages that reached the CPU.
 
 use super::args::KernelArgs;
-use super::backend::{Backend, InvocationSet, Invocations};
+use super::backend::{Backend, InvocationSet, Invocations, MAX_INVOCATIONS};
 use super::config::LaunchReport;
 use super::error::{AccessError, MirrorError};
 use super::faults;
@@ -51,6 +51,13 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// naming its address (the lowest, if several invocations made one);
     /// writes of invocations that completed before it may have reached
     /// the CPU, as with any device fault.
+    ///
+    /// **Size**: `n` may be anything up to [`Mirror::max_invocations`]
+    /// (at most `2^31`, [`MAX_INVOCATIONS`]); more is
+    /// [`MirrorError::TooManyInvocations`] before anything is allocated.
+    /// `n = 0` is `Ok` and runs nothing. Host memory per launch is about
+    /// `n / 8` bytes (bitmaps of incomplete invocations) plus a constant,
+    /// whatever the number of invocations that fault.
     pub fn launch(
         &self,
         kernel: &B::Kernel,
@@ -60,6 +67,13 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         args.with_words(|words| self.launch_words(kernel, n, words))
     }
 
+    /// The most invocations one [`launch`](Mirror::launch) may have here:
+    /// the device's limit ([`Backend::max_invocations`]), at most
+    /// [`MAX_INVOCATIONS`] (`2^31`).
+    pub fn max_invocations(&self) -> u32 {
+        self.inner.backend.max_invocations().min(MAX_INVOCATIONS)
+    }
+
     fn launch_words(
         &self,
         kernel: &B::Kernel,
@@ -67,6 +81,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         args: &[u64],
     ) -> Result<LaunchReport, MirrorError> {
         self.same_process()?;
+        let max = self.max_invocations();
+        if n > max {
+            return Err(MirrorError::TooManyInvocations { n, max });
+        }
         let inner = &*self.inner;
         let _serial = lock(&inner.launch);
         inner.lock().health.check()?;

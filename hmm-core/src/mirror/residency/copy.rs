@@ -60,6 +60,10 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// never reallocated.
 pub(crate) const STAGE_PAGES: usize = 512;
 
+/// Most write-back runs held at once (about 1.5 MB of run lists and
+/// iovecs): a chunk whose diff has more is written in several batches.
+const RUN_BATCH: usize = 1 << 15;
+
 /// The copy-mode residency.
 pub(crate) struct CopyPool {
     pool: PagePool,
@@ -269,9 +273,39 @@ impl CopyPool {
                 .collect(),
             None => staging.chunks_exact(PAGE).take(dirty.len()).collect(),
         };
-        // Only the bytes the device changed go back.
+        // Only the bytes the device changed go back, in batches of at most
+        // `RUN_BATCH` runs: a byte-exact diff of a page of small integers
+        // written over zeros is ~2,000 runs, and holding a whole chunk's
+        // (512 pages) would cost ~50 MB of run lists.
+        // Per page: no runs (equal to its twin), all written, some gone
+        // (its memory went away: nothing to keep), or some refused (its
+        // memory is there but not writable: the data must stay).
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Same,
+            Written,
+            Gone,
+            Refused(VirtAddr),
+        }
+        let mut fate = vec![Fate::Same; dirty.len()];
         let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
         let mut run_page: Vec<usize> = Vec::new();
+        let mut fates = Vec::new();
+        let mut flush = |runs: &mut Vec<(VirtAddr, &[u8])>, run_page: &mut Vec<usize>| {
+            fates.clear();
+            cx.host.write_runs_checked(runs, &mut fates);
+            for (k, f) in fates.iter().enumerate() {
+                let p = &mut fate[run_page[k]];
+                *p = match (*p, *f) {
+                    (Fate::Refused(a), _) => Fate::Refused(a),
+                    (_, RunFate::Refused(a)) => Fate::Refused(a),
+                    (Fate::Gone, _) | (_, RunFate::Gone) => Fate::Gone,
+                    _ => Fate::Written,
+                };
+            }
+            runs.clear();
+            run_page.clear();
+        };
         let mut diff = Vec::new();
         for (i, (va, _, slot)) in dirty.iter().enumerate() {
             let page = pages[i];
@@ -285,28 +319,12 @@ impl CopyPool {
                 runs.push((VirtAddr(va.0 + *off as u64), &page[*off..*off + *len]));
                 run_page.push(i);
             }
+            if runs.len() >= RUN_BATCH {
+                flush(&mut runs, &mut run_page);
+            }
         }
-        let mut fates = Vec::with_capacity(runs.len());
-        cx.host.write_runs_checked(&runs, &mut fates);
-        // Per page: no runs (equal to its twin), all written, some gone
-        // (its memory went away: nothing to keep), or some refused (its
-        // memory is there but not writable: the data must stay).
-        #[derive(Clone, Copy, PartialEq)]
-        enum Fate {
-            Same,
-            Written,
-            Gone,
-            Refused(VirtAddr),
-        }
-        let mut fate = vec![Fate::Same; dirty.len()];
-        for (k, f) in fates.iter().enumerate() {
-            let p = &mut fate[run_page[k]];
-            *p = match (*p, *f) {
-                (Fate::Refused(a), _) => Fate::Refused(a),
-                (_, RunFate::Refused(a)) => Fate::Refused(a),
-                (Fate::Gone, _) | (_, RunFate::Gone) => Fate::Gone,
-                _ => Fate::Written,
-            };
+        if !runs.is_empty() {
+            flush(&mut runs, &mut run_page);
         }
         // The data is out where it could go: clear DIRTY on those pages
         // (not on refused ones, which must be written again). A DIRTY bit
