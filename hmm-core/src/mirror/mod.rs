@@ -94,6 +94,7 @@ mod config;
 pub mod error;
 mod fault_service;
 pub mod faults;
+mod foreign;
 pub mod format;
 mod handle;
 pub mod host_side;
@@ -110,7 +111,7 @@ mod state;
 pub mod stats;
 mod twins;
 
-pub use config::{Advice, LaunchReport, MirrorConfig};
+pub use config::{Advice, ForeignWriters, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
 pub use host_side::{HostSide, RunFate, WriteTracking};
