@@ -43,8 +43,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// completed. On return the CPU sees every device write.
     ///
     /// Sync points: at the start, CPU writes since the last sync point are
-    /// invalidated (device copies of those pages are dropped); at the end,
+    /// invalidated (device copies of those pages are dropped), and so are
+    /// pages of shared or file-backed mappings that another process or a
+    /// syscall changed (found by hash, [`ForeignWriters`]); at the end,
     /// device-dirty pages are written back.
+    ///
+    /// [`ForeignWriters`]: super::ForeignWriters
     ///
     /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
     /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
