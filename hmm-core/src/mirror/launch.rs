@@ -3,6 +3,11 @@
 //! 1. **Sync point (start).** CPU writes to mirrored pages since the last
 //!    sync point become `CpuWrite` invalidations of exactly those pages, so
 //!    the device never reads a copy older than the CPU's data at launch.
+//!    Then, with [`ForeignWriters::Check`](super::ForeignWriters::Check),
+//!    the device-resident pages of shared and file-backed mappings are
+//!    re-hashed, and those another writer changed (another process,
+//!    `pwrite()`; write tracking cannot see them) become `CpuWrite`
+//!    invalidations too (`mirror::foreign`).
 //! 2. **Submit** every invocation (after the queued entry writes are
 //!    flushed: a device that cannot clear entries runs nothing). An
 //!    invocation that touches an address whose entry is missing (or
@@ -29,6 +34,7 @@ use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::EventKind;
 use crate::sync::lock;
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
@@ -37,8 +43,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// completed. On return the CPU sees every device write.
     ///
     /// Sync points: at the start, CPU writes since the last sync point are
-    /// invalidated (device copies of those pages are dropped); at the end,
+    /// invalidated (device copies of those pages are dropped), and so are
+    /// pages of shared or file-backed mappings that another process or a
+    /// syscall changed (found by hash, [`ForeignWriters`]); at the end,
     /// device-dirty pages are written back.
+    ///
+    /// [`ForeignWriters`]: super::ForeignWriters
     ///
     /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
     /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
@@ -101,6 +111,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             cpu_written_pages: inner.host.sync_point()?,
             ..LaunchReport::default()
         };
+        report.foreign_changed_pages = self.foreign_check();
         inner.lock().res.launch_boundary();
         let res = self.launch_rounds(kernel, n, args, &mut report);
         inner.lock().res.launch_boundary();
@@ -201,6 +212,42 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             Counters::add(&inner.counters.replays, 1);
         }
         Ok(())
+    }
+
+    /// The foreign-writer half of the start-of-launch sync point: pages
+    /// whose device copy no longer matches the CPU page are invalidated as
+    /// CPU writes. Returns how many.
+    ///
+    /// Ordering: the hashes are compared under the driver lock (no new
+    /// protocol: installs, write-backs and `retire` change them under the
+    /// same lock), and the invalidations are issued after it is dropped,
+    /// because a blockable invalidation's callback takes it. Between the
+    /// two nothing can make a changed page's copy current again — launches
+    /// are serialised (`launch` lock held) — and invalidating a page that
+    /// meanwhile left the device is a no-op. A store by this process
+    /// racing the check is caught by write tracking; a foreign write after
+    /// the check is caught by the next sync point.
+    fn foreign_check(&self) -> u64 {
+        let inner = &*self.inner;
+        let changed = {
+            let mut dev = inner.lock();
+            let (mut cx, res) = dev.parts(inner);
+            res.foreign_changed(&mut cx)
+        };
+        // Sorted: invalidate maximal runs of consecutive pages.
+        let mut i = 0;
+        while i < changed.len() {
+            let mut j = i + 1;
+            while j < changed.len() && changed[j].0 == changed[j - 1].0 + crate::addr::PAGE_SIZE {
+                j += 1;
+            }
+            let len = (j - i) as u64 * crate::addr::PAGE_SIZE;
+            if let Ok(r) = VaRange::from_start_len(changed[i], len) {
+                inner.host.space().invalidate(r, EventKind::CpuWrite);
+            }
+            i = j;
+        }
+        changed.len() as u64
     }
 
     /// Writes every device-dirty page back (the end-of-launch sync point).
