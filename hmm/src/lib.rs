@@ -49,8 +49,8 @@ use hmm_core::mirror::format::{PoolSlot, Pte};
 pub use hmm_core::cpu::host::HostSpace;
 pub use hmm_core::mirror::backend::BackendError;
 pub use hmm_core::mirror::{
-    AccessError, Advice, ForeignWriters, LaunchReport, Mirror, MirrorConfig, MirrorError,
-    MirrorStats,
+    AccessError, Advice, CpuWrites, ForeignWriters, LaunchReport, Mirror, MirrorConfig,
+    MirrorError, MirrorStats,
 };
 pub use hmm_core::notifier::EventKind;
 pub use hmm_core::{VaRange, VirtAddr};
