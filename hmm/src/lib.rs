@@ -199,11 +199,20 @@ pub struct Opened {
 }
 
 impl Device {
-    /// Opens `driver`, or with `None` the best available: wgpu if an
-    /// adapter opens, else the vulkan driver if a device opens, else the
+    /// Opens `driver`, or with `None` the best available: the vulkan
+    /// driver if a device opens, else wgpu if an adapter opens, else the
     /// cpu driver (the note says why). Drivers this build leaves out are
     /// skipped by `None` (the note names them) and refused by name with
     /// [`OpenError::NotBuilt`].
+    ///
+    /// Why vulkan before wgpu, on evidence: every fault round is a
+    /// submission, a wait and a read-back, and the vulkan driver's are
+    /// cheaper. `cargo run --release -p hmm --example fault_service --
+    /// vulkan|wgpu 1024` on one device (lavapipe, 2-core VM, 2026-12-06):
+    /// one resident launch of 1 invocation (a replay round's floor) 92 µs
+    /// on vulkan against 453 µs on wgpu, and 10 against 200 host µs per
+    /// faulted page at fault batch 256. wgpu stays the fallback for
+    /// adapters the vulkan driver cannot open.
     pub fn open(driver: Option<Driver>) -> Result<Opened, OpenError> {
         match driver {
             Some(Driver::Cpu) => Ok(Opened {
@@ -218,18 +227,20 @@ impl Device {
                 note: format!("backend: vulkan on {what}, as requested)"),
                 device,
             }),
-            None => match open_wgpu() {
-                Ok((device, name)) => Ok(Opened {
-                    note: format!("backend: wgpu on {name} (best available)"),
+            None => match open_vulkan() {
+                Ok((device, what)) => Ok(Opened {
+                    note: format!(
+                        "backend: vulkan on {what}; best available: a lower per-round cost than wgpu)"
+                    ),
                     device,
                 }),
-                Err(we) => match open_vulkan() {
-                    Ok((device, what)) => Ok(Opened {
-                        note: format!("backend: vulkan on {what}; wgpu: {we})"),
+                Err(ve) => match open_wgpu() {
+                    Ok((device, name)) => Ok(Opened {
+                        note: format!("backend: wgpu on {name} (vulkan driver: {ve})"),
                         device,
                     }),
-                    Err(ve) => Ok(Opened {
-                        note: format!("backend: cpu (fallback: wgpu: {we}; vulkan: {ve})"),
+                    Err(we) => Ok(Opened {
+                        note: format!("backend: cpu (fallback: vulkan: {ve}; wgpu: {we})"),
                         device: Device::Cpu(CpuDevice::new()),
                     }),
                 },
