@@ -50,6 +50,7 @@ mod bad_inputs;
 mod foreign;
 pub mod heap;
 mod mirroring;
+pub mod quiet;
 mod selftests;
 mod support;
 mod thp;
