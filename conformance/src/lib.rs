@@ -50,11 +50,12 @@ mod support;
 mod zero_copy;
 
 pub use bad_inputs::{
-    bad_ranges_are_typed_errors, forked_child_gets_a_typed_error,
-    freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror,
-    misaligned_accesses_are_typed_faults, prefetch_respects_protection,
-    reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
-    unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
+    bad_ranges_are_typed_errors, device_faults_name_the_kernels_address,
+    forked_child_gets_a_typed_error, freed_memory_is_an_unmapped_fault,
+    kernel_outliving_its_mirror, misaligned_accesses_are_typed_faults,
+    prefetch_respects_protection, reused_backend_and_bad_configs_are_refused,
+    two_userfaultfd_owners_of_one_range, unmirrorable_mappings_are_typed,
+    wild_device_pointers_are_typed_faults,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -136,6 +137,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
             oversubscribed_load_then_store_2x, oversubscribed_load_then_store_4x,
             oversubscribed_load_then_store_8x);
@@ -189,6 +191,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
             zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
