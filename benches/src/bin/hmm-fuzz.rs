@@ -319,6 +319,10 @@ struct Buf {
     prot: Prot,
     /// Whether `protection_changed` followed the last `mprotect`.
     told: bool,
+    /// Every protection the buffer had since the mirror was last told
+    /// (the current one included): untold, the mirror may act on any of
+    /// them (its cached view of the mappings is as old as that).
+    history: Vec<Prot>,
     /// What the CPU must hold.
     shadow: Vec<u32>,
 }
@@ -355,7 +359,11 @@ impl Buf {
             self.addr,
             self.map_len(),
             self.prot,
-            if self.told { "" } else { " (untold)" }
+            if self.told {
+                String::new()
+            } else {
+                format!(" (untold; since told: {:?})", self.history)
+            }
         )
     }
 }
@@ -525,6 +533,7 @@ impl Fuzz {
                 backing: Backing::Vec(v),
                 prot: Prot::Rw,
                 told: true,
+                history: vec![Prot::Rw],
                 shadow: data,
             }
         } else {
@@ -540,6 +549,7 @@ impl Fuzz {
                 backing: Backing::Mmap { len },
                 prot: Prot::Rw,
                 told: true,
+                history: vec![Prot::Rw],
                 shadow: vec![0; words],
             };
             for (i, v) in data.into_iter().enumerate() {
@@ -677,6 +687,11 @@ impl Fuzz {
             // Untold only matters while the device may hold stale access;
             // a told change stays told until the next one.
             b.told = tell;
+            if tell {
+                b.history = vec![prot];
+            } else if !b.history.contains(&prot) {
+                b.history.push(prot);
+            }
         }
         self.note(format!(
             "mprotect {} {}",
@@ -943,30 +958,31 @@ impl Fuzz {
                         ok_allowed = false;
                         f(AccessError::Misaligned);
                     }
-                    match (b.prot, b.told, write) {
-                        (Prot::Rw, true, _) | (Prot::Ro, _, false) => {}
-                        (Prot::Rw, false, false) => {}
-                        // Widened without telling: the device may keep the
-                        // read-only access it had.
-                        (Prot::Rw, false, true) => f(AccessError::ReadOnly),
-                        (Prot::Ro, told, true) => {
+                    // Whether it may succeed: by the protection the CPU
+                    // has now (untold, the device may still read its copy
+                    // of `PROT_NONE` memory, and its writes to memory that
+                    // refuses them are refused at write-back).
+                    match (b.prot, write) {
+                        (Prot::Rw, _) | (Prot::Ro, false) => {}
+                        (Prot::None, false) => ok_allowed &= !b.told,
+                        (Prot::Ro | Prot::None, true) => {
                             ok_allowed = false;
-                            f(AccessError::ReadOnly);
-                            if !told {
+                            if !b.told {
                                 refusable = Some(*id);
                             }
                         }
-                        (Prot::None, told, false) => {
-                            // Untold, the device may still read its copy.
-                            ok_allowed &= !told;
-                            f(AccessError::NoAccess);
-                        }
-                        (Prot::None, told, true) => {
-                            ok_allowed = false;
-                            f(AccessError::NoAccess);
-                            f(AccessError::ReadOnly);
-                            if !told {
-                                refusable = Some(*id);
+                    }
+                    // How it may fail: by any protection the mirror may
+                    // believe (widened untold, it may keep the narrower
+                    // access it had).
+                    for &p in &b.history {
+                        match (p, write) {
+                            (Prot::Rw, _) | (Prot::Ro, false) => {}
+                            (Prot::Ro, true) => f(AccessError::ReadOnly),
+                            (Prot::None, false) => f(AccessError::NoAccess),
+                            (Prot::None, true) => {
+                                f(AccessError::NoAccess);
+                                f(AccessError::ReadOnly);
                             }
                         }
                     }
