@@ -520,6 +520,7 @@ impl Fuzz {
 
     /// A new read-write buffer of at least `words` words.
     fn alloc(&mut self, words: usize, at: Option<u64>) -> Option<u64> {
+        let words = words.max(1);
         let id = self.next_id;
         self.next_id += 1;
         let use_vec = at.is_none() && self.rng.random_ratio(1, 4);
@@ -1228,34 +1229,23 @@ impl Fuzz {
                 ));
             }
         }
-        // Per CPU page of the refused output: the device kept the page's
-        // writes (all new) or never made them (all old) — never a part.
-        let page_of = |j: usize| (b.addr + j as u64 * 4) / PAGE;
-        let mut j = range.start;
+        // Each word of the refused output: the device's write (kept and
+        // now delivered) or the old value (an invocation that had not run
+        // when the launch ended) — nothing else.
         let mut delivered = false;
-        while j < range.end {
-            let pg = page_of(j);
-            let end = (j..range.end)
-                .find(|&x| page_of(x) != pg)
-                .unwrap_or(range.end);
-            let all_old = (j..end).all(|x| b.read(x) == p.old[x - p.w0]);
-            let all_new = p
-                .new
-                .as_ref()
-                .is_some_and(|new| (j..end).all(|x| b.read(x) == new[x - p.w0]));
-            if !all_old && !all_new {
+        for j in range.clone() {
+            let (got, old) = (b.read(j), p.old[j - p.w0]);
+            let new = p.new.as_ref().map(|v| v[j - p.w0]);
+            delivered |= Some(got) == new && got != old;
+            if got != old && Some(got) != new {
                 return Err(format!(
-                    "after {when}: the refused write to {} came back in part: words {j}..{end} ({:#x}..) mix old, new and other values (first: {:#x}, old {:#x}, new {:?}); the mirror {} the refusal",
-                    b.describe(),
+                    "after {when}: word {j} ({:#x}) of the refused write to {} holds {got:#x}: neither the old {old:#x} nor the device's {:?}; the mirror {} the refusal",
                     b.addr + j as u64 * 4,
-                    b.read(j),
-                    p.old[j - p.w0],
-                    p.new.as_ref().map(|v| format!("{:#x}", v[j - p.w0])),
+                    b.describe(),
+                    new.map(|v| format!("{v:#x}")),
                     if p.certain { "reported" } else { "had not reported" }
                 ));
             }
-            delivered |= all_new && !all_old;
-            j = end;
         }
         if p.certain && p.new.is_some() && !delivered {
             // Reported as kept: some page of it must have arrived.
