@@ -28,9 +28,14 @@
 //! - A refused write-back leaves the device holding the data: while the
 //!   memory stays read-only every launch must report the refusal again
 //!   (before running anything), and once it is writable again (told or
-//!   not) the CPU must get the kept data; once it is unmapped the data must
-//!   be dropped (a fresh mapping at the same address keeps its own
-//!   contents).
+//!   not) the CPU must get the kept data (each word the device's value or
+//!   the old one — the launch may have ended early — and something of it if
+//!   the refusal was reported); once it is unmapped the data must be
+//!   dropped (a fresh mapping at the same address keeps its own contents).
+//!
+//! A run is replayed exactly by its seed only where nothing depends on
+//! timing (the deferred-release worker and the event thread run beside
+//! the fuzzer's one thread).
 //! - Anything else — another error variant, a panic (caught per case), an
 //!   abort or a fatal signal (the handler prints the case), a case running
 //!   past `--hang` seconds (a watchdog thread), RSS growth past the bound,
