@@ -170,6 +170,14 @@ fn cpu_zc_device() -> Result<CpuDevice, BackendError> {
 /// Whether a large buffer of `mib` MiB fits a pool of `slots` slots in
 /// every scenario: sparse at 100 % needs the buffer, its index and output
 /// (0.2 % more) and slack; dense and setup need the buffer and slack.
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn fits(mib: u64, slots: u32) -> bool {
     let pages = mib << 8;
     pages + pages / 256 + 256 <= u64::from(slots)
@@ -195,38 +203,57 @@ impl Selected {
     /// pool smaller than the large buffer (lavapipe: 4 bindings × 128 MiB)
     /// scales the buffer down to the largest power of two that fits, so
     /// every strategy — pinning included — runs in one launch; and a
-    /// software GPU (lavapipe) gets smaller `--quick` sizes.
+    /// software GPU (lavapipe) gets smaller `--quick` sizes. On the cpu
+    /// driver the pool is host memory: the buffer is scaled down to what
+    /// the host has available for the data, the pool and the twins (three
+    /// copies of the large buffer at the peak).
     pub fn fit(&self, plan: &mut Plan, size_explicit: bool) {
-        let Selected::Gpu {
-            adapter,
-            max_pool_slots,
-            ..
-        } = self
-        else {
-            return;
+        let (slots, what) = match self {
+            Selected::Cpu { .. } => {
+                let avail = mem_available_bytes().unwrap_or(u64::MAX) / 3 / 4096;
+                let slots = u64::from(hmm_driver_cpu::host_pool_slots()).min(avail);
+                (
+                    slots.min(u64::from(u32::MAX)) as u32,
+                    "a third of this host's available memory (MemAvailable): the data, \
+                     the pool and the twins each hold a copy"
+                        .to_string(),
+                )
+            }
+            Selected::Gpu {
+                adapter,
+                max_pool_slots,
+                ..
+            } => {
+                let software = adapter.to_lowercase().contains("llvmpipe");
+                if plan.quick && software && !size_explicit {
+                    plan.size = plan.size.min(64 << 20);
+                    println!(
+                        "note: {adapter} is a software GPU: --quick uses a {} MiB large buffer",
+                        plan.size >> 20
+                    );
+                }
+                (
+                    *max_pool_slots,
+                    format!(
+                        "max_storage_buffer_binding_size × {} bindings",
+                        hmm_shaders::POOL_BINDINGS
+                    ),
+                )
+            }
         };
-        let software = adapter.to_lowercase().contains("llvmpipe");
-        if plan.quick && software && !size_explicit {
-            plan.size = plan.size.min(64 << 20);
-            println!(
-                "note: {adapter} is a software GPU: --quick uses a {} MiB large buffer",
-                plan.size >> 20
-            );
-        }
         let mib = plan.size >> 20;
-        if fits(mib, *max_pool_slots) {
+        if fits(mib, slots) {
             return;
         }
         let mut m = 4;
-        while fits(m * 2, *max_pool_slots) {
+        while fits(m * 2, slots) {
             m *= 2;
         }
         plan.size = m << 20;
         println!(
-            "note: this device's pool holds at most {} MiB (max_storage_buffer_binding_size × {} bindings); \
+            "note: this device's pool holds at most {} MiB ({what}); \
              the large buffer is scaled from {mib} MiB to {m} MiB so pinning fits in one launch",
-            u64::from(*max_pool_slots) >> 8,
-            hmm_shaders::POOL_BINDINGS
+            u64::from(slots) >> 8,
         );
     }
 

@@ -134,6 +134,8 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         pool_used: peak.pool_used,
         pool_capacity: peak.pool_capacity,
         table_pages_used: peak.table_pages_used,
+        foreign_checked_pages: b.foreign_checked_pages - a.foreign_checked_pages,
+        foreign_changed_pages: b.foreign_changed_pages - a.foreign_changed_pages,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::backend::BackendError;
+use hmm_core::mirror::backend::{BackendError, MAX_INVOCATIONS};
 use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
@@ -178,6 +178,56 @@ pub fn misaligned_accesses_are_typed_faults<B: TestKernels>(b: B) {
         ),
         other => panic!("expected a misaligned read of the list head, got {other:?}"),
     }
+    device_copy(&m, src.addr(), &out, WPP).expect("the mirror still works");
+    assert!((0..WPP).all(|i| out.read_word(i) == i as u32 + 1));
+}
+
+/// Launch sizes past the device's limit (issue 19, finding 1: `n` above
+/// 2^31 used to size per-launch buffers for 1024 invocations and then
+/// write hundreds of MB into them — SIGSEGV on vulkan, a panic on wgpu,
+/// unbounded memory on the cpu driver): every `n` above
+/// `Mirror::max_invocations()` is `TooManyInvocations` naming `n` and the
+/// limit, before anything is submitted; `n = 0` runs nothing; the mirror
+/// works afterwards.
+pub fn oversized_launches_are_typed_errors<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let src = TestMap::anon(1, rw);
+    src.fill(|i| i as u32 + 1);
+    let out = TestMap::anon(1, rw);
+    let copy = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    let max = m.max_invocations();
+    assert!(
+        (1 << 20..=MAX_INVOCATIONS).contains(&max),
+        "limit {max} outside 2^20..=2^31"
+    );
+    println!("{}: invocation limit {max}", m.backend().info().driver);
+    let before = m.stats();
+    for n in [max + 1, MAX_INVOCATIONS + 1, u32::MAX - 1, u32::MAX] {
+        if n <= max {
+            continue;
+        }
+        match m.launch(&copy, n, [src.addr(), out.addr()]) {
+            Err(MirrorError::TooManyInvocations { n: got, max: limit }) => {
+                assert_eq!((got, limit), (n, max))
+            }
+            other => panic!("a launch of {n} invocations (limit {max}): {other:?}"),
+        }
+    }
+    let report = m
+        .launch(&copy, 0, [src.addr(), out.addr()])
+        .expect("a launch of nothing");
+    assert_eq!((report.submissions, report.faults), (1, 0));
+    let after = m.stats();
+    assert_eq!(
+        (after.faults, after.pages_in, after.regions_created),
+        (before.faults, before.pages_in, before.regions_created),
+        "refused launches must touch nothing"
+    );
+    assert!((0..WPP).all(|i| out.read_word(i) == 0), "nothing ran");
     device_copy(&m, src.addr(), &out, WPP).expect("the mirror still works");
     assert!((0..WPP).all(|i| out.read_word(i) == i as u32 + 1));
 }

@@ -26,6 +26,9 @@
 //!   read-mostly duplication;
 //! - bad inputs (`docs/BAD_INPUTS.md`): every misuse involving a mirror is
 //!   a typed error;
+//! - writers write tracking cannot see (`foreign_*`): shared memory written
+//!   by a forked child, files and memfds written with `pwrite()`, private
+//!   file pages following their file; and the `Trust` opt-out;
 //! - zero-copy devices (`zero_copy_*`).
 //!
 //! # What carries over from the kernel tests, and what does not
@@ -44,6 +47,8 @@
 use hmm_core::mirror::backend::{Backend, BackendError};
 
 mod bad_inputs;
+mod foreign;
+pub mod heap;
 mod mirroring;
 mod selftests;
 mod support;
@@ -53,9 +58,13 @@ pub use bad_inputs::{
     bad_ranges_are_typed_errors, device_faults_name_the_kernels_address,
     forked_child_gets_a_typed_error, freed_memory_is_an_unmapped_fault,
     kernel_outliving_its_mirror, misaligned_accesses_are_typed_faults,
-    prefetch_respects_protection, reused_backend_and_bad_configs_are_refused,
-    two_userfaultfd_owners_of_one_range, unmirrorable_mappings_are_typed,
-    wild_device_pointers_are_typed_faults,
+    oversized_launches_are_typed_errors, prefetch_respects_protection,
+    reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
+    unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
+};
+pub use foreign::{
+    foreign_device_writes_are_not_foreign, foreign_memfd_pwrite, foreign_private_file_pwrite,
+    foreign_shared_anon_child_write, foreign_shared_file_pwrite, foreign_trust_checks_nothing,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -139,9 +148,18 @@ macro_rules! conformance_tests {
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            oversubscribed_load_then_store_2x, oversubscribed_load_then_store_4x,
+            oversized_launches_are_typed_errors, oversubscribed_load_then_store_2x,
+            oversubscribed_load_then_store_4x,
             oversubscribed_load_then_store_8x);
+        $crate::conformance_tests!(@foreign $make);
         $crate::conformance_tests!(@common $make);
+    };
+    // Writers write tracking cannot see (`foreign`): both flavours.
+    (@foreign $make:expr) => {
+        $crate::conformance_tests!(@optional $make;
+            foreign_shared_anon_child_write, foreign_shared_file_pwrite,
+            foreign_memfd_pwrite, foreign_private_file_pwrite,
+            foreign_device_writes_are_not_foreign, foreign_trust_checks_nothing);
     };
     // The scenarios both flavours share beyond the one-device list: those
     // on two devices, and the reused-backend check.
@@ -193,9 +211,11 @@ macro_rules! conformance_tests {
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            zero_copy_pin_is_unsupported, zero_copy_shares_the_cpu_pages,
+            oversized_launches_are_typed_errors, zero_copy_pin_is_unsupported,
+            zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
             zero_copy_unmaps_beside_a_launch);
+        $crate::conformance_tests!(@foreign $make);
         $crate::conformance_tests!(@common $make);
     };
 }

@@ -166,8 +166,9 @@ pub fn anon_write_child<B: TestKernels>(b: B) {
 
 /// Kernel test `anon_write_child_shared`: with a shared mapping the
 /// child's writes are the parent's too; the kernel sends the parent no
-/// event for them, so the parent's device sees them after an explicit
-/// invalidation (documented: valid as of the last sync point).
+/// event for them. An explicit invalidation always refreshes the device's
+/// view (as here); by default the sync point's hash check catches them
+/// without it (`foreign_shared_anon_child_write`).
 pub fn anon_write_child_shared<B: TestKernels>(b: B) {
     let (h, m) = setup(b, small_cfg());
     let src = TestMap::shared_anon(4);

@@ -44,6 +44,7 @@ fn cfg(chunk_sizes: Vec<u64>) -> MirrorConfig {
         max_replays: 8,
         // Wall time: never reached by a model's execution.
         retry_timeout: Duration::from_secs(60),
+        foreign_writers: hmm_core::mirror::ForeignWriters::Check,
     }
 }
 

@@ -49,7 +49,8 @@ use hmm_core::mirror::format::{PoolSlot, Pte};
 pub use hmm_core::cpu::host::HostSpace;
 pub use hmm_core::mirror::backend::BackendError;
 pub use hmm_core::mirror::{
-    AccessError, Advice, LaunchReport, Mirror, MirrorConfig, MirrorError, MirrorStats,
+    AccessError, Advice, ForeignWriters, LaunchReport, Mirror, MirrorConfig, MirrorError,
+    MirrorStats,
 };
 pub use hmm_core::notifier::EventKind;
 pub use hmm_core::{VaRange, VirtAddr};
@@ -445,6 +446,9 @@ unsafe impl Backend for Device {
     }
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         on_device!(self, d => d.take_outcome(id))
+    }
+    fn max_invocations(&self) -> u32 {
+        on_device!(self, d => d.max_invocations())
     }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         on_device!(self, d => d.host_slot(slot))

@@ -127,6 +127,34 @@ pub fn loop_limit_message(hits: u32, adapter: &str) -> String {
 /// Threads per workgroup of every shader here.
 pub const WORKGROUP: u32 = 64;
 
+/// [`Params::replay`]: a first launch, thread `t` runs invocation `t`.
+pub const REPLAY_NONE: u32 = 0;
+/// [`Params::replay`]: the replay buffer lists the invocations, ascending.
+pub const REPLAY_LIST: u32 = 1;
+/// [`Params::replay`]: the replay buffer is a bitmap of the invocations
+/// (chosen when it is smaller than the list, so a replay's buffer is never
+/// more than `n / 8` bytes, however many invocations it replays).
+pub const REPLAY_BITMAP: u32 = 2;
+
+/// The most invocations one launch may have on any driver
+/// ([`hmm_core::mirror::backend::MAX_INVOCATIONS`], `2^31`): the WGSL
+/// numbers a thread `x + y * row_threads` in a `u32`, exact up to
+/// `65535 * 64 * 513 > 2^31` threads but not to `u32::MAX`.
+pub const MAX_INVOCATIONS: u32 = hmm_core::mirror::backend::MAX_INVOCATIONS;
+
+/// The most invocations a GPU driver can run in one launch when its
+/// control buffer (fault records for `fault_cap` faults, then the
+/// incomplete bitmap) must fit one storage binding of `binding_bytes`
+/// bytes: at most [`MAX_INVOCATIONS`].
+pub fn max_invocations(fault_cap: u32, binding_bytes: u64) -> u32 {
+    let layout = ControlLayout {
+        fault_cap,
+        bitmap_bits: 0,
+    };
+    let words = (binding_bytes / 4).saturating_sub(u64::from(layout.bitmap_off()));
+    (words.saturating_mul(32)).min(u64::from(MAX_INVOCATIONS)) as u32
+}
+
 /// Kernel arguments a launch can pass (64-bit words).
 pub const MAX_ARGS: usize = 16;
 
@@ -159,7 +187,8 @@ pub mod binding {
     pub const PAGE_TABLE: u32 = 1;
     /// The control buffer (fault records and incomplete bitmap).
     pub const CONTROL: u32 = 2;
-    /// The replay list (`array<u32>`, read only).
+    /// The replay list or bitmap (`array<u32>`, read only; see
+    /// [`super::Params::replay`]).
     pub const REPLAY: u32 = 3;
     /// The first pool binding; pools are `POOL0 .. POOL0 + n` for the
     /// `n` pool bindings the kernel was composed with
@@ -185,7 +214,10 @@ pub mod pt_binding {
 pub struct Params {
     /// Invocations in this dispatch.
     pub n: u32,
-    /// Nonzero: thread `t` runs invocation `replay[t]`.
+    /// How the dispatch picks its invocations: [`REPLAY_NONE`] (thread
+    /// `t` runs invocation `t`), [`REPLAY_LIST`] (thread `t` runs
+    /// invocation `replay[t]`) or [`REPLAY_BITMAP`] (thread `t` runs
+    /// invocation `t` if bit `t` of the replay buffer is set).
     pub replay: u32,
     /// Fault records the control buffer holds.
     pub fault_cap: u32,
@@ -451,7 +483,8 @@ pub struct Dispatch {
     pub params: Params,
     /// The control buffer this launch needs.
     pub layout: ControlLayout,
-    /// Invocation ids to replay, ascending (empty for a first launch).
+    /// The replay buffer's words (empty for a first launch): the ids to
+    /// replay, ascending, or their bitmap ([`Params::replay`] says which).
     pub replay: Vec<u32>,
     /// Workgroups in x.
     pub groups_x: u32,
@@ -474,12 +507,24 @@ impl Dispatch {
                 ShaderError::TooManyArgs(args.len()).to_string(),
             ));
         }
-        let (threads, bitmap_bits, replay): (u32, u32, Vec<u32>) = match invocations {
-            Invocations::All(n) => (n, n, Vec::new()),
+        let (threads, bitmap_bits, mode, replay): (u32, u32, u32, Vec<u32>) = match invocations {
+            Invocations::All(n) => (n, n, REPLAY_NONE, Vec::new()),
             Invocations::Only(v) => {
-                let list: Vec<u32> = v.iter().collect();
-                let top = list.last().map_or(0, |m| m.saturating_add(1));
-                (list.len() as u32, top, list)
+                let count = v.len();
+                let top = v.iter().last().map_or(0, |m| m.saturating_add(1));
+                // The smaller of a list (a word per id) and a bitmap (a
+                // word per 32 ids below the highest): a dense replay of a
+                // huge launch costs n / 8 bytes, not 4 per invocation.
+                let bitmap_words = top.div_ceil(32) as usize;
+                if count <= bitmap_words {
+                    (count as u32, top, REPLAY_LIST, v.iter().collect())
+                } else {
+                    let mut words = vec![0u32; bitmap_words];
+                    for id in v.iter() {
+                        words[(id / 32) as usize] |= 1 << (id % 32);
+                    }
+                    (top, top, REPLAY_BITMAP, words)
+                }
             }
         };
         let layout = ControlLayout {
@@ -489,7 +534,7 @@ impl Dispatch {
         let (groups_x, groups_y, row_threads) = grid(threads);
         let mut params = Params {
             n: threads,
-            replay: u32::from(matches!(invocations, Invocations::Only(_))),
+            replay: mode,
             fault_cap,
             bitmap_off: layout.bitmap_off(),
             chunk_slots,
@@ -511,7 +556,7 @@ impl Dispatch {
     }
 
     /// Whether per-launch resources made for `bitmap_bits` invocations
-    /// and `replay_cap` replay ids serve this launch (drivers keep a free
+    /// and `replay_cap` replay words serve this launch (drivers keep a free
     /// list of them).
     pub fn fits(&self, bitmap_bits: u32, replay_cap: u32) -> bool {
         bitmap_bits >= self.layout.bitmap_bits && replay_cap >= self.replay.len() as u32
@@ -902,6 +947,44 @@ fn hmm_kernel(i: u32) {
     }
 
     #[test]
+    fn a_dense_replay_is_a_bitmap_never_larger_than_n_over_8() {
+        // Every third id of 0..100_000: a list would be 133 KB, the bitmap
+        // 12.5 KB.
+        let set = InvocationSet::from_ids(100_000, (0..100_000).step_by(3));
+        let d = Dispatch::plan(Invocations::Only(&set), &[], 8, 64).unwrap();
+        assert_eq!(d.params.replay, REPLAY_BITMAP);
+        let top = 99_999 + 1;
+        assert_eq!((d.params.n, d.layout.bitmap_bits), (top, top));
+        assert_eq!(d.replay.len(), (top as usize).div_ceil(32));
+        let back = InvocationSet::from_bitmap_words(top, &d.replay);
+        assert!(back.iter().eq(set.iter()));
+        // Sparse: the list.
+        let set = InvocationSet::from_ids(100_000, [5, 99_000]);
+        let d = Dispatch::plan(Invocations::Only(&set), &[], 8, 64).unwrap();
+        assert_eq!(
+            (d.params.replay, d.replay.clone()),
+            (REPLAY_LIST, vec![5, 99_000])
+        );
+    }
+
+    #[test]
+    fn the_invocation_limit_fits_the_binding_and_never_exceeds_two_to_the_31() {
+        assert_eq!(max_invocations(1024, u64::MAX), MAX_INVOCATIONS);
+        let m = max_invocations(1024, 128 << 20);
+        let l = ControlLayout {
+            fault_cap: 1024,
+            bitmap_bits: m,
+        };
+        assert!(l.bytes() <= 128 << 20, "{} bytes", l.bytes());
+        let over = ControlLayout {
+            fault_cap: 1024,
+            bitmap_bits: m + 32,
+        };
+        assert!(over.bytes() > 128 << 20);
+        assert_eq!(max_invocations(1024, 16), 0);
+    }
+
+    #[test]
     fn dispatch_plans_replays_and_refuses_too_many_args() {
         let d = Dispatch::plan(
             Invocations::Only(&InvocationSet::from_ids(100, [3, 70])),
@@ -911,7 +994,7 @@ fn hmm_kernel(i: u32) {
         )
         .unwrap();
         assert_eq!(d.params.n, 2);
-        assert_eq!(d.params.replay, 1);
+        assert_eq!(d.params.replay, REPLAY_LIST);
         assert_eq!(d.params.loop_probe, LOOP_PROBE_ITERS);
         assert_eq!(d.layout.bitmap_bits, 71);
         assert_eq!(d.params.bitmap_off, d.layout.bitmap_off());

@@ -26,7 +26,9 @@
 struct HmmParams {
     // invocations in this dispatch
     n: u32,
-    // nonzero: dispatch thread t runs invocation hmm_replay[t]
+    // 0: thread t runs invocation t; 1 (a list): thread t runs invocation
+    // hmm_replay[t]; 2 (a bitmap): thread t runs invocation t if bit t of
+    // hmm_replay is set
     replay: u32,
     // capacity of the fault-record array
     fault_cap: u32,
@@ -423,8 +425,12 @@ fn hmm_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var inv = t;
-    if hmm_params.replay != 0u {
+    if hmm_params.replay == 1u {
         inv = hmm_replay[t];
+    } else if hmm_params.replay == 2u {
+        if (hmm_replay[t / 32u] & (1u << (t % 32u))) == 0u {
+            return;
+        }
     }
     hmm_inv = inv;
     hmm_fault = false;

@@ -25,6 +25,9 @@
 //!   may then hold the old or the new value (invocations that completed
 //!   before the fault), nothing else; the next case is an all-valid launch,
 //!   which must succeed (the mirror stays usable after a typed error).
+//! - `n` past [`Mirror::max_invocations`] (one case in 32: `max + 1`,
+//!   `u32::MAX` or between) must be exactly `TooManyInvocations { n, max }`
+//!   with nothing changed; `n = 0` must be `Ok`.
 //! - A refused write-back leaves the device holding the data: while the
 //!   memory stays read-only every launch must report the refusal again
 //!   (before running anything), and once it is writable again (told or
@@ -922,6 +925,9 @@ impl Fuzz {
                 self.host_op()?;
             }
         }
+        if !valid && self.rng.random_ratio(1, 32) {
+            return self.oversized();
+        }
         let n = if valid {
             self.rng.random_range(1..=1024)
         } else {
@@ -945,6 +951,51 @@ impl Fuzz {
             println!("{}", self.desc);
         }
         self.launch(n, inp, out, key)
+    }
+
+    /// A launch past the device's invocation limit (`max + 1`,
+    /// `u32::MAX`, or between): exactly `TooManyInvocations { n, max }`
+    /// whatever the arguments (checked before anything else, a pending
+    /// refusal included), and nothing changes.
+    fn oversized(&mut self) -> Result<(), Fail> {
+        let max = self.mirror.max_invocations();
+        let Some(first) = max.checked_add(1) else {
+            return Ok(());
+        };
+        let n = match self.rng.random_range(0..3) {
+            0 => first,
+            1 => u32::MAX,
+            _ => self.rng.random_range(first..=u32::MAX),
+        };
+        let out = self.pick_arg(64, false, None);
+        let inp = self.pick_arg(64, false, Some(&out));
+        let key: u32 = self.rng.random();
+        let d = format!(
+            "launch n={n} (max_invocations {max}) key={key:#x} in=[{}] out=[{}]",
+            self.arg_desc(&inp),
+            self.arg_desc(&out)
+        );
+        self.note(d);
+        if self.verbose {
+            println!("{}", self.desc);
+        }
+        self.c.launches += 1;
+        let words = [inp.addr(), out.addr(), u64::from(key)];
+        let (mirror, kernel) = (&self.mirror, &self.kernel);
+        let res = catch_unwind(AssertUnwindSafe(|| mirror.launch(kernel, n, words)))
+            .map_err(|_| "launch panicked (message above)".to_string())?;
+        match res {
+            Err(MirrorError::TooManyInvocations { n: got, max: m }) if (got, m) == (n, max) => {
+                *self.c.errors.entry("TooManyInvocations".into()).or_default() += 1;
+            }
+            r => {
+                return Err(format!(
+                    "a launch of {n} invocations (limit {max}) must be TooManyInvocations {{ n: {n}, max: {max} }}, got {r:?}"
+                ))
+            }
+        }
+        self.check_unchanged(&inp)?;
+        self.check_unchanged(&out)
     }
 
     fn launch(&mut self, n: u32, inp: Arg, out: Arg, key: u32) -> Result<(), Fail> {
@@ -1368,6 +1419,7 @@ fn main() -> ExitCode {
         }
     };
     trace_monitor_if_asked();
+    println!("max_invocations: {}", mirror.max_invocations());
     let kernel = match mirror.backend().kernel(&FUZZ) {
         Ok(k) => k,
         Err(e) => {

@@ -58,6 +58,19 @@
 //!
 //! # `--zero-copy`
 //!
+//! # `--shared`
+//!
+//! The arena is a memfd mapped `MAP_SHARED`, and a CPU write goes, at
+//! random, through the arena or through a second mapping of the same memfd
+//! (an *alias*, which the mirror does not watch: such a write is what
+//! another process writing shared memory, or `pwrite()` to a file, looks
+//! like — no write-tracking event). The mirror's foreign-writer check
+//! (`ForeignWriters::Check`, the default) must make the device see them at
+//! the next launch: the invariant is unchanged. Remaps of a shared arena
+//! punch a hole in the memfd (`MADV_REMOVE` for the in-place variant;
+//! `munmap`, `fallocate(PUNCH_HOLE)`, `mmap` again for the other), so the
+//! new memory reads as zeros, as fresh anonymous memory does.
+//!
 //! Runs the same on a zero-copy device (`cpu`, `vulkan`), whose kernels
 //! read the arena's own pages, within that mode's contract: the remapper
 //! `munmap`s only while it holds the *unmap gate* exclusively and every
@@ -124,6 +137,12 @@ struct Opts {
     /// module docs).
     #[arg(long)]
     inject_faults: bool,
+    /// The arena is a memfd mapped `MAP_SHARED`, and half the CPU writes go
+    /// through a second mapping of it — writes write tracking cannot see,
+    /// which the mirror's foreign-writer hash check must catch (see the
+    /// module docs).
+    #[arg(long)]
+    shared: bool,
 }
 
 fn main() -> ExitCode {
@@ -239,6 +258,9 @@ struct Arena {
     remaps: Vec<AtomicU32>,
     /// `--zero-copy`: launches hold it shared, an `munmap` exclusively.
     unmap_gate: std::sync::RwLock<()>,
+    /// `--shared`: the memfd behind the arena and the address of its alias
+    /// mapping.
+    shared: Option<(i32, u64)>,
     zero_copy: bool,
     /// Device failures are being injected (`--inject-faults`).
     injecting: bool,
@@ -278,12 +300,18 @@ impl Arena {
 
     /// Stores `v` in every word of page `p`, then publishes it.
     fn stamp_page(&self, p: usize, v: u32) {
-        let w = self.page_ptr(p);
+        self.stamp_page_at(p, v, self.page_ptr(p));
+    }
+
+    /// [`Arena::stamp_page`] through `w`: page `p` of the arena, or of its
+    /// alias mapping (`--shared`).
+    fn stamp_page_at(&self, p: usize, v: u32, w: *mut u32) {
         // SeqCst: ordered before the words, and against the launcher's
         // load after its launch.
         self.writing[p].store(v, Ordering::SeqCst);
         for i in 0..WPP {
-            // SAFETY: page `p` of the arena is mapped and writable: the
+            // SAFETY: page `p` of the arena (or of its alias, which stays
+            // mapped until the end) is mapped and writable: the
             // caller holds its chunk lock, and only holders of that lock
             // unmap it; the word is 4-byte aligned, and every access to
             // arena words from this process is atomic (a zero-copy cpu
@@ -305,7 +333,13 @@ impl Arena {
         if s == u32::MAX {
             return;
         }
-        self.stamp_page(p, s + 1);
+        match self.shared {
+            // Half the writes through the alias: unseen by write tracking.
+            Some((_, alias)) if rng.below(2) == 0 => {
+                self.stamp_page_at(p, s + 1, (alias + (p * PAGE) as u64) as *mut u32)
+            }
+            _ => self.stamp_page(p, s + 1),
+        }
         add(&self.c.cpu_writes, 1);
     }
 
@@ -325,11 +359,18 @@ impl Arena {
         let addr = self.page_ptr(first).cast::<libc::c_void>();
         let len = self.chunk * PAGE;
         let dontneed = rng.below(3) == 0;
+        // A shared arena: `MADV_REMOVE` punches the hole (`DONTNEED` would
+        // keep the memfd's data).
+        let advice = if self.shared.is_some() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
         if dontneed {
             // SAFETY: our own arena chunk, locked against CPU writers; no
-            // Rust reference into it exists. Private anonymous: it then
-            // reads as zeros.
-            if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
+            // Rust reference into it exists. Private anonymous memory (or a
+            // memfd hole) then reads as zeros.
+            if unsafe { libc::madvise(addr, len, advice) } != 0 {
                 return Err(format!("madvise: {}", std::io::Error::last_os_error()));
             }
         }
@@ -353,6 +394,27 @@ impl Arena {
             next.push(n);
         }
         if !dontneed {
+            let (flags, fd, off) = match self.shared {
+                Some((fd, _)) => {
+                    let off = (first * PAGE) as libc::off_t;
+                    // SAFETY: our own memfd; punching a hole only zeroes
+                    // its pages (the alias sees zeros too, as the arena
+                    // will).
+                    let r = unsafe {
+                        libc::fallocate(
+                            fd,
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                            off,
+                            len as libc::off_t,
+                        )
+                    };
+                    if r != 0 {
+                        return Err(format!("fallocate: {}", std::io::Error::last_os_error()));
+                    }
+                    (libc::MAP_SHARED, fd, off)
+                }
+                None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+            };
             // SAFETY: MAP_FIXED over the hole we just made in our own
             // arena (the guard pages around the arena stay ours).
             let p = unsafe {
@@ -360,9 +422,9 @@ impl Arena {
                     addr,
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
+                    flags | libc::MAP_FIXED,
+                    fd,
+                    off,
                 )
             };
             if p != addr {
@@ -577,7 +639,25 @@ fn stress_injected<B: TestKernels>(
         o.pool,
         o.seed
     );
-    let mut map = TestMap::anon(o.pages, libc::PROT_READ | libc::PROT_WRITE);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let memfd = o.shared.then(|| {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a NUL-terminated name; the descriptor is checked, then
+        // owned by the `File`.
+        let fd = unsafe { libc::memfd_create(c"hmm-stress".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.set_len((o.pages * PAGE) as u64).expect("memfd size");
+        f
+    });
+    let mut map = match &memfd {
+        Some(f) => TestMap::file(f, o.pages, rw, libc::MAP_SHARED),
+        None => TestMap::anon(o.pages, rw),
+    };
+    let alias = memfd
+        .as_ref()
+        .map(|f| TestMap::file(f, o.pages, rw, libc::MAP_SHARED));
     let arena = Arena {
         base: map.addr(),
         pages: o.pages,
@@ -588,6 +668,10 @@ fn stress_injected<B: TestKernels>(
         floor: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         remaps: (0..o.pages).map(|_| AtomicU32::new(0)).collect(),
         unmap_gate: std::sync::RwLock::new(()),
+        shared: memfd
+            .as_ref()
+            .zip(alias.as_ref())
+            .map(|(f, a)| (std::os::fd::AsRawFd::as_raw_fd(f), a.addr())),
         zero_copy: o.zero_copy,
         injecting: inject.is_some(),
         stop: AtomicBool::new(false),
@@ -777,6 +861,18 @@ fn stress_injected<B: TestKernels>(
         st.deferred_releases,
         st.unwatched_regions
     );
+    if o.shared {
+        println!(
+            "shared arena: pages hash-checked at sync points {}, found changed by the alias writers {}",
+            st.foreign_checked_pages, st.foreign_changed_pages
+        );
+        // In copy mode the alias writes must have been caught by the hash
+        // check at least once (a run that never exercised it proves
+        // nothing).
+        if !o.zero_copy && g(&c.launches) > 0 && st.foreign_changed_pages == 0 {
+            problems_pre.push("--shared: the foreign-writer check never found a change".into());
+        }
+    }
     println!(
         "words checked: {} ({} zeros accepted during a remap); violations: {}",
         g(&c.words_checked),

@@ -17,9 +17,30 @@ use crate::faults::Call;
 use crate::faults::{DeviceLeaf, FaultInjector};
 use crate::memory::Memory;
 
-/// Largest pool [`CpuDevice`] accepts: 2^20 − 1 slots (4 GiB), so a slot
-/// index always fits the low word of an entry.
-pub const MAX_POOL_SLOTS: u32 = u32::MAX >> 12;
+/// Largest pool the entry format lets [`CpuDevice`] address: 2^32 − 2
+/// slots (16 TiB; a slot is a `u32` and `u32::MAX` stays free as a
+/// sentinel). The emulated MMU reads whole 64-bit entries, so nothing ties
+/// a slot to the low word. What a device reports
+/// ([`BackendInfo::max_pool_slots`]) is the smaller of this and the host's
+/// physical memory ([`host_pool_slots`]): the pool is host memory, and a
+/// pool larger than the host only swaps. Asking for more than the host
+/// can allocate is a typed `BackendError::OutOfMemory`, never an abort.
+pub const MAX_POOL_SLOTS: u32 = u32::MAX - 1;
+
+/// The largest pool this host can hold: its physical memory in 4 KiB
+/// slots (`sysconf(_SC_PHYS_PAGES)` scaled to 4 KiB), at most
+/// [`MAX_POOL_SLOTS`].
+pub fn host_pool_slots() -> u32 {
+    // SAFETY: sysconf reads a system constant; no memory is touched.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || size <= 0 {
+        return MAX_POOL_SLOTS;
+    }
+    let slots = (pages as u64).saturating_mul(size as u64) / 4096;
+    slots.min(u64::from(MAX_POOL_SLOTS)) as u32
+}
 
 /// The software device: pool and page table in host memory, kernels run
 /// on a pool of worker threads through an emulated MMU.
@@ -280,7 +301,7 @@ unsafe impl Backend for CpuDevice {
                     ""
                 }
             ),
-            max_pool_slots: MAX_POOL_SLOTS,
+            max_pool_slots: host_pool_slots(),
         }
     }
 
@@ -364,7 +385,7 @@ unsafe impl Backend for CpuDevice {
         if self.mem.get().is_some() {
             return Err(BackendError::NotInitialised("init ran twice"));
         }
-        let mut mem = Memory::new(config, MAX_POOL_SLOTS)?;
+        let mut mem = Memory::new(config, host_pool_slots())?;
         if let Some(count) = self.windows {
             mem.windows = Some(crate::memory::Windows::new(count, WINDOW_PAGES));
         }

@@ -184,7 +184,7 @@ mod lane;
 mod memory;
 mod test_kernels;
 
-pub use device::{CpuDevice, MAX_POOL_SLOTS, WINDOW_PAGES, ZERO_COPY_WINDOWS};
+pub use device::{host_pool_slots, CpuDevice, MAX_POOL_SLOTS, WINDOW_PAGES, ZERO_COPY_WINDOWS};
 pub use exec::{CpuKernel, FaultMangler, KernelFn};
 #[cfg(feature = "fault-injection")]
 pub use faults::{Applied, Call, DeviceLeaf, FaultInjector};

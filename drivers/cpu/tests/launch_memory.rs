@@ -6,58 +6,28 @@
 
 #![allow(missing_docs)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use hmm_conformance::heap::{launch_heap_is_bounded, peak_growth, Counting};
 
 use hmm_core::cpu::host::HostSpace;
 use hmm_core::mirror::{Mirror, MirrorConfig};
 use hmm_driver_cpu::{CpuDevice, CpuKernel};
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(by: usize) {
-    // SeqCst: simple and test-only; the peak must see every increase.
-    let now = LIVE.fetch_add(by, Ordering::SeqCst) + by;
-    PEAK.fetch_max(now, Ordering::SeqCst);
-}
-
-// SAFETY: forwards every call unchanged to the system allocator; the
-// counters have no effect on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: same contract as our caller's.
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            grew(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::SeqCst);
-        // SAFETY: `p` came from `System.alloc` with layout `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        // SAFETY: same contract as our caller's.
-        let q = unsafe { System.realloc(p, l, n) };
-        if !q.is_null() {
-            LIVE.fetch_sub(l.size(), Ordering::SeqCst);
-            grew(n);
-        }
-        q
-    }
-}
-
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// 2^20 invocations that all read one page: every one of them faults in
-/// the first round, and all are replayed in the second.
+/// One test (the counter is global): 2^20 invocations that all read one
+/// page — every one of them faults in the first round, and all are
+/// replayed in the second — then the suite's scenario shared with the GPU
+/// drivers.
 #[test]
 fn launch_memory_does_not_grow_with_faulting_invocations() {
+    one_page_read_by_all();
+    launch_heap_is_bounded(CpuDevice::new(), 1 << 20, 8 << 20);
+}
+
+fn one_page_read_by_all() {
     const N: u32 = 1 << 20;
     let host = Arc::new(HostSpace::new().expect("host space"));
     let m = Mirror::new(host, CpuDevice::new(), MirrorConfig::default()).expect("mirror");
@@ -72,10 +42,9 @@ fn launch_memory_does_not_grow_with_faulting_invocations() {
     let warm = vec![7u32; 1024];
     m.launch(&k, 64, (warm.as_ptr(),)).expect("warm-up launch");
 
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
-    let report = m.launch(&k, N, (data.as_ptr(),)).expect("launch");
-    let peak = PEAK.load(Ordering::SeqCst) - base;
+    let mut report = None;
+    let peak = peak_growth(|| report = Some(m.launch(&k, N, (data.as_ptr(),)).expect("launch")));
+    let report = report.expect("ran");
     println!(
         "launch of {N} invocations, {} faulted: peak heap growth {} KiB ({:.2} bytes per invocation)",
         report.faults,

@@ -1288,6 +1288,15 @@ unsafe impl Backend for VulkanDevice {
         self.counter() >= id.0
     }
 
+    fn max_invocations(&self) -> u32 {
+        // The incomplete bitmap (after the fault records) is one storage
+        // binding of the control buffer.
+        hmm_shaders::max_invocations(
+            FAULT_CAP,
+            u64::from(self.ctx.limits.max_storage_buffer_range),
+        )
+    }
+
     unsafe fn bind_window(
         &self,
         window: u32,

@@ -679,6 +679,17 @@ unsafe impl Backend for WgpuDevice {
         }
     }
 
+    fn max_invocations(&self) -> u32 {
+        // The incomplete bitmap (after the fault records) is one storage
+        // binding of the control buffer.
+        hmm_shaders::max_invocations(
+            FAULT_CAP,
+            self.limits
+                .max_storage_buffer_binding_size
+                .min(self.limits.max_buffer_size),
+        )
+    }
+
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         if !self.wait(id, None)? {
             return Err(self.lose("launch never completed"));

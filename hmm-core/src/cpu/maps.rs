@@ -111,6 +111,27 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Whether the contents of this mapping can change without a write
+    /// through this process's page tables — writes that `WP_ASYNC` write
+    /// tracking cannot see. True for every mapping but private anonymous
+    /// memory ([`Mapping::is_private_anonymous`]):
+    ///
+    /// - shared mappings (`s`): `MAP_SHARED` anonymous memory (another
+    ///   process after `fork`), shared file mappings (`pwrite()` to the
+    ///   file, other processes' mappings of it), memfd and SysV shm (which
+    ///   the kernel shows as files);
+    /// - private file mappings (`p` with a path): a page this process never
+    ///   wrote still shows the file's page cache, so `pwrite()` to the file
+    ///   changes it. A page this process already copied on write no longer
+    ///   follows the file, but nothing cheap tells the two apart, so every
+    ///   page of such a mapping counts: hashing a copied page is merely
+    ///   extra cost;
+    /// - the kernel's own private specials other than heap and stacks
+    ///   (`[vvar]`, `[vdso]`): conservative as well.
+    pub fn may_change_unseen(&self) -> bool {
+        !self.is_private_anonymous()
+    }
+
     /// Whether this is private anonymous memory: a page that was never
     /// populated reads as zeros when first touched (absent a userfaultfd
     /// missing-mode handler). Anonymous, `[heap]`, `[stack]`, `[stack:tid]`

@@ -168,6 +168,15 @@ impl HostWindows {
     }
 }
 
+/// The most invocations one launch may have, on every driver: `2^31`.
+/// [`Mirror::launch`](super::Mirror::launch) with more is
+/// [`MirrorError::TooManyInvocations`](super::MirrorError::TooManyInvocations)
+/// before anything is allocated; a driver may allow fewer
+/// ([`Backend::max_invocations`]). Why this bound: per-launch state is
+/// `n / 8` bytes (a bitmap of incomplete invocations) on every driver, and
+/// GPU dispatch grids number their threads in a `u32`.
+pub const MAX_INVOCATIONS: u32 = 1 << 31;
+
 /// What a backend says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendInfo {
@@ -381,6 +390,15 @@ pub unsafe trait Backend: Send + Sync + 'static {
 
     /// The outcome of a completed submission; taken once.
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError>;
+
+    /// The most invocations one [`launch`](Backend::launch) may have on
+    /// this device (e.g. what its largest storage binding can hold the
+    /// incomplete bitmap of). The mirror never asks for more than this or
+    /// [`MAX_INVOCATIONS`], whichever is smaller; default
+    /// [`MAX_INVOCATIONS`].
+    fn max_invocations(&self) -> u32 {
+        MAX_INVOCATIONS
+    }
 
     /// Where the 4 KiB of pool slot `slot` are addressable by the host, if
     /// the pool is host memory (the `cpu` driver; a device with

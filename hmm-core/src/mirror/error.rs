@@ -91,6 +91,17 @@ pub enum MirrorError {
         /// Records rejected.
         garbage: u64,
     },
+    /// A launch of more invocations than the device allows
+    /// ([`Mirror::max_invocations`](super::Mirror::max_invocations), at
+    /// most [`MAX_INVOCATIONS`](super::backend::MAX_INVOCATIONS)); nothing
+    /// was allocated or run.
+    #[error("a launch of {n} invocations exceeds this device's limit of {max}")]
+    TooManyInvocations {
+        /// Invocations asked for.
+        n: u32,
+        /// The limit.
+        max: u32,
+    },
     /// The launch kept faulting past the replay bound.
     #[error("gave up after {replays} replays: invocations kept faulting")]
     NoProgress {

@@ -195,6 +195,8 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             pool_used,
             pool_capacity,
             table_pages_used: u64::from(dev.table.table_pages_used()),
+            foreign_checked_pages: g(&c.foreign_checked_pages),
+            foreign_changed_pages: g(&c.foreign_changed_pages),
         }
     }
 

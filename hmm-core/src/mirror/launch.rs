@@ -3,6 +3,11 @@
 //! 1. **Sync point (start).** CPU writes to mirrored pages since the last
 //!    sync point become `CpuWrite` invalidations of exactly those pages, so
 //!    the device never reads a copy older than the CPU's data at launch.
+//!    Then, with [`ForeignWriters::Check`](super::ForeignWriters::Check),
+//!    the device-resident pages of shared and file-backed mappings are
+//!    re-hashed, and those another writer changed (another process,
+//!    `pwrite()`; write tracking cannot see them) become `CpuWrite`
+//!    invalidations too (`mirror::foreign`).
 //! 2. **Submit** every invocation (after the queued entry writes are
 //!    flushed: a device that cannot clear entries runs nothing). An
 //!    invocation that touches an address whose entry is missing (or
@@ -20,7 +25,7 @@
 //!    [`LaunchReport::pages_out`] counts only pages that reached the CPU.
 
 use super::args::KernelArgs;
-use super::backend::{Backend, InvocationSet, Invocations};
+use super::backend::{Backend, InvocationSet, Invocations, MAX_INVOCATIONS};
 use super::config::LaunchReport;
 use super::error::{AccessError, MirrorError};
 use super::faults;
@@ -29,6 +34,7 @@ use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::EventKind;
 use crate::sync::lock;
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
@@ -37,8 +43,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// completed. On return the CPU sees every device write.
     ///
     /// Sync points: at the start, CPU writes since the last sync point are
-    /// invalidated (device copies of those pages are dropped); at the end,
+    /// invalidated (device copies of those pages are dropped), and so are
+    /// pages of shared or file-backed mappings that another process or a
+    /// syscall changed (found by hash, [`ForeignWriters`]); at the end,
     /// device-dirty pages are written back.
+    ///
+    /// [`ForeignWriters`]: super::ForeignWriters
     ///
     /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
     /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
@@ -51,6 +61,13 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// naming its address (the lowest, if several invocations made one);
     /// writes of invocations that completed before it may have reached
     /// the CPU, as with any device fault.
+    ///
+    /// **Size**: `n` may be anything up to [`Mirror::max_invocations`]
+    /// (at most `2^31`, [`MAX_INVOCATIONS`]); more is
+    /// [`MirrorError::TooManyInvocations`] before anything is allocated.
+    /// `n = 0` is `Ok` and runs nothing. Host memory per launch is about
+    /// `n / 8` bytes (bitmaps of incomplete invocations) plus a constant,
+    /// whatever the number of invocations that fault.
     pub fn launch(
         &self,
         kernel: &B::Kernel,
@@ -60,6 +77,13 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         args.with_words(|words| self.launch_words(kernel, n, words))
     }
 
+    /// The most invocations one [`launch`](Mirror::launch) may have here:
+    /// the device's limit ([`Backend::max_invocations`]), at most
+    /// [`MAX_INVOCATIONS`] (`2^31`).
+    pub fn max_invocations(&self) -> u32 {
+        self.inner.backend.max_invocations().min(MAX_INVOCATIONS)
+    }
+
     fn launch_words(
         &self,
         kernel: &B::Kernel,
@@ -67,6 +91,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         args: &[u64],
     ) -> Result<LaunchReport, MirrorError> {
         self.same_process()?;
+        let max = self.max_invocations();
+        if n > max {
+            return Err(MirrorError::TooManyInvocations { n, max });
+        }
         let inner = &*self.inner;
         let _serial = lock(&inner.launch);
         inner.lock().health.check()?;
@@ -83,6 +111,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             cpu_written_pages: inner.host.sync_point()?,
             ..LaunchReport::default()
         };
+        report.foreign_changed_pages = self.foreign_check();
         inner.lock().res.launch_boundary();
         let res = self.launch_rounds(kernel, n, args, &mut report);
         inner.lock().res.launch_boundary();
@@ -183,6 +212,42 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             Counters::add(&inner.counters.replays, 1);
         }
         Ok(())
+    }
+
+    /// The foreign-writer half of the start-of-launch sync point: pages
+    /// whose device copy no longer matches the CPU page are invalidated as
+    /// CPU writes. Returns how many.
+    ///
+    /// Ordering: the hashes are compared under the driver lock (no new
+    /// protocol: installs, write-backs and `retire` change them under the
+    /// same lock), and the invalidations are issued after it is dropped,
+    /// because a blockable invalidation's callback takes it. Between the
+    /// two nothing can make a changed page's copy current again — launches
+    /// are serialised (`launch` lock held) — and invalidating a page that
+    /// meanwhile left the device is a no-op. A store by this process
+    /// racing the check is caught by write tracking; a foreign write after
+    /// the check is caught by the next sync point.
+    fn foreign_check(&self) -> u64 {
+        let inner = &*self.inner;
+        let changed = {
+            let mut dev = inner.lock();
+            let (mut cx, res) = dev.parts(inner);
+            res.foreign_changed(&mut cx)
+        };
+        // Sorted: invalidate maximal runs of consecutive pages.
+        let mut i = 0;
+        while i < changed.len() {
+            let mut j = i + 1;
+            while j < changed.len() && changed[j].0 == changed[j - 1].0 + crate::addr::PAGE_SIZE {
+                j += 1;
+            }
+            let len = (j - i) as u64 * crate::addr::PAGE_SIZE;
+            if let Ok(r) = VaRange::from_start_len(changed[i], len) {
+                inner.host.space().invalidate(r, EventKind::CpuWrite);
+            }
+            i = j;
+        }
+        changed.len() as u64
     }
 
     /// Writes every device-dirty page back (the end-of-launch sync point).

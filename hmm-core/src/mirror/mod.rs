@@ -73,6 +73,14 @@
 //!   write-back is refused, the launch returns
 //!   [`MirrorError::WriteBackRefused`], and the device keeps the data until
 //!   a write-back gets through (memory that is gone is skipped).
+//! - Writers write tracking cannot see — another process writing a shared
+//!   mapping, `pwrite()` to a mapped file or memfd, a file changing under
+//!   a private file mapping's not-yet-copied pages — are caught at the
+//!   start-of-launch sync point by default: copy mode hashes each page of
+//!   such mappings at copy-in and re-hashes it there
+//!   ([`ForeignWriters`], `mirror::foreign`). DMA into long-held pins
+//!   (io_uring fixed buffers, RDMA) is seen only if it landed before the
+//!   check; no userspace check can do better.
 //! - Oversubscription makes progress for every kernel that follows the
 //!   replay contract, whenever the pool can hold one invocation's pages:
 //!   fault service serves the lowest invocations first and keeps the pages
@@ -94,6 +102,7 @@ mod config;
 pub mod error;
 mod fault_service;
 pub mod faults;
+mod foreign;
 pub mod format;
 mod handle;
 pub mod host_side;
@@ -110,7 +119,7 @@ mod state;
 pub mod stats;
 mod twins;
 
-pub use config::{Advice, LaunchReport, MirrorConfig};
+pub use config::{Advice, ForeignWriters, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
 pub use host_side::{HostSide, RunFate, WriteTracking};

@@ -55,6 +55,12 @@ pub struct MirrorStats {
     pub pool_capacity: u64,
     /// Table pages in use.
     pub table_pages_used: u64,
+    /// Device-resident pages of shared or file-backed mappings re-hashed at
+    /// sync points ([`ForeignWriters::Check`](super::ForeignWriters::Check)).
+    pub foreign_checked_pages: u64,
+    /// Of those, pages found changed by a writer write tracking cannot see
+    /// (another process, a syscall), and invalidated.
+    pub foreign_changed_pages: u64,
 }
 
 impl MirrorStats {
@@ -91,6 +97,11 @@ impl core::fmt::Display for MirrorStats {
             "invalidations: unmap {} remove {} remap {} protection {} cpu-write {} coherence {} release {} clear {}",
             k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
         )?;
+        writeln!(
+            f,
+            "foreign-writer check: pages hashed {}   changed {}",
+            self.foreign_checked_pages, self.foreign_changed_pages
+        )?;
         write!(
             f,
             "regions created {}  released {}   mapped pages {}   pool {}/{}   table pages {}",
@@ -123,6 +134,8 @@ pub(crate) struct Counters {
     pub invalidations: [AtomicU64; 8],
     pub prefetched: AtomicU64,
     pub device_errors: AtomicU64,
+    pub foreign_checked_pages: AtomicU64,
+    pub foreign_changed_pages: AtomicU64,
 }
 
 impl Counters {

@@ -18,6 +18,11 @@
 //! - **Oversubscription** ([`Residency::plan_round`]): each round serves the
 //!   lowest invocations and keeps the pages brought in for them from
 //!   eviction until they complete, so some invocation always progresses.
+//! - **Foreign writers** ([`ForeignWriters::Check`]): a page of a mapping
+//!   that can change without a write through this process's page tables
+//!   (shared, file-backed) gets a hash of the bytes copied at install;
+//!   [`Residency::foreign_changed`] re-hashes the CPU pages at the sync
+//!   point and names those that changed (`mirror::foreign`).
 //! - **Slots are freed only after their entries are confirmed cleared**
 //!   ([`Residency::retire`] quarantines, [`Residency::entries_cleared`]
 //!   frees; see the `residency` module docs).
@@ -40,9 +45,10 @@ use crate::cpu::range_fault::PageState;
 use crate::mirror::backend::{
     Backend, BackendError, DeviceToHost, HostToDevice, InvocationSet, PteLoc, PteWrite,
 };
-use crate::mirror::config::MirrorConfig;
+use crate::mirror::config::{ForeignWriters, MirrorConfig};
 use crate::mirror::error::{AccessError, MirrorError};
 use crate::mirror::faults::PageFault;
+use crate::mirror::foreign::{page_hash, PageHashes};
 use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
 use crate::mirror::host_side::{HostSide, RunFate, WriteTracking};
 use crate::mirror::hostcopy;
@@ -59,6 +65,14 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// other threads allocated (see `twins`), and a buffer that never grows is
 /// never reallocated.
 pub(crate) const STAGE_PAGES: usize = 512;
+
+/// Most write-back runs held at once (about 1.5 MB of run lists and
+/// iovecs): a chunk whose diff has more is written in several batches.
+const RUN_BATCH: usize = 1 << 15;
+
+/// Pages read and hashed per batch by the foreign-writer check (256 KiB:
+/// read, then hashed while still in the L2 cache).
+const HASH_BATCH: usize = 64;
 
 /// The copy-mode residency.
 pub(crate) struct CopyPool {
@@ -84,12 +98,15 @@ pub(crate) struct CopyPool {
     /// still dirty, until a write-back gets through (or their memory goes
     /// away); eviction passes them over.
     refused: BTreeSet<VirtAddr>,
+    /// Hashes of the slots that back pages of mappings other writers can
+    /// change (`mirror::foreign`).
+    hashes: PageHashes,
 }
 
 impl CopyPool {
     /// A pool of `slots`, checked against the device's `max` (also
     /// reserving address space for the twins).
-    pub fn new(slots: u32, max: u32) -> Result<Self, MirrorError> {
+    pub fn new(slots: u32, max: u32, foreign: ForeignWriters) -> Result<Self, MirrorError> {
         if slots > max {
             return Err(MirrorError::Config(format!(
                 "pool of {slots} slots exceeds the device's {max}"
@@ -108,6 +125,7 @@ impl CopyPool {
             focus: BTreeMap::new(),
             focus_pages: HashSet::new(),
             refused: BTreeSet::new(),
+            hashes: PageHashes::new(foreign == ForeignWriters::Check),
         })
     }
 
@@ -190,6 +208,7 @@ impl CopyPool {
                 _ => {
                     // Never named by any entry this attempt wrote.
                     self.twins.remove(*s);
+                    self.hashes.forget(*s);
                     self.pool.free(*s);
                 }
             }
@@ -269,9 +288,39 @@ impl CopyPool {
                 .collect(),
             None => staging.chunks_exact(PAGE).take(dirty.len()).collect(),
         };
-        // Only the bytes the device changed go back.
+        // Only the bytes the device changed go back, in batches of at most
+        // `RUN_BATCH` runs: a byte-exact diff of a page of small integers
+        // written over zeros is ~2,000 runs, and holding a whole chunk's
+        // (512 pages) would cost ~50 MB of run lists.
+        // Per page: no runs (equal to its twin), all written, some gone
+        // (its memory went away: nothing to keep), or some refused (its
+        // memory is there but not writable: the data must stay).
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Same,
+            Written,
+            Gone,
+            Refused(VirtAddr),
+        }
+        let mut fate = vec![Fate::Same; dirty.len()];
         let mut runs: Vec<(VirtAddr, &[u8])> = Vec::new();
         let mut run_page: Vec<usize> = Vec::new();
+        let mut fates = Vec::new();
+        let mut flush = |runs: &mut Vec<(VirtAddr, &[u8])>, run_page: &mut Vec<usize>| {
+            fates.clear();
+            cx.host.write_runs_checked(runs, &mut fates);
+            for (k, f) in fates.iter().enumerate() {
+                let p = &mut fate[run_page[k]];
+                *p = match (*p, *f) {
+                    (Fate::Refused(a), _) => Fate::Refused(a),
+                    (_, RunFate::Refused(a)) => Fate::Refused(a),
+                    (Fate::Gone, _) | (_, RunFate::Gone) => Fate::Gone,
+                    _ => Fate::Written,
+                };
+            }
+            runs.clear();
+            run_page.clear();
+        };
         let mut diff = Vec::new();
         for (i, (va, _, slot)) in dirty.iter().enumerate() {
             let page = pages[i];
@@ -285,28 +334,12 @@ impl CopyPool {
                 runs.push((VirtAddr(va.0 + *off as u64), &page[*off..*off + *len]));
                 run_page.push(i);
             }
+            if runs.len() >= RUN_BATCH {
+                flush(&mut runs, &mut run_page);
+            }
         }
-        let mut fates = Vec::with_capacity(runs.len());
-        cx.host.write_runs_checked(&runs, &mut fates);
-        // Per page: no runs (equal to its twin), all written, some gone
-        // (its memory went away: nothing to keep), or some refused (its
-        // memory is there but not writable: the data must stay).
-        #[derive(Clone, Copy, PartialEq)]
-        enum Fate {
-            Same,
-            Written,
-            Gone,
-            Refused(VirtAddr),
-        }
-        let mut fate = vec![Fate::Same; dirty.len()];
-        for (k, f) in fates.iter().enumerate() {
-            let p = &mut fate[run_page[k]];
-            *p = match (*p, *f) {
-                (Fate::Refused(a), _) => Fate::Refused(a),
-                (_, RunFate::Refused(a)) => Fate::Refused(a),
-                (Fate::Gone, _) | (_, RunFate::Gone) => Fate::Gone,
-                _ => Fate::Written,
-            };
+        if !runs.is_empty() {
+            flush(&mut runs, &mut run_page);
         }
         // The data is out where it could go: clear DIRTY on those pages
         // (not on refused ones, which must be written again). A DIRTY bit
@@ -374,12 +407,27 @@ impl CopyPool {
         let _ = cx.host.rearm(&check);
         let mut vok = Vec::new();
         cx.host.read_pages(&check, &mut self.verify, &mut vok);
-        let stale: Vec<VirtAddr> = touched
+        let is_stale: Vec<bool> = touched
             .iter()
             .enumerate()
-            .filter(|(k, &i)| !vok[*k] || self.verify[k * PAGE..(k + 1) * PAGE] != *pages[i])
-            .map(|(_, &i)| dirty[i].0)
+            .map(|(k, &i)| !vok[k] || self.verify[k * PAGE..(k + 1) * PAGE] != *pages[i])
             .collect();
+        let stale: Vec<VirtAddr> = touched
+            .iter()
+            .zip(&is_stale)
+            .filter(|(_, s)| **s)
+            .map(|(&i, _)| dirty[i].0)
+            .collect();
+        // A checked page read back equal to the device's copy: the CPU page
+        // is now what the device holds, so that is what the next sync
+        // point's hash check compares against (the device's own write is
+        // not a foreign one). Stale pages are dropped below, hash and all.
+        for (&i, _) in touched.iter().zip(&is_stale).filter(|(_, s)| !**s) {
+            let slot = dirty[i].2;
+            if self.hashes.get(slot).is_some() {
+                self.hashes.set(slot, pages[i]);
+            }
+        }
         // Only pages that reached the CPU count as written back.
         let n = fate.iter().filter(|f| **f == Fate::Written).count() as u64;
         Counters::add(&cx.counters.pages_out, n);
@@ -578,6 +626,28 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         if req.write {
             let _ = cx.host.rearm(&addrs);
         }
+        // Which pages other writers can change (their copies get a hash):
+        // one mapping lookup per mapping the batch spans. A failed lookup
+        // counts as such a page (checking costs time, not correctness).
+        let checked: Vec<bool> = if self.hashes.enabled() {
+            let mut last: Option<(VaRange, bool)> = None;
+            addrs
+                .iter()
+                .map(|va| match last {
+                    Some((r, f)) if r.contains(*va) => f,
+                    _ => match cx.host.lookup(*va) {
+                        Ok(Some(m)) => {
+                            let f = m.may_change_unseen();
+                            last = Some((m.range, f));
+                            f
+                        }
+                        _ => true,
+                    },
+                })
+                .collect()
+        } else {
+            vec![false; addrs.len()]
+        };
         // Copy in: straight into the slots when the pool is host memory and
         // every slot is fresh (a failed read then only spoils slots that
         // are freed again; an upgraded slot still backs a read-only entry),
@@ -643,16 +713,29 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             }
         }
         for (i, ((_, writable), s)) in todo.iter().zip(&slots).enumerate() {
+            if !*writable && !checked[i] {
+                // An upgrade's slot keeps no stale hash of another mapping.
+                self.hashes.forget(*s);
+                continue;
+            }
+            let copied: &[u8] = match &direct {
+                // SAFETY: the slot's 4 KiB were just written by the read
+                // above and no device work touches them yet; the backend
+                // vouches for their validity (`host_slot`). The borrow ends
+                // with this iteration.
+                Some(d) => unsafe { std::slice::from_raw_parts(d[i], PAGE) },
+                None => &self.staging[i * PAGE..(i + 1) * PAGE],
+            };
             if *writable {
-                match &direct {
-                    // SAFETY: the slot's 4 KiB were just written by the
-                    // read above and no device work touches them yet; the
-                    // backend vouches for their validity (`host_slot`).
-                    Some(d) => self
-                        .twins
-                        .set(*s, unsafe { std::slice::from_raw_parts(d[i], PAGE) }),
-                    None => self.twins.set(*s, &self.staging[i * PAGE..(i + 1) * PAGE]),
-                }
+                self.twins.set(*s, copied);
+            }
+            // The hash of the bytes the device got, not of the CPU page
+            // read again: a foreign write racing the copy then shows as a
+            // change at the next sync point, never as a match.
+            if checked[i] {
+                self.hashes.set(*s, copied);
+            } else {
+                self.hashes.forget(*s);
             }
         }
         let mut writes: Vec<PteWrite> = Vec::new();
@@ -707,6 +790,39 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         self.refused.range(r.start()..r.end()).copied().collect()
     }
 
+    fn foreign_changed(&mut self, cx: &mut Cx<'_, B, H>) -> Vec<VirtAddr> {
+        if self.hashes.is_empty() {
+            return Vec::new();
+        }
+        let mut pages: Vec<(VirtAddr, PoolSlot)> = self
+            .hashes
+            .slots()
+            .filter_map(|s| self.pool.owner(s).map(|va| (va, s)))
+            .collect();
+        pages.sort_unstable_by_key(|p| p.0);
+        let mut changed = Vec::new();
+        let mut addrs = Vec::with_capacity(HASH_BATCH);
+        // Small batches: the pages read are hashed while still in cache.
+        for batch in pages.chunks(HASH_BATCH) {
+            addrs.clear();
+            addrs.extend(batch.iter().map(|p| p.0));
+            let buf = &mut self.staging[..batch.len() * PAGE];
+            // Fault-proof: a file page past a truncation reads as failed.
+            cx.host.read_pages(&addrs, buf, &mut self.ok);
+            for (k, (va, slot)) in batch.iter().enumerate() {
+                let now = self.ok[k].then(|| page_hash(&buf[k * PAGE..(k + 1) * PAGE]));
+                // Unreadable now (gone, or no longer readable): its event
+                // is on its way; dropping the copy is conservative.
+                if now.is_none() || now != self.hashes.get(*slot) {
+                    changed.push(*va);
+                }
+            }
+        }
+        Counters::add(&cx.counters.foreign_checked_pages, pages.len() as u64);
+        Counters::add(&cx.counters.foreign_changed_pages, changed.len() as u64);
+        changed
+    }
+
     fn has_refused(&self) -> bool {
         !self.refused.is_empty()
     }
@@ -715,6 +831,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         for (va, pte) in removed {
             self.refused.remove(va);
             self.twins.remove(pte.slot());
+            self.hashes.forget(pte.slot());
             if !self.pinned.contains(&pte.slot()) {
                 self.quarantine.insert(pte.slot());
             }
@@ -784,6 +901,8 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 zap(cx, self, VaRange::from_start_len(*va, PAGE_SIZE)?, true)?;
             }
             let s = self.pool.alloc(*va).ok_or_else(|| self.exhausted(1))?;
+            // Pinning follows nothing, foreign writers included.
+            self.hashes.forget(s);
             self.pinned.insert(s);
             slots.push(s);
         }

@@ -155,6 +155,16 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError>;
 
+    /// The start-of-launch check for writers write tracking cannot see
+    /// (`mirror::foreign`): the device-resident pages, sorted, whose CPU
+    /// page no longer matches the device's copy. The caller invalidates
+    /// them as CPU writes. Default: none (a residency whose device reads
+    /// the CPU's own pages holds no copy to go stale).
+    fn foreign_changed(&mut self, cx: &mut Cx<'_, B, H>) -> Vec<VirtAddr> {
+        let _ = cx;
+        Vec::new()
+    }
+
     /// The pages in `r` whose write-back was refused and not yet retried
     /// successfully, sorted: their entries must stay (a `zap` keeps them),
     /// since they hold the only copy of device writes.
@@ -243,6 +253,7 @@ pub(crate) fn choose<B: Backend, H: HostSide>(
         None => Ok(Box::new(copy::CopyPool::new(
             cfg.pool_slots,
             backend.info().max_pool_slots,
+            cfg.foreign_writers,
         )?)),
     }
 }
