@@ -1378,11 +1378,17 @@ fn main() -> ExitCode {
         (None, None) => Some(10),
         (d, _) => d,
     };
-    println!(
-        "hmm-fuzz: seed {seed} (replay: --seed {seed} --backend {}{})",
+    let flags = format!(
+        "--backend {}{}{}",
         o.backend,
-        if o.zero_copy { " --zero-copy" } else { "" }
+        if o.zero_copy { " --zero-copy" } else { "" },
+        if o.avoid_heap_trim_deadlock {
+            " --avoid-heap-trim-deadlock"
+        } else {
+            ""
+        }
     );
+    println!("hmm-fuzz: seed {seed} (replay: --seed {seed} {flags})");
     install_signal_handlers();
     if o.avoid_heap_trim_deadlock {
         // SAFETY: mallopt before any other thread exists; it only sets a
@@ -1549,11 +1555,9 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             println!(
-                "hmm-fuzz: FAIL: {e}\nhmm-fuzz: seed {seed}, case {} (replay: --seed {seed} --cases {} --backend {}{} --verbose)",
+                "hmm-fuzz: FAIL: {e}\nhmm-fuzz: seed {seed}, case {} (replay: --seed {seed} --cases {} {flags} --verbose)",
                 f.c.cases - 1,
                 f.c.cases,
-                o.backend,
-                if o.zero_copy { " --zero-copy" } else { "" }
             );
             ExitCode::FAILURE
         }
