@@ -35,6 +35,10 @@ pub struct Cli {
     /// No progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long, global = true)]
     pub no_progress: bool,
+    /// Show the library's diagnostics (`tracing` events at warn and
+    /// above; `-vv`: everything) on stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// Subcommands.

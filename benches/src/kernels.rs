@@ -39,7 +39,7 @@
 //! that read `y` before writing it would also fault once more per page.
 
 use hmm_core::mirror::backend::{Backend, BackendError};
-use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+use hmm_driver_cpu::{CpuDevice, CpuKernel, Lane, LaneFault};
 use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};
 use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
 
@@ -68,7 +68,7 @@ fn span(i: u32, n: u64, w: u64) -> (u64, u64) {
 }
 
 /// Loads `out.len()` words at `va` through the lane.
-fn load_words(lane: &mut Lane<'_>, va: u64, out: &mut [u32]) -> Result<(), DeviceFault> {
+fn load_words(lane: &mut Lane<'_>, va: u64, out: &mut [u32]) -> Result<(), LaneFault> {
     let mut bytes = [0u8; LANE_CHUNK * 4];
     let b = &mut bytes[..out.len() * 4];
     lane.load_bytes(va, b)?;

@@ -36,6 +36,19 @@ use cli::{Cli, Cmd, Plan};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.verbose > 0 {
+        // The library prints nothing itself: its diagnostics are `tracing`
+        // events, shown here on request.
+        let level = if cli.verbose > 1 {
+            tracing_subscriber::filter::LevelFilter::TRACE
+        } else {
+            tracing_subscriber::filter::LevelFilter::WARN
+        };
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Info => {
             info();

@@ -52,6 +52,7 @@ pub mod heap;
 mod mirroring;
 mod selftests;
 mod support;
+mod thp;
 mod zero_copy;
 
 pub use bad_inputs::{
@@ -78,6 +79,7 @@ pub use selftests::{
     mixedmap, open_close, snapshot,
 };
 pub use support::{events_available, TestMap};
+pub use thp::{hash_tracking_keeps_huge_pages, huge_pages_the_device_never_touched_stay_huge};
 pub use zero_copy::{
     zero_copy_one_launch_fills_every_window, zero_copy_pin_is_unsupported,
     zero_copy_shares_the_cpu_pages, zero_copy_unmaps_beside_a_launch, zero_copy_window_eviction,
@@ -159,7 +161,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@optional $make;
             foreign_shared_anon_child_write, foreign_shared_file_pwrite,
             foreign_memfd_pwrite, foreign_private_file_pwrite,
-            foreign_device_writes_are_not_foreign, foreign_trust_checks_nothing);
+            foreign_device_writes_are_not_foreign, foreign_trust_checks_nothing,
+            huge_pages_the_device_never_touched_stay_huge, hash_tracking_keeps_huge_pages);
     };
     // The scenarios both flavours share beyond the one-device list: those
     // on two devices, and the reused-backend check.

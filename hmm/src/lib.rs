@@ -49,12 +49,12 @@ use hmm_core::mirror::format::{PoolSlot, Pte};
 pub use hmm_core::cpu::host::HostSpace;
 pub use hmm_core::mirror::backend::BackendError;
 pub use hmm_core::mirror::{
-    AccessError, Advice, ForeignWriters, LaunchReport, Mirror, MirrorConfig, MirrorError,
-    MirrorStats,
+    AccessError, Advice, CpuWrites, ForeignWriters, LaunchReport, Mirror, MirrorConfig,
+    MirrorError, MirrorStats,
 };
 pub use hmm_core::notifier::EventKind;
 pub use hmm_core::{VaRange, VirtAddr};
-pub use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, Lane};
+pub use hmm_driver_cpu::{CpuDevice, CpuKernel, Lane, LaneFault};
 #[cfg(feature = "vulkan")]
 pub use hmm_driver_vulkan::{VulkanDevice, VulkanKernel};
 #[cfg(feature = "wgpu")]
@@ -342,7 +342,7 @@ fn open_vulkan() -> Result<(Device, String), OpenError> {
 }
 
 /// The function the cpu driver runs per invocation.
-pub type CpuKernelFn = fn(&mut Lane<'_>, u32) -> Result<(), DeviceFault>;
+pub type CpuKernelFn = fn(&mut Lane<'_>, u32) -> Result<(), LaneFault>;
 
 /// One kernel for every driver: WGSL against the shader library
 /// (`hmm_shaders`) for GPU drivers, the same steps in Rust for the cpu

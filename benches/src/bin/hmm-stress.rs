@@ -56,6 +56,12 @@
 //! injection: no stale read, no other error, nothing left at the end. A
 //! run that injected nothing fails.
 //!
+//! # `--hash-writes`
+//!
+//! Copy mode with `CpuWrites::Hash`: nothing is write-protected, and CPU
+//! writes are found by re-hashing every device-resident page at each
+//! sync point. The invariant is unchanged.
+//!
 //! # `--zero-copy`
 //!
 //! # `--shared`
@@ -143,6 +149,11 @@ struct Opts {
     /// module docs).
     #[arg(long)]
     shared: bool,
+    /// Copy mode learns of CPU writes by hashing every resident page at
+    /// sync points (`CpuWrites::Hash`, the THP-preserving opt-out) instead
+    /// of write-protecting them.
+    #[arg(long)]
+    hash_writes: bool,
 }
 
 fn main() -> ExitCode {
@@ -625,6 +636,11 @@ fn stress_injected<B: TestKernels>(
     let cfg = MirrorConfig {
         pool_slots: o.pool,
         table_pages: 256,
+        cpu_writes: if o.hash_writes {
+            hmm_core::mirror::CpuWrites::Hash
+        } else {
+            hmm_core::mirror::CpuWrites::Protect
+        },
         ..MirrorConfig::default()
     };
     let m = Mirror::new(Arc::clone(&host), make()?, cfg).map_err(|e| e.to_string())?;

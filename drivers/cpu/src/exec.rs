@@ -17,12 +17,12 @@ use hmm_core::mirror::backend::{
     FAULT_MISALIGNED, FAULT_WRITE,
 };
 
-use crate::lane::{DeviceFault, FaultKind, Lane};
+use crate::lane::{FaultKind, Lane, LaneFault};
 use crate::memory::Memory;
 
 /// The closure type of a kernel: called once per invocation with the
 /// lane and the invocation index.
-pub type KernelFn = dyn Fn(&mut Lane<'_>, u32) -> Result<(), DeviceFault> + Send + Sync;
+pub type KernelFn = dyn Fn(&mut Lane<'_>, u32) -> Result<(), LaneFault> + Send + Sync;
 
 /// A kernel for [`crate::CpuDevice`]: a shared Rust closure.
 ///
@@ -36,7 +36,7 @@ impl CpuKernel {
     /// Wraps a closure as a kernel.
     pub fn new<F>(f: F) -> Self
     where
-        F: Fn(&mut Lane<'_>, u32) -> Result<(), DeviceFault> + Send + Sync + 'static,
+        F: Fn(&mut Lane<'_>, u32) -> Result<(), LaneFault> + Send + Sync + 'static,
     {
         CpuKernel(Arc::new(f))
     }
@@ -111,7 +111,7 @@ impl Ids {
 /// Why an invocation ended the launch.
 enum Failure {
     Panic(String),
-    Fault(DeviceFault),
+    Fault(LaneFault),
 }
 
 /// What a chunk (and, merged, the job) produced, in memory bounded by the
@@ -124,7 +124,7 @@ struct Results {
     /// ascending; at most a chunk's length).
     faulted: Vec<u32>,
     /// Fault records, ascending by id, at most `cap`.
-    faults: Vec<(u32, DeviceFault)>,
+    faults: Vec<(u32, LaneFault)>,
     cap: usize,
     /// The lowest-numbered failure and how many there were.
     failure: Option<(u32, Failure)>,
@@ -144,7 +144,7 @@ impl Results {
         }
     }
 
-    fn fault(&mut self, inv: u32, f: DeviceFault) {
+    fn fault(&mut self, inv: u32, f: LaneFault) {
         self.faulted.push(inv);
         if self.faults.len() < self.cap {
             self.faults.push((inv, f));

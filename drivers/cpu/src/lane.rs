@@ -36,10 +36,14 @@ pub enum FaultKind {
     BadEntry,
 }
 
-/// A device access that could not complete. Kernels propagate it with `?`;
-/// the invocation stops there.
+/// One lane's device access that could not complete. Kernels propagate it
+/// with `?`; the invocation stops there, and the driver turns it into a
+/// fault record the core services (a page fault) or reports. Not to be
+/// confused with — and named apart from — `MirrorError::DeviceFault`, the
+/// typed error a whole launch ends with when a fault cannot be serviced
+/// (issue #19: both used to be called `DeviceFault`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct DeviceFault {
+pub struct LaneFault {
     /// The faulting CPU virtual address (for an access spanning pages, the
     /// first byte of the access on the faulting page).
     pub addr: u64,
@@ -51,7 +55,7 @@ pub struct DeviceFault {
     pub kind: FaultKind,
 }
 
-impl DeviceFault {
+impl LaneFault {
     /// Whether this is a page fault the core can service and replay
     /// ([`FaultKind::NotPresent`] or [`FaultKind::ReadOnly`]).
     pub fn is_page_fault(&self) -> bool {
@@ -59,7 +63,7 @@ impl DeviceFault {
     }
 }
 
-impl fmt::Display for DeviceFault {
+impl fmt::Display for LaneFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match (self.atomic, self.write) {
             (true, _) => "atomic",
@@ -76,7 +80,7 @@ impl fmt::Display for DeviceFault {
     }
 }
 
-impl std::error::Error for DeviceFault {}
+impl std::error::Error for LaneFault {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -86,8 +90,8 @@ enum Access {
 }
 
 impl Access {
-    fn fault(self, addr: u64, kind: FaultKind) -> DeviceFault {
-        DeviceFault {
+    fn fault(self, addr: u64, kind: FaultKind) -> LaneFault {
+        LaneFault {
             addr,
             write: self != Access::Read,
             atomic: self == Access::Atomic,
@@ -250,11 +254,11 @@ impl<'a> Lane<'a> {
     /// each written page's leaf (after the data, so a host that clears
     /// `DIRTY` concurrently either sees it in the old value or finds it set
     /// again).
-    pub(crate) fn commit(&mut self) -> Result<(), DeviceFault> {
+    pub(crate) fn commit(&mut self) -> Result<(), LaneFault> {
         if self.buf.pages.is_empty() {
             return Ok(());
         }
-        let mut fault: Option<DeviceFault> = None;
+        let mut fault: Option<LaneFault> = None;
         for p in self.buf.pages.values() {
             // Acquire: pairs with the Release stores of `write_ptes`, so a mapped slot's copied-in data is visible.
             let pte = self.mem.tables[p.leaf].load(Acquire);
@@ -314,7 +318,7 @@ impl<'a> Lane<'a> {
     /// Translates `va`; returns the first pool word of its slot and the
     /// global index of its leaf entry.
     #[inline]
-    fn translate(&mut self, va: u64, access: Access) -> Result<(usize, usize), DeviceFault> {
+    fn translate(&mut self, va: u64, access: Access) -> Result<(usize, usize), LaneFault> {
         let vpn = va >> INDEX_SHIFT;
         let t = self.tlb[vpn as usize % TLB_ENTRIES];
         if t.tag == vpn.wrapping_add(1) {
@@ -328,7 +332,7 @@ impl<'a> Lane<'a> {
     }
 
     /// Walks the table from the root.
-    fn walk(&mut self, va: u64, access: Access) -> Result<(usize, usize), DeviceFault> {
+    fn walk(&mut self, va: u64, access: Access) -> Result<(usize, usize), LaneFault> {
         if va >> VA_BITS != 0 {
             return Err(access.fault(va, FaultKind::NotPresent));
         }
@@ -372,7 +376,7 @@ impl<'a> Lane<'a> {
         leaf: usize,
         slot: u32,
         access: Access,
-    ) -> Result<(usize, usize), DeviceFault> {
+    ) -> Result<(usize, usize), LaneFault> {
         if access != Access::Read && pte & WRITABLE == 0 {
             return Err(access.fault(va, FaultKind::ReadOnly));
         }
@@ -395,7 +399,7 @@ impl<'a> Lane<'a> {
     }
 
     /// Reads `out.len()` bytes at `va` (any alignment, may cross pages).
-    pub fn load_bytes(&mut self, va: u64, out: &mut [u8]) -> Result<(), DeviceFault> {
+    pub fn load_bytes(&mut self, va: u64, out: &mut [u8]) -> Result<(), LaneFault> {
         let mut done = 0usize;
         while done < out.len() {
             let a = va
@@ -424,7 +428,7 @@ impl<'a> Lane<'a> {
     /// buffered for it; a fault on a later page leaves earlier pages
     /// buffered, which does not matter since the invocation stops and its
     /// buffer is discarded.
-    pub fn store_bytes(&mut self, va: u64, data: &[u8]) -> Result<(), DeviceFault> {
+    pub fn store_bytes(&mut self, va: u64, data: &[u8]) -> Result<(), LaneFault> {
         let mut done = 0usize;
         while done < data.len() {
             let a = va
@@ -455,7 +459,7 @@ impl<'a> Lane<'a> {
     }
 
     /// Loads a byte.
-    pub fn load_u8(&mut self, va: u64) -> Result<u8, DeviceFault> {
+    pub fn load_u8(&mut self, va: u64) -> Result<u8, LaneFault> {
         let mut b = [0u8; 1];
         self.load_bytes(va, &mut b)?;
         Ok(b[0])
@@ -466,7 +470,7 @@ impl<'a> Lane<'a> {
     /// the GPU drivers. Byte access at any alignment:
     /// [`Lane::load_bytes`].
     #[inline]
-    pub fn load_u32(&mut self, va: u64) -> Result<u32, DeviceFault> {
+    pub fn load_u32(&mut self, va: u64) -> Result<u32, LaneFault> {
         if !va.is_multiple_of(4) {
             return Err(Access::Read.fault(va, FaultKind::Misaligned));
         }
@@ -478,7 +482,7 @@ impl<'a> Lane<'a> {
     /// access). `va` must be 8-byte aligned ([`FaultKind::Misaligned`]
     /// otherwise).
     #[inline]
-    pub fn load_u64(&mut self, va: u64) -> Result<u64, DeviceFault> {
+    pub fn load_u64(&mut self, va: u64) -> Result<u64, LaneFault> {
         if !va.is_multiple_of(8) {
             return Err(Access::Read.fault(va, FaultKind::Misaligned));
         }
@@ -490,17 +494,17 @@ impl<'a> Lane<'a> {
     }
 
     /// Loads an `f32`.
-    pub fn load_f32(&mut self, va: u64) -> Result<f32, DeviceFault> {
+    pub fn load_f32(&mut self, va: u64) -> Result<f32, LaneFault> {
         self.load_u32(va).map(f32::from_bits)
     }
 
     /// Loads an `f64`.
-    pub fn load_f64(&mut self, va: u64) -> Result<f64, DeviceFault> {
+    pub fn load_f64(&mut self, va: u64) -> Result<f64, LaneFault> {
         self.load_u64(va).map(f64::from_bits)
     }
 
     /// Buffers a byte store.
-    pub fn store_u8(&mut self, va: u64, v: u8) -> Result<(), DeviceFault> {
+    pub fn store_u8(&mut self, va: u64, v: u8) -> Result<(), LaneFault> {
         self.store_bytes(va, &[v])
     }
 
@@ -508,7 +512,7 @@ impl<'a> Lane<'a> {
     /// ([`FaultKind::Misaligned`] otherwise; [`Lane::store_bytes`] for any
     /// alignment).
     #[inline]
-    pub fn store_u32(&mut self, va: u64, v: u32) -> Result<(), DeviceFault> {
+    pub fn store_u32(&mut self, va: u64, v: u32) -> Result<(), LaneFault> {
         if !va.is_multiple_of(4) {
             return Err(Access::Write.fault(va, FaultKind::Misaligned));
         }
@@ -520,7 +524,7 @@ impl<'a> Lane<'a> {
 
     /// Buffers a little-endian `u64` store. `va` must be 8-byte aligned
     /// ([`FaultKind::Misaligned`] otherwise).
-    pub fn store_u64(&mut self, va: u64, v: u64) -> Result<(), DeviceFault> {
+    pub fn store_u64(&mut self, va: u64, v: u64) -> Result<(), LaneFault> {
         if !va.is_multiple_of(8) {
             return Err(Access::Write.fault(va, FaultKind::Misaligned));
         }
@@ -528,18 +532,18 @@ impl<'a> Lane<'a> {
     }
 
     /// Buffers an `f32` store.
-    pub fn store_f32(&mut self, va: u64, v: f32) -> Result<(), DeviceFault> {
+    pub fn store_f32(&mut self, va: u64, v: f32) -> Result<(), LaneFault> {
         self.store_u32(va, v.to_bits())
     }
 
     /// Buffers an `f64` store.
-    pub fn store_f64(&mut self, va: u64, v: f64) -> Result<(), DeviceFault> {
+    pub fn store_f64(&mut self, va: u64, v: f64) -> Result<(), LaneFault> {
         self.store_u64(va, v.to_bits())
     }
 
     /// Runs `op` on the word at `va` at once (not buffered), then sets
     /// `ACCESSED | DIRTY` on the leaf.
-    fn rmw(&mut self, va: u64, op: impl FnOnce(&AtomicU32) -> u32) -> Result<u32, DeviceFault> {
+    fn rmw(&mut self, va: u64, op: impl FnOnce(&AtomicU32) -> u32) -> Result<u32, LaneFault> {
         if !va.is_multiple_of(4) {
             return Err(Access::Atomic.fault(va, FaultKind::Misaligned));
         }
@@ -553,49 +557,49 @@ impl<'a> Lane<'a> {
     /// Atomic wrapping add; returns the previous value. `va` must be 4-byte
     /// aligned ([`FaultKind::Misaligned`] otherwise). Applies immediately,
     /// even if the invocation faults later.
-    pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_add(v, AcqRel))
     }
 
     /// Atomic wrapping subtract; returns the previous value.
-    pub fn atomic_sub_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_sub_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_sub(v, AcqRel))
     }
 
     /// Atomic bitwise AND; returns the previous value.
-    pub fn atomic_and_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_and_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_and(v, AcqRel))
     }
 
     /// Atomic bitwise OR; returns the previous value.
-    pub fn atomic_or_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_or_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_or(v, AcqRel))
     }
 
     /// Atomic bitwise XOR; returns the previous value.
-    pub fn atomic_xor_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_xor_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_xor(v, AcqRel))
     }
 
     /// Atomic unsigned minimum; returns the previous value.
-    pub fn atomic_min_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_min_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_min(v, AcqRel))
     }
 
     /// Atomic unsigned maximum; returns the previous value.
-    pub fn atomic_max_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_max_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.fetch_max(v, AcqRel))
     }
 
     /// Atomic exchange; returns the previous value.
-    pub fn atomic_exchange_u32(&mut self, va: u64, v: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_exchange_u32(&mut self, va: u64, v: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| w.swap(v, AcqRel))
     }
 
     /// Atomic compare-and-swap: stores `new` if the word equals `current`.
     /// Returns the previous value (the swap happened iff it equals
     /// `current`). Counts as a write (`DIRTY`) either way, as in WGSL.
-    pub fn atomic_cas_u32(&mut self, va: u64, current: u32, new: u32) -> Result<u32, DeviceFault> {
+    pub fn atomic_cas_u32(&mut self, va: u64, current: u32, new: u32) -> Result<u32, LaneFault> {
         self.rmw(va, |w| {
             match w.compare_exchange(current, new, AcqRel, Acquire) {
                 Ok(v) | Err(v) => v,
@@ -720,7 +724,7 @@ mod tests {
         m.tables[level_index(0x0080_0000_0000, 4)].store(Pte::table(TablePage(77)).0, Relaxed);
         let mut lane = Lane::new(&m, &[]);
         lane.begin(0);
-        let kind = |r: Result<u32, DeviceFault>| r.expect_err("fault").kind;
+        let kind = |r: Result<u32, LaneFault>| r.expect_err("fault").kind;
         assert_eq!(kind(lane.load_u32(VA + 2 * 4096)), FaultKind::BadEntry);
         assert_eq!(kind(lane.load_u32(0x0080_0000_0000)), FaultKind::BadEntry);
         assert_eq!(kind(lane.load_u32(VA + 3 * 4096)), FaultKind::NotPresent);

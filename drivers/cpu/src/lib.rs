@@ -70,8 +70,8 @@
 //!
 //! ## Faults, replay, and the contract for kernel authors
 //!
-//! A kernel returns `Err(DeviceFault)` by propagating a lane access with
-//! `?`; the invocation stops. Page faults ([`DeviceFault::is_page_fault`])
+//! A kernel returns `Err(LaneFault)` by propagating a lane access with
+//! `?`; the invocation stops. Page faults ([`LaneFault::is_page_fault`])
 //! are listed in `LaunchOutcome::incomplete` (ascending) with one
 //! `RawFaultRecord` each (`FAULT_WRITE` for stores and atomics,
 //! `FAULT_ATOMIC` for atomics). The core maps the pages and launches again
@@ -188,4 +188,4 @@ pub use device::{host_pool_slots, CpuDevice, MAX_POOL_SLOTS, WINDOW_PAGES, ZERO_
 pub use exec::{CpuKernel, FaultMangler, KernelFn};
 #[cfg(feature = "fault-injection")]
 pub use faults::{Applied, Call, DeviceLeaf, FaultInjector};
-pub use lane::{DeviceFault, FaultKind, Lane};
+pub use lane::{FaultKind, Lane, LaneFault};

@@ -13,7 +13,7 @@ use hmm_core::mirror::backend::{
     LaunchOutcome, PteLoc, PteWrite, SubmissionId, FAULT_ATOMIC, FAULT_MISALIGNED, FAULT_WRITE,
 };
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage, ACCESSED, DIRTY};
-use hmm_driver_cpu::{CpuDevice, CpuKernel, DeviceFault, FaultKind, Lane};
+use hmm_driver_cpu::{CpuDevice, CpuKernel, FaultKind, Lane, LaneFault};
 
 const VA: u64 = 0x1000_0000;
 const PAGE: usize = 4096;
@@ -635,7 +635,7 @@ fn clearing_dirty_while_kernels_write_never_loses_it() {
 }
 
 /// The kernel signature is usable with named helper functions too.
-fn helper_kernel(lane: &mut Lane<'_>, i: u32) -> Result<(), DeviceFault> {
+fn helper_kernel(lane: &mut Lane<'_>, i: u32) -> Result<(), LaneFault> {
     let v = lane.load_f64(VA + 8 * u64::from(i))?;
     lane.store_f64(VA + 8 * u64::from(i), v * 2.0)?;
     let f = lane.load_f32(VA + 2048)?;
@@ -668,7 +668,7 @@ fn float_accessors_and_fn_items() {
         let f = f32::from_le_bytes(back[off..off + 4].try_into().expect("4 bytes"));
         assert_eq!(f, 2.5);
     }
-    let e = DeviceFault {
+    let e = LaneFault {
         addr: 0x1234,
         write: true,
         atomic: false,

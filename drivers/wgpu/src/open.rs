@@ -38,9 +38,13 @@ impl WgpuDevice {
 
     /// Opens an adapter chosen by `opts`.
     pub fn open_with(opts: &OpenOptions) -> Result<WgpuDevice, OpenError> {
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-        desc.backends = wgpu::Backends::VULKAN;
-        let instance = wgpu::Instance::new(desc);
+        let instance = compute_instance().unwrap_or_else(|_| {
+            // No loader we can open ourselves: wgpu's own instance (it
+            // reports the missing adapter the usual way).
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+            desc.backends = wgpu::Backends::VULKAN;
+            wgpu::Instance::new(desc)
+        });
         let want = opts
             .adapter_name
             .clone()
@@ -73,6 +77,73 @@ impl WgpuDevice {
         let shared = Shared::attach(&device);
         Ok(WgpuDevice::new(device, queue, named, limits, shared))
     }
+}
+
+/// A wgpu instance for compute only. `wgpu::Instance::new` enables every
+/// window-system surface extension the loader offers (xlib, xcb, wayland,
+/// …) whether or not anything will be presented, and Mesa's device-select
+/// layer reacts to the Wayland one by connecting to a display — on a root
+/// shell without `XDG_RUNTIME_DIR` libwayland then prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` for
+/// every instance, which a newcomer reads as a failure (issue #18). This
+/// instance is created here with no surface extension (only
+/// `VK_KHR_get_physical_device_properties2`, which wgpu-hal uses when
+/// offered) and handed to wgpu through its HAL. A library cannot set the
+/// variable instead: `set_var` in a multithreaded process is undefined
+/// behaviour.
+fn compute_instance() -> Result<wgpu::Instance, String> {
+    use ash::vk;
+    use wgpu::hal::{api::Vulkan, vulkan};
+    // SAFETY: loads the system's Vulkan loader library; its initialisation
+    // has no preconditions we could violate, and `entry` keeps it loaded
+    // for as long as the instance (which owns `entry`) lives.
+    let entry = unsafe { ash::Entry::load() }.map_err(|e| e.to_string())?;
+    // SAFETY: a global query; no preconditions.
+    let version = unsafe { entry.try_enumerate_instance_version() }
+        .ok()
+        .flatten()
+        .unwrap_or(vk::API_VERSION_1_0);
+    let api = version.min(vk::API_VERSION_1_3);
+    // SAFETY: a global query; no preconditions.
+    let available = unsafe { entry.enumerate_instance_extension_properties(None) }
+        .map_err(|e| e.to_string())?;
+    let p2 = ash::khr::get_physical_device_properties2::NAME;
+    let extensions: Vec<&'static std::ffi::CStr> = available
+        .iter()
+        .any(|e| e.extension_name_as_c_str() == Ok(p2))
+        .then_some(p2)
+        .into_iter()
+        .collect();
+    let names: Vec<*const std::ffi::c_char> = extensions.iter().map(|e| e.as_ptr()).collect();
+    let app = vk::ApplicationInfo::default()
+        .application_name(c"hmm-rs")
+        .api_version(api);
+    let info = vk::InstanceCreateInfo::default()
+        .application_info(&app)
+        .enabled_extension_names(&names);
+    // SAFETY: `info` and everything it points to (`app`, `names`, the
+    // static extension names) outlive the call; no allocator callbacks.
+    let raw = unsafe { entry.create_instance(&info, None) }.map_err(|e| e.to_string())?;
+    // SAFETY: `raw` was created from `entry` with API version `api` and
+    // exactly `extensions` enabled, as `from_raw` requires; with no drop
+    // callback wgpu-hal owns `raw` and destroys it when the instance goes.
+    let hal = unsafe {
+        vulkan::Instance::from_raw(
+            entry,
+            raw,
+            api,
+            0,
+            None,
+            extensions,
+            wgpu::InstanceFlags::empty(),
+            Default::default(),
+            false,
+            None,
+        )
+    }
+    .map_err(|e| e.to_string())?;
+    // SAFETY: a HAL instance of the Vulkan backend this wgpu is built with.
+    Ok(unsafe { wgpu::Instance::from_hal::<Vulkan>(hal) })
 }
 
 /// A device for tests: `Some` when an adapter opens; otherwise prints a

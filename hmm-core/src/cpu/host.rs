@@ -174,12 +174,16 @@ impl HostSpace {
                 .into_iter()
                 .next()
                 .unwrap_or_else(|| "userfaultfd unavailable".to_owned());
-            eprintln!("hmm-rs: {why}");
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| tracing::warn!(target: "hmm_rs", "{why}; mirrors follow explicit invalidation only"));
             (None, EventSource::ExplicitOnly(why))
         };
         let tracker = monitor.as_ref().map(EventMonitor::write_tracker);
         if let Some(TrackMode::Degraded(why)) = tracker.as_ref().map(WriteTracker::mode) {
-            eprintln!("hmm-rs: CPU-write tracking degraded: {why}");
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(
+                || tracing::warn!(target: "hmm_rs", "CPU-write tracking degraded: {why}"),
+            );
         }
         // Fails only on a torn-down space, whose invalidations reach no one.
         let protection = space

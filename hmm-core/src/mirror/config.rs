@@ -25,6 +25,46 @@ pub struct MirrorConfig {
     /// can change are re-checked at every sync point (default
     /// [`ForeignWriters::Check`]).
     pub foreign_writers: ForeignWriters,
+    /// How copy mode learns of this process's own CPU writes to mirrored
+    /// memory (default [`CpuWrites::Protect`]).
+    pub cpu_writes: CpuWrites,
+}
+
+/// How copy mode learns that the CPU wrote a page the device holds a copy
+/// of ([`MirrorConfig::cpu_writes`]). Zero-copy devices read the CPU's own
+/// pages and ignore this.
+///
+/// **The trade-off is transparent huge pages.** Write tracking
+/// write-protects (`UFFD_FEATURE_WP_ASYNC`) the pages the device holds;
+/// the kernel splits an armed 2 MiB huge page at the CPU's first write to
+/// it (and `MADV_COLLAPSE` refuses write-protected pages), so a
+/// THP-backed buffer the device mirrored loses its huge pages — and the
+/// CPU its TLB reach over them — for the rest of the run. Huge pages in
+/// 2 MiB blocks the device never faulted on are never armed and stay
+/// huge. The figures (`AnonHugePages` before and after, a dense CPU pass
+/// over split and whole pages, the per-launch cost of hashing) are in the
+/// README, measured by `cargo run --release -p hmm --example thp_cost`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuWrites {
+    /// Write-protect the device's pages and collect the written ones at
+    /// each sync point (`PAGEMAP_SCAN`): the sync point costs a scan of
+    /// the watched ranges, independent of how much is resident. Splits
+    /// the huge pages of 2 MiB blocks the device holds, once the CPU
+    /// writes them.
+    #[default]
+    Protect,
+    /// Arm nothing: keep a 64-bit hash (xxh3) of every page copied to the
+    /// device and re-hash the CPU pages of all of them at each sync point;
+    /// pages whose hash changed are dropped, exactly as written pages are
+    /// under [`CpuWrites::Protect`] (the same check
+    /// [`ForeignWriters::Check`] runs for shared mappings, applied to every
+    /// page). Huge pages stay huge. Cost: one read and hash of every
+    /// device-resident page per launch — about 220 ms per GiB resident on
+    /// a 2-core VM (README), where `Protect` costs a page-table scan.
+    /// Worth it for THP-backed buffers the CPU works on densely between
+    /// launches, with little of them resident on the device; kernel
+    /// events (unmap, remap, remove) are still followed.
+    Hash,
 }
 
 /// Writers the mirror's write tracking cannot see, and what to do about
@@ -82,6 +122,7 @@ impl Default for MirrorConfig {
             max_replays: 1000,
             retry_timeout: Duration::from_secs(1),
             foreign_writers: ForeignWriters::Check,
+            cpu_writes: CpuWrites::Protect,
         }
     }
 }

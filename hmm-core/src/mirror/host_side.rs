@@ -27,6 +27,11 @@ pub enum WriteTracking {
     Tracked,
     /// Kernel events only (the device reads the CPU's own pages).
     Untracked,
+    /// Kernel events only, but the device holds copies: CPU writes are
+    /// found by hashing at sync points
+    /// ([`CpuWrites::Hash`](super::CpuWrites::Hash)) and reach the
+    /// mirror as `CpuWrite` invalidations, which drop those copies.
+    Hashed,
 }
 
 /// The CPU side of a mirror: notifier registry, mappings, page snapshots,
@@ -141,14 +146,14 @@ impl HostSide for HostSpace {
     fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
         match writes {
             WriteTracking::Tracked => HostSpace::watch(self, range),
-            WriteTracking::Untracked => self.watch_untracked(range),
+            WriteTracking::Untracked | WriteTracking::Hashed => self.watch_untracked(range),
         }
     }
 
     fn unwatch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {
         match writes {
             WriteTracking::Tracked => HostSpace::unwatch(self, range),
-            WriteTracking::Untracked => self.unwatch_untracked(range),
+            WriteTracking::Untracked | WriteTracking::Hashed => self.unwatch_untracked(range),
         }
     }
 

@@ -189,7 +189,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
             Counters::add(&inner.counters.unwatched_regions, 1);
             static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| eprintln!("hmm-rs: cannot watch {range:?} for kernel events ({e}); such regions follow explicit invalidation only"));
+            SAID.call_once(|| {
+                tracing::warn!(
+                    target: "hmm_rs",
+                    "cannot watch {range:?} for kernel events ({e}); such regions follow explicit invalidation only (counted in MirrorStats::unwatched_regions)"
+                )
+            });
         }
         Ok((range, sref))
     }

@@ -45,7 +45,7 @@ use crate::cpu::range_fault::PageState;
 use crate::mirror::backend::{
     Backend, BackendError, DeviceToHost, HostToDevice, InvocationSet, PteLoc, PteWrite,
 };
-use crate::mirror::config::{ForeignWriters, MirrorConfig};
+use crate::mirror::config::{CpuWrites, ForeignWriters, MirrorConfig};
 use crate::mirror::error::{AccessError, MirrorError};
 use crate::mirror::faults::PageFault;
 use crate::mirror::foreign::{page_hash, PageHashes};
@@ -101,12 +101,21 @@ pub(crate) struct CopyPool {
     /// Hashes of the slots that back pages of mappings other writers can
     /// change (`mirror::foreign`).
     hashes: PageHashes,
+    /// [`CpuWrites::Hash`]: every copied page is hashed and nothing is
+    /// write-protected.
+    hash_all: bool,
 }
 
 impl CopyPool {
     /// A pool of `slots`, checked against the device's `max` (also
     /// reserving address space for the twins).
-    pub fn new(slots: u32, max: u32, foreign: ForeignWriters) -> Result<Self, MirrorError> {
+    pub fn new(
+        slots: u32,
+        max: u32,
+        foreign: ForeignWriters,
+        cpu_writes: CpuWrites,
+    ) -> Result<Self, MirrorError> {
+        let hash_all = cpu_writes == CpuWrites::Hash;
         if slots > max {
             return Err(MirrorError::Config(format!(
                 "pool of {slots} slots exceeds the device's {max}"
@@ -125,7 +134,8 @@ impl CopyPool {
             focus: BTreeMap::new(),
             focus_pages: HashSet::new(),
             refused: BTreeSet::new(),
-            hashes: PageHashes::new(foreign == ForeignWriters::Check),
+            hashes: PageHashes::new(foreign == ForeignWriters::Check || hash_all),
+            hash_all,
         })
     }
 
@@ -404,7 +414,9 @@ impl CopyPool {
             .filter(|&i| matches!(fate[i], Fate::Written | Fate::Gone))
             .collect();
         let check: Vec<VirtAddr> = touched.iter().map(|&i| dirty[i].0).collect();
-        let _ = cx.host.rearm(&check);
+        if !self.hash_all {
+            let _ = cx.host.rearm(&check);
+        }
         let mut vok = Vec::new();
         cx.host.read_pages(&check, &mut self.verify, &mut vok);
         let is_stale: Vec<bool> = touched
@@ -462,7 +474,11 @@ fn lost<B: Backend, H: HostSide>(
 
 impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
     fn writes(&self) -> WriteTracking {
-        WriteTracking::Tracked
+        if self.hash_all {
+            WriteTracking::Hashed
+        } else {
+            WriteTracking::Tracked
+        }
     }
 
     fn read_faults_map_writable(&self) -> bool {
@@ -623,13 +639,15 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         // point drops its device copy, which is merely conservative. So only
         // write faults re-arm.
         let addrs: Vec<VirtAddr> = todo.iter().map(|t| t.0).collect();
-        if req.write {
+        if req.write && !self.hash_all {
             let _ = cx.host.rearm(&addrs);
         }
         // Which pages other writers can change (their copies get a hash):
         // one mapping lookup per mapping the batch spans. A failed lookup
         // counts as such a page (checking costs time, not correctness).
-        let checked: Vec<bool> = if self.hashes.enabled() {
+        let checked: Vec<bool> = if self.hash_all {
+            vec![true; addrs.len()]
+        } else if self.hashes.enabled() {
             let mut last: Option<(VaRange, bool)> = None;
             addrs
                 .iter()

@@ -254,6 +254,7 @@ pub(crate) fn choose<B: Backend, H: HostSide>(
             cfg.pool_slots,
             backend.info().max_pool_slots,
             cfg.foreign_writers,
+            cfg.cpu_writes,
         )?)),
     }
 }
