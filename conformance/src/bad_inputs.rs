@@ -380,6 +380,73 @@ pub fn freed_memory_is_an_unmapped_fault<B: TestKernels>(b: B) {
     }
 }
 
+/// A device fault names the address the kernel used — never the start of
+/// its page, which lies below the pointer (found by `hmm-fuzz`: a read
+/// 0x5c4 bytes into freed memory was reported at the page's first byte).
+/// Reading freed memory (`Unmapped`), reading `PROT_NONE` memory
+/// (`NoAccess`) and writing read-only memory (`ReadOnly`), each through a
+/// pointer into the middle of a page: the address is inside the `n * 4`
+/// bytes the kernel was given. The mirror stays usable.
+pub fn device_faults_name_the_kernels_address<B: TestKernels>(b: B) {
+    const OFF: u64 = 0x5c4;
+    const N: usize = 16;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let (h, m) = setup(b, small_cfg());
+    let out = TestMap::anon(1, rw);
+    let fill = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
+    let inside = |r: Result<_, MirrorError>, at: u64, write: bool, reason: AccessError| match r {
+        Err(MirrorError::DeviceFault {
+            addr,
+            write: w,
+            reason: got,
+        }) if (w, got) == (write, reason) => assert!(
+            (at..at + 4 * N as u64).contains(&addr.0),
+            "{reason:?} fault at {addr}, outside the kernel's pointer {at:#x} + {}",
+            4 * N
+        ),
+        other => panic!("expected a {reason:?} device fault at {at:#x}, got {other:?}"),
+    };
+
+    let none = TestMap::anon(1, libc::PROT_NONE);
+    inside(
+        device_copy(&m, none.addr() + OFF, &out, N),
+        none.addr() + OFF,
+        false,
+        AccessError::NoAccess,
+    );
+    let ro = TestMap::anon(1, libc::PROT_READ);
+    let at = ro.addr() + OFF;
+    inside(
+        m.launch(&fill, N as u32, [at, 0]),
+        at,
+        true,
+        AccessError::ReadOnly,
+    );
+    let mut freed = TestMap::anon(1, rw);
+    let at = freed.addr() + OFF;
+    freed.unmap();
+    if !events_available(&h) {
+        h.space().invalidate(freed.range(), EventKind::Unmap);
+    }
+    match device_copy(&m, at, &out, N) {
+        // Another thread (tests run in parallel) mapped something there
+        // meanwhile: the device reads what is there now.
+        Ok(_) => assert!(
+            h.lookup(VirtAddr(at)).expect("maps").is_some(),
+            "a launch over freed memory succeeded though nothing is mapped there"
+        ),
+        r => inside(r, at, false, AccessError::Unmapped),
+    }
+    // Still usable.
+    let src = TestMap::anon(1, rw);
+    src.write_word(3, 33);
+    device_copy(&m, src.addr(), &out, WPP).expect("launch");
+    assert_eq!(out.read_word(3), 33);
+}
+
 /// A launch after the mirror is dropped cannot be written: `launch`
 /// borrows the mirror. What can happen instead is a kernel handle
 /// outliving its mirror and backend, then used on a new mirror over

@@ -57,12 +57,12 @@ mod thp;
 mod zero_copy;
 
 pub use bad_inputs::{
-    bad_ranges_are_typed_errors, forked_child_gets_a_typed_error,
-    freed_memory_is_an_unmapped_fault, kernel_outliving_its_mirror,
-    misaligned_accesses_are_typed_faults, oversized_launches_are_typed_errors,
-    prefetch_respects_protection, reused_backend_and_bad_configs_are_refused,
-    two_userfaultfd_owners_of_one_range, unmirrorable_mappings_are_typed,
-    wild_device_pointers_are_typed_faults,
+    bad_ranges_are_typed_errors, device_faults_name_the_kernels_address,
+    forked_child_gets_a_typed_error, freed_memory_is_an_unmapped_fault,
+    kernel_outliving_its_mirror, misaligned_accesses_are_typed_faults,
+    oversized_launches_are_typed_errors, prefetch_respects_protection,
+    reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
+    unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
 };
 pub use foreign::{
     foreign_device_writes_are_not_foreign, foreign_memfd_pwrite, foreign_private_file_pwrite,
@@ -149,6 +149,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
             oversized_launches_are_typed_errors, oversubscribed_load_then_store_2x,
             oversubscribed_load_then_store_4x,
@@ -212,6 +213,7 @@ macro_rules! conformance_tests {
             prefetch_replaces_faults, bad_ranges_are_typed_errors,
             wild_device_pointers_are_typed_faults, prefetch_respects_protection,
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
+            device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
             oversized_launches_are_typed_errors, zero_copy_pin_is_unsupported,
             zero_copy_shares_the_cpu_pages,

@@ -137,6 +137,23 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     released += 1;
                     continue;
                 }
+                // The lookup names the page it was asked about; the error
+                // names the address the kernel used, when it is in that
+                // page (found by hmm-fuzz: a fault on `p = page + 0x5c4`
+                // was reported at `page`, below the kernel's pointer).
+                Err(MirrorError::DeviceFault {
+                    addr,
+                    write,
+                    reason,
+                }) if addr == run.range.start()
+                    && run.first_addr.page_down() == addr.page_down() =>
+                {
+                    return Err(MirrorError::DeviceFault {
+                        addr: run.first_addr,
+                        write,
+                        reason,
+                    })
+                }
                 Err(e) => return Err(e),
             };
             let end = region_range
