@@ -785,84 +785,186 @@ unsafe fn on_lane<T>(
     }
 }
 
-macro_rules! lane_access {
-    ($load:ident, $store:ident, $t:ty, $lm:ident, $sm:ident, $what:literal) => {
-        #[doc = concat!("Loads ", $what, " at CPU address `addr` into `*out`. Returns `HMM_OK`, or")]
-        /// `HMM_DEVICE_FAULT` when the access could not complete (usually a
-        /// page fault the library will service: return nonzero from the
-        /// callback at once), `HMM_INVALID_ARGUMENT` for a `NULL` pointer.
-        ///
-        /// # Safety
-        ///
-        /// `lane` is `NULL` or the handle passed to the running callback;
-        /// `out` is `NULL` or valid for writing.
-        #[no_mangle]
-        pub unsafe extern "C" fn $load(lane: *mut hmm_lane, addr: u64, out: *mut $t) -> hmm_status_code {
-            if out.is_null() {
-                return HMM_INVALID_ARGUMENT;
-            }
-            // SAFETY: the caller's contract on `lane`.
-            match unsafe { on_lane(lane, |l| l.$lm(addr)) } {
-                Ok(v) => {
-                    // SAFETY: non-null and writable (the caller's contract).
-                    unsafe { out.write(v) };
-                    HMM_OK
-                }
-                Err(c) => c,
-            }
+/// A load through the lane into `*out`.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback; `out`
+/// is `NULL` or valid for writing.
+unsafe fn lane_load<T>(
+    lane: *mut hmm_lane,
+    out: *mut T,
+    f: impl FnOnce(&mut Lane<'_>) -> Result<T, LaneFault>,
+) -> hmm_status_code {
+    if out.is_null() {
+        return HMM_INVALID_ARGUMENT;
+    }
+    // SAFETY: the caller's contract on `lane`.
+    match unsafe { on_lane(lane, f) } {
+        Ok(v) => {
+            // SAFETY: non-null and writable (the caller's contract).
+            unsafe { out.write(v) };
+            HMM_OK
         }
-
-        #[doc = concat!("Stores ", $what, " `v` at CPU address `addr` (buffered: it reaches memory if")]
-        /// the invocation completes). Returns `HMM_OK`, `HMM_DEVICE_FAULT`
-        /// (return nonzero from the callback at once) or
-        /// `HMM_INVALID_ARGUMENT` for a `NULL` lane.
-        ///
-        /// # Safety
-        ///
-        /// `lane` is `NULL` or the handle passed to the running callback.
-        #[no_mangle]
-        pub unsafe extern "C" fn $store(lane: *mut hmm_lane, addr: u64, v: $t) -> hmm_status_code {
-            // SAFETY: the caller's contract on `lane`.
-            match unsafe { on_lane(lane, |l| l.$sm(addr, v)) } {
-                Ok(()) => HMM_OK,
-                Err(c) => c,
-            }
-        }
-    };
+        Err(c) => c,
+    }
 }
 
-lane_access!(
-    hmm_lane_load_u32,
-    hmm_lane_store_u32,
-    u32,
-    load_u32,
-    store_u32,
-    "a `uint32_t` (4-byte aligned)"
-);
-lane_access!(
-    hmm_lane_load_u64,
-    hmm_lane_store_u64,
-    u64,
-    load_u64,
-    store_u64,
-    "a `uint64_t` (8-byte aligned)"
-);
-lane_access!(
-    hmm_lane_load_f32,
-    hmm_lane_store_f32,
-    f32,
-    load_f32,
-    store_f32,
-    "a `float` (4-byte aligned)"
-);
-lane_access!(
-    hmm_lane_load_f64,
-    hmm_lane_store_f64,
-    f64,
-    load_f64,
-    store_f64,
-    "a `double` (8-byte aligned)"
-);
+/// A store through the lane.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback.
+unsafe fn lane_store(
+    lane: *mut hmm_lane,
+    f: impl FnOnce(&mut Lane<'_>) -> Result<(), LaneFault>,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract on `lane`.
+    match unsafe { on_lane(lane, f) } {
+        Ok(()) => HMM_OK,
+        Err(c) => c,
+    }
+}
+
+/// Loads a `uint32_t` at CPU address `addr` (4-byte aligned) into `*out`.
+/// Returns `HMM_OK`; `HMM_DEVICE_FAULT` when the access could not complete
+/// (usually a page fault the library will service: return nonzero from
+/// the callback at once); `HMM_INVALID_ARGUMENT` for a `NULL` pointer.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback; `out` is
+/// `NULL` or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_load_u32(
+    lane: *mut hmm_lane,
+    addr: u64,
+    out: *mut u32,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_load(lane, out, |l| l.load_u32(addr)) }
+}
+
+/// Stores a `uint32_t` `v` at CPU address `addr` (4-byte aligned); buffered, it
+/// reaches memory when the invocation completes. Returns as the loads do.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_store_u32(
+    lane: *mut hmm_lane,
+    addr: u64,
+    v: u32,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_store(lane, |l| l.store_u32(addr, v)) }
+}
+
+/// Loads a `uint64_t` at CPU address `addr` (8-byte aligned) into `*out`.
+/// Returns `HMM_OK`; `HMM_DEVICE_FAULT` when the access could not complete
+/// (usually a page fault the library will service: return nonzero from
+/// the callback at once); `HMM_INVALID_ARGUMENT` for a `NULL` pointer.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback; `out` is
+/// `NULL` or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_load_u64(
+    lane: *mut hmm_lane,
+    addr: u64,
+    out: *mut u64,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_load(lane, out, |l| l.load_u64(addr)) }
+}
+
+/// Stores a `uint64_t` `v` at CPU address `addr` (8-byte aligned); buffered, it
+/// reaches memory when the invocation completes. Returns as the loads do.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_store_u64(
+    lane: *mut hmm_lane,
+    addr: u64,
+    v: u64,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_store(lane, |l| l.store_u64(addr, v)) }
+}
+
+/// Loads a `float` at CPU address `addr` (4-byte aligned) into `*out`.
+/// Returns `HMM_OK`; `HMM_DEVICE_FAULT` when the access could not complete
+/// (usually a page fault the library will service: return nonzero from
+/// the callback at once); `HMM_INVALID_ARGUMENT` for a `NULL` pointer.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback; `out` is
+/// `NULL` or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_load_f32(
+    lane: *mut hmm_lane,
+    addr: u64,
+    out: *mut f32,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_load(lane, out, |l| l.load_f32(addr)) }
+}
+
+/// Stores a `float` `v` at CPU address `addr` (4-byte aligned); buffered, it
+/// reaches memory when the invocation completes. Returns as the loads do.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_store_f32(
+    lane: *mut hmm_lane,
+    addr: u64,
+    v: f32,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_store(lane, |l| l.store_f32(addr, v)) }
+}
+
+/// Loads a `double` at CPU address `addr` (8-byte aligned) into `*out`.
+/// Returns `HMM_OK`; `HMM_DEVICE_FAULT` when the access could not complete
+/// (usually a page fault the library will service: return nonzero from
+/// the callback at once); `HMM_INVALID_ARGUMENT` for a `NULL` pointer.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback; `out` is
+/// `NULL` or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_load_f64(
+    lane: *mut hmm_lane,
+    addr: u64,
+    out: *mut f64,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_load(lane, out, |l| l.load_f64(addr)) }
+}
+
+/// Stores a `double` `v` at CPU address `addr` (8-byte aligned); buffered, it
+/// reaches memory when the invocation completes. Returns as the loads do.
+///
+/// # Safety
+///
+/// `lane` is `NULL` or the handle passed to the running callback.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_lane_store_f64(
+    lane: *mut hmm_lane,
+    addr: u64,
+    v: f64,
+) -> hmm_status_code {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { lane_store(lane, |l| l.store_f64(addr, v)) }
+}
 
 /// Atomically adds `v` to the `uint32_t` at `addr` (applied at once, not
 /// buffered: it is not undone if the invocation is run again); the old
