@@ -333,7 +333,7 @@ fn bad_wgsl_is_a_kernel_error_on_every_driver() {
         assert_eq!(st.code, HMM_KERNEL, "{driver}: {}", message(&st));
         let msg = message(&st);
         assert!(
-            msg.contains("parse") && msg.contains(":2:"),
+            msg.contains("parse") && msg.contains("kernel:2:13"),
             "{driver}: {msg}"
         );
         if driver != "cpu" {
