@@ -644,3 +644,113 @@ fn mirror_config_fields_apply_and_bad_ones_are_refused() {
         );
     }
 }
+
+/// A non-blocking launch returns before the kernel is done: the callback
+/// waits for the test's flag, `hmm_launch_is_done` says 0 meanwhile, the
+/// mirror and kernel are freed under it, and the wait returns its result.
+#[test]
+fn a_non_blocking_launch_runs_while_the_caller_continues() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    unsafe extern "C" fn gated(lane: *mut hmm_lane, i: u32, ctx: *mut c_void) -> c_int {
+        // SAFETY: `ctx` is the test's `AtomicBool`; `lane` the live lane.
+        unsafe {
+            let go = &*ctx.cast::<AtomicBool>();
+            while !go.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            let p = hmm_lane_arg(lane, 0) + u64::from(i) * 4;
+            c_int::from(hmm_lane_store_u32(lane, p, i + 1) != HMM_OK)
+        }
+    }
+    let go = AtomicBool::new(false);
+    let m = open("cpu").unwrap();
+    let mut st = status();
+    let mut out = vec![0u32; 1024];
+    let arg = hmm_arg {
+        kind: hmm_arg_kind::HMM_ARG_PTR as u32,
+        value: hmm_arg_value {
+            ptr: out.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: live handles; `go` outlives the launch (waited for below).
+    unsafe {
+        let ctx = (&go as *const AtomicBool).cast_mut().cast();
+        let k = hmm_kernel_new(m, null(), Some(gated), ctx, &mut st);
+        assert!(!k.is_null(), "{}", message(&st));
+        let h = hmm_launch_async(m, k, 1024, &arg, 1, &mut st);
+        assert!(!h.is_null(), "{}", message(&st));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(hmm_launch_is_done(h), 0, "finished before the gate opened");
+        // The launch keeps both alive.
+        hmm_kernel_free(k);
+        hmm_mirror_free(m);
+        go.store(true, Ordering::Release);
+        let t = std::time::Instant::now();
+        while hmm_launch_is_done(h) == 0 {
+            assert!(t.elapsed().as_secs() < 60, "the launch never finished");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut r = hmm_launch_report::default();
+        assert_eq!(
+            hmm_launch_wait(h, &mut r, &mut st),
+            HMM_OK,
+            "{}",
+            message(&st)
+        );
+        assert!(r.pages_out > 0, "{r:?}");
+    }
+    assert!(out.iter().enumerate().all(|(i, &v)| v == i as u32 + 1));
+}
+
+/// A misaligned access in a callback is `HMM_DEVICE_FAULT` (misaligned),
+/// as on the GPU drivers.
+#[test]
+fn a_misaligned_callback_access_is_a_device_fault() {
+    unsafe extern "C" fn odd(lane: *mut hmm_lane, _: u32, _: *mut c_void) -> c_int {
+        let mut v = 0u32;
+        // SAFETY: `lane` is the running callback's.
+        let code = unsafe { hmm_lane_load_u32(lane, hmm_lane_arg(lane, 0) + 2, &mut v) };
+        c_int::from(code != HMM_OK)
+    }
+    let m = open("cpu").unwrap();
+    let mut st = status();
+    let words = vec![0u32; 16];
+    let arg = hmm_arg {
+        kind: hmm_arg_kind::HMM_ARG_PTR as u32,
+        value: hmm_arg_value {
+            ptr: words.as_ptr().cast(),
+        },
+    };
+    // SAFETY: live handles, one initialised argument.
+    unsafe {
+        let k = hmm_kernel_new(m, null(), Some(odd), null_mut(), &mut st);
+        let code = hmm_launch(m, k, 1, &arg, 1, null_mut(), &mut st);
+        assert_eq!(code, HMM_DEVICE_FAULT, "{}", message(&st));
+        assert!(message(&st).contains("misaligned"), "{}", message(&st));
+        hmm_kernel_free(k);
+        hmm_mirror_free(m);
+    }
+}
+
+/// A kernel built for one driver, launched on another driver's mirror:
+/// a typed error, not a crash.
+#[test]
+fn a_kernel_of_another_driver_is_refused() {
+    let cpu = open("cpu").unwrap();
+    let k = saxpy_kernel(cpu);
+    for driver in ["wgpu", "vulkan"] {
+        let Some(m) = open(driver) else { continue };
+        let mut st = status();
+        // SAFETY: live handles; no arguments.
+        let code = unsafe { hmm_launch(m, k, 1, null(), 0, null_mut(), &mut st) };
+        assert_eq!(code, HMM_KERNEL, "{driver}: {}", message(&st));
+        assert!(message(&st).contains("another driver"), "{}", message(&st));
+        // SAFETY: a live mirror, not used again.
+        unsafe { hmm_mirror_free(m) };
+    }
+    // SAFETY: live handles, not used again.
+    unsafe {
+        hmm_kernel_free(k);
+        hmm_mirror_free(cpu);
+    }
+}
