@@ -714,7 +714,7 @@ fn a_misaligned_callback_access_is_a_device_fault() {
     }
     let m = open("cpu").unwrap();
     let mut st = status();
-    let words = vec![0u32; 16];
+    let words = [0u32; 16];
     let arg = hmm_arg {
         kind: hmm_arg_kind::HMM_ARG_PTR as u32,
         value: hmm_arg_value {
