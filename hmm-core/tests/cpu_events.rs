@@ -597,3 +597,62 @@ fn drop_joins_the_thread_and_releases_the_fd() {
     assert!(done, "munmap after monitor drop blocked");
     assert_eq!(sink.take(), vec![]);
 }
+
+/// A sink that waits for a lock held by a thread which is itself waiting
+/// for its next event to be read — glibc's `free()` trimming a watched
+/// heap while holding the malloc arena lock, with a sink that allocates
+/// (found as a hang by `hmm-fuzz`). With one thread reading events and
+/// running sinks this deadlocked: the reader sat in the sink. Events are
+/// now read by one thread and handled by another (`cpu::handoff`).
+#[test]
+fn a_sink_waiting_for_an_unmapper_does_not_deadlock() {
+    if !require_uffd("a_sink_waiting_for_an_unmapper_does_not_deadlock") {
+        return;
+    }
+    /// Stands in for the arena lock: the sink takes it on every event.
+    struct LockingSink {
+        arena: Arc<Mutex<()>>,
+        seen: Mutex<usize>,
+    }
+    impl InvalidationSink for LockingSink {
+        fn invalidate(&self, _range: VaRange, _kind: EventKind) {
+            let _g = self.arena.lock().unwrap();
+            *self.seen.lock().unwrap() += 1;
+        }
+    }
+    let arena = Arc::new(Mutex::new(()));
+    let sink = Arc::new(LockingSink {
+        arena: Arc::clone(&arena),
+        seen: Mutex::new(0),
+    });
+    let mon = EventMonitor::start(Arc::clone(&sink)).expect("monitor starts");
+    let mut a = Mapping::new(2);
+    let mut b = Mapping::new(2);
+    mon.watch(a.range()).unwrap();
+    mon.watch(b.range()).unwrap();
+    let (ra, rb) = (a.range(), b.range());
+    // The "trimming thread": holds the arena lock across two unmaps of
+    // watched memory. The first event's sink blocks on the lock; the
+    // second unmap waits for its event to be read.
+    let held = Arc::clone(&arena);
+    let done = finishes_within(Duration::from_secs(10), move || {
+        let _g = held.lock().unwrap();
+        // SAFETY: our own mappings (the `Mapping`s below are marked
+        // unmapped, so their drop does not unmap again).
+        unsafe {
+            libc::munmap(ra.start().0 as *mut libc::c_void, ra.len() as usize);
+            std::thread::sleep(Duration::from_millis(50));
+            libc::munmap(rb.start().0 as *mut libc::c_void, rb.len() as usize);
+        }
+    });
+    a.mapped = false;
+    b.mapped = false;
+    if !done {
+        // Leave the wedged monitor alone: dropping it would join a thread
+        // that never returns.
+        std::mem::forget(mon);
+        panic!("deadlock: the unmapping thread still waits for its event to be read after 10 s");
+    }
+    assert!(mon.quiesce(WAIT), "both events handled");
+    assert_eq!(*sink.seen.lock().unwrap(), 2);
+}

@@ -246,3 +246,85 @@ fn release_runs_once_at_teardown_racing_registration() {
         ));
     });
 }
+
+/// The event monitor's hand-off from its reading thread to its handling
+/// thread (`hmm_core::cpu::handoff`): the thread that caused an event
+/// resumes once the event is read (here: once `read` is set, which the
+/// reader does even before queueing it); if it then sees `quiet`, its
+/// event has been handled — the guarantee a launch's sync point rests on.
+#[test]
+fn monitor_handoff_quiet_means_handled() {
+    use hmm_core::cpu::handoff::EventQueue;
+    model(|| {
+        let q = Arc::new(EventQueue::<u32>::new(1));
+        // One event in the kernel's queue, not read yet.
+        let kernel = Arc::new(AtomicUsize::new(1));
+        let read = Arc::new(AtomicBool::new(false));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let reader = {
+            let (q, kernel, read) = (Arc::clone(&q), Arc::clone(&kernel), Arc::clone(&read));
+            thread::spawn(move || {
+                q.begin_read();
+                if kernel.swap(0, Ordering::SeqCst) == 1 {
+                    read.store(true, Ordering::SeqCst);
+                    q.push(7);
+                }
+                q.end_read();
+                q.stop();
+            })
+        };
+        let handler = {
+            let (q, handled) = (Arc::clone(&q), Arc::clone(&handled));
+            thread::spawn(move || {
+                while let Some(ev) = q.pop() {
+                    assert_eq!(ev, 7);
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    q.done();
+                }
+            })
+        };
+        // The unmapper: its event was read, then a sync point.
+        while !read.load(Ordering::SeqCst) {
+            thread::yield_now();
+        }
+        while !q.quiet(|| kernel.load(Ordering::SeqCst) > 0) {
+            thread::yield_now();
+        }
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            1,
+            "quiet before the event was handled"
+        );
+        reader.join().unwrap();
+        handler.join().unwrap();
+    });
+}
+
+/// The ring is bounded: a reader that finds it full waits for the handler,
+/// nothing is lost or reordered, and stopping ends the handler only once
+/// the ring is empty.
+#[test]
+fn monitor_handoff_full_ring_waits_and_keeps_order() {
+    use hmm_core::cpu::handoff::EventQueue;
+    model(|| {
+        let q = Arc::new(EventQueue::<u32>::new(1));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let (q, got) = (Arc::clone(&q), Arc::clone(&got));
+            thread::spawn(move || {
+                while let Some(ev) = q.pop() {
+                    got.lock().unwrap().push(ev);
+                    q.done();
+                }
+            })
+        };
+        q.begin_read();
+        q.push(1);
+        q.push(2);
+        q.end_read();
+        q.stop();
+        handler.join().unwrap();
+        assert_eq!(*got.lock().unwrap(), vec![1, 2]);
+        assert!(q.quiet(|| false));
+    });
+}

@@ -117,15 +117,6 @@ struct Opts {
     /// Print every case before running it.
     #[arg(long)]
     verbose: bool,
-    /// Keep glibc from trimming the heap (`mallopt(M_TRIM_THRESHOLD)`), to
-    /// step around an open bug the fuzzer found: the mirror's invalidation
-    /// path allocates on the userfaultfd monitor thread, so a `free()`
-    /// that trims a mirrored heap (`brk`, under the arena lock, waiting for
-    /// the monitor to read the UNMAP event) deadlocks with it
-    /// (docs/BAD_INPUTS.md, "Found by the API fuzzer"). Checks are
-    /// unchanged; only that trigger is avoided. Drop it once fixed.
-    #[arg(long)]
-    avoid_heap_trim_deadlock: bool,
 }
 
 /// `out[i] = mix(key, i, in[i])`; args: `(in, out, key)`.
@@ -1379,23 +1370,12 @@ fn main() -> ExitCode {
         (d, _) => d,
     };
     let flags = format!(
-        "--backend {}{}{}",
+        "--backend {}{}",
         o.backend,
         if o.zero_copy { " --zero-copy" } else { "" },
-        if o.avoid_heap_trim_deadlock {
-            " --avoid-heap-trim-deadlock"
-        } else {
-            ""
-        }
     );
     println!("hmm-fuzz: seed {seed} (replay: --seed {seed} {flags})");
     install_signal_handlers();
-    if o.avoid_heap_trim_deadlock {
-        // SAFETY: mallopt before any other thread exists; it only sets a
-        // glibc tunable.
-        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
-        println!("heap trimming off (--avoid-heap-trim-deadlock)");
-    }
     let opened = if o.zero_copy {
         // SAFETY: zero-copy mode's contract: the fuzzer is one thread, so
         // nothing is unmapped or written while a launch runs, and every

@@ -6,9 +6,9 @@
 //! non-cooperative events `EVENT_UNMAP | EVENT_REMOVE | EVENT_REMAP`
 //! (`EVENT_FORK` only on request, see "Fork" below; plus `WP_ASYNC | WP_UNPOPULATED` when offered, so the
 //! [`WriteTracker`] can use the same fd — a mapping can be registered on
-//! one userfaultfd only) and a thread that `poll`s that fd and a shutdown
-//! `eventfd`. Every event read becomes a call to
-//! [`InvalidationSink::invalidate`]:
+//! one userfaultfd only), a thread that `poll`s that fd and a shutdown
+//! `eventfd` and reads events, and a thread that handles them. Every
+//! event read becomes a call to [`InvalidationSink::invalidate`]:
 //!
 //! | kernel event | cause | sink call |
 //! |---|---|---|
@@ -44,36 +44,43 @@
 //!   event is **read** from the fd — not until our invalidation finishes.
 //!   Once `read(2)` returns, the unmapping thread may run on (zap, reuse the
 //!   address range for a new mapping) concurrently with the sink.
-//! - Therefore the monitor thread calls [`InvalidationSink::invalidate`]
-//!   first, before anything else is done with an event (only the in-place
-//!   edit of its watch set comes before it: after the invalidation a new
-//!   mapping at the same addresses may be registered, and a later edit
-//!   would drop that registration from the set); it marks each batch
-//!   busy from before the `read(2)` until the batch went through the sink,
-//!   so a sync point can wait for it ([`EventMonitor::quiesce`]); and a
-//!   consumer that writes device data back to CPU memory must
-//!   re-check its invalidation sequence under its own lock right before the
-//!   write: the sequence advanced by `invalidate` is what closes the window
-//!   between "the kernel changed the mapping" and "the device stopped using
-//!   it".
+//! - Events are read by one thread (`hmm-uffd-monitor`) and handled by
+//!   another (`hmm-uffd-handler`), in order, through a preallocated queue
+//!   (`handoff`): the reader never allocates and never waits for a sink,
+//!   so a thread that caused an event is released at once whatever the
+//!   sinks are doing.
+//! - The handler calls [`InvalidationSink::invalidate`] first, before
+//!   anything else is done with an event (only the in-place edit of the
+//!   watch set comes before it: after the invalidation a new mapping at
+//!   the same addresses may be registered, and a later edit would drop
+//!   that registration from the set); an event counts as in flight from
+//!   before the `read(2)` until its handler returned, so a sync point can
+//!   wait for it ([`EventMonitor::quiesce`]); and a consumer that writes
+//!   device data back to CPU memory must re-check its invalidation
+//!   sequence under its own lock right before the write: the sequence
+//!   advanced by `invalidate` is what closes the window between "the
+//!   kernel changed the mapping" and "the device stopped using it".
 //!
-//! # Rules for sinks (and why the monitor avoids allocating)
+//! # Rules for sinks (and why reading and handling are two threads)
 //!
-//! The sink runs on the monitor thread and that thread is the only reader
-//! of the fd, so anything that makes it wait for a thread which is itself
-//! waiting for an event to be read is a deadlock:
+//! A sink that waited for a thread which is itself waiting for an event to
+//! be read would deadlock if the sink ran on the reading thread. That is
+//! easy to reach:
 //!
-//! - A sink that unmaps, `madvise`s or `mremap`s a *watched* range waits
-//!   for its own event. A sink must only update bookkeeping.
 //! - A thread calling `free()` can hold a malloc arena lock while glibc
 //!   trims the heap with `madvise(MADV_DONTNEED)` / `brk` / `munmap` — and
-//!   if that memory is watched, it then waits for the monitor to read the
-//!   event. A sink that allocates from the same arena while such an event
-//!   is queued behind the one it is handling waits for that lock. Sinks
-//!   should therefore not allocate (the notifier's invalidate path works on
-//!   preallocated state). The monitor itself reads into a preallocated
-//!   buffer and edits its watch set in place, so it allocates nothing in
-//!   its loop while the set's spare capacity lasts (`watch` keeps some).
+//!   if that memory is watched, it then waits for its event to be read. A
+//!   sink that allocates waits for that lock. The mirror's sinks allocate
+//!   (zap lists, the dead-region channel, the mapping cache), and
+//!   `hmm-fuzz` hung this way on the cpu driver when one thread did both.
+//!   Now the reader reads the trimming thread's event while the handler
+//!   waits for the lock, the trim completes, and the handler goes on.
+//! - A sink that unmaps, `madvise`s or `mremap`s a *watched* range causes
+//!   an event of its own; the reader reads it, so this no longer
+//!   deadlocks, but a sink should still only update bookkeeping.
+//!
+//! The one bound: the queue holds 4,096 events; a reader that finds it
+//! full waits for the handler (`handoff`, "The one bound").
 //!
 //! A panicking sink is caught and counted ([`EventCounts::sink_panics`]);
 //! the thread carries on so no unmapper is left waiting.
@@ -96,11 +103,10 @@
 //! does by itself without the feature), it is off by default. The parent's
 //! mirror stays valid across fork: pages pinned for a device are copied
 //! for the child eagerly, and everything else is reached by address.
-//! (With the option on, `start` returns only after the monitor thread is
-//! past its allocating start-up, and shutdown unregisters every range
-//! before the thread exits, so the monitor's own code never sits in the
-//! allocator while a `FORK` message is unread; sinks must keep to the
-//! no-allocation rule.)
+//! (With the option on, `start` returns only after both monitor threads
+//! are past their allocating start-up, shutdown unregisters every range
+//! before the reader exits, and the reader never allocates, so a `FORK`
+//! message is read whatever the handler thread's sinks are doing.)
 //!
 //! # The watch set
 //!
@@ -123,6 +129,7 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 
+use super::handoff::EventQueue;
 use super::probe::Capabilities;
 use super::sys;
 use super::uffd::{Features, OpenMode, RegisterMode, UffdError, UffdEvent, Userfaultfd};
@@ -132,8 +139,8 @@ use crate::notifier::EventKind;
 
 /// Receives the invalidations the monitor derives from kernel events.
 pub trait InvalidationSink: Send + Sync + 'static {
-    /// Called on the monitor thread, synchronously, for every kernel event,
-    /// BEFORE anything else is done with the event.
+    /// Called on the monitor's handler thread, in event order, for every
+    /// kernel event, BEFORE anything else is done with the event.
     fn invalidate(&self, range: VaRange, kind: EventKind);
 
     /// Called after the `invalidate(old, Remap)` of a moving `mremap`:
@@ -293,11 +300,14 @@ struct Shared {
     watched: Mutex<RangeSet>,
     counters: Counters,
     failed: AtomicBool,
-    /// Odd while a batch of events is being read and handled (from before
-    /// the `read(2)` until every event of it went through the sink), even
-    /// otherwise; see [`EventMonitor::quiesce`].
-    busy: AtomicU64,
+    /// Events read and not yet handled: the reader (the monitor thread)
+    /// pushes, the handler thread pops and runs the sinks (`handoff`).
+    queue: EventQueue<Result<UffdEvent, super::uffd::DecodeError>>,
 }
+
+/// Events the reader may hold ahead of the handler (`handoff`, "The one
+/// bound").
+const QUEUE_EVENTS: usize = 4096;
 
 impl Shared {
     fn watched(&self) -> MutexGuard<'_, RangeSet> {
@@ -375,22 +385,23 @@ impl Shared {
         }
     }
 
-    /// Reads and handles everything pending, one batch per `read(2)`.
-    /// `buf` has room for a batch, so reading allocates nothing. Err on an
+    /// Reads everything pending, one batch per `read(2)`, and queues it
+    /// for the handler thread. `buf` has room for a batch and the queue is
+    /// preallocated, so the reader allocates nothing (`handoff`). Err on an
     /// unrecoverable error.
     fn drain(&self, buf: &mut Vec<Result<UffdEvent, super::uffd::DecodeError>>) -> Result<(), ()> {
         loop {
             buf.clear();
-            // Odd from before the read until the batch is handled: the
-            // thread that caused an event resumes when it is read, and
-            // `quiesce` must then find the batch in progress.
-            self.busy.fetch_add(1, Ordering::SeqCst);
+            // From before the read until the batch is queued: the thread
+            // that caused an event resumes when it is read, and `quiesce`
+            // must then find the event in flight (`handoff`).
+            self.queue.begin_read();
             let r = self.uffd.read_events(buf);
             let r = match r {
                 Ok(0) => Ok(true),
                 Ok(_) => {
                     for ev in buf.drain(..) {
-                        self.handle(ev);
+                        self.queue.push(ev);
                     }
                     Ok(false)
                 }
@@ -400,7 +411,7 @@ impl Shared {
                 }
                 Err(_) => Err(()),
             };
-            self.busy.fetch_add(1, Ordering::SeqCst);
+            self.queue.end_read();
             match r {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
@@ -421,7 +432,29 @@ impl Shared {
         let _ = self.drain(buf);
     }
 
-    fn run(&self, shutdown: &OwnedFd, ready: &Barrier) {
+    /// The handler thread: runs the sinks for every queued event, in
+    /// order, until the queue stops.
+    fn handle_events(&self, ready: &Barrier) {
+        ready.wait();
+        while let Some(ev) = self.queue.pop() {
+            // `handle` catches sink panics; anything else it might raise
+            // must not leave the event counted as pending forever.
+            if catch_unwind(AssertUnwindSafe(|| self.handle(ev))).is_err() {
+                bump(&self.counters.sink_panics);
+            }
+            self.queue.done();
+        }
+    }
+
+    /// The reader thread: reads events until shutdown or a fatal error,
+    /// then stops the handler and waits for it (it handles what was read).
+    fn run(&self, shutdown: &OwnedFd, ready: &Barrier, handler: JoinHandle<()>) {
+        self.read_events(shutdown, ready);
+        self.queue.stop();
+        let _ = handler.join();
+    }
+
+    fn read_events(&self, shutdown: &OwnedFd, ready: &Barrier) {
         let mut buf = Vec::with_capacity(Userfaultfd::READ_BATCH);
         // Thread start-up allocates; `start` returns only once we are past
         // it (see "Fork" in the module docs).
@@ -539,19 +572,34 @@ impl EventMonitor {
             sink,
             watched: Mutex::new(set),
             counters: Counters::default(),
-            busy: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            queue: EventQueue::new(QUEUE_EVENTS),
         });
-        let ready = Arc::new(Barrier::new(2));
+        // Both threads pass their allocating start-up before `start`
+        // returns (see "Fork" in the module docs).
+        let ready = Arc::new(Barrier::new(3));
+        let (h, hr) = (Arc::clone(&shared), Arc::clone(&ready));
+        let handler = std::thread::Builder::new()
+            .name("hmm-uffd-handler".into())
+            .spawn(move || h.handle_events(&hr))
+            .map_err(MonitorError::Start)?;
         let (s, sd, r) = (
             Arc::clone(&shared),
             Arc::clone(&shutdown),
             Arc::clone(&ready),
         );
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name("hmm-uffd-monitor".into())
-            .spawn(move || s.run(&sd, &r))
-            .map_err(MonitorError::Start)?;
+            .spawn(move || s.run(&sd, &r, handler))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                // The handler waits at the barrier: it is left parked (a
+                // thread that could not start is rare enough not to need
+                // more); report the failure.
+                return Err(MonitorError::Start(e));
+            }
+        };
         ready.wait();
         Ok(EventMonitor {
             shared,
@@ -609,17 +657,14 @@ impl EventMonitor {
     /// (or during) its scan has been through the sink before the launch
     /// that follows — that launch never runs on device copies such an
     /// invalidation was about to drop (found by `hmm-stress`). Must not be
-    /// called from a sink (the monitor thread would wait for itself).
+    /// called from a sink (the handler thread would wait for itself).
     pub fn quiesce(&self, timeout: std::time::Duration) -> bool {
         let t0 = std::time::Instant::now();
         loop {
-            let s = self.shared.busy.load(Ordering::SeqCst);
-            if s.is_multiple_of(2) && !self.readable() {
-                // Nothing queued, nothing in hand — unless a batch started
-                // between the two checks; then it must be waited for too.
-                if self.shared.busy.load(Ordering::SeqCst) == s {
-                    return true;
-                }
+            // Nothing read and unhandled, nothing to read — checked so that
+            // a read starting in between is waited for too (`handoff`).
+            if self.shared.queue.quiet(|| self.readable()) {
+                return true;
             }
             if t0.elapsed() > timeout || self.shared.failed.load(Ordering::SeqCst) {
                 return false;
