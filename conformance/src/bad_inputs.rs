@@ -637,3 +637,90 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
     device_copy(&m, src.addr(), &out, WPP).expect("parent launch after the fork");
     assert_eq!(out.read_word(0), 5);
 }
+
+/// `mremap` of a buffer part of which the device mirrors (found by
+/// `hmm-fuzz`): the mirror registers the faulted 2 MiB region with the
+/// userfaultfd, which splits the buffer's mapping in two, and the kernel's
+/// `mremap` refuses a range spanning two mappings with `EFAULT`. What
+/// holds either way: a refused `mremap` leaves the buffer and the mirror
+/// as they were; a successful one moves the data and the device reads it
+/// at the new address, and the old address is a typed `Unmapped` fault.
+/// (Registering whole mappings, issue #15, would make it succeed.)
+pub fn mremap_of_a_mirrored_buffer<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    const PAGES: usize = 1024;
+    let len = PAGES * PAGE_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping; only this test uses it.
+    let old = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            rw,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(old, libc::MAP_FAILED);
+    // SAFETY: the mapping is ours, `len` bytes, readable and writable.
+    let words = unsafe { std::slice::from_raw_parts_mut(old.cast::<u32>(), len / 4) };
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = i as u32 + 1;
+    }
+    let out = TestMap::anon(1, rw);
+    device_copy(&m, old as u64, &out, WPP).expect("device reads the first page");
+    assert!((0..WPP).all(|i| out.read_word(i) == i as u32 + 1));
+    // SAFETY: growing our own mapping, allowed to move; the old slice is
+    // not used after a successful move.
+    let new = unsafe { libc::mremap(old, len, 2 * len, libc::MREMAP_MAYMOVE) };
+    let moved = new != libc::MAP_FAILED;
+    let err = std::io::Error::last_os_error();
+    let (base, size) = if moved {
+        (new, 2 * len)
+    } else {
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EFAULT),
+            "a refused mremap of a mirrored buffer: {err}"
+        );
+        (old, len)
+    };
+    println!(
+        "{}: mremap of a partly mirrored buffer {}",
+        m.backend().info().driver,
+        if moved {
+            "moved it"
+        } else {
+            "was refused (EFAULT)"
+        }
+    );
+    // SAFETY: `base` is the live mapping (moved or not), `size` bytes.
+    let now = unsafe { std::slice::from_raw_parts(base.cast::<u32>(), size / 4) };
+    assert!(
+        now[..len / 4]
+            .iter()
+            .enumerate()
+            .all(|(i, &w)| w == i as u32 + 1),
+        "the buffer's data survived"
+    );
+    let last = (PAGES - 1) * WPP;
+    device_copy(&m, base as u64 + (last * 4) as u64, &out, WPP)
+        .expect("device reads the last page");
+    assert!((0..WPP).all(|i| out.read_word(i) == (last + i) as u32 + 1));
+    device_copy(&m, base as u64, &out, WPP).expect("device reads the first page again");
+    assert!((0..WPP).all(|i| out.read_word(i) == i as u32 + 1));
+    if moved && new != old {
+        match device_copy(&m, old as u64, &out, WPP) {
+            Err(MirrorError::DeviceFault {
+                reason: AccessError::Unmapped,
+                ..
+            }) => {}
+            // Another test's mapping may have landed at the old address.
+            Ok(_) => {}
+            other => panic!("the old address after the move: {other:?}"),
+        }
+    }
+    // SAFETY: our own mapping, unmapped once.
+    unsafe { libc::munmap(base, size) };
+}

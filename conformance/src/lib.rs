@@ -59,7 +59,7 @@ mod zero_copy;
 pub use bad_inputs::{
     bad_ranges_are_typed_errors, device_faults_name_the_kernels_address,
     forked_child_gets_a_typed_error, freed_memory_is_an_unmapped_fault,
-    kernel_outliving_its_mirror, misaligned_accesses_are_typed_faults,
+    kernel_outliving_its_mirror, misaligned_accesses_are_typed_faults, mremap_of_a_mirrored_buffer,
     oversized_launches_are_typed_errors, prefetch_respects_protection,
     reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
     unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
@@ -151,7 +151,8 @@ macro_rules! conformance_tests {
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            oversized_launches_are_typed_errors, oversubscribed_load_then_store_2x,
+            oversized_launches_are_typed_errors, mremap_of_a_mirrored_buffer,
+            oversubscribed_load_then_store_2x,
             oversubscribed_load_then_store_4x,
             oversubscribed_load_then_store_8x);
         $crate::conformance_tests!(@foreign $make);
@@ -215,7 +216,8 @@ macro_rules! conformance_tests {
             unmirrorable_mappings_are_typed, freed_memory_is_an_unmapped_fault,
             device_faults_name_the_kernels_address,
             forked_child_gets_a_typed_error, misaligned_accesses_are_typed_faults,
-            oversized_launches_are_typed_errors, zero_copy_pin_is_unsupported,
+            oversized_launches_are_typed_errors, mremap_of_a_mirrored_buffer,
+            zero_copy_pin_is_unsupported,
             zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
             zero_copy_unmaps_beside_a_launch);
