@@ -45,6 +45,7 @@ fn cfg(chunk_sizes: Vec<u64>) -> MirrorConfig {
         // Wall time: never reached by a model's execution.
         retry_timeout: Duration::from_secs(60),
         foreign_writers: hmm_core::mirror::ForeignWriters::Check,
+        cpu_writes: hmm_core::mirror::CpuWrites::Protect,
     }
 }
 
