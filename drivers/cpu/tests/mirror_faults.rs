@@ -170,24 +170,36 @@ fn a_destructive_event_whose_clear_fails_is_retried_before_any_reuse() {
     a.fill(|i| i as u32);
     m.prefetch(a.range(), false).expect("prefetch a");
     let a_range = a.range();
+    // Mapped before A goes, so neither can land on A's freed addresses
+    // (its entries are counted below by address).
+    let b = TestMap::anon(2, RW);
+    b.fill(|i| i as u32 * 11);
+    let c = TestMap::anon(2, RW);
 
     // The unmap is applied without calling the device (it never waits);
     // the release worker's two flushes after it both fail (two failures:
     // one short of declaring the device lost).
     inj.fail_next(Call::WritePtes, 2);
+    let unmaps = m.host().event_counts().unmap;
     a.unmap();
-    m.host()
-        .sync_point()
-        .expect("sync point: the monitor handled the unmap");
+    // Waits for the monitor to have handled the unmap. Not a sync point:
+    // its scan may still find A's watch (the event not yet handled), fail
+    // on the unmapped range and invalidate it as written — a third flush,
+    // which would retry the clear before this test looks.
+    let t0 = std::time::Instant::now();
+    while m.host().event_counts().unmap == unmaps {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the monitor never handled the unmap"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert!(m.flush_releases());
     assert_eq!(inj.injected(Call::WritePtes), 2);
     assert_eq!(entries_in(&m, a_range), 1, "the failed clear left it");
     no_slot_named_twice(&m);
 
     // The whole pool is needed again: only the retried clear frees A's.
-    let b = TestMap::anon(2, RW);
-    b.fill(|i| i as u32 * 11);
-    let c = TestMap::anon(2, RW);
     launch_copy(&m, &b, &c).expect("launch after the retried clear");
     check_copy(&b, &c);
     assert_eq!(entries_in(&m, a_range), 0);
