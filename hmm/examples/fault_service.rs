@@ -6,23 +6,11 @@
 
 use std::time::Instant;
 
-use hmm::{Device, KernelSource, MirrorConfig};
+use hmm::{Device, MirrorConfig};
 
-/// One invocation per page: reads word 7 of page `i` of `src`, writes it
-/// to `out[i]`.
-const TOUCH: KernelSource = KernelSource {
-    name: "touch",
-    wgsl: r#"
-fn hmm_kernel(i: u32) {
-    let v = hmm_load_u32(hmm_add(hmm_index(hmm_arg_ptr(0u), i, 4096u), 28u));
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), v);
-}
-"#,
-    cpu: |lane, i| {
-        let v = lane.load_u32(lane.args()[0] + u64::from(i) * 4096 + 28)?;
-        lane.store_u32(lane.args()[1] + u64::from(i) * 4, v)
-    },
-};
+#[path = "common/touch.rs"]
+mod touch;
+use touch::TOUCH;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().skip(1).collect();
@@ -55,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let k = m.backend().kernel(&TOUCH)?;
         let mut out = vec![0u32; pages];
         let t = Instant::now();
-        let r1 = m.launch(&k, pages as u32, (src.as_ptr(), out.as_mut_ptr()))?;
+        let r1 = m.run(&k, pages as u32, (src.as_ptr().cast(), out.as_mut_ptr()))?;
         let first = t.elapsed().as_secs_f64();
         if !expect(&out) {
             return Err("wrong result after the faulting launch".into());
@@ -63,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // (No CPU write to `out` in between: that would be invalidated and
         // fault again, which this launch is meant to exclude.)
         let t = Instant::now();
-        let r2 = m.launch(&k, pages as u32, (src.as_ptr(), out.as_mut_ptr()))?;
+        let r2 = m.run(&k, pages as u32, (src.as_ptr().cast(), out.as_mut_ptr()))?;
         let resident = t.elapsed().as_secs_f64();
         if !expect(&out) {
             return Err("wrong result on the resident launch".into());
@@ -88,11 +76,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let m = hmm::mirror(opened.device, MirrorConfig::default())?;
     let k = m.backend().kernel(&TOUCH)?;
     let mut out = vec![0u32; 1];
-    m.launch(&k, 1, (src.as_ptr(), out.as_mut_ptr()))?;
+    m.run(&k, 1, (src.as_ptr().cast(), out.as_mut_ptr()))?;
     let reps = 200;
     let t = Instant::now();
     for _ in 0..reps {
-        m.launch(&k, 1, (src.as_ptr(), out.as_mut_ptr()))?;
+        m.run(&k, 1, (src.as_ptr().cast(), out.as_mut_ptr()))?;
     }
     println!(
         "one resident launch of 1 invocation (a replay round's floor): {:.1} µs",

@@ -15,25 +15,13 @@
 
 use std::time::Instant;
 
-use hmm::{CpuWrites, Device, KernelSource, MirrorConfig};
+use hmm::{CpuWrites, Device, MirrorConfig};
+
+#[path = "common/touch.rs"]
+mod touch;
+use touch::TOUCH;
 
 const HUGE: usize = 2 << 20;
-
-/// One invocation per page: reads word 7 of page `i` of `src`, writes it
-/// to `out[i]`.
-const TOUCH: KernelSource = KernelSource {
-    name: "touch",
-    wgsl: r#"
-fn hmm_kernel(i: u32) {
-    let v = hmm_load_u32(hmm_add(hmm_index(hmm_arg_ptr(0u), i, 4096u), 28u));
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), v);
-}
-"#,
-    cpu: |lane, i| {
-        let v = lane.load_u32(lane.args()[0] + u64::from(i) * 4096 + 28)?;
-        lane.store_u32(lane.args()[1] + u64::from(i) * 4, v)
-    },
-};
 
 /// An anonymous, 2 MiB-aligned, `MADV_HUGEPAGE` buffer of `len` bytes.
 struct HugeBuf {
@@ -199,7 +187,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let m = hmm::mirror(opened.device, cfg)?;
         let k = m.backend().kernel(&TOUCH)?;
         let mut out = vec![0u32; pages];
-        m.launch(&k, pages as u32, (buf.start.cast_const(), out.as_mut_ptr()))?;
+        m.run(&k, pages as u32, (buf.start.cast_const(), out.as_mut_ptr()))?;
         if out
             .iter()
             .enumerate()
@@ -218,13 +206,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut sync = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            m.launch(&k, 0, (buf.start.cast_const(), out.as_mut_ptr()))?;
+            m.run(&k, 0, (buf.start.cast_const(), out.as_mut_ptr()))?;
             sync.push(t.elapsed().as_secs_f64());
         }
         sync.sort_by(f64::total_cmp);
         // The CPU's writes must reach the device.
         buf.words()[7] = 0xdead_beef;
-        m.launch(&k, 1, (buf.start.cast_const(), out.as_mut_ptr()))?;
+        m.run(&k, 1, (buf.start.cast_const(), out.as_mut_ptr()))?;
         if out[0] != 0xdead_beef {
             return Err(format!(
                 "{mode:?}: the device read {:#x}, not the CPU's new 0xdeadbeef",

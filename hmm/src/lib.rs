@@ -1,34 +1,34 @@
 //! hmm-rs for applications: one entry point over every driver.
 //!
 //! ```
-//! use hmm::{Device, Driver, KernelSource, MirrorConfig};
+//! use hmm::{params, Device, In, InOut, KernelSource, MirrorConfig};
 //!
-//! // y = a * x + y, once for GPU drivers (WGSL against the shader
-//! // library) and once for the cpu driver (the same steps in Rust).
-//! const SAXPY: KernelSource = KernelSource {
-//!     name: "saxpy",
-//!     wgsl: r#"
+//! // y = a * x + y: parameters declared once, WGSL for the GPU drivers,
+//! // the same steps in Rust for the cpu driver (optional).
+//! const SAXPY: KernelSource<(In<f32>, InOut<f32>, f32)> =
+//!     KernelSource::new("saxpy", params![x: In<f32>, y: InOut<f32>, a: f32])
+//!         .wgsl(r#"
 //! fn hmm_kernel(i: u32) {
-//!     let yp = hmm_index(hmm_arg_ptr(1u), i, 4u);
-//!     let x = hmm_load_f32(hmm_index(hmm_arg_ptr(0u), i, 4u));
-//!     hmm_store_f32(yp, hmm_arg_f32(2u) * x + hmm_load_f32(yp));
-//! }"#,
-//!     cpu: |lane, i| {
-//!         let (x, y, a) = (lane.args()[0], lane.args()[1], f32::from_bits(lane.args()[2] as u32));
-//!         let off = u64::from(i) * 4;
-//!         let v = a * lane.load_f32(x + off)? + lane.load_f32(y + off)?;
-//!         lane.store_f32(y + off, v)
-//!     },
-//! };
+//!     let yp = hmm_index(args.y, i, 4u);
+//!     hmm_store_f32(yp, args.a * hmm_load_f32(hmm_index(args.x, i, 4u)) + hmm_load_f32(yp));
+//! }"#)
+//!         .cpu(|lane, i, (x, y, a)| {
+//!             let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
+//!             lane.store_f32(y.at(i), v)
+//!         });
 //!
-//! let opened = Device::open(Some(Driver::Cpu)).unwrap();
+//! let opened = Device::open(None).unwrap(); // the best device; cpu if no GPU
 //! let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
-//! let kernel = mirror.backend().kernel(&SAXPY).unwrap();
+//! let saxpy = mirror.backend().kernel(&SAXPY).unwrap();
 //! let x = vec![1.0f32; 1000];
 //! let mut y = vec![2.0f32; 1000];
-//! mirror.launch(&kernel, 1000, (x.as_ptr(), y.as_mut_ptr(), 3.0f32)).unwrap();
+//! // Checked by the compiler: `&x` passes the Vec's data, `3.0` is an f32.
+//! mirror.run(&saxpy, 1000, (&x, &mut y, 3.0)).unwrap();
 //! assert!(y.iter().all(|&v| v == 5.0));
 //! ```
+//!
+//! Kernels, their parameters, structs shared with kernels and the WGSL
+//! helpers: the [`kernel`] module.
 //!
 //! [`Device::open`] with `None` picks the best available driver and says
 //! which and why ([`Opened::note`]): a GPU adapter through wgpu (Mesa's
@@ -48,11 +48,17 @@ use hmm_core::mirror::format::{PoolSlot, Pte};
 
 pub use hmm_core::cpu::host::HostSpace;
 pub use hmm_core::mirror::backend::BackendError;
+pub use hmm_core::mirror::params::{
+    DevPtr, In, InOut, Param, ParamKind, Params, Ptr, PtrMut, Signature, Typed,
+};
 pub use hmm_core::mirror::{
     AccessError, Advice, CpuWrites, ForeignWriters, LaunchReport, Mirror, MirrorConfig,
     MirrorError, MirrorStats,
 };
 pub use hmm_core::notifier::EventKind;
+pub use kernel::{CpuFn, DeviceField, DeviceStruct, KernelError, KernelSource, StructLayout};
+
+pub mod kernel;
 pub use hmm_core::{VaRange, VirtAddr};
 pub use hmm_driver_cpu::{CpuDevice, CpuKernel, Lane, LaneFault};
 #[cfg(feature = "vulkan")]
@@ -307,17 +313,6 @@ impl Device {
             Device::Vulkan(_) => Driver::Vulkan,
         }
     }
-
-    /// Builds `src` for this device's driver.
-    pub fn kernel(&self, src: &KernelSource) -> Result<Kernel, BackendError> {
-        match self {
-            Device::Cpu(_) => Ok(Kernel::Cpu(CpuKernel::new(src.cpu))),
-            #[cfg(feature = "wgpu")]
-            Device::Wgpu(d) => d.kernel(src.wgsl).map(Kernel::Wgpu),
-            #[cfg(feature = "vulkan")]
-            Device::Vulkan(d) => d.kernel(src.wgsl).map(Kernel::Vulkan),
-        }
-    }
 }
 
 #[cfg(not(all(feature = "wgpu", feature = "vulkan")))]
@@ -350,22 +345,6 @@ fn open_vulkan() -> Result<(Device, String), OpenError> {
     }
     #[cfg(not(feature = "vulkan"))]
     Err(not_built(Driver::Vulkan))
-}
-
-/// The function the cpu driver runs per invocation.
-pub type CpuKernelFn = fn(&mut Lane<'_>, u32) -> Result<(), LaneFault>;
-
-/// One kernel for every driver: WGSL against the shader library
-/// (`hmm_shaders`) for GPU drivers, the same steps in Rust for the cpu
-/// driver.
-#[derive(Clone, Copy, Debug)]
-pub struct KernelSource {
-    /// A name for messages.
-    pub name: &'static str,
-    /// WGSL defining `fn hmm_kernel(i: u32)`.
-    pub wgsl: &'static str,
-    /// The cpu driver's version.
-    pub cpu: CpuKernelFn,
 }
 
 /// A kernel built for one [`Device`].

@@ -79,6 +79,6 @@ fn the_cpu_driver_runs_in_every_build() {
     let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
     let kernel = mirror.backend().kernel(&ADD_ONE).unwrap();
     let mut v: Vec<u32> = (0..3000).collect();
-    mirror.launch(&kernel, 3000, (v.as_mut_ptr(),)).unwrap();
+    mirror.run(&kernel, 3000, (v.as_mut_ptr(),)).unwrap();
     assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32 + 1));
 }

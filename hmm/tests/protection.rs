@@ -82,7 +82,7 @@ fn follow(tell: Tell) {
         let kernel = mirror.backend().kernel(&ADD_ONE).unwrap();
         let page = Page::new();
         let n = (PAGE / 4) as u32;
-        mirror.launch(&kernel, n, (page.0,)).unwrap();
+        mirror.run(&kernel, n, (page.0,)).unwrap();
         assert!(
             (0..PAGE / 4).all(|i| page.word(i) == 1),
             "{}",
@@ -92,7 +92,7 @@ fn follow(tell: Tell) {
         // Narrowing: the device's write is refused, typed, nothing written.
         page.protect(libc::PROT_READ);
         changed(&mirror, tell, page.range());
-        match mirror.launch(&kernel, n, (page.0,)) {
+        match mirror.run(&kernel, n, (page.0,)) {
             Err(MirrorError::DeviceFault {
                 write: true,
                 reason: AccessError::ReadOnly,
@@ -113,7 +113,7 @@ fn follow(tell: Tell) {
         page.protect(libc::PROT_READ | libc::PROT_WRITE);
         changed(&mirror, tell, page.range());
         mirror
-            .launch(&kernel, n, (page.0,))
+            .run(&kernel, n, (page.0,))
             .unwrap_or_else(|e| panic!("{} {tell:?}: after widening: {e}", driver.name()));
         assert!(
             (0..PAGE / 4).all(|i| page.word(i) == 2),
@@ -174,7 +174,7 @@ fn refused(retry: Retry) {
         let kernel = mirror.backend().kernel(&ADD_ONE).unwrap();
         let page = Page::new();
         let n = (PAGE / 4) as u32;
-        let r = mirror.launch(&kernel, n, (page.0,)).unwrap();
+        let r = mirror.run(&kernel, n, (page.0,)).unwrap();
         assert_eq!(r.pages_out, 1, "{name}");
         assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
 
@@ -182,7 +182,7 @@ fn refused(retry: Retry) {
         // writable copy, so the kernel runs — and its writes cannot go back.
         page.protect(libc::PROT_READ);
         let base = page.0 as u64;
-        match mirror.launch(&kernel, n, (page.0,)) {
+        match mirror.run(&kernel, n, (page.0,)) {
             Err(MirrorError::WriteBackRefused { addr })
                 if (base..base + PAGE as u64).contains(&addr.0) => {}
             r => panic!("{name} {retry:?}: write-back to a read-only page: {r:?}"),
@@ -192,7 +192,7 @@ fn refused(retry: Retry) {
             "{name}: nothing written"
         );
         // Still read-only: the next launch reports it again, before running.
-        match mirror.launch(&kernel, n, (page.0,)) {
+        match mirror.run(&kernel, n, (page.0,)) {
             Err(MirrorError::WriteBackRefused { .. }) => {}
             r => panic!("{name} {retry:?}: launch with a refusal pending: {r:?}"),
         }
@@ -202,7 +202,7 @@ fn refused(retry: Retry) {
         // stays, and the next launch reports it.
         mirror.protection_changed(page.range()).unwrap();
         assert!((0..PAGE / 4).all(|i| page.word(i) == 1), "{name}");
-        match mirror.launch(&kernel, n, (page.0,)) {
+        match mirror.run(&kernel, n, (page.0,)) {
             Err(MirrorError::WriteBackRefused { .. }) => {}
             r => panic!("{name} {retry:?}: launch after a refused callback: {r:?}"),
         }
@@ -213,7 +213,7 @@ fn refused(retry: Retry) {
                 // The kept data (2) is written first, then the kernel runs
                 // on it once (3).
                 let r = mirror
-                    .launch(&kernel, n, (page.0,))
+                    .run(&kernel, n, (page.0,))
                     .unwrap_or_else(|e| panic!("{name}: after widening: {e}"));
                 assert_eq!(r.pages_out, 1, "{name}");
                 assert!(
@@ -229,7 +229,7 @@ fn refused(retry: Retry) {
                     "{name}: {}",
                     page.word(0)
                 );
-                mirror.launch(&kernel, n, (page.0,)).unwrap();
+                mirror.run(&kernel, n, (page.0,)).unwrap();
                 assert!((0..PAGE / 4).all(|i| page.word(i) == 3), "{name}");
             }
         }

@@ -1,22 +1,21 @@
 //! `hmm::Device::open_zero_copy`: the zero-copy modes through the facade.
 
-use hmm::{Device, Driver, KernelSource, MirrorConfig, OpenError};
+use hmm::{params, Device, Driver, In, InOut, KernelSource, MirrorConfig, OpenError};
 
 /// `y[i] = y[i] + x[i]`, for every driver.
-const ADD: KernelSource = KernelSource {
-    name: "add",
-    wgsl: r#"
+const ADD: KernelSource<(In<u32>, InOut<u32>)> =
+    KernelSource::new("add", params![x: In<u32>, y: InOut<u32>])
+        .wgsl(
+            r#"
 fn hmm_kernel(i: u32) {
-    let yp = hmm_index(hmm_arg_ptr(1u), i, 4u);
-    hmm_store_u32(yp, hmm_load_u32(yp) + hmm_load_u32(hmm_index(hmm_arg_ptr(0u), i, 4u)));
+    let yp = hmm_index(args.y, i, 4u);
+    hmm_store_u32(yp, hmm_load_u32(yp) + hmm_load_u32(hmm_index(args.x, i, 4u)));
 }"#,
-    cpu: |lane, i| {
-        let (x, y) = (lane.args()[0], lane.args()[1]);
-        let off = u64::from(i) * 4;
-        let v = lane.load_u32(y + off)? + lane.load_u32(x + off)?;
-        lane.store_u32(y + off, v)
-    },
-};
+        )
+        .cpu(|lane, i, (x, y)| {
+            let v = lane.load_u32(y.at(i))? + lane.load_u32(x.at(i))?;
+            lane.store_u32(y.at(i), v)
+        });
 
 #[test]
 fn wgpu_has_no_zero_copy_mode() {
@@ -37,9 +36,7 @@ fn the_cpu_driver_in_zero_copy_mode_writes_the_cpu_pages_in_place() {
     let k = mirror.backend().kernel(&ADD).expect("kernel");
     let x: Vec<u32> = (0..50_000).collect();
     let mut y = vec![7u32; 50_000];
-    let r = mirror
-        .launch(&k, 50_000, (x.as_ptr(), y.as_mut_ptr()))
-        .expect("launch");
+    let r = mirror.run(&k, 50_000, (&x, &mut y)).expect("launch");
     assert_eq!(
         r.pages_out, 0,
         "nothing written back: the device wrote y itself"
@@ -47,9 +44,7 @@ fn the_cpu_driver_in_zero_copy_mode_writes_the_cpu_pages_in_place() {
     assert!(y.iter().enumerate().all(|(i, &v)| v == i as u32 + 7));
     // A CPU write is seen by the next launch with nothing invalidated.
     y.iter_mut().for_each(|v| *v = 1);
-    let r = mirror
-        .launch(&k, 50_000, (x.as_ptr(), y.as_mut_ptr()))
-        .expect("launch");
+    let r = mirror.run(&k, 50_000, (&x, &mut y)).expect("launch");
     assert_eq!((r.faults, r.pages_in), (0, 0));
     assert!(y.iter().enumerate().all(|(i, &v)| v == i as u32 + 1));
 }

@@ -384,13 +384,110 @@ pub fn compose_with(kernel: &str, pool_bindings: u32) -> Result<String, ShaderEr
     ))
 }
 
-fn compose_unchecked(kernel: &str, pool_bindings: u32) -> String {
+/// Everything [`compose`] puts before the kernel.
+fn compose_prefix(pool_bindings: u32) -> String {
     let mut s = prelude();
     s.push_str(LIBRARY);
     s.push_str(&pool_wgsl(pool_bindings));
     s.push_str("\n// ---- kernel ----\n");
-    s.push_str(kernel);
     s
+}
+
+fn compose_unchecked(kernel: &str, pool_bindings: u32) -> String {
+    let mut s = compose_prefix(pool_bindings);
+    s.push_str(kernel);
+    if !kernel.contains(ARGS_INIT) {
+        // After the kernel, so its lines keep their numbers.
+        let _ = write!(s, "\n{ARGS_INIT}() {{}}\n");
+    }
+    s
+}
+
+/// The function the entry point calls before each invocation's
+/// `hmm_kernel`: a typed kernel's generated prelude defines it to fill its
+/// named parameters (`args.x`); [`compose`] adds an empty one to a kernel
+/// without it.
+pub const ARGS_INIT: &str = "fn hmm_init_args";
+
+/// A WGSL error, located in the kernel's own source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgslError {
+    /// 1-based line in the kernel as its author wrote it (`None`: no
+    /// location, or one inside the library).
+    pub line: Option<u32>,
+    /// 1-based column (bytes) on that line.
+    pub column: Option<u32>,
+    /// naga's report, its positions relabelled to the kernel's lines.
+    pub report: String,
+    /// Whether it failed to parse (else it failed validation).
+    pub parse: bool,
+}
+
+impl core::fmt::Display for WgslError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let what = if self.parse {
+            "does not parse"
+        } else {
+            "does not validate"
+        };
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => {
+                write!(f, "kernel {what} at line {l}, column {c}:\n{}", self.report)
+            }
+            _ => write!(f, "kernel {what}:\n{}", self.report),
+        }
+    }
+}
+
+impl std::error::Error for WgslError {}
+
+/// Parses and validates `kernel` as [`build`] does, on any machine (no
+/// device needed): what `hmm` runs at `kernel()` time on every driver. The
+/// error names the line and column in `kernel` itself.
+pub fn check(kernel: &str) -> Result<(), WgslError> {
+    if !kernel.contains("fn hmm_kernel") {
+        return Err(WgslError {
+            line: None,
+            column: None,
+            report: ShaderError::NoKernelFn.to_string(),
+            parse: false,
+        });
+    }
+    let src = compose_unchecked(kernel, POOL_BINDINGS);
+    let off = line_offset(POOL_BINDINGS) as u32;
+    let locate = |loc: Option<naga::SourceLocation>| match loc {
+        Some(l) if l.line_number > off => (Some(l.line_number - off), Some(l.line_position)),
+        _ => (None, None),
+    };
+    let module = match naga::front::wgsl::parse_str(&src) {
+        Ok(m) => m,
+        Err(e) => {
+            let (line, column) = locate(e.location(&src));
+            return Err(WgslError {
+                line,
+                column,
+                report: relabel(&e.emit_to_string(&src), off as usize),
+                parse: true,
+            });
+        }
+    };
+    if let Err(e) = validate_module(&module) {
+        // The narrowest span in the kernel: the expression at fault rather
+        // than the whole function around it.
+        let narrowest = e
+            .spans()
+            .map(|(span, _)| span.location(&src))
+            .filter(|l| l.line_number > off)
+            .min_by_key(|l| l.length);
+        let (line, column) = locate(narrowest.or_else(|| e.location(&src)));
+        return Err(WgslError {
+            line,
+            column,
+            report: relabel(&e.emit_to_string(&src), off as usize),
+            parse: false,
+        });
+    }
+    Ok(())
 }
 
 /// Lines [`compose`] puts before the kernel's first line.
@@ -399,7 +496,7 @@ pub fn kernel_line_offset() -> usize {
 }
 
 fn line_offset(pool_bindings: u32) -> usize {
-    compose_unchecked("", pool_bindings).lines().count()
+    compose_prefix(pool_bindings).lines().count()
 }
 
 /// Parses and validates a composed kernel with naga ([`POOL_BINDINGS`]
@@ -771,6 +868,37 @@ fn hmm_kernel(i: u32) {
     hmm_store_f32(yp, a * hmm_load_f32(hmm_index(x, i, 4u)) + hmm_load_f32(yp));
 }
 "#;
+
+    #[test]
+    fn check_locates_errors_in_the_kernels_own_lines() {
+        check(SAXPY).expect("saxpy checks");
+        // Line 3, column 13 of this source: `hmm_lod_f32` is not defined.
+        let bad = "fn hmm_kernel(i: u32) {\n    let p = hmm_arg_ptr(0u);\n    let v = hmm_lod_f32(p);\n}\n";
+        let e = check(bad).expect_err("undefined function");
+        assert!(e.parse, "{e}");
+        assert_eq!((e.line, e.column), (Some(3), Some(13)), "{e}");
+        assert!(e.report.contains("kernel:3"), "{}", e.report);
+        assert!(e.to_string().contains("line 3, column 13"), "{e}");
+        // A type error found by validation, not parsing: a store of an
+        // f32 into a u32 (line 2).
+        let bad = "fn hmm_kernel(i: u32) {\n    var x: u32 = 1.5f;\n}\n";
+        let e = check(bad).expect_err("type error");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(matches!(
+            check("fn f() {}"),
+            Err(WgslError { line: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_kernel_may_define_its_own_args_init() {
+        let k = "struct A { x: vec2<u32>, }\nvar<private> args: A;\nfn hmm_kernel(i: u32) {\n    hmm_store_u32(hmm_index(args.x, i, 4u), i);\n}\nfn hmm_init_args() { args = A(hmm_arg_ptr(0u)); }\n";
+        check(k).expect("own init");
+        build(k).expect("own init builds");
+        // Without one, compose adds the empty default after the kernel.
+        assert!(compose(SAXPY).ends_with("fn hmm_init_args() {}\n"));
+        assert_eq!(compose(k).matches(ARGS_INIT).count(), 1);
+    }
 
     #[test]
     fn library_and_pt_ops_validate() {

@@ -435,6 +435,9 @@ fn hmm_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     hmm_inv = inv;
     hmm_fault = false;
     hmm_tlb_valid = false;
+    // Typed kernels' named parameters (`args.x`); an empty function for
+    // kernels without them (see `hmm_shaders::ARGS_INIT`).
+    hmm_init_args();
     hmm_kernel(inv);
     if hmm_fault {
         atomicOr(&hmm_ctl[hmm_params.bitmap_off + inv / 32u], 1u << (inv % 32u));

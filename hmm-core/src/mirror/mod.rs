@@ -111,6 +111,7 @@ mod invalidate;
 mod invocations;
 mod launch;
 pub(crate) mod pagetable;
+pub mod params;
 mod pin;
 pub(crate) mod pool;
 mod regions;
