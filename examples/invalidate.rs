@@ -5,26 +5,28 @@
 //! `cargo run --release --example invalidate -- [--backend ...]`
 
 use clap::Parser;
-use hmm::{AccessError, KernelSource, MirrorConfig, MirrorError};
+use hmm::{params, AccessError, InOut, KernelSource, MirrorConfig, MirrorError, Ptr};
 use hmm_examples::{open, print_counters, BackendArg};
 
 const PAGES: usize = 16;
 const WORDS: usize = PAGES * 1024;
 
-const COPY: KernelSource = KernelSource {
-    name: "copy_u32",
-    wgsl: r#"
+/// `dst[i] = src[i]`; `src` is a raw mapping (it is unmapped under the
+/// mirror below), so it is passed as a pointer.
+const COPY: KernelSource<(Ptr<u32>, InOut<u32>)> =
+    KernelSource::new("copy_u32", params![src: Ptr<u32>, dst: InOut<u32>])
+        .wgsl(
+            r#"
 fn hmm_kernel(i: u32) {
-    let v = hmm_load_u32(hmm_index(hmm_arg_ptr(0u), i, 4u));
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), v);
+    let v = hmm_load_u32(hmm_index(args.src, i, 4u));
+    hmm_store_u32(hmm_index(args.dst, i, 4u), v);
 }
 "#,
-    cpu: |lane, i| {
-        let off = u64::from(i) * 4;
-        let v = lane.load_u32(lane.args()[0] + off)?;
-        lane.store_u32(lane.args()[1] + off, v)
-    },
-};
+        )
+        .cpu(|lane, i, (src, dst)| {
+            let v = lane.load_u32(src.at(i))?;
+            lane.store_u32(dst.at(i), v)
+        });
 
 /// Maps `PAGES` fresh pages at `at` (or anywhere when null), filled with `fill`.
 fn map(at: *mut libc::c_void, fill: u32) -> Result<*mut u32, String> {
@@ -85,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|k| map((k << 44) as *mut libc::c_void, 0x1111_0000))
         .find_map(Result::ok)
         .ok_or("no free spot for the buffer at 16..128 TiB")?;
-    mirror.launch(&k, WORDS as u32, (buf, out.as_mut_ptr()))?;
+    mirror.run(&k, WORDS as u32, (buf, &mut out))?;
     if (0..WORDS).any(|i| out[i] != 0x1111_0000 ^ i as u32) {
         return Err("first read: wrong data".into());
     }
@@ -96,7 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if unsafe { libc::munmap(buf.cast(), PAGES * 4096) } != 0 {
         return Err("munmap failed".into());
     }
-    match mirror.launch(&k, WORDS as u32, (buf, out.as_mut_ptr())) {
+    match mirror.run(&k, WORDS as u32, (buf, &mut out)) {
         Err(MirrorError::DeviceFault {
             addr,
             write: false,
@@ -107,7 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3. New memory at the same address: mirrored fresh, never stale.
     let again = map(buf.cast(), 0x2222_0000)?;
-    mirror.launch(&k, WORDS as u32, (again, out.as_mut_ptr()))?;
+    mirror.run(&k, WORDS as u32, (again, &mut out))?;
     let stale = (0..WORDS)
         .filter(|&i| out[i] == 0x1111_0000 ^ i as u32)
         .count();

@@ -6,60 +6,70 @@
 //! `cargo run --release --example linked_list -- [--backend ...] [--nodes N]`
 
 use clap::Parser;
-use hmm::{KernelSource, MirrorConfig};
+use std::mem::offset_of;
+
+use hmm::{device_struct, params, DeviceStruct, InOut, KernelSource, MirrorConfig, Ptr};
 use hmm_examples::{open, print_counters, BackendArg};
 
-/// A list node exactly as the device sees it: `next` at byte 0 (a null
-/// `Option<Box>` is address 0), `value` at byte 8.
-#[repr(C)]
-struct Node {
-    next: Option<Box<Node>>,
-    value: u64,
+device_struct! {
+    /// A list node. Kernels follow it with the generated `Node_get_next(p)`
+    /// and `Node_get_value(p)`, whose offsets come from the real layout
+    /// (`offset_of!`), not from hand-counted bytes.
+    struct Node {
+        next: Option<Box<Node>>,
+        value: u64,
+    }
 }
 
-/// A tree node: `left` at 0, `right` at 8, `value` at 16.
-#[repr(C)]
-struct Tree {
-    left: Option<Box<Tree>>,
-    right: Option<Box<Tree>>,
-    value: u64,
+device_struct! {
+    /// A tree node: `Tree_get_left(p)`, `Tree_get_right(p)`,
+    /// `Tree_get_value(p)`.
+    struct Tree {
+        left: Option<Box<Tree>>,
+        right: Option<Box<Tree>>,
+        value: u64,
+    }
 }
 
-const LIST_SUM: KernelSource = KernelSource {
-    name: "list_sum",
-    wgsl: r#"
+const LIST_SUM: KernelSource<(Ptr<Node>, InOut<u64>)> =
+    KernelSource::new("list_sum", params![head: Ptr<Node>, out: InOut<u64>])
+        .structs(&[Node::LAYOUT])
+        .wgsl(
+            r#"
 fn add64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
     let lo = a.x + b.x;
     return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x));
 }
 
 fn hmm_kernel(i: u32) {
-    var node = hmm_arg_ptr(0u);
+    var node = args.head;
     var sum = vec2<u32>(0u, 0u);
     loop {
         if hmm_is_null(node) || hmm_faulted() {
             break;
         }
-        sum = add64(sum, hmm_load_u64(hmm_add(node, 8u)));
-        node = hmm_load_ptr(node);
+        sum = add64(sum, Node_get_value(node));
+        node = Node_get_next(node);
     }
-    hmm_store_u64(hmm_arg_ptr(1u), sum);
+    hmm_store_u64(args.out, sum);
 }
 "#,
-    cpu: |lane, _| {
-        let (mut node, out) = (lane.args()[0], lane.args()[1]);
-        let mut sum = 0u64;
-        while node != 0 {
-            sum = sum.wrapping_add(lane.load_u64(node + 8)?);
-            node = lane.load_u64(node)?;
-        }
-        lane.store_u64(out, sum)
-    },
-};
+        )
+        .cpu(|lane, _, (head, out)| {
+            let (mut node, mut sum) = (head.addr(), 0u64);
+            while node != 0 {
+                let v = lane.load_u64(node + offset_of!(Node, value) as u64)?;
+                sum = sum.wrapping_add(v);
+                node = lane.load_u64(node + offset_of!(Node, next) as u64)?;
+            }
+            lane.store_u64(out.addr(), sum)
+        });
 
-const TREE_SUM: KernelSource = KernelSource {
-    name: "tree_sum",
-    wgsl: r#"
+const TREE_SUM: KernelSource<(Ptr<Tree>, InOut<u64>)> =
+    KernelSource::new("tree_sum", params![root: Ptr<Tree>, out: InOut<u64>])
+        .structs(&[Tree::LAYOUT])
+        .wgsl(
+            r#"
 fn add64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
     let lo = a.x + b.x;
     return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x));
@@ -69,11 +79,10 @@ fn add64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
 // sets word 1 of the output (the CPU reports it) instead of a wrong sum.
 fn hmm_kernel(i: u32) {
     var stack: array<vec2<u32>, 64>;
-    var top = 0u;
+    var top = 1u;
     var sum = vec2<u32>(0u, 0u);
     var overflow = 0u;
-    stack[0] = hmm_arg_ptr(0u);
-    top = 1u;
+    stack[0] = args.root;
     loop {
         if top == 0u || hmm_faulted() {
             break;
@@ -83,36 +92,35 @@ fn hmm_kernel(i: u32) {
         if hmm_is_null(node) {
             continue;
         }
-        sum = add64(sum, hmm_load_u64(hmm_add(node, 16u)));
+        sum = add64(sum, Tree_get_value(node));
         if top + 2u > 64u {
             overflow = 1u;
             break;
         }
-        stack[top] = hmm_load_ptr(hmm_add(node, 8u));
-        stack[top + 1u] = hmm_load_ptr(node);
+        stack[top] = Tree_get_right(node);
+        stack[top + 1u] = Tree_get_left(node);
         top = top + 2u;
     }
-    let out = hmm_arg_ptr(1u);
-    hmm_store_u64(out, sum);
-    hmm_store_u32(hmm_add(out, 8u), overflow);
+    hmm_store_u64(args.out, sum);
+    hmm_store_u32(hmm_index(args.out, 1u, 8u), overflow);
 }
 "#,
-    cpu: |lane, _| {
-        let (root, out) = (lane.args()[0], lane.args()[1]);
-        let mut stack = vec![root];
-        let mut sum = 0u64;
-        while let Some(node) = stack.pop() {
-            if node == 0 {
-                continue;
+        )
+        .cpu(|lane, _, (root, out)| {
+            let mut stack = vec![root.addr()];
+            let mut sum = 0u64;
+            while let Some(node) = stack.pop() {
+                if node == 0 {
+                    continue;
+                }
+                let v = lane.load_u64(node + offset_of!(Tree, value) as u64)?;
+                sum = sum.wrapping_add(v);
+                stack.push(lane.load_u64(node + offset_of!(Tree, right) as u64)?);
+                stack.push(lane.load_u64(node + offset_of!(Tree, left) as u64)?);
             }
-            sum = sum.wrapping_add(lane.load_u64(node + 16)?);
-            stack.push(lane.load_u64(node + 8)?);
-            stack.push(lane.load_u64(node)?);
-        }
-        lane.store_u64(out, sum)?;
-        lane.store_u32(out + 8, 0)
-    },
-};
+            lane.store_u64(out.at(0), sum)?;
+            lane.store_u32(out.at(1), 0)
+        });
 
 fn build_tree(lo: u64, hi: u64) -> Option<Box<Tree>> {
     if lo >= hi {
@@ -164,7 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_or(core::ptr::null(), |h| h as *const Node);
     let mut out = vec![0u64; 2];
     let k = mirror.backend().kernel(&LIST_SUM)?;
-    let r = mirror.launch(&k, 1, (head_ptr, out.as_mut_ptr()))?;
+    let r = mirror.run(&k, 1, (head_ptr, &mut out))?;
     println!(
         "list of {n} Box nodes: device sum {} ({} submissions, {} pages mirrored)",
         out[0], r.submissions, r.pages_in
@@ -180,7 +188,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_or(core::ptr::null(), |t| t as *const Tree);
     let k = mirror.backend().kernel(&TREE_SUM)?;
     let mut out = vec![0u64; 2];
-    let r = mirror.launch(&k, 1, (root, out.as_mut_ptr()))?;
+    let r = mirror.run(&k, 1, (root, &mut out))?;
     println!(
         "tree of {n} Box nodes: device sum {} ({} submissions, {} pages mirrored)",
         out[0], r.submissions, r.pages_in

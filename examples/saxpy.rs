@@ -3,29 +3,27 @@
 //! `cargo run --release --example saxpy -- [--backend cpu|wgpu|auto] [--n N]`
 
 use clap::Parser;
-use hmm::{KernelSource, MirrorConfig};
+use hmm::{params, In, InOut, KernelSource, MirrorConfig};
 use hmm_examples::{open, print_counters, BackendArg};
 
-const SAXPY: KernelSource = KernelSource {
-    name: "saxpy",
-    wgsl: r#"
+/// Parameters declared once: the WGSL reads them as `args.x`, `args.y`,
+/// `args.a`; the cpu closure gets them typed; the launch below is checked
+/// against them by the compiler.
+const SAXPY: KernelSource<(In<f32>, InOut<f32>, f32)> =
+    KernelSource::new("saxpy", params![x: In<f32>, y: InOut<f32>, a: f32])
+        .wgsl(
+            r#"
 fn hmm_kernel(i: u32) {
-    let x = hmm_arg_ptr(0u);
-    let y = hmm_arg_ptr(1u);
-    let a = hmm_arg_f32(2u);
-    let yp = hmm_index(y, i, 4u);
-    let xi = hmm_load_f32(hmm_index(x, i, 4u));
-    hmm_store_f32(yp, a * xi + hmm_load_f32(yp));
+    let yp = hmm_index(args.y, i, 4u);
+    let xi = hmm_load_f32(hmm_index(args.x, i, 4u));
+    hmm_store_f32(yp, args.a * xi + hmm_load_f32(yp));
 }
 "#,
-    cpu: |lane, i| {
-        let (x, y) = (lane.args()[0], lane.args()[1]);
-        let a = f32::from_bits(lane.args()[2] as u32);
-        let off = u64::from(i) * 4;
-        let v = a * lane.load_f32(x + off)? + lane.load_f32(y + off)?;
-        lane.store_f32(y + off, v)
-    },
-};
+        )
+        .cpu(|lane, i, (x, y, a)| {
+            let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
+            lane.store_f32(y.at(i), v)
+        });
 
 #[derive(Parser)]
 struct Args {
@@ -48,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let y0 = y.clone();
 
     let t = std::time::Instant::now();
-    let report = mirror.launch(&kernel, args.n, (x.as_ptr(), y.as_mut_ptr(), a))?;
+    let report = mirror.run(&kernel, args.n, (&x, &mut y, a))?;
     println!(
         "saxpy over {n} elements: {:.2} ms, {} pages in, {} pages out, {} submissions",
         t.elapsed().as_secs_f64() * 1e3,

@@ -6,15 +6,19 @@
 //! `cargo run --release --example sparse_lookup -- [--backend ...] [--log2-slots 24] [--keys 50000] [--probes 4000]`
 
 use clap::Parser;
-use hmm::{KernelSource, MirrorConfig};
+use std::mem::offset_of;
+
+use hmm::{device_struct, params, DeviceStruct, In, InOut, KernelSource, MirrorConfig};
 use hmm_examples::{open, print_counters, BackendArg};
 
-/// One slot: key 0 means empty.
-#[derive(Clone, Copy, Default)]
-#[repr(C)]
-struct Slot {
-    key: u64,
-    value: u64,
+device_struct! {
+    /// One slot: key 0 means empty. Kernels reach its fields through the
+    /// generated `Slot_get_key(p)`, `Slot_get_value(p)` and `Slot_SIZE`.
+    #[derive(Clone, Copy, Default)]
+    struct Slot {
+        key: u64,
+        value: u64,
+    }
 }
 
 /// Returned for a key that is not in the table.
@@ -30,10 +34,13 @@ fn hash(key: u64) -> u32 {
     h ^ (h >> 12)
 }
 
-// args: table, log2 slots (mask), queries, answers
-const PROBE: KernelSource = KernelSource {
-    name: "probe",
-    wgsl: r#"
+const PROBE: KernelSource<(In<Slot>, u32, In<u64>, InOut<u64>)> = KernelSource::new(
+    "probe",
+    params![table: In<Slot>, mask: u32, queries: In<u64>, answers: InOut<u64>],
+)
+.structs(&[Slot::LAYOUT])
+.wgsl(
+    r#"
 fn hash(lo: u32, hi: u32) -> u32 {
     var h = (lo * 0x9E3779B1u) ^ (hi * 0x85EBCA77u);
     h = h ^ (h >> 15u);
@@ -42,50 +49,47 @@ fn hash(lo: u32, hi: u32) -> u32 {
 }
 
 fn hmm_kernel(i: u32) {
-    let table = hmm_arg_ptr(0u);
-    let mask = hmm_arg_u32(1u);
-    let key = hmm_load_u64(hmm_index(hmm_arg_ptr(2u), i, 8u));
-    var slot = hash(key.x, key.y) & mask;
+    let key = hmm_load_u64(hmm_index(args.queries, i, 8u));
+    var slot = hash(key.x, key.y) & args.mask;
     var answer = vec2<u32>(0xffffffffu, 0xffffffffu);
-    for (var n = 0u; n <= mask; n++) {
+    for (var n = 0u; n <= args.mask; n++) {
         if hmm_faulted() {
             break;
         }
-        let s = hmm_index(table, slot, 16u);
-        let k = hmm_load_u64(s);
+        let s = hmm_index(args.table, slot, Slot_SIZE);
+        let k = Slot_get_key(s);
         if k.x == key.x && k.y == key.y {
-            answer = hmm_load_u64(hmm_add(s, 8u));
+            answer = Slot_get_value(s);
             break;
         }
         if k.x == 0u && k.y == 0u {
             break;
         }
-        slot = (slot + 1u) & mask;
+        slot = (slot + 1u) & args.mask;
     }
-    hmm_store_u64(hmm_index(hmm_arg_ptr(3u), i, 8u), answer);
+    hmm_store_u64(hmm_index(args.answers, i, 8u), answer);
 }
 "#,
-    cpu: |lane, i| {
-        let a = lane.args();
-        let (table, mask, queries, answers) = (a[0], a[1] as u32, a[2], a[3]);
-        let key = lane.load_u64(queries + u64::from(i) * 8)?;
-        let mut slot = hash(key) & mask;
-        let mut answer = MISSING;
-        for _ in 0..=mask {
-            let s = table + u64::from(slot) * 16;
-            let k = lane.load_u64(s)?;
-            if k == key {
-                answer = lane.load_u64(s + 8)?;
-                break;
-            }
-            if k == 0 {
-                break;
-            }
-            slot = (slot + 1) & mask;
+)
+.cpu(|lane, i, (table, mask, queries, answers)| {
+    let (key_at, value_at) = (offset_of!(Slot, key) as u64, offset_of!(Slot, value) as u64);
+    let key = lane.load_u64(queries.at(i))?;
+    let mut slot = hash(key) & mask;
+    let mut answer = MISSING;
+    for _ in 0..=mask {
+        let s = table.at(slot);
+        let k = lane.load_u64(s + key_at)?;
+        if k == key {
+            answer = lane.load_u64(s + value_at)?;
+            break;
         }
-        lane.store_u64(answers + u64::from(i) * 8, answer)
-    },
-};
+        if k == 0 {
+            break;
+        }
+        slot = (slot + 1) & mask;
+    }
+    lane.store_u64(answers.at(i), answer)
+});
 
 fn lookup(table: &[Slot], key: u64) -> u64 {
     let mask = table.len() as u32 - 1;
@@ -163,10 +167,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let k = mirror.backend().kernel(&PROBE)?;
     let t = std::time::Instant::now();
-    mirror.launch(
+    mirror.run(
         &k,
         args.probes as u32,
-        (table.as_ptr(), mask, queries.as_ptr(), answers.as_mut_ptr()),
+        (&table, mask, &queries, &mut answers),
     )?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
 

@@ -28,6 +28,34 @@
 //! assert!(y.iter().all(|&v| v == 5.0));
 //! ```
 //!
+//! What the compiler refuses: a `&Vec<T>` where a pointer is declared
+//! (it would pass the address of the `Vec`'s header, not its data)…
+//!
+//! ```compile_fail,E0308
+//! use hmm::{params, Device, Driver, KernelSource, MirrorConfig, Ptr};
+//! const K: KernelSource<(Ptr<f32>,)> =
+//!     KernelSource::new("k", params![x: Ptr<f32>]).cpu(|_, _, _| Ok(()));
+//! let o = Device::open(Some(Driver::Cpu)).unwrap();
+//! let m = hmm::mirror(o.device, MirrorConfig::default()).unwrap();
+//! let k = m.backend().kernel(&K).unwrap();
+//! let v = vec![1.0f32; 4];
+//! m.run(&k, 4, (&v,)).unwrap();
+//! ```
+//!
+//! …(declare `In<f32>` and pass `&v`, or pass `v.as_ptr()`), and a scalar
+//! of another type than declared:
+//!
+//! ```compile_fail,E0308
+//! use hmm::{params, Device, Driver, In, KernelSource, MirrorConfig};
+//! const K: KernelSource<(In<f32>, u32)> =
+//!     KernelSource::new("k", params![x: In<f32>, n: u32]).cpu(|_, _, _| Ok(()));
+//! let o = Device::open(Some(Driver::Cpu)).unwrap();
+//! let m = hmm::mirror(o.device, MirrorConfig::default()).unwrap();
+//! let k = m.backend().kernel(&K).unwrap();
+//! let v = vec![1.0f32; 4];
+//! m.run(&k, 4, (&v, 2.5)).unwrap();
+//! ```
+//!
 //! # The WGSL side
 //!
 //! The kernel defines `fn hmm_kernel(i: u32)`, run once per invocation

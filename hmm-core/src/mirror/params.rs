@@ -34,7 +34,7 @@
 //! A `&Vec<T>` where a pointer is declared does not compile (it would pass
 //! the header's address):
 //!
-//! ```compile_fail
+//! ```compile_fail,E0308
 //! use hmm_core::mirror::params::{Ptr, Params};
 //! let v = vec![1.0f32; 4];
 //! let args: <(Ptr<f32>,) as Params>::Host<'_> = (&v,);
@@ -42,7 +42,7 @@
 //!
 //! and neither does a scalar of another type:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0308
 //! use hmm_core::mirror::params::{In, Params};
 //! let x = vec![1.0f32; 4];
 //! let args: <(In<f32>, u32) as Params>::Host<'_> = (&x, 2.5f64);
