@@ -5,16 +5,16 @@
 //! `cargo run --release --example invalidate -- [--backend ...]`
 
 use clap::Parser;
-use hmm::{params, AccessError, InOut, KernelSource, MirrorConfig, MirrorError, Ptr};
+use hmm::{AccessError, InOut, MirrorConfig, MirrorError, Ptr};
 use hmm_examples::{open, print_counters, BackendArg};
 
 const PAGES: usize = 16;
 const WORDS: usize = PAGES * 1024;
 
-/// `dst[i] = src[i]`; `src` is a raw mapping (it is unmapped under the
-/// mirror below), so it is passed as a pointer.
-const COPY: KernelSource<(Ptr<u32>, InOut<u32>)> =
-    KernelSource::new("copy_u32", params![src: Ptr<u32>, dst: InOut<u32>])
+hmm::kernel! {
+    /// `dst[i] = src[i]`; `src` is a raw mapping (it is unmapped under the
+    /// mirror below), so it is passed as a pointer.
+    const COPY: copy_u32(src: Ptr<u32>, dst: InOut<u32>)
         .wgsl(
             r#"
 fn hmm_kernel(i: u32) {
@@ -27,6 +27,7 @@ fn hmm_kernel(i: u32) {
             let v = lane.load_u32(src.at(i))?;
             lane.store_u32(dst.at(i), v)
         });
+}
 
 /// Maps `PAGES` fresh pages at `at` (or anywhere when null), filled with `fill`.
 fn map(at: *mut libc::c_void, fill: u32) -> Result<*mut u32, String> {

@@ -8,7 +8,7 @@
 use clap::Parser;
 use std::mem::offset_of;
 
-use hmm::{device_struct, params, DeviceStruct, InOut, KernelSource, MirrorConfig, Ptr};
+use hmm::{device_struct, DeviceStruct, InOut, MirrorConfig, Ptr};
 use hmm_examples::{open, print_counters, BackendArg};
 
 device_struct! {
@@ -31,8 +31,8 @@ device_struct! {
     }
 }
 
-const LIST_SUM: KernelSource<(Ptr<Node>, InOut<u64>)> =
-    KernelSource::new("list_sum", params![head: Ptr<Node>, out: InOut<u64>])
+hmm::kernel! {
+    const LIST_SUM: list_sum(head: Ptr<Node>, out: InOut<u64>)
         .structs(&[Node::LAYOUT])
         .wgsl(
             r#"
@@ -64,9 +64,10 @@ fn hmm_kernel(i: u32) {
             }
             lane.store_u64(out.addr(), sum)
         });
+}
 
-const TREE_SUM: KernelSource<(Ptr<Tree>, InOut<u64>)> =
-    KernelSource::new("tree_sum", params![root: Ptr<Tree>, out: InOut<u64>])
+hmm::kernel! {
+    const TREE_SUM: tree_sum(root: Ptr<Tree>, out: InOut<u64>)
         .structs(&[Tree::LAYOUT])
         .wgsl(
             r#"
@@ -121,6 +122,7 @@ fn hmm_kernel(i: u32) {
             lane.store_u64(out.at(0), sum)?;
             lane.store_u32(out.at(1), 0)
         });
+}
 
 fn build_tree(lo: u64, hi: u64) -> Option<Box<Tree>> {
     if lo >= hi {

@@ -3,14 +3,14 @@
 //! `cargo run --release --example saxpy -- [--backend cpu|wgpu|auto] [--n N]`
 
 use clap::Parser;
-use hmm::{params, In, InOut, KernelSource, MirrorConfig};
+use hmm::{In, InOut, MirrorConfig};
 use hmm_examples::{open, print_counters, BackendArg};
 
-/// Parameters declared once: the WGSL reads them as `args.x`, `args.y`,
-/// `args.a`; the cpu closure gets them typed; the launch below is checked
-/// against them by the compiler.
-const SAXPY: KernelSource<(In<f32>, InOut<f32>, f32)> =
-    KernelSource::new("saxpy", params![x: In<f32>, y: InOut<f32>, a: f32])
+hmm::kernel! {
+    /// Parameters declared once: the WGSL reads them as `args.x`, `args.y`,
+    /// `args.a`; the cpu closure gets them typed; the launch below is checked
+    /// against them by the compiler.
+    const SAXPY: saxpy(x: In<f32>, y: InOut<f32>, a: f32)
         .wgsl(
             r#"
 fn hmm_kernel(i: u32) {
@@ -24,6 +24,7 @@ fn hmm_kernel(i: u32) {
             let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
             lane.store_f32(y.at(i), v)
         });
+}
 
 #[derive(Parser)]
 struct Args {

@@ -8,7 +8,7 @@
 use clap::Parser;
 use std::mem::offset_of;
 
-use hmm::{device_struct, params, DeviceStruct, In, InOut, KernelSource, MirrorConfig};
+use hmm::{device_struct, DeviceStruct, In, InOut, MirrorConfig};
 use hmm_examples::{open, print_counters, BackendArg};
 
 device_struct! {
@@ -34,10 +34,8 @@ fn hash(key: u64) -> u32 {
     h ^ (h >> 12)
 }
 
-const PROBE: KernelSource<(In<Slot>, u32, In<u64>, InOut<u64>)> = KernelSource::new(
-    "probe",
-    params![table: In<Slot>, mask: u32, queries: In<u64>, answers: InOut<u64>],
-)
+hmm::kernel! {
+    const PROBE: probe(table: In<Slot>, mask: u32, queries: In<u64>, answers: InOut<u64>)
 .structs(&[Slot::LAYOUT])
 .wgsl(
     r#"
@@ -90,6 +88,7 @@ fn hmm_kernel(i: u32) {
     }
     lane.store_u64(answers.at(i), answer)
 });
+}
 
 fn lookup(table: &[Slot], key: u64) -> u64 {
     let mask = table.len() as u32 - 1;

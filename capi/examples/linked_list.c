@@ -5,7 +5,8 @@
  *   capi/examples/build.sh && target/capi-examples/linked_list [auto|cpu|wgpu|vulkan] [lists] [nodes]
  *
  * Invocation i walks list i. The field offsets come from offsetof() and
- * travel as typed arguments, so the kernels hard-code no layout. Nodes of
+ * travel as declared, named arguments (args.next_off, args.value_off), so
+ * the kernels hard-code no layout. Nodes of
  * different lists are allocated interleaved, so every list is scattered
  * over the heap: the device faults in the heap pages it walks. Exits
  * nonzero on any error or wrong sum. */
@@ -20,22 +21,20 @@ struct node {
     uint32_t value;
 };
 
-/* Arguments: 0 heads (struct node *[lists]), 1 sums (uint32_t[lists]),
- * 2 offsetof(next), 3 offsetof(value). */
+static const char LIST_SUM_PARAMS[] = "heads: ptr, sums: ptr, next_off: u32, value_off: u32";
+
 static const char LIST_SUM_WGSL[] =
     "fn hmm_kernel(i: u32) {\n"
-    "    let next_off = hmm_arg_u32(2u);\n"
-    "    let value_off = hmm_arg_u32(3u);\n"
-    "    var node = hmm_load_ptr(hmm_index(hmm_arg_ptr(0u), i, 8u));\n"
+    "    var node = hmm_load_ptr(hmm_index(args.heads, i, 8u));\n"
     "    var sum = 0u;\n"
     "    loop {\n"
     "        if hmm_is_null(node) || hmm_faulted() {\n"
     "            break;\n"
     "        }\n"
-    "        sum = sum + hmm_load_u32(hmm_add(node, value_off));\n"
-    "        node = hmm_load_ptr(hmm_add(node, next_off));\n"
+    "        sum = sum + hmm_load_u32(hmm_add(node, args.value_off));\n"
+    "        node = hmm_load_ptr(hmm_add(node, args.next_off));\n"
     "    }\n"
-    "    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), sum);\n"
+    "    hmm_store_u32(hmm_index(args.sums, i, 4u), sum);\n"
     "}\n";
 
 static int list_sum_cpu(hmm_lane *lane, uint32_t i, void *ctx) {
@@ -69,7 +68,7 @@ int main(int argc, char **argv) {
     printf("%s\n", hmm_device_note(dev));
     hmm_mirror *m = hmm_mirror_new(dev, NULL, &st);
     if (!m) return fail("mirror", &st);
-    hmm_kernel *k = hmm_kernel_new(m, LIST_SUM_WGSL, list_sum_cpu, NULL, &st);
+    hmm_kernel *k = hmm_kernel_new_with_params(m, LIST_SUM_PARAMS, LIST_SUM_WGSL, list_sum_cpu, NULL, &st);
     if (!k) return fail("kernel", &st);
 
     struct node **heads = calloc(lists, sizeof *heads);

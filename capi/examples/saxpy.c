@@ -2,23 +2,25 @@
  *
  *   capi/examples/build.sh && target/capi-examples/saxpy [auto|cpu|wgpu|vulkan] [n]
  *
- * The same kernel twice: WGSL for the GPU drivers (wgpu, vulkan) and a C
+ * WGSL for the GPU drivers (wgpu, vulkan), with named parameters, and a C
  * callback for the cpu driver, which reaches memory only through the
- * hmm_lane_* accessors. Exits nonzero on any error or wrong element. */
+ * hmm_lane_* accessors (arguments by position, in declaration order). Exits nonzero on any error or wrong element. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "hmm.h"
 
+/* Parameters declared once, by name and kind: the WGSL reads args.x,
+ * args.y, args.a, and every launch's arguments are checked against the
+ * declaration (a wrong count or kind is HMM_INVALID_ARGUMENT). */
+static const char SAXPY_PARAMS[] = "x: ptr, y: ptr, a: f32";
+
 static const char SAXPY_WGSL[] =
     "fn hmm_kernel(i: u32) {\n"
-    "    let x = hmm_arg_ptr(0u);\n"
-    "    let y = hmm_arg_ptr(1u);\n"
-    "    let a = hmm_arg_f32(2u);\n"
-    "    let yp = hmm_index(y, i, 4u);\n"
-    "    let xi = hmm_load_f32(hmm_index(x, i, 4u));\n"
-    "    hmm_store_f32(yp, a * xi + hmm_load_f32(yp));\n"
+    "    let yp = hmm_index(args.y, i, 4u);\n"
+    "    let xi = hmm_load_f32(hmm_index(args.x, i, 4u));\n"
+    "    hmm_store_f32(yp, args.a * xi + hmm_load_f32(yp));\n"
     "}\n";
 
 /* The cpu driver's version: argument words, then checked loads and stores.
@@ -51,7 +53,7 @@ int main(int argc, char **argv) {
     printf("%s\n", hmm_device_note(dev));
     hmm_mirror *m = hmm_mirror_new(dev, NULL, &st); /* consumes dev */
     if (!m) return fail("mirror", &st);
-    hmm_kernel *k = hmm_kernel_new(m, SAXPY_WGSL, saxpy_cpu, NULL, &st);
+    hmm_kernel *k = hmm_kernel_new_with_params(m, SAXPY_PARAMS, SAXPY_WGSL, saxpy_cpu, NULL, &st);
     if (!k) return fail("kernel", &st);
 
     float a = 2.5f;
@@ -63,6 +65,14 @@ int main(int argc, char **argv) {
     }
 
     hmm_arg args[] = {hmm_arg_ptr(x), hmm_arg_ptr(y), hmm_arg_f32(a)};
+    /* A double where the kernel declares f32 is refused before anything
+     * runs, naming the argument. */
+    hmm_arg wrong[] = {hmm_arg_ptr(x), hmm_arg_ptr(y), hmm_arg_f64(a)};
+    if (hmm_launch(m, k, n, wrong, 3, NULL, &st) != HMM_INVALID_ARGUMENT) {
+        fprintf(stderr, "saxpy: a wrong-kind argument was not refused\n");
+        return 1;
+    }
+    printf("refused as declared: %s\n", st.message);
     hmm_launch_report r;
     if (hmm_launch(m, k, n, args, 3, &r, &st) != HMM_OK) return fail("launch", &st);
     printf("saxpy over %u elements on %s: %llu pages in, %llu pages out, %u submissions\n", n,

@@ -359,6 +359,8 @@ uint32_t hmm_mirror_max_invocations(const struct hmm_mirror *m);
 // `cpu_fn` (required there: `NULL` is `HMM_UNSUPPORTED`) with `cpu_ctx`,
 // and still validates `wgsl` when given, so a WGSL typo surfaces on every
 // driver. `cpu_fn` is ignored by GPU drivers. Returns `NULL` on error.
+// The kernel reads its arguments by position (`hmm_arg_ptr(0u)`); see
+// [`hmm_kernel_new_with_params`] for named, checked ones.
 //
 // # Safety
 //
@@ -371,6 +373,25 @@ struct hmm_kernel *hmm_kernel_new(const struct hmm_mirror *m,
                                   hmm_cpu_kernel_fn cpu_fn,
                                   void *cpu_ctx,
                                   struct hmm_status *st);
+
+// [`hmm_kernel_new`] with declared parameters: `params` is
+// `"name: kind, ..."` (kinds `ptr`, `u32`, `i32`, `f32`, `u64`, as the
+// `hmm_arg_*` constructors make them; `NULL` or blank for none). The WGSL
+// reads them by name (`args.x`, `args.n`: pointers and `u64`s are
+// `vec2<u32>`), and every launch is checked against the declaration: a
+// wrong count or an argument of another kind is `HMM_INVALID_ARGUMENT`
+// naming it, before anything runs. A malformed declaration is
+// `HMM_INVALID_ARGUMENT`.
+//
+// # Safety
+//
+// As [`hmm_kernel_new`]; `params` is `NULL` or a NUL-terminated string.
+struct hmm_kernel *hmm_kernel_new_with_params(const struct hmm_mirror *m,
+                                              const char *params,
+                                              const char *wgsl,
+                                              hmm_cpu_kernel_fn cpu_fn,
+                                              void *cpu_ctx,
+                                              struct hmm_status *st);
 
 // Frees a kernel. `NULL` does nothing. A non-blocking launch in flight
 // keeps the kernel alive until it is waited for.

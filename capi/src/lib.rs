@@ -71,6 +71,8 @@ use hmm::{
 };
 use hmm_core::cpu::safecopy;
 
+mod params;
+
 // ---------------------------------------------------------------------------
 // Status
 // ---------------------------------------------------------------------------
@@ -636,6 +638,9 @@ pub type hmm_cpu_kernel_fn =
 /// [`hmm_kernel_new`]; freed with [`hmm_kernel_free`].
 pub struct hmm_kernel {
     kernel: Arc<Kernel>,
+    /// The declared parameters ([`hmm_kernel_new_with_params`]), which
+    /// every launch's arguments must match.
+    params: Option<params::Declared>,
 }
 
 /// The C callback and its context, called from the cpu driver's threads.
@@ -680,6 +685,8 @@ impl CpuCallback {
 /// `cpu_fn` (required there: `NULL` is `HMM_UNSUPPORTED`) with `cpu_ctx`,
 /// and still validates `wgsl` when given, so a WGSL typo surfaces on every
 /// driver. `cpu_fn` is ignored by GPU drivers. Returns `NULL` on error.
+/// The kernel reads its arguments by position (`hmm_arg_ptr(0u)`); see
+/// [`hmm_kernel_new_with_params`] for named, checked ones.
 ///
 /// # Safety
 ///
@@ -695,6 +702,31 @@ pub unsafe extern "C" fn hmm_kernel_new(
     cpu_ctx: *mut c_void,
     st: *mut hmm_status,
 ) -> *mut hmm_kernel {
+    // SAFETY: the caller's contract, passed on unchanged (no parameters).
+    unsafe { hmm_kernel_new_with_params(m, core::ptr::null(), wgsl, cpu_fn, cpu_ctx, st) }
+}
+
+/// [`hmm_kernel_new`] with declared parameters: `params` is
+/// `"name: kind, ..."` (kinds `ptr`, `u32`, `i32`, `f32`, `u64`, as the
+/// `hmm_arg_*` constructors make them; `NULL` or blank for none). The WGSL
+/// reads them by name (`args.x`, `args.n`: pointers and `u64`s are
+/// `vec2<u32>`), and every launch is checked against the declaration: a
+/// wrong count or an argument of another kind is `HMM_INVALID_ARGUMENT`
+/// naming it, before anything runs. A malformed declaration is
+/// `HMM_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// As [`hmm_kernel_new`]; `params` is `NULL` or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hmm_kernel_new_with_params(
+    m: *const hmm_mirror,
+    params: *const c_char,
+    wgsl: *const c_char,
+    cpu_fn: hmm_cpu_kernel_fn,
+    cpu_ctx: *mut c_void,
+    st: *mut hmm_status,
+) -> *mut hmm_kernel {
     // SAFETY: the caller's contract on `st`.
     let st = unsafe { StatusOut::new(st) };
     guard(st, core::ptr::null_mut(), || {
@@ -702,9 +734,18 @@ pub unsafe extern "C" fn hmm_kernel_new(
         let m = unsafe { mirror_ref(m) }?;
         // SAFETY: the caller's contract on `wgsl`.
         let wgsl = unsafe { str_arg(wgsl, "wgsl") }?;
+        // SAFETY: the caller's contract on `params`.
+        let decl = unsafe { str_arg(params, "params") }?;
+        let declared = decl.map(params::parse).transpose()?;
+        // The kernel as written, then its generated parameters (after it:
+        // its line numbers stay its own).
+        let full = wgsl.map(|w| match &declared {
+            Some((_, prelude)) => format!("{w}\n{prelude}"),
+            None => w.to_string(),
+        });
         let kernel = match m.mirror.backend() {
             Device::Cpu(_) => {
-                if let Some(w) = wgsl {
+                if let Some(w) = &full {
                     hmm_shaders::build(w).map_err(|e| Error::new(HMM_KERNEL, e.to_string()))?;
                 }
                 let f = cpu_fn.ok_or_else(|| {
@@ -718,17 +759,18 @@ pub unsafe extern "C" fn hmm_kernel_new(
                 Kernel::Cpu(CpuKernel::new(move |lane, i| cb.call(lane, i)))
             }
             gpu => {
-                let w = wgsl.ok_or_else(|| {
+                let w = full.ok_or_else(|| {
                     Error::invalid(format!(
                         "the {} driver needs WGSL: wgsl is NULL",
                         gpu.driver().name()
                     ))
                 })?;
-                gpu_kernel(gpu, w)?
+                gpu_kernel(gpu, &w)?
             }
         };
         Ok(Box::into_raw(Box::new(hmm_kernel {
             kernel: Arc::new(kernel),
+            params: declared.map(|(d, _)| d),
         })))
     })
 }
@@ -1099,21 +1141,30 @@ pub struct hmm_arg {
     pub value: hmm_arg_value,
 }
 
-/// The 64-bit words of `args`.
+/// The 64-bit words of `args`, checked against `declared` when the kernel
+/// has declared parameters.
 ///
 /// # Safety
 ///
 /// `args` is valid for reading `n` `hmm_arg`s (or `n` is 0), each with the
 /// member its kind names written.
-unsafe fn arg_words(args: *const hmm_arg, n: usize) -> Result<Vec<u64>, Error> {
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    if args.is_null() {
+unsafe fn arg_words(
+    args: *const hmm_arg,
+    n: usize,
+    declared: Option<&params::Declared>,
+) -> Result<Vec<u64>, Error> {
+    let args = if n == 0 {
+        &[][..]
+    } else if args.is_null() {
         return Err(Error::invalid(format!("args is NULL but nargs is {n}")));
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { core::slice::from_raw_parts(args, n) }
+    };
+    if let Some(d) = declared {
+        let kinds: Vec<u32> = args.iter().map(|a| a.kind).collect();
+        params::check(d, &kinds)?;
     }
-    // SAFETY: the caller's contract.
-    let args = unsafe { core::slice::from_raw_parts(args, n) };
     args.iter()
         .enumerate()
         .map(|(i, a)| {
@@ -1233,7 +1284,7 @@ pub unsafe extern "C" fn hmm_launch(
         // SAFETY: the caller's contract on the handles.
         let (m, k) = unsafe { launch_handles(m, k) }?;
         // SAFETY: the caller's contract on `args`.
-        let words = unsafe { arg_words(args, nargs) }?;
+        let words = unsafe { arg_words(args, nargs, k.params.as_ref()) }?;
         let r = m.mirror.launch(&k.kernel, n, &words[..])?;
         // SAFETY: the caller's contract on `out_report`.
         unsafe { put_report(out_report, r) };
@@ -1277,7 +1328,7 @@ pub unsafe extern "C" fn hmm_launch_async(
         // SAFETY: the caller's contract on the handles.
         let (m, k) = unsafe { launch_handles(m, k) }?;
         // SAFETY: the caller's contract on `args`.
-        let words = unsafe { arg_words(args, nargs) }?;
+        let words = unsafe { arg_words(args, nargs, k.params.as_ref()) }?;
         let (mirror, kernel) = (Arc::clone(&m.mirror), Arc::clone(&k.kernel));
         let thread = std::thread::Builder::new()
             .name("hmm-capi-launch".into())

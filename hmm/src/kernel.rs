@@ -1,23 +1,23 @@
-//! Kernels written once: typed, named parameters; WGSL for the GPU
+//! Kernels written once: typed, named parameters ([`kernel!`](crate::kernel),
+//! or [`KernelSource::new`] with [`params!`](crate::params)); WGSL for the GPU
 //! drivers (checked with naga on every driver); an optional Rust closure
 //! for the cpu driver; generated WGSL accessors for `#[repr(C)]` structs.
 //!
 //! ```
-//! use hmm::{params, Device, Driver, In, InOut, KernelSource, MirrorConfig};
+//! use hmm::{Device, Driver, In, InOut, MirrorConfig};
 //!
-//! const SAXPY: KernelSource<(In<f32>, InOut<f32>, f32)> =
-//!     KernelSource::new("saxpy", params![x: In<f32>, y: InOut<f32>, a: f32])
-//!         .wgsl(
-//!             r#"
+//! hmm::kernel! {
+//!     const SAXPY: saxpy(x: In<f32>, y: InOut<f32>, a: f32)
+//!         .wgsl(r#"
 //! fn hmm_kernel(i: u32) {
 //!     let yp = hmm_index(args.y, i, 4u);
 //!     hmm_store_f32(yp, args.a * hmm_load_f32(hmm_index(args.x, i, 4u)) + hmm_load_f32(yp));
-//! }"#,
-//!         )
+//! }"#)
 //!         .cpu(|lane, i, (x, y, a)| {
 //!             let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
 //!             lane.store_f32(y.at(i), v)
 //!         });
+//! }
 //!
 //! let opened = Device::open(Some(Driver::Cpu)).unwrap();
 //! let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();
@@ -84,6 +84,7 @@
 use std::fmt::Write as _;
 
 use hmm_core::mirror::backend::BackendError;
+pub use hmm_core::mirror::params::MAX_PARAMS;
 use hmm_core::mirror::params::{ParamKind, Params, Signature, Typed};
 use hmm_driver_cpu::{CpuKernel, Lane, LaneFault};
 
@@ -188,30 +189,50 @@ impl<P: Params> KernelSource<P> {
                 types: P::KINDS.len(),
             });
         };
-        let params: Vec<(&str, ParamKind)> = params.collect();
-        if params.is_empty() {
-            return Ok(());
-        }
-        for (name, _) in &params {
-            if !is_wgsl_ident(name) {
-                return Err(KernelError::ParamName {
-                    kernel: self.name,
-                    name,
-                });
-            }
-        }
-        s.push_str("struct HmmArgs {\n");
-        for (name, kind) in &params {
-            let _ = writeln!(s, "    {name}: {},", kind.wgsl_type());
-        }
-        s.push_str("}\n\nvar<private> args: HmmArgs;\n\nfn hmm_init_args() {\n    args = HmmArgs(");
-        for (k, (_, kind)) in params.iter().enumerate() {
-            let sep = if k == 0 { "" } else { ", " };
-            let _ = write!(s, "{sep}{}({k}u)", kind.wgsl_reader());
-        }
-        s.push_str(");\n}\n");
+        let params: Vec<(&'static str, ParamKind)> = params.collect();
+        let prelude = args_prelude(&params).map_err(|name| KernelError::ParamName {
+            kernel: self.name,
+            name,
+        })?;
+        s.push_str(&prelude);
         Ok(())
     }
+}
+
+/// The WGSL that gives a kernel its named parameters: `struct HmmArgs`,
+/// `var<private> args` and the `hmm_init_args` that fills it from the
+/// argument words, in order (empty for no parameters). Appended after a
+/// kernel's own source, it keeps the kernel's line numbers. `Err` names a
+/// parameter whose name is not a WGSL identifier.
+///
+/// What [`KernelSource`] generates, for callers that declare parameters at
+/// run time (the C API).
+///
+/// ```
+/// use hmm::ParamKind;
+/// let p = hmm::kernel::args_prelude(&[("x", ParamKind::Ptr), ("n", ParamKind::U32)]).unwrap();
+/// assert!(p.contains("x: vec2<u32>,") && p.contains("hmm_arg_u32(1u)"));
+/// assert_eq!(hmm::kernel::args_prelude(&[("2x", ParamKind::U32)]), Err("2x"));
+/// ```
+pub fn args_prelude<'a>(params: &[(&'a str, ParamKind)]) -> Result<String, &'a str> {
+    let mut s = String::new();
+    if params.is_empty() {
+        return Ok(s);
+    }
+    if let Some((name, _)) = params.iter().find(|(n, _)| !is_wgsl_ident(n)) {
+        return Err(name);
+    }
+    s.push_str("struct HmmArgs {\n");
+    for (name, kind) in params {
+        let _ = writeln!(s, "    {name}: {},", kind.wgsl_type());
+    }
+    s.push_str("}\n\nvar<private> args: HmmArgs;\n\nfn hmm_init_args() {\n    args = HmmArgs(");
+    for (k, (_, kind)) in params.iter().enumerate() {
+        let sep = if k == 0 { "" } else { ", " };
+        let _ = write!(s, "{sep}{}({k}u)", kind.wgsl_reader());
+    }
+    s.push_str(");\n}\n");
+    Ok(s)
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`, not `_` alone and not starting with `__`
@@ -460,6 +481,38 @@ macro_rules! params {
     };
     ($($name:ident : $ty:ty),+ $(,)?) => {
         $crate::Signature::<($($ty,)+)>::new(&[$(stringify!($name)),+])
+    };
+}
+
+/// Declares a kernel constant with each parameter's name and type written
+/// once: `kernel! { const K: name(x: In<f32>, n: u32) .wgsl(..).cpu(..); }`
+/// is `const K: KernelSource<(In<f32>, u32)> = KernelSource::new("name",
+/// params![x: In<f32>, n: u32]).wgsl(..).cpu(..);`.
+///
+/// ```
+/// hmm::kernel! {
+///     /// `y[i] += a * x[i]`.
+///     pub const SAXPY: saxpy(x: hmm::In<f32>, y: hmm::InOut<f32>, a: f32)
+///         .wgsl("fn hmm_kernel(i: u32) {
+///             let yp = hmm_index(args.y, i, 4u);
+///             hmm_store_f32(yp, args.a * hmm_load_f32(hmm_index(args.x, i, 4u)) + hmm_load_f32(yp));
+///         }")
+///         .cpu(|lane, i, (x, y, a)| {
+///             let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
+///             lane.store_f32(y.at(i), v)
+///         });
+/// }
+/// assert_eq!(SAXPY.name(), "saxpy");
+/// ```
+#[macro_export]
+macro_rules! kernel {
+    (
+        $(#[$meta:meta])*
+        $vis:vis const $const:ident : $name:ident ( $($p:ident : $t:ty),* $(,)? ) $($rest:tt)*
+    ) => {
+        $(#[$meta])*
+        $vis const $const: $crate::KernelSource<($($t,)*)> =
+            $crate::KernelSource::new(stringify!($name), $crate::params![$($p: $t),*]) $($rest)*
     };
 }
 

@@ -1,12 +1,12 @@
 //! hmm-rs for applications: one entry point over every driver.
 //!
 //! ```
-//! use hmm::{params, Device, In, InOut, KernelSource, MirrorConfig};
+//! use hmm::{Device, In, InOut, MirrorConfig};
 //!
-//! // y = a * x + y: parameters declared once, WGSL for the GPU drivers,
-//! // the same steps in Rust for the cpu driver (optional).
-//! const SAXPY: KernelSource<(In<f32>, InOut<f32>, f32)> =
-//!     KernelSource::new("saxpy", params![x: In<f32>, y: InOut<f32>, a: f32])
+//! // y = a * x + y: each parameter named and typed once; WGSL for the GPU
+//! // drivers, the same steps in Rust for the cpu driver (optional).
+//! hmm::kernel! {
+//!     const SAXPY: saxpy(x: In<f32>, y: InOut<f32>, a: f32)
 //!         .wgsl(r#"
 //! fn hmm_kernel(i: u32) {
 //!     let yp = hmm_index(args.y, i, 4u);
@@ -16,6 +16,7 @@
 //!             let v = a * lane.load_f32(x.at(i))? + lane.load_f32(y.at(i))?;
 //!             lane.store_f32(y.at(i), v)
 //!         });
+//! }
 //!
 //! let opened = Device::open(None).unwrap(); // the best device; cpu if no GPU
 //! let mirror = hmm::mirror(opened.device, MirrorConfig::default()).unwrap();

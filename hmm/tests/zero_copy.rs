@@ -1,10 +1,10 @@
 //! `hmm::Device::open_zero_copy`: the zero-copy modes through the facade.
 
-use hmm::{params, Device, Driver, In, InOut, KernelSource, MirrorConfig, OpenError};
+use hmm::{Device, Driver, In, InOut, MirrorConfig, OpenError};
 
-/// `y[i] = y[i] + x[i]`, for every driver.
-const ADD: KernelSource<(In<u32>, InOut<u32>)> =
-    KernelSource::new("add", params![x: In<u32>, y: InOut<u32>])
+hmm::kernel! {
+    /// `y[i] = y[i] + x[i]`, for every driver.
+    const ADD: add(x: In<u32>, y: InOut<u32>)
         .wgsl(
             r#"
 fn hmm_kernel(i: u32) {
@@ -16,6 +16,7 @@ fn hmm_kernel(i: u32) {
             let v = lane.load_u32(y.at(i))? + lane.load_u32(x.at(i))?;
             lane.store_u32(y.at(i), v)
         });
+}
 
 #[test]
 fn wgpu_has_no_zero_copy_mode() {

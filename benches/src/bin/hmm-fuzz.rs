@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hmm::{
-    AccessError, Device, Driver, EventKind, KernelSource, Mirror, MirrorConfig, MirrorError,
+    AccessError, Device, Driver, EventKind, Mirror, MirrorConfig, MirrorError, Ptr, PtrMut,
     VaRange, VirtAddr,
 };
 use rand::{RngExt, SeedableRng};
@@ -119,22 +119,23 @@ struct Opts {
     verbose: bool,
 }
 
-/// `out[i] = mix(key, i, in[i])`; args: `(in, out, key)`.
-const FUZZ: KernelSource = KernelSource {
-    name: "fuzz_mix",
-    wgsl: r#"
+hmm::kernel! {
+    /// `out[i] = mix(key, i, in[i])`. The fuzzer launches it with raw words
+    /// (`Mirror::launch`: any address, valid or not), so the declared types only
+    /// name the WGSL parameters.
+    const FUZZ: fuzz_mix(inp: Ptr<u32>, out: PtrMut<u32>, key: u32)
+.wgsl(
+    r#"
 fn hmm_kernel(i: u32) {
-    let v = hmm_load_u32(hmm_index(hmm_arg_ptr(0u), i, 4u));
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), (v ^ hmm_arg_u32(2u)) * 2654435761u + i);
+    let v = hmm_load_u32(hmm_index(args.inp, i, 4u));
+    hmm_store_u32(hmm_index(args.out, i, 4u), (v ^ args.key) * 2654435761u + i);
 }"#,
-    cpu: |lane, i| {
-        let a = lane.args();
-        let (inp, out, key) = (a[0], a[1], a[2] as u32);
-        let off = u64::from(i) * 4;
-        let v = lane.load_u32(inp.wrapping_add(off))?;
-        lane.store_u32(out.wrapping_add(off), mix(key, i, v))
-    },
-};
+)
+.cpu(|lane, i, (inp, out, key)| {
+    let v = lane.load_u32(inp.at(i))?;
+    lane.store_u32(out.at(i), mix(key, i, v))
+});
+}
 
 fn mix(key: u32, i: u32, v: u32) -> u32 {
     (v ^ key).wrapping_mul(2_654_435_761).wrapping_add(i)
@@ -1407,7 +1408,7 @@ fn main() -> ExitCode {
     trace_monitor_if_asked();
     println!("max_invocations: {}", mirror.max_invocations());
     let kernel = match mirror.backend().kernel(&FUZZ) {
-        Ok(k) => k,
+        Ok(k) => k.into_kernel(),
         Err(e) => {
             println!("hmm-fuzz: FAIL: kernel: {e}");
             return ExitCode::FAILURE;

@@ -1,11 +1,11 @@
 //! The kernel `fault_service` and `thp_cost` share.
 
-use hmm::{params, KernelSource, Ptr, PtrMut};
+use hmm::{Ptr, PtrMut};
 
-/// One invocation per page: reads word 7 of page `i` of `src`, writes it
-/// to `out[i]`.
-pub const TOUCH: KernelSource<(Ptr<u8>, PtrMut<u32>)> =
-    KernelSource::new("touch", params![src: Ptr<u8>, out: PtrMut<u32>])
+hmm::kernel! {
+    /// One invocation per page: reads word 7 of page `i` of `src`, writes it
+    /// to `out[i]`.
+    pub const TOUCH: touch(src: Ptr<u8>, out: PtrMut<u32>)
         .wgsl(
             r#"
 fn hmm_kernel(i: u32) {
@@ -18,3 +18,4 @@ fn hmm_kernel(i: u32) {
             let v = lane.load_u32(src.byte_add(u64::from(i) * 4096 + 28))?;
             lane.store_u32(out.at(i), v)
         });
+}

@@ -1,10 +1,10 @@
 //! Kernels the `hmm` facade's tests share.
 
-use hmm::{params, KernelSource, PtrMut};
+use hmm::PtrMut;
 
-/// `p[i] += 1` over `u32`s at `p`, for every driver.
-pub const ADD_ONE: KernelSource<(PtrMut<u32>,)> =
-    KernelSource::new("add_one", params![p: PtrMut<u32>])
+hmm::kernel! {
+    /// `p[i] += 1` over `u32`s at `p`, for every driver.
+    pub const ADD_ONE: add_one(p: PtrMut<u32>)
         .wgsl(
             r#"
 fn hmm_kernel(i: u32) {
@@ -16,3 +16,4 @@ fn hmm_kernel(i: u32) {
             let v = lane.load_u32(p.at(i))?;
             lane.store_u32(p.at(i), v + 1)
         });
+}
