@@ -52,6 +52,7 @@ pub mod heap;
 mod mirroring;
 pub mod quiet;
 mod selftests;
+pub mod skip;
 mod support;
 mod thp;
 mod zero_copy;

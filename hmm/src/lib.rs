@@ -29,7 +29,9 @@
 //! ```
 //!
 //! Kernels, their parameters, structs shared with kernels and the WGSL
-//! helpers: the [`kernel`] module.
+//! helpers: the [`kernel`] module. A user's guide (first kernel, arguments
+//! and structs, the replay contract, limits, zero-copy, non-blocking
+//! launches, statistics): the [`guide`] module (`docs/GUIDE.md`).
 //!
 //! [`Device::open`] with `None` picks the best available driver and says
 //! which and why ([`Opened::note`]): a GPU adapter through wgpu (Mesa's
@@ -60,6 +62,9 @@ pub use hmm_core::notifier::EventKind;
 pub use kernel::{CpuFn, DeviceField, DeviceStruct, KernelError, KernelSource, StructLayout};
 
 pub mod kernel;
+
+#[doc = include_str!("../../docs/GUIDE.md")]
+pub mod guide {}
 pub use hmm_core::{VaRange, VirtAddr};
 pub use hmm_driver_cpu::{CpuDevice, CpuKernel, Lane, LaneFault};
 #[cfg(feature = "vulkan")]

@@ -644,17 +644,11 @@ impl Mode {
 /// `HMM_REQUIRE_GPU=1`, which turns a missing device into a test failure
 /// (CI sets it).
 pub fn test_device_with(opts: &OpenOptions) -> Option<VulkanDevice> {
-    match VulkanDevice::open_with(opts) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
-                "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
-            );
-            eprintln!("skip: no Vulkan device opened: {e}");
-            None
-        }
-    }
+    hmm_conformance::skip::open_or_skip(
+        "no Vulkan device opened",
+        "HMM_REQUIRE_GPU",
+        VulkanDevice::open_with(opts),
+    )
 }
 
 /// [`test_device_with`] the default options (copy mode).
@@ -675,25 +669,12 @@ pub fn test_device() -> Option<VulkanDevice> {
 /// keep its mappings alive until its launches completed.
 pub unsafe fn test_device_zero_copy() -> Option<VulkanDevice> {
     // SAFETY: this function's contract is the opt-in's.
-    match unsafe { VulkanDevice::open_zero_copy() } {
-        Ok(d) => Some(d),
-        Err(e @ OpenError::Unsupported { .. }) => {
-            assert!(
-                std::env::var("HMM_REQUIRE_ZERO_COPY").as_deref() != Ok("1"),
-                "HMM_REQUIRE_ZERO_COPY=1 but: {e}"
-            );
-            eprintln!("skip: no zero-copy Vulkan device: {e}");
-            None
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
-                "HMM_REQUIRE_GPU=1 but no Vulkan device: {e}"
-            );
-            eprintln!("skip: no Vulkan device: {e}");
-            None
-        }
-    }
+    let opened = unsafe { VulkanDevice::open_zero_copy() };
+    let require = match &opened {
+        Err(OpenError::Unsupported { .. }) => "HMM_REQUIRE_ZERO_COPY",
+        _ => "HMM_REQUIRE_GPU",
+    };
+    hmm_conformance::skip::open_or_skip("no zero-copy Vulkan device", require, opened)
 }
 
 #[cfg(test)]

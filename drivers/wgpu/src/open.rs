@@ -150,15 +150,5 @@ fn compute_instance() -> Result<wgpu::Instance, String> {
 /// skip line naming why and returns `None` — unless `HMM_REQUIRE_GPU=1`,
 /// which turns a missing adapter into a test failure (CI sets it).
 pub fn test_device() -> Option<WgpuDevice> {
-    match WgpuDevice::open() {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var("HMM_REQUIRE_GPU").as_deref() != Ok("1"),
-                "HMM_REQUIRE_GPU=1 but no wgpu device: {e}"
-            );
-            eprintln!("skip: no wgpu device: {e}");
-            None
-        }
-    }
+    hmm_conformance::skip::open_or_skip("no wgpu device", "HMM_REQUIRE_GPU", WgpuDevice::open())
 }
