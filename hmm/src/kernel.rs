@@ -1,4 +1,4 @@
-//! Kernels written once: typed, named parameters ([`kernel!`](crate::kernel),
+//! Kernels written once: typed, named parameters ([`kernel!`](crate::kernel!),
 //! or [`KernelSource::new`] with [`params!`](crate::params)); WGSL for the GPU
 //! drivers (checked with naga on every driver); an optional Rust closure
 //! for the cpu driver; generated WGSL accessors for `#[repr(C)]` structs.

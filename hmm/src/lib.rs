@@ -29,7 +29,7 @@
 //! ```
 //!
 //! Kernels, their parameters, structs shared with kernels and the WGSL
-//! helpers: the [`kernel`] module. A user's guide (first kernel, arguments
+//! helpers: the [`kernel`](mod@kernel) module. A user's guide (first kernel, arguments
 //! and structs, the replay contract, limits, zero-copy, non-blocking
 //! launches, statistics): the [`guide`] module (`docs/GUIDE.md`).
 //!
