@@ -35,6 +35,12 @@ pub struct Cli {
     /// No progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long, global = true)]
     pub no_progress: bool,
+
+    /// What a fault-service round fetches beyond the faulted pages:
+    /// `adaptive` (the default: occupancy and stream prefetch) or `exact`
+    /// (only the faulted pages)
+    #[arg(long, global = true, value_enum, default_value_t = PolicyChoice::Adaptive)]
+    pub policy: PolicyChoice,
     /// Show the library's diagnostics (`tracing` events at warn and
     /// above; `-vv`: everything) on stderr.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -48,6 +54,15 @@ pub enum Cmd {
     Run,
     /// Only the machine report: kernel capabilities, degradations, backends.
     Info,
+}
+
+/// `--policy`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyChoice {
+    /// Occupancy-tree and stream prefetch (`hmm_core::mirror::policy`).
+    Adaptive,
+    /// Exactly the pages that faulted.
+    Exact,
 }
 
 /// `--backend`.
@@ -76,6 +91,8 @@ pub struct Plan {
     pub only: Vec<String>,
     /// Show progress bars.
     pub progress: bool,
+    /// The mirrors' fetch policy.
+    pub fetch: hmm_core::mirror::FetchPolicy,
 }
 
 impl Plan {
@@ -91,6 +108,10 @@ impl Plan {
             reps: cli.reps.unwrap_or(if cli.quick { 3 } else { 5 }).max(1),
             only: cli.only.clone(),
             progress: !cli.no_progress,
+            fetch: match cli.policy {
+                PolicyChoice::Adaptive => hmm_core::mirror::FetchPolicy::Adaptive,
+                PolicyChoice::Exact => hmm_core::mirror::FetchPolicy::Exact,
+            },
         }
     }
 

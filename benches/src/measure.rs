@@ -129,6 +129,7 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         evictions: b.evictions - a.evictions,
         invalidations: core::array::from_fn(|i| b.invalidations[i] - a.invalidations[i]),
         prefetched: b.prefetched - a.prefetched,
+        speculated: b.speculated - a.speculated,
         device_errors: b.device_errors - a.device_errors,
         mapped_pages: peak.mapped_pages,
         pool_used: peak.pool_used,

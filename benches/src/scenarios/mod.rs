@@ -103,6 +103,7 @@ impl<B: BenchKernels> Ctx<'_, B> {
         let cfg = MirrorConfig {
             pool_slots,
             table_pages: pool_slots / 512 + (span >> 21) as u32 + 1024,
+            fetch: self.plan.fetch,
             ..MirrorConfig::default()
         };
         let make = match (strategy, self.make_zc) {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use crate::cpu::chunk::DEFAULT_CHUNK_SIZES;
 
+use super::policy::FetchPolicy;
+
 /// How a mirror is sized and behaves.
 #[derive(Clone, Debug)]
 pub struct MirrorConfig {
@@ -28,6 +30,9 @@ pub struct MirrorConfig {
     /// How copy mode learns of this process's own CPU writes to mirrored
     /// memory (default [`CpuWrites::Protect`]).
     pub cpu_writes: CpuWrites,
+    /// What a fault-service round fetches beyond the faulted pages
+    /// (default [`FetchPolicy::Adaptive`]; `Exact` fetches only those).
+    pub fetch: FetchPolicy,
 }
 
 /// How copy mode learns that the CPU wrote a page the device holds a copy
@@ -123,6 +128,7 @@ impl Default for MirrorConfig {
             retry_timeout: Duration::from_secs(1),
             foreign_writers: ForeignWriters::Check,
             cpu_writes: CpuWrites::Protect,
+            fetch: FetchPolicy::Adaptive,
         }
     }
 }

@@ -25,10 +25,12 @@ use super::faults::{self, PageFault, Run};
 use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::invalidate::Region;
+use super::policy::Adaptive;
 use super::residency::Install;
 use super::state::{RegionKey, RegionSlot};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::maps::MappingKind;
 use crate::cpu::mirror_fault::{fault_and_commit_with, FaultLoopStats, MirrorFaultError};
 use crate::cpu::range_fault::{FaultFlags, PageState};
 use crate::notifier::{Attempt, EventKind, Interval, NotifierRange, Seq, SubscriptionRef};
@@ -36,11 +38,13 @@ use crate::sync::lock;
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// Services validated faults; returns pages made resident.
-    /// `incomplete`: the invocations the next replay runs.
+    /// `incomplete`: the invocations the next replay runs; `round`: this
+    /// launch's fault-service rounds before this one.
     pub(super) fn service(
         &self,
         pf: &[PageFault],
         incomplete: &InvocationSet,
+        round: u32,
     ) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
         let mut pf = pf.to_vec();
@@ -63,6 +67,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = inner.host.new_epoch();
         let mut pages_in = 0;
+        let mut demanded = Vec::new();
         for batch in pf.chunks(inner.cfg.fault_batch) {
             Counters::add(&inner.counters.fault_batches, 1);
             let mut batch = batch.to_vec();
@@ -75,13 +80,110 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     Ok(n) => pages_in += n,
                     // The residency can take no more this round, and the
                     // round made progress: the rest fault again on replay,
-                    // when older memory can be evicted.
+                    // when older memory can be evicted. No speculation in
+                    // a round that could not take its own pages.
                     Err(MirrorError::PoolExhausted { .. }) if pages_in > 0 => return Ok(pages_in),
                     Err(e) => return Err(e),
                 }
+                demanded.push(run);
             }
         }
+        if let Some(policy) = inner.cfg.fetch.adaptive() {
+            pages_in += self.speculate(&policy, demanded, round, epoch)?;
+        }
         Ok(pages_in)
+    }
+
+    /// The fetch policy's pages after a round that served `demanded`
+    /// (`policy` module docs): never evicting, inside the faulting page's
+    /// anonymous, readable CPU mapping; a failed speculative fetch is
+    /// dropped. Returns pages made resident.
+    fn speculate(
+        &self,
+        policy: &Adaptive,
+        mut demanded: Vec<Run>,
+        round: u32,
+        epoch: u64,
+    ) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        if demanded.is_empty() {
+            return Ok(0);
+        }
+        demanded.sort_unstable_by_key(|r| r.range.start());
+        // Runs of different batches may touch or overlap: merge them.
+        let mut merged: Vec<Run> = Vec::with_capacity(demanded.len());
+        for r in demanded {
+            match merged.last_mut() {
+                Some(last) if last.range.end() >= r.range.start() => {
+                    let end = last.range.end().max(r.range.end());
+                    last.range = VaRange::new(last.range.start(), end).unwrap_or(last.range);
+                    last.write |= r.write;
+                }
+                _ => merged.push(r),
+            }
+        }
+        let extra = {
+            let dev = inner.lock();
+            let budget = dev.res.spare_pages();
+            if budget == 0 {
+                return Ok(0);
+            }
+            let extra =
+                policy.speculate(&merged, round, &|va| dev.table.lookup(va).is_some(), budget);
+            tracing::debug!(
+                target: "hmm_rs",
+                round,
+                demanded_runs = merged.len(),
+                budget,
+                speculated_runs = extra.len(),
+                speculated_pages = extra.iter().map(|r| r.len() / PAGE_SIZE).sum::<u64>(),
+                "fetch policy"
+            );
+            extra
+        };
+        let mut pages = 0;
+        for r in extra {
+            // Clip to the CPU mapping at its start: anonymous memory the
+            // process can read, nothing else.
+            let Ok(Some(m)) = inner.host.lookup_in_epoch(r.start(), epoch) else {
+                continue;
+            };
+            let plain = match &m.kind {
+                MappingKind::Anonymous => true,
+                MappingKind::Special(name) => name == "[heap]" || name.starts_with("[anon:"),
+                _ => false,
+            };
+            if !m.read || !plain {
+                continue;
+            }
+            let Ok(piece) = VaRange::new(r.start(), r.end().min(m.range.end())) else {
+                continue;
+            };
+            // Fetched for write where the faults before it were writes (a
+            // sweep that stores keeps storing) and the CPU may write: one
+            // upgrade fault per page saved.
+            let k = merged.partition_point(|d| d.range.start() <= piece.start());
+            let write = k > 0 && merged[k - 1].write && m.write;
+            let run = Run {
+                range: piece,
+                write,
+                first_addr: piece.start(),
+            };
+            match self.service_run(run, epoch) {
+                Ok(n) => pages += n,
+                // Speculation only: what cannot be fetched now is left to
+                // fault if it is ever used.
+                Err(
+                    MirrorError::PoolExhausted { .. }
+                    | MirrorError::DeviceFault { .. }
+                    | MirrorError::RetryTimeout { .. }
+                    | MirrorError::RegionReleased { .. },
+                ) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Counters::add(&inner.counters.speculated, pages);
+        Ok(pages)
     }
 
     /// Makes `range` resident for read (or write) without a device fault:

@@ -190,6 +190,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             evictions: g(&c.evictions),
             invalidations: core::array::from_fn(|i| g(&c.invalidations[i])),
             prefetched: g(&c.prefetched),
+            speculated: g(&c.speculated),
             device_errors: g(&c.device_errors),
             mapped_pages: dev.table.mapped_pages(),
             pool_used,

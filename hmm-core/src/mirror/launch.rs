@@ -205,7 +205,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
             report.faults += pf.len() as u64;
             Counters::add(&inner.counters.faults, pf.len() as u64);
-            report.pages_in += self.service(&pf, &outcome.incomplete)?;
+            report.pages_in += self.service(&pf, &outcome.incomplete, replays)?;
             replay = outcome.incomplete;
             first = false;
             replays += 1;

@@ -42,6 +42,9 @@ pub struct MirrorStats {
     pub invalidations: [u64; 8],
     /// Pages mapped by `prefetch`.
     pub prefetched: u64,
+    /// Pages the fetch policy brought in beyond the faulted ones
+    /// ([`FetchPolicy`](super::FetchPolicy)).
+    pub speculated: u64,
     /// Device calls that failed where the mirror's state depends on them
     /// (entry writes and clears, window unbinds, write-back reads); a
     /// failed clear is retried, and repeated failures declare the device
@@ -88,8 +91,8 @@ impl core::fmt::Display for MirrorStats {
         )?;
         writeln!(
             f,
-            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}",
-            self.pages_in, self.pages_out, self.evictions, self.prefetched
+            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}   speculated {}",
+            self.pages_in, self.pages_out, self.evictions, self.prefetched, self.speculated
         )?;
         let k = &self.invalidations;
         writeln!(
@@ -133,6 +136,7 @@ pub(crate) struct Counters {
     pub evictions: AtomicU64,
     pub invalidations: [AtomicU64; 8],
     pub prefetched: AtomicU64,
+    pub speculated: AtomicU64,
     pub device_errors: AtomicU64,
     pub foreign_checked_pages: AtomicU64,
     pub foreign_changed_pages: AtomicU64,

@@ -514,6 +514,14 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
 
     fn begin_round(&mut self) {}
 
+    fn spare_pages(&self) -> u64 {
+        // The free slots: speculation takes nothing from a page in use. A
+        // later round that needs room evicts like any round (speculated
+        // pages the device never touched are as old as any); a reserve
+        // here cost the dense sweep a round per reserved stretch.
+        u64::from(self.pool.capacity()).saturating_sub(u64::from(self.pool.used()))
+    }
+
     fn plan_round(&mut self, pf: &mut Vec<PageFault>, incomplete: &InvocationSet) {
         // Oversubscription. A replay restarts an invocation, so it
         // completes only in a round where *all* its pages are resident at

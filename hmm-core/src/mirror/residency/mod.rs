@@ -116,6 +116,13 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     /// at most this many).
     fn piece_pages(&self, cfg: &MirrorConfig) -> u64;
 
+    /// How many more pages could be made resident now without evicting
+    /// anything, less a reserve: the most a fetch policy may speculate
+    /// (`policy`). Default 0: no speculation.
+    fn spare_pages(&self) -> u64 {
+        0
+    }
+
     /// A fault-service round (or a prefetch) begins.
     fn begin_round(&mut self);
 
