@@ -865,7 +865,7 @@ fn stress_injected<B: TestKernels>(
         g(&c.unexpected)
     );
     println!(
-        "invalidations: {} (unmap {}, remove {}, cpu-write {}); fault retries: {}; replays: {}; evictions: {}; regions created {}, released {}, unwatched {}",
+        "invalidations: {} (unmap {}, remove {}, cpu-write {}); fault retries: {}; replays: {}; evictions: {}; speculated pages: {}; regions created {}, released {}, unwatched {}",
         st.invalidations_total(),
         st.invalidations[0],
         st.invalidations[1],
@@ -873,6 +873,7 @@ fn stress_injected<B: TestKernels>(
         st.retries,
         st.replays,
         st.evictions,
+        st.speculated,
         st.regions_created,
         st.deferred_releases,
         st.unwatched_regions

@@ -30,7 +30,7 @@ use super::residency::Install;
 use super::state::{RegionKey, RegionSlot};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
-use crate::cpu::maps::MappingKind;
+use crate::cpu::maps::{Mapping, MappingKind};
 use crate::cpu::mirror_fault::{fault_and_commit_with, FaultLoopStats, MirrorFaultError};
 use crate::cpu::range_fault::{FaultFlags, PageState};
 use crate::notifier::{Attempt, EventKind, Interval, NotifierRange, Seq, SubscriptionRef};
@@ -141,11 +141,15 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             );
             extra
         };
-        let mut pages = 0;
-        for r in extra {
-            // Clip to the CPU mapping at its start: anonymous memory the
-            // process can read, nothing else.
-            let Ok(Some(m)) = inner.host.lookup_in_epoch(r.start(), epoch) else {
+        // The mappings the round's faults are in — anonymous memory the
+        // process can read, nothing else. Speculation stays inside them:
+        // never into a neighbouring mapping, a guard page or a file.
+        let mut mappings: Vec<Mapping> = Vec::new();
+        for d in &merged {
+            if mappings.iter().any(|m| m.range.contains(d.range.start())) {
+                continue;
+            }
+            let Ok(Some(m)) = inner.host.lookup_in_epoch(d.range.start(), epoch) else {
                 continue;
             };
             let plain = match &m.kind {
@@ -153,10 +157,16 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 MappingKind::Special(name) => name == "[heap]" || name.starts_with("[anon:"),
                 _ => false,
             };
-            if !m.read || !plain {
-                continue;
+            if m.read && plain {
+                mappings.push(m);
             }
-            let Ok(piece) = VaRange::new(r.start(), r.end().min(m.range.end())) else {
+        }
+        let mut pages = 0;
+        for (r, m) in extra
+            .iter()
+            .flat_map(|r| mappings.iter().map(move |m| (r, m)))
+        {
+            let Some(piece) = r.intersect(m.range) else {
                 continue;
             };
             // Fetched for write where the faults before it were writes (a
