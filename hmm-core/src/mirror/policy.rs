@@ -19,7 +19,8 @@
 //! 2. **Streams.** A run of at least 16 consecutive faulting pages is read
 //!    as a sweep: the pages after it are fetched too, `len × 8^(round+1)`
 //!    of them (the look-ahead grows each round of the launch the sweep
-//!    continues), at most [`Adaptive::max_ahead_pages`].
+//!    continues), at most [`Adaptive::max_ahead_pages`] and never more
+//!    than the pool's free slots.
 //!
 //! What bounds it: speculation never evicts (it takes at most the pool's
 //! free slots, after the round's own pages are in); it stays inside the CPU mapping of
@@ -71,8 +72,8 @@ pub struct Adaptive {
     pub block_pages: u64,
     /// A faulting run at least this long is a stream (16 = 64 KiB).
     pub min_stream_pages: u64,
-    /// The most pages one stream fetches ahead in one round (16,384 =
-    /// 64 MiB).
+    /// The most pages one stream fetches ahead in one round (131,072 =
+    /// 512 MiB; the pool's free slots bound it first).
     pub max_ahead_pages: u64,
 }
 
@@ -83,7 +84,7 @@ impl Default for Adaptive {
             min_node_pages: 16,
             block_pages: 512,
             min_stream_pages: 16,
-            max_ahead_pages: 16_384,
+            max_ahead_pages: 131_072,
         }
     }
 }
@@ -241,9 +242,12 @@ mod tests {
         let got = a.speculate(&[run(base, base + 15)], 0, &res, u64::MAX);
         let want: Vec<u64> = (base + 15..base + 20).chain(base + 25..base + 32).collect();
         assert_eq!(pages(&got), want);
-        // Round 1 looks 64x further, at most 64 MiB.
+        // Round 1 looks 64x further.
         let got = a.speculate(&[run(base, base + 300)], 1, &|_| false, u64::MAX);
-        assert_eq!(pages(&got).len(), 16_384);
+        assert_eq!(pages(&got).len(), 19_200);
+        // At most `max_ahead_pages`.
+        let got = a.speculate(&[run(base, base + 3000)], 1, &|_| false, u64::MAX);
+        assert_eq!(pages(&got).len(), 131_072);
         // The budget bounds it.
         let got = a.speculate(&[run(base, base + 300)], 1, &|_| false, 1000);
         assert_eq!(pages(&got).len(), 1000);
@@ -308,7 +312,7 @@ mod tests {
                 });
                 let in_stream = demanded.iter().any(|r| {
                     let (s, e) = (r.range.start().0 / PAGE_SIZE, r.range.end().0 / PAGE_SIZE);
-                    e - s >= 16 && *page >= e && *page < e + ((e - s) << (3 * (round + 1))).min(16_384)
+                    e - s >= 16 && *page >= e && *page < e + ((e - s) << (3 * (round + 1))).min(131_072)
                 });
                 prop_assert!(in_block || in_stream, "page {page} explained by nothing");
             }
