@@ -1,6 +1,6 @@
 //! SVG plots (plotters' SVG backend only): one chart per scenario (total
-//! time per case, one line per strategy, log scale) and one of the
-//! speed-ups.
+//! time per case, one line per strategy, log scale), one of the speed-ups,
+//! and one of the mirror's device rounds per scenario and case.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -72,8 +72,8 @@ fn chart(
     Ok(())
 }
 
-/// Writes `<scenario>.svg` for every scenario and `speedup.svg`; returns
-/// the files written.
+/// Writes `<scenario>.svg` for every scenario, `rounds.svg` and
+/// `speedup.svg`; returns the files written.
 pub fn write(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     let mut files = Vec::new();
     let mut scenarios: Vec<&str> = rows.iter().map(|r| r.scenario).collect();
@@ -107,6 +107,30 @@ pub fn write(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, Box<dyn Error>> {
             &path,
             &format!("{sc}: end-to-end time"),
             "ms (log)",
+            &cats,
+            &series,
+        )?;
+        files.push(path);
+    }
+    // Device rounds (submissions) of the mirror arm, every scenario/case.
+    let mirror_rows: Vec<&Row> = rows.iter().filter(|r| r.strategy == "mirror").collect();
+    if !mirror_rows.is_empty() {
+        let cats: Vec<String> = mirror_rows
+            .iter()
+            .map(|r| format!("{} {}", r.scenario, r.case))
+            .collect();
+        let series = vec![(
+            "mirror: device rounds (submissions)".to_owned(),
+            mirror_rows
+                .iter()
+                .map(|r| Some(r.sample.stats.submissions.max(1) as f64))
+                .collect(),
+        )];
+        let path = dir.join("rounds.svg");
+        chart(
+            &path,
+            "fault-service rounds",
+            "rounds (log)",
             &cats,
             &series,
         )?;

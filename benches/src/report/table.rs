@@ -14,18 +14,18 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| scenario | case | strategy | total ms | setup ms | in MiB | out MiB | device MiB | dev/touched | faults | batches | retries | invalidations | evictions | CPU ms | copy eff |"
+        "| scenario | case | strategy | total ms | setup ms | in MiB | out MiB | device MiB | dev/touched | faults | batches | rounds | spec MiB | retries | invalidations | evictions | CPU ms | copy eff |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     for r in rows {
         let d = derive(r, memcpy_bw);
         let s = &r.sample;
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {:.1} | {:.0}% |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {:.1} | {} | {} | {} | {:.1} | {:.0}% |",
             r.scenario,
             r.case,
             r.strategy,
@@ -37,6 +37,8 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
             d.dev_ratio,
             s.stats.faults,
             s.stats.fault_batches,
+            s.stats.submissions,
+            mib(s.stats.speculated * 4096),
             s.stats.retries,
             s.stats.invalidations_total(),
             s.stats.evictions,
@@ -44,6 +46,11 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
             d.copy_eff * 100.0,
         );
     }
+    let _ = writeln!(
+        t,
+        "\nrounds: device submissions (one per fault-service round, plus the first); \
+         spec MiB: what the fetch policy brought in beyond the faulted pages (`--policy`)."
+    );
     if rows
         .iter()
         .any(|r| r.strategy == crate::scenarios::ZERO_COPY)

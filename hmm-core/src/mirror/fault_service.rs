@@ -89,7 +89,16 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
         }
         if let Some(policy) = inner.cfg.fetch.adaptive() {
-            pages_in += self.speculate(&policy, demanded, round, epoch)?;
+            let t = std::time::Instant::now();
+            let n = self.speculate(&policy, demanded, round, epoch)?;
+            tracing::debug!(
+                target: "hmm_rs",
+                round,
+                pages = n,
+                us = t.elapsed().as_micros() as u64,
+                "speculated"
+            );
+            pages_in += n;
         }
         Ok(pages_in)
     }

@@ -143,6 +143,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             } else {
                 Invocations::Only(&replay)
             };
+            let t_round = std::time::Instant::now();
             let id = {
                 let mut dev = inner.lock();
                 inner.flush_or_fail(&mut dev)?;
@@ -205,7 +206,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
             report.faults += pf.len() as u64;
             Counters::add(&inner.counters.faults, pf.len() as u64);
-            report.pages_in += self.service(&pf, &outcome.incomplete, replays)?;
+            let t_service = std::time::Instant::now();
+            let device = t_service - t_round;
+            let pages = self.service(&pf, &outcome.incomplete, replays)?;
+            report.pages_in += pages;
+            tracing::debug!(
+                target: "hmm_rs",
+                round = replays,
+                faults = pf.len(),
+                pages,
+                device_us = device.as_micros() as u64,
+                service_us = t_service.elapsed().as_micros() as u64,
+                "fault-service round"
+            );
             replay = outcome.incomplete;
             first = false;
             replays += 1;
