@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use hmm::{HostSpace, Mirror, MirrorConfig};
+use hmm::{HostSpace, InOut, Mirror, MirrorConfig, Typed};
 use hmm_conformance::{self as conformance, TestKernel, TestKernels};
 use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet,
@@ -273,9 +273,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..MirrorConfig::default()
         },
     )?;
-    let k = mirror.backend().test_kernel(TestKernel::IncrementU32)?;
+    // A backend's own kernels get typed parameters by declaring them: the
+    // launch below is then checked by the compiler (`&mut v` passes the
+    // Vec's data).
+    let k: Typed<_, (InOut<u32>,)> =
+        Typed::new(mirror.backend().test_kernel(TestKernel::IncrementU32)?);
     let mut v: Vec<u32> = (0..10_000).collect();
-    mirror.launch(&k, v.len() as u32, (v.as_mut_ptr(),))?;
+    mirror.run(&k, v.len() as u32, (&mut v,))?;
     if v.iter().enumerate().any(|(i, &x)| x != i as u32 + 1) {
         return Err("toy increment: wrong result".into());
     }
