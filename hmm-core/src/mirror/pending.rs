@@ -29,7 +29,42 @@
 //! whatever the closure did with its [`Pending`] handles (waited, dropped,
 //! forgotten), so anything a launch borrows needs only to outlive the
 //! scope, which the borrow checker enforces. No `unsafe` is involved: a
-//! launch runs [`Mirror::launch`] on a scoped thread.
+//! launch runs [`Mirror::launch`] on a scoped thread, so the scope adds no
+//! hazard that a thread calling `Mirror::launch` would not have.
+//!
+//! A handle cannot leave its scope:
+//!
+//! ```compile_fail
+//! # use hmm_core::mirror::{backend::Backend, Mirror};
+//! # fn demo<B: Backend>(m: &Mirror<B>, k: &B::Kernel) {
+//! let p = m.scope(|s| Ok(s.launch(k, 1, ()))).unwrap(); // error: `'scope` escapes
+//! let _ = p.wait();
+//! # }
+//! ```
+//!
+//! and what a [`Scope::launch_with`] closure borrows stays borrowed until
+//! the scope ends, so the CPU cannot write it meanwhile:
+//!
+//! ```compile_fail
+//! # use hmm_core::mirror::{backend::Backend, Mirror};
+//! # fn demo<B: Backend>(m: &Mirror<B>, k: &B::Kernel) {
+//! let mut out = vec![0u32; 4];
+//! m.scope(|s| {
+//!     let dst: &mut [u32] = &mut out;
+//!     let p = s.launch_with(move |m| m.launch(k, 4, (dst.as_mut_ptr(),)));
+//!     out[0] = 1; // error: `out` is borrowed by the launch
+//!     p.wait()
+//! })
+//! .unwrap();
+//! # }
+//! ```
+//!
+//! [`Scope::launch`] takes the same arguments as [`Mirror::launch`]
+//! (turned into words before it returns): raw pointers, which borrow
+//! nothing. As with `Mirror::launch` called on another thread, memory the
+//! kernel uses must stay allocated until the launch is done — memory freed
+//! and reused meanwhile would be read or written back by the launch; the
+//! compiler checks this only for what a `launch_with` closure borrows.
 //!
 //! # Order
 //!
