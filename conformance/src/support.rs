@@ -202,9 +202,9 @@ pub enum LaunchMode {
     /// [`Mirror::launch`]: returns when the launch is done.
     #[default]
     Blocking,
-    /// [`Mirror::scope`] + [`Scope::launch`](hmm_core::mirror::Scope::launch)
-    /// + [`Pending::wait`](hmm_core::mirror::Pending::wait): the launch runs
-    /// on a thread of the scope.
+    /// [`Mirror::scope`], [`Scope::launch`](hmm_core::mirror::Scope::launch)
+    /// and [`Pending::wait`](hmm_core::mirror::Pending::wait): the launch
+    /// runs on a thread of the scope.
     NonBlocking,
 }
 

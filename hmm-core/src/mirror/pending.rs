@@ -1,8 +1,7 @@
 //! Non-blocking launches: submit now, wait later ([`Mirror::scope`]).
 //!
 //! ```
-//! # use std::sync::Arc;
-//! # use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
+//! # use hmm_core::mirror::{Mirror, MirrorError};
 //! # fn demo<B: hmm_core::mirror::backend::Backend>(
 //! #     m: &Mirror<B>, kernel: &B::Kernel, x: &[f32], y: &mut [f32], other: &mut [u64],
 //! # ) -> Result<(), MirrorError> {
@@ -60,8 +59,8 @@
 //! ```
 //!
 //! [`Scope::launch`] takes the same arguments as [`Mirror::launch`]
-//! (turned into words before it returns): raw pointers, which borrow
-//! nothing. As with `Mirror::launch` called on another thread, memory the
+//! (turned into words before it returns): raw pointers, or references
+//! taken as addresses, which borrow nothing once it has returned. As with `Mirror::launch` called on another thread, memory the
 //! kernel uses must stay allocated until the launch is done — memory freed
 //! and reused meanwhile would be read or written back by the launch; the
 //! compiler checks this only for what a `launch_with` closure borrows.
@@ -468,7 +467,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// failed and was not waited for; else `f`'s value. Errors neither
     /// returned by a `wait` nor by `scope` are logged (`tracing`, `warn`);
     /// a launch that panicked and was not waited for resumes its panic
-    /// here.
+    /// here (the first such panic, after every launch has finished).
     ///
     /// What the CPU may touch while a launch is in flight, when device
     /// writes become visible, and what invalidations do meanwhile: the
