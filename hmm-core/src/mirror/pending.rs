@@ -146,8 +146,11 @@
 //!   lock) and discards the device copies without writing them back — the
 //!   memory is gone; the device memory behind them is quarantined until
 //!   the device confirms the entries cleared, so a submission still
-//!   running reads stale but valid device memory, never the CPU's. An
-//!   invocation that touches the range afterwards faults; with no CPU
+//!   running reads stale but valid device memory, never the CPU's. (That
+//!   is copy mode; a zero-copy device's `unsafe` constructor has the
+//!   caller promise not to unmap memory a running launch may touch, and a
+//!   non-blocking launch runs until it is done.) An invocation that
+//!   touches the range afterwards faults; with no CPU
 //!   mapping there the launch ends with [`MirrorError::DeviceFault`]
 //!   (`reason: Unmapped`) from `wait`, and if new memory was mapped there
 //!   meanwhile the invocation replays on it.
