@@ -14,30 +14,26 @@
 
 use std::time::{Duration, Instant};
 
-use hmm::{Device, KernelSource, MirrorConfig};
+use hmm::{Device, In, InOut, MirrorConfig};
 
-/// `out[i] = f^iters(src[i])` for a cheap integer mix `f`; args
-/// `[src, out, iters]`. Its duration grows linearly with `iters`.
-const SPIN: KernelSource = KernelSource {
-    name: "spin",
-    wgsl: r#"
+hmm::kernel! {
+    /// `out[i] = f^iters(src[i])` for a cheap integer mix `f`. Its duration
+    /// grows linearly with `iters`.
+    const SPIN: spin(src: In<u32>, out: InOut<u32>, iters: u32)
+        .wgsl(r#"
 fn hmm_kernel(i: u32) {
-    var x = hmm_load_u32(hmm_index(hmm_arg_ptr(0u), i, 4u));
-    let iters = hmm_arg_u32(2u);
-    for (var j = 0u; j < iters; j = j + 1u) {
+    var x = hmm_load_u32(hmm_index(args.src, i, 4u));
+    for (var j = 0u; j < args.iters; j = j + 1u) {
         x = x * 1664525u + 1013904223u;
         x = x ^ (x >> 13u);
     }
-    hmm_store_u32(hmm_index(hmm_arg_ptr(1u), i, 4u), x);
+    hmm_store_u32(hmm_index(args.out, i, 4u), x);
+}"#)
+        .cpu(|lane, i, (src, out, iters)| {
+            let x = lane.load_u32(src.at(i))?;
+            lane.store_u32(out.at(i), mix(x, iters))
+        });
 }
-"#,
-    cpu: |lane, i| {
-        let a = lane.args();
-        let (src, out, iters) = (a[0], a[1], a[2] as u32);
-        let x = lane.load_u32(src + u64::from(i) * 4)?;
-        lane.store_u32(out + u64::from(i) * 4, mix(x, iters))
-    },
-};
 
 fn mix(mut x: u32, iters: u32) -> u32 {
     for _ in 0..iters {
@@ -76,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // launches then time the device alone.
     let time_launch = |iters: u32, out: &mut [u32]| -> Result<Duration, hmm::MirrorError> {
         let t = Instant::now();
-        m.launch(&k, N as u32, (src.as_ptr(), out.as_mut_ptr(), iters))?;
+        m.run(&k, N as u32, (&src, out, iters))?;
         Ok(t.elapsed())
     };
     time_launch(1, &mut out)?;
@@ -115,13 +111,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu = cpu.min(t.elapsed());
 
         let t = Instant::now();
-        m.launch(&k, N as u32, (src.as_ptr(), out.as_mut_ptr(), iters))?;
+        m.run(&k, N as u32, (&src, &mut out, iters))?;
         cpu_work(&mut other, rounds);
         blocking = blocking.min(t.elapsed());
 
         let t = Instant::now();
         m.scope(|s| {
-            let p = s.launch(&k, N as u32, (src.as_ptr(), out.as_mut_ptr(), iters));
+            // `src` and `out` stay borrowed until the scope ends: the CPU
+            // work cannot touch them.
+            let p = s.run(&k, N as u32, (&src, &mut out, iters));
             cpu_work(&mut other, rounds);
             p.wait()
         })?;

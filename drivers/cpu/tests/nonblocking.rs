@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmm_core::cpu::host::HostSpace;
+use hmm_core::mirror::params::{In, InOut, Typed};
 use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
 use hmm_driver_cpu::{CpuDevice, CpuKernel};
 
@@ -281,4 +282,27 @@ fn launch_with_borrows_for_the_scope() {
         .expect("launch");
     assert_eq!((words, sum), (2048, 1 << 16));
     assert!(out.iter().enumerate().all(|(i, &x)| x == 100 + i as u32));
+}
+
+/// The typed launch without waiting: `Scope::run` takes the arguments
+/// `Mirror::run` takes (checked against the declared parameters), keeps
+/// the slices borrowed until the scope ends, and its result comes from
+/// `wait`.
+#[test]
+fn typed_run_in_a_scope() {
+    let m = mirror();
+    let k: Typed<CpuKernel, (In<u32>, InOut<u32>)> = Typed::new(copy());
+    let x: Vec<u32> = (0..4096).map(|i| i * 3).collect();
+    let mut y = vec![0u32; 4096];
+    let other: Vec<u64> = (0..1 << 16).collect();
+    let (report, sum) = m
+        .scope(|s| {
+            let p = s.run(&k, 4096, (&x, &mut y));
+            let sum: u64 = other.iter().sum();
+            Ok((p.wait()?, sum))
+        })
+        .expect("typed launch");
+    assert_eq!(sum, (1u64 << 16) * ((1 << 16) - 1) / 2);
+    assert!(report.pages_out >= 4, "{report:?}");
+    assert_eq!(y, x);
 }

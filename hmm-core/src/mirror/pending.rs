@@ -58,12 +58,18 @@
 //! # }
 //! ```
 //!
+//! [`Scope::run`], the typed launch, takes its slices (`In<T>`: `&[T]`,
+//! `InOut<T>`: `&mut [T]`) borrowed until the scope ends, so the
+//! compiler keeps the CPU from writing what the kernel reads or touching
+//! what it writes while the launch may be in flight.
+//!
 //! [`Scope::launch`] takes the same arguments as [`Mirror::launch`]
 //! (turned into words before it returns): raw pointers, or references
 //! taken as addresses, which borrow nothing once it has returned. As with `Mirror::launch` called on another thread, memory the
 //! kernel uses must stay allocated until the launch is done — memory freed
 //! and reused meanwhile would be read or written back by the launch; the
-//! compiler checks this only for what a `launch_with` closure borrows.
+//! compiler checks this only for what [`Scope::run`] and a `launch_with`
+//! closure borrow.
 //!
 //! # Order
 //!
@@ -184,6 +190,7 @@ use super::config::LaunchReport;
 use super::error::MirrorError;
 use super::handle::Mirror;
 use super::host_side::HostSide;
+use super::params::{Params, Typed, MAX_PARAMS};
 use crate::cpu::host::HostSpace;
 use crate::sync::{lock, Arc, Condvar, Mutex};
 
@@ -367,6 +374,39 @@ impl<'scope, 'env, B: Backend, H: HostSide> Scope<'scope, 'env, B, H> {
     ) -> Pending<'scope, LaunchReport> {
         let words = args.with_words(<[u64]>::to_vec);
         self.launch_with(move |m| m.launch(kernel, n, &words[..]))
+    }
+
+    /// [`Mirror::run`] without waiting: a typed launch whose arguments the
+    /// compiler checks against the kernel's parameters, e.g.
+    /// `s.run(&saxpy, n, (&x, &mut y, 2.0))`. The slices stay borrowed
+    /// until the scope ends — `x` shared, `y` exclusively — so the CPU
+    /// cannot write memory the kernel reads, nor touch memory it writes,
+    /// while the launch may be in flight; use them again after `scope`
+    /// returns. (Raw-pointer parameters, `Ptr`/`PtrMut`, borrow nothing, as
+    /// with [`Scope::launch`].) The result comes from [`Pending::wait`].
+    ///
+    /// ```compile_fail
+    /// # use hmm_core::mirror::{backend::Backend, params::{InOut, Typed}, Mirror};
+    /// # fn demo<B: Backend>(m: &Mirror<B>, k: &Typed<B::Kernel, (InOut<u32>,)>) {
+    /// let mut y = vec![0u32; 4];
+    /// m.scope(|s| {
+    ///     let p = s.run(k, 4, (&mut y,));
+    ///     y[0] = 1; // error: `y` is borrowed by the launch until the scope ends
+    ///     p.wait()
+    /// })
+    /// .unwrap();
+    /// # }
+    /// ```
+    pub fn run<P: Params>(
+        &self,
+        kernel: &'scope Typed<B::Kernel, P>,
+        n: u32,
+        args: P::Host<'scope>,
+    ) -> Pending<'scope, LaunchReport> {
+        let mut words = [0u64; MAX_PARAMS];
+        let len = P::words(args, &mut words);
+        let kernel = kernel.kernel();
+        self.launch_with(move |m| m.launch(kernel, n, &words[..len]))
     }
 
     /// Submits `f`, which launches on the mirror (a typed wrapper calls
