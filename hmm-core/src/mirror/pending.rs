@@ -100,19 +100,20 @@
 //! since the previous sync point are invalidated (the device drops its
 //! copies of those pages and reads the CPU's data again), and shared or
 //! file-backed pages another writer changed are found by hash — happens
-//! at an unspecified moment after [`Scope::launch`] is called (after the
+//! at an unspecified moment after the launch is submitted ([`Scope::launch`],
+//! [`Scope::run`] or [`Scope::launch_with`] is called; after the
 //! scope's earlier launches finished, once the mirror's launch lock is
 //! free); the **end** — device-dirty pages written back — happens before
 //! [`Pending::is_done`] turns true and [`Pending::wait`] returns.
 //!
-//! From the `Scope::launch` call until `wait` returns (or the scope ends):
+//! From the submitting call until `wait` returns (or the scope ends):
 //!
 //! - **Memory the kernel does not use**: anything — read, write, allocate,
 //!   free. That is the point of the API.
 //! - **Memory the kernel only reads**: CPU *reads* are fine and see the
 //!   CPU's own data (the mirror writes back only bytes the device changed,
-//!   so nothing is written there). Data written *before* `Scope::launch`
-//!   is what the kernel reads.
+//!   so nothing is written there). Data written *before* the submitting
+//!   call is what the kernel reads.
 //! - **CPU writes to memory the kernel reads or writes** race with the
 //!   launch: the start sync point may come before or after the write, and
 //!   in copy mode a page copied to the device during the write may hold
