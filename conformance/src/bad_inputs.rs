@@ -10,7 +10,9 @@ use hmm_core::mirror::{AccessError, Mirror, MirrorConfig, MirrorError};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
-use crate::support::{device_copy, events_available, setup, small_cfg, zero_copy, TestMap, WPP};
+use crate::support::{
+    device_copy, events_available, launch, setup, small_cfg, zero_copy, TestMap, WPP,
+};
 use crate::{TestKernel, TestKernels};
 
 fn expect_fault<T: std::fmt::Debug>(
@@ -49,7 +51,7 @@ pub fn bad_ranges_are_typed_errors<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    let r = m.launch(&k, 0, [0, 0]).expect("an empty launch");
+    let r = launch(&m, &k, 0, [0, 0]).expect("an empty launch");
     assert_eq!((r.faults, r.pages_in, r.pages_out), (0, 0, 0));
     assert!(matches!(
         VaRange::from_start_len(VirtAddr(0x10000), 0),
@@ -111,7 +113,12 @@ pub fn wild_device_pointers_are_typed_faults<B: TestKernels>(b: B) {
             false,
             AccessError::Unmapped,
         );
-        expect_fault(m.launch(&fill, 1, [at, 0]), at, true, AccessError::Unmapped);
+        expect_fault(
+            launch(&m, &fill, 1, [at, 0]),
+            at,
+            true,
+            AccessError::Unmapped,
+        );
     }
     assert_eq!(m.stats().pool_used, 0);
     // The mirror is still usable.
@@ -146,12 +153,12 @@ pub fn misaligned_accesses_are_typed_faults<B: TestKernels>(b: B) {
     };
     for off in 1..4 {
         exact(
-            m.launch(&copy, 4, [src.addr() + off, out.addr()]),
+            launch(&m, &copy, 4, [src.addr() + off, out.addr()]),
             src.addr() + off,
             false,
         );
         exact(
-            m.launch(&copy, 4, [src.addr(), out.addr() + off]),
+            launch(&m, &copy, 4, [src.addr(), out.addr() + off]),
             out.addr() + off,
             true,
         );
@@ -167,7 +174,7 @@ pub fn misaligned_accesses_are_typed_faults<B: TestKernels>(b: B) {
         .expect("kernel");
     // Which field a driver's kernel reads first differs: the fault names
     // one of the head node's two misaligned words.
-    match m.launch(&list, 1, [src.addr() + 4, out.addr()]) {
+    match launch(&m, &list, 1, [src.addr() + 4, out.addr()]) {
         Err(MirrorError::DeviceFault {
             addr,
             write: false,
@@ -210,16 +217,14 @@ pub fn oversized_launches_are_typed_errors<B: TestKernels>(b: B) {
         if n <= max {
             continue;
         }
-        match m.launch(&copy, n, [src.addr(), out.addr()]) {
+        match launch(&m, &copy, n, [src.addr(), out.addr()]) {
             Err(MirrorError::TooManyInvocations { n: got, max: limit }) => {
                 assert_eq!((got, limit), (n, max))
             }
             other => panic!("a launch of {n} invocations (limit {max}): {other:?}"),
         }
     }
-    let report = m
-        .launch(&copy, 0, [src.addr(), out.addr()])
-        .expect("a launch of nothing");
+    let report = launch(&m, &copy, 0, [src.addr(), out.addr()]).expect("a launch of nothing");
     assert_eq!((report.submissions, report.faults), (1, 0));
     let after = m.stats();
     assert_eq!(
@@ -420,7 +425,7 @@ pub fn device_faults_name_the_kernels_address<B: TestKernels>(b: B) {
     let ro = TestMap::anon(1, libc::PROT_READ);
     let at = ro.addr() + OFF;
     inside(
-        m.launch(&fill, N as u32, [at, 0]),
+        launch(&m, &fill, N as u32, [at, 0]),
         at,
         true,
         AccessError::ReadOnly,
@@ -479,7 +484,7 @@ pub fn kernel_outliving_its_mirror<B: TestKernels>(b1: B, b2: B) {
     let src = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     let out = TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE);
     src.fill(|i| i as u32);
-    match m2.launch(&k, WPP as u32, [src.addr(), out.addr()]) {
+    match launch(&m2, &k, WPP as u32, [src.addr(), out.addr()]) {
         Ok(_) => assert_eq!(out.read_word(77), 77),
         Err(MirrorError::Backend(e)) => eprintln!("foreign kernel refused: {e}"),
         Err(e) => panic!("expected success or a backend error, got {e}"),
@@ -600,6 +605,8 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         let wrong = |r: Result<(), MirrorError>| matches!(r, Err(MirrorError::WrongProcess { .. }));
+        // Blocking on purpose, in every launch mode: a non-blocking launch
+        // would start a thread (allocation, locks) in the forked child.
         let ok = wrong(m.launch(&k, WPP as u32, args).map(|_| ()))
             && wrong(m.prefetch(range, false).map(|_| ()))
             && wrong(m.pin(range).map(|_pin| ()))

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use hmm_core::mirror::{ForeignWriters, LaunchReport, Mirror, MirrorConfig};
 use hmm_core::notifier::EventKind;
 
-use crate::support::{device_copy, setup, small_cfg, zero_copy, TestMap, WPP};
+use crate::support::{device_copy, launch, setup, small_cfg, zero_copy, TestMap, WPP};
 use crate::{TestKernel, TestKernels};
 
 /// Pages per scenario: more than one, not a power of two.
@@ -196,8 +196,7 @@ pub fn foreign_device_writes_are_not_foreign<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&fill, WORDS as u32, [dst.addr(), 7])
-        .expect("launch");
+    launch(&m, &fill, WORDS as u32, [dst.addr(), 7]).expect("launch");
     let out = TestMap::anon(PAGES, libc::PROT_READ | libc::PROT_WRITE);
     fn filled(i: usize) -> u32 {
         7 + i as u32

@@ -80,7 +80,7 @@ pub use selftests::{
     anon_write_child_shared, anon_write_huge, anon_write_prot, double_map, file_read, file_write,
     mixedmap, open_close, snapshot,
 };
-pub use support::{events_available, TestMap};
+pub use support::{events_available, launch_mode, with_launch_mode, LaunchMode, TestMap};
 pub use thp::{hash_tracking_keeps_huge_pages, huge_pages_the_device_never_touched_stay_huge};
 pub use zero_copy::{
     zero_copy_one_launch_fills_every_window, zero_copy_pin_is_unsupported,
@@ -137,10 +137,43 @@ pub trait TestKernels: Backend {
 /// reused, one invocation can use every window at once (one more is
 /// `NoProgress`), and memory is unmapped and removed beside running
 /// launches.
+///
+/// Every flavour runs the suite twice: once launching with
+/// [`Mirror::launch`](hmm_core::mirror::Mirror::launch), and once more in
+/// a `nonblocking` module (`nonblocking::anon_read`, …) where every launch
+/// of every scenario is submitted in a
+/// [`Mirror::scope`](hmm_core::mirror::Mirror::scope) and waited for
+/// ([`LaunchMode::NonBlocking`]): all scenarios launch through one helper
+/// that follows the [`LaunchMode`] [`with_launch_mode`] sets (a source
+/// check, `tests/launch_paths.rs`, keeps it that way). The scenarios that
+/// never launch run twice too; they are cheap.
 #[macro_export]
 macro_rules! conformance_tests {
     (optional $make:expr) => {
-        $crate::conformance_tests!(@optional $make;
+        $crate::conformance_tests!(@copy [Blocking] $make);
+        /// The suite again, every launch through the non-blocking path
+        /// (`Mirror::scope`, `Scope::launch`, `Pending::wait`).
+        mod nonblocking {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_tests!(@copy [NonBlocking] $make);
+        }
+    };
+    (zero_copy optional $make:expr) => {
+        $crate::conformance_tests!(@zero_copy [Blocking] $make);
+        /// The suite again, every launch through the non-blocking path
+        /// (`Mirror::scope`, `Scope::launch`, `Pending::wait`).
+        mod nonblocking {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_tests!(@zero_copy [NonBlocking] $make);
+        }
+    };
+    ($make:expr) => {
+        $crate::conformance_tests!(optional Some($make));
+    };
+    (@copy [$mode:ident] $make:expr) => {
+        $crate::conformance_tests!(@optional [$mode] $make;
             open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
             anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
             file_write, anon_read_multiple, anon_teardown, mixedmap, snapshot,
@@ -156,56 +189,11 @@ macro_rules! conformance_tests {
             oversubscribed_load_then_store_2x,
             oversubscribed_load_then_store_4x,
             oversubscribed_load_then_store_8x);
-        $crate::conformance_tests!(@foreign $make);
-        $crate::conformance_tests!(@common $make);
+        $crate::conformance_tests!(@foreign [$mode] $make);
+        $crate::conformance_tests!(@common [$mode] $make);
     };
-    // Writers write tracking cannot see (`foreign`): both flavours.
-    (@foreign $make:expr) => {
-        $crate::conformance_tests!(@optional $make;
-            foreign_shared_anon_child_write, foreign_shared_file_pwrite,
-            foreign_memfd_pwrite, foreign_private_file_pwrite,
-            foreign_device_writes_are_not_foreign, foreign_trust_checks_nothing,
-            huge_pages_the_device_never_touched_stay_huge, hash_tracking_keeps_huge_pages);
-    };
-    // The scenarios both flavours share beyond the one-device list: those
-    // on two devices, and the reused-backend check.
-    (@common $make:expr) => {
-        $crate::conformance_tests!(@optional2 $make;
-            kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
-            double_map, read_mostly_duplication);
-        #[test]
-        fn reused_backend_and_bad_configs_are_refused() {
-            if $make.is_none() {
-                return;
-            }
-            $crate::reused_backend_and_bad_configs_are_refused(|| {
-                $make.expect("the device opened a moment ago")
-            });
-        }
-    };
-    (@optional $make:expr; $($name:ident),*) => {
-        $(
-            #[test]
-            fn $name() {
-                let Some(b) = $make else { return };
-                $crate::$name(b);
-            }
-        )*
-    };
-    (@optional2 $make:expr; $($name:ident),*) => {
-        $(
-            #[test]
-            fn $name() {
-                let (Some(a), Some(b)) = ($make, $make) else { return };
-                $crate::$name(a, b);
-            }
-        )*
-    };
-    ($make:expr) => {
-        $crate::conformance_tests!(optional Some($make));
-    };
-    (zero_copy optional $make:expr) => {
-        $crate::conformance_tests!(@optional $make;
+    (@zero_copy [$mode:ident] $make:expr) => {
+        $crate::conformance_tests!(@optional [$mode] $make;
             open_close, anon_read, anon_read_prot, anon_write, anon_write_prot,
             anon_write_child, anon_write_child_shared, anon_write_huge, file_read,
             file_write, anon_read_multiple, mixedmap, snapshot,
@@ -222,7 +210,51 @@ macro_rules! conformance_tests {
             zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
             zero_copy_unmaps_beside_a_launch);
-        $crate::conformance_tests!(@foreign $make);
-        $crate::conformance_tests!(@common $make);
+        $crate::conformance_tests!(@foreign [$mode] $make);
+        $crate::conformance_tests!(@common [$mode] $make);
+    };
+    // Writers write tracking cannot see (`foreign`): both flavours.
+    (@foreign [$mode:ident] $make:expr) => {
+        $crate::conformance_tests!(@optional [$mode] $make;
+            foreign_shared_anon_child_write, foreign_shared_file_pwrite,
+            foreign_memfd_pwrite, foreign_private_file_pwrite,
+            foreign_device_writes_are_not_foreign, foreign_trust_checks_nothing,
+            huge_pages_the_device_never_touched_stay_huge, hash_tracking_keeps_huge_pages);
+    };
+    // The scenarios both flavours share beyond the one-device list: those
+    // on two devices, and the reused-backend check.
+    (@common [$mode:ident] $make:expr) => {
+        $crate::conformance_tests!(@optional2 [$mode] $make;
+            kernel_outliving_its_mirror, two_userfaultfd_owners_of_one_range,
+            double_map, read_mostly_duplication);
+        #[test]
+        fn reused_backend_and_bad_configs_are_refused() {
+            if $make.is_none() {
+                return;
+            }
+            $crate::with_launch_mode($crate::LaunchMode::$mode, || {
+                $crate::reused_backend_and_bad_configs_are_refused(|| {
+                    $make.expect("the device opened a moment ago")
+                })
+            });
+        }
+    };
+    (@optional [$mode:ident] $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let Some(b) = $make else { return };
+                $crate::with_launch_mode($crate::LaunchMode::$mode, || $crate::$name(b));
+            }
+        )*
+    };
+    (@optional2 [$mode:ident] $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let (Some(a), Some(b)) = ($make, $make) else { return };
+                $crate::with_launch_mode($crate::LaunchMode::$mode, || $crate::$name(a, b));
+            }
+        )*
     };
 }

@@ -9,7 +9,9 @@ use hmm_core::mirror::{Advice, Mirror, MirrorConfig, MirrorError};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
-use crate::support::{device_copy, events_available, setup, small_cfg, zero_copy, TestMap, WPP};
+use crate::support::{
+    device_copy, events_available, launch, setup, small_cfg, spawn, zero_copy, TestMap, WPP,
+};
 use crate::{TestKernel, TestKernels};
 
 /// Eviction under a pool smaller than the working set: results stay
@@ -29,8 +31,7 @@ pub fn eviction_under_a_small_pool<B: TestKernels>(b: B) {
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
     for p in 0..32u64 {
-        m.launch(&k, WPP as u32, [src.addr() + p * PAGE_SIZE, out.addr()])
-            .expect("launch");
+        launch(&m, &k, WPP as u32, [src.addr() + p * PAGE_SIZE, out.addr()]).expect("launch");
         assert_eq!(out.read_word(17), (p as usize * WPP + 17) as u32);
     }
     let st = m.stats();
@@ -64,7 +65,7 @@ fn oversubscribed_load_then_store<B: TestKernels>(b: B, factor: usize) {
         .backend()
         .test_kernel(TestKernel::GatherSum)
         .expect("kernel");
-    let r = m.launch(&k, n as u32, [src.addr(), out.addr()]);
+    let r = launch(&m, &k, n as u32, [src.addr(), out.addr()]);
     let r = r.unwrap_or_else(|e| panic!("{factor}x oversubscription: {e}"));
     assert!(
         r.pages_in as usize > pages,
@@ -125,8 +126,7 @@ pub fn dirty_pages_survive_eviction<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (16 * WPP) as u32, [dst.addr(), 9])
-        .expect("launch");
+    launch(&m, &k, (16 * WPP) as u32, [dst.addr(), 9]).expect("launch");
     for i in (0..16 * WPP).step_by(101) {
         assert_eq!(dst.read_word(i), 9 + i as u32);
     }
@@ -158,7 +158,7 @@ pub fn linked_list<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::ListSum)
         .expect("kernel");
-    m.launch(&k, 1, [head, outp]).expect("launch");
+    launch(&m, &k, 1, [head, outp]).expect("launch");
     // SAFETY: `out` is live; volatile so the device's write-back is read.
     assert_eq!(unsafe { std::ptr::read_volatile(outp as *const u64) }, want);
     drop(nodes);
@@ -247,7 +247,7 @@ pub fn concurrent_launches_and_invalidations<B: TestKernels>(b: B) {
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let (m, src) = (Arc::clone(&m), Arc::clone(&src));
-            std::thread::spawn(move || {
+            spawn(move || {
                 let out = TestMap::anon(16, libc::PROT_READ | libc::PROT_WRITE);
                 for _ in 0..20 {
                     device_copy(&m, src.addr(), &out, 16 * WPP).expect("launch");
@@ -330,8 +330,7 @@ pub fn read_mostly_duplication<B: TestKernels>(b1: B, b2: B) {
         .backend()
         .test_kernel(TestKernel::IncrementU32)
         .expect("kernel");
-    m2.launch(&inc, (4 * WPP) as u32, [src.addr()])
-        .expect("m2 write");
+    launch(&m2, &inc, (4 * WPP) as u32, [src.addr()]).expect("m2 write");
     device_copy(&m1, src.addr(), &out1, 4 * WPP).expect("m1 read after write");
     assert_eq!(out1.read_word(5), 9, "the write collapsed m1's copy");
 }

@@ -9,7 +9,9 @@ use hmm_core::mirror::{AccessError, Mirror, MirrorError};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VirtAddr, PAGE_SIZE};
 
-use crate::support::{device_copy, events_available, setup, small_cfg, zero_copy, TestMap, WPP};
+use crate::support::{
+    device_copy, events_available, launch, setup, small_cfg, spawn, zero_copy, TestMap, WPP,
+};
 use crate::{TestKernel, TestKernels};
 
 /// Kernel test `open_close`: a mirror can be created and dropped.
@@ -87,8 +89,7 @@ pub fn anon_write<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (pages * WPP) as u32, [dst.addr(), 1000])
-        .expect("launch");
+    launch(&m, &k, (pages * WPP) as u32, [dst.addr(), 1000]).expect("launch");
     for i in 0..pages * WPP {
         assert_eq!(dst.read_word(i), 1000 + i as u32);
     }
@@ -106,7 +107,7 @@ pub fn anon_write_prot<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    match m.launch(&k, (2 * WPP) as u32, [dst.addr(), 7]) {
+    match launch(&m, &k, (2 * WPP) as u32, [dst.addr(), 7]) {
         Err(MirrorError::DeviceFault {
             write: true,
             reason: AccessError::ReadOnly,
@@ -119,8 +120,7 @@ pub fn anon_write_prot<B: TestKernels>(b: B) {
     dst.protect(libc::PROT_READ | libc::PROT_WRITE);
     h.maps().invalidate(dst.range());
     h.space().invalidate(dst.range(), EventKind::Protection);
-    m.launch(&k, (2 * WPP) as u32, [dst.addr(), 7])
-        .expect("writable now");
+    launch(&m, &k, (2 * WPP) as u32, [dst.addr(), 7]).expect("writable now");
     assert_eq!(dst.read_word(5), 12);
 }
 
@@ -195,7 +195,7 @@ pub fn anon_write_huge<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, 0x20_0000 / 4, [start, 0]).expect("launch");
+    launch(&m, &k, 0x20_0000 / 4, [start, 0]).expect("launch");
     let off = ((start - big.addr()) / 4) as usize;
     for i in (0..0x20_0000 / 4).step_by(997) {
         assert_eq!(big.read_word(off + i), i as u32);
@@ -250,8 +250,7 @@ pub fn file_write<B: TestKernels>(b: B) {
         .backend()
         .test_kernel(TestKernel::FillU32)
         .expect("kernel");
-    m.launch(&k, (4 * WPP) as u32, [dst.addr(), 0x100])
-        .expect("launch");
+    launch(&m, &k, (4 * WPP) as u32, [dst.addr(), 0x100]).expect("launch");
     f.rewind().expect("seek");
     let mut buf = vec![0u8; 4 * PAGE_SIZE as usize];
     f.read_exact(&mut buf).expect("read");
@@ -290,7 +289,7 @@ pub fn anon_teardown<B: TestKernels>(b: B) {
         src.fill(|_| 3);
         let out = Arc::new(TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE));
         let (m2, o2, a) = (Arc::clone(&m), Arc::clone(&out), src.addr());
-        let t = std::thread::spawn(move || device_copy(&m2, a, &o2, 8 * WPP));
+        let t = spawn(move || device_copy(&m2, a, &o2, 8 * WPP));
         std::thread::yield_now();
         src.unmap();
         // Completed before the unmap, or ended with a typed device fault
@@ -375,8 +374,7 @@ pub fn double_map<B: TestKernels>(b1: B, b2: B) {
         .backend()
         .test_kernel(TestKernel::IncrementU32)
         .expect("kernel");
-    m1.launch(&inc, (2 * WPP) as u32, [src.addr()])
-        .expect("m1 write");
+    launch(&m1, &inc, (2 * WPP) as u32, [src.addr()]).expect("m1 write");
     assert_eq!(src.read_word(9), 6);
     device_copy(&m2, src.addr(), &out2, 2 * WPP).expect("m2 re-read");
     assert_eq!(

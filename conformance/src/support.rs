@@ -1,12 +1,16 @@
-//! What every scenario shares: test mappings, the mirror set-up, and the
-//! userfaultfd check. [`TestMap`] and [`events_available`] are public for
-//! drivers' own tests.
+//! What every scenario shares: test mappings, the mirror set-up, the
+//! userfaultfd check, and the one launch helper every scenario launches
+//! through ([`LaunchMode`]). [`TestMap`], [`events_available`] and
+//! [`with_launch_mode`] are public for drivers' own tests.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hmm_core::cpu::host::{EventSource, HostSpace};
+use hmm_core::mirror::args::KernelArgs;
 use hmm_core::mirror::backend::Backend;
-use hmm_core::mirror::{LaunchReport, Mirror, MirrorConfig, MirrorError};
+use hmm_core::mirror::{HostSide, LaunchReport, Mirror, MirrorConfig, MirrorError};
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
 use crate::{TestKernel, TestKernels};
@@ -180,10 +184,103 @@ pub(crate) fn device_copy<B: TestKernels>(
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .expect("kernel");
-    m.launch(&k, words as u32, [src, out.addr()])
+    launch(m, &k, words as u32, [src, out.addr()])
 }
 
 /// Whether the mirror's device is a zero-copy one.
 pub(crate) fn zero_copy<B: Backend>(m: &Mirror<B>) -> bool {
     m.backend().host_windows().is_some()
+}
+
+/// How the suite's scenarios launch: every launch of every scenario goes
+/// through one helper, which calls [`Mirror::launch`] or submits the launch
+/// in a [`Mirror::scope`] and waits for it
+/// ([`conformance_tests!`](crate::conformance_tests) runs each launching
+/// scenario both ways).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// [`Mirror::launch`]: returns when the launch is done.
+    #[default]
+    Blocking,
+    /// [`Mirror::scope`], [`Scope::launch`](hmm_core::mirror::Scope::launch)
+    /// and [`Pending::wait`](hmm_core::mirror::Pending::wait): the launch
+    /// runs on a thread of the scope.
+    NonBlocking,
+}
+
+/// The launch mode of this thread and the launches made in it (shared with
+/// the threads a scenario starts through [`spawn`]).
+#[derive(Clone, Default)]
+struct ModeCx {
+    mode: LaunchMode,
+    launches: Arc<AtomicU64>,
+}
+
+thread_local! {
+    static MODE: RefCell<ModeCx> = RefCell::new(ModeCx::default());
+}
+
+/// Runs `f` with every suite launch made by this thread (and the threads
+/// the scenario starts) in `mode`; returns `f`'s value and how many
+/// launches went through the suite's launch helper.
+pub fn with_launch_mode<R>(mode: LaunchMode, f: impl FnOnce() -> R) -> (R, u64) {
+    let cx = ModeCx {
+        mode,
+        launches: Arc::new(AtomicU64::new(0)),
+    };
+    let counter = Arc::clone(&cx.launches);
+    let old = MODE.with(|m| m.replace(cx));
+    /// Puts the previous mode back, also when `f` panics.
+    struct Restore(Option<ModeCx>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(old) = self.0.take() {
+                MODE.with(|m| m.replace(old));
+            }
+        }
+    }
+    let restore = Restore(Some(old));
+    let r = f();
+    drop(restore);
+    (r, counter.load(Ordering::Relaxed))
+}
+
+/// The launch mode of this thread.
+pub fn launch_mode() -> LaunchMode {
+    MODE.with(|m| m.borrow().mode)
+}
+
+/// `std::thread::spawn`, with this thread's launch mode carried over.
+pub(crate) fn spawn<T, F>(f: F) -> std::thread::JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let cx = MODE.with(|m| m.borrow().clone());
+    std::thread::spawn(move || {
+        MODE.with(|m| m.replace(cx));
+        f()
+    })
+}
+
+/// The suite's only way to launch: blocking or non-blocking as this
+/// thread's [`LaunchMode`] says, with the same result either way.
+pub(crate) fn launch<B: Backend, H: HostSide>(
+    m: &Mirror<B, H>,
+    kernel: &B::Kernel,
+    n: u32,
+    args: impl KernelArgs,
+) -> Result<LaunchReport, MirrorError> {
+    let cx = MODE.with(|m| m.borrow().clone());
+    cx.launches.fetch_add(1, Ordering::Relaxed);
+    match cx.mode {
+        LaunchMode::Blocking => m.launch(kernel, n, args),
+        LaunchMode::NonBlocking => m.scope(|s| {
+            let p = s.launch(kernel, n, args);
+            // Not asserted either way (the launch may be quick); exercises
+            // the check beside a launch in flight.
+            let _ = p.is_done();
+            p.wait()
+        }),
+    }
 }

@@ -10,7 +10,7 @@
 
 use hmm_core::mirror::{CpuWrites, MirrorConfig};
 
-use crate::support::{setup, small_cfg, TestMap};
+use crate::support::{launch, setup, small_cfg, TestMap};
 use crate::{TestKernel, TestKernels};
 
 const HUGE: usize = 2 << 20;
@@ -122,7 +122,7 @@ fn run<B: TestKernels>(b: B, cpu_writes: CpuWrites, device_blocks: usize) {
         unsafe { std::ptr::read_volatile(outp as *const u64) }
     };
     let (head, sum) = list_over(start, device_blocks, 1);
-    m.launch(&k, 1, [head, outp]).expect("launch");
+    launch(&m, &k, 1, [head, outp]).expect("launch");
     assert_eq!(read_out(), sum);
     let before = anon_huge_bytes(start, end);
     // The CPU writes every block: new values in the nodes the device
@@ -140,7 +140,7 @@ fn run<B: TestKernels>(b: B, cpu_writes: CpuWrites, device_blocks: usize) {
         after / 1024
     );
     // The CPU's writes reach the device whatever the mode.
-    m.launch(&k, 1, [head, outp]).expect("launch");
+    launch(&m, &k, 1, [head, outp]).expect("launch");
     assert_eq!(read_out(), sum, "the device read the CPU's new values");
     let untouched = ((BLOCKS - device_blocks) * HUGE) as u64;
     match cpu_writes {

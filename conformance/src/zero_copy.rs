@@ -10,7 +10,9 @@ use hmm_core::mirror::{MirrorConfig, MirrorError};
 use hmm_core::notifier::EventKind;
 use hmm_core::PAGE_SIZE;
 
-use crate::support::{device_copy, events_available, setup, small_cfg, zero_copy, TestMap, WPP};
+use crate::support::{
+    device_copy, events_available, launch, setup, small_cfg, spawn, zero_copy, TestMap, WPP,
+};
 use crate::{TestKernel, TestKernels};
 
 /// Zero-copy: pinning copies into a pool, which a zero-copy device does
@@ -103,7 +105,7 @@ pub fn zero_copy_unmaps_beside_a_launch<B: TestKernels>(b: B) {
     const ROUNDS: u32 = 60;
     let steady = {
         let m = Arc::clone(&m);
-        std::thread::spawn(move || {
+        spawn(move || {
             let src = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
             let out = TestMap::anon(8, libc::PROT_READ | libc::PROT_WRITE);
             for r in 0..ROUNDS {
@@ -195,8 +197,7 @@ pub fn zero_copy_one_launch_fills_every_window<B: TestKernels>(b: B) {
         .collect();
     let want = list_across(&maps);
     let evicted = m.stats().evictions;
-    m.launch(&k, 1, [maps[0].addr(), out.addr()])
-        .expect("launch");
+    launch(&m, &k, 1, [maps[0].addr(), out.addr()]).expect("launch");
     let got = u64::from(out.read_word(0)) | (u64::from(out.read_word(1)) << 32);
     assert_eq!(got, want);
     assert!(
@@ -207,7 +208,7 @@ pub fn zero_copy_one_launch_fills_every_window<B: TestKernels>(b: B) {
         .map(|_| TestMap::anon(1, libc::PROT_READ | libc::PROT_WRITE))
         .collect();
     list_across(&more);
-    match m.launch(&k, 1, [more[0].addr(), out.addr()]) {
+    match launch(&m, &k, 1, [more[0].addr(), out.addr()]) {
         Err(MirrorError::NoProgress { .. }) => {}
         other => panic!("expected NoProgress, got {other:?}"),
     }

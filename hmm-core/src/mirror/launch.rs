@@ -53,6 +53,9 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// `args` are CPU pointers and scalars, e.g. `(x.as_ptr(),
     /// y.as_mut_ptr(), a)` (see [`KernelArgs`]).
     ///
+    /// To submit a launch and wait for it later, with the CPU working
+    /// meanwhile: [`Mirror::scope`] ([`Scope::launch`](super::Scope::launch)).
+    ///
     /// **Alignment**, the same on every driver: a kernel's 32-bit values
     /// (`u32`, `i32`, `f32`, atomics) must lie at addresses that are
     /// multiples of 4, its 64-bit values (`u64`, pointers) at multiples of

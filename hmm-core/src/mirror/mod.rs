@@ -13,6 +13,7 @@
 //! |---|---|
 //! | `handle` | [`Mirror`]: creation, advice, statistics, teardown |
 //! | `launch` | a launch step by step: sync points, submit, replay |
+//! | [`pending`] | non-blocking launches ([`Mirror::scope`]): submit now, wait later; what the CPU may touch meanwhile |
 //! | `fault_service` | fault records → rounds, batches, runs, the sequence-checked commit |
 //! | `regions` | on-demand region registration and the deferred-release worker |
 //! | `invalidate` | the notifier callback, the destructive path that never waits |
@@ -112,6 +113,7 @@ mod invocations;
 mod launch;
 pub(crate) mod pagetable;
 pub mod params;
+pub mod pending;
 mod pin;
 pub mod policy;
 pub(crate) mod pool;
@@ -125,6 +127,7 @@ pub use config::{Advice, CpuWrites, ForeignWriters, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
 pub use host_side::{HostSide, RunFate, WriteTracking};
+pub use pending::{Pending, Scope};
 pub use pin::PinHandle;
 pub use policy::{Adaptive, FetchPolicy};
 pub use stats::MirrorStats;
