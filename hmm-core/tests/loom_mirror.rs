@@ -46,6 +46,10 @@ fn cfg(chunk_sizes: Vec<u64>) -> MirrorConfig {
         retry_timeout: Duration::from_secs(60),
         foreign_writers: hmm_core::mirror::ForeignWriters::Check,
         cpu_writes: hmm_core::mirror::CpuWrites::Protect,
+        // The models' faults are single pages in a 4-slot pool: nothing to
+        // speculate on, and speculation adds no protocol (it goes through
+        // the same `service_run` as a fault).
+        fetch: hmm_core::mirror::FetchPolicy::Exact,
     }
 }
 
