@@ -36,10 +36,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_progress: bool,
 
-    /// What a fault-service round fetches beyond the faulted pages:
-    /// `adaptive` (the default: occupancy and stream prefetch) or `exact`
+    /// What a fault-service round fetches beyond the faulted pages: `auto`
+    /// (the default: adaptive on the GPU drivers, exact on the cpu
+    /// driver), `adaptive` (occupancy and stream prefetch) or `exact`
     /// (only the faulted pages)
-    #[arg(long, global = true, value_enum, default_value_t = PolicyChoice::Adaptive)]
+    #[arg(long, global = true, value_enum, default_value_t = PolicyChoice::Auto)]
     pub policy: PolicyChoice,
     /// Show the library's diagnostics (`tracing` events at warn and
     /// above; `-vv`: everything) on stderr.
@@ -59,6 +60,9 @@ pub enum Cmd {
 /// `--policy`.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyChoice {
+    /// Adaptive where the device's rounds are costly (GPU drivers), else
+    /// exact.
+    Auto,
     /// Occupancy-tree and stream prefetch (`hmm_core::mirror::policy`).
     Adaptive,
     /// Exactly the pages that faulted.
@@ -109,6 +113,7 @@ impl Plan {
             only: cli.only.clone(),
             progress: !cli.no_progress,
             fetch: match cli.policy {
+                PolicyChoice::Auto => hmm_core::mirror::FetchPolicy::Auto,
                 PolicyChoice::Adaptive => hmm_core::mirror::FetchPolicy::Adaptive,
                 PolicyChoice::Exact => hmm_core::mirror::FetchPolicy::Exact,
             },

@@ -446,6 +446,9 @@ unsafe impl Backend for Device {
     fn max_invocations(&self) -> u32 {
         on_device!(self, d => d.max_invocations())
     }
+    fn rounds_are_costly(&self) -> bool {
+        on_device!(self, d => d.rounds_are_costly())
+    }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         on_device!(self, d => d.host_slot(slot))
     }

@@ -641,6 +641,10 @@ fn stress_injected<B: TestKernels>(
         } else {
             hmm_core::mirror::CpuWrites::Protect
         },
+        // Speculation on every driver (`Auto` would leave the cpu driver
+        // exact): the adaptive policy's pages are mirrored, tracked and
+        // invalidated like any other, and this is where that is checked.
+        fetch: hmm_core::mirror::FetchPolicy::Adaptive,
         ..MirrorConfig::default()
     };
     let m = Mirror::new(Arc::clone(&host), make()?, cfg).map_err(|e| e.to_string())?;

@@ -549,6 +549,12 @@ unsafe impl Backend for CpuDevice {
         self.subs.is_complete(id)
     }
 
+    fn rounds_are_costly(&self) -> bool {
+        // A round is a few function calls on the host: the adaptive fetch
+        // policy buys nothing here (`FetchPolicy::Auto` is exact).
+        false
+    }
+
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {
         if let Err(lost) = self.alive() {
             // As in `wait`; the outcome is dropped.

@@ -400,6 +400,15 @@ pub unsafe trait Backend: Send + Sync + 'static {
         MAX_INVOCATIONS
     }
 
+    /// What [`FetchPolicy::Auto`](super::FetchPolicy::Auto) means on this
+    /// device: whether a fault-service round costs enough (a submission,
+    /// a wait, a read-back on a GPU queue) that fetching beyond the
+    /// faulted pages pays. Default `true`; a device whose rounds are
+    /// function calls on the host may say `false`.
+    fn rounds_are_costly(&self) -> bool {
+        true
+    }
+
     /// Where the 4 KiB of pool slot `slot` are addressable by the host, if
     /// the pool is host memory (the `cpu` driver; a device with
     /// host-visible coherent memory could say the same). With `Some`, the

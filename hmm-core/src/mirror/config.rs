@@ -31,7 +31,8 @@ pub struct MirrorConfig {
     /// memory (default [`CpuWrites::Protect`]).
     pub cpu_writes: CpuWrites,
     /// What a fault-service round fetches beyond the faulted pages
-    /// (default [`FetchPolicy::Adaptive`]; `Exact` fetches only those).
+    /// (default [`FetchPolicy::Auto`]: adaptive where rounds are costly;
+    /// `Exact` fetches only those, `Adaptive` always speculates).
     pub fetch: FetchPolicy,
 }
 
@@ -128,7 +129,7 @@ impl Default for MirrorConfig {
             retry_timeout: Duration::from_secs(1),
             foreign_writers: ForeignWriters::Check,
             cpu_writes: CpuWrites::Protect,
-            fetch: FetchPolicy::Adaptive,
+            fetch: FetchPolicy::Auto,
         }
     }
 }

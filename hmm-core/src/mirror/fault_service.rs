@@ -88,7 +88,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 demanded.push(run);
             }
         }
-        if let Some(policy) = inner.cfg.fetch.adaptive() {
+        if let Some(policy) = inner.cfg.fetch.adaptive(inner.backend.rounds_are_costly()) {
             let t = std::time::Instant::now();
             let n = self.speculate(&policy, demanded, round, epoch)?;
             tracing::debug!(
@@ -137,8 +137,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             if budget == 0 {
                 return Ok(0);
             }
-            let extra =
-                policy.speculate(&merged, round, &|va| dev.table.lookup(va).is_some(), budget);
+            let resident_in = |r: VaRange, out: &mut Vec<u64>| {
+                out.extend(dev.table.mapped_in(r).map(|(va, _)| va.0 / PAGE_SIZE));
+            };
+            let extra = policy.speculate(&merged, round, &resident_in, budget);
             tracing::debug!(
                 target: "hmm_rs",
                 round,
@@ -183,22 +185,43 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             // upgrade fault per page saved.
             let k = merged.partition_point(|d| d.range.start() <= piece.start());
             let write = k > 0 && merged[k - 1].write && m.write;
-            let run = Run {
-                range: piece,
-                write,
-                first_addr: piece.start(),
-            };
-            match self.service_run(run, epoch) {
-                Ok(n) => pages += n,
+            // In runs of one fault batch, as demanded faults are serviced:
+            // measured on the cpu driver (1 GiB dense saxpy), speculation
+            // in one run per range took 2.7 s against 2.1 s in 256-page
+            // runs. Cause not yet attributed.
+            let step = inner.cfg.fault_batch.max(1) as u64;
+            let mut at = piece.start();
+            let mut failed = None;
+            while at < piece.end() {
+                let end = VirtAddr(at.0.saturating_add(step * PAGE_SIZE)).min(piece.end());
+                let Ok(sub) = VaRange::new(at, end) else {
+                    break;
+                };
+                let run = Run {
+                    range: sub,
+                    write,
+                    first_addr: sub.start(),
+                };
+                match self.service_run(run, epoch) {
+                    Ok(n) => pages += n,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                at = end;
+            }
+            match failed {
+                None => {}
                 // Speculation only: what cannot be fetched now is left to
                 // fault if it is ever used.
-                Err(
+                Some(
                     MirrorError::PoolExhausted { .. }
                     | MirrorError::DeviceFault { .. }
                     | MirrorError::RetryTimeout { .. }
                     | MirrorError::RegionReleased { .. },
                 ) => break,
-                Err(e) => return Err(e),
+                Some(e) => return Err(e),
             }
         }
         Counters::add(&inner.counters.speculated, pages);

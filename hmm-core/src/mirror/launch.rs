@@ -93,6 +93,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         n: u32,
         args: &[u64],
     ) -> Result<LaunchReport, MirrorError> {
+        // A span per launch: the rounds' events below are inside it, so a
+        // subscriber sees which launch each belongs to.
+        let _span =
+            tracing::debug_span!(target: "hmm_rs", "launch", n, args = args.len()).entered();
         self.same_process()?;
         let max = self.max_invocations();
         if n > max {
@@ -211,7 +215,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             Counters::add(&inner.counters.faults, pf.len() as u64);
             let t_service = std::time::Instant::now();
             let device = t_service - t_round;
-            let pages = self.service(&pf, &outcome.incomplete, replays)?;
+            let pages = {
+                let _round =
+                    tracing::debug_span!(target: "hmm_rs", "fault_service_round", round = replays)
+                        .entered();
+                self.service(&pf, &outcome.incomplete, replays)?
+            };
             report.pages_in += pages;
             tracing::debug!(
                 target: "hmm_rs",
