@@ -85,6 +85,12 @@ use std::fmt::Write as _;
 
 use hmm_core::mirror::backend::BackendError;
 pub use hmm_core::mirror::params::MAX_PARAMS;
+
+/// Whether this build checks WGSL when a kernel is built (feature
+/// `wgsl-check`, on by default): without it the cpu driver accepts a
+/// kernel's WGSL unchecked (it runs the closure), and only the GPU drivers
+/// (which need naga anyway) report WGSL errors.
+pub const WGSL_CHECK: bool = cfg!(feature = "wgsl-check");
 use hmm_core::mirror::params::{ParamKind, Params, Signature, Typed};
 use hmm_driver_cpu::{CpuKernel, Lane, LaneFault};
 

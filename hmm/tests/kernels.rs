@@ -146,7 +146,7 @@ fn hmm_kernel(i: u32) {
 fn bad_wgsl_names_the_kernels_line_and_column_on_every_driver() {
     for dev in devices() {
         let name = dev.driver().name();
-        if !cfg!(feature = "wgsl-check") {
+        if !hmm::kernel::WGSL_CHECK {
             // Built without naga: the cpu driver cannot check WGSL, and
             // runs its closure.
             assert_eq!(dev.driver(), Driver::Cpu);
