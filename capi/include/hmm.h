@@ -100,6 +100,12 @@ enum hmm_advice
   // Mostly read, by several devices: read faults map read-only copies
   // on every mirror that wants one; a write collapses them.
   HMM_ADVICE_READ_MOSTLY = 1,
+  // Accessed in order (`MADV_SEQUENTIAL`): where the fetch policy is
+  // adaptive (the GPU drivers), faults here read ahead.
+  HMM_ADVICE_SEQUENTIAL = 2,
+  // Accessed in no order (`MADV_RANDOM`): nothing is fetched
+  // speculatively into or for the range.
+  HMM_ADVICE_RANDOM = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -1445,6 +1445,12 @@ pub enum hmm_advice {
     /// Mostly read, by several devices: read faults map read-only copies
     /// on every mirror that wants one; a write collapses them.
     HMM_ADVICE_READ_MOSTLY = 1,
+    /// Accessed in order (`MADV_SEQUENTIAL`): where the fetch policy is
+    /// adaptive (the GPU drivers), faults here read ahead.
+    HMM_ADVICE_SEQUENTIAL = 2,
+    /// Accessed in no order (`MADV_RANDOM`): nothing is fetched
+    /// speculatively into or for the range.
+    HMM_ADVICE_RANDOM = 3,
 }
 
 /// Gives `advice` (an [`hmm_advice`] value) for `[ptr, ptr + len)`.
@@ -1470,6 +1476,8 @@ pub unsafe extern "C" fn hmm_advise(
         let advice = match advice {
             0 => Advice::Default,
             1 => Advice::ReadMostly,
+            2 => Advice::Sequential,
+            3 => Advice::Random,
             a => return Err(Error::invalid(format!("unknown advice {a}"))),
         };
         m.mirror.advise(range(ptr, len)?, advice);

@@ -160,6 +160,13 @@ pub enum Advice {
     /// Mostly read, by several devices: read faults map read-only copies on
     /// every mirror that wants one; a write collapses them.
     ReadMostly,
-    /// Forget earlier advice for the range.
+    /// Accessed in order (`MADV_SEQUENTIAL`): the adaptive fetch policy
+    /// reads ahead of any fault in the range, not only of runs long
+    /// enough to look like a sweep.
+    Sequential,
+    /// Accessed in no order (`MADV_RANDOM`): the adaptive fetch policy
+    /// fetches nothing speculatively into the range, nor for faults in it.
+    Random,
+    /// Forget earlier advice for the range (every kind).
     Default,
 }

@@ -20,6 +20,7 @@
 //!    replay brings the rest back.
 
 use super::backend::{Backend, InvocationSet};
+use super::config::Advice;
 use super::error::{AccessError, MirrorError};
 use super::faults::{self, PageFault, Run};
 use super::handle::Mirror;
@@ -140,7 +141,39 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let resident_in = |r: VaRange, out: &mut Vec<u64>| {
                 out.extend(dev.table.mapped_in(r).map(|(va, _)| va.0 / PAGE_SIZE));
             };
-            let extra = policy.speculate(&merged, round, &resident_in, budget);
+            // Advice: faults in `Random` ranges predict nothing; faults in
+            // `Sequential` ranges are streams whatever their length.
+            let advised = |r: &Run, a: Advice| {
+                dev.fetch_advice
+                    .iter()
+                    .any(|(ar, k)| *k == a && ar.overlaps(r.range))
+            };
+            merged.retain(|r| !advised(r, Advice::Random));
+            let (seq, plain): (Vec<Run>, Vec<Run>) =
+                merged.iter().partition(|r| advised(r, Advice::Sequential));
+            let mut extra = policy.speculate(&plain, round, &resident_in, budget);
+            if !seq.is_empty() {
+                let left = budget - extra.iter().map(|r| r.len() / PAGE_SIZE).sum::<u64>();
+                let eager = Adaptive {
+                    min_stream_pages: 1,
+                    ..*policy
+                };
+                extra.extend(eager.speculate(&seq, round, &resident_in, left));
+                extra.sort_unstable_by_key(|r| r.start());
+            }
+            // Nothing speculative lands in a `Random` range.
+            let random: Vec<VaRange> = dev
+                .fetch_advice
+                .iter()
+                .filter(|(_, k)| *k == Advice::Random)
+                .map(|(r, _)| *r)
+                .collect();
+            if !random.is_empty() {
+                extra = extra
+                    .into_iter()
+                    .flat_map(|r| subtract(r, &random))
+                    .collect();
+            }
             tracing::debug!(
                 target: "hmm_rs",
                 round,
@@ -487,4 +520,29 @@ struct Commit<'a> {
     multi: bool,
     states: &'a [PageState],
     copy_failures: &'a std::cell::Cell<u32>,
+}
+
+/// `r` less every range of `holes`, in order.
+fn subtract(r: VaRange, holes: &[VaRange]) -> Vec<VaRange> {
+    let mut out = vec![r];
+    for h in holes {
+        out = out
+            .into_iter()
+            .flat_map(|p| {
+                let mut v = Vec::new();
+                if p.start() < h.start() {
+                    if let Ok(a) = VaRange::new(p.start(), p.end().min(h.start())) {
+                        v.push(a);
+                    }
+                }
+                if p.end() > h.end() {
+                    if let Ok(b) = VaRange::new(p.start().max(h.end()), p.end()) {
+                        v.push(b);
+                    }
+                }
+                v
+            })
+            .collect();
+    }
+    out
 }

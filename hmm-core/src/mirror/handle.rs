@@ -79,6 +79,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 regions: BTreeMap::new(),
                 pinned: BTreeMap::new(),
                 read_mostly: Vec::new(),
+                fetch_advice: Vec::new(),
                 inflight: None,
                 deferred: Vec::new(),
                 health: Health::default(),
@@ -152,9 +153,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             return;
         }
         let mut dev = self.inner.lock();
-        dev.read_mostly.retain(|r| !r.overlaps(range));
-        if advice == Advice::ReadMostly {
-            dev.read_mostly.push(range);
+        match advice {
+            Advice::ReadMostly => {
+                dev.read_mostly.retain(|r| !r.overlaps(range));
+                dev.read_mostly.push(range);
+            }
+            Advice::Sequential | Advice::Random => {
+                dev.fetch_advice.retain(|(r, _)| !r.overlaps(range));
+                dev.fetch_advice.push((range, advice));
+            }
+            Advice::Default => {
+                dev.read_mostly.retain(|r| !r.overlaps(range));
+                dev.fetch_advice.retain(|(r, _)| !r.overlaps(range));
+            }
         }
     }
 

@@ -30,7 +30,13 @@
 //! exactly as [`Mirror::prefetch`](super::Mirror::prefetch) brings them:
 //! watched, write-tracked and invalidated like any other.
 //!
-//! Not done yet (issue 16): thrashing detection, advice-driven policy,
+//! Advice ([`Mirror::advise`](super::Mirror::advise)) steers it:
+//! faults in an [`Advice::Random`](super::Advice::Random) range predict
+//! nothing and nothing speculative lands there; faults in an
+//! [`Advice::Sequential`](super::Advice::Sequential) range are streams
+//! whatever their length.
+//!
+//! Not done yet (issue 16): thrashing detection, will-need advice,
 //! chunk-granular eviction, speculation for zero-copy windows.
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};

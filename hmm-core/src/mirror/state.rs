@@ -116,6 +116,12 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     pub regions: BTreeMap<u64, RegionSlot<B, H>>,
     pub pinned: BTreeMap<u64, PinnedRange>,
     pub read_mostly: Vec<VaRange>,
+    /// Ranges advised [`Advice::Sequential`] or [`Advice::Random`]
+    /// (the fetch policy honours them).
+    ///
+    /// [`Advice::Sequential`]: super::Advice::Sequential
+    /// [`Advice::Random`]: super::Advice::Random
+    pub fetch_advice: Vec<(VaRange, super::Advice)>,
     /// The device submission running now, if any (launches are serialised).
     pub inflight: Option<SubmissionId>,
     /// Clearing writes not yet confirmed by the backend (see the module

@@ -1,0 +1,130 @@
+//! The adaptive fetch policy on a real mirror (cpu driver, policy chosen
+//! explicitly: `Auto` is exact on this driver): a sweep's faults bring the
+//! pages after them, inside the faulting mapping only and never beyond the
+//! pool's free slots; `Advice::Random` stops it, `Advice::Sequential`
+//! reads ahead of short runs too; `Exact` fetches only what faulted.
+
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+
+use hmm_conformance::TestMap;
+use hmm_core::cpu::host::HostSpace;
+use hmm_core::mirror::{Advice, FetchPolicy, Mirror, MirrorConfig};
+use hmm_driver_cpu::{CpuDevice, CpuKernel};
+
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+fn mirror(fetch: FetchPolicy, pool_slots: u32) -> Mirror<CpuDevice> {
+    let host = Arc::new(HostSpace::new().expect("host space"));
+    let cfg = MirrorConfig {
+        pool_slots,
+        fetch,
+        ..MirrorConfig::default()
+    };
+    Mirror::new(host, CpuDevice::with_threads(2), cfg).expect("mirror")
+}
+
+/// Invocation `i` reads word 0 of page `first + i` of `src` into `out[i]`.
+fn touch_pages() -> CpuKernel {
+    CpuKernel::new(|lane, i| {
+        let (src, first, out) = (lane.args()[0], lane.args()[1], lane.args()[2]);
+        let v = lane.load_u32(src + (first + u64::from(i)) * 4096)?;
+        lane.store_u32(out + 4 * u64::from(i), v)
+    })
+}
+
+/// Launches `n` invocations over pages `first..first + n` of `src`;
+/// returns (pages the policy speculated, pages copied in) for it, and
+/// checks the words read.
+fn sweep(m: &Mirror<CpuDevice>, src: &TestMap, first: u64, n: u32) -> (u64, u64) {
+    let out = TestMap::anon(1, RW);
+    let before = m.stats().speculated;
+    let r = m
+        .launch(&touch_pages(), n, [src.addr(), first, out.addr()])
+        .expect("launch");
+    for i in 0..n as usize {
+        assert_eq!(
+            out.read_word(i),
+            (first as u32 + i as u32) << 10,
+            "page {}",
+            first as usize + i
+        );
+    }
+    (m.stats().speculated - before, r.pages_in)
+}
+
+fn source(pages: usize) -> TestMap {
+    let src = TestMap::anon(pages, RW);
+    src.fill(|w| w as u32);
+    src
+}
+
+#[test]
+fn a_sweep_brings_the_pages_after_it_inside_its_mapping_only() {
+    let m = mirror(FetchPolicy::Adaptive, 4096);
+    let src = source(600);
+    // 32 pages fault in round 0: a stream, whose look-ahead is 32 × 8.
+    let (spec, _) = sweep(&m, &src, 0, 32);
+    assert_eq!(spec, 256);
+    // Those pages were right: the next sweep over them copies in only its
+    // new output page.
+    let (spec, pages_in) = sweep(&m, &src, 32, 256);
+    assert_eq!((spec, pages_in), (0, 1));
+
+    // In a 100-page mapping the look-ahead stops at its end.
+    let m = mirror(FetchPolicy::Adaptive, 4096);
+    let src = source(100);
+    let (spec, _) = sweep(&m, &src, 0, 32);
+    assert_eq!(spec, 68, "the rest of the mapping, nothing past it");
+    // Nothing outside the source and the output pages was fetched (the
+    // outputs may already be unmapped and released).
+    let (_, pages_in) = sweep(&m, &src, 32, 68);
+    assert_eq!(pages_in, 1);
+    let mapped = m.stats().mapped_pages;
+    assert!((100..=102).contains(&mapped), "{mapped} pages mapped");
+}
+
+#[test]
+fn exact_fetches_only_what_faulted() {
+    let m = mirror(FetchPolicy::Exact, 4096);
+    let src = source(300);
+    let (spec, pages_in) = sweep(&m, &src, 0, 32);
+    assert_eq!((spec, pages_in), (0, 33), "32 source pages and the output");
+    let (_, pages_in) = sweep(&m, &src, 32, 32);
+    assert_eq!(pages_in, 33);
+}
+
+#[test]
+fn speculation_never_takes_more_than_the_free_slots() {
+    // 64 slots: after the 32 faulted source pages at most 32 are free;
+    // the look-ahead (256 pages) is cut to what is free.
+    let m = mirror(FetchPolicy::Adaptive, 64);
+    let src = source(300);
+    let (spec, _) = sweep(&m, &src, 0, 32);
+    assert!((1..=32).contains(&spec), "{spec} pages speculated");
+    assert!(m.stats().pool_used <= 64);
+}
+
+#[test]
+fn random_advice_stops_speculation_and_sequential_reads_ahead_of_short_runs() {
+    let m = mirror(FetchPolicy::Adaptive, 4096);
+    let src = source(300);
+    m.advise(src.range(), Advice::Random);
+    let (spec, pages_in) = sweep(&m, &src, 0, 32);
+    assert_eq!((spec, pages_in), (0, 33), "Random: only what faulted");
+
+    // 4 faulting pages are no stream by themselves...
+    let m = mirror(FetchPolicy::Adaptive, 4096);
+    let src = source(300);
+    let (spec, _) = sweep(&m, &src, 100, 4);
+    assert_eq!(spec, 0);
+    // ...but are under Sequential advice: 4 × 8 pages after them.
+    m.advise(src.range(), Advice::Sequential);
+    let (spec, _) = sweep(&m, &src, 200, 4);
+    assert_eq!(spec, 32);
+    // Default forgets it.
+    m.advise(src.range(), Advice::Default);
+    let (spec, _) = sweep(&m, &src, 50, 4);
+    assert_eq!(spec, 0);
+}
