@@ -451,16 +451,7 @@ impl StructLayout {
                 s,
                 "fn {n}_{f}(p: vec2<u32>) -> vec2<u32> {{ return hmm_add(p, {off}u); }}"
             );
-            let load = match kind {
-                ParamKind::Ptr => "hmm_load_ptr",
-                ParamKind::U64 => "hmm_load_u64",
-                ParamKind::U32 => "hmm_load_u32",
-                ParamKind::I32 => "hmm_load_i32",
-                ParamKind::F32 => "hmm_load_f32",
-                // `ParamKind` is non-exhaustive; every kind is listed.
-                #[allow(unreachable_patterns)]
-                _ => continue,
-            };
+            let load = kind.wgsl_loader();
             let _ = writeln!(
                 s,
                 "fn {n}_get_{f}(p: vec2<u32>) -> {} {{ return {load}({n}_{f}(p)); }}",

@@ -88,6 +88,16 @@ impl ParamKind {
             ParamKind::F32 => "f32",
         }
     }
+    /// The shader library's function that loads one from a CPU address.
+    pub fn wgsl_loader(self) -> &'static str {
+        match self {
+            ParamKind::Ptr => "hmm_load_ptr",
+            ParamKind::U64 => "hmm_load_u64",
+            ParamKind::U32 => "hmm_load_u32",
+            ParamKind::I32 => "hmm_load_i32",
+            ParamKind::F32 => "hmm_load_f32",
+        }
+    }
     /// The shader library's function that reads argument word `k` as it.
     pub fn wgsl_reader(self) -> &'static str {
         match self {
@@ -178,49 +188,28 @@ pub struct Ptr<T>(PhantomData<fn() -> T>);
 /// A pointer the kernel writes through: the host passes `*mut T`.
 pub struct PtrMut<T>(PhantomData<fn() -> T>);
 
-impl<T: 'static> Param for In<T> {
-    type Host<'a> = &'a [T];
-    type Dev = DevPtr<T>;
-    const KIND: ParamKind = ParamKind::Ptr;
-    fn word(host: &[T]) -> u64 {
-        host.as_ptr() as usize as u64
-    }
-    fn dev(word: u64) -> DevPtr<T> {
-        DevPtr::from_addr(word)
-    }
+/// The four pointer kinds differ only in what the host passes and how its
+/// address is taken.
+macro_rules! pointer_param {
+    ($($name:ident: $host:ty, |$h:ident| $addr:expr;)+) => {$(
+        impl<T: 'static> Param for $name<T> {
+            type Host<'a> = $host;
+            type Dev = DevPtr<T>;
+            const KIND: ParamKind = ParamKind::Ptr;
+            fn word($h: Self::Host<'_>) -> u64 {
+                $addr as usize as u64
+            }
+            fn dev(word: u64) -> DevPtr<T> {
+                DevPtr::from_addr(word)
+            }
+        }
+    )+};
 }
-impl<T: 'static> Param for InOut<T> {
-    type Host<'a> = &'a mut [T];
-    type Dev = DevPtr<T>;
-    const KIND: ParamKind = ParamKind::Ptr;
-    fn word(host: &mut [T]) -> u64 {
-        host.as_mut_ptr() as usize as u64
-    }
-    fn dev(word: u64) -> DevPtr<T> {
-        DevPtr::from_addr(word)
-    }
-}
-impl<T: 'static> Param for Ptr<T> {
-    type Host<'a> = *const T;
-    type Dev = DevPtr<T>;
-    const KIND: ParamKind = ParamKind::Ptr;
-    fn word(host: *const T) -> u64 {
-        host as usize as u64
-    }
-    fn dev(word: u64) -> DevPtr<T> {
-        DevPtr::from_addr(word)
-    }
-}
-impl<T: 'static> Param for PtrMut<T> {
-    type Host<'a> = *mut T;
-    type Dev = DevPtr<T>;
-    const KIND: ParamKind = ParamKind::Ptr;
-    fn word(host: *mut T) -> u64 {
-        host as usize as u64
-    }
-    fn dev(word: u64) -> DevPtr<T> {
-        DevPtr::from_addr(word)
-    }
+pointer_param! {
+    In: &'a [T], |h| h.as_ptr();
+    InOut: &'a mut [T], |h| h.as_mut_ptr();
+    Ptr: *const T, |h| h;
+    PtrMut: *mut T, |h| h;
 }
 
 macro_rules! scalar_param {
