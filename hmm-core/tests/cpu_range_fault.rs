@@ -679,3 +679,137 @@ fn mapping_cache_remap() {
         VALID_RW
     );
 }
+
+/// Kernel release as (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut it = rel
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// `populate_runs` populates exactly the runs asked, for read (zero pages
+/// in anonymous memory) and for write, in one `process_madvise` call where
+/// the kernel allows it (6.13+) and one `madvise` per run when forced to.
+#[test]
+fn populate_runs_batched_and_per_range() {
+    let _serial = serial();
+    let scattered = [1usize, 5, 9, 30, 31, 47, 63];
+    for batched in [true, false] {
+        let m = Map::anon(64, RW);
+        let f = RangeFaulter::new().unwrap();
+        assert_eq!(f.batch_populate(), kernel_version() >= (6, 13));
+        if !batched {
+            f.force_per_range_populate();
+            assert!(!f.batch_populate());
+        }
+        let mut runs: Vec<VaRange> = scattered.iter().map(|&i| m.pages(i, i + 1)).collect();
+        runs.push(m.pages(12, 15));
+        let mut want: Vec<usize> = scattered.to_vec();
+        want.extend(12..15);
+        want.sort_unstable();
+        f.populate_runs(&runs, false).unwrap();
+        assert_eq!(
+            present(m.range()),
+            (want.clone(), want.clone()),
+            "read: zero pages, batched {batched}"
+        );
+        let s0 = f.stats();
+        f.populate_runs(&runs, true).unwrap();
+        assert_eq!(
+            present(m.range()),
+            (want.clone(), vec![]),
+            "write: real pages, batched {batched}"
+        );
+        let d = f.stats();
+        let (calls, populates) = (d.batch_calls - s0.batch_calls, d.populates - s0.populates);
+        if f.batch_populate() {
+            assert_eq!((calls, populates), (1, 0), "one call for all runs");
+        } else {
+            assert_eq!(
+                (calls, populates),
+                (0, runs.len() as u64),
+                "one madvise per run"
+            );
+        }
+        // More runs than one call takes: split into calls of 1024.
+        let big = Map::anon(2100, RW);
+        let runs: Vec<VaRange> = (0..2100).step_by(2).map(|i| big.pages(i, i + 1)).collect();
+        let s0 = f.stats();
+        f.populate_runs(&runs, true).unwrap();
+        let (all, zero) = present(big.range());
+        assert_eq!(all, (0..2100).step_by(2).collect::<Vec<_>>());
+        assert!(zero.is_empty());
+        if f.batch_populate() {
+            assert_eq!(f.stats().batch_calls - s0.batch_calls, 2);
+        }
+    }
+}
+
+/// A batch call that fails part-way falls back to the per-range path for
+/// the runs not done, so the error is the one that path gives, and the
+/// runs before the failing one are populated either way.
+#[test]
+fn populate_runs_errors_are_the_per_range_ones() {
+    let _serial = serial();
+    let t = TempFile::new("batch_eof", 1);
+    let m = Map::anon(8, RW);
+    let ro = Map::anon(2, libc::PROT_READ);
+    let hole = Map::anon(3, RW);
+    hole.unmap(1, 2);
+    let eof = Map::new(2, RW, libc::MAP_SHARED, t.fd());
+    let cases: Vec<(&str, Vec<VaRange>, bool)> = vec![
+        (
+            "read-only",
+            vec![m.pages(1, 2), ro.pages(0, 1), m.pages(5, 6)],
+            true,
+        ),
+        (
+            "hole",
+            vec![m.pages(1, 2), hole.pages(1, 2), m.pages(5, 6)],
+            false,
+        ),
+        (
+            "past EOF",
+            vec![m.pages(1, 2), eof.pages(1, 2), m.pages(5, 6)],
+            true,
+        ),
+    ];
+    for (name, runs, write) in cases {
+        let mut got = Vec::new();
+        for batched in [true, false] {
+            // SAFETY: discards pages of our own mapping.
+            unsafe { libc::madvise(m.p.cast(), m.len, libc::MADV_DONTNEED) };
+            let f = RangeFaulter::new().unwrap();
+            if !batched {
+                f.force_per_range_populate();
+            }
+            let e = f.populate_runs(&runs, write).unwrap_err();
+            assert!(
+                matches!(
+                    (name, &e),
+                    ("read-only", FaultError::ReadOnly { .. })
+                        | ("hole", FaultError::Unmapped { .. })
+                        | ("past EOF", FaultError::Populate { .. })
+                ),
+                "{name}: {e:?}"
+            );
+            assert_eq!(
+                present(m.range()).0,
+                vec![1],
+                "{name}: run before the failure done"
+            );
+            got.push(e.to_string());
+        }
+        assert_eq!(got[0], got[1], "{name}: batched and per-range errors");
+    }
+    // Unaligned runs are refused before anything is populated.
+    let f = RangeFaulter::new().unwrap();
+    let bad = VaRange::new(m.page(0), VirtAddr(m.page(1).get() + 1)).unwrap();
+    assert!(matches!(
+        f.populate_runs(&[m.pages(2, 3), bad], false),
+        Err(FaultError::Range(RangeError::Unaligned { .. }))
+    ));
+}
