@@ -701,6 +701,8 @@ fn populate_runs_batched_and_per_range() {
         let m = Map::anon(64, RW);
         let f = RangeFaulter::new().unwrap();
         assert_eq!(f.batch_populate(), kernel_version() >= (6, 13));
+        let caps = hmm_core::cpu::probe::Capabilities::get();
+        assert_eq!(caps.populate_batch.is_ok(), f.batch_populate(), "{caps}");
         if !batched {
             f.force_per_range_populate();
             assert!(!f.batch_populate());

@@ -59,6 +59,9 @@ pub struct Capabilities {
     pub populate_read: ProbeResult,
     /// `MADV_POPULATE_WRITE`.
     pub populate_write: ProbeResult,
+    /// `process_madvise(pidfd, iovecs, MADV_POPULATE_*)` on this process
+    /// (Linux 6.13+): scattered pages populated in one call.
+    pub populate_batch: ProbeResult,
     /// `sysconf(_SC_PAGESIZE)`.
     pub page_size: u64,
     /// How copies to and from application memory are made, as of the
@@ -185,6 +188,7 @@ impl Capabilities {
             pagemap_scan: probe_pagemap_scan(),
             populate_read: probe_madvise(sys::MADV_POPULATE_READ),
             populate_write: probe_madvise(sys::MADV_POPULATE_WRITE),
+            populate_batch: super::range_fault::probe_populate_batch(),
             page_size: u64::try_from(ps).unwrap_or(0),
             copy_path: super::safecopy::active_path(),
         }
@@ -297,6 +301,11 @@ impl Capabilities {
                  (about a third of memcpy's throughput)"
             )),
         }
+        if let Err(e) = &self.populate_batch {
+            out.push(format!(
+                "no batched populate ({e}): scattered runs are populated with one call each"
+            ));
+        }
         out
     }
 }
@@ -352,6 +361,7 @@ impl fmt::Display for Capabilities {
         writeln!(f, "  MADV_POPULATE_READ   {}", yes(&self.populate_read))?;
         writeln!(f, "  MADV_POPULATE_WRITE  {}", yes(&self.populate_write))?;
         writeln!(f, "  copy path            {}", self.copy_path)?;
+        writeln!(f, "  batched populate     {}", yes(&self.populate_batch))?;
         let d = self.degradations();
         if d.is_empty() {
             write!(f, "  degradations         none")
@@ -383,17 +393,20 @@ mod tests {
             pagemap_scan: Err("ENOTTY".into()),
             populate_read: Ok(()),
             populate_write: Err("EINVAL".into()),
+            populate_batch: Err("EINVAL".into()),
             page_size: 16384,
             copy_path: CopyPath::Syscall(SyscallReason::Displaced),
         };
         let d = caps.degradations();
-        assert_eq!(d.len(), 5, "{d:#?}");
+        assert_eq!(d.len(), 6, "{d:#?}");
         assert!(d[0].contains("page size"));
         assert!(d[1].starts_with("no userfaultfd"));
         assert!(d[2].contains("no PAGEMAP_SCAN"));
         assert!(d[3].contains("MADV_POPULATE_WRITE"));
         assert!(d[4].starts_with("no recoverable copy (another SIGSEGV"));
+        assert!(d[5].contains("batched populate"));
         let text = caps.to_string();
+        assert!(text.contains("batched populate     no"));
         assert!(text.contains("userfaultfd          no"));
         assert!(text.contains("copy path            process_vm_readv/writev"));
         assert!(!caps.wp_async_usable());

@@ -297,19 +297,19 @@ impl BatchPopulate {
     /// scratch pages. `None` where the kernel lacks either syscall
     /// (before 5.3 / 5.10) or refuses the advice through it (before 6.13
     /// only a few advices were allowed).
-    fn probe() -> Option<Self> {
+    fn probe() -> Result<Self, String> {
         let pid = std::process::id();
         // SAFETY: `pidfd_open` takes a pid and flags and returns a new
         // descriptor or -1; no memory is passed.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
-            return None;
+            return Err(format!("pidfd_open: {}", io::Error::last_os_error()));
         }
         // SAFETY: `fd` is a descriptor just returned to us and owned by
         // nothing else.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let b = BatchPopulate { pidfd, pid };
-        let m = super::scratch::ScratchMap::new(3).ok()?;
+        let m = super::scratch::ScratchMap::new(3).map_err(|e| format!("mmap failed: {e}"))?;
         let iov = [
             libc::iovec {
                 iov_base: m.ptr(),
@@ -320,12 +320,22 @@ impl BatchPopulate {
                 iov_len: PAGE_SIZE as usize,
             },
         ];
-        for advice in [sys::MADV_POPULATE_READ, sys::MADV_POPULATE_WRITE] {
-            if b.call(&iov, advice) != Ok(2 * PAGE_SIZE as usize) {
-                return None;
+        for (advice, name) in [
+            (sys::MADV_POPULATE_READ, "MADV_POPULATE_READ"),
+            (sys::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE"),
+        ] {
+            match b.call(&iov, advice) {
+                Ok(n) if n == 2 * PAGE_SIZE as usize => {}
+                Ok(n) => return Err(format!("process_madvise({name}) advised {n} of 8192 bytes")),
+                Err(e) => {
+                    return Err(format!(
+                        "process_madvise({name}): {}",
+                        io::Error::from_raw_os_error(e)
+                    ))
+                }
             }
         }
-        Some(b)
+        Ok(b)
     }
 
     /// One `process_madvise` call: the bytes advised, or the error.
@@ -420,7 +430,7 @@ impl RangeFaulter {
     pub fn with_parts(maps: Arc<MappingCache>, pagemap: Pagemap) -> Self {
         let madvise = probe_madvise_populate();
         let batch = if madvise {
-            BatchPopulate::probe()
+            BatchPopulate::probe().ok()
         } else {
             None
         };
@@ -891,6 +901,12 @@ pub unsafe fn touch_write(p: *mut u8) {
             v = now;
         }
     }
+}
+
+/// Whether `process_madvise(MADV_POPULATE_*)` works on this process
+/// ([`RangeFaulter::populate_runs`]), or why not.
+pub(crate) fn probe_populate_batch() -> Result<(), String> {
+    BatchPopulate::probe().map(drop)
 }
 
 /// Whether `MADV_POPULATE_READ` exists: try it on a fresh page.
