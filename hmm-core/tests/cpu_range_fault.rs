@@ -815,3 +815,57 @@ fn populate_runs_errors_are_the_per_range_ones() {
         Err(FaultError::Range(RangeError::Unaligned { .. }))
     ));
 }
+
+/// Whether page `i` of `m` is resident in this process (`mincore`).
+fn resident(m: &Map, i: usize) -> bool {
+    let mut v = 0u8;
+    // SAFETY: one page of our own mapping; `v` receives one byte.
+    let rc = unsafe { libc::mincore(m.p.add(i * PS).cast(), PS, &mut v) };
+    rc == 0 && v & 1 == 1
+}
+
+/// After `fork`, the pidfd the faulter opened still names the parent: a
+/// child's `populate_runs` must populate the child's pages, never the
+/// parent's. (The faulter checks the pid and goes per range; the kernel
+/// would also refuse `MADV_POPULATE_*` on another process's memory with
+/// `EINVAL` — checked on 6.18 with the pid check removed — and the failed
+/// batch falls back per range. This test checks the outcome, either way.)
+/// The child only makes syscalls (no allocation on this path) and reports
+/// through its exit status.
+#[test]
+fn populate_runs_in_a_forked_child_populates_the_child() {
+    let _serial = serial();
+    let f = RangeFaulter::new().unwrap();
+    let m = Map::anon(4, RW);
+    let runs = [m.pages(1, 2), m.pages(3, 4)];
+    // SAFETY: the child only calls populate_runs (madvise on its own copy
+    // of `m`, no allocation on success), mincore and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let ok = f.populate_runs(&runs, true).is_ok()
+            && resident(&m, 1)
+            && resident(&m, 3)
+            && !resident(&m, 0);
+        // SAFETY: ends the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child: its own pages not populated (status {status:#x})"
+    );
+    assert!(
+        !resident(&m, 1) && !resident(&m, 3),
+        "the parent's pages were populated by the child's call"
+    );
+    // In the parent the batch path is used again.
+    let before = f.stats().batch_calls;
+    f.populate_runs(&runs, true).unwrap();
+    assert!(resident(&m, 1) && resident(&m, 3));
+    if f.batch_populate() {
+        assert_eq!(f.stats().batch_calls, before + 1);
+    }
+}
