@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hmm_core::cpu::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorOptions};
 use hmm_core::cpu::probe::{Capabilities, UffdAvailability};
 use hmm_core::cpu::uffd::{Features, RegisterMode, UffdEvent, Userfaultfd};
-use hmm_core::cpu::write_track::{TrackError, TrackMode};
+use hmm_core::cpu::write_track::{ArmMethod, TrackError, TrackMode};
 use hmm_core::notifier::EventKind;
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
@@ -491,6 +491,12 @@ fn missing_mode_makes_us_the_fault_handler() {
 
 #[test]
 fn write_tracking_reports_exactly_the_written_pages() {
+    for method in [ArmMethod::Scan, ArmMethod::Ioctl] {
+        write_tracking_exact(method);
+    }
+}
+
+fn write_tracking_exact(method: ArmMethod) {
     let Some((mon, sink)) = monitor("write_tracking_reports_exactly_the_written_pages") else {
         return;
     };
@@ -501,6 +507,8 @@ fn write_tracking_reports_exactly_the_written_pages() {
     }
     mon.watch(m.range()).unwrap();
     let t = mon.write_tracker();
+    t.set_arm_method(method);
+    assert_eq!(t.arm_method(), method);
     if let TrackMode::Degraded(why) = t.mode() {
         assert!(!Capabilities::get().wp_async_usable());
         eprintln!("write tracking degraded: {why}");
@@ -527,6 +535,16 @@ fn write_tracking_reports_exactly_the_written_pages() {
         t.collect(m.range()).unwrap(),
         vec![m.pages(3, 1), m.pages(50, 2)]
     );
+    // Re-armed after a write (the mirror's own write-back): the write is
+    // dropped; written again after the re-arm: reported. Re-arming an
+    // armed, unwritten page changes nothing.
+    m.write(5, 2);
+    t.arm(m.pages(5, 1)).unwrap();
+    m.write(6, 2);
+    t.arm(m.pages(6, 1)).unwrap();
+    m.write(6, 3);
+    t.arm(m.pages(30, 4)).unwrap();
+    assert_eq!(t.collect(m.range()).unwrap(), vec![m.pages(6, 1)]);
     // A sub-range collect leaves the rest pending.
     m.write(10, 1);
     m.write(20, 1);
@@ -536,8 +554,17 @@ fn write_tracking_reports_exactly_the_written_pages() {
     let c = mon.counts();
     assert_eq!((c.wp_faults, c.unexpected_faults), (0, 0));
     assert_eq!(sink.take(), vec![]);
-    // Typed errors, no panic: unwatched range, unaligned range.
+    // Typed errors, no panic: arming or collecting an unwatched range,
+    // an unaligned range.
     let other = Mapping::new(2);
+    assert!(
+        matches!(
+            (method, t.arm(other.range())),
+            (ArmMethod::Scan, Err(TrackError::Scan { .. }))
+                | (ArmMethod::Ioctl, Err(TrackError::Protect(_)))
+        ),
+        "{method:?}"
+    );
     assert!(matches!(
         t.collect(other.range()),
         Err(TrackError::Scan { .. })
@@ -548,6 +575,99 @@ fn write_tracking_reports_exactly_the_written_pages() {
         t.collect(unaligned),
         Err(TrackError::Unaligned(_))
     ));
+}
+
+/// `len` bytes of fresh read-write anonymous memory at a 1 GiB-aligned
+/// address, inside a 3 GiB `PROT_NONE` reservation (no page table of any
+/// level exists there until something is touched). Returns the mapping
+/// and the reservation, to unmap after it.
+fn mapping_in_empty_gigabyte(pages: usize) -> (Mapping, Mapping) {
+    const GIB: usize = 1 << 30;
+    let res = Mapping::with_prot(3 * GIB / PS, libc::PROT_NONE);
+    let at = (res.addr + GIB - 1) & !(GIB - 1);
+    // SAFETY: replaces part of our own PROT_NONE reservation, which
+    // nothing uses, with a read-write mapping.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            pages * PS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, at);
+    // SAFETY: advice on our own mapping: 4 KiB pages, so "never touched"
+    // stays a page-table hole.
+    unsafe { libc::madvise(p, pages * PS, libc::MADV_NOHUGEPAGE) };
+    let m = Mapping {
+        addr: at,
+        len: pages * PS,
+        mapped: true,
+    };
+    (m, res)
+}
+
+/// Settles whether arming write-protects page-table holes on this kernel,
+/// whether a never-touched page lay where no PMD table existed at all,
+/// where the PMD table had no PTE table for it, or where the PTE table
+/// had an empty entry. A written one must be reported — and a *read* one
+/// must not: that is what tells a marker from a hole left alone, since a
+/// read maps the zero page, which without a marker has no uffd-wp bit and
+/// reads as written (so would a `MADV_POPULATE_READ` by a device fault).
+/// Both arming methods.
+#[test]
+fn write_tracking_covers_page_table_holes() {
+    for method in [ArmMethod::Scan, ArmMethod::Ioctl] {
+        let Some((mon, _sink)) = monitor("write_tracking_covers_page_table_holes") else {
+            return;
+        };
+        let t = mon.write_tracker();
+        if t.mode() != &TrackMode::Precise {
+            eprintln!("SKIP write_tracking_covers_page_table_holes: tracking degraded");
+            return;
+        }
+        t.set_arm_method(method);
+        // 4 MiB in an untouched gigabyte: no PMD table.
+        let (m, _res) = mapping_in_empty_gigabyte(1024);
+        mon.watch(m.range()).unwrap();
+        t.arm(m.range()).unwrap();
+        m.write(700, 1);
+        // SAFETY: pages of our own readable mapping.
+        unsafe {
+            (
+                m.page_ptr(701).read_volatile(),
+                m.page_ptr(100).read_volatile(),
+            )
+        };
+        assert_eq!(
+            t.collect(m.range()).unwrap(),
+            vec![m.pages(700, 1)],
+            "{method:?}: no PMD table"
+        );
+        // Page 0 touched: a PMD table, a PTE table for the first 2 MiB with
+        // empty entries around page 0, and none for the second 2 MiB.
+        let (m, _res) = mapping_in_empty_gigabyte(1024);
+        m.write(0, 1);
+        mon.watch(m.range()).unwrap();
+        t.arm(m.range()).unwrap();
+        m.write(3, 1);
+        m.write(600, 1);
+        // SAFETY: pages of our own readable mapping.
+        unsafe {
+            (
+                m.page_ptr(4).read_volatile(),
+                m.page_ptr(601).read_volatile(),
+            )
+        };
+        assert_eq!(
+            t.collect(m.range()).unwrap(),
+            vec![m.pages(3, 1), m.pages(600, 1)],
+            "{method:?}: empty PTE, no PTE table"
+        );
+        assert_eq!(t.collect(m.range()).unwrap(), vec![], "{method:?}");
+    }
 }
 
 #[test]

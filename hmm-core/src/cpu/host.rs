@@ -256,6 +256,11 @@ impl HostSpace {
         Ok(self.maps.lookup(addr)?)
     }
 
+    /// The CPU-write tracker, where this space has an event monitor.
+    pub fn write_tracker(&self) -> Option<&WriteTracker> {
+        self.tracker.as_ref()
+    }
+
     /// Starts watching `range` (page aligned, inside one or more mappings)
     /// for kernel events and CPU writes. Call it when a region becomes
     /// mirrored. Without userfaultfd, does nothing.
