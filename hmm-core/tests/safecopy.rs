@@ -438,6 +438,48 @@ fn half_unmapped_copies_report_exact_progress() {
     assert!(out.status.success() && stdout_has(&out, "exact"));
 }
 
+/// Long reads take the streaming (non-temporal) routine; a hole stops it
+/// exactly there too, whether the hole falls on one of its 64-byte blocks'
+/// boundaries or inside a block (the block's earlier bytes are then copied
+/// by the byte-exact retry), and what it copied is right.
+#[test]
+fn streaming_copies_report_exact_progress() {
+    let out = in_child("streaming_copies_report_exact_progress", || {
+        const N: usize = 128; // 512 KiB: above the streaming threshold
+        let len = N * PAGE;
+        let rc = Recoverable::check().expect("recoverable path");
+        for (off, round) in [(64usize, 4usize), (8, 5), (0, 6)] {
+            let a = anon(len);
+            let b = anon(len);
+            fill(a, len, round);
+            // Whole: copied exactly.
+            // SAFETY: `b` is ours and `a` is ordinary memory, both live.
+            let whole = unsafe { rc.copy_in(b, a.add(off), len - off - (64 - off % 64) % 64) };
+            assert_eq!(whole, Ok(()), "offset {off}");
+            let n = len - off - (64 - off % 64) % 64;
+            assert_eq!(wrong_from(b, off, n, round), 0, "offset {off}");
+            // SAFETY: pages 70.. of our own mapping `a`.
+            unmap(unsafe { a.add(70 * PAGE) }, (N - 70) * PAGE);
+            // SAFETY: `b` is a live mapping of `len` bytes.
+            unsafe { std::ptr::write_bytes(b, 0, len) };
+            // SAFETY: as above; `a` is partly unmapped now.
+            let r = unsafe { rc.copy_in(b, a.add(off), n) };
+            assert_eq!(
+                r,
+                Err(CopyError::Fault {
+                    copied: 70 * PAGE - off
+                }),
+                "offset {off}"
+            );
+            assert_eq!(wrong_from(b, off, 70 * PAGE - off, round), 0, "offset {off}");
+            unmap(a, 70 * PAGE);
+            unmap(b, len);
+        }
+        println!("exact");
+    });
+    assert!(out.status.success() && stdout_has(&out, "exact"), "{out:?}");
+}
+
 /// A fault on *our* side of a copy (here: an unmapped destination of
 /// `copy_in`) is a bug, not something to recover: the process dies of
 /// SIGSEGV.

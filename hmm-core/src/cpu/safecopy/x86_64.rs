@@ -55,6 +55,47 @@ std::arch::global_asm!(
     "    mov rax, rcx",
     "    ret",
     ".size __hmm_core_safecopy_v1_out, .-__hmm_core_safecopy_v1_out",
+    "",
+    // The streaming variant of `_in`, for long copies into our own memory:
+    // 64 bytes per iteration, loaded into xmm0-3 (caller-saved, SSE2 is
+    // baseline x86-64) and stored with `movntdq`, which bypasses the cache
+    // as glibc's `memcpy` does past its non-temporal threshold. The caller
+    // guarantees n > 0, n % 64 == 0 and a 16-byte aligned destination.
+    // Only the loads can fault on the application's side; at any of them
+    // rsi is the start of the block being loaded and rcx the bytes not yet
+    // stored (this block included), the same register contract as
+    // `rep movsb`, so the handler's rule needs no change. Both exits fence
+    // the weakly ordered stores before returning.
+    ".p2align 4",
+    ".globl __hmm_core_safecopy_v1_in_nt",
+    ".hidden __hmm_core_safecopy_v1_in_nt",
+    ".type __hmm_core_safecopy_v1_in_nt,@function",
+    "__hmm_core_safecopy_v1_in_nt:",
+    "    mov rcx, rdx",
+    ".Lhmm_sc_nt_begin:",
+    "    prefetcht0 [rsi + 512]",
+    "    movdqu xmm0, [rsi]",
+    "    movdqu xmm1, [rsi + 16]",
+    "    movdqu xmm2, [rsi + 32]",
+    "    movdqu xmm3, [rsi + 48]",
+    "    movntdq [rdi], xmm0",
+    "    movntdq [rdi + 16], xmm1",
+    "    movntdq [rdi + 32], xmm2",
+    "    movntdq [rdi + 48], xmm3",
+    "    add rsi, 64",
+    "    add rdi, 64",
+    "    sub rcx, 64",
+    "    jnz .Lhmm_sc_nt_begin",
+    ".Lhmm_sc_nt_end:",
+    "    sfence",
+    "    xor eax, eax",
+    "    xor edx, edx",
+    "    ret",
+    ".Lhmm_sc_nt_fixup:",
+    "    sfence",
+    "    mov rax, rcx",
+    "    ret",
+    ".size __hmm_core_safecopy_v1_in_nt, .-__hmm_core_safecopy_v1_in_nt",
     ".popsection",
     "",
     // The exception table: {begin, end, fixup, side}; side 0: the
@@ -66,6 +107,7 @@ std::arch::global_asm!(
     "__hmm_core_safecopy_v1_extable:",
     "    .quad .Lhmm_sc_in_begin, .Lhmm_sc_in_end, .Lhmm_sc_in_fixup, 0",
     "    .quad .Lhmm_sc_out_begin, .Lhmm_sc_out_end, .Lhmm_sc_out_fixup, 1",
+    "    .quad .Lhmm_sc_nt_begin, .Lhmm_sc_nt_end, .Lhmm_sc_nt_fixup, 0",
     ".popsection",
 );
 
@@ -91,11 +133,12 @@ struct ExEntry {
     side: usize,
 }
 
-const EXTABLE_LEN: usize = 2;
+const EXTABLE_LEN: usize = 3;
 
 extern "C" {
     fn __hmm_core_safecopy_v1_in(dst: *mut u8, src: *const u8, n: usize) -> Outcome;
     fn __hmm_core_safecopy_v1_out(dst: *mut u8, src: *const u8, n: usize) -> Outcome;
+    fn __hmm_core_safecopy_v1_in_nt(dst: *mut u8, src: *const u8, n: usize) -> Outcome;
     static __hmm_core_safecopy_v1_extable: [ExEntry; EXTABLE_LEN];
 }
 
@@ -147,7 +190,15 @@ pub(super) unsafe fn copy(
         };
         // SAFETY: `done < n`, so both operands advanced by `done` stay in
         // the ranges the caller vouches for; see `raw`.
-        let out = unsafe { raw(dst.add(done), src.add(done), len, side) };
+        let out = unsafe {
+            if !probing && streams(dst.add(done), len, side) {
+                // SAFETY (`streams`): len > 0, a multiple of 64, and the
+                // destination 16-byte aligned, as the routine requires.
+                __hmm_core_safecopy_v1_in_nt(dst.add(done), src.add(done), len)
+            } else {
+                raw(dst.add(done), src.add(done), len, side)
+            }
+        };
         let moved = len - out.left.min(len);
         done += moved;
         match out.code as i64 {
@@ -158,6 +209,22 @@ pub(super) unsafe fn copy(
         }
     }
     Ok(())
+}
+
+/// Copies from the application of at least this many bytes use the
+/// streaming routine. Below it `rep movsb` (temporal stores) is as fast as
+/// `memcpy` and leaves the data in cache for whoever reads the copy next
+/// (the cpu driver's kernel, a GPU upload); above it the copy cannot stay
+/// in cache anyway, and non-temporal stores save the read-for-ownership of
+/// every destination line. Measured by `benches/safecopy.rs` and the main
+/// job's `setup` scenario (README, issue 15).
+pub(super) const STREAM_MIN: usize = 256 << 10;
+
+/// Whether a copy of `n` bytes to `dst` on `side` takes the streaming
+/// routine: into our memory (`copy_in`), long, whole 64-byte blocks and a
+/// 16-byte aligned destination.
+fn streams(dst: *mut u8, n: usize, side: Side) -> bool {
+    side == Side::Source && n >= STREAM_MIN && n % 64 == 0 && (dst as usize) % 16 == 0
 }
 
 /// One call of the routine for `side`.
