@@ -188,16 +188,18 @@ pub(super) unsafe fn copy(
         } else {
             n - done
         };
-        // SAFETY: `done < n`, so both operands advanced by `done` stay in
-        // the ranges the caller vouches for; see `raw`.
-        let out = unsafe {
-            if !probing && streams(dst.add(done), len, side) {
-                // SAFETY (`streams`): len > 0, a multiple of 64, and the
-                // destination 16-byte aligned, as the routine requires.
-                __hmm_core_safecopy_v1_in_nt(dst.add(done), src.add(done), len)
-            } else {
-                raw(dst.add(done), src.add(done), len, side)
-            }
+        // `done < n`: both operands advanced by `done` stay in the ranges
+        // the caller vouches for (wrapping_add: no reference is formed).
+        let (d, s) = (dst.wrapping_add(done), src.wrapping_add(done));
+        let out = if !probing && streams(d, len, side) {
+            // SAFETY: as for `raw` (the streaming routine touches the same
+            // bytes, only its loads on the application's side); `streams`
+            // checked what it requires: len > 0 and a multiple of 64, the
+            // destination 16-byte aligned.
+            unsafe { __hmm_core_safecopy_v1_in_nt(d, s, len) }
+        } else {
+            // SAFETY: see `raw`, for the ranges above.
+            unsafe { raw(d, s, len, side) }
         };
         let moved = len - out.left.min(len);
         done += moved;
