@@ -229,6 +229,78 @@ fn munmap_whole_range_and_one_middle_page() {
     assert!(!mon.watched().iter().any(|w| w.overlaps(whole)));
 }
 
+/// `watch_within` registers the whole mapping and watches only the range:
+/// the mapping stays one VMA (an `mremap` of all of it succeeds, where a
+/// registration of part of it made the kernel refuse with `EFAULT`), only
+/// the range is in the watch set, events come from all of the mapping,
+/// and `unwatch_within` ends the watch but keeps the registration.
+#[test]
+fn watch_within_registers_the_whole_mapping() {
+    let Some((mon, sink)) = monitor("watch_within_registers_the_whole_mapping") else {
+        return;
+    };
+    let mut m = Mapping::new(16);
+    for i in 0..16 {
+        m.write(i, 1);
+    }
+    let watched = m.pages(4, 4);
+    mon.watch_within(watched, m.range()).unwrap();
+    assert_eq!(mon.watched(), vec![watched]);
+    // An event outside the watched range, inside the mapping.
+    let outside = m.pages(12, 1);
+    // SAFETY: discards a page of our own mapping; nothing refers to it.
+    let rc = unsafe { libc::madvise(m.page_ptr(12).cast(), PS, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(
+        sink.wait_events(1, WAIT),
+        vec![(outside, EventKind::Remove)]
+    );
+    sink.take();
+    // Ending the watch keeps the registration: still events, no split.
+    mon.unwatch_within(watched).unwrap();
+    assert_eq!(mon.watched(), vec![]);
+    // SAFETY: as above.
+    let rc = unsafe { libc::madvise(m.page_ptr(5).cast(), PS, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(
+        sink.wait_events(1, WAIT),
+        vec![(m.pages(5, 1), EventKind::Remove)]
+    );
+    // Watch again, then grow the whole buffer: one VMA, so it may move.
+    mon.watch_within(watched, m.range()).unwrap();
+    let old = m.range();
+    // SAFETY: growing our own mapping, allowed to move; `m` is updated to
+    // the new place and the old range is not used afterwards.
+    let p = unsafe {
+        libc::mremap(
+            m.addr as *mut libc::c_void,
+            16 * PS,
+            32 * PS,
+            libc::MREMAP_MAYMOVE,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mremap: {}",
+        std::io::Error::last_os_error()
+    );
+    m.addr = p as usize;
+    m.len = 32 * PS;
+    if m.range().start() != old.start() {
+        // The watch moved with the memory.
+        let c = wait_counts(&mon, |c| c.remap == 1);
+        assert_eq!(c.remap, 1);
+        assert_eq!(mon.watched(), vec![m.pages(4, 4)]);
+    }
+    // The range alone still works where no whole mapping is given.
+    let other = Mapping::new(4);
+    mon.watch_within(other.pages(1, 1), other.pages(1, 1))
+        .unwrap();
+    mon.unwatch_within(other.pages(1, 1)).unwrap();
+    m.unmap_pages(0, 32);
+}
+
 #[test]
 fn madvise_dontneed_is_remove() {
     let Some((mon, sink)) = monitor("madvise_dontneed_is_remove") else {

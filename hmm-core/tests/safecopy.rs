@@ -471,7 +471,11 @@ fn streaming_copies_report_exact_progress() {
                 }),
                 "offset {off}"
             );
-            assert_eq!(wrong_from(b, off, 70 * PAGE - off, round), 0, "offset {off}");
+            assert_eq!(
+                wrong_from(b, off, 70 * PAGE - off, round),
+                0,
+                "offset {off}"
+            );
             unmap(a, 70 * PAGE);
             unmap(b, len);
         }

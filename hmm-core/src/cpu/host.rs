@@ -287,7 +287,24 @@ impl HostSpace {
                 // just registered, and leave it mirrored with neither
                 // events nor write tracking (found by `hmm-stress`).
                 let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-                m.watch(range)?;
+                // The whole mapping is registered where it can be (an
+                // `mremap` of a buffer split by a partial registration
+                // fails with EFAULT; `EventMonitor::watch_within`).
+                // The latest read of the maps serves: the span is only a
+                // hint (a stale one fails to register, and `range` alone
+                // is registered instead).
+                let cached = self
+                    .maps
+                    .lookup_in_epoch(range.start(), self.maps.current_epoch());
+                let span = match cached {
+                    Ok(Some(mp))
+                        if mp.range.start() <= range.start() && range.end() <= mp.range.end() =>
+                    {
+                        mp.range
+                    }
+                    _ => range,
+                };
+                m.watch_within(range, span)?;
                 w.push((range, track));
             }
             if let Some(t) = self.tracker.as_ref().filter(|_| track) {
@@ -348,7 +365,7 @@ impl HostSpace {
         };
         for piece in uncovered {
             self.maps.untrust(piece);
-            m.unwatch(piece)?;
+            m.unwatch_within(piece)?;
         }
         drop(w);
         Ok(())

@@ -288,6 +288,13 @@ impl RangeSet {
         self.normalize();
     }
 
+    /// Whether one element contains all of `r`.
+    fn covers(&self, r: VaRange) -> bool {
+        self.0
+            .iter()
+            .any(|w| w.start() <= r.start() && r.end() <= w.end())
+    }
+
     #[cfg(test)]
     fn overlapping(&self, r: VaRange) -> Vec<VaRange> {
         self.0.iter().filter_map(|w| w.intersect(r)).collect()
@@ -298,6 +305,9 @@ struct Shared {
     uffd: Arc<Userfaultfd>,
     sink: Arc<dyn InvalidationSink>,
     watched: Mutex<RangeSet>,
+    /// Whole mappings registered by [`EventMonitor::watch_within`], edited
+    /// by events like `watched`. Lock order: `watched`, then `spans`.
+    spans: Mutex<RangeSet>,
     counters: Counters,
     failed: AtomicBool,
     /// Events read and not yet handled: the reader (the monitor thread)
@@ -312,6 +322,10 @@ const QUEUE_EVENTS: usize = 4096;
 impl Shared {
     fn watched(&self) -> MutexGuard<'_, RangeSet> {
         self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spans(&self) -> MutexGuard<'_, RangeSet> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn call_sink(&self, range: VaRange, kind: EventKind) {
@@ -331,6 +345,7 @@ impl Shared {
                 // it again, and CPU writes to it would go unseen (found by
                 // `hmm-stress`).
                 self.watched().remove(range);
+                self.spans().remove(range);
                 self.call_sink(range, EventKind::Unmap);
                 bump(&self.counters.unmap);
             }
@@ -346,6 +361,7 @@ impl Shared {
                 };
                 // Set edit first, as for `Unmap`.
                 self.watched().shift(old, to);
+                self.spans().shift(old, to);
                 self.call_sink(old, EventKind::Remap);
                 if catch_unwind(AssertUnwindSafe(|| self.sink.remapped(from, to, len))).is_err() {
                     bump(&self.counters.sink_panics);
@@ -428,6 +444,9 @@ impl Shared {
             for &r in &w.0 {
                 let _ = self.uffd.unregister(r);
             }
+            for &r in &self.spans().0 {
+                let _ = self.uffd.unregister(r);
+            }
         }
         let _ = self.drain(buf);
     }
@@ -501,6 +520,9 @@ impl Shared {
     fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
         let mut w = self.watched();
+        for r in std::mem::take(&mut self.spans().0) {
+            let _ = self.uffd.unregister(r);
+        }
         for r in std::mem::take(&mut w.0) {
             let _ = self.uffd.unregister(r);
             self.call_sink(r, EventKind::Clear);
@@ -567,10 +589,13 @@ impl EventMonitor {
         let shutdown = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
         let mut set = RangeSet::default();
         set.reserve_spare();
+        let mut spans = RangeSet::default();
+        spans.reserve_spare();
         let shared = Arc::new(Shared {
             uffd: Arc::new(uffd),
             sink,
             watched: Mutex::new(set),
+            spans: Mutex::new(spans),
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             queue: EventQueue::new(QUEUE_EVENTS),
@@ -638,6 +663,64 @@ impl EventMonitor {
         self.shared.uffd.register(range, RegisterMode::WP)?;
         w.insert(range);
         w.reserve_spare();
+        Ok(())
+    }
+
+    /// [`EventMonitor::watch`] of `range`, registering the whole of `span`
+    /// (which contains `range`: the mapping it lies in) with the kernel
+    /// instead of `range` alone.
+    ///
+    /// Registering part of a mapping splits it into separate VMAs (their
+    /// userfaultfd flags differ), and an `mremap` of a range that spans
+    /// several VMAs fails with `EFAULT`: a program growing a buffer the
+    /// mirror had partly registered got an error the mirror caused. A
+    /// registration of the whole mapping keeps it one VMA; ranges of it
+    /// watched later re-register only what the kernel does not already
+    /// have (a registration of an already registered VMA with the same
+    /// flags changes nothing). Only `range` is watched: sync points scan
+    /// it, not the rest of `span`, whose pages are never armed. Where
+    /// `span` cannot be registered (it has changed since the caller read
+    /// it, or part of it cannot be) `range` alone is, as `watch` does.
+    ///
+    /// The registration of `span` stays until the memory is unmapped, the
+    /// monitor stops, or the userfaultfd is closed:
+    /// [`EventMonitor::unwatch_within`] ends the watch but not the
+    /// registration (unregistering would split the mapping again). Until
+    /// then `munmap`/`madvise(MADV_DONTNEED)`/`mremap` anywhere in `span`
+    /// produce events, which the sink handles like any other (a range no
+    /// mirror holds costs one invalidation that finds nothing).
+    pub fn watch_within(&self, range: VaRange, span: VaRange) -> Result<(), MonitorError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(MonitorError::Stopped);
+        }
+        let mut w = self.shared.watched();
+        let whole = span != range
+            && span.start() <= range.start()
+            && range.end() <= span.end()
+            && self.shared.uffd.register(span, RegisterMode::WP).is_ok();
+        if whole {
+            let mut s = self.shared.spans();
+            s.insert(span);
+            s.reserve_spare();
+        } else {
+            self.shared.uffd.register(range, RegisterMode::WP)?;
+        }
+        w.insert(range);
+        w.reserve_spare();
+        Ok(())
+    }
+
+    /// Ends a watch started by [`EventMonitor::watch_within`]: `range` is
+    /// no longer watched; its kernel registration ends only where it was
+    /// registered alone (not inside a registered whole mapping, which
+    /// stays one VMA; its pages keep whatever write protection they had,
+    /// which costs a CPU write one fault the kernel resolves itself).
+    pub fn unwatch_within(&self, range: VaRange) -> Result<(), MonitorError> {
+        let mut w = self.shared.watched();
+        if !self.shared.spans().covers(range) {
+            self.shared.uffd.unregister(range)?;
+        }
+        w.remove(range);
         Ok(())
     }
 
