@@ -226,7 +226,10 @@ pub(super) const STREAM_MIN: usize = 256 << 10;
 /// routine: into our memory (`copy_in`), long, whole 64-byte blocks and a
 /// 16-byte aligned destination.
 fn streams(dst: *mut u8, n: usize, side: Side) -> bool {
-    side == Side::Source && n >= STREAM_MIN && n % 64 == 0 && (dst as usize) % 16 == 0
+    side == Side::Source
+        && n >= STREAM_MIN
+        && n.is_multiple_of(64)
+        && (dst as usize).is_multiple_of(16)
 }
 
 /// One call of the routine for `side`.
