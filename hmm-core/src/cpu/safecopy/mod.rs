@@ -142,6 +142,15 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
+/// Copies from the application of at least this many bytes use the
+/// streaming routine. Below it `rep movsb` (temporal stores) is as fast as
+/// `memcpy` and leaves the data in cache for whoever reads the copy next
+/// (the cpu driver's kernel, a GPU upload); above it the copy cannot stay
+/// in cache anyway, and non-temporal stores save the read-for-ownership of
+/// every destination line. Measured by `benches/safecopy.rs` and the main
+/// job's `setup` scenario (README, issue 15).
+pub(crate) const STREAM_MIN: usize = 256 << 10;
+
 /// Which mechanism copies between the application's memory and ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyPath {
@@ -154,7 +163,11 @@ pub enum CopyPath {
 impl fmt::Display for CopyPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CopyPath::Recoverable => write!(f, "recoverable rep movsb (exception table)"),
+            CopyPath::Recoverable => write!(
+                f,
+                "recoverable rep movsb, non-temporal from {} KiB (exception table)",
+                STREAM_MIN >> 10
+            ),
             CopyPath::Syscall(why) => write!(f, "process_vm_readv/writev ({why})"),
         }
     }

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use super::{CopyError, SyscallReason, HW_ERRORS, RECOVERED};
+use super::{CopyError, SyscallReason, HW_ERRORS, RECOVERED, STREAM_MIN};
 
 // The routines. System V ABI: rdi = dst, rsi = src, rdx = n; they return a
 // 16-byte `Outcome` in rax:rdx. The direction flag is clear on entry (the
@@ -212,15 +212,6 @@ pub(super) unsafe fn copy(
     }
     Ok(())
 }
-
-/// Copies from the application of at least this many bytes use the
-/// streaming routine. Below it `rep movsb` (temporal stores) is as fast as
-/// `memcpy` and leaves the data in cache for whoever reads the copy next
-/// (the cpu driver's kernel, a GPU upload); above it the copy cannot stay
-/// in cache anyway, and non-temporal stores save the read-for-ownership of
-/// every destination line. Measured by `benches/safecopy.rs` and the main
-/// job's `setup` scenario (README, issue 15).
-pub(super) const STREAM_MIN: usize = 256 << 10;
 
 /// Whether a copy of `n` bytes to `dst` on `side` takes the streaming
 /// routine: into our memory (`copy_in`), long, whole 64-byte blocks and a
