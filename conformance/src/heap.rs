@@ -5,9 +5,16 @@
 //! A test binary that uses it holds that one test, so no other test's
 //! allocations are counted:
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static GLOBAL: hmm_conformance::heap::Counting = hmm_conformance::heap::Counting;
+//!
+//! // What a closure allocates at its peak is seen:
+//! let grew = hmm_conformance::heap::peak_growth(|| {
+//!     let v = vec![1u8; 1 << 20];
+//!     std::hint::black_box(&v);
+//! });
+//! assert!(grew >= 1 << 20, "{grew}");
 //! ```
 //!
 //! What it counts is the Rust heap: a GPU driver's device memory (which on
