@@ -308,7 +308,15 @@ impl HostSpace {
                 w.push((range, track));
             }
             if let Some(t) = self.tracker.as_ref().filter(|_| track) {
-                arm_retrying(t, range)?;
+                if let Err(e) = arm_retrying(t, range) {
+                    // Registered but not armed (typically: the memory was
+                    // replaced between the two, so the scan finds a VMA
+                    // that is not registered): a watch that tracks nothing
+                    // must not stay, or a mirror would hold copies whose
+                    // CPU writes go unseen. End it; the caller decides.
+                    let _ = self.unwatch_with(range, track);
+                    return Err(e);
+                }
             }
             // Events cover it from now on: trust the cache there. (Callers
             // choose regions from a fresh read of the maps, so what is

@@ -34,6 +34,10 @@ use super::invalidate::Region;
 use super::state::{Dev, Inner, RegionKey, RegionSlot, ReleaseMsg};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
+use crate::cpu::host::HostError;
+use crate::cpu::maps::{Mapping, MappingKind};
+use crate::cpu::monitor::MonitorError;
+use crate::cpu::uffd::UffdError;
 use crate::notifier::SubscriptionRef;
 use crate::sync::channel::Receiver;
 use crate::sync::{thread::yield_now, Arc};
@@ -167,7 +171,16 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let covered = now
                 .as_ref()
                 .is_some_and(|m| m.range.start() <= range.start() && range.end() <= m.range.end());
-            if !covered {
+            // Only a registration the kernel refuses makes an unwatched
+            // region. A failure caused by the memory changing under us
+            // (another thread unmapping and mapping it again between our
+            // look at the maps and the ioctls) must not: keeping the region
+            // would mirror memory whose CPU writes and unmaps go unseen
+            // (stale reads under `hmm-stress`, about one vulkan run in
+            // fifteen, every one with `unwatched 1`). Choose again instead
+            // (bounded by the caller).
+            let transient = churned(&e, now.as_ref());
+            if !covered || transient {
                 // Gone (an access to unmapped memory), or reshaped since
                 // the region was chosen (choose again: the caller retries
                 // on RegionReleased, bounded).
@@ -179,6 +192,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 // Fails only at teardown, which releases every region.
                 let _ = inner.release_tx.send(ReleaseMsg::Region(key));
                 return Err(match now {
+                    Some(_) if transient => MirrorError::RegionReleased { addr: at },
                     None => MirrorError::DeviceFault {
                         addr: at,
                         write,
@@ -288,5 +302,74 @@ pub(crate) fn release_worker<B: Backend, H: HostSide>(
         if let Some(slot) = slot {
             release_taken(&inner, slot);
         }
+    }
+}
+
+/// Whether a failed watch was churn (the memory changed under us) rather
+/// than the kernel refusing this kind of mapping: a registration that
+/// succeeded and could not then be armed, or a registration refused with
+/// `EINVAL` (what a hole at that instant gives) of memory that is now
+/// anonymous, which userfaultfd always accepts. `EBUSY` (another
+/// userfaultfd owns it), `EPERM` (no `VM_MAYWRITE`) and `EINVAL` of
+/// special mappings (`[vdso]`, I/O) are refusals.
+fn churned(e: &HostError, now: Option<&Mapping>) -> bool {
+    match e {
+        HostError::Track(_) => true,
+        HostError::Monitor(MonitorError::Uffd(UffdError::Ioctl { source, .. })) => {
+            source.raw_os_error() == Some(libc::EINVAL)
+                && now.is_some_and(|m| match &m.kind {
+                    MappingKind::Anonymous => true,
+                    MappingKind::Special(s) => {
+                        s == "[heap]" || s == "[stack]" || s.starts_with("[anon:")
+                    }
+                    MappingKind::File { .. } => false,
+                })
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::write_track::TrackError;
+
+    fn mapping(kind: MappingKind) -> Mapping {
+        Mapping {
+            range: VaRange::new(VirtAddr(0x10000), VirtAddr(0x20000)).unwrap(),
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            kind,
+        }
+    }
+
+    fn register_failed(errno: i32) -> HostError {
+        HostError::Monitor(MonitorError::Uffd(UffdError::Ioctl {
+            op: "UFFDIO_REGISTER",
+            range: VaRange::new(VirtAddr(0x10000), VirtAddr(0x11000)).unwrap(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }))
+    }
+
+    #[test]
+    fn churn_is_told_from_a_refusal() {
+        let anon = mapping(MappingKind::Anonymous);
+        let heap = mapping(MappingKind::Special("[heap]".into()));
+        let vdso = mapping(MappingKind::Special("[vdso]".into()));
+        // Registered, then the arm found other memory: churn.
+        assert!(churned(
+            &HostError::Track(TrackError::MonitorGone),
+            Some(&anon)
+        ));
+        // A hole at the instant of the ioctl, anonymous memory now: churn.
+        assert!(churned(&register_failed(libc::EINVAL), Some(&anon)));
+        assert!(churned(&register_failed(libc::EINVAL), Some(&heap)));
+        // Refusals: a special mapping, another owner, no VM_MAYWRITE, gone.
+        assert!(!churned(&register_failed(libc::EINVAL), Some(&vdso)));
+        assert!(!churned(&register_failed(libc::EBUSY), Some(&anon)));
+        assert!(!churned(&register_failed(libc::EPERM), Some(&anon)));
+        assert!(!churned(&register_failed(libc::EINVAL), None));
     }
 }
