@@ -329,11 +329,7 @@ impl WriteTracker {
     /// [`WriteTracker::collect`] appending to `out` (reuses its allocation).
     pub fn collect_into(&self, range: VaRange, out: &mut Vec<VaRange>) -> Result<(), TrackError> {
         check_aligned(range)?;
-        let Some(pagemap) = self
-            .pagemap
-            .as_ref()
-            .filter(|_| self.mode == TrackMode::Precise)
-        else {
+        let Some(pagemap) = self.precise() else {
             out.push(range);
             return Ok(());
         };
