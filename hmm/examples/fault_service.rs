@@ -34,6 +34,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for batch in [1usize, 4, 16, 64, 256, 1024] {
         let opened = Device::open(want)?;
         note = opened.note.clone();
+        let opened = match opened.device {
+            Device::Cpu(d) if std::env::var_os("RESIDENT").is_some() => {
+                hmm::Opened { device: Device::Cpu(d.with_resident_pool()), note: String::new() }
+            }
+            d => hmm::Opened { device: d, note: String::new() },
+        };
         let cfg = MirrorConfig {
             fault_batch: batch,
             max_replays: 1 << 20,
