@@ -48,6 +48,9 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         round: u32,
     ) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
+        // One copy-path check for the round (`safecopy` module docs): no
+        // user code runs on this thread until the round ends.
+        let _checked = crate::cpu::safecopy::CheckScope::open();
         let mut pf = pf.to_vec();
         // One entry per page before batching: many invocations fault on the
         // same page, and a page must be serviced once, not once per batch.
@@ -268,6 +271,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let _serial = lock(&self.inner.launch);
+        let _checked = crate::cpu::safecopy::CheckScope::open();
         {
             let mut dev = self.inner.lock();
             dev.health.check()?;

@@ -105,6 +105,16 @@
 //!   handler would never run;
 //! - installation failed ([`SyscallReason::InstallFailed`]).
 //!
+//! **Once per round, not once per page.** The check costs three system
+//! calls (about 1 µs), as much as copying a 4 KiB page; a sparse fault
+//! round copies one page per call. Inside a [`CheckScope`] (the mirror
+//! opens one per fault-service round and per prefetch, on the servicing
+//! thread) the first successful check is reused by the later ones on the
+//! same thread. No user code runs on that thread inside the scope, so
+//! nothing there can block the signals; a handler installed by another
+//! thread meanwhile is the race below, whose window grows from one batch
+//! to one round. A failed check is not reused: each batch checks again.
+//!
 //! **The race, stated honestly.** The check is a snapshot: another thread
 //! calling `sigaction(SIGSEGV, …)` between the check and a fault in the
 //! batch replaces our handler under us, and the fault then goes to theirs
@@ -296,11 +306,51 @@ pub struct Recoverable {
     never: std::convert::Infallible,
 }
 
+thread_local! {
+    /// This thread's [`CheckScope`]s: how many are open, and whether a
+    /// check inside them succeeded (then reused until the last closes).
+    static SCOPE: std::cell::Cell<(u32, bool)> = const { std::cell::Cell::new((0, false)) };
+}
+
+/// While alive, [`Recoverable::check`] on this thread reuses its first
+/// success (module docs: "Once per round"). Open it only around code
+/// that runs no user code and changes no signal mask on this thread.
+/// Scopes nest; not `Send`.
+#[derive(Debug)]
+#[must_use = "the scope ends when dropped"]
+pub struct CheckScope {
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl CheckScope {
+    /// Opens a scope on this thread.
+    pub fn open() -> CheckScope {
+        SCOPE.with(|s| {
+            let (depth, ok) = s.get();
+            s.set((depth + 1, ok));
+        });
+        CheckScope {
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for CheckScope {
+    fn drop(&mut self) {
+        SCOPE.with(|s| {
+            let (depth, ok) = s.get();
+            let depth = depth.saturating_sub(1);
+            s.set((depth, ok && depth > 0));
+        });
+    }
+}
+
 impl Recoverable {
     /// Whether the recoverable copy may be used now on this thread
     /// (installing the handler on first use), or why not. Costs three
     /// system calls (two `sigaction` queries and one `pthread_sigmask`
-    /// query).
+    /// query), except inside a [`CheckScope`] that already saw one
+    /// succeed.
     pub fn check() -> Result<Recoverable, SyscallReason> {
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -315,7 +365,13 @@ impl Recoverable {
             if env_wants_syscall() {
                 return Err(SyscallReason::Environment);
             }
-            x86_64::ready()?;
+            let (depth, ok) = SCOPE.with(|s| s.get());
+            if !(depth > 0 && ok) {
+                x86_64::ready()?;
+                if depth > 0 {
+                    SCOPE.with(|s| s.set((depth, true)));
+                }
+            }
             Ok(Recoverable {
                 _thread: std::marker::PhantomData,
             })
