@@ -361,3 +361,42 @@ fn pinning_reports_a_failed_eviction_as_the_device_error() {
     no_slot_named_twice(&m);
     m.unpin(pin).expect("unpin");
 }
+
+/// A pinned buffer that spans two mappings with the same permissions (the
+/// heap, split where a registration ended, is one such) is pinned
+/// writable: the launch that writes it takes no fault. Pinning it
+/// read-only, as a check for one mapping covering the range did, made
+/// every page an upgrade fault (found in `hmm-bench`'s sparse pin arm).
+#[test]
+fn a_pin_across_two_writable_mappings_is_writable() {
+    let (m, _inj) = mirror(CpuDevice::with_threads(2), 64);
+    let src = TestMap::anon(4, RW);
+    src.fill(|i| i as u32);
+    let dst = TestMap::anon(4, RW);
+    // Split `dst` into two mappings of the same permissions.
+    // SAFETY: advice on the second half of our own mapping; it changes
+    // no contents.
+    let rc = unsafe {
+        libc::madvise(
+            (dst.addr() + 2 * 4096) as *mut libc::c_void,
+            2 * 4096,
+            libc::MADV_DONTFORK,
+        )
+    };
+    assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+    let pins = [
+        m.pin(src.range()).expect("pin src"),
+        m.pin(dst.range()).expect("pin dst"),
+    ];
+    let before = m.stats().faults;
+    launch_copy(&m, &src, &dst).expect("launch");
+    check_copy(&src, &dst);
+    assert_eq!(
+        m.stats().faults,
+        before,
+        "no fault on pinned, writable memory"
+    );
+    for p in pins {
+        m.unpin(p).expect("unpin");
+    }
+}
