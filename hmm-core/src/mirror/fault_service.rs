@@ -72,13 +72,42 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let epoch = inner.host.new_epoch();
         let mut pages_in = 0;
         let mut demanded = Vec::new();
+        let cap = inner.lock().res.piece_pages(&inner.cfg);
         for batch in pf.chunks(inner.cfg.fault_batch) {
             Counters::add(&inner.counters.fault_batches, 1);
             let mut batch = batch.to_vec();
             let mut runs = Vec::new();
             faults::coalesce(&mut batch, &mut runs);
             inner.lock().res.order_runs(&mut runs, &batch);
-            for run in runs {
+            // Runs one after another in one live region are serviced as
+            // one group (one fault loop, one commit, one install): a
+            // sparse batch has several single pages per region, and each
+            // paid the whole per-run path. A group that fails with nothing
+            // installed (a full pool, a region released meanwhile) is
+            // serviced run by run below, which handles both.
+            let mut i = 0;
+            let mut single_until = 0;
+            while i < runs.len() {
+                if i >= single_until {
+                    if let Some((sub, n)) = self.group_at(&runs[i..], cap) {
+                        match self.service_pieces(&sub, &runs[i..i + n]) {
+                            Ok(k) => {
+                                Counters::add(&inner.counters.fault_runs, n as u64);
+                                pages_in += k;
+                                demanded.extend_from_slice(&runs[i..i + n]);
+                                i += n;
+                                continue;
+                            }
+                            Err(
+                                MirrorError::PoolExhausted { .. }
+                                | MirrorError::RegionReleased { .. },
+                            ) => single_until = i + n,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                let run = runs[i];
+                i += 1;
                 Counters::add(&inner.counters.fault_runs, 1);
                 match self.service_run(run, epoch) {
                     Ok(n) => pages_in += n,
@@ -347,7 +376,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             } else {
                 at
             };
-            match self.service_piece(&sub_ref, piece, run.write, first) {
+            let one = Run {
+                range: piece,
+                write: run.write,
+                first_addr: first,
+            };
+            match self.service_pieces(&sub_ref, std::slice::from_ref(&one)) {
                 Ok(n) => {
                     pages_in += n;
                     at = end;
@@ -365,36 +399,78 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         Ok(pages_in)
     }
 
-    /// The fault loop for one piece of one region.
-    fn service_piece(
+    /// Runs at the start of `runs` that can be serviced as one group: at
+    /// least two, one after another, all inside one live region that
+    /// exists already, with the same access, at most `cap` pages in all.
+    fn group_at(&self, runs: &[Run], cap: u64) -> Option<(SubscriptionRef<Region<B, H>>, usize)> {
+        let first = runs.first()?;
+        let dev = self.inner.lock();
+        let (_, slot) = dev.regions.range(..=first.range.start().0).next_back()?;
+        if slot.dead || !slot.range.covers(first.range) {
+            return None;
+        }
+        let sub = slot.sub.as_ref()?.ops_arc();
+        let (mut pages, mut n) = (0u64, 0usize);
+        for r in runs {
+            pages += r.range.pages();
+            if r.write != first.write || !slot.range.covers(r.range) || pages > cap {
+                break;
+            }
+            n += 1;
+        }
+        (n >= 2).then_some((sub, n))
+    }
+
+    /// The fault loop for pieces of one region (each inside it, all with
+    /// the same access, at most one install's worth of pages): one
+    /// sequence read, a snapshot of every piece, one commit.
+    fn service_pieces(
         &self,
         sub: &SubscriptionRef<Region<B, H>>,
-        piece: VaRange,
-        write: bool,
-        first_addr: VirtAddr,
+        runs: &[Run],
     ) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
-        let read_mostly = {
+        let Some(write) = runs.first().map(|r| r.write) else {
+            return Ok(0);
+        };
+        let (runs, read_mostly): (Vec<Run>, bool) = {
             // Already resident with the access needed (another run of this
             // launch got there first): nothing to do, and no populate —
             // which would count as a CPU write at the next sync point.
             let dev = inner.lock();
-            if piece
-                .page_addrs()
-                .all(|va| dev.table.lookup(va).is_some_and(|p| p.writable() || !write))
-            {
+            let need: Vec<Run> = runs
+                .iter()
+                .filter(|r| {
+                    !r.range
+                        .page_addrs()
+                        .all(|va| dev.table.lookup(va).is_some_and(|p| p.writable() || !write))
+                })
+                .copied()
+                .collect();
+            if need.is_empty() {
                 return Ok(0);
             }
-            dev.read_mostly.iter().any(|r| r.overlaps(piece))
+            let rm = dev
+                .read_mostly
+                .iter()
+                .any(|m| need.iter().any(|r| m.overlaps(r.range)));
+            (need, rm)
         };
+        let pieces: Vec<VaRange> = runs.iter().map(|r| r.range).collect();
+        let (Some(&lo), Some(&hi)) = (pieces.first(), pieces.last()) else {
+            return Ok(0);
+        };
+        let span = VaRange::new(lo.start(), hi.end())?;
         let multi = inner.host.mirrors_attached() > 1;
         if multi && (write || !read_mostly) {
             // Single writer: drop every other device's copy first (ours are
             // skipped by owner tag). They write back dirty data on it.
-            if let Ok(g) = inner.host.space().invalidate_start(
-                NotifierRange::new(piece, EventKind::Coherence).with_owner(inner.owner),
-            ) {
-                drop(g);
+            for p in &pieces {
+                if let Ok(g) = inner.host.space().invalidate_start(
+                    NotifierRange::new(*p, EventKind::Coherence).with_owner(inner.owner),
+                ) {
+                    drop(g);
+                }
             }
         }
         let flags = if write {
@@ -405,10 +481,26 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let mut st = FaultLoopStats::default();
         let copy_failures = std::cell::Cell::new(0u32);
         let host = &*inner.host;
+        // Which piece the snapshot was taking when it failed: the error
+        // names that run's faulting address.
+        let failing = std::cell::Cell::new(0usize);
+        let mut one = Vec::new();
         let res = fault_and_commit_with(
-            |r, f, out| host.range_fault_into(r, f, out),
+            |_span, f, out| {
+                if let [p] = pieces.as_slice() {
+                    return host.range_fault_into(*p, f, out);
+                }
+                out.clear();
+                for (k, p) in pieces.iter().enumerate() {
+                    failing.set(k);
+                    one.clear();
+                    host.range_fault_into(*p, f, &mut one)?;
+                    out.extend_from_slice(&one);
+                }
+                Ok(())
+            },
             sub.interval(),
-            piece,
+            span,
             flags,
             inner.cfg.retry_timeout,
             &mut st,
@@ -417,7 +509,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     region: sub.key,
                     interval: sub.interval(),
                     seq,
-                    piece,
+                    pieces: &pieces,
                     write,
                     multi,
                     states,
@@ -428,14 +520,17 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         Counters::add(&inner.counters.retries, st.busy + st.refused);
         match res {
             Ok(n) => Ok(n),
-            Err(MirrorFaultError::Fault(e)) => Err(MirrorError::from_fault(e, first_addr, write)),
+            Err(MirrorFaultError::Fault(e)) => {
+                let first_addr = runs.get(failing.get()).map_or(lo.start(), |r| r.first_addr);
+                Err(MirrorError::from_fault(e, first_addr, write))
+            }
             Err(MirrorFaultError::Commit(e)) => Err(e),
             Err(MirrorFaultError::Timeout { attempts, .. }) => Err(MirrorError::RetryTimeout {
-                addr: piece.start(),
+                addr: lo.start(),
                 attempts,
             }),
             Err(MirrorFaultError::Busy) => Err(MirrorError::RetryTimeout {
-                addr: piece.start(),
+                addr: lo.start(),
                 attempts: st.attempts,
             }),
         }
@@ -459,7 +554,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let live = |r: &&mut RegionSlot<B, H>| !r.dead && r.id == c.region.id;
         let Some(region) = dev.regions.get_mut(&c.region.start).filter(live) else {
             return Err(MirrorError::RegionReleased {
-                addr: c.piece.start(),
+                addr: c.pieces.first().map_or(VirtAddr(0), |p| p.start()),
             });
         };
         let region_range = region.range;
@@ -469,10 +564,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // once, then maps writable straight away.
         region.written |= c.write;
         let region_written = region.written || dev.res.read_faults_map_writable();
-        let read_mostly = dev.read_mostly.iter().any(|r| r.overlaps(c.piece));
+        let read_mostly = dev
+            .read_mostly
+            .iter()
+            .any(|r| c.pieces.iter().any(|p| r.overlaps(*p)));
         // Pages to install: not mapped, or mapped read-only but wanted for write.
         let mut todo: Vec<(VirtAddr, bool)> = Vec::new();
-        for (va, st) in c.piece.page_addrs().zip(c.states) {
+        let pages = c.pieces.iter().flat_map(|p| p.page_addrs());
+        if c.pieces.iter().map(|p| p.pages()).sum::<u64>() != c.states.len() as u64 {
+            // A snapshot that does not match the pieces page for page
+            // cannot be trusted: take it again.
+            return Ok(Attempt::Retry);
+        }
+        for (va, st) in pages.zip(c.states) {
             let cpu_writable = match st {
                 PageState::Valid { writable } => *writable,
                 // Reads as zeros; its mapping may be read-only, and a write
@@ -519,7 +623,8 @@ struct Commit<'a> {
     region: RegionKey,
     interval: &'a Interval,
     seq: Seq,
-    piece: VaRange,
+    /// The pieces serviced, in the order of `states`.
+    pieces: &'a [VaRange],
     write: bool,
     multi: bool,
     states: &'a [PageState],
