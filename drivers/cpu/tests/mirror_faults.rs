@@ -400,3 +400,45 @@ fn a_pin_across_two_writable_mappings_is_writable() {
         m.unpin(p).expect("unpin");
     }
 }
+
+/// Scattered pages of one region are serviced as one group; when one of
+/// them cannot be read, the launch's error names the address the kernel
+/// used on that page, not the group's first page.
+#[test]
+fn a_group_of_runs_names_the_page_that_failed() {
+    let (m, _inj) = mirror(CpuDevice::with_threads(2), 64);
+    // 32 pages hold one 64 KiB-aligned chunk of 16: the region the first
+    // launch makes there covers all the pages read below.
+    let src = TestMap::anon(32, RW);
+    src.fill(|i| i as u32);
+    let base = (src.addr() + 0xffff) & !0xffff;
+    let k0 = (base - src.addr()) / 4096;
+    let out = TestMap::anon(1, RW);
+    // Word 5 of page `k0 + p` for p in `pages`, one invocation each.
+    let gather = |pages: Vec<u64>| {
+        CpuKernel::new(move |lane, i| {
+            let (src, out) = (lane.args()[0], lane.args()[1]);
+            let v = lane.load_u32(src + (k0 + pages[i as usize]) * 4096 + 20)?;
+            lane.store_u32(out + 4 * u64::from(i), v)
+        })
+    };
+    m.launch(&gather(vec![0]), 1, (src.addr(), out.addr()))
+        .expect("first launch");
+    // A group that succeeds: four single-page runs, the right words.
+    m.launch(&gather(vec![1, 3, 7, 9]), 4, (src.addr(), out.addr()))
+        .expect("grouped launch");
+    for (i, p) in [1u64, 3, 7, 9].iter().enumerate() {
+        assert_eq!(u64::from(out.read_word(i)), (k0 + p) * 1024 + 5);
+    }
+    // A group whose second run fails.
+    let page5 = (base + 5 * 4096) as *mut libc::c_void;
+    // SAFETY: changes the protection of one page of our own mapping.
+    assert_eq!(unsafe { libc::mprotect(page5, 4096, libc::PROT_NONE) }, 0);
+    let e = m
+        .launch(&gather(vec![2, 5, 11]), 3, (src.addr(), out.addr()))
+        .expect_err("page 5 cannot be read");
+    match e {
+        MirrorError::DeviceFault { addr, .. } => assert_eq!(addr.0, base + 5 * 4096 + 20, "{e}"),
+        other => panic!("want a device fault naming page 5, got {other}"),
+    }
+}
