@@ -442,3 +442,48 @@ fn a_group_of_runs_names_the_page_that_failed() {
         other => panic!("want a device fault naming page 5, got {other}"),
     }
 }
+
+/// Scattered write faults in one region are populated by one batched
+/// call where the kernel has `process_madvise(MADV_POPULATE_WRITE)`, not
+/// one `madvise` per page, and the words land where the kernel wrote them.
+#[test]
+fn scattered_write_faults_are_populated_in_one_batch() {
+    let (m, _inj) = mirror(CpuDevice::with_threads(2), 64);
+    let dst = TestMap::anon(32, RW);
+    dst.fill(|_| 0);
+    let base = (dst.addr() + 0xffff) & !0xffff;
+    let k0 = (base - dst.addr()) / 4096;
+    // Invocation i writes `p + 100` to word 9 of page `k0 + p`.
+    let scatter = |pages: Vec<u64>| {
+        CpuKernel::new(move |lane, i| {
+            let dst = lane.args()[0];
+            let p = pages[i as usize];
+            lane.store_u32(dst + (k0 + p) * 4096 + 36, p as u32 + 100)
+        })
+    };
+    // The first launch makes the region (the aligned 16 pages).
+    m.launch(&scatter(vec![0]), 1, (dst.addr(),))
+        .expect("first launch");
+    let faulter = m.host().faulter();
+    let before = faulter.stats();
+    let pages = vec![2u64, 4, 6, 8, 10];
+    m.launch(&scatter(pages.clone()), 5, (dst.addr(),))
+        .expect("scattered writes");
+    let after = faulter.stats();
+    for p in &pages {
+        let word = ((k0 + p) * 1024 + 9) as usize;
+        assert_eq!(u64::from(dst.read_word(word)), p + 100, "page {p}");
+    }
+    if faulter.batch_populate() {
+        assert!(
+            after.batch_calls > before.batch_calls,
+            "{before:?} → {after:?}"
+        );
+        assert!(
+            after.populates - before.populates < pages.len() as u64,
+            "one populate per page: {before:?} → {after:?}"
+        );
+    } else {
+        println!("process_madvise(MADV_POPULATE_WRITE) unavailable: batching not checked");
+    }
+}

@@ -603,6 +603,30 @@ impl RangeFaulter {
         flags: FaultFlags,
         out: &mut Vec<PageState>,
     ) -> Result<(), FaultError> {
+        self.fault_into(range, flags, out, false)
+    }
+
+    /// [`RangeFaulter::range_fault_into`] for a range the caller has just
+    /// populated for write ([`RangeFaulter::populate_runs`]): the
+    /// populate a write fault starts with is skipped, and the snapshot
+    /// still populates whatever it finds unsatisfied, so the result is the
+    /// same.
+    pub fn range_fault_populated_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError> {
+        self.fault_into(range, flags, out, true)
+    }
+
+    fn fault_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+        populated: bool,
+    ) -> Result<(), FaultError> {
         if !range.start().is_page_aligned() || !range.end().is_page_aligned() {
             return Err(RangeError::Unaligned {
                 start: range.start().0,
@@ -630,7 +654,7 @@ impl RangeFaulter {
             let cnt = s.range.pages() as usize;
             let slot = &mut out[first..first + cnt];
             match &s.mapping {
-                Some(m) if m.read => self.fault_piece(s.range, m, need, slot)?,
+                Some(m) if m.read => self.fault_piece(s.range, m, need, populated, slot)?,
                 // Holes and unreadable mappings: errors were raised above
                 // for fault requests; a snapshot marks them.
                 _ => slot.fill(PageState::Error),
@@ -644,9 +668,10 @@ impl RangeFaulter {
         piece: VaRange,
         m: &Mapping,
         need: Need,
+        populated: bool,
         out: &mut [PageState],
     ) -> Result<(), FaultError> {
-        if need == Need::Write {
+        if need == Need::Write && !populated {
             self.populate(piece, true)?;
         }
         let mut snap = self.snapshot(piece, m, need, out)?;

@@ -491,10 +491,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     return host.range_fault_into(*p, f, out);
                 }
                 out.clear();
+                // Scattered write faults: one batched populate for every
+                // piece (`process_madvise` where the kernel has it), then a
+                // snapshot of each. If it fails, each piece takes the
+                // ordinary path, whose errors name the exact run.
+                let populated = write && host.populate_runs(&pieces, true).is_ok();
                 for (k, p) in pieces.iter().enumerate() {
                     failing.set(k);
                     one.clear();
-                    host.range_fault_into(*p, f, &mut one)?;
+                    if populated {
+                        host.range_fault_populated_into(*p, f, &mut one)?;
+                    } else {
+                        host.range_fault_into(*p, f, &mut one)?;
+                    }
                     out.extend_from_slice(&one);
                 }
                 Ok(())

@@ -88,6 +88,29 @@ pub trait HostSide: Send + Sync + 'static {
         out: &mut Vec<PageState>,
     ) -> Result<(), FaultError>;
 
+    /// Populates every run for write (or read) in as few system calls as
+    /// the kernel allows ([`RangeFaulter::populate_runs`]); an error names
+    /// the first run that failed. The default populates nothing: the
+    /// snapshot that follows populates what it needs.
+    ///
+    /// [`RangeFaulter::populate_runs`]: crate::cpu::range_fault::RangeFaulter::populate_runs
+    fn populate_runs(&self, runs: &[VaRange], write: bool) -> Result<(), FaultError> {
+        let _ = (runs, write);
+        Ok(())
+    }
+
+    /// [`HostSide::range_fault_into`] for a range just populated by
+    /// [`HostSide::populate_runs`] (the same result; a write fault's
+    /// first populate is skipped).
+    fn range_fault_populated_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError> {
+        self.range_fault_into(range, flags, out)
+    }
+
     /// How many mirrors follow this host now.
     fn mirrors_attached(&self) -> usize;
     /// A mirror starts following this host.
@@ -184,6 +207,19 @@ impl HostSide for HostSpace {
         out: &mut Vec<PageState>,
     ) -> Result<(), FaultError> {
         self.faulter().range_fault_into(range, flags, out)
+    }
+
+    fn populate_runs(&self, runs: &[VaRange], write: bool) -> Result<(), FaultError> {
+        self.faulter().populate_runs(runs, write)
+    }
+
+    fn range_fault_populated_into(
+        &self,
+        range: VaRange,
+        flags: FaultFlags,
+        out: &mut Vec<PageState>,
+    ) -> Result<(), FaultError> {
+        self.faulter().range_fault_populated_into(range, flags, out)
     }
 
     fn mirrors_attached(&self) -> usize {
