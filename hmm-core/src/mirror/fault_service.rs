@@ -457,10 +457,14 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             (need, rm)
         };
         let pieces: Vec<VaRange> = runs.iter().map(|r| r.range).collect();
-        let (Some(&lo), Some(&hi)) = (pieces.first(), pieces.last()) else {
+        let Some(&lo) = pieces.first() else {
             return Ok(0);
         };
-        let span = VaRange::new(lo.start(), hi.end())?;
+        // The pieces in any order (a residency may order runs by
+        // invocation); the span only names the group to the fault loop.
+        let start = pieces.iter().map(|p| p.start()).min().unwrap_or(lo.start());
+        let end = pieces.iter().map(|p| p.end()).max().unwrap_or(lo.end());
+        let span = VaRange::new(start, end)?;
         let multi = inner.host.mirrors_attached() > 1;
         if multi && (write || !read_mostly) {
             // Single writer: drop every other device's copy first (ours are
