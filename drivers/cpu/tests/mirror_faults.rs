@@ -401,6 +401,24 @@ fn a_pin_across_two_writable_mappings_is_writable() {
     }
 }
 
+/// The address of the 64 KiB-aligned chunk inside `map` (32 pages hold
+/// one, 16 pages long: the region a first launch makes there) and the
+/// index of its first page in `map`.
+fn aligned_chunk(map: &TestMap) -> (u64, u64) {
+    let base = (map.addr() + 0xffff) & !0xffff;
+    (base, (base - map.addr()) / 4096)
+}
+
+/// Invocation `i` copies word 5 of page `k0 + pages[i]` of `args[0]` to
+/// word `i` of `args[1]`.
+fn gather_word5(k0: u64, pages: Vec<u64>) -> CpuKernel {
+    CpuKernel::new(move |lane, i| {
+        let (src, out) = (lane.args()[0], lane.args()[1]);
+        let v = lane.load_u32(src + (k0 + pages[i as usize]) * 4096 + 20)?;
+        lane.store_u32(out + 4 * u64::from(i), v)
+    })
+}
+
 /// Scattered pages of one region are serviced as one group; when one of
 /// them cannot be read, the launch's error names the address the kernel
 /// used on that page, not the group's first page.
@@ -411,17 +429,9 @@ fn a_group_of_runs_names_the_page_that_failed() {
     // launch makes there covers all the pages read below.
     let src = TestMap::anon(32, RW);
     src.fill(|i| i as u32);
-    let base = (src.addr() + 0xffff) & !0xffff;
-    let k0 = (base - src.addr()) / 4096;
+    let (base, k0) = aligned_chunk(&src);
     let out = TestMap::anon(1, RW);
-    // Word 5 of page `k0 + p` for p in `pages`, one invocation each.
-    let gather = |pages: Vec<u64>| {
-        CpuKernel::new(move |lane, i| {
-            let (src, out) = (lane.args()[0], lane.args()[1]);
-            let v = lane.load_u32(src + (k0 + pages[i as usize]) * 4096 + 20)?;
-            lane.store_u32(out + 4 * u64::from(i), v)
-        })
-    };
+    let gather = |pages| gather_word5(k0, pages);
     m.launch(&gather(vec![0]), 1, (src.addr(), out.addr()))
         .expect("first launch");
     // A group that succeeds: four single-page runs, the right words.
@@ -451,8 +461,7 @@ fn scattered_write_faults_are_populated_in_one_batch() {
     let (m, _inj) = mirror(CpuDevice::with_threads(2), 64);
     let dst = TestMap::anon(32, RW);
     dst.fill(|_| 0);
-    let base = (dst.addr() + 0xffff) & !0xffff;
-    let k0 = (base - dst.addr()) / 4096;
+    let (_, k0) = aligned_chunk(&dst);
     // Invocation i writes `p + 100` to word 9 of page `k0 + p`.
     let scatter = |pages: Vec<u64>| {
         CpuKernel::new(move |lane, i| {
@@ -499,16 +508,9 @@ fn a_group_in_descending_order_is_serviced() {
     let (m, _inj) = mirror(dev, 64);
     let src = TestMap::anon(32, RW);
     src.fill(|i| i as u32);
-    let base = (src.addr() + 0xffff) & !0xffff;
-    let k0 = (base - src.addr()) / 4096;
+    let (_, k0) = aligned_chunk(&src);
     let out = TestMap::anon(1, RW);
-    let gather = |pages: Vec<u64>| {
-        CpuKernel::new(move |lane, i| {
-            let (src, out) = (lane.args()[0], lane.args()[1]);
-            let v = lane.load_u32(src + (k0 + pages[i as usize]) * 4096 + 20)?;
-            lane.store_u32(out + 4 * u64::from(i), v)
-        })
-    };
+    let gather = |pages| gather_word5(k0, pages);
     m.launch(&gather(vec![0]), 1, (src.addr(), out.addr()))
         .expect("first launch");
     let pages = vec![11u64, 9, 5, 3, 1];

@@ -28,5 +28,6 @@ pub mod range_fault;
 pub mod safecopy;
 mod scratch;
 pub(crate) mod sys;
+mod trusted;
 pub mod uffd;
 pub mod write_track;
