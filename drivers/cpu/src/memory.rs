@@ -73,6 +73,57 @@ fn zeroed_slice<T: ZeroValid>(len: usize, what: &str) -> Result<Box<[T]>, Backen
     Ok(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, len)) })
 }
 
+/// The page pool: `len` words starting on a 2 MiB boundary inside a
+/// zeroed allocation 2 MiB longer than they need.
+///
+/// Slot `s` is then page `s % 512` of huge page `s / 512`: a batch of
+/// slots handed out in order fills whole huge pages, and a copy of up to
+/// 512 slots into a fresh pool touches one untouched huge page rather than
+/// straddling a half-used one (the recoverable copy picks its store kind
+/// by whether the destination is populated: `hmm_core::cpu::safecopy`).
+pub(crate) struct Pool {
+    /// The allocation (zeroed by `calloc`/`mmap`: untouched pages cost no
+    /// memory).
+    words: Box<[AtomicU32]>,
+    /// Index of the first pool word in `words` (the 2 MiB boundary).
+    start: usize,
+    /// Pool words.
+    len: usize,
+}
+
+impl Pool {
+    /// `len` zeroed words, 2 MiB aligned, with huge pages advised.
+    fn new(len: usize) -> Result<Self, BackendError> {
+        if len == 0 {
+            return Ok(Pool {
+                words: Box::new([]),
+                start: 0,
+                len: 0,
+            });
+        }
+        const HUGE: usize = 2 << 20;
+        let pad = HUGE / core::mem::size_of::<AtomicU32>();
+        let total = len
+            .checked_add(pad)
+            .ok_or_else(|| BackendError::OutOfMemory("pool size overflows".into()))?;
+        let words: Box<[AtomicU32]> = zeroed_slice(total, "page pool")?;
+        let base = words.as_ptr() as usize;
+        // The allocation is 4-byte aligned, so the distance to the next
+        // 2 MiB boundary is a whole number of words, and at most `pad`.
+        let start = (base.next_multiple_of(HUGE) - base) / core::mem::size_of::<AtomicU32>();
+        let pool = Pool { words, start, len };
+        advise_huge(&pool);
+        Ok(pool)
+    }
+}
+
+impl core::ops::Deref for Pool {
+    type Target = [AtomicU32];
+    fn deref(&self) -> &[AtomicU32] {
+        &self.words[self.start..self.start + self.len]
+    }
+}
+
 /// Asks for transparent huge pages under the pool (best effort): a
 /// slot's first copy then faults in 2 MiB (512 slots) at once instead of
 /// taking one page fault and one zeroed 4 KiB page per slot — per slot,
@@ -96,7 +147,7 @@ fn advise_huge(pool: &[AtomicU32]) {
 /// The device's memory, shared (by `Arc`) between the device and jobs.
 pub(crate) struct Memory {
     /// `pool_slots * 1024` words.
-    pub(crate) pool: Box<[AtomicU32]>,
+    pub(crate) pool: Pool,
     /// `table_pages * 512` entries; entry `t * 512 + i` is index `i` of
     /// table page `t`.
     pub(crate) tables: Box<[AtomicU64]>,
@@ -166,10 +217,8 @@ impl Memory {
         let entries = (config.table_pages as usize)
             .checked_mul(ENTRIES)
             .ok_or_else(|| BackendError::OutOfMemory("table size overflows".into()))?;
-        let pool: Box<[AtomicU32]> = zeroed_slice(words, "page pool")?;
-        advise_huge(&pool);
         Ok(Memory {
-            pool,
+            pool: Pool::new(words)?,
             tables: zeroed_slice(entries, "page table")?,
             pool_slots: config.pool_slots,
             table_pages: config.table_pages,
