@@ -452,11 +452,21 @@ fn streaming_copies_report_exact_progress() {
             let a = anon(len);
             let b = anon(len);
             fill(a, len, round);
+            // Populated, so the copies below stream (fresh memory would
+            // keep `rep movsb`).
+            // SAFETY: `b` is a live mapping of `len` bytes.
+            unsafe { std::ptr::write_bytes(b, 0, len) };
+            let streamed = safecopy::streamed_bytes();
             // Whole: copied exactly.
             // SAFETY: `b` is ours and `a` is ordinary memory, both live.
             let whole = unsafe { rc.copy_in(b, a.add(off), len - off - (64 - off % 64) % 64) };
             assert_eq!(whole, Ok(()), "offset {off}");
             let n = len - off - (64 - off % 64) % 64;
+            assert_eq!(
+                safecopy::streamed_bytes() - streamed,
+                n as u64,
+                "offset {off}: the streaming routine copied it"
+            );
             assert_eq!(wrong_from(b, off, n, round), 0, "offset {off}");
             // SAFETY: pages 70.. of our own mapping `a`.
             unmap(unsafe { a.add(70 * PAGE) }, (N - 70) * PAGE);
@@ -482,6 +492,51 @@ fn streaming_copies_report_exact_progress() {
         println!("exact");
     });
     assert!(out.status.success() && stdout_has(&out, "exact"), "{out:?}");
+}
+
+/// Which store kind a long copy takes: non-temporal into populated memory,
+/// `rep movsb` into memory the copy itself faults in (the kernel zeroes
+/// each new page first, so its lines are in cache) and into the huge-page
+/// block where such a copy ended, populated by then. Contents are right
+/// every time.
+#[test]
+fn long_copies_stream_only_into_memory_already_populated() {
+    let out = in_child(
+        "long_copies_stream_only_into_memory_already_populated",
+        || {
+            const HUGE: usize = 2 << 20;
+            let n = safecopy::STREAM_MIN * 2;
+            let rc = Recoverable::check().expect("recoverable path");
+            let a = anon(n);
+            fill(a, n, 9);
+            // Two 2 MiB-aligned blocks of our own: `hot` populated now,
+            // `fresh` never touched.
+            let map = anon(3 * HUGE);
+            let hot = map.wrapping_add(map.align_offset(HUGE));
+            let fresh = hot.wrapping_add(HUGE);
+            // SAFETY: the first block of `[hot, hot + 2 MiB)`, inside `map`.
+            unsafe { std::ptr::write_bytes(hot, 0, n) };
+            let copy = |dst: *mut u8| {
+                let before = safecopy::streamed_bytes();
+                // SAFETY: `dst` has `n` bytes inside `map`; `a` is live.
+                assert_eq!(unsafe { rc.copy_in(dst, a, n) }, Ok(()));
+                assert_eq!(wrong_from(dst, 0, n, 9), 0);
+                safecopy::streamed_bytes() - before
+            };
+            assert_eq!(copy(hot), n as u64, "populated: streamed");
+            assert_eq!(copy(fresh), 0, "faulted in by the copy: rep movsb");
+            assert_eq!(
+                copy(fresh),
+                0,
+                "the block the last fresh copy ended in: rep movsb"
+            );
+            assert_eq!(copy(hot), n as u64, "another populated block: streamed");
+            unmap(map, 3 * HUGE);
+            unmap(a, n);
+            println!("kinds");
+        },
+    );
+    assert!(out.status.success() && stdout_has(&out, "kinds"), "{out:?}");
 }
 
 /// A fault on *our* side of a copy (here: an unmapped destination of

@@ -32,8 +32,10 @@
 //!   routine per direction: [`Recoverable::copy_in`] (the application's
 //!   memory is the source, `rsi`) and [`Recoverable::copy_out`] (it is the
 //!   destination, `rdi`). Each returns `(bytes not copied, code)` in
-//!   `rax:rdx`. Reads of 256 KiB and more take a *streaming* variant of
-//!   `copy_in`: a loop of four 16-byte loads and four non-temporal
+//!   `rax:rdx`. Reads of 256 KiB and more into populated memory take a
+//!   *streaming* variant of `copy_in` (memory the copy itself faults in
+//!   keeps `rep movsb`: the kernel zeroed it moments ago, so its lines are
+//!   in cache): a loop of four 16-byte loads and four non-temporal
 //!   `movntdq` stores per 64 bytes, as glibc's `memcpy` does for long
 //!   copies (`rep movsb` ran at 61–72 % of `memcpy` at 256 MiB on this
 //!   project's VM; with the streaming loop a 1 GiB prefetch went from
@@ -152,14 +154,17 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-/// Copies from the application of at least this many bytes use the
+/// Copies from the application of at least this many bytes may use the
 /// streaming routine. Below it `rep movsb` (temporal stores) is as fast as
 /// `memcpy` and leaves the data in cache for whoever reads the copy next
-/// (the cpu driver's kernel, a GPU upload); above it the copy cannot stay
-/// in cache anyway, and non-temporal stores save the read-for-ownership of
-/// every destination line. Measured by `benches/safecopy.rs` and the main
-/// job's `setup` scenario (README, issue 15).
-pub(crate) const STREAM_MIN: usize = 256 << 10;
+/// (the cpu driver's kernel, a GPU upload); above it, into memory whose
+/// lines are out of cache, non-temporal stores save the read-for-ownership
+/// of every destination line. Into memory the copy itself faults in, whose
+/// lines the kernel's zeroing has just brought into cache, `rep movsb`
+/// stays (see [`streamed_bytes`] for the whole rule). Measured by
+/// `benches/safecopy.rs`, the main job's `setup` scenario and
+/// `examples/fault_service` (README, issue 15).
+pub const STREAM_MIN: usize = 256 << 10;
 
 /// Which mechanism copies between the application's memory and ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,6 +253,8 @@ static FORCED: AtomicBool = AtomicBool::new(false);
 static RECOVERED: AtomicU64 = AtomicU64::new(0);
 /// Hardware memory errors among them.
 static HW_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Bytes the streaming routine was asked to copy.
+static STREAMED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether `HMM_SAFE_COPY` asks for the syscall path (read once).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -291,6 +298,14 @@ pub fn recovered_faults() -> (u64, u64) {
         RECOVERED.load(Ordering::Relaxed),
         HW_ERRORS.load(Ordering::Relaxed),
     )
+}
+
+/// Bytes this process asked of the streaming (non-temporal) routine: copies
+/// of [`STREAM_MIN`] bytes and more into populated memory not zeroed
+/// moments ago (the rule is at the routine's caller, `x86_64::streams`).
+pub fn streamed_bytes() -> u64 {
+    // Relaxed: a statistics counter.
+    STREAMED.load(Ordering::Relaxed)
 }
 
 /// Permission, for one batch on the thread that obtained it, to use the

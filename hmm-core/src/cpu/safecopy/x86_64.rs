@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use super::{CopyError, SyscallReason, HW_ERRORS, RECOVERED, STREAM_MIN};
+use super::{CopyError, SyscallReason, HW_ERRORS, RECOVERED, STREAMED, STREAM_MIN};
 
 // The routines. System V ABI: rdi = dst, rsi = src, rdx = n; they return a
 // 16-byte `Outcome` in rax:rdx. The direction flag is clear on entry (the
@@ -196,7 +196,10 @@ pub(super) unsafe fn copy(
             // bytes, only its loads on the application's side); `streams`
             // checked what it requires: len > 0 and a multiple of 64, the
             // destination 16-byte aligned.
-            unsafe { __hmm_core_safecopy_v1_in_nt(d, s, len) }
+            let out = unsafe { __hmm_core_safecopy_v1_in_nt(d, s, len) };
+            // Relaxed: a statistics counter.
+            STREAMED.fetch_add(len as u64, Ordering::Relaxed);
+            out
         } else {
             // SAFETY: see `raw`, for the ranges above.
             unsafe { raw(d, s, len, side) }
