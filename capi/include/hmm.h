@@ -106,6 +106,9 @@ enum hmm_advice
   // Accessed in no order (`MADV_RANDOM`): nothing is fetched
   // speculatively into or for the range.
   HMM_ADVICE_RANDOM = 3,
+  // Needed soon (`MADV_WILLNEED`): the next launch fetches the range
+  // for reading before its first round, then the advice is spent.
+  HMM_ADVICE_WILL_NEED = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

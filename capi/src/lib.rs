@@ -1451,6 +1451,9 @@ pub enum hmm_advice {
     /// Accessed in no order (`MADV_RANDOM`): nothing is fetched
     /// speculatively into or for the range.
     HMM_ADVICE_RANDOM = 3,
+    /// Needed soon (`MADV_WILLNEED`): the next launch fetches the range
+    /// for reading before its first round, then the advice is spent.
+    HMM_ADVICE_WILL_NEED = 4,
 }
 
 /// Gives `advice` (an [`hmm_advice`] value) for `[ptr, ptr + len)`.
@@ -1478,6 +1481,7 @@ pub unsafe extern "C" fn hmm_advise(
             1 => Advice::ReadMostly,
             2 => Advice::Sequential,
             3 => Advice::Random,
+            4 => Advice::WillNeed,
             a => return Err(Error::invalid(format!("unknown advice {a}"))),
         };
         m.mirror.advise(range(ptr, len)?, advice);

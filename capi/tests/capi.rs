@@ -603,6 +603,7 @@ fn bad_arguments_ranges_and_advice_are_typed() {
             hmm_advice::HMM_ADVICE_READ_MOSTLY,
             hmm_advice::HMM_ADVICE_SEQUENTIAL,
             hmm_advice::HMM_ADVICE_RANDOM,
+            hmm_advice::HMM_ADVICE_WILL_NEED,
             hmm_advice::HMM_ADVICE_DEFAULT,
         ] {
             let code = hmm_advise(m, y.as_ptr().cast(), y.len(), advice as u32, &mut st);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use hmm_conformance::TestMap;
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::{Advice, FetchPolicy, Mirror, MirrorConfig};
+use hmm_core::mirror::{Advice, FetchPolicy, LaunchReport, Mirror, MirrorConfig};
 use hmm_driver_cpu::{CpuDevice, CpuKernel};
 
 const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
@@ -127,4 +127,64 @@ fn random_advice_stops_speculation_and_sequential_reads_ahead_of_short_runs() {
     m.advise(src.range(), Advice::Default);
     let (spec, _) = sweep(&m, &src, 50, 4);
     assert_eq!(spec, 0);
+}
+
+/// Launches `n` invocations over pages `0..n` of `src` (checking the words)
+/// and returns the report and how many pages the mirror prefetched.
+fn launch_over(m: &Mirror<CpuDevice>, src: &TestMap, n: u32) -> (LaunchReport, u64) {
+    let out = TestMap::anon(1, RW);
+    let before = m.stats().prefetched;
+    let r = m
+        .launch(&touch_pages(), n, [src.addr(), 0, out.addr()])
+        .expect("launch");
+    for i in 0..n as usize {
+        assert_eq!(out.read_word(i), (i as u32) << 10, "page {i}");
+    }
+    (r, m.stats().prefetched - before)
+}
+
+/// `Advice::WillNeed`: the next launch fetches the range before its first
+/// round, so its invocations fault only on their output page (two rounds
+/// where the same launch without the advice takes three); the advice is
+/// then spent; `Default` forgets it; a range whose tail was unmapped is
+/// fetched up to the hole and the launch still succeeds.
+#[test]
+fn will_need_fetches_the_range_before_the_first_round() {
+    let src = source(64);
+    // One mirror at a time: each has its own host space, and a mapping is
+    // registered with one userfaultfd only.
+    {
+        let control = mirror(FetchPolicy::Exact, 4096);
+        let (r, fetched) = launch_over(&control, &src, 64);
+        assert_eq!((r.submissions, r.pages_in, fetched), (3, 65, 0));
+    }
+    {
+        let m = mirror(FetchPolicy::Exact, 4096);
+        m.advise(src.range(), Advice::WillNeed);
+        let (r, fetched) = launch_over(&m, &src, 64);
+        assert_eq!((r.submissions, r.pages_in, fetched), (2, 65, 64));
+
+        // Spent: after the CPU rewrites the source (the sync point drops
+        // the device copies), the next launch faults again.
+        src.fill(|w| w as u32);
+        let (r, fetched) = launch_over(&m, &src, 64);
+        assert_eq!((r.submissions, fetched), (3, 0));
+
+        // `Default` forgets it.
+        src.fill(|w| w as u32);
+        m.advise(src.range(), Advice::WillNeed);
+        m.advise(src.range(), Advice::Default);
+        let (r, fetched) = launch_over(&m, &src, 64);
+        assert_eq!((r.submissions, fetched), (3, 0));
+    }
+    // The last 32 pages unmapped after the advice: the first 32 are
+    // fetched, and the launch over them succeeds.
+    let m = mirror(FetchPolicy::Exact, 4096);
+    m.advise(src.range(), Advice::WillNeed);
+    // SAFETY: the last 32 pages of our own mapping; nothing refers to them
+    // (TestMap's drop unmaps the whole range, holes included).
+    let rc = unsafe { libc::munmap((src.addr() + 32 * 4096) as *mut libc::c_void, 32 * 4096) };
+    assert_eq!(rc, 0);
+    let (r, fetched) = launch_over(&m, &src, 32);
+    assert_eq!((r.submissions, fetched), (2, 32));
 }

@@ -167,6 +167,15 @@ pub enum Advice {
     /// Accessed in no order (`MADV_RANDOM`): the adaptive fetch policy
     /// fetches nothing speculatively into the range, nor for faults in it.
     Random,
+    /// Needed soon (`MADV_WILLNEED`, CUDA's `cudaMemPrefetchAsync` at the
+    /// next kernel): the next launch makes the range resident for reading
+    /// before its first round, one bulk fetch instead of faults, and the
+    /// advice is spent. Pages that cannot be read by then (unmapped,
+    /// protected) are skipped, as `madvise` would; a device error ends
+    /// that launch as a fault would. Counted in
+    /// [`MirrorStats::prefetched`](super::MirrorStats::prefetched) and the
+    /// launch's [`LaunchReport::pages_in`].
+    WillNeed,
     /// Forget earlier advice for the range (every kind).
     Default,
 }

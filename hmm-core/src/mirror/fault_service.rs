@@ -319,6 +319,57 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         Ok(n)
     }
 
+    /// Fetches the ranges advised [`Advice::WillNeed`](super::Advice::WillNeed)
+    /// since the last launch, for reading, before the first round (the
+    /// caller, a launch, holds the launch lock). A range is fetched up to
+    /// the first page that cannot be read any more (unmapped, protected):
+    /// the kernel then faults on the rest, as it would without the advice.
+    /// Anything else (a device error, a full pool) ends the launch.
+    pub(super) fn fetch_will_need(
+        &self,
+        report: &mut super::config::LaunchReport,
+    ) -> Result<(), MirrorError> {
+        let ranges = std::mem::take(&mut self.inner.lock().will_need);
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let _checked = crate::cpu::safecopy::CheckScope::open();
+        self.inner.lock().res.begin_round();
+        let epoch = self.inner.host.new_epoch();
+        for r in ranges {
+            let Ok(range) = r.page_cover().and_then(|c| c.user()) else {
+                continue;
+            };
+            // Mapping by mapping, up to the first hole or unreadable one.
+            let mut at = range.start();
+            while at < range.end() {
+                let Some(m) = self.inner.host.lookup_in_epoch(at, epoch)? else {
+                    break;
+                };
+                if !m.read || m.range.end() <= at {
+                    break;
+                }
+                let end = VirtAddr(m.range.end().0.min(range.end().0));
+                let run = Run {
+                    range: VaRange::new(at, end)?,
+                    write: false,
+                    first_addr: at,
+                };
+                match self.service_run(run, epoch) {
+                    Ok(n) => {
+                        Counters::add(&self.inner.counters.prefetched, n);
+                        report.pages_in += n;
+                    }
+                    // Unreadable after all (changed since the lookup).
+                    Err(MirrorError::DeviceFault { .. }) => break,
+                    Err(e) => return Err(e),
+                }
+                at = end;
+            }
+        }
+        Ok(())
+    }
+
     /// Services one run: splits it at region boundaries (creating regions
     /// for pages no region covers) and runs the fault loop on each piece.
     pub(super) fn service_run(&self, run: Run, epoch: u64) -> Result<u64, MirrorError> {

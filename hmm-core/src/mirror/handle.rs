@@ -80,6 +80,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 pinned: BTreeMap::new(),
                 read_mostly: Vec::new(),
                 fetch_advice: Vec::new(),
+                will_need: Vec::new(),
                 inflight: None,
                 deferred: Vec::new(),
                 health: Health::default(),
@@ -162,9 +163,11 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 dev.fetch_advice.retain(|(r, _)| !r.overlaps(range));
                 dev.fetch_advice.push((range, advice));
             }
+            Advice::WillNeed => dev.will_need.push(range),
             Advice::Default => {
                 dev.read_mostly.retain(|r| !r.overlaps(range));
                 dev.fetch_advice.retain(|(r, _)| !r.overlaps(range));
+                dev.will_need.retain(|r| !r.overlaps(range));
             }
         }
     }

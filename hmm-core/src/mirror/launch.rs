@@ -120,7 +120,9 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         };
         report.foreign_changed_pages = self.foreign_check();
         inner.lock().res.launch_boundary();
-        let res = self.launch_rounds(kernel, n, args, &mut report);
+        let res = self
+            .fetch_will_need(&mut report)
+            .and_then(|()| self.launch_rounds(kernel, n, args, &mut report));
         inner.lock().res.launch_boundary();
         // Whatever happened, invocations that completed may have left dirty
         // pages: the CPU must see them (and a later sync point must not

@@ -122,6 +122,11 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     /// [`Advice::Sequential`]: super::Advice::Sequential
     /// [`Advice::Random`]: super::Advice::Random
     pub fetch_advice: Vec<(VaRange, super::Advice)>,
+    /// Ranges advised [`Advice::WillNeed`] since the last launch, fetched
+    /// (and forgotten) when the next one starts.
+    ///
+    /// [`Advice::WillNeed`]: super::Advice::WillNeed
+    pub will_need: Vec<VaRange>,
     /// The device submission running now, if any (launches are serialised).
     pub inflight: Option<SubmissionId>,
     /// Clearing writes not yet confirmed by the backend (see the module
