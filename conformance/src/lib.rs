@@ -80,7 +80,9 @@ pub use selftests::{
     anon_write_child_shared, anon_write_huge, anon_write_prot, double_map, file_read, file_write,
     mixedmap, open_close, snapshot,
 };
-pub use support::{events_available, launch_mode, with_launch_mode, LaunchMode, TestMap};
+pub use support::{
+    events_available, launch_mode, suite_fetch_policy, with_launch_mode, LaunchMode, TestMap,
+};
 pub use thp::{hash_tracking_keeps_huge_pages, huge_pages_the_device_never_touched_stay_huge};
 pub use zero_copy::{
     zero_copy_one_launch_fills_every_window, zero_copy_pin_is_unsupported,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hmm_core::cpu::host::{EventSource, HostSpace};
 use hmm_core::mirror::args::KernelArgs;
 use hmm_core::mirror::backend::Backend;
-use hmm_core::mirror::{HostSide, LaunchReport, Mirror, MirrorConfig, MirrorError};
+use hmm_core::mirror::{FetchPolicy, HostSide, LaunchReport, Mirror, MirrorConfig, MirrorError};
 use hmm_core::{VaRange, VirtAddr, PAGE_SIZE};
 
 use crate::{TestKernel, TestKernels};
@@ -158,6 +158,10 @@ impl Drop for TestMap {
 
 pub(crate) fn setup<B: TestKernels>(backend: B, cfg: MirrorConfig) -> (Arc<HostSpace>, Mirror<B>) {
     let host = Arc::new(HostSpace::new().expect("host space"));
+    let cfg = MirrorConfig {
+        fetch: suite_fetch_policy().unwrap_or(cfg.fetch),
+        ..cfg
+    };
     let m = Mirror::new(Arc::clone(&host), backend, cfg).expect("mirror");
     (host, m)
 }
@@ -166,7 +170,24 @@ pub(crate) fn small_cfg() -> MirrorConfig {
     MirrorConfig {
         pool_slots: 4096,
         table_pages: 512,
+        fetch: suite_fetch_policy().unwrap_or_default(),
         ..MirrorConfig::default()
+    }
+}
+
+/// The fetch policy `HMM_TEST_FETCH` asks the suite's mirrors to use
+/// (`exact` or `adaptive`; unset or `auto`: the scenario's own, which is
+/// [`FetchPolicy::Auto`] — exact on the cpu driver, adaptive on the GPU
+/// drivers). CI runs each driver's suite a second time under the policy
+/// `Auto` does not pick there, so both policies pass the whole suite on
+/// every driver. Any other value panics: a mistyped name must not run the
+/// default silently.
+pub fn suite_fetch_policy() -> Option<FetchPolicy> {
+    match std::env::var("HMM_TEST_FETCH").as_deref() {
+        Err(_) | Ok("" | "auto") => None,
+        Ok("exact") => Some(FetchPolicy::Exact),
+        Ok("adaptive") => Some(FetchPolicy::Adaptive),
+        Ok(other) => panic!("HMM_TEST_FETCH={other:?}: expected auto, exact or adaptive"),
     }
 }
 
