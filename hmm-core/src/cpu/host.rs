@@ -387,6 +387,15 @@ impl HostSpace {
     /// they copied (or shows as a difference when they verify), and one
     /// after it is reported by the next sync point. Protecting after
     /// copying would swallow a CPU write landing in between.
+    ///
+    /// Runs are armed, not whole 2 MiB blocks, even in memory backed by
+    /// transparent huge pages. The watch armed the whole block (a region
+    /// is one block, so arming splits nothing: `hmm_conformance`'s
+    /// `huge_pages_the_device_never_touched_stay_huge` checks it); under
+    /// `WP_ASYNC` the kernel splits an armed huge page at its first write,
+    /// so by the time a write-back re-arms, its own stores have split the
+    /// block. Arming the rest of the block as well would re-protect pages
+    /// the CPU wrote since the last sync point and lose those writes.
     pub fn rearm_after_writeback(&self, pages: &[VirtAddr]) -> Result<(), HostError> {
         let Some(t) = &self.tracker else {
             return Ok(());
