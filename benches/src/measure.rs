@@ -130,6 +130,7 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         invalidations: core::array::from_fn(|i| b.invalidations[i] - a.invalidations[i]),
         prefetched: b.prefetched - a.prefetched,
         speculated: b.speculated - a.speculated,
+        speculated_used: b.speculated_used - a.speculated_used,
         device_errors: b.device_errors - a.device_errors,
         mapped_pages: peak.mapped_pages,
         pool_used: peak.pool_used,

@@ -188,3 +188,30 @@ fn will_need_fetches_the_range_before_the_first_round() {
     let (r, fetched) = launch_over(&m, &src, 32);
     assert_eq!((r.submissions, fetched), (2, 32));
 }
+
+/// `MirrorStats::speculated_used`: invocation `i` reads page `i`, then
+/// page `i + 32`. The 32 first reads fault together, a stream whose
+/// look-ahead brings pages 32..288; the replay's second reads use 32 of
+/// them. The counter reads the entries' accessed bits when the launch
+/// ends, so it says 32 of 256.
+#[test]
+fn speculated_pages_the_device_used_are_counted() {
+    let m = mirror(FetchPolicy::Adaptive, 4096);
+    let src = source(600);
+    let out = TestMap::anon(1, RW);
+    let k = CpuKernel::new(|lane, i| {
+        let (src, out) = (lane.args()[0], lane.args()[1]);
+        let a = lane.load_u32(src + u64::from(i) * 4096)?;
+        let b = lane.load_u32(src + u64::from(i + 32) * 4096)?;
+        lane.store_u32(out + 4 * u64::from(i), a.wrapping_add(b))
+    });
+    m.launch(&k, 32, [src.addr(), out.addr()]).expect("launch");
+    for i in 0..32usize {
+        assert_eq!(
+            out.read_word(i),
+            ((i as u32) << 10) + (((i as u32) + 32) << 10)
+        );
+    }
+    let s = m.stats();
+    assert_eq!((s.speculated, s.speculated_used), (256, 32));
+}

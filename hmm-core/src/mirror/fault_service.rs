@@ -268,7 +268,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     first_addr: sub.start(),
                 };
                 match self.service_run(run, epoch) {
-                    Ok(n) => pages += n,
+                    Ok(n) => {
+                        pages += n;
+                        if n > 0 {
+                            inner.lock().spec_runs.push(sub);
+                        }
+                    }
                     Err(e) => {
                         failed = Some(e);
                         break;

@@ -87,6 +87,46 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         self.inner.backend.max_invocations().min(MAX_INVOCATIONS)
     }
 
+    /// Counts how many of the pages the fetch policy brought in during the
+    /// launch that is ending were accessed by the device
+    /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used)):
+    /// one read of their entries. The count is advice, not state: an entry
+    /// the device cannot read back counts as unused (and a failing device
+    /// reports itself through the calls that need it).
+    fn count_speculation_used(&self) {
+        let inner = &*self.inner;
+        let dev = &mut *inner.lock();
+        if dev.spec_runs.is_empty() {
+            return;
+        }
+        let runs = std::mem::take(&mut dev.spec_runs);
+        let mut pages: Vec<VirtAddr> = runs
+            .iter()
+            .flat_map(|r| dev.table.mapped_in(*r).map(|(va, _)| va))
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let locs: Vec<_> = pages
+            .iter()
+            .filter_map(|&va| dev.table.leaf_loc(va))
+            .collect();
+        if locs.is_empty() {
+            return;
+        }
+        let mut ptes = Vec::with_capacity(locs.len());
+        match inner.backend.read_ptes(&locs, &mut ptes) {
+            Ok(()) => {
+                let used = ptes.iter().filter(|p| p.accessed()).count() as u64;
+                Counters::add(&inner.counters.speculated_used, used);
+            }
+            Err(e) => tracing::debug!(
+                target: "hmm_rs",
+                error = %e,
+                "speculated pages' accessed bits unreadable; counted as unused"
+            ),
+        }
+    }
+
     fn launch_words(
         &self,
         kernel: &B::Kernel,
@@ -124,6 +164,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             .fetch_will_need(&mut report)
             .and_then(|()| self.launch_rounds(kernel, n, args, &mut report));
         inner.lock().res.launch_boundary();
+        self.count_speculation_used();
         // Whatever happened, invocations that completed may have left dirty
         // pages: the CPU must see them (and a later sync point must not
         // mistake them for stale copies). A write-back failure outranks the

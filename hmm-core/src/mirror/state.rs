@@ -127,6 +127,10 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     ///
     /// [`Advice::WillNeed`]: super::Advice::WillNeed
     pub will_need: Vec<VaRange>,
+    /// Runs the fetch policy brought in during the running launch; their
+    /// `ACCESSED` bits are read when it ends
+    /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used)).
+    pub spec_runs: Vec<VaRange>,
     /// The device submission running now, if any (launches are serialised).
     pub inflight: Option<SubmissionId>,
     /// Clearing writes not yet confirmed by the backend (see the module

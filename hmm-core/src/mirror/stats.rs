@@ -45,6 +45,13 @@ pub struct MirrorStats {
     /// Pages the fetch policy brought in beyond the faulted ones
     /// ([`FetchPolicy`](super::FetchPolicy)).
     pub speculated: u64,
+    /// Of [`speculated`](Self::speculated), the pages the device accessed
+    /// before the launch that fetched them ended: their entries'
+    /// `ACCESSED` bits, read once when the launch ends. A page evicted or
+    /// invalidated before then, or whose bit an eviction sweep cleared,
+    /// counts as unused, so this is a lower bound; `speculated_used /
+    /// speculated` is the policy's accuracy.
+    pub speculated_used: u64,
     /// Device calls that failed where the mirror's state depends on them
     /// (entry writes and clears, window unbinds, write-back reads); a
     /// failed clear is retried, and repeated failures declare the device
@@ -91,8 +98,13 @@ impl core::fmt::Display for MirrorStats {
         )?;
         writeln!(
             f,
-            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}   speculated {}",
-            self.pages_in, self.pages_out, self.evictions, self.prefetched, self.speculated
+            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}   speculated {} (used {})",
+            self.pages_in,
+            self.pages_out,
+            self.evictions,
+            self.prefetched,
+            self.speculated,
+            self.speculated_used
         )?;
         let k = &self.invalidations;
         writeln!(
@@ -137,6 +149,7 @@ pub(crate) struct Counters {
     pub invalidations: [AtomicU64; 8],
     pub prefetched: AtomicU64,
     pub speculated: AtomicU64,
+    pub speculated_used: AtomicU64,
     pub device_errors: AtomicU64,
     pub foreign_checked_pages: AtomicU64,
     pub foreign_changed_pages: AtomicU64,
