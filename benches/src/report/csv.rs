@@ -10,14 +10,14 @@ use crate::scenarios::Row;
 pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
     let mut t = String::from(
         "scenario,case,backend,strategy,reps,total_s,setup_s,bytes_in,bytes_out,device_bytes,touched_bytes,\
-faults,fault_batches,fault_runs,retries,invalidations,evictions,replays,cpu_s,memcpy_bytes_per_s,copy_efficiency,submissions,speculated_bytes\n",
+faults,fault_batches,fault_runs,retries,invalidations,evictions,replays,cpu_s,memcpy_bytes_per_s,copy_efficiency,submissions,speculated_bytes,speculated_used_bytes\n",
     );
     for r in rows {
         let d = derive(r, memcpy_bw);
         let s = &r.sample;
         let _ = writeln!(
             t,
-            "{},{},{},{},{},{:.6},{:.6},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.0},{:.4},{},{}",
+            "{},{},{},{},{},{:.6},{:.6},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.0},{:.4},{},{},{}",
             r.scenario,
             r.case,
             r.backend,
@@ -41,6 +41,7 @@ faults,fault_batches,fault_runs,retries,invalidations,evictions,replays,cpu_s,me
             d.copy_eff,
             s.stats.submissions,
             s.stats.speculated * 4096,
+            s.stats.speculated_used * 4096,
         );
     }
     t

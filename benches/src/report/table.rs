@@ -9,23 +9,33 @@ fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1u32 << 20)
 }
 
+/// `used` of `speculated` pages as a percentage, `-` where nothing was
+/// speculated.
+fn spec_used(speculated: u64, used: u64) -> String {
+    if speculated == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.0}%", used as f64 * 100.0 / speculated as f64)
+    }
+}
+
 /// Renders the table (markdown, so it pastes into the README).
 pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| scenario | case | strategy | total ms | setup ms | in MiB | out MiB | device MiB | dev/touched | faults | batches | rounds | spec MiB | retries | invalidations | evictions | CPU ms | copy eff |"
+        "| scenario | case | strategy | total ms | setup ms | in MiB | out MiB | device MiB | dev/touched | faults | batches | rounds | spec MiB | spec used | retries | invalidations | evictions | CPU ms | copy eff |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     for r in rows {
         let d = derive(r, memcpy_bw);
         let s = &r.sample;
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {:.1} | {} | {} | {} | {:.1} | {:.0}% |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.1} | {:.0}% |",
             r.scenario,
             r.case,
             r.strategy,
@@ -39,6 +49,7 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
             s.stats.fault_batches,
             s.stats.submissions,
             mib(s.stats.speculated * 4096),
+            spec_used(s.stats.speculated, s.stats.speculated_used),
             s.stats.retries,
             s.stats.invalidations_total(),
             s.stats.evictions,
@@ -49,7 +60,8 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
     let _ = writeln!(
         t,
         "\nrounds: device submissions (one per fault-service round, plus the first); \
-         spec MiB: what the fetch policy brought in beyond the faulted pages (`--policy`)."
+         spec MiB: what the fetch policy brought in beyond the faulted pages (`--policy`); \
+         spec used: the share of it the device accessed before its launch ended (a lower bound)."
     );
     if rows
         .iter()
