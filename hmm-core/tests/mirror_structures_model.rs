@@ -352,6 +352,14 @@ enum POp {
         sticky: bool,
         evict: bool,
     },
+    /// `pick_victims(want, batch)`, the bulk form; the rest as `Victim`.
+    Victims {
+        pinned: u16,
+        sticky: bool,
+        evict: bool,
+        want: u8,
+        batch: u8,
+    },
 }
 
 fn pop() -> impl Strategy<Value = POp> {
@@ -361,6 +369,8 @@ fn pop() -> impl Strategy<Value = POp> {
         2 => (0u8..12).prop_map(POp::Touch),
         3 => (any::<u16>(), prop::bool::weighted(0.2), any::<bool>())
             .prop_map(|(pinned, sticky, evict)| POp::Victim { pinned: pinned & pinned.rotate_left(3), sticky, evict }),
+        3 => (any::<u16>(), prop::bool::weighted(0.2), any::<bool>(), 0u8..14, 0u8..6)
+            .prop_map(|(pinned, sticky, evict, want, batch)| POp::Victims { pinned: pinned & pinned.rotate_left(3), sticky, evict, want, batch }),
     ]
 }
 
@@ -385,6 +395,67 @@ fn run_pool(cap: u32, ops: Vec<POp>) {
                 assert_eq!(p.free(PoolSlot(u32::from(s))), m.remove(&u32::from(s)));
             }
             POp::Touch(s) => accessed[usize::from(s)] = true,
+            POp::Victims {
+                pinned,
+                sticky,
+                evict,
+                want,
+                batch,
+            } => {
+                let is_pinned = |s: PoolSlot| pinned >> s.0 & 1 == 1;
+                let old_at_start: Vec<u32> = m
+                    .keys()
+                    .copied()
+                    .filter(|&s| !is_pinned(PoolSlot(s)) && !accessed[s as usize])
+                    .collect();
+                let v = p.pick_victims(
+                    usize::from(want),
+                    usize::from(batch),
+                    |cands| {
+                        assert!(!cands.is_empty() && cands.len() <= usize::from(batch.max(1)));
+                        cands
+                            .iter()
+                            .map(|&(s, va)| {
+                                assert_eq!(m.get(&s.0), Some(&va), "young() on a wrong slot/va");
+                                assert!(!is_pinned(s), "young() on a pinned slot");
+                                let y = accessed[s.0 as usize];
+                                if !sticky {
+                                    accessed[s.0 as usize] = false;
+                                }
+                                y
+                            })
+                            .collect()
+                    },
+                    |s, _| is_pinned(s),
+                );
+                let candidates = m.keys().filter(|&&s| !is_pinned(PoolSlot(s))).count();
+                assert_eq!(
+                    v.len(),
+                    usize::from(want).min(candidates),
+                    "how many victims"
+                );
+                let mut seen = std::collections::HashSet::new();
+                for s in &v {
+                    assert!(seen.insert(s.0), "victim {s:?} chosen twice");
+                    assert!(
+                        m.contains_key(&s.0) && !is_pinned(*s),
+                        "victim {s:?} not evictable"
+                    );
+                }
+                if old_at_start.len() >= usize::from(want) {
+                    for s in &v {
+                        assert!(
+                            old_at_start.contains(&s.0),
+                            "young {s:?} evicted while enough old slots were left"
+                        );
+                    }
+                }
+                if evict {
+                    for s in v {
+                        assert_eq!(p.free(s), m.remove(&s.0));
+                    }
+                }
+            }
             POp::Victim {
                 pinned,
                 sticky,

@@ -15,7 +15,7 @@
 //! the *device's* page table (not the core's shadow of it), so a test can
 //! prove that no entry the device can reach names a freed slot.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hmm_core::mirror::backend::{BackendError, PteLoc};
@@ -131,6 +131,8 @@ struct Inner {
     /// The device's cancel flag: set when the device is lost, so queued
     /// invocations are skipped.
     cancel: Arc<AtomicBool>,
+    /// Calls received, by kind ([`FaultInjector::calls`]).
+    calls: [AtomicU64; Call::ALL.len()],
 }
 
 /// A failure decided by the injector for one call.
@@ -193,6 +195,7 @@ impl FaultInjector {
                     lost: None,
                 }),
                 cancel,
+                calls: Default::default(),
             }),
         }
     }
@@ -259,6 +262,14 @@ impl FaultInjector {
             self.clear(c);
         }
         self
+    }
+
+    /// Calls of kind `call` the device has received so far, failed or not:
+    /// what a test counts to show the core batches its device calls (a
+    /// bulk eviction clears many entries in one `write_ptes`).
+    pub fn calls(&self, call: Call) -> u64 {
+        // Relaxed: a statistics counter.
+        self.inner.calls[call.idx()].load(Ordering::Relaxed)
     }
 
     /// How many calls of kind `call` failed by injection so far.
@@ -328,6 +339,8 @@ impl FaultInjector {
     /// Whether this call (of a batch of `len` items) fails, and how much
     /// of it is applied first.
     pub(crate) fn decide(&self, call: Call, len: usize) -> Option<Injected> {
+        // Relaxed: a statistics counter.
+        self.inner.calls[call.idx()].fetch_add(1, Ordering::Relaxed);
         // Relaxed: see `update`.
         if !self.inner.armed.load(Ordering::Relaxed) {
             return None;

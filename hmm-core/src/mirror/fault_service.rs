@@ -67,6 +67,13 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut dev = inner.lock();
             dev.res.begin_round();
             dev.res.plan_round(&mut pf, incomplete);
+            // Room for the whole round in one bulk eviction.
+            let fresh = pf
+                .iter()
+                .filter(|f| dev.table.lookup(f.page).is_none())
+                .count();
+            let (mut cx, res) = dev.parts(inner);
+            res.make_room(&mut cx, fresh as u64)?;
         }
         // One fresh read of the CPU mappings per fault-service round.
         let epoch = inner.host.new_epoch();
@@ -310,6 +317,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut dev = self.inner.lock();
             dev.health.check()?;
             dev.res.begin_round();
+            // Room for the range in one bulk eviction.
+            let fresh = range.pages() - dev.table.mapped_in(range).count() as u64;
+            let (mut cx, res) = dev.parts(&self.inner);
+            res.make_room(&mut cx, fresh)?;
         }
         let epoch = self.inner.host.new_epoch();
         let n = self.service_run(

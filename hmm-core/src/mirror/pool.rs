@@ -23,6 +23,8 @@
 //! Bad input never panics: freeing a slot that is not allocated (double
 //! free, or a slot number past the capacity) returns `None`.
 
+use std::collections::HashSet;
+
 use super::format::PoolSlot;
 use crate::addr::VirtAddr;
 
@@ -133,6 +135,86 @@ impl PagePool {
             self.hand = if f + 1 == n { 0 } else { f + 1 };
         }
         fallback
+    }
+
+    /// Picks up to `want` eviction victims by second-chance CLOCK, asking
+    /// about candidates in batches rather than one at a time (one device
+    /// call per batch instead of per slot).
+    ///
+    /// The hand gathers up to `batch` allocated slots that are not
+    /// `pinned` and not already chosen; `young` answers for the whole
+    /// batch at once (it reads **and clears** each page's `ACCESSED` bit,
+    /// like [`PagePool::pick_victim`]'s), one `bool` per candidate in
+    /// order. Old ones become victims, in hand order, until `want` are
+    /// chosen; the hand stops just past the last slot looked at. After two
+    /// sweeps without enough old pages, the young candidates met are taken
+    /// in hand order so eviction makes progress. Returns fewer than `want`
+    /// only when fewer unpinned slots are allocated; victims stay
+    /// allocated (the caller writes them back, zaps and frees them).
+    pub fn pick_victims(
+        &mut self,
+        want: usize,
+        batch: usize,
+        mut young: impl FnMut(&[(PoolSlot, VirtAddr)]) -> Vec<bool>,
+        mut pinned: impl FnMut(PoolSlot, VirtAddr) -> bool,
+    ) -> Vec<PoolSlot> {
+        let n = self.owners.len() as u32;
+        let mut victims: Vec<PoolSlot> = Vec::new();
+        if self.used == 0 || want == 0 {
+            return victims;
+        }
+        let batch = batch.max(1);
+        // Sets, not `n`-long vectors: a pool may have millions of slots and
+        // a call looks at a few batches.
+        let mut chosen: HashSet<u32, foldhash::fast::RandomState> = HashSet::default();
+        let mut spared: Vec<PoolSlot> = Vec::new();
+        let mut spared_set: HashSet<u32, foldhash::fast::RandomState> = HashSet::default();
+        let mut looked = 0u64;
+        let mut cands: Vec<(PoolSlot, VirtAddr)> = Vec::with_capacity(batch);
+        while victims.len() < want && looked < 2 * u64::from(n) {
+            cands.clear();
+            // At most one revolution per batch, so no slot is asked about
+            // twice in one batch.
+            let mut this_batch = 0u32;
+            while cands.len() < batch && looked < 2 * u64::from(n) && this_batch < n {
+                this_batch += 1;
+                let s = self.hand;
+                self.hand = if s + 1 == n { 0 } else { s + 1 };
+                looked += 1;
+                let Some(va) = self.owners[s as usize] else {
+                    continue;
+                };
+                let slot = PoolSlot(s);
+                if chosen.contains(&s) || pinned(slot, va) {
+                    continue;
+                }
+                cands.push((slot, va));
+            }
+            if cands.is_empty() {
+                break;
+            }
+            let answers = young(&cands);
+            for (i, &(slot, _)) in cands.iter().enumerate() {
+                // A missing answer reads as "not young", as an unreadable
+                // bit does.
+                if victims.len() < want && !answers.get(i).copied().unwrap_or(false) {
+                    chosen.insert(slot.0);
+                    victims.push(slot);
+                } else if spared_set.insert(slot.0) {
+                    spared.push(slot);
+                }
+            }
+        }
+        // Every candidate stayed young for two sweeps: take them anyway.
+        for slot in spared {
+            if victims.len() >= want {
+                break;
+            }
+            if chosen.insert(slot.0) {
+                victims.push(slot);
+            }
+        }
+        victims
     }
 
     /// Slots in all.

@@ -291,6 +291,41 @@ pub(crate) fn flush<B: Backend, H: HostSide>(
     Ok(())
 }
 
+/// [`zap`] for scattered single pages (bulk eviction): one write-back
+/// batch for all of them, one queue of clearing writes, one flush. Pages
+/// whose write-back was refused keep their entries (the residency
+/// remembers them, as for [`zap`]); the refusal is not an error here —
+/// the caller wanted room, and gets it from the others. Returns the pages
+/// taken off the device.
+pub(crate) fn zap_pages<B: Backend, H: HostSide>(
+    cx: &mut Cx<'_, B, H>,
+    res: &mut dyn Residency<B, H>,
+    pages: &[VirtAddr],
+) -> Result<u64, MirrorError> {
+    let mapped: Vec<(VirtAddr, Pte)> = pages
+        .iter()
+        .filter_map(|&va| cx.table.lookup(va).map(|p| (va, p)))
+        .collect();
+    if mapped.is_empty() {
+        return Ok(0);
+    }
+    match res.write_back(cx, &mapped) {
+        Ok(_) | Err(MirrorError::WriteBackRefused { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let mut removed = Vec::new();
+    for (va, _) in &mapped {
+        let page = VaRange::from_start_len(*va, crate::addr::PAGE_SIZE)?;
+        if res.refused(page).is_empty() {
+            removed.extend(unmap_deferred(cx, page));
+        }
+    }
+    let n = removed.len() as u64;
+    res.retire(&removed);
+    flush(cx, res)?;
+    Ok(n)
+}
+
 /// Takes every mapped page of `r` off the device (driver lock held, device
 /// idle for those pages): writes dirty pages back first if `writeback`,
 /// then clears the entries and releases their memory (through [`flush`]).

@@ -53,7 +53,7 @@ use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
 use crate::mirror::host_side::{HostSide, RunFate, WriteTracking};
 use crate::mirror::hostcopy;
 use crate::mirror::pool::PagePool;
-use crate::mirror::state::{zap, Cx, RegionKey, RegionSlot};
+use crate::mirror::state::{zap, zap_pages, Cx, RegionKey, RegionSlot};
 use crate::mirror::stats::Counters;
 use crate::mirror::twins::Twins;
 use crate::notifier::Attempt;
@@ -78,6 +78,9 @@ const RUN_BATCH: usize = 1 << 15;
 /// Pages read and hashed per batch by the foreign-writer check (256 KiB:
 /// read, then hashed while still in the L2 cache).
 const HASH_BATCH: usize = 64;
+/// Eviction candidates whose `ACCESSED` bits are read (and cleared) in one
+/// device call ([`CopyPool::evict_batch`]), at least.
+const EVICT_BATCH: usize = 64;
 
 /// The copy-mode residency.
 pub(crate) struct CopyPool {
@@ -202,6 +205,58 @@ impl CopyPool {
         }
         Counters::add(&cx.counters.evictions, 1);
         self.pool.alloc(va).ok_or_else(|| self.exhausted(1))
+    }
+
+    /// Frees room for `want` more pages at once: victims chosen by
+    /// [`PagePool::pick_victims`] (their `ACCESSED` bits read and cleared
+    /// in batches of [`EVICT_BATCH`], one device call each), written back
+    /// in one batch, their entries cleared in one flush
+    /// (`state::zap_pages`). The per-page path
+    /// ([`CopyPool::alloc_slot`]) stays for what this leaves short (a
+    /// refused write-back keeps its page). `keep`: slots not to evict.
+    /// Returns the pages evicted.
+    fn evict_batch<B: Backend, H: HostSide>(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        want: u64,
+        keep: &FastSet<PoolSlot>,
+    ) -> Result<u64, MirrorError> {
+        let victims: Vec<VirtAddr> = {
+            let (table, backend) = (&*cx.table, cx.backend);
+            let (pinned, quarantine) = (&self.pinned, &self.quarantine);
+            let (focus, refused) = (&self.focus_pages, &self.refused);
+            let slots = self.pool.pick_victims(
+                usize::try_from(want).unwrap_or(usize::MAX),
+                EVICT_BATCH.max(usize::try_from(want).unwrap_or(usize::MAX)),
+                |cands| {
+                    let locs: Vec<Option<PteLoc>> =
+                        cands.iter().map(|&(_, va)| table.leaf_loc(va)).collect();
+                    let present: Vec<PteLoc> = locs.iter().flatten().copied().collect();
+                    let mut old = Vec::with_capacity(present.len());
+                    // An unreadable bit reads as "not young": CLOCK is advice.
+                    let ok = present.is_empty()
+                        || backend.clear_pte_bits(&present, ACCESSED, &mut old).is_ok();
+                    let mut bits = old.iter();
+                    locs.iter()
+                        .map(|l| ok && l.is_some() && bits.next().is_some_and(|p| p.accessed()))
+                        .collect()
+                },
+                |slot, owner| {
+                    pinned.contains(&slot)
+                        || keep.contains(&slot)
+                        || quarantine.contains(&slot)
+                        || focus.contains(&owner)
+                        || refused.contains(&owner)
+                },
+            );
+            slots.iter().filter_map(|&s| self.pool.owner(s)).collect()
+        };
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let n = zap_pages(cx, self, &victims)?;
+        Counters::add(&cx.counters.evictions, n);
+        Ok(n)
     }
 
     /// Undoes a partial install of `todo` into `slots`: zaps (without
@@ -623,6 +678,14 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         self.focus_pages.clear();
     }
 
+    fn make_room(&mut self, cx: &mut Cx<'_, B, H>, pages: u64) -> Result<u64, MirrorError> {
+        let free = u64::from(self.pool.capacity() - self.pool.used());
+        if pages <= free {
+            return Ok(0);
+        }
+        self.evict_batch(cx, pages - free, &FastSet::default())
+    }
+
     fn install(
         &mut self,
         cx: &mut Cx<'_, B, H>,
@@ -636,6 +699,16 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             .filter_map(|(va, _)| cx.table.lookup(*va))
             .map(|p| p.slot())
             .collect();
+        // Room for the whole batch at once where the pool is full: one
+        // bulk eviction rather than one per page.
+        let fresh = todo
+            .iter()
+            .filter(|(va, _)| cx.table.lookup(*va).is_none())
+            .count() as u64;
+        let free = u64::from(self.pool.capacity() - self.pool.used());
+        if fresh > free {
+            self.evict_batch(cx, fresh - free, &keep)?;
+        }
         let mut slots = Vec::with_capacity(todo.len());
         let mut upgrades = false;
         for (va, _) in todo {
@@ -893,7 +966,15 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
     }
 
     fn entries_cleared(&mut self, _backend: &B) -> Result<bool, BackendError> {
-        for s in self.quarantine.drain() {
+        // Highest first: the free list hands slots out last-in first-out,
+        // so a bulk eviction's slots are reused in ascending order and a
+        // range installed after it lands on consecutive slots, as it did
+        // when eviction freed one slot at a time (scattered slots made the
+        // cpu driver's oversubscribed runs 8-11 % slower: `hmm-bench
+        // --only oversub`).
+        let mut freed: Vec<PoolSlot> = self.quarantine.drain().collect();
+        freed.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+        for s in freed {
             self.pool.free(s);
         }
         Ok(false)
@@ -917,6 +998,12 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
     ) -> Result<(), MirrorError> {
         let need = range.pages();
         let free = |p: &PagePool| u64::from(p.capacity() - p.used());
+        if free(&self.pool) < need {
+            // Room in one bulk eviction first, then page by page for what
+            // that left short.
+            let short = need - free(&self.pool);
+            self.evict_batch(cx, short, &FastSet::default())?;
+        }
         if free(&self.pool) < need {
             // Evict unpinned pages until enough slots are free: hold the
             // slots gained (alloc_slot evicts only when none is free), then

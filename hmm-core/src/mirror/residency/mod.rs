@@ -126,6 +126,17 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     /// A fault-service round (or a prefetch) begins.
     fn begin_round(&mut self);
 
+    /// Frees room for `pages` more pages before a round (or a prefetch)
+    /// installs them, in one bulk eviction where the residency evicts
+    /// (issue #16: entries cleared in one page-table write, dirty pages
+    /// written back in one batch), so the round's installs find free
+    /// slots instead of evicting page by page. Returns pages evicted.
+    /// Default: nothing to make room in.
+    fn make_room(&mut self, cx: &mut Cx<'_, B, H>, pages: u64) -> Result<u64, MirrorError> {
+        let _ = (cx, pages);
+        Ok(0)
+    }
+
     /// Chooses the faults this round serves, from `pf` (one per page,
     /// sorted by page, each carrying the lowest invocation that faulted
     /// on it; left sorted by page). The rest fault again on replay.
