@@ -1,9 +1,12 @@
 //! Copy mode: a mirrored page is a copy in a device pool slot.
 //!
-//! - **Install** copies the CPU pages into fresh slots (evicting by CLOCK
-//!   over accessed bits when the pool is full, dirty pages written back
-//!   first), keeps a *twin* of every page mapped writable, and writes the
-//!   entries.
+//! - **Install** copies the CPU pages into fresh slots, keeps a *twin* of
+//!   every page mapped writable, and writes the entries. Room is made
+//!   before a round installs ([`Residency::make_room`]): one bulk eviction
+//!   by CLOCK over accessed bits (read and cleared in batches, one device
+//!   call each), the victims' dirty pages written back in one batch and
+//!   their entries cleared in one write; an install that still finds the
+//!   pool full evicts in bulk again, or page by page for the rest.
 //! - **Write-back** stores only the byte runs where the device copy differs
 //!   from its twin (the twin/diff technique of software distributed shared
 //!   memory, TreadMarks), so CPU writes to other bytes of the same page made
