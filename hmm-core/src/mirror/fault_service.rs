@@ -67,11 +67,15 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut dev = inner.lock();
             dev.res.begin_round();
             dev.res.plan_round(&mut pf, incomplete);
-            // Room for the whole round in one bulk eviction.
-            let fresh = pf
-                .iter()
-                .filter(|f| dev.table.lookup(f.page).is_none())
-                .count();
+            // Room for the whole round in one bulk eviction (the pages
+            // are counted only when the pool might be short).
+            let fresh = if dev.res.free_slots() < pf.len() as u64 {
+                pf.iter()
+                    .filter(|f| dev.table.lookup(f.page).is_none())
+                    .count()
+            } else {
+                0
+            };
             let (mut cx, res) = dev.parts(inner);
             res.make_room(&mut cx, fresh as u64)?;
         }
@@ -317,12 +321,25 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut dev = self.inner.lock();
             dev.health.check()?;
             dev.res.begin_round();
-            // Room for the range in one bulk eviction.
-            let fresh = range.pages() - dev.table.mapped_in(range).count() as u64;
+        }
+        let epoch = self.inner.host.new_epoch();
+        self.fetch(range, write, epoch)
+    }
+
+    /// Makes `range` resident (room made in one bulk eviction first),
+    /// counted as prefetched: [`Mirror::prefetch`] and the launch's
+    /// will-need fetch, inside a round the caller began.
+    fn fetch(&self, range: VaRange, write: bool, epoch: u64) -> Result<u64, MirrorError> {
+        {
+            let mut dev = self.inner.lock();
+            let fresh = if dev.res.free_slots() < range.pages() {
+                range.pages() - dev.table.mapped_in(range).count() as u64
+            } else {
+                0
+            };
             let (mut cx, res) = dev.parts(&self.inner);
             res.make_room(&mut cx, fresh)?;
         }
-        let epoch = self.inner.host.new_epoch();
         let n = self.service_run(
             Run {
                 range,
@@ -366,16 +383,8 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                     break;
                 }
                 let end = VirtAddr(m.range.end().0.min(range.end().0));
-                let run = Run {
-                    range: VaRange::new(at, end)?,
-                    write: false,
-                    first_addr: at,
-                };
-                match self.service_run(run, epoch) {
-                    Ok(n) => {
-                        Counters::add(&self.inner.counters.prefetched, n);
-                        report.pages_in += n;
-                    }
+                match self.fetch(VaRange::new(at, end)?, false, epoch) {
+                    Ok(n) => report.pages_in += n,
                     // Unreadable after all (changed since the lookup).
                     Err(MirrorError::DeviceFault { .. }) => break,
                     Err(e) => return Err(e),

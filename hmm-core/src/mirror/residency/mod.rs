@@ -126,6 +126,12 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
     /// A fault-service round (or a prefetch) begins.
     fn begin_round(&mut self);
 
+    /// Pool slots free now (default: as many as wanted — a residency
+    /// without a pool never makes room).
+    fn free_slots(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Frees room for `pages` more pages before a round (or a prefetch)
     /// installs them, in one bulk eviction where the residency evicts
     /// (issue #16: entries cleared in one page-table write, dirty pages

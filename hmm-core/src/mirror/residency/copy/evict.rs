@@ -10,6 +10,27 @@ use super::*;
 /// device call ([`CopyPool::evict_batch`]), at least.
 const EVICT_BATCH: usize = 64;
 
+/// What eviction must pass over now: pinned, kept (`keep`: the slots of
+/// the pages being installed), quarantined (an entry may still name
+/// them), the round's focus pages, and pages whose write-back was refused.
+struct Spared<'a> {
+    pinned: &'a HashSet<PoolSlot>,
+    keep: &'a FastSet<PoolSlot>,
+    quarantine: &'a HashSet<PoolSlot>,
+    focus: &'a FastSet<VirtAddr>,
+    refused: &'a BTreeSet<VirtAddr>,
+}
+
+impl Spared<'_> {
+    fn contains(&self, slot: PoolSlot, owner: VirtAddr) -> bool {
+        self.pinned.contains(&slot)
+            || self.keep.contains(&slot)
+            || self.quarantine.contains(&slot)
+            || self.focus.contains(&owner)
+            || self.refused.contains(&owner)
+    }
+}
+
 impl CopyPool {
     pub(super) fn exhausted(&self, needed: u64) -> MirrorError {
         MirrorError::PoolExhausted {
@@ -35,8 +56,13 @@ impl CopyPool {
         // this ends.
         loop {
             let (table, backend) = (&*cx.table, cx.backend);
-            let (pinned, quarantine) = (&self.pinned, &self.quarantine);
-            let (focus, refused) = (&self.focus_pages, &self.refused);
+            let spared = Spared {
+                pinned: &self.pinned,
+                keep,
+                quarantine: &self.quarantine,
+                focus: &self.focus_pages,
+                refused: &self.refused,
+            };
             let victim = self.pool.pick_victim(
                 |_slot, owner| {
                     let Some(loc) = table.leaf_loc(owner) else {
@@ -47,13 +73,7 @@ impl CopyPool {
                     backend.clear_pte_bits(&[loc], ACCESSED, &mut old).is_ok()
                         && old.first().is_some_and(|p| p.accessed())
                 },
-                |slot, owner| {
-                    pinned.contains(&slot)
-                        || keep.contains(&slot)
-                        || quarantine.contains(&slot)
-                        || focus.contains(&owner)
-                        || refused.contains(&owner)
-                },
+                |slot, owner| spared.contains(slot, owner),
             );
             let owner = victim.and_then(|v| self.pool.owner(v));
             let Some(owner) = owner else {
@@ -86,8 +106,13 @@ impl CopyPool {
     ) -> Result<u64, MirrorError> {
         let victims: Vec<VirtAddr> = {
             let (table, backend) = (&*cx.table, cx.backend);
-            let (pinned, quarantine) = (&self.pinned, &self.quarantine);
-            let (focus, refused) = (&self.focus_pages, &self.refused);
+            let spared = Spared {
+                pinned: &self.pinned,
+                keep,
+                quarantine: &self.quarantine,
+                focus: &self.focus_pages,
+                refused: &self.refused,
+            };
             let slots = self.pool.pick_victims(
                 usize::try_from(want).unwrap_or(usize::MAX),
                 EVICT_BATCH.max(usize::try_from(want).unwrap_or(usize::MAX)),
@@ -104,13 +129,7 @@ impl CopyPool {
                         .map(|l| ok && l.is_some() && bits.next().is_some_and(|p| p.accessed()))
                         .collect()
                 },
-                |slot, owner| {
-                    pinned.contains(&slot)
-                        || keep.contains(&slot)
-                        || quarantine.contains(&slot)
-                        || focus.contains(&owner)
-                        || refused.contains(&owner)
-                },
+                |slot, owner| spared.contains(slot, owner),
             );
             slots.iter().filter_map(|&s| self.pool.owner(s)).collect()
         };

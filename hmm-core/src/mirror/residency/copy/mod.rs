@@ -324,8 +324,12 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         self.focus_pages.clear();
     }
 
+    fn free_slots(&self) -> u64 {
+        u64::from(self.pool.capacity() - self.pool.used())
+    }
+
     fn make_room(&mut self, cx: &mut Cx<'_, B, H>, pages: u64) -> Result<u64, MirrorError> {
-        let free = u64::from(self.pool.capacity() - self.pool.used());
+        let free = <Self as Residency<B, H>>::free_slots(self);
         if pages <= free {
             return Ok(0);
         }
