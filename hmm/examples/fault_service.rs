@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let service = (first - resident).max(0.0);
         let faulted = r1.pages_in as f64;
         println!(
-            "| {batch} | {:.1} | {:.2} | {}/{} | {:.1} | {:.0} | {:.3} | {} |",
+            "| {batch} | {:.1} | {:.2} | {}/{} | {:.2} | {:.0} | {:.3} | {} |",
             first * 1e3,
             resident * 1e3,
             r1.pages_in,
