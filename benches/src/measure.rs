@@ -138,6 +138,7 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         table_pages_used: peak.table_pages_used,
         foreign_checked_pages: b.foreign_checked_pages - a.foreign_checked_pages,
         foreign_changed_pages: b.foreign_changed_pages - a.foreign_changed_pages,
+        phases: b.phases.saturating_sub(&a.phases),
     }
 }
 

@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| fault batch | first launch ms | resident launch ms | pages in (first/resident) | host µs per faulted page | pages/s | GB/s copied | submissions |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut note = String::new();
+    let mut last_first = hmm::LaunchPhases::default();
     for batch in [1usize, 4, 16, 64, 256, 1024] {
         let opened = Device::open(want)?;
         note = opened.note.clone();
@@ -60,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let r1 = m.run(&k, pages as u32, (src.as_ptr().cast(), out.as_mut_ptr()))?;
         let first = t.elapsed().as_secs_f64();
+        last_first = r1.phases;
         if !expect(&out) {
             return Err("wrong result after the faulting launch".into());
         }
@@ -86,24 +88,66 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // A replay round's fixed cost: a launch that faults nothing, with one
-    // invocation, is one submission plus the sync points.
+    // invocation, is one submission plus the sync points. Its output word
+    // sits on a page of its own: on the heap it would share a page with
+    // whatever this program allocates and writes between launches (the
+    // stdout buffer), each launch's sync point would take that page as
+    // CPU-written and drop its device copy, and every "resident" launch
+    // would fault it back in — two rounds, not one.
     let opened = Device::open(want)?;
     let m = hmm::mirror(opened.device, MirrorConfig::default())?;
     let k = m.backend().kernel(&TOUCH)?;
-    let mut out = vec![0u32; 1];
+    let mut page = memmap2::MmapMut::map_anon(4096)?;
+    let out: &mut [u32] = bytemuck_words(&mut page);
     m.run(&k, 1, (src.as_ptr().cast(), out.as_mut_ptr()))?;
     let reps = 200;
+    let mut floor = hmm::LaunchPhases::default();
+    let mut rounds = 0u64;
     let t = Instant::now();
     for _ in 0..reps {
-        m.run(&k, 1, (src.as_ptr().cast(), out.as_mut_ptr()))?;
+        let r = m.run(&k, 1, (src.as_ptr().cast(), out.as_mut_ptr()))?;
+        floor += r.phases;
+        rounds += u64::from(r.submissions);
     }
     println!(
         "one resident launch of 1 invocation (a replay round's floor): {:.1} µs",
         t.elapsed().as_secs_f64() / f64::from(reps) * 1e6
     );
+    println!(
+        "  its phases, mean of {reps} ({:.2} rounds each): {}",
+        rounds as f64 / f64::from(reps),
+        mean(floor, reps)
+    );
+    println!("the first launch at fault batch 1024, phases: {last_first}");
     println!("{note}");
     if resident {
         println!("pool: resident from the start (cpu driver; `resident`)");
     }
     Ok(())
+}
+
+/// Each phase of `sum` divided by `n`.
+fn mean(sum: hmm::LaunchPhases, n: u32) -> hmm::LaunchPhases {
+    hmm::LaunchPhases {
+        sync_point: sum.sync_point / n,
+        will_need: sum.will_need / n,
+        submit: sum.submit / n,
+        wait: sum.wait / n,
+        read_back: sum.read_back / n,
+        service: sum.service / n,
+        copy_in: sum.copy_in / n,
+        page_table: sum.page_table / n,
+        write_back: sum.write_back / n,
+    }
+}
+
+/// The mapping's bytes as words (an anonymous mapping is page aligned).
+fn bytemuck_words(page: &mut memmap2::MmapMut) -> &mut [u32] {
+    let (head, words, _) = {
+        // SAFETY: any bit pattern is a valid `u32`; `align_to_mut` puts
+        // only aligned, whole words in the middle slice.
+        unsafe { page.align_to_mut::<u32>() }
+    };
+    assert!(head.is_empty(), "an anonymous mapping is page aligned");
+    words
 }

@@ -55,8 +55,8 @@ pub use hmm_core::mirror::params::{
     DevPtr, In, InOut, Param, ParamKind, Params, Ptr, PtrMut, Signature, Typed,
 };
 pub use hmm_core::mirror::{
-    AccessError, Advice, CpuWrites, ForeignWriters, LaunchReport, Mirror, MirrorConfig,
-    MirrorError, MirrorStats,
+    AccessError, Advice, CpuWrites, ForeignWriters, LaunchPhases, LaunchReport, Mirror,
+    MirrorConfig, MirrorError, MirrorStats,
 };
 pub use hmm_core::notifier::EventKind;
 pub use kernel::{CpuFn, DeviceField, DeviceStruct, KernelError, KernelSource, StructLayout};

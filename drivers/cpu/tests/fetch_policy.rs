@@ -163,12 +163,19 @@ fn will_need_fetches_the_range_before_the_first_round() {
         m.advise(src.range(), Advice::WillNeed);
         let (r, fetched) = launch_over(&m, &src, 64);
         assert_eq!((r.submissions, r.pages_in, fetched), (2, 65, 64));
+        // Its time is the launch's will-need phase, copies included.
+        let p = r.phases;
+        assert!(
+            p.will_need > std::time::Duration::ZERO && p.copy_in > std::time::Duration::ZERO,
+            "{p:?}"
+        );
 
         // Spent: after the CPU rewrites the source (the sync point drops
         // the device copies), the next launch faults again.
         src.fill(|w| w as u32);
         let (r, fetched) = launch_over(&m, &src, 64);
         assert_eq!((r.submissions, fetched), (3, 0));
+        assert_eq!(r.phases.will_need, std::time::Duration::ZERO, "spent");
 
         // `Default` forgets it.
         src.fill(|w| w as u32);

@@ -152,6 +152,125 @@ pub struct LaunchReport {
     /// writer at the start (the hash check of [`ForeignWriters::Check`])
     /// and invalidated.
     pub foreign_changed_pages: u64,
+    /// Where the launch's time went.
+    pub phases: LaunchPhases,
+}
+
+/// Where one launch's time went ([`LaunchReport::phases`]): wall-clock
+/// time on the launching thread, phase by phase, so that what separates a
+/// launch from its floor (or a mirror from pinning) is measured rather
+/// than guessed.
+///
+/// The top-level phases follow a launch in order and do not overlap; their
+/// sum ([`LaunchPhases::total`]) is at most the launch's wall time (the
+/// rest is bookkeeping between them: validating fault records, planning
+/// replays, taking locks). [`copy_in`](Self::copy_in) and
+/// [`page_table`](Self::page_table) are parts of those phases, not phases
+/// of their own: they are read from mirror-wide counters around the
+/// launch, so they also include copies and entry writes that other
+/// threads made for this mirror meanwhile (an invalidation clearing
+/// entries, say).
+///
+/// ```
+/// # use hmm_core::mirror::LaunchPhases;
+/// # use std::time::Duration;
+/// let mut sum = LaunchPhases::default();
+/// sum += LaunchPhases { wait: Duration::from_micros(5), ..LaunchPhases::default() };
+/// sum += LaunchPhases { service: Duration::from_micros(7), ..LaunchPhases::default() };
+/// assert_eq!(sum.total(), Duration::from_micros(12));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchPhases {
+    /// The start-of-launch sync point: collecting CPU writes, the
+    /// foreign-writer check, and retrying write-backs refused earlier.
+    pub sync_point: Duration,
+    /// [`Advice::WillNeed`] fetches before the first round.
+    pub will_need: Duration,
+    /// Each round's submission: writing queued entry clears, then the
+    /// backend's `launch` (recording and submitting the work).
+    pub submit: Duration,
+    /// The backend's `wait` for each round's work.
+    pub wait: Duration,
+    /// The backend's `take_outcome` for each round: fault records and
+    /// incomplete invocations read back.
+    pub read_back: Duration,
+    /// Host fault service between rounds: planning, CPU faults and
+    /// snapshots, eviction, copies, entry writes.
+    pub service: Duration,
+    /// Part of the phases above: copying pages into device memory
+    /// (straight into host-addressable slots, or staged and uploaded).
+    pub copy_in: Duration,
+    /// Part of the phases above: the backend's `write_ptes` calls.
+    pub page_table: Duration,
+    /// The end-of-launch write-back of device-dirty pages.
+    pub write_back: Duration,
+}
+
+impl LaunchPhases {
+    /// The sum of the top-level phases (all but `copy_in` and
+    /// `page_table`, which lie inside them).
+    pub fn total(&self) -> Duration {
+        self.sync_point
+            + self.will_need
+            + self.submit
+            + self.wait
+            + self.read_back
+            + self.service
+            + self.write_back
+    }
+}
+
+impl LaunchPhases {
+    /// Each phase of `self` minus the same phase of `earlier` (zero where
+    /// that would be negative): what a run added to cumulative phases
+    /// ([`MirrorStats::phases`](super::MirrorStats::phases)).
+    pub fn saturating_sub(&self, earlier: &LaunchPhases) -> LaunchPhases {
+        LaunchPhases {
+            sync_point: self.sync_point.saturating_sub(earlier.sync_point),
+            will_need: self.will_need.saturating_sub(earlier.will_need),
+            submit: self.submit.saturating_sub(earlier.submit),
+            wait: self.wait.saturating_sub(earlier.wait),
+            read_back: self.read_back.saturating_sub(earlier.read_back),
+            service: self.service.saturating_sub(earlier.service),
+            copy_in: self.copy_in.saturating_sub(earlier.copy_in),
+            page_table: self.page_table.saturating_sub(earlier.page_table),
+            write_back: self.write_back.saturating_sub(earlier.write_back),
+        }
+    }
+}
+
+impl core::ops::AddAssign for LaunchPhases {
+    fn add_assign(&mut self, o: LaunchPhases) {
+        self.sync_point += o.sync_point;
+        self.will_need += o.will_need;
+        self.submit += o.submit;
+        self.wait += o.wait;
+        self.read_back += o.read_back;
+        self.service += o.service;
+        self.copy_in += o.copy_in;
+        self.page_table += o.page_table;
+        self.write_back += o.write_back;
+    }
+}
+
+impl core::fmt::Display for LaunchPhases {
+    /// One line, microseconds: `sync 12 · submit 30 · wait 80 · …`.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        write!(
+            f,
+            "sync {:.0} · will-need {:.0} · submit {:.0} · wait {:.0} · read-back {:.0} · service {:.0} (copies {:.0}, entries {:.0}) · write-back {:.0} µs",
+            us(self.sync_point),
+            us(self.will_need),
+            us(self.submit),
+            us(self.wait),
+            us(self.read_back),
+            us(self.service),
+            us(self.copy_in),
+            us(self.page_table),
+            us(self.write_back)
+        )
+    }
 }
 
 /// Advice on how a range is used ([`Mirror::advise`](super::Mirror::advise)).

@@ -366,6 +366,18 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         if ranges.is_empty() {
             return Ok(());
         }
+        let t = std::time::Instant::now();
+        let res = self.fetch_ranges(ranges, report);
+        report.phases.will_need = t.elapsed();
+        res
+    }
+
+    /// [`Mirror::fetch_will_need`]'s fetches, range by range.
+    fn fetch_ranges(
+        &self,
+        ranges: Vec<VaRange>,
+        report: &mut super::config::LaunchReport,
+    ) -> Result<(), MirrorError> {
         let _checked = crate::cpu::safecopy::CheckScope::open();
         self.inner.lock().res.begin_round();
         let epoch = self.inner.host.new_epoch();

@@ -214,6 +214,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             table_pages_used: u64::from(dev.table.table_pages_used()),
             foreign_checked_pages: g(&c.foreign_checked_pages),
             foreign_changed_pages: g(&c.foreign_changed_pages),
+            phases: c.phases(),
         }
     }
 

@@ -24,6 +24,8 @@
 //!    else, and so does [`Mirror::protection_changed`].
 //!    [`LaunchReport::pages_out`] counts only pages that reached the CPU.
 
+use std::time::Instant;
+
 use super::args::KernelArgs;
 use super::backend::{Backend, InvocationSet, Invocations, MAX_INVOCATIONS};
 use super::config::LaunchReport;
@@ -145,6 +147,11 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let inner = &*self.inner;
         let _serial = lock(&inner.launch);
         inner.lock().health.check()?;
+        // Mirror-wide time counters before the launch: their growth is the
+        // launch's copy and entry-write time (`LaunchPhases` docs).
+        let copy_in0 = Counters::duration(&inner.counters.copy_in_ns);
+        let page_table0 = Counters::duration(&inner.counters.page_table_ns);
+        let t_sync = Instant::now();
         // A write-back refused where no caller could be told (an
         // invalidation callback, an eviction) kept its data on the device:
         // try it again first, and report it while it is still refused —
@@ -159,6 +166,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             ..LaunchReport::default()
         };
         report.foreign_changed_pages = self.foreign_check();
+        report.phases.sync_point = t_sync.elapsed();
         inner.lock().res.launch_boundary();
         let res = self
             .fetch_will_need(&mut report)
@@ -169,7 +177,14 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // pages: the CPU must see them (and a later sync point must not
         // mistake them for stale copies). A write-back failure outranks the
         // launch's own result: it means device writes did not reach the CPU.
+        let t_back = Instant::now();
         let written = self.write_back_all();
+        report.phases.write_back = t_back.elapsed();
+        report.phases.copy_in =
+            Counters::duration(&inner.counters.copy_in_ns).saturating_sub(copy_in0);
+        report.phases.page_table =
+            Counters::duration(&inner.counters.page_table_ns).saturating_sub(page_table0);
+        inner.counters.add_phases(&report.phases);
         res.and(written.map(|n| {
             report.pages_out = n;
             report
@@ -193,17 +208,21 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             } else {
                 Invocations::Only(&replay)
             };
-            let t_round = std::time::Instant::now();
+            let t_round = Instant::now();
             let id = {
                 let mut dev = inner.lock();
                 inner.flush_or_fail(&mut dev)?;
-                let id = inner.backend.launch(kernel, inv, args)?;
+                let id = inner.backend.launch(kernel, inv, args);
+                report.phases.submit += t_round.elapsed();
+                let id = id?;
                 dev.inflight = Some(id);
                 id
             };
             report.submissions += 1;
             Counters::add(&inner.counters.submissions, 1);
+            let t_wait = Instant::now();
             let waited = inner.backend.wait(id, None);
+            report.phases.wait += t_wait.elapsed();
             // Forget the submission before taking its outcome, so no
             // callback asks the backend about an id whose outcome is gone.
             {
@@ -213,7 +232,9 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 // the launch if it persists.
                 inner.flush_quietly(&mut dev);
             }
+            let t_read = Instant::now();
             let outcome = inner.backend.take_outcome(id);
+            report.phases.read_back += t_read.elapsed();
             waited?;
             let mut outcome = outcome?;
             if outcome.incomplete.is_empty() && outcome.incomplete.out_of_range() == 0 {
@@ -256,13 +277,15 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }
             report.faults += pf.len() as u64;
             Counters::add(&inner.counters.faults, pf.len() as u64);
-            let t_service = std::time::Instant::now();
+            let t_service = Instant::now();
             let device = t_service - t_round;
             let pages = {
                 let _round =
                     tracing::debug_span!(target: "hmm_rs", "fault_service_round", round = replays)
                         .entered();
-                self.service(&pf, &outcome.incomplete, replays)?
+                let serviced = self.service(&pf, &outcome.incomplete, replays);
+                report.phases.service += t_service.elapsed();
+                serviced?
             };
             report.pages_in += pages;
             tracing::debug!(

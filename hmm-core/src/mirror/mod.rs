@@ -123,7 +123,7 @@ mod state;
 pub mod stats;
 mod twins;
 
-pub use config::{Advice, CpuWrites, ForeignWriters, LaunchReport, MirrorConfig};
+pub use config::{Advice, CpuWrites, ForeignWriters, LaunchPhases, LaunchReport, MirrorConfig};
 pub use error::{AccessError, MirrorError, TableError};
 pub use handle::Mirror;
 pub use host_side::{HostSide, RunFate, WriteTracking};

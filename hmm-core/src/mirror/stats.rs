@@ -3,6 +3,9 @@
 // Statistics are not part of any protocol: std atomics even under loom,
 // so a model does not explore the interleavings of counter updates.
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::config::LaunchPhases;
 
 /// A snapshot of a mirror's counters ([`super::Mirror::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,6 +74,11 @@ pub struct MirrorStats {
     /// Of those, pages found changed by a writer write tracking cannot see
     /// (another process, a syscall), and invalidated.
     pub foreign_changed_pages: u64,
+    /// Launch time by phase, summed over launches
+    /// ([`LaunchReport::phases`](super::LaunchReport::phases)); `copy_in`
+    /// and `page_table` count every copy and entry write of this mirror,
+    /// prefetches and pins included.
+    pub phases: LaunchPhases,
 }
 
 impl MirrorStats {
@@ -117,7 +125,7 @@ impl core::fmt::Display for MirrorStats {
             "foreign-writer check: pages hashed {}   changed {}",
             self.foreign_checked_pages, self.foreign_changed_pages
         )?;
-        write!(
+        writeln!(
             f,
             "regions created {}  released {}   mapped pages {}   pool {}/{}   table pages {}",
             self.regions_created,
@@ -126,7 +134,8 @@ impl core::fmt::Display for MirrorStats {
             self.pool_used,
             self.pool_capacity,
             self.table_pages_used
-        )
+        )?;
+        write!(f, "time: {}", self.phases)
     }
 }
 
@@ -153,9 +162,55 @@ pub(crate) struct Counters {
     pub device_errors: AtomicU64,
     pub foreign_checked_pages: AtomicU64,
     pub foreign_changed_pages: AtomicU64,
+    /// Nanoseconds copying pages into device memory (`LaunchPhases::copy_in`).
+    pub copy_in_ns: AtomicU64,
+    /// Nanoseconds in the backend's `write_ptes` (`LaunchPhases::page_table`).
+    pub page_table_ns: AtomicU64,
+    /// Nanoseconds in the top-level launch phases, in `LaunchPhases`'
+    /// order: sync point, will-need, submit, wait, read-back, service,
+    /// write-back.
+    pub phase_ns: [AtomicU64; 7],
 }
 
 impl Counters {
+    /// Adds the time since `t` to `c`, in nanoseconds.
+    pub(crate) fn add_since(c: &AtomicU64, t: std::time::Instant) {
+        Self::add(c, u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    /// Adds a launch's top-level phases to the running sums.
+    pub(crate) fn add_phases(&self, p: &LaunchPhases) {
+        let top = [
+            p.sync_point,
+            p.will_need,
+            p.submit,
+            p.wait,
+            p.read_back,
+            p.service,
+            p.write_back,
+        ];
+        for (c, d) in self.phase_ns.iter().zip(top) {
+            Self::add(c, u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    /// The running sums as phases.
+    pub(crate) fn phases(&self) -> LaunchPhases {
+        let d = |i: usize| Self::duration(&self.phase_ns[i]);
+        LaunchPhases {
+            sync_point: d(0),
+            will_need: d(1),
+            submit: d(2),
+            wait: d(3),
+            read_back: d(4),
+            service: d(5),
+            copy_in: Self::duration(&self.copy_in_ns),
+            page_table: Self::duration(&self.page_table_ns),
+            write_back: d(6),
+        }
+    }
+    /// A nanosecond counter as a duration.
+    pub(crate) fn duration(c: &AtomicU64) -> Duration {
+        Duration::from_nanos(Self::get(c))
+    }
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         // Relaxed: statistics; nothing is published through them.
         c.fetch_add(n, Ordering::Relaxed);

@@ -336,7 +336,10 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
                 break;
             }
         }
-        match cx.backend.write_ptes(&writes) {
+        let t_ptes = std::time::Instant::now();
+        let wrote = cx.backend.write_ptes(&writes);
+        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        match wrote {
             Ok(()) if !writes.is_empty() => cx.health.succeeded(),
             Ok(()) => {}
             Err(e) => {

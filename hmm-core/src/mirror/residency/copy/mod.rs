@@ -437,6 +437,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 .map(|s| cx.backend.host_slot(*s).map(|p| p.as_ptr()))
                 .collect()
         };
+        let t_copy = std::time::Instant::now();
         match &direct {
             // SAFETY: the backend vouches for 4 KiB of writable memory per
             // slot (`Backend::host_slot`); the slots are distinct, fresh and
@@ -445,6 +446,7 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             Some(dsts) => unsafe { cx.host.read_pages_to(&addrs, dsts, &mut self.ok) },
             None => cx.host.read_pages(&addrs, &mut self.staging, &mut self.ok),
         }
+        Counters::add_since(&cx.counters.copy_in_ns, t_copy);
         if let Some(i) = self.ok.iter().position(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
             self.undo_install(cx, todo, &slots);
@@ -479,12 +481,15 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                     src: self.staging[i * PAGE..].as_ptr(),
                 })
                 .collect();
+            let t_copy = std::time::Instant::now();
             // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
             // unmodified for the call; the destination slots are freshly
             // allocated or belong to pages being upgraded, which no device
             // work uses (launches are serialised and none is in flight
             // during fault service).
-            if let Err(e) = unsafe { cx.backend.copy_to_device(&batch) } {
+            let copied = unsafe { cx.backend.copy_to_device(&batch) };
+            Counters::add_since(&cx.counters.copy_in_ns, t_copy);
+            if let Err(e) = copied {
                 self.undo_install(cx, todo, &slots);
                 return Err(e.into());
             }
@@ -523,7 +528,10 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 break;
             }
         }
-        match cx.backend.write_ptes(&writes) {
+        let t_ptes = std::time::Instant::now();
+        let wrote = cx.backend.write_ptes(&writes);
+        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        match wrote {
             Ok(()) if !writes.is_empty() => cx.health.succeeded(),
             Ok(()) => {}
             Err(e) => {
@@ -702,12 +710,14 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 .iter()
                 .map(|s| cx.backend.host_slot(*s).map(|p| p.as_ptr()))
                 .collect();
+            let t_copy = std::time::Instant::now();
             if let Some(dsts) = direct {
                 // Host-addressable pool: one copy, straight into the slots.
                 // SAFETY: 4 KiB per slot vouched for by the backend
                 // (`host_slot`); the slots are distinct, freshly allocated
                 // and unused by device work, as `copy_to_device` requires.
                 unsafe { cx.host.read_pages_to(addrs, &dsts, &mut self.ok) };
+                Counters::add_since(&cx.counters.copy_in_ns, t_copy);
                 continue;
             }
             cx.host.read_pages(addrs, &mut self.staging, &mut self.ok);
@@ -721,7 +731,9 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 .collect();
             // SAFETY: as in `install`: staging chunks alive for the call,
             // slots fresh and unused by device work.
-            unsafe { cx.backend.copy_to_device(&batch)? };
+            let copied = unsafe { cx.backend.copy_to_device(&batch) };
+            Counters::add_since(&cx.counters.copy_in_ns, t_copy);
+            copied?;
         }
         let mut writes = Vec::new();
         for ((va, s), st) in addrs.iter().zip(&slots).zip(states) {
@@ -729,7 +741,10 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             cx.table
                 .map(*va, Pte::leaf(*s, w || writable), &mut writes)?;
         }
-        cx.backend.write_ptes(&writes)?;
+        let t_ptes = std::time::Instant::now();
+        let wrote = cx.backend.write_ptes(&writes);
+        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        wrote?;
         Counters::add(&cx.counters.pages_in, addrs.len() as u64);
         Ok(())
     }
