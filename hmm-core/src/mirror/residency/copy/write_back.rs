@@ -38,6 +38,7 @@ impl CopyPool {
             .filter(|(_, p)| p.dirty())
             .map(|((va, loc), p)| (*va, *loc, p.slot()))
             .collect();
+        let dirty_ptes: Vec<Pte> = old.iter().copied().filter(|p| p.dirty()).collect();
         if dirty.is_empty() {
             return Ok(0);
         }
@@ -135,22 +136,29 @@ impl CopyPool {
         // (not on refused ones, which must be written again). A DIRTY bit
         // left set only means the page is compared with its twin again
         // next time (an equal page writes nothing), so a failure here
-        // costs time, not data. The device is idle: no write can land
-        // between the copy and the clear.
-        let dirty_locs: Vec<PteLoc> = dirty
+        // costs time, not data. The device is idle, so no write can land
+        // between the copy and the clear, and no access can change an
+        // entry since it was read: the clear is a plain entry write of the
+        // value read, less DIRTY — which a driver may stage for its next
+        // submission (wgpu does) — rather than an atomic read-and-clear,
+        // which costs a GPU driver a device round trip of its own.
+        let clears: Vec<PteWrite> = dirty
             .iter()
+            .zip(&dirty_ptes)
             .zip(&fate)
             .filter(|(_, f)| !matches!(f, Fate::Refused(_)))
-            .map(|(d, _)| d.1)
+            .map(|((d, p), _)| PteWrite {
+                table: d.1.table,
+                index: d.1.index,
+                pte: Pte(p.0 & !DIRTY),
+            })
             .collect();
-        let mut cleared = Vec::with_capacity(dirty_locs.len());
         // Not a reason to fail the write-back (see above), but counted: a
         // device error is never dropped unseen.
-        if cx
-            .backend
-            .clear_pte_bits(&dirty_locs, DIRTY, &mut cleared)
-            .is_err()
-        {
+        let t_ptes = std::time::Instant::now();
+        let cleared = cx.backend.write_ptes(&clears);
+        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        if cleared.is_err() {
             Counters::add(&cx.counters.device_errors, 1);
         }
         let mut first_refusal = None;
