@@ -240,10 +240,12 @@ fn a_device_that_cannot_clear_entries_is_declared_lost() {
 
 #[test]
 fn write_back_is_retried_once_then_the_loss_is_reported() {
-    let (m, inj) = mirror(CpuDevice::with_threads(2), 16);
-    let src = TestMap::anon(2, RW);
+    // More written pages than a write-back compares whole: it reads the
+    // dirty bits.
+    let (m, inj) = mirror(CpuDevice::with_threads(2), 256);
+    let src = TestMap::anon(40, RW);
     src.fill(|i| i as u32 * 5);
-    let dst = TestMap::anon(2, RW);
+    let dst = TestMap::anon(40, RW);
 
     // One failed read of the dirty bits: retried, nothing lost.
     inj.fail_next(Call::ReadPtes, 1);
@@ -260,6 +262,55 @@ fn write_back_is_retried_once_then_the_loss_is_reported() {
         "{e}"
     );
     assert!(matches!(m.health(), Err(MirrorError::DeviceLost(_))));
+}
+
+#[test]
+fn a_small_write_back_compares_its_pages_instead_of_reading_dirty_bits() {
+    let (m, inj) = mirror(CpuDevice::with_threads(2), 256);
+    let src = TestMap::anon(2, RW);
+    src.fill(|i| i as u32 * 3);
+    let dst = TestMap::anon(2, RW);
+    launch_copy(&m, &src, &dst).expect("launch");
+    check_copy(&src, &dst);
+    // Resident now: a second launch's write-back of its two written pages
+    // (each with a twin) asks the device nothing about them.
+    src.fill(|i| i as u32 * 7);
+    let before = inj.calls(Call::ReadPtes);
+    launch_copy(&m, &src, &dst).expect("launch");
+    check_copy(&src, &dst);
+    assert_eq!(inj.calls(Call::ReadPtes), before, "dirty bits were read");
+    // A CPU write *during* a launch, to a resident page the device leaves
+    // alone, survives the comparison: the kernel below writes only
+    // `dst`'s first page on the device, and its invocation 0 also stores
+    // into the second page straight through the CPU (a closure runs on a
+    // host thread), after the launch's sync point. The write-back then
+    // compares both pages with their twins; the second's device copy is
+    // unchanged, so nothing overwrites the CPU's word.
+    let target = dst.addr() + 4 * (1024 + 5);
+    let k = CpuKernel::new(move |lane, i| {
+        let (s, d) = (lane.args()[0], lane.args()[1]);
+        if i == 0 {
+            // SAFETY: `target` is a word of `dst`, a live private mapping
+            // of this test that nothing else accesses during the launch.
+            unsafe { (target as *mut u32).write_volatile(0xdead_beef) };
+        }
+        let v = lane.load_u32(s + 4 * u64::from(i))?;
+        lane.store_u32(d + 4 * u64::from(i), v.wrapping_add(1))
+    });
+    let before = inj.calls(Call::ReadPtes);
+    m.launch(&k, 1024, (src.addr(), dst.addr()))
+        .expect("launch over the first page");
+    assert_eq!(inj.calls(Call::ReadPtes), before, "dirty bits were read");
+    assert_eq!(dst.read_word(1024 + 5), 0xdead_beef);
+    assert_eq!(dst.read_word(5), src.read_word(5).wrapping_add(1));
+    // Past the limit, the dirty bits are read (once, for the whole batch).
+    let big_src = TestMap::anon(40, RW);
+    let big_dst = TestMap::anon(40, RW);
+    big_src.fill(|i| i as u32);
+    let before = inj.calls(Call::ReadPtes);
+    launch_copy(&m, &big_src, &big_dst).expect("launch");
+    check_copy(&big_src, &big_dst);
+    assert_eq!(inj.calls(Call::ReadPtes), before + 1);
 }
 
 #[test]

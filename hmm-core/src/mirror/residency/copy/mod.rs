@@ -80,6 +80,11 @@ pub(crate) const STAGE_PAGES: usize = 512;
 /// Most write-back runs held at once (about 1.5 MB of run lists and
 /// iovecs): a chunk whose diff has more is written in several batches.
 const RUN_BATCH: usize = 1 << 15;
+/// Write-backs of at most this many writable pages, each with a twin,
+/// compare every page with its twin instead of reading DIRTY first
+/// (`write_back_chunk`): 32 pages read back cost less than the device
+/// round trip that reading DIRTY is on a GPU driver.
+const COMPARE_ALL_PAGES: usize = 32;
 
 /// Pages read and hashed per batch by the foreign-writer check (256 KiB:
 /// read, then hashed while still in the L2 cache).

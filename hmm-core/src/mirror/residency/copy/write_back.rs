@@ -11,34 +11,47 @@ impl CopyPool {
         cx: &mut Cx<'_, B, H>,
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError> {
-        let cand: Vec<(VirtAddr, PteLoc)> = pages
+        let cand: Vec<(VirtAddr, PteLoc, PoolSlot)> = pages
             .iter()
             .filter(|(_, p)| p.writable())
-            .filter_map(|(va, _)| cx.table.leaf_loc(*va).map(|l| (*va, l)))
+            .filter_map(|(va, p)| cx.table.leaf_loc(*va).map(|l| (*va, l, p.slot())))
             .collect();
         if cand.is_empty() {
             return Ok(0);
         }
-        let locs: Vec<PteLoc> = cand.iter().map(|c| c.1).collect();
-        // Read DIRTY, copy, and only then clear it: a failed copy must not
-        // leave the pages marked clean. (The device is idle here, so no
-        // write can land between the copy and the clear.) Both device
-        // calls are retried once; a device that cannot give back the data
-        // it holds is lost, and the loss is reported, never skipped.
-        let mut old = Vec::with_capacity(locs.len());
-        if let Err(e) = retry_once(|| {
-            old.clear();
-            cx.backend.read_ptes(&locs, &mut old)
-        }) {
-            return Err(lost(cx, "reading dirty bits for write-back", e));
-        }
-        let dirty: Vec<(VirtAddr, PteLoc, PoolSlot)> = cand
-            .iter()
-            .zip(&old)
-            .filter(|(_, p)| p.dirty())
-            .map(|((va, loc), p)| (*va, *loc, p.slot()))
-            .collect();
-        let dirty_ptes: Vec<Pte> = old.iter().copied().filter(|p| p.dirty()).collect();
+        // A few pages, each with a twin: no need to ask the device which
+        // it wrote. Every one is read back and compared with its twin, and
+        // a page the device did not write equals it and writes nothing —
+        // while reading DIRTY costs a GPU driver a device round trip,
+        // about what the whole floor launch costs on lavapipe. Their DIRTY
+        // bits stay as they are: a bit left set only means the page is
+        // compared again next time. A page without a twin (pinned) must
+        // not be written back unless the device wrote it.
+        let compare_all =
+            cand.len() <= COMPARE_ALL_PAGES && cand.iter().all(|c| self.twins.get(c.2).is_some());
+        let (dirty, dirty_ptes): (Vec<(VirtAddr, PteLoc, PoolSlot)>, Vec<Pte>) = if compare_all {
+            (cand, Vec::new())
+        } else {
+            let locs: Vec<PteLoc> = cand.iter().map(|c| c.1).collect();
+            // Read DIRTY, copy, and only then clear it: a failed copy must
+            // not leave the pages marked clean. (The device is idle here,
+            // so no write can land between the copy and the clear.) Both
+            // device calls are retried once; a device that cannot give
+            // back the data it holds is lost, and the loss is reported,
+            // never skipped.
+            let mut old = Vec::with_capacity(locs.len());
+            if let Err(e) = retry_once(|| {
+                old.clear();
+                cx.backend.read_ptes(&locs, &mut old)
+            }) {
+                return Err(lost(cx, "reading dirty bits for write-back", e));
+            }
+            cand.iter()
+                .zip(&old)
+                .filter(|(_, p)| p.dirty())
+                .map(|((va, loc, _), p)| ((*va, *loc, p.slot()), *p))
+                .unzip()
+        };
         if dirty.is_empty() {
             return Ok(0);
         }
@@ -155,11 +168,13 @@ impl CopyPool {
             .collect();
         // Not a reason to fail the write-back (see above), but counted: a
         // device error is never dropped unseen.
-        let t_ptes = std::time::Instant::now();
-        let cleared = cx.backend.write_ptes(&clears);
-        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
-        if cleared.is_err() {
-            Counters::add(&cx.counters.device_errors, 1);
+        if !clears.is_empty() {
+            let t_ptes = std::time::Instant::now();
+            let cleared = cx.backend.write_ptes(&clears);
+            Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+            if cleared.is_err() {
+                Counters::add(&cx.counters.device_errors, 1);
+            }
         }
         let mut first_refusal = None;
         for (i, (va, _, slot)) in dirty.iter().enumerate() {
