@@ -53,6 +53,8 @@ pub struct CpuDevice {
     hooks: Mutex<Hooks>,
     cancel: Arc<AtomicBool>,
     resident: bool,
+    /// What `rounds_are_costly` says (`with_costly_rounds`).
+    costly: bool,
     /// Zero-copy mode: the number of host windows.
     windows: Option<u32>,
     /// Test hooks that fail calls on demand.
@@ -101,6 +103,7 @@ impl CpuDevice {
             faults: FaultInjector::new(Arc::clone(&cancel)),
             cancel,
             resident: false,
+            costly: false,
             windows: None,
         }
     }
@@ -144,6 +147,18 @@ impl CpuDevice {
     /// whichever strategy copies more pages (`hmm-bench` asks for this).
     pub fn with_resident_pool(mut self) -> Self {
         self.resident = true;
+        self
+    }
+
+    /// Makes [`Backend::rounds_are_costly`] say `true`, as a GPU driver
+    /// does, so the core takes the paths it takes for a device whose
+    /// rounds cost a submission and a read-back (the adaptive fetch policy
+    /// under `FetchPolicy::Auto`; small write-backs compared with their
+    /// twins rather than asking for dirty bits). For tests and for
+    /// comparing those paths on the host; by default the cpu driver's
+    /// rounds are function calls and it says `false`.
+    pub fn with_costly_rounds(mut self) -> Self {
+        self.costly = true;
         self
     }
 
@@ -551,8 +566,9 @@ unsafe impl Backend for CpuDevice {
 
     fn rounds_are_costly(&self) -> bool {
         // A round is a few function calls on the host: the adaptive fetch
-        // policy buys nothing here (`FetchPolicy::Auto` is exact).
-        false
+        // policy buys nothing here (`FetchPolicy::Auto` is exact), unless
+        // asked to behave like a GPU (`with_costly_rounds`).
+        self.costly
     }
 
     fn take_outcome(&self, id: SubmissionId) -> Result<LaunchOutcome, BackendError> {

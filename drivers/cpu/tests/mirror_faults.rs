@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use hmm_conformance::TestMap;
 use hmm_core::cpu::host::HostSpace;
-use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
+use hmm_core::mirror::{FetchPolicy, Mirror, MirrorConfig, MirrorError};
 use hmm_core::notifier::{EventKind, NotifierRange};
 use hmm_core::VaRange;
 use hmm_driver_cpu::{Applied, Call, CpuDevice, CpuKernel, FaultInjector};
@@ -266,7 +266,17 @@ fn write_back_is_retried_once_then_the_loss_is_reported() {
 
 #[test]
 fn a_small_write_back_compares_its_pages_instead_of_reading_dirty_bits() {
-    let (m, inj) = mirror(CpuDevice::with_threads(2), 256);
+    // As on a GPU driver (where reading dirty bits is a round trip), with
+    // the exact fetch policy (the adaptive one would read accessed bits).
+    let dev = CpuDevice::with_threads(2).with_costly_rounds();
+    let inj = dev.faults();
+    let cfg = MirrorConfig {
+        pool_slots: 256,
+        fetch: FetchPolicy::Exact,
+        ..MirrorConfig::default()
+    };
+    let host = Arc::new(HostSpace::new().expect("host space"));
+    let m = Mirror::new(host, dev, cfg).expect("mirror");
     let src = TestMap::anon(2, RW);
     src.fill(|i| i as u32 * 3);
     let dst = TestMap::anon(2, RW);
@@ -310,6 +320,17 @@ fn a_small_write_back_compares_its_pages_instead_of_reading_dirty_bits() {
     let before = inj.calls(Call::ReadPtes);
     launch_copy(&m, &big_src, &big_dst).expect("launch");
     check_copy(&big_src, &big_dst);
+    assert_eq!(inj.calls(Call::ReadPtes), before + 1);
+    drop(m);
+
+    // Where reading dirty bits is a memory read (the cpu driver as it
+    // is), even a small write-back reads them.
+    let (m, inj) = mirror(CpuDevice::with_threads(2), 256);
+    launch_copy(&m, &src, &dst).expect("launch");
+    let before = inj.calls(Call::ReadPtes);
+    src.fill(|i| i as u32 * 11);
+    launch_copy(&m, &src, &dst).expect("launch");
+    check_copy(&src, &dst);
     assert_eq!(inj.calls(Call::ReadPtes), before + 1);
 }
 

@@ -19,16 +19,20 @@ impl CopyPool {
         if cand.is_empty() {
             return Ok(0);
         }
-        // A few pages, each with a twin: no need to ask the device which
-        // it wrote. Every one is read back and compared with its twin, and
-        // a page the device did not write equals it and writes nothing —
-        // while reading DIRTY costs a GPU driver a device round trip,
-        // about what the whole floor launch costs on lavapipe. Their DIRTY
-        // bits stay as they are: a bit left set only means the page is
-        // compared again next time. A page without a twin (pinned) must
-        // not be written back unless the device wrote it.
-        let compare_all =
-            cand.len() <= COMPARE_ALL_PAGES && cand.iter().all(|c| self.twins.get(c.2).is_some());
+        // A few pages, each with a twin, on a device where asking costs a
+        // round trip (`rounds_are_costly`: the GPU drivers): no need to ask
+        // which pages the device wrote. Every one is read back and
+        // compared with its twin, and a page the device did not write
+        // equals it and writes nothing — while reading DIRTY costs a GPU
+        // driver a device round trip, about what the whole floor launch
+        // costs on lavapipe. Their DIRTY bits stay as they are: a bit left
+        // set only means the page is compared again next time. A page
+        // without a twin (pinned) must not be written back unless the
+        // device wrote it. Where reading DIRTY is a memory read (the cpu
+        // driver), comparing 32 pages would cost more than it saves.
+        let compare_all = cand.len() <= COMPARE_ALL_PAGES
+            && cx.backend.rounds_are_costly()
+            && cand.iter().all(|c| self.twins.get(c.2).is_some());
         let (dirty, dirty_ptes): (Vec<(VirtAddr, PteLoc, PoolSlot)>, Vec<Pte>) = if compare_all {
             (cand, Vec::new())
         } else {
