@@ -73,6 +73,8 @@ pub fn run<B: BenchKernels>(
     }
     println!();
     print!("{}", report::table::render(&rows, bw));
+    println!();
+    print!("{}", report::table::render_phases(&rows));
     std::fs::create_dir_all(out_dir)?;
     report::csv::write(out_dir, &rows, bw)?;
     let plots = report::plots::write(out_dir, &rows)?;

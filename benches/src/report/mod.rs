@@ -153,6 +153,24 @@ mod tests {
     }
 
     #[test]
+    fn the_phase_table_shows_each_phase_and_the_time_outside_launches() {
+        let mut r = row("dense", "saxpy", "mirror", 10);
+        r.sample.stats.phases = hmm_core::mirror::LaunchPhases {
+            wait: Duration::from_millis(4),
+            service: Duration::from_millis(3),
+            copy_in: Duration::from_millis(2),
+            write_back: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let t = table::render_phases(&[r]);
+        let line = t.lines().nth(2).expect("a row");
+        assert_eq!(
+            line,
+            "| dense | saxpy | mirror | 0.00 | 0.00 | 0.00 | 4.00 | 0.00 | 3.00 | 2.00 | 0.00 | 1.00 | 2.00 |"
+        );
+    }
+
+    #[test]
     fn zero_copy_rows_get_their_own_line() {
         let rows = vec![
             row("sparse", "1%", "mirror", 10),

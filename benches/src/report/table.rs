@@ -75,3 +75,41 @@ pub fn render(rows: &[Row], memcpy_bw: f64) -> String {
     }
     t
 }
+
+/// Where each row's launch time went (`MirrorStats::phases` over the
+/// run's launches, milliseconds): the breakdown that says what separates
+/// one strategy from another. `outside` is the run's total less the
+/// launches' phases: pinning, prefetching and host work between launches.
+pub fn render_phases(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| scenario | case | strategy | sync | will-need | submit | wait | read-back | service | (copies) | (entries) | write-back | outside |\n\
+         |---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    for r in rows {
+        let p = &r.sample.stats.phases;
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.scenario,
+            r.case,
+            r.strategy,
+            ms(p.sync_point),
+            ms(p.will_need),
+            ms(p.submit),
+            ms(p.wait),
+            ms(p.read_back),
+            ms(p.service),
+            ms(p.copy_in),
+            ms(p.page_table),
+            ms(p.write_back),
+            ms(r.sample.total.saturating_sub(p.total())),
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\nlaunch phases, ms summed over the run's launches (`LaunchReport::phases`); copies and \
+         entries are parts of service and will-need (and of pinning or prefetching, counted in outside)."
+    );
+    t
+}
