@@ -28,6 +28,9 @@ const WRITEBACK_CHUNK: usize = 4096;
 pub(crate) struct Memory {
     pub(crate) table: wgpu::Buffer,
     pool: Vec<wgpu::Buffer>,
+    /// Some pool binding was made by wgpu, which zero-fills it on its
+    /// first use (see [`WgpuDevice::unfilled_buffer`]).
+    pool_filled: bool,
     chunk_slots: u32,
     pool_slots: u32,
     table_pages: u32,
@@ -170,6 +173,80 @@ impl WgpuDevice {
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size);
         (bytes / PAGE).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Whether `init` had to let wgpu make a pool binding, which wgpu
+    /// zero-fills on the first submission that binds it (a cost that grows
+    /// with the pool, 118 ms for 256 MiB on lavapipe); `false` when every
+    /// binding came from [`WgpuDevice::unfilled_buffer`]. `None` before
+    /// `init`.
+    pub fn pool_zero_filled(&self) -> Option<bool> {
+        self.mem.get().map(|m| m.pool_filled)
+    }
+
+    /// A storage buffer for `desc` that wgpu will not zero-fill: made
+    /// through `wgpu-hal` and handed to wgpu with
+    /// [`wgpu::Device::create_buffer_from_hal`], which takes the caller's
+    /// word that its contents are initialised. `None` where the device is
+    /// not on the Vulkan backend or the allocation failed (the caller then
+    /// lets wgpu make it, zero-filled).
+    ///
+    /// Only the pool is made this way. The mirror never reads a slot it
+    /// has not written: a page-table entry names a slot only after the
+    /// slot was written whole (`copy_to_device` of a full page), so the
+    /// fill bought nothing but its cost. The page table is still made by
+    /// wgpu: an entry must read as empty until written.
+    fn unfilled_buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> Option<wgpu::Buffer> {
+        use wgpu::hal::Device as _;
+        let known = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        if desc.size == 0 || desc.mapped_at_creation || !known.contains(desc.usage) {
+            return None;
+        }
+        // The uses wgpu-core itself derives from `desc.usage` for a
+        // buffer it creates unmapped (`conv::map_buffer_usage`, plus
+        // COPY_DST for its own zero-fill, which `desc` already asks for).
+        let mut uses = wgpu::BufferUses::empty();
+        for (usage, use_) in [
+            (
+                wgpu::BufferUsages::STORAGE,
+                wgpu::BufferUses::STORAGE_READ_ONLY | wgpu::BufferUses::STORAGE_READ_WRITE,
+            ),
+            (wgpu::BufferUsages::COPY_SRC, wgpu::BufferUses::COPY_SRC),
+            (wgpu::BufferUsages::COPY_DST, wgpu::BufferUses::COPY_DST),
+        ] {
+            if desc.usage.contains(usage) {
+                uses |= use_;
+            }
+        }
+        // SAFETY: the guard is used only to create one buffer below and is
+        // dropped before this function returns; nothing it refers to is
+        // destroyed through it.
+        let hal = unsafe { self.device.as_hal::<wgpu::hal::api::Vulkan>() }?;
+        let hal_desc = wgpu::hal::BufferDescriptor {
+            label: desc.label,
+            size: desc.size,
+            usage: uses,
+            memory_flags: wgpu::hal::MemoryFlags::empty(),
+        };
+        // SAFETY: a plain buffer creation on the device wgpu drives, with
+        // a non-zero size within `max_buffer_size` (the memory plan keeps
+        // every binding under it) and the uses wgpu would give it.
+        let raw = unsafe { hal.create_buffer(&hal_desc) }.ok()?;
+        drop(hal);
+        // SAFETY: `raw` was created just above on this device's own hal
+        // device, from `desc` (same size, the uses wgpu derives from
+        // `desc.usage`), its size is non-zero, and it counts as
+        // initialised for every read the mirror makes of it: no slot is
+        // read (by a kernel through an entry, or by `copy_to_host`)
+        // before `copy_to_device` wrote it whole — see the doc comment.
+        // Reading never-written device memory is an unspecified value on
+        // the device, not undefined behaviour in this process.
+        Some(unsafe {
+            self.device
+                .create_buffer_from_hal::<wgpu::hal::api::Vulkan>(raw, desc)
+        })
     }
 
     pub(crate) fn memory(&self) -> Result<&Memory, BackendError> {
@@ -358,17 +435,26 @@ unsafe impl Backend for WgpuDevice {
                 mapped_at_creation: false,
             });
             let mut pool = Vec::new();
+            let mut pool_filled = false;
             for slots in plan.binding_slots {
-                pool.push(self.device.create_buffer(&wgpu::BufferDescriptor {
+                let desc = wgpu::BufferDescriptor {
                     label: Some("hmm pool"),
                     size: u64::from(slots) * PAGE,
                     usage,
                     mapped_at_creation: false,
-                }));
+                };
+                pool.push(match self.unfilled_buffer(&desc) {
+                    Some(b) => b,
+                    None => {
+                        pool_filled = true;
+                        self.device.create_buffer(&desc)
+                    }
+                });
             }
             Ok(Memory {
                 table,
                 pool,
+                pool_filled,
                 chunk_slots: plan.chunk_slots,
                 pool_slots: config.pool_slots,
                 table_pages: config.table_pages,

@@ -1,0 +1,59 @@
+//! The pool is made so that wgpu does not zero-fill it on first use
+//! (issue #16: that fill was lavapipe's ≈70–140 ms first launch on wgpu,
+//! growing with the pool). The mirror writes every slot whole before an
+//! entry names it, so launches still read only data they were given.
+
+#![allow(missing_docs)]
+
+use hmm_conformance::{TestKernel, TestKernels};
+use hmm_core::mirror::backend::{Backend, DeviceConfig};
+use hmm_core::mirror::{Mirror, MirrorConfig};
+
+#[test]
+fn pool_bindings_skip_wgpus_zero_fill() {
+    let Some(d) = hmm_driver_wgpu::test_device() else {
+        return;
+    };
+    assert_eq!(d.pool_zero_filled(), None, "no memory before init");
+    d.init(DeviceConfig {
+        pool_slots: 4096,
+        table_pages: 64,
+    })
+    .expect("init");
+    // This build enables only wgpu's Vulkan backend, so the pool must
+    // have come from wgpu-hal.
+    assert_eq!(d.pool_zero_filled(), Some(false));
+}
+
+#[test]
+fn slots_reused_without_zero_fill_hold_only_written_data() {
+    let Some(d) = hmm_driver_wgpu::test_device() else {
+        return;
+    };
+    // A pool of 64 slots, three times over: each round's buffer is fresh
+    // CPU memory with a distinct pattern, so a slot read before it was
+    // written (old data, or whatever the device memory held) shows up as
+    // a wrong word.
+    let host = hmm_core::cpu::host::HostSpace::new().expect("host");
+    let m = Mirror::new(
+        std::sync::Arc::new(host),
+        d,
+        MirrorConfig {
+            pool_slots: 64,
+            ..MirrorConfig::default()
+        },
+    )
+    .expect("mirror");
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    for round in 0..3u32 {
+        let words = 48 * 1024;
+        let src: Vec<u32> = (0..words).map(|i| i ^ (round << 28)).collect();
+        let mut dst = vec![0u32; words as usize];
+        m.launch(&*k, words, &[src.as_ptr() as u64, dst.as_mut_ptr() as u64][..])
+            .expect("launch");
+        assert!(dst == src, "round {round}: wrong words");
+    }
+}
