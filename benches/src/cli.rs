@@ -38,7 +38,7 @@ pub struct Cli {
 
     /// What a fault-service round fetches beyond the faulted pages: `auto`
     /// (the default: adaptive on the GPU drivers, exact on the cpu
-    /// driver), `adaptive` (occupancy and stream prefetch) or `exact`
+    /// driver), `adaptive` (occupancy and stream prefetch, ping-pong refresh) or `exact`
     /// (only the faulted pages)
     #[arg(long, global = true, value_enum, default_value_t = PolicyChoice::Auto)]
     pub policy: PolicyChoice,

@@ -131,6 +131,8 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         prefetched: b.prefetched - a.prefetched,
         speculated: b.speculated - a.speculated,
         speculated_used: b.speculated_used - a.speculated_used,
+        refreshed: b.refreshed - a.refreshed,
+        refreshed_used: b.refreshed_used - a.refreshed_used,
         device_errors: b.device_errors - a.device_errors,
         mapped_pages: peak.mapped_pages,
         pool_used: peak.pool_used,

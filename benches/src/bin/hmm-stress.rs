@@ -869,7 +869,7 @@ fn stress_injected<B: TestKernels>(
         g(&c.unexpected)
     );
     println!(
-        "invalidations: {} (unmap {}, remove {}, cpu-write {}); fault retries: {}; replays: {}; evictions: {}; speculated pages: {}; regions created {}, released {}, unwatched {}",
+        "invalidations: {} (unmap {}, remove {}, cpu-write {}); fault retries: {}; replays: {}; evictions: {}; speculated pages: {}; refreshed (ping-pong): {}; regions created {}, released {}, unwatched {}",
         st.invalidations_total(),
         st.invalidations[0],
         st.invalidations[1],
@@ -878,6 +878,7 @@ fn stress_injected<B: TestKernels>(
         st.replays,
         st.evictions,
         st.speculated,
+        st.refreshed,
         st.regions_created,
         st.deferred_releases,
         st.unwatched_regions

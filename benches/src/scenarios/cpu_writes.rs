@@ -1,6 +1,7 @@
 //! CPU writes between launches: before every launch but the first, the
-//! CPU rewrites a fraction of the buffer's pages; each launch sums every
-//! chunk of the buffer and must see the CPU's latest data.
+//! CPU rewrites a fraction of the buffer's pages — random ones, or in the
+//! `hot` case the same ones every time; each launch sums every chunk of
+//! the buffer and must see the CPU's latest data.
 //!
 //! - **mirror**: one mirror; the sync point at each launch invalidates
 //!   exactly the pages the CPU wrote, and only those fault in again.
@@ -18,8 +19,16 @@ use super::{pages, pattern, pin_all, range_of, unpin_all, verify, Ctx, PageBuf, 
 use crate::kernels::{chunk_sums, BenchKernels};
 use crate::measure::Meter;
 
-/// Fractions of pages rewritten before each launch.
-pub const FRACTIONS: [(f64, &str); 2] = [(0.01, "1%"), (0.1, "10%")];
+/// Fractions of pages rewritten before each launch, and whether they are
+/// the same pages every time ("hot": an iterative program's host-updated
+/// block, which the adaptive policy's ping-pong detection refreshes when
+/// a launch begins instead of faulting it back; `hmm_core::mirror`'s
+/// `ping_pong` module) or fresh random ones.
+pub const FRACTIONS: [(f64, &str, bool); 3] = [
+    (0.01, "1%", false),
+    (0.1, "10%", false),
+    (0.01, "hot1%", true),
+];
 
 /// Runs the scenario, appending rows.
 pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
@@ -33,7 +42,7 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
         (FRACTIONS.len() * arms.len() * cx.plan.reps) as u64,
     );
     let mut data: Vec<u32> = vec![0; n as usize];
-    for (frac, case) in FRACTIONS {
+    for (frac, case, hot) in FRACTIONS {
         let k_pages = ((npages as f64 * frac).round() as u64).max(1);
         let pool = (npages + pages(n.div_ceil(1024) * 4) + 64) as u32;
         let touched = size + pages(n.div_ceil(1024) * 4) * 4096;
@@ -51,7 +60,12 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
             let mut meter = Meter::start(&m);
             for l in 0..launches {
                 if l > 0 {
-                    for p in rng.distinct(npages, k_pages) {
+                    let pick = if hot {
+                        Rng::new(0x407).distinct(npages, k_pages)
+                    } else {
+                        rng.distinct(npages, k_pages)
+                    };
+                    for p in pick {
                         let page = &mut data[(p * 1024) as usize..((p + 1) * 1024) as usize];
                         for (i, v) in page.iter_mut().enumerate() {
                             *v = pattern(p * 1024 + i as u64, 10 + l);

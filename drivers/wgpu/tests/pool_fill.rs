@@ -52,8 +52,12 @@ fn slots_reused_without_zero_fill_hold_only_written_data() {
         let words = 48 * 1024;
         let src: Vec<u32> = (0..words).map(|i| i ^ (round << 28)).collect();
         let mut dst = vec![0u32; words as usize];
-        m.launch(&*k, words, &[src.as_ptr() as u64, dst.as_mut_ptr() as u64][..])
-            .expect("launch");
+        m.launch(
+            &*k,
+            words,
+            &[src.as_ptr() as u64, dst.as_mut_ptr() as u64][..],
+        )
+        .expect("launch");
         assert!(dst == src, "round {round}: wrong words");
     }
 }

@@ -67,6 +67,11 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let mut dev = inner.lock();
             dev.res.begin_round();
             dev.res.plan_round(&mut pf, incomplete);
+            if inner.ping_pong_threshold() > 0 {
+                for f in &pf {
+                    dev.ping_pong.faulted(f.page, f.write);
+                }
+            }
             // Room for the whole round in one bulk eviction (the pages
             // are counted only when the pool might be short).
             let fresh = if dev.res.free_slots() < pf.len() as u64 {
@@ -370,6 +375,54 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let res = self.fetch_ranges(ranges, report);
         report.phases.will_need = t.elapsed();
         res
+    }
+
+    /// Refreshes, before the first round, the pages the ping-pong detector
+    /// expects the device to need again (`ping_pong` module), within the
+    /// pool's free slots. A refresh is a prediction: one that cannot be
+    /// made (unmapped or protected meanwhile, a full pool, a region
+    /// released) is dropped, and the page faults as it would have; only a
+    /// device error ends the launch.
+    pub(super) fn refresh_ping_pong(
+        &self,
+        report: &mut super::config::LaunchReport,
+    ) -> Result<(), MirrorError> {
+        let inner = &*self.inner;
+        let threshold = inner.ping_pong_threshold();
+        let runs = {
+            let mut dev = inner.lock();
+            let budget = dev.res.spare_pages();
+            dev.ping_pong.launch_start(threshold, budget)
+        };
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        let _checked = crate::cpu::safecopy::CheckScope::open();
+        inner.lock().res.begin_round();
+        let epoch = inner.host.new_epoch();
+        let mut pages = 0;
+        for (range, write) in runs {
+            let run = Run {
+                range,
+                write,
+                first_addr: range.start(),
+            };
+            match self.service_run(run, epoch) {
+                Ok(n) => pages += n,
+                Err(
+                    MirrorError::PoolExhausted { .. }
+                    | MirrorError::DeviceFault { .. }
+                    | MirrorError::RetryTimeout { .. }
+                    | MirrorError::RegionReleased { .. },
+                ) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Counters::add(&inner.counters.refreshed, pages);
+        report.pages_in += pages;
+        report.phases.will_need += t.elapsed();
+        Ok(())
     }
 
     /// [`Mirror::fetch_will_need`]'s fetches, range by range.

@@ -150,6 +150,10 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
         let Some(r) = nr.range.intersect(interval.range()) else {
             return true;
         };
+        if nr.event == EventKind::CpuWrite && inner.ping_pong_threshold() > 0 {
+            let dropped: Vec<_> = dev.table.mapped_in(r).map(|(va, _)| va).collect();
+            dev.ping_pong.cpu_dropped(dropped);
+        }
         inner.zap_quietly(&mut dev, r, true);
         if matches!(nr.event, EventKind::Clear | EventKind::Release) {
             // "The range was recycled" (an application's explicit `Clear`,

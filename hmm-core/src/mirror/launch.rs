@@ -27,7 +27,7 @@
 use std::time::Instant;
 
 use super::args::KernelArgs;
-use super::backend::{Backend, InvocationSet, Invocations, MAX_INVOCATIONS};
+use super::backend::{Backend, InvocationSet, Invocations, PteLoc, MAX_INVOCATIONS};
 use super::config::LaunchReport;
 use super::error::{AccessError, MirrorError};
 use super::faults;
@@ -89,44 +89,55 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         self.inner.backend.max_invocations().min(MAX_INVOCATIONS)
     }
 
-    /// Counts how many of the pages the fetch policy brought in during the
-    /// launch that is ending were accessed by the device
-    /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used)):
-    /// one read of their entries. The count is advice, not state: an entry
-    /// the device cannot read back counts as unused (and a failing device
-    /// reports itself through the calls that need it).
-    fn count_speculation_used(&self) {
+    /// Counts how many of the pages the launch that is ending brought in
+    /// on a prediction were accessed by the device — the fetch policy's
+    /// speculation
+    /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used))
+    /// and the ping-pong refresh
+    /// ([`MirrorStats::refreshed_used`](super::MirrorStats::refreshed_used),
+    /// which also decides whether each refreshed page stays refreshed) —
+    /// with one read of their entries for both. The count is advice, not
+    /// state: an entry the device cannot read back counts as unused (and a
+    /// failing device reports itself through the calls that need it).
+    fn count_predictions_used(&self) {
         let inner = &*self.inner;
         let dev = &mut *inner.lock();
-        if dev.spec_runs.is_empty() {
-            return;
-        }
         let runs = std::mem::take(&mut dev.spec_runs);
-        let mut pages: Vec<VirtAddr> = runs
+        let mut spec: Vec<VirtAddr> = runs
             .iter()
             .flat_map(|r| dev.table.mapped_in(*r).map(|(va, _)| va))
             .collect();
-        pages.sort_unstable();
-        pages.dedup();
-        let locs: Vec<_> = pages
+        spec.sort_unstable();
+        spec.dedup();
+        let refreshed = dev.ping_pong.refreshed().to_vec();
+        // (index into `spec` then `refreshed`, entry) for mapped pages.
+        let locs: Vec<(usize, PteLoc)> = spec
             .iter()
-            .filter_map(|&va| dev.table.leaf_loc(va))
+            .chain(&refreshed)
+            .enumerate()
+            .filter_map(|(i, &va)| dev.table.leaf_loc(va).map(|l| (i, l)))
             .collect();
-        if locs.is_empty() {
-            return;
-        }
-        let mut ptes = Vec::with_capacity(locs.len());
-        match inner.backend.read_ptes(&locs, &mut ptes) {
-            Ok(()) => {
-                let used = ptes.iter().filter(|p| p.accessed()).count() as u64;
-                Counters::add(&inner.counters.speculated_used, used);
+        let mut accessed = vec![false; spec.len() + refreshed.len()];
+        if !locs.is_empty() {
+            let only: Vec<PteLoc> = locs.iter().map(|&(_, l)| l).collect();
+            let mut ptes = Vec::with_capacity(only.len());
+            match inner.backend.read_ptes(&only, &mut ptes) {
+                Ok(()) => {
+                    for (&(i, _), p) in locs.iter().zip(&ptes) {
+                        accessed[i] = p.accessed();
+                    }
+                }
+                Err(e) => tracing::debug!(
+                    target: "hmm_rs",
+                    error = %e,
+                    "predicted pages' accessed bits unreadable; counted as unused"
+                ),
             }
-            Err(e) => tracing::debug!(
-                target: "hmm_rs",
-                error = %e,
-                "speculated pages' accessed bits unreadable; counted as unused"
-            ),
         }
+        let spec_used = accessed[..spec.len()].iter().filter(|&&a| a).count() as u64;
+        Counters::add(&inner.counters.speculated_used, spec_used);
+        let refreshed_used = dev.ping_pong.launch_end(&accessed[spec.len()..]);
+        Counters::add(&inner.counters.refreshed_used, refreshed_used);
     }
 
     fn launch_words(
@@ -170,9 +181,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         inner.lock().res.launch_boundary();
         let res = self
             .fetch_will_need(&mut report)
+            .and_then(|()| self.refresh_ping_pong(&mut report))
             .and_then(|()| self.launch_rounds(kernel, n, args, &mut report));
         inner.lock().res.launch_boundary();
-        self.count_speculation_used();
+        self.count_predictions_used();
         // Whatever happened, invocations that completed may have left dirty
         // pages: the CPU must see them (and a later sync point must not
         // mistake them for stale copies). A write-back failure outranks the

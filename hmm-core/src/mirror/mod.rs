@@ -115,6 +115,7 @@ pub(crate) mod pagetable;
 pub mod params;
 pub mod pending;
 mod pin;
+mod ping_pong;
 pub mod policy;
 pub(crate) mod pool;
 mod regions;

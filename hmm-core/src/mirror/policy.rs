@@ -36,8 +36,14 @@
 //! [`Advice::Sequential`](super::Advice::Sequential) range are streams
 //! whatever their length.
 //!
-//! Not done yet (issue 16): thrashing detection, will-need advice,
-//! chunk-granular eviction, speculation for zero-copy windows.
+//! 3. **Ping-pong** (UVM's thrashing detection, in a mirror's terms): a
+//!    page the CPU rewrites between launches and the device needs again
+//!    each time is refreshed when a launch begins instead of faulting
+//!    (the `ping_pong` module).
+//!
+//! Not done yet (issue 16): thrashing under pool pressure (pages evicted
+//! and faulted back within a launch), chunk-granular eviction,
+//! speculation for zero-copy windows.
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 
@@ -90,6 +96,11 @@ pub struct Adaptive {
     /// The most pages one stream fetches ahead in one round (131,072 =
     /// 512 MiB; the pool's free slots bound it first).
     pub max_ahead_pages: u64,
+    /// Ping-pong detection (the `ping_pong` module): a page the CPU
+    /// rewrote and the device needed again in this many consecutive
+    /// launches is refreshed when the next launch begins, if the CPU wrote
+    /// it again, instead of faulting (0: never; 2 by default).
+    pub ping_pong_launches: u32,
 }
 
 impl Default for Adaptive {
@@ -100,6 +111,7 @@ impl Default for Adaptive {
             block_pages: 512,
             min_stream_pages: 16,
             max_ahead_pages: 131_072,
+            ping_pong_launches: 2,
         }
     }
 }

@@ -131,6 +131,8 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     /// `ACCESSED` bits are read when it ends
     /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used)).
     pub spec_runs: Vec<VaRange>,
+    /// Pages the CPU and the device take turns on (`ping_pong`).
+    pub ping_pong: super::ping_pong::PingPong,
     /// The device submission running now, if any (launches are serialised).
     pub inflight: Option<SubmissionId>,
     /// Clearing writes not yet confirmed by the backend (see the module
@@ -437,6 +439,15 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// [`zap`] where no caller can be told of a failure (an invalidation
     /// callback, a release): the failure is latched as for
     /// [`Inner::flush_quietly`].
+    /// The ping-pong threshold in force (`ping_pong` module; 0: off, as
+    /// under the exact fetch policy).
+    pub fn ping_pong_threshold(&self) -> u32 {
+        self.cfg
+            .fetch
+            .adaptive(self.backend.rounds_are_costly())
+            .map_or(0, |a| a.ping_pong_launches)
+    }
+
     pub fn zap_quietly(&self, dev: &mut Dev<B, H>, r: VaRange, writeback: bool) {
         let (mut cx, res) = dev.parts(self);
         let _ = zap(&mut cx, res, r, writeback);

@@ -55,6 +55,16 @@ pub struct MirrorStats {
     /// counts as unused, so this is a lower bound; `speculated_used /
     /// speculated` is the policy's accuracy.
     pub speculated_used: u64,
+    /// Pages refreshed when a launch began because the CPU rewrote them
+    /// and the device had needed them again in the launches before
+    /// (ping-pong detection, part of the adaptive
+    /// [`FetchPolicy`](super::FetchPolicy)): each spared a fault.
+    pub refreshed: u64,
+    /// Of [`refreshed`](Self::refreshed), the pages the device accessed
+    /// in the launch (read as for
+    /// [`speculated_used`](Self::speculated_used)); a refreshed page it
+    /// did not access is not refreshed again until it ping-pongs anew.
+    pub refreshed_used: u64,
     /// Device calls that failed where the mirror's state depends on them
     /// (entry writes and clears, window unbinds, write-back reads); a
     /// failed clear is retried, and repeated failures declare the device
@@ -106,13 +116,15 @@ impl core::fmt::Display for MirrorStats {
         )?;
         writeln!(
             f,
-            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}   speculated {} (used {})",
+            "pages in {:>10}   pages out   {:>8}   evictions {:>6}   prefetched {}   speculated {} (used {})   refreshed {} (used {})",
             self.pages_in,
             self.pages_out,
             self.evictions,
             self.prefetched,
             self.speculated,
-            self.speculated_used
+            self.speculated_used,
+            self.refreshed,
+            self.refreshed_used
         )?;
         let k = &self.invalidations;
         writeln!(
@@ -159,6 +171,8 @@ pub(crate) struct Counters {
     pub prefetched: AtomicU64,
     pub speculated: AtomicU64,
     pub speculated_used: AtomicU64,
+    pub refreshed: AtomicU64,
+    pub refreshed_used: AtomicU64,
     pub device_errors: AtomicU64,
     pub foreign_checked_pages: AtomicU64,
     pub foreign_changed_pages: AtomicU64,
