@@ -31,9 +31,68 @@ pub(crate) struct Memory {
     /// Some pool binding was made by wgpu, which zero-fills it on its
     /// first use (see [`WgpuDevice::unfilled_buffer`]).
     pool_filled: bool,
+    /// Table pages known zero on the device, one bit each; `None` when
+    /// wgpu made (and zero-fills) the whole table. A table made through
+    /// `wgpu-hal` is zeroed a page at a time, by the first `write_ptes`
+    /// that writes into the page ([`Memory::zero_new_table_pages`]).
+    table_zeroed: Option<Mutex<Vec<u64>>>,
     chunk_slots: u32,
     pool_slots: u32,
     table_pages: u32,
+}
+
+impl Memory {
+    /// Zeroes, ahead of `batch`'s writes, every table page it writes into
+    /// that was never zeroed (a table made through `wgpu-hal`; nothing
+    /// otherwise). Sound because a table page the device can reach always
+    /// has a write into it: the shadow table links a new page and writes
+    /// its first entry in the same batch of writes, all applied before the
+    /// next submission, and frees a page (clearing its link) as soon as
+    /// its last valid entry goes (`hmm_core::mirror::pagetable`), so no
+    /// submission ever walks into a linked page that no write touched.
+    /// The zeroes are staged with `write_buffer` like the entries, in call
+    /// order, so they land first.
+    fn zero_new_table_pages(&self, queue: &wgpu::Queue, batch: &[PteWrite]) {
+        let Some(zeroed) = &self.table_zeroed else {
+            return;
+        };
+        let mut bits = lock(zeroed);
+        for w in batch {
+            let p = w.table.0 as usize;
+            let Some(word) = bits.get_mut(p / 64) else {
+                continue;
+            };
+            if *word & (1 << (p % 64)) == 0 {
+                *word |= 1 << (p % 64);
+                queue.write_buffer(&self.table, p as u64 * PAGE, &[0u8; PAGE as usize]);
+            }
+        }
+    }
+}
+
+/// In builds with debug assertions, fills (the first 32 MiB of) a buffer
+/// wgpu will not zero with a non-zero pattern, so a test that reads memory
+/// the mirror never wrote (a pool slot, a table page) sees garbage and
+/// fails rather than passing on memory the allocator happened to hand out
+/// zeroed. The conformance suite's pool and table fit in it.
+fn poison(queue: &wgpu::Queue, buf: &wgpu::Buffer) {
+    if cfg!(debug_assertions) {
+        let junk = vec![0xA5u8; buf.size().min(32 << 20) as usize];
+        queue.write_buffer(buf, 0, &junk);
+    }
+}
+
+/// [`poison`] for the page table: every entry a valid, writable leaf of
+/// slot 0 (a directory entry naming the root), so a walk through a page
+/// that was never zeroed finds a mapping where it should fault and reads
+/// another page's data — wrong words a test sees — instead of an
+/// out-of-range index the device would treat as a fault.
+fn poison_table(queue: &wgpu::Queue, buf: &wgpu::Buffer) {
+    if cfg!(debug_assertions) {
+        let entry = Pte::leaf(hmm_core::mirror::format::PoolSlot(0), true).0;
+        let junk = vec![entry; (buf.size().min(32 << 20) / 8) as usize];
+        queue.write_buffer(buf, 0, bytemuck::cast_slice(&junk));
+    }
 }
 
 /// Per-launch buffers, reused once the launch's outcome is taken.
@@ -182,6 +241,15 @@ impl WgpuDevice {
     /// `init`.
     pub fn pool_zero_filled(&self) -> Option<bool> {
         self.mem.get().map(|m| m.pool_filled)
+    }
+
+    /// Whether `init` made the page table through `wgpu-hal`, zeroing its
+    /// pages one at a time as the mirror first writes into them, instead
+    /// of letting wgpu fill all of it on the first submission (16 MiB at
+    /// the default 4,096 table pages, ≈ 7 ms on lavapipe). `None` before
+    /// `init`.
+    pub fn table_zeroed_lazily(&self) -> Option<bool> {
+        self.mem.get().map(|m| m.table_zeroed.is_some())
     }
 
     /// A storage buffer for `desc` that wgpu will not zero-fill: made
@@ -427,13 +495,25 @@ unsafe impl Backend for WgpuDevice {
             let usage = wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST;
-            // wgpu zero-initialises buffers created without mapping.
-            let table = self.device.create_buffer(&wgpu::BufferDescriptor {
+            let table_desc = wgpu::BufferDescriptor {
                 label: Some("hmm page table"),
                 size: plan.table_bytes,
                 usage,
                 mapped_at_creation: false,
-            });
+            };
+            // wgpu zero-fills a buffer it makes on its first use; one made
+            // through wgpu-hal starts with the root alone zeroed, and
+            // each other page is zeroed when first written (`write_ptes`).
+            let (table, table_zeroed) = match self.unfilled_buffer(&table_desc) {
+                Some(t) => {
+                    poison_table(&self.queue, &t);
+                    self.queue.write_buffer(&t, 0, &[0u8; PAGE as usize]);
+                    let mut bits = vec![0u64; (config.table_pages as usize).div_ceil(64)];
+                    bits[0] = 1;
+                    (t, Some(Mutex::new(bits)))
+                }
+                None => (self.device.create_buffer(&table_desc), None),
+            };
             let mut pool = Vec::new();
             let mut pool_filled = false;
             for slots in plan.binding_slots {
@@ -444,7 +524,10 @@ unsafe impl Backend for WgpuDevice {
                     mapped_at_creation: false,
                 };
                 pool.push(match self.unfilled_buffer(&desc) {
-                    Some(b) => b,
+                    Some(b) => {
+                        poison(&self.queue, &b);
+                        b
+                    }
                     None => {
                         pool_filled = true;
                         self.device.create_buffer(&desc)
@@ -455,6 +538,7 @@ unsafe impl Backend for WgpuDevice {
                 table,
                 pool,
                 pool_filled,
+                table_zeroed,
                 chunk_slots: plan.chunk_slots,
                 pool_slots: config.pool_slots,
                 table_pages: config.table_pages,
@@ -567,6 +651,7 @@ unsafe impl Backend for WgpuDevice {
                     bad.table, bad.index
                 )));
             }
+            mem.zero_new_table_pages(&self.queue, batch);
             let pos = |w: &PteWrite| u64::from(w.table.0) * ENTRIES as u64 + u64::from(w.index);
             let joins = |i: usize| pos(&batch[i]) == pos(&batch[i - 1]) + 1;
             let mut words: Vec<u64> = Vec::new();

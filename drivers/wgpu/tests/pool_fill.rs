@@ -61,3 +61,80 @@ fn slots_reused_without_zero_fill_hold_only_written_data() {
         assert!(dst == src, "round {round}: wrong words");
     }
 }
+
+#[test]
+fn the_table_is_zeroed_page_by_page_not_filled() {
+    let Some(d) = hmm_driver_wgpu::test_device() else {
+        return;
+    };
+    d.init(DeviceConfig {
+        pool_slots: 64,
+        table_pages: 64,
+    })
+    .expect("init");
+    assert_eq!(d.table_zeroed_lazily(), Some(true));
+}
+
+#[test]
+fn mappings_spread_over_many_table_pages_read_right() {
+    let Some(d) = hmm_driver_wgpu::test_device() else {
+        return;
+    };
+    // One page in each of 24 separate 1 GiB reservations: each needs its
+    // own lower-level table pages, zeroed on first write. With the table
+    // poisoned in debug builds, a page walked before it was zeroed would
+    // send the walk to a garbage slot and the words would come out wrong.
+    let host = hmm_core::cpu::host::HostSpace::new().expect("host");
+    let m = Mirror::new(
+        std::sync::Arc::new(host),
+        d,
+        MirrorConfig {
+            pool_slots: 256,
+            table_pages: 128,
+            ..MirrorConfig::default()
+        },
+    )
+    .expect("mirror");
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    const GIB: usize = 1 << 30;
+    let mut areas = Vec::new();
+    for i in 0..24u32 {
+        // SAFETY: a fresh private anonymous reservation; nothing else
+        // refers to it, and it is unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GIB,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        areas.push(p);
+        let want: Vec<u32> = (0..1024).map(|w| w * 7 + i).collect();
+        // SAFETY: the first page of the reservation is ours and writable.
+        unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), p.cast::<u32>(), 1024) };
+        let mut dst = vec![0u32; 1024];
+        m.launch(&*k, 1024, &[p as u64, dst.as_mut_ptr() as u64][..])
+            .expect("launch");
+        assert!(dst == want, "area {i}: wrong words");
+    }
+    // Every area again, all mapped at once.
+    for (i, &p) in areas.iter().enumerate() {
+        let want: Vec<u32> = (0..1024).map(|w| w * 7 + i as u32).collect();
+        let mut dst = vec![0u32; 1024];
+        m.launch(&*k, 1024, &[p as u64, dst.as_mut_ptr() as u64][..])
+            .expect("launch");
+        assert!(dst == want, "area {i} (second pass): wrong words");
+    }
+    drop(m);
+    for p in areas {
+        // SAFETY: unmapping our own reservation, no longer used.
+        unsafe { libc::munmap(p, GIB) };
+    }
+}
