@@ -272,9 +272,9 @@ pub(crate) fn flush<B: Backend, H: HostSide>(
     }
     let wrote = !cx.deferred.is_empty();
     if wrote {
-        let t_ptes = std::time::Instant::now();
-        let wrote_ptes = cx.backend.write_ptes(cx.deferred);
-        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        let wrote_ptes = Counters::timed(&cx.counters.page_table_ns, || {
+            cx.backend.write_ptes(cx.deferred)
+        });
         if let Err(e) = wrote_ptes {
             Counters::add(&cx.counters.device_errors, 1);
             return Err(cx.health.failed("clearing device page-table entries", e));

@@ -191,6 +191,13 @@ impl Counters {
     pub(crate) fn add_since(c: &AtomicU64, t: std::time::Instant) {
         Self::add(c, u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
+    /// Runs `f`, adding the time it took to `c` (nanoseconds).
+    pub(crate) fn timed<T>(c: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f();
+        Self::add_since(c, t);
+        r
+    }
     /// Adds a launch's top-level phases to the running sums.
     pub(crate) fn add_phases(&self, p: &LaunchPhases) {
         let top = [

@@ -336,9 +336,9 @@ impl<B: Backend, H: HostSide> Residency<B, H> for HostWindows {
                 break;
             }
         }
-        let t_ptes = std::time::Instant::now();
-        let wrote = cx.backend.write_ptes(&writes);
-        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        let wrote = Counters::timed(&cx.counters.page_table_ns, || {
+            cx.backend.write_ptes(&writes)
+        });
         match wrote {
             Ok(()) if !writes.is_empty() => cx.health.succeeded(),
             Ok(()) => {}

@@ -442,16 +442,14 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 .map(|s| cx.backend.host_slot(*s).map(|p| p.as_ptr()))
                 .collect()
         };
-        let t_copy = std::time::Instant::now();
-        match &direct {
+        Counters::timed(&cx.counters.copy_in_ns, || match &direct {
             // SAFETY: the backend vouches for 4 KiB of writable memory per
             // slot (`Backend::host_slot`); the slots are distinct, fresh and
             // unused by device work (none is in flight during fault
             // service); pool memory is never a mirrored CPU page.
             Some(dsts) => unsafe { cx.host.read_pages_to(&addrs, dsts, &mut self.ok) },
             None => cx.host.read_pages(&addrs, &mut self.staging, &mut self.ok),
-        }
-        Counters::add_since(&cx.counters.copy_in_ns, t_copy);
+        });
         if let Some(i) = self.ok.iter().position(|b| !*b) {
             // A page went away under us: its invalidation is on its way.
             self.undo_install(cx, todo, &slots);
@@ -486,14 +484,14 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                     src: self.staging[i * PAGE..].as_ptr(),
                 })
                 .collect();
-            let t_copy = std::time::Instant::now();
-            // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive and
-            // unmodified for the call; the destination slots are freshly
-            // allocated or belong to pages being upgraded, which no device
-            // work uses (launches are serialised and none is in flight
-            // during fault service).
-            let copied = unsafe { cx.backend.copy_to_device(&batch) };
-            Counters::add_since(&cx.counters.copy_in_ns, t_copy);
+            let copied = Counters::timed(&cx.counters.copy_in_ns, || {
+                // SAFETY: every `src` is a 4 KiB chunk of `staging`, alive
+                // and unmodified for the call; the destination slots are
+                // freshly allocated or belong to pages being upgraded,
+                // which no device work uses (launches are serialised and
+                // none is in flight during fault service).
+                unsafe { cx.backend.copy_to_device(&batch) }
+            });
             if let Err(e) = copied {
                 self.undo_install(cx, todo, &slots);
                 return Err(e.into());
@@ -533,9 +531,9 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
                 break;
             }
         }
-        let t_ptes = std::time::Instant::now();
-        let wrote = cx.backend.write_ptes(&writes);
-        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        let wrote = Counters::timed(&cx.counters.page_table_ns, || {
+            cx.backend.write_ptes(&writes)
+        });
         match wrote {
             Ok(()) if !writes.is_empty() => cx.health.succeeded(),
             Ok(()) => {}
@@ -746,9 +744,9 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             cx.table
                 .map(*va, Pte::leaf(*s, w || writable), &mut writes)?;
         }
-        let t_ptes = std::time::Instant::now();
-        let wrote = cx.backend.write_ptes(&writes);
-        Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+        let wrote = Counters::timed(&cx.counters.page_table_ns, || {
+            cx.backend.write_ptes(&writes)
+        });
         wrote?;
         Counters::add(&cx.counters.pages_in, addrs.len() as u64);
         Ok(())

@@ -173,9 +173,9 @@ impl CopyPool {
         // Not a reason to fail the write-back (see above), but counted: a
         // device error is never dropped unseen.
         if !clears.is_empty() {
-            let t_ptes = std::time::Instant::now();
-            let cleared = cx.backend.write_ptes(&clears);
-            Counters::add_since(&cx.counters.page_table_ns, t_ptes);
+            let cleared = Counters::timed(&cx.counters.page_table_ns, || {
+                cx.backend.write_ptes(&clears)
+            });
             if cleared.is_err() {
                 Counters::add(&cx.counters.device_errors, 1);
             }
