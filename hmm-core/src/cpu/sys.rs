@@ -139,6 +139,26 @@ pub const UFFDIO_WRITEPROTECT: u64 = ioc(
     0x06,
     core::mem::size_of::<uffdio_writeprotect>(),
 );
+/// `struct uffdio_copy`: install `len` bytes from `src` (our memory) at
+/// the missing pages `dst`; `copy` returns the bytes copied or `-errno`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct uffdio_copy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub copy: i64,
+}
+/// Install the pages write-protected (needs a range registered in WP mode
+/// too).
+pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x03,
+    core::mem::size_of::<uffdio_copy>(),
+);
 /// `/dev/userfaultfd` ioctl that creates a userfaultfd; the argument is the
 /// `userfaultfd(2)` flags.
 pub const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, UFFDIO, 0x00, 0);

@@ -279,6 +279,10 @@ pub enum UffdError {
     /// A range argument is not page aligned.
     #[error("{0} is not page aligned")]
     Unaligned(VaRange),
+    /// A `UFFDIO_COPY` of a length that is not a whole, non-zero number of
+    /// pages (or that overflows the address space at its destination).
+    #[error("a userfaultfd copy of {0} bytes is not a whole, non-zero number of pages")]
+    BadLength(u64),
     /// `read(2)` failed.
     #[error("reading the userfaultfd failed: {0}")]
     Read(#[source] io::Error),
@@ -634,6 +638,58 @@ impl Userfaultfd {
             range,
             &mut arg,
         )
+    }
+
+    /// Resolves missing-page faults: installs `data` (a whole number of
+    /// pages) at `dst` (page aligned, inside a range registered in
+    /// [`RegisterMode::MISSING`] mode, every page of it missing) and wakes
+    /// the threads waiting there. With `write_protect` the pages arrive
+    /// write-protected (the range must be registered in WP mode too), so
+    /// write tracking sees the next CPU write to them. Returns the bytes
+    /// installed; a page already present is `EEXIST`, and on an error the
+    /// pages before it may be installed (the count is in the message).
+    ///
+    /// This is how a device-private page is given back to the CPU
+    /// (issue 17, `docs/MIGRATION.md`).
+    ///
+    /// # Safety
+    ///
+    /// The memory at `dst` changes from "missing" to `data` under any
+    /// code in this process that reads or writes it through raw pointers
+    /// (which is the point); no Rust reference to it may be live.
+    pub unsafe fn copy_in(
+        &self,
+        dst: VirtAddr,
+        data: &[u8],
+        write_protect: bool,
+    ) -> Result<u64, UffdError> {
+        let len = data.len() as u64;
+        let range = VaRange::from_start_len(dst, len).map_err(|_| UffdError::BadLength(len))?;
+        check_aligned(range)?;
+        let mut arg = sys::uffdio_copy {
+            dst: dst.get(),
+            src: data.as_ptr() as u64,
+            len: data.len() as u64,
+            mode: if write_protect {
+                sys::UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `uffdio_copy`, valid and exclusive
+        // for the call; the kernel reads `len` bytes at `src` (our slice,
+        // alive for the call) and writes only the missing pages at `dst`,
+        // which the caller vouches no reference covers.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UFFDIO_COPY as _, &mut arg) };
+        if r < 0 {
+            return Err(UffdError::Ioctl {
+                op: "UFFDIO_COPY",
+                range,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(u64::try_from(arg.copy).unwrap_or(0))
     }
 
     /// Wakes threads sleeping on faults in `range` (they re-fault).
