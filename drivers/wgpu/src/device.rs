@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, Invocations,
-    LaunchOutcome, PteLoc, PteWrite, SubmissionId,
+    LaunchOutcome, PteLoc, PteWrite, SubmissionId, READ_BACK_WITH_LAUNCH,
 };
-use hmm_core::mirror::format::{Pte, ENTRIES, TABLE_PAGE_BYTES};
+use hmm_core::mirror::format::{PoolSlot, Pte, ENTRIES, TABLE_PAGE_BYTES};
 use hmm_shaders::{binding, ControlLayout, MemoryPlan, Params, POOL_BINDINGS};
 
 use crate::errors::Shared;
@@ -116,6 +116,26 @@ struct Submission {
     res: LaunchRes,
     layout: ControlLayout,
     mapped: MapState,
+    /// Pool slots copied into the read-back buffer after the dispatch, at
+    /// `stage_offset(&layout)` ([`Backend::read_back_with_next_launch`]).
+    staged: Vec<PoolSlot>,
+}
+
+/// Where the pages a launch brings back with it start in its read-back
+/// buffer: after the control words, on a 256-byte boundary.
+fn stage_offset(layout: &ControlLayout) -> u64 {
+    layout.bytes().next_multiple_of(256)
+}
+
+/// Pages brought back with the last launch
+/// ([`Backend::read_back_with_next_launch`]): valid until the next device
+/// work that may write a slot (a launch or a `copy_to_device`).
+#[derive(Default)]
+struct Staged {
+    valid: bool,
+    slots: Vec<PoolSlot>,
+    /// `slots.len()` pages, in order.
+    data: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -143,6 +163,12 @@ pub struct WgpuDevice {
     launches: Mutex<Launches>,
     pub(crate) pt_ops: Mutex<Option<PtOps>>,
     readback: Mutex<Option<wgpu::Buffer>>,
+    /// Slots the next launch copies out with its completion.
+    read_back_next: Mutex<Vec<PoolSlot>>,
+    staged: Mutex<Staged>,
+    /// Queue submissions made so far (launches, read-backs, entry
+    /// operations): [`WgpuDevice::submissions`].
+    submits: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,7 +243,24 @@ impl WgpuDevice {
             launches: Mutex::new(Launches::default()),
             pt_ops: Mutex::new(None),
             readback: Mutex::new(None),
+            read_back_next: Mutex::new(Vec::new()),
+            staged: Mutex::new(Staged::default()),
+            submits: AtomicU64::new(0),
         }
+    }
+
+    /// Queue submissions this device has made (launches and their
+    /// replays, read-backs, page-table operations): each is a device round
+    /// trip, what issue 16's per-round budget counts.
+    pub fn submissions(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.submits.load(Ordering::Relaxed)
+    }
+
+    /// Counts one queue submission.
+    pub(crate) fn count_submit(&self) {
+        // Relaxed: a statistic.
+        self.submits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The adapter, in words.
@@ -397,7 +440,9 @@ impl WgpuDevice {
         });
         let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("hmm control read-back"),
-            size: layout.bytes(),
+            // The control words, then room for the pages a launch may
+            // bring back with it (`read_back_with_next_launch`).
+            size: stage_offset(&layout) + READ_BACK_WITH_LAUNCH as u64 * PAGE,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -555,6 +600,9 @@ unsafe impl Backend for WgpuDevice {
     }
 
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
+        // Device work on slots: the pages staged with the last launch may
+        // be stale from here on.
+        lock(&self.staged).valid = false;
         self.scoped("copy_to_device", other, || {
             let mem = self.memory()?;
             if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
@@ -588,6 +636,25 @@ unsafe impl Backend for WgpuDevice {
             if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
                 return Err(other(format!("slot {} outside the pool", bad.slot.0)));
             }
+            {
+                let st = lock(&self.staged);
+                let at = |s: PoolSlot| st.slots.iter().position(|&x| x == s);
+                if st.valid && batch.iter().all(|c| at(c.slot).is_some()) {
+                    for c in batch {
+                        let i = at(c.slot).unwrap_or(0) * PAGE as usize;
+                        let src = &st.data[i..i + PAGE as usize];
+                        // SAFETY: as below: the caller guarantees `dst` is
+                        // valid for writes of 4096 bytes and unaliased;
+                        // `src` is 4096 bytes of the staged copy, which
+                        // holds the slot's data as the last launch left it
+                        // (no device work since: `valid`).
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(src.as_ptr(), c.dst, PAGE as usize)
+                        };
+                    }
+                    return Ok(());
+                }
+            }
             let mut rb = lock(&self.readback);
             for piece in batch.chunks(WRITEBACK_CHUNK) {
                 let bytes = piece.len() as u64 * PAGE;
@@ -616,6 +683,7 @@ unsafe impl Backend for WgpuDevice {
                     );
                 }
                 let index = self.queue.submit([enc.finish()]);
+                self.count_submit();
                 self.map_after(buf, bytes, index)?;
                 {
                     let view = buf.slice(..bytes).get_mapped_range().map_err(other)?;
@@ -671,6 +739,15 @@ unsafe impl Backend for WgpuDevice {
         })
     }
 
+    fn read_back_with_next_launch(&self, slots: &[PoolSlot]) {
+        // Copied out after the next dispatch, mapped with its control
+        // words: the write-back's read of these pages then costs no
+        // submission of its own (issue 16: 91 of the floor's 260 µs).
+        let mut next = lock(&self.read_back_next);
+        next.clear();
+        next.extend(slots.iter().take(READ_BACK_WITH_LAUNCH));
+    }
+
     fn read_ptes(&self, locs: &[PteLoc], out: &mut Vec<Pte>) -> Result<(), BackendError> {
         self.scoped("read_ptes", other, || self.pt_and(locs, u32::MAX, out))
     }
@@ -708,6 +785,12 @@ unsafe impl Backend for WgpuDevice {
             ));
         }
         let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
+        // New device work: whatever was staged with the last launch may be
+        // stale; this launch stages what was asked for it.
+        lock(&self.staged).valid = false;
+        let mut stage: Vec<PoolSlot> = std::mem::take(&mut *lock(&self.read_back_next));
+        stage.retain(|s| s.0 < mem.pool_slots);
+        stage.truncate(READ_BACK_WITH_LAUNCH);
         let mut l = lock(&self.launches);
         // Phase 1, in its own scopes: upload the parameters and record the
         // commands. An error here submits nothing.
@@ -746,6 +829,16 @@ unsafe impl Backend for WgpuDevice {
                     pass.dispatch_workgroups(*gx, *gy, 1);
                 }
                 enc.copy_buffer_to_buffer(&res.control, 0, &res.readback, 0, layout.bytes());
+                let off = stage_offset(layout);
+                for (i, s) in stage.iter().enumerate() {
+                    enc.copy_buffer_to_buffer(
+                        &mem.pool[(s.0 / mem.chunk_slots) as usize],
+                        u64::from(s.0 % mem.chunk_slots) * PAGE,
+                        &res.readback,
+                        off + i as u64 * PAGE,
+                        PAGE,
+                    );
+                }
                 // Relaxed: a test hook's flag, no data published with it.
                 let doomed = self
                     .break_next_launch
@@ -771,10 +864,16 @@ unsafe impl Backend for WgpuDevice {
         let mapped: MapState = Arc::new(AtomicU8::new(0));
         let queued = self.scoped("launch", BackendError::Kernel, || {
             let index = self.queue.submit([commands]);
+            self.count_submit();
             submitted = Some(index.clone());
             let m = Arc::clone(&mapped);
+            let mapped_len = if stage.is_empty() {
+                layout.bytes()
+            } else {
+                stage_offset(&layout) + stage.len() as u64 * PAGE
+            };
             res.readback
-                .slice(..layout.bytes())
+                .slice(..mapped_len)
                 .map_async(wgpu::MapMode::Read, move |r| {
                     // Release: pairs with the Acquire loads in `done`.
                     m.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release);
@@ -808,6 +907,7 @@ unsafe impl Backend for WgpuDevice {
                 res,
                 layout,
                 mapped,
+                staged: stage,
             },
         );
         Ok(SubmissionId(id))
@@ -884,6 +984,21 @@ unsafe impl Backend for WgpuDevice {
                 let words: &[u32] = bytemuck::cast_slice(&view);
                 (sub.layout.parse(words), sub.layout.loop_limit_hits(words))
             };
+            if !sub.staged.is_empty() {
+                let off = stage_offset(&sub.layout);
+                let end = off + sub.staged.len() as u64 * PAGE;
+                let view = sub
+                    .res
+                    .readback
+                    .slice(off..end)
+                    .get_mapped_range()
+                    .map_err(other)?;
+                let mut st = lock(&self.staged);
+                st.data.clear();
+                st.data.extend_from_slice(&view);
+                st.slots.clone_from(&sub.staged);
+                st.valid = true;
+            }
             sub.res.readback.unmap();
             lock(&self.launches).free.push(sub.res);
             let (outcome, cut_short) = outcome;

@@ -172,6 +172,7 @@ impl WgpuDevice {
             let bytes = u64::from(n) * 8;
             enc.copy_buffer_to_buffer(&b.out, 0, &b.readback, 0, bytes);
             let index = self.queue.submit([enc.finish()]);
+            self.count_submit();
             self.map_after(&b.readback, bytes, index)?;
             {
                 let view = b

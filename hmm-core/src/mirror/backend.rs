@@ -131,6 +131,10 @@ pub struct LaunchOutcome {
     pub incomplete: InvocationSet,
 }
 
+/// The most slots [`Backend::read_back_with_next_launch`] names (the
+/// write-back's compare-everything limit).
+pub const READ_BACK_WITH_LAUNCH: usize = 32;
+
 /// Sizes the core asks a backend to allocate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -407,6 +411,21 @@ pub unsafe trait Backend: Send + Sync + 'static {
     /// function calls on the host may say `false`.
     fn rounds_are_costly(&self) -> bool {
         true
+    }
+
+    /// Advice before a [`launch`](Backend::launch): the pool slots `slots`
+    /// (at most [`READ_BACK_WITH_LAUNCH`]) are likely to be read back with
+    /// [`copy_to_host`](Backend::copy_to_host) right after it completes —
+    /// they hold the few writable pages a small launch's write-back
+    /// compares with their twins. A driver for which a read-back is a
+    /// device round trip of its own may copy them out as part of the
+    /// launch's completion and serve a later `copy_to_host` of exactly
+    /// those slots from that copy, as long as no device work
+    /// (`launch`, `copy_to_device`) ran since; anything else still takes
+    /// the normal path. Applies to the next `launch` only. Default:
+    /// nothing (every read-back is a copy).
+    fn read_back_with_next_launch(&self, slots: &[PoolSlot]) {
+        let _ = slots;
     }
 
     /// Where the 4 KiB of pool slot `slot` are addressable by the host, if

@@ -224,6 +224,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let id = {
                 let mut dev = inner.lock();
                 inner.flush_or_fail(&mut dev)?;
+                if inner.backend.rounds_are_costly() {
+                    let slots = dev.res.read_back_candidates();
+                    if !slots.is_empty() {
+                        inner.backend.read_back_with_next_launch(&slots);
+                    }
+                }
                 let id = inner.backend.launch(kernel, inv, args);
                 report.phases.submit += t_round.elapsed();
                 let id = id?;

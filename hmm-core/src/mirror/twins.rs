@@ -40,6 +40,11 @@ pub(crate) struct Twins {
     /// `slots` from creation, and it never holds more, so a push never
     /// allocates.
     free: Vec<u32>,
+    /// The slots that have a twin, in no order ([`Twins::twinned`]); same
+    /// capacity rule as `free`.
+    live: Vec<u32>,
+    /// Slot → its position in `live`, or `NONE`.
+    live_at: Vec<u32>,
 }
 
 // SAFETY: `Twins` owns its mapping exclusively; it is only used behind the
@@ -61,6 +66,8 @@ impl Twins {
                 slots: 0,
                 index: Vec::new(),
                 free: Vec::new(),
+                live: Vec::new(),
+                live_at: Vec::new(),
             });
         }
         if slots >= NONE as usize {
@@ -104,6 +111,8 @@ impl Twins {
             slots,
             index: vec![NONE; slots],
             free: (0..slots as u32).rev().collect(),
+            live: Vec::with_capacity(slots),
+            live_at: vec![NONE; slots],
         })
     }
 
@@ -129,6 +138,9 @@ impl Twins {
             // Never empty: at most `slots` twins, one per slot.
             let Some(t) = self.free.pop() else { return };
             self.index[slot.0 as usize] = t;
+            self.live_at[slot.0 as usize] = self.live.len() as u32;
+            // Within capacity: at most `slots` slots have twins.
+            self.live.push(slot.0);
             t
         };
         let i = t as usize;
@@ -156,8 +168,19 @@ impl Twins {
                 // Within capacity: every twin page in use came off `free`.
                 self.free.push(*t);
                 *t = NONE;
+                let at = self.live_at[slot.0 as usize] as usize;
+                self.live.swap_remove(at);
+                if let Some(&moved) = self.live.get(at) {
+                    self.live_at[moved as usize] = at as u32;
+                }
+                self.live_at[slot.0 as usize] = NONE;
             }
         }
+    }
+
+    /// The slots that have a twin, in no particular order.
+    pub(crate) fn twinned(&self) -> &[u32] {
+        &self.live
     }
 
     /// Twin pages in use.
@@ -251,6 +274,11 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(t.in_use(), model.len());
+                let mut live = t.twinned().to_vec();
+                live.sort_unstable();
+                let mut want: Vec<u32> = model.keys().copied().collect();
+                want.sort_unstable();
+                prop_assert_eq!(live, want, "the twinned slots");
                 prop_assert!(t.free.capacity() == slots as usize);
                 for s in 0..slots + 2 {
                     let got = t.get(PoolSlot(s)).map(|p| {

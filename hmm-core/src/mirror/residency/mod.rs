@@ -179,6 +179,14 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError>;
 
+    /// The slots a launch's write-back will read back whole, if they are
+    /// few: passed to [`Backend::read_back_with_next_launch`] before each
+    /// submission, so a driver whose read-back is a device round trip can
+    /// bring them back with the launch. Default: none.
+    fn read_back_candidates(&self) -> Vec<crate::mirror::format::PoolSlot> {
+        Vec::new()
+    }
+
     /// The start-of-launch check for writers write tracking cannot see
     /// (`mirror::foreign`): the device-resident pages, sorted, whose CPU
     /// page no longer matches the device's copy. The caller invalidates

@@ -47,6 +47,7 @@ use crate::cpu::chunk::choose_chunk;
 use crate::cpu::range_fault::PageState;
 use crate::mirror::backend::{
     Backend, BackendError, DeviceToHost, HostToDevice, InvocationSet, PteLoc, PteWrite,
+    READ_BACK_WITH_LAUNCH,
 };
 use crate::mirror::config::{CpuWrites, ForeignWriters, MirrorConfig};
 use crate::mirror::error::{AccessError, MirrorError};
@@ -572,6 +573,18 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             }
         }
         refused.map_or(Ok(n), Err)
+    }
+
+    fn read_back_candidates(&self) -> Vec<PoolSlot> {
+        // The write-back compares every writable page with its twin when
+        // there are at most `COMPARE_ALL_PAGES` of them (`write_back_chunk`):
+        // those are the pages it reads whole. Writable pages have twins
+        // (pinned ones excepted, which are then read only if dirty).
+        let live = self.twins.twinned();
+        if live.len() > COMPARE_ALL_PAGES.min(READ_BACK_WITH_LAUNCH) {
+            return Vec::new();
+        }
+        live.iter().map(|&s| PoolSlot(s)).collect()
     }
 
     fn refused(&self, r: VaRange) -> Vec<VirtAddr> {
