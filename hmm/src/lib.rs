@@ -449,6 +449,9 @@ unsafe impl Backend for Device {
     fn rounds_are_costly(&self) -> bool {
         on_device!(self, d => d.rounds_are_costly())
     }
+    fn read_back_with_next_launch(&self, slots: &[PoolSlot]) {
+        on_device!(self, d => d.read_back_with_next_launch(slots))
+    }
     fn host_slot(&self, slot: PoolSlot) -> Option<core::ptr::NonNull<u8>> {
         on_device!(self, d => d.host_slot(slot))
     }

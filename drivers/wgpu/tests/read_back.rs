@@ -23,7 +23,10 @@ fn a_resident_launch_and_its_write_back_are_one_submission() {
         },
     )
     .expect("mirror");
-    let k = m.backend().test_kernel(TestKernel::FillU32).expect("kernel");
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::FillU32)
+        .expect("kernel");
     // The output on a page of its own (nothing else in this process
     // writes it between launches).
     // SAFETY: a fresh private anonymous page, unmapped at the end.
