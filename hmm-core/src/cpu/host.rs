@@ -446,6 +446,20 @@ impl HostSpace {
                 runs.push(w);
             }
         }
+        // An `munmap` or `mremap` clears page tables before it posts its
+        // event: one that overlapped the scan hid the CPU writes to the
+        // pages it was discarding (gone when the scan looked), and its
+        // event was not there yet for `quiesce` to wait for — the launch
+        // would then read the device's older copy of pages the CPU had
+        // rewritten (found by `hmm-stress` with a small arena, where it
+        // happened in most runs). Such an operation counts itself on the
+        // userfaultfd until its event is read: wait for that (bounded),
+        // then for its invalidation. One that starts after the scan is a
+        // race in the program, as the README says.
+        let t0 = std::time::Instant::now();
+        while m.layout_changing() && t0.elapsed() < std::time::Duration::from_secs(1) {
+            std::thread::yield_now();
+        }
         m.quiesce(std::time::Duration::from_secs(1));
         let mut pages = 0;
         for r in runs {

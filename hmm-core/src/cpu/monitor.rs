@@ -538,6 +538,10 @@ pub struct EventMonitor {
     thread: Option<JoinHandle<()>>,
     mode: OpenMode,
     wanted_events: Features,
+    /// A page never registered on the userfaultfd, for
+    /// [`EventMonitor::layout_changing`] (`None` if it could not be mapped:
+    /// the check then answers `false`).
+    probe: Option<super::scratch::ScratchMap>,
 }
 
 /// Monitor options.
@@ -632,6 +636,7 @@ impl EventMonitor {
             thread: Some(thread),
             mode,
             wanted_events: events,
+            probe: super::scratch::ScratchMap::new(1).ok(),
         })
     }
 
@@ -754,6 +759,20 @@ impl EventMonitor {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Whether an `munmap`, `mremap` or `fork` touching a watched range is
+    /// between clearing or moving page tables and having its event read
+    /// ([`Userfaultfd::layout_changing`]). A sync point asks after its
+    /// scan: such an operation may have hidden CPU writes from the scan
+    /// (the pages were gone when it looked) while its event, posted only
+    /// at its end, was not yet there for [`EventMonitor::quiesce`] to wait
+    /// for.
+    pub fn layout_changing(&self) -> bool {
+        self.probe.as_ref().is_some_and(|p| {
+            VaRange::from_start_len(VirtAddr(p.base()), p.len() as u64)
+                .is_ok_and(|r| self.shared.uffd.layout_changing(r))
+        })
     }
 
     /// Whether an event waits to be read (a zero-timeout `poll`).

@@ -12,6 +12,14 @@ pub(crate) struct ScratchMap {
     len: usize,
 }
 
+// SAFETY: a `ScratchMap` owns its mapping exclusively and hands out only
+// raw addresses, used for syscalls; nothing dereferences them through a
+// shared `ScratchMap`, so moving or sharing the owner across threads moves
+// no aliasing with it. The mapping is unmapped once, on drop.
+unsafe impl Send for ScratchMap {}
+// SAFETY: as above: `&ScratchMap` only yields the address and length.
+unsafe impl Sync for ScratchMap {}
+
 impl ScratchMap {
     /// Maps `pages` fresh pages at a kernel-chosen address.
     pub(crate) fn new(pages: usize) -> io::Result<Self> {

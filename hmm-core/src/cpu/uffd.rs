@@ -692,6 +692,35 @@ impl Userfaultfd {
         Ok(u64::try_from(arg.copy).unwrap_or(0))
     }
 
+    /// Whether an operation that changes the layout of a range registered
+    /// on this userfaultfd is in flight: an `munmap`, `mremap` or `fork`
+    /// counts itself on the context from before it changes page tables
+    /// until its event has been read (`mmap_changing` in the kernel), and
+    /// while it does every userfaultfd ioctl that would change page tables
+    /// fails with `EAGAIN`. `probe` must be a page-aligned range of this
+    /// process that is *not* registered on this userfaultfd: the ioctl
+    /// issued (`UFFDIO_WRITEPROTECT`, un-protecting) then changes nothing —
+    /// it fails with `ENOENT` when nothing is in flight.
+    ///
+    /// `MADV_DONTNEED` is not seen here: its event is read *before* it
+    /// clears page tables.
+    pub fn layout_changing(&self, probe: VaRange) -> bool {
+        if check_aligned(probe).is_err() {
+            return false;
+        }
+        let mut arg = sys::uffdio_writeprotect {
+            range: sys::uffdio_range {
+                start: probe.start().get(),
+                len: probe.len(),
+            },
+            mode: 0,
+        };
+        matches!(
+            self.range_ioctl("UFFDIO_WRITEPROTECT", sys::UFFDIO_WRITEPROTECT, probe, &mut arg),
+            Err(UffdError::Ioctl { ref source, .. }) if source.raw_os_error() == Some(libc::EAGAIN)
+        )
+    }
+
     /// Wakes threads sleeping on faults in `range` (they re-fault).
     pub fn wake(&self, range: VaRange) -> Result<(), UffdError> {
         check_aligned(range)?;
