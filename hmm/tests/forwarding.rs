@@ -3,6 +3,8 @@
 //! the trait's do-nothing default and cost the driver its optimisation
 //! without failing anything else (found: `read_back_with_next_launch`).
 
+#![cfg(feature = "wgpu")]
+
 use hmm::{Device, Driver, InOut, MirrorConfig};
 
 hmm::kernel! {

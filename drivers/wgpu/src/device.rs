@@ -280,7 +280,7 @@ impl WgpuDevice {
     /// Whether `init` had to let wgpu make a pool binding, which wgpu
     /// zero-fills on the first submission that binds it (a cost that grows
     /// with the pool, 118 ms for 256 MiB on lavapipe); `false` when every
-    /// binding came from [`WgpuDevice::unfilled_buffer`]. `None` before
+    /// binding came from `WgpuDevice::unfilled_buffer`. `None` before
     /// `init`.
     pub fn pool_zero_filled(&self) -> Option<bool> {
         self.mem.get().map(|m| m.pool_filled)
