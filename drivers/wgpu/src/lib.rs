@@ -70,6 +70,7 @@ mod kernel;
 mod open;
 mod ptops;
 mod test_kernels;
+mod unfilled;
 
 pub use device::WgpuDevice;
 pub use kernel::WgpuKernel;

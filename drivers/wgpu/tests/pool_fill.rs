@@ -9,6 +9,29 @@ use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::{Backend, DeviceConfig};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 
+type WgpuMirror = Mirror<hmm_driver_wgpu::WgpuDevice, hmm_core::cpu::host::HostSpace>;
+
+/// A mirror of `pool_slots` slots and `table_pages` table pages on `d`,
+/// with the suite's word-copy kernel (`[src, out]`).
+fn copy_mirror(
+    d: hmm_driver_wgpu::WgpuDevice,
+    pool_slots: u32,
+    table_pages: u32,
+) -> (WgpuMirror, Box<hmm_driver_wgpu::WgpuKernel>) {
+    let host = hmm_core::cpu::host::HostSpace::new().expect("host");
+    let cfg = MirrorConfig {
+        pool_slots,
+        table_pages,
+        ..MirrorConfig::default()
+    };
+    let m = Mirror::new(std::sync::Arc::new(host), d, cfg).expect("mirror");
+    let k = m
+        .backend()
+        .test_kernel(TestKernel::CopyU32)
+        .expect("kernel");
+    (m, k)
+}
+
 #[test]
 fn pool_bindings_skip_wgpus_zero_fill() {
     let Some(d) = hmm_driver_wgpu::test_device() else {
@@ -34,20 +57,7 @@ fn slots_reused_without_zero_fill_hold_only_written_data() {
     // CPU memory with a distinct pattern, so a slot read before it was
     // written (old data, or whatever the device memory held) shows up as
     // a wrong word.
-    let host = hmm_core::cpu::host::HostSpace::new().expect("host");
-    let m = Mirror::new(
-        std::sync::Arc::new(host),
-        d,
-        MirrorConfig {
-            pool_slots: 64,
-            ..MirrorConfig::default()
-        },
-    )
-    .expect("mirror");
-    let k = m
-        .backend()
-        .test_kernel(TestKernel::CopyU32)
-        .expect("kernel");
+    let (m, k) = copy_mirror(d, 64, MirrorConfig::default().table_pages);
     for round in 0..3u32 {
         let words = 48 * 1024;
         let src: Vec<u32> = (0..words).map(|i| i ^ (round << 28)).collect();
@@ -84,21 +94,7 @@ fn mappings_spread_over_many_table_pages_read_right() {
     // own lower-level table pages, zeroed on first write. With the table
     // poisoned in debug builds, a page walked before it was zeroed would
     // send the walk to a garbage slot and the words would come out wrong.
-    let host = hmm_core::cpu::host::HostSpace::new().expect("host");
-    let m = Mirror::new(
-        std::sync::Arc::new(host),
-        d,
-        MirrorConfig {
-            pool_slots: 256,
-            table_pages: 128,
-            ..MirrorConfig::default()
-        },
-    )
-    .expect("mirror");
-    let k = m
-        .backend()
-        .test_kernel(TestKernel::CopyU32)
-        .expect("kernel");
+    let (m, k) = copy_mirror(d, 256, 128);
     const GIB: usize = 1 << 30;
     let mut areas = Vec::new();
     for i in 0..24u32 {
