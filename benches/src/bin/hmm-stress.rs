@@ -7,9 +7,12 @@
 //!   read;
 //! - **writers** rewrite whole arena pages on the CPU, each write stamping
 //!   a new version;
-//! - a **remapper** `munmap`s chunks of the arena and `mmap`s fresh memory at
-//!   the same addresses, or `madvise(MADV_DONTNEED)`s them (the CPU then
-//!   holds zeros), and re-stamps them;
+//! - a **remapper** unmaps chunks of the arena (by mapping an inaccessible
+//!   placeholder over them with `MAP_FIXED`, which unmaps the old pages as
+//!   `munmap` would, without leaving a hole another thread's `mmap` could
+//!   take) and `mmap`s fresh memory at the same addresses, or
+//!   `madvise(MADV_DONTNEED)`s them (the CPU then holds zeros), and
+//!   re-stamps them;
 //! - a **prefetcher** prefetches random ranges;
 //! - a **watchdog** ends the run (exit 2) if no operation completes for
 //!   `--stall` seconds (a deadlock).
@@ -74,12 +77,12 @@
 //! (`ForeignWriters::Check`, the default) must make the device see them at
 //! the next launch: the invariant is unchanged. Remaps of a shared arena
 //! punch a hole in the memfd (`MADV_REMOVE` for the in-place variant;
-//! `munmap`, `fallocate(PUNCH_HOLE)`, `mmap` again for the other), so the
+//! unmap, `fallocate(PUNCH_HOLE)`, `mmap` again for the other), so the
 //! new memory reads as zeros, as fresh anonymous memory does.
 //!
 //! Runs the same on a zero-copy device (`cpu`, `vulkan`), whose kernels
 //! read the arena's own pages, within that mode's contract: the remapper
-//! `munmap`s only while it holds the *unmap gate* exclusively and every
+//! unmaps only while it holds the *unmap gate* exclusively and every
 //! launch holds it shared (an unmap during a launch would fault the
 //! process on a device that runs on the CPU); `MADV_DONTNEED` needs no
 //! gate (the memory stays mapped and reads as zeros); CPU writers store
@@ -267,7 +270,7 @@ struct Arena {
     floor: Vec<AtomicU32>,
     /// Per page: odd while a remap / DONTNEED is in progress.
     remaps: Vec<AtomicU32>,
-    /// `--zero-copy`: launches hold it shared, an `munmap` exclusively.
+    /// `--zero-copy`: launches hold it shared, an unmap exclusively.
     unmap_gate: std::sync::RwLock<()>,
     /// `--shared`: the memfd behind the arena and the address of its alias
     /// mapping.
@@ -390,9 +393,31 @@ impl Arena {
         let _gate = (!dontneed && self.zero_copy)
             .then(|| self.unmap_gate.write().unwrap_or_else(|e| e.into_inner()));
         if !dontneed {
+            // Not `munmap`: between an `munmap` and the `mmap` below, any
+            // other thread's `mmap` (lavapipe's JIT code, wgpu's staging
+            // memory, a malloc arena) may be placed in the hole, and the
+            // `MAP_FIXED` below would then silently replace that mapping —
+            // one CI run crashed executing JIT code replaced that way. A
+            // `MAP_FIXED` placeholder unmaps the chunk just the same (the
+            // kernel reports it with the same userfaultfd `UNMAP` event)
+            // while keeping the addresses ours; a launch that meets it sees
+            // a mapping it may not read (`NoAccess`) instead of a hole.
             // SAFETY: as above; the chunk is mapped again at once below.
-            if unsafe { libc::munmap(addr, len) } != 0 {
-                return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+            let p = unsafe {
+                libc::mmap(
+                    addr,
+                    len,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p != addr {
+                return Err(format!(
+                    "mmap (placeholder): {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         // The old contents are gone: publish the floor before the new
@@ -426,8 +451,8 @@ impl Arena {
                 }
                 None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
             };
-            // SAFETY: MAP_FIXED over the hole we just made in our own
-            // arena (the guard pages around the arena stay ours).
+            // SAFETY: MAP_FIXED over the placeholder we just put in our
+            // own arena (the guard pages around the arena stay ours).
             let p = unsafe {
                 libc::mmap(
                     addr,
@@ -509,11 +534,17 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
             Ok(_) => {}
             Err(MirrorError::DeviceFault { addr, reason, .. }) => {
                 // Only acceptable at a page that was being remapped (the
-                // memory vanished under the launch: unmapped, or it kept
+                // memory vanished under the launch: unmapped, replaced by
+                // the remapper's `PROT_NONE` placeholder, or it kept
                 // vanishing while being populated).
                 let p = (addr.0.wrapping_sub(a.base) as usize) / PAGE;
                 let raced_here = (first..first + n).contains(&p) && raced(p, &before[p - first]);
-                if raced_here && matches!(reason, AccessError::Unmapped | AccessError::BadPage) {
+                if raced_here
+                    && matches!(
+                        reason,
+                        AccessError::Unmapped | AccessError::NoAccess | AccessError::BadPage
+                    )
+                {
                     add(&a.c.launch_faults, 1);
                 } else {
                     println!("UNEXPECTED: device fault at {addr} ({reason}; remapped meanwhile: {raced_here})");

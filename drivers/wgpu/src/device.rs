@@ -66,6 +66,9 @@ struct Submission {
     /// Pool slots copied into the read-back buffer after the dispatch, at
     /// `stage_offset(&layout)` ([`Backend::read_back_with_next_launch`]).
     staged: Vec<PoolSlot>,
+    /// [`Staged::work`] as this submission left it: its staged pages are
+    /// current only while no later device work was issued.
+    work: u64,
 }
 
 /// Where the pages a launch brings back with it start in its read-back
@@ -74,12 +77,24 @@ fn stage_offset(layout: &ControlLayout) -> u64 {
     layout.bytes().next_multiple_of(256)
 }
 
-/// Pages brought back with the last launch
-/// ([`Backend::read_back_with_next_launch`]): valid until the next device
+/// Pages brought back with a launch
+/// ([`Backend::read_back_with_next_launch`]): current until the next device
 /// work that may write a slot (a launch or a `copy_to_device`).
+///
+/// Launches from several threads overlap: a launch may complete (and hand
+/// over its staged pages) after a later launch or copy was issued, whose
+/// writes its copy does not show. So every piece of device work counts
+/// itself in `work`, a submission remembers the count it left, and its
+/// pages are served only if that is still the count — not merely "no work
+/// since the pages were handed over", which let an earlier launch's pages
+/// stand in for a later launch's writes (`hmm-stress` on wgpu read stale
+/// words that way).
 #[derive(Default)]
 struct Staged {
-    valid: bool,
+    /// Device work issued so far (launches and copies into slots).
+    work: u64,
+    /// The `work` count at which `slots`/`data` were current.
+    current_at: Option<u64>,
     slots: Vec<PoolSlot>,
     /// `slots.len()` pages, in order.
     data: Vec<u8>,
@@ -482,10 +497,7 @@ unsafe impl Backend for WgpuDevice {
     }
 
     unsafe fn copy_to_device(&self, batch: &[HostToDevice]) -> Result<(), BackendError> {
-        // Device work on slots: the pages staged with the last launch may
-        // be stale from here on.
-        lock(&self.staged).valid = false;
-        self.scoped("copy_to_device", other, || {
+        let r = self.scoped("copy_to_device", other, || {
             let mem = self.memory()?;
             if let Some(bad) = batch.iter().find(|c| c.slot.0 >= mem.pool_slots) {
                 return Err(other(format!("slot {} outside the pool", bad.slot.0)));
@@ -509,7 +521,13 @@ unsafe impl Backend for WgpuDevice {
                 self.queue.write_buffer(&mem.pool[chunk], off, bytes);
             }
             Ok(())
-        })
+        });
+        // Device work on slots: the pages staged with a launch are stale
+        // from here on. Counted after the writes are queued (they run at the
+        // next submission): a launch counted before this count saw them
+        // queued, or is not current any more.
+        lock(&self.staged).work += 1;
+        r
     }
 
     unsafe fn copy_to_host(&self, batch: &[DeviceToHost]) -> Result<(), BackendError> {
@@ -521,7 +539,8 @@ unsafe impl Backend for WgpuDevice {
             {
                 let st = lock(&self.staged);
                 let at = |s: PoolSlot| st.slots.iter().position(|&x| x == s);
-                if st.valid && batch.iter().all(|c| at(c.slot).is_some()) {
+                let current = st.current_at == Some(st.work);
+                if current && batch.iter().all(|c| at(c.slot).is_some()) {
                     for c in batch {
                         let i = at(c.slot).unwrap_or(0) * PAGE as usize;
                         let src = &st.data[i..i + PAGE as usize];
@@ -529,7 +548,7 @@ unsafe impl Backend for WgpuDevice {
                         // valid for writes of 4096 bytes and unaliased;
                         // `src` is 4096 bytes of the staged copy, which
                         // holds the slot's data as the last launch left it
-                        // (no device work since: `valid`).
+                        // (no device work issued since: `current`).
                         unsafe {
                             core::ptr::copy_nonoverlapping(src.as_ptr(), c.dst, PAGE as usize)
                         };
@@ -667,13 +686,19 @@ unsafe impl Backend for WgpuDevice {
             ));
         }
         let plan = hmm_shaders::Dispatch::plan(invocations, args, FAULT_CAP, mem.chunk_slots)?;
-        // New device work: whatever was staged with the last launch may be
-        // stale; this launch stages what was asked for it.
-        lock(&self.staged).valid = false;
         let mut stage: Vec<PoolSlot> = std::mem::take(&mut *lock(&self.read_back_next));
         stage.retain(|s| s.0 < mem.pool_slots);
         stage.truncate(READ_BACK_WITH_LAUNCH);
         let mut l = lock(&self.launches);
+        // New device work: whatever was staged with an earlier launch may
+        // be stale; this launch stages what was asked for it. Counted with
+        // the launch lock held, which is held until the submission: launches
+        // count in the order they execute.
+        let work = {
+            let mut st = lock(&self.staged);
+            st.work += 1;
+            st.work
+        };
         // Phase 1, in its own scopes: upload the parameters and record the
         // commands. An error here submits nothing.
         let (res, layout, commands, doomed) =
@@ -790,6 +815,7 @@ unsafe impl Backend for WgpuDevice {
                 layout,
                 mapped,
                 staged: stage,
+                work,
             },
         );
         Ok(SubmissionId(id))
@@ -876,10 +902,14 @@ unsafe impl Backend for WgpuDevice {
                     .get_mapped_range()
                     .map_err(other)?;
                 let mut st = lock(&self.staged);
-                st.data.clear();
-                st.data.extend_from_slice(&view);
-                st.slots.clone_from(&sub.staged);
-                st.valid = true;
+                // Only if nothing was issued after this launch: later work
+                // may have written the pages since they were copied out.
+                if st.work == sub.work {
+                    st.data.clear();
+                    st.data.extend_from_slice(&view);
+                    st.slots.clone_from(&sub.staged);
+                    st.current_at = Some(sub.work);
+                }
             }
             sub.res.readback.unmap();
             lock(&self.launches).free.push(sub.res);
