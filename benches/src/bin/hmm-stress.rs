@@ -152,6 +152,13 @@ struct Opts {
     /// module docs).
     #[arg(long)]
     shared: bool,
+    /// Fetch policy: `adaptive` (the default here, on every driver:
+    /// speculated and refreshed pages are mirrored, tracked and invalidated
+    /// like any other, and this is where that is checked),
+    /// `adaptive-no-refresh` (speculation without the ping-pong refresh) or
+    /// `exact` (only the pages that faulted).
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "adaptive-no-refresh", "exact"])]
+    policy: String,
     /// Copy mode learns of CPU writes by hashing every resident page at
     /// sync points (`CpuWrites::Hash`, the THP-preserving opt-out) instead
     /// of write-protecting them.
@@ -672,15 +679,23 @@ fn stress_injected<B: TestKernels>(
         } else {
             hmm_core::mirror::CpuWrites::Protect
         },
-        // Speculation on every driver (`Auto` would leave the cpu driver
-        // exact): the adaptive policy's pages are mirrored, tracked and
-        // invalidated like any other, and this is where that is checked.
-        fetch: hmm_core::mirror::FetchPolicy::Adaptive,
+        // Adaptive on every driver unless asked (`Auto` would leave the cpu
+        // driver exact).
+        fetch: match o.policy.as_str() {
+            "exact" => hmm_core::mirror::FetchPolicy::Exact,
+            "adaptive-no-refresh" => {
+                hmm_core::mirror::FetchPolicy::AdaptiveWith(hmm_core::mirror::Adaptive {
+                    ping_pong_launches: 0,
+                    ..hmm_core::mirror::Adaptive::default()
+                })
+            }
+            _ => hmm_core::mirror::FetchPolicy::Adaptive,
+        },
         ..MirrorConfig::default()
     };
     let m = Mirror::new(Arc::clone(&host), make()?, cfg).map_err(|e| e.to_string())?;
     println!(
-        "hmm-stress: backend {}, {} s, {} launcher + {} writer threads, 1 remapper, 1 prefetcher, arena {} pages ({} per chunk), pool {} slots, seed {:#x}",
+        "hmm-stress: backend {}, {} s, {} launcher + {} writer threads, 1 remapper, 1 prefetcher, arena {} pages ({} per chunk), pool {} slots, {} policy, seed {:#x}",
         m.backend().info(),
         o.duration,
         o.threads,
@@ -688,6 +703,7 @@ fn stress_injected<B: TestKernels>(
         o.pages,
         o.chunk,
         o.pool,
+        o.policy,
         o.seed
     );
     let rw = libc::PROT_READ | libc::PROT_WRITE;
