@@ -105,6 +105,9 @@ const PAGE: usize = 4096;
 const WPP: usize = PAGE / 4;
 /// Stamps per generation: a remap moves a page's stamp to the next multiple.
 const GEN: u32 = 1 << 12;
+/// What `--poison-out` fills output words with (above any stamp a run
+/// reaches).
+const SENTINEL: u32 = 0xFFFF_FFFE;
 
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -164,6 +167,13 @@ struct Opts {
     /// of write-protecting them.
     #[arg(long)]
     hash_writes: bool,
+    /// Before each launch, the launcher fills the output words it is about
+    /// to use with a sentinel (`0xFFFF_FFFE`): a word the launch did not
+    /// bring back to the CPU then reads as the sentinel instead of an
+    /// earlier launch's value (a diagnostic: it tells a lost write-back
+    /// from a wrong device read; the output pages then fault every launch).
+    #[arg(long)]
+    poison_out: bool,
 }
 
 fn main() -> ExitCode {
@@ -285,6 +295,8 @@ struct Arena {
     zero_copy: bool,
     /// Device failures are being injected (`--inject-faults`).
     injecting: bool,
+    /// `--poison-out`.
+    poison_out: bool,
     stop: AtomicBool,
     c: Counts,
 }
@@ -526,6 +538,11 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                 remaps,
             });
         }
+        if a.poison_out {
+            for i in 0..n * WPP {
+                out.write_word(i, SENTINEL);
+            }
+        }
         let src = a.base + (first * PAGE) as u64;
         let gate = a
             .zero_copy
@@ -537,8 +554,8 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
         let raced = |p: usize, b: &Before| {
             b.remaps % 2 == 1 || a.remaps[p].load(Ordering::SeqCst) != b.remaps
         };
-        match r {
-            Ok(_) => {}
+        let report = match r {
+            Ok(report) => report,
             Err(MirrorError::DeviceFault { addr, reason, .. }) => {
                 // Only acceptable at a page that was being remapped (the
                 // memory vanished under the launch: unmapped, replaced by
@@ -575,7 +592,10 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                 add(&a.c.unexpected, 1);
                 continue;
             }
-        }
+        };
+        // What the launch left, read at once: nothing may change the
+        // output after the launch returned (checked at the end).
+        let seen: Vec<u32> = (0..before.len() * WPP).map(|i| out.read_word(i)).collect();
         let mut checked = 0;
         for (i, b) in before.iter().enumerate() {
             let p = first + i;
@@ -584,7 +604,7 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                 .max(a.writing[p].load(Ordering::SeqCst));
             let zero_ok = raced(p, b);
             for w in 0..WPP {
-                let v = out.read_word(i * WPP + w);
+                let v = seen[i * WPP + w];
                 checked += 1;
                 if v == 0 && zero_ok {
                     add(&a.c.zeros_accepted, 1);
@@ -594,16 +614,38 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
                     let n = a.c.violations.fetch_add(1, Ordering::Relaxed);
                     if n < 10 {
                         println!(
-                            "VIOLATION: page {p} word {w}: device read {v:#x}, CPU held {:#x}..={after:#x} (remaps {} → {})",
+                            "VIOLATION: page {p} word {w}: device read {v:#x}, CPU held {:#x}..={after:#x} (remaps {} → {}); launch of pages {first}..{}: {} submissions, {} pages in, {} out",
                             b.floor,
                             b.remaps,
-                            a.remaps[p].load(Ordering::SeqCst)
+                            a.remaps[p].load(Ordering::SeqCst),
+                            first + before.len(),
+                            report.submissions,
+                            report.pages_in,
+                            report.pages_out,
                         );
                     }
                 }
             }
         }
         add(&a.c.words_checked, checked);
+        // The output is this launcher's own: no later launch, write-back or
+        // eviction may write it.
+        let changed: Vec<usize> = (0..seen.len())
+            .filter(|&i| out.read_word(i) != seen[i])
+            .collect();
+        if let Some(&i) = changed.first() {
+            let n = a.c.violations.fetch_add(changed.len() as u64, Ordering::Relaxed);
+            if n < 10 {
+                println!(
+                    "VIOLATION: {} output words changed after their launch returned (first: word {} of page {}, {:#x} → {:#x})",
+                    changed.len(),
+                    i % WPP,
+                    first + i / WPP,
+                    seen[i],
+                    out.read_word(i)
+                );
+            }
+        }
     }
 }
 
@@ -741,6 +783,7 @@ fn stress_injected<B: TestKernels>(
             .map(|(f, a)| (std::os::fd::AsRawFd::as_raw_fd(f), a.addr())),
         zero_copy: o.zero_copy,
         injecting: inject.is_some(),
+        poison_out: o.poison_out,
         stop: AtomicBool::new(false),
         c: Counts::default(),
     };
