@@ -366,6 +366,30 @@ impl Arena {
         if s == u32::MAX {
             return;
         }
+        // Only holders of this lock write the page, and they leave every
+        // word equal to the stamp: any other value was written by someone
+        // else (the mirror writes back only what a kernel wrote, and no
+        // kernel writes the arena).
+        let base = self.page_ptr(p);
+        let wrong = (0..WPP)
+            .map(|i| {
+                // SAFETY: as in `stamp_page_at`: page `p` is mapped while its
+                // chunk lock is held (we hold it), the word is aligned, and
+                // every access to arena words is atomic.
+                let word = unsafe { &*base.add(i).cast::<AtomicU32>() };
+                (i, word.load(Ordering::Relaxed))
+            })
+            .filter(|&(_, v)| v != s)
+            .collect::<Vec<_>>();
+        if let Some(&(i, v)) = wrong.first() {
+            let n = self.c.violations.fetch_add(wrong.len() as u64, Ordering::Relaxed);
+            if n < 10 {
+                println!(
+                    "VIOLATION: arena page {p}: {} words changed behind the program (first: word {i} holds {v:#x}, the program wrote {s:#x})",
+                    wrong.len()
+                );
+            }
+        }
         match self.shared {
             // Half the writes through the alias: unseen by write tracking.
             Some((_, alias)) if rng.below(2) == 0 => {
