@@ -382,7 +382,10 @@ impl Arena {
             .filter(|&(_, v)| v != s)
             .collect::<Vec<_>>();
         if let Some(&(i, v)) = wrong.first() {
-            let n = self.c.violations.fetch_add(wrong.len() as u64, Ordering::Relaxed);
+            let n = self
+                .c
+                .violations
+                .fetch_add(wrong.len() as u64, Ordering::Relaxed);
             if n < 10 {
                 println!(
                     "VIOLATION: arena page {p}: {} words changed behind the program (first: word {i} holds {v:#x}, the program wrote {s:#x})",
@@ -658,7 +661,9 @@ fn launcher<B: TestKernels>(a: &Arena, m: &Mirror<B>, k: &B::Kernel, max_pages: 
             .filter(|&i| out.read_word(i) != seen[i])
             .collect();
         if let Some(&i) = changed.first() {
-            let n = a.c.violations.fetch_add(changed.len() as u64, Ordering::Relaxed);
+            let n =
+                a.c.violations
+                    .fetch_add(changed.len() as u64, Ordering::Relaxed);
             if n < 10 {
                 println!(
                     "VIOLATION: {} output words changed after their launch returned (first: word {} of page {}, {:#x} → {:#x})",
