@@ -263,9 +263,19 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             };
             // Fetched for write where the faults before it were writes (a
             // sweep that stores keeps storing) and the CPU may write: one
-            // upgrade fault per page saved.
+            // upgrade fault per page saved. "Before it" in its own mapping:
+            // the runs are sorted by address across mappings, and an output
+            // buffer's write faults below an input buffer say nothing about
+            // the input (they made its speculated pages writable, with
+            // twins, until `speculation_write_flag.rs` in the cpu driver's
+            // tests caught it).
             let k = merged.partition_point(|d| d.range.start() <= piece.start());
-            let write = k > 0 && merged[k - 1].write && m.write;
+            let write = m.write
+                && merged[..k]
+                    .iter()
+                    .rev()
+                    .find(|d| m.range.contains(d.range.start()))
+                    .is_some_and(|d| d.write);
             // In runs of one fault batch, as demanded faults are serviced:
             // measured on the cpu driver (1 GiB dense saxpy), speculation
             // in one run per range took 2.7 s against 2.1 s in 256-page
