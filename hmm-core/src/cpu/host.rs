@@ -456,11 +456,7 @@ impl HostSpace {
         // userfaultfd until its event is read: wait for that (bounded),
         // then for its invalidation. One that starts after the scan is a
         // race in the program, as the README says.
-        let t0 = std::time::Instant::now();
-        while m.layout_changing() && t0.elapsed() < std::time::Duration::from_secs(1) {
-            std::thread::yield_now();
-        }
-        m.quiesce(std::time::Duration::from_secs(1));
+        self.settle();
         let mut pages = 0;
         for r in runs {
             pages += r.pages();
@@ -471,6 +467,44 @@ impl HostSpace {
 }
 
 impl HostSpace {
+    /// Waits (bounded: 1 s in all) until every kernel event caused so far
+    /// has been read *and handled*: first until no `munmap`/`mremap`/
+    /// `madvise` of a watched range is between changing page tables and
+    /// having its event read ([`EventMonitor::layout_changing`]), then
+    /// until nothing read is unhandled ([`EventMonitor::quiesce`]). Returns
+    /// whether that happened (always `true` without userfaultfd).
+    ///
+    /// Why a mirror needs it before every submission, not only at the sync
+    /// point: the thread that discards memory resumes as soon as its event
+    /// is *read* and then zaps the pages, while the invalidation runs on
+    /// the monitor's handler thread. A fault-service copy made in between
+    /// can read the page half before and half after the zap — a word torn
+    /// between old bytes and zeros — and pass its sequence check, because
+    /// the handler has not bumped the sequence yet. Its entry is dropped
+    /// as soon as the handler runs; a submission must not come first
+    /// (`hmm-stress` with a small arena read such torn words on the GPU
+    /// drivers, whose launches take long enough to hit the gap).
+    ///
+    /// Must not be called from an invalidation sink, nor with a lock held
+    /// that a sink may take (the handler thread would wait for itself).
+    pub fn settle(&self) -> bool {
+        let Some(m) = &self.monitor else {
+            return true;
+        };
+        let limit = std::time::Duration::from_secs(1);
+        let t0 = std::time::Instant::now();
+        let mut laid = true;
+        while m.layout_changing() {
+            if t0.elapsed() >= limit {
+                laid = false;
+                break;
+            }
+            std::thread::yield_now();
+        }
+        // Even after a timeout above: whatever was read gets handled.
+        m.quiesce(limit.saturating_sub(t0.elapsed())) && laid
+    }
+
     /// What a sync point scans: the watched ranges (as the monitor has
     /// them: a remap moves a watch to its new address) less the parts only
     /// untracked watches cover ([`HostSpace::watch_untracked`]).

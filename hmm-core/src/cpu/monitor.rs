@@ -54,7 +54,8 @@
 //!   watch set comes before it: after the invalidation a new mapping at
 //!   the same addresses may be registered, and a later edit would drop
 //!   that registration from the set); an event counts as in flight from
-//!   before the `read(2)` until its handler returned, so a sync point can
+//!   before the `read(2)` until its handler returned, so a sync point —
+//!   and a mirror before each submission (`HostSpace::settle`) — can
 //!   wait for it ([`EventMonitor::quiesce`]); and a consumer that writes
 //!   device data back to CPU memory must re-check its invalidation
 //!   sequence under its own lock right before the write: the sequence

@@ -51,6 +51,13 @@ pub trait HostSide: Send + Sync + 'static {
     /// invalidated.
     fn sync_point(&self) -> Result<u64, HostError>;
 
+    /// Waits (bounded) until every kernel event caused so far has been
+    /// handled, its invalidation included; returns whether that happened.
+    /// The mirror calls it, without the driver lock, before every
+    /// submission: a page discarded while fault service copied it may hold
+    /// a torn copy until its invalidation runs ([`HostSpace::settle`]).
+    fn settle(&self) -> bool;
+
     /// Starts delivering kernel events (unmap, remap, remove) for `range`
     /// as invalidations, and tracking CPU writes there if asked.
     fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError>;
@@ -164,6 +171,10 @@ impl HostSide for HostSpace {
 
     fn sync_point(&self) -> Result<u64, HostError> {
         HostSpace::sync_point(self)
+    }
+
+    fn settle(&self) -> bool {
+        HostSpace::settle(self)
     }
 
     fn watch(&self, range: VaRange, writes: WriteTracking) -> Result<(), HostError> {

@@ -221,6 +221,18 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 Invocations::Only(&replay)
             };
             let t_round = Instant::now();
+            // Every kernel event caused so far handled, and its zap queued,
+            // before the device reads anything: a page discarded while this
+            // launch's fault service copied it may hold a torn copy (old
+            // bytes and zeros in one word) whose entry only the event's
+            // invalidation drops (`HostSpace::settle`). Taking the driver
+            // lock below then applies any zap the handler had to queue.
+            if !inner.host.settle() {
+                tracing::warn!(
+                    target: "hmm_rs",
+                    "kernel events still unhandled after 1 s; submitting anyway"
+                );
+            }
             let id = {
                 let mut dev = inner.lock();
                 inner.flush_or_fail(&mut dev)?;

@@ -187,6 +187,12 @@ impl HostSide for FakeHost {
         Ok(0)
     }
 
+    fn settle(&self) -> bool {
+        // Invalidations run synchronously in the thread that changes
+        // memory: nothing is ever read and unhandled.
+        true
+    }
+
     fn watch(&self, range: VaRange, _writes: WriteTracking) -> Result<(), HostError> {
         // Like userfaultfd registration: refused where the range is not
         // wholly mapped.
