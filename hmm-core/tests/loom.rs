@@ -300,6 +300,80 @@ fn monitor_handoff_quiet_means_handled() {
     });
 }
 
+/// A replay round submitted after a discard returned never reads through
+/// the discarded page's entry (`HostSpace::settle` before every
+/// submission, then the driver lock, whose acquisition applies queued
+/// zaps). The handler zaps the entry itself when the driver lock is free
+/// and queues the zap for the lock's next holder when it is not — here
+/// the launcher's fault service, which may hold the lock while the event
+/// is read and handled. Without the wait, the launcher could take the
+/// lock before the handler ran and submit with the old entry.
+#[test]
+fn monitor_settle_then_lock_drops_a_discarded_entry() {
+    use hmm_core::cpu::handoff::EventQueue;
+    model(|| {
+        let q = Arc::new(EventQueue::<u32>::new(1));
+        let kernel = Arc::new(AtomicUsize::new(1));
+        let read = Arc::new(AtomicBool::new(false));
+        // The driver lock and the entry it guards (Some: mapped).
+        let dev = Arc::new(Mutex::new(Some(7u32)));
+        let pending = Arc::new(Mutex::new(Vec::<u32>::new()));
+        let reader = {
+            let (q, kernel, read) = (Arc::clone(&q), Arc::clone(&kernel), Arc::clone(&read));
+            thread::spawn(move || {
+                q.begin_read();
+                if kernel.swap(0, Ordering::SeqCst) == 1 {
+                    read.store(true, Ordering::SeqCst);
+                    q.push(7);
+                }
+                q.end_read();
+                q.stop();
+            })
+        };
+        let handler = {
+            let (q, dev, pending) = (Arc::clone(&q), Arc::clone(&dev), Arc::clone(&pending));
+            thread::spawn(move || {
+                while let Some(page) = q.pop() {
+                    match dev.try_lock() {
+                        Ok(mut entry) => {
+                            if *entry == Some(page) {
+                                *entry = None;
+                            }
+                        }
+                        Err(_) => pending.lock().unwrap().push(page),
+                    }
+                    q.done();
+                }
+            })
+        };
+        // Fault service of the launch holds the driver lock a while.
+        {
+            let _install = dev.lock().unwrap();
+            thread::yield_now();
+        }
+        // The discard returned (its event was read); the next round:
+        while !read.load(Ordering::SeqCst) {
+            thread::yield_now();
+        }
+        while !q.quiet(|| kernel.load(Ordering::SeqCst) > 0) {
+            thread::yield_now();
+        }
+        let mut entry = dev.lock().unwrap();
+        for page in pending.lock().unwrap().drain(..) {
+            if *entry == Some(page) {
+                *entry = None;
+            }
+        }
+        assert_eq!(
+            *entry, None,
+            "a round was submitted with the discarded entry"
+        );
+        drop(entry);
+        reader.join().unwrap();
+        handler.join().unwrap();
+    });
+}
+
 /// The ring is bounded: a reader that finds it full waits for the handler,
 /// nothing is lost or reordered, and stopping ends the handler only once
 /// the ring is empty.
