@@ -247,6 +247,27 @@ fn release_runs_once_at_teardown_racing_registration() {
     });
 }
 
+/// The monitor's reading thread for one event (7, about page 7): reads it
+/// from the kernel's queue (`kernel`: 1 while unread), sets `read` — the
+/// moment the thread that caused it resumes — queues it, then stops the
+/// queue.
+fn spawn_reader(
+    q: &Arc<hmm_core::cpu::handoff::EventQueue<u32>>,
+    kernel: &Arc<AtomicUsize>,
+    read: &Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    let (q, kernel, read) = (Arc::clone(q), Arc::clone(kernel), Arc::clone(read));
+    thread::spawn(move || {
+        q.begin_read();
+        if kernel.swap(0, Ordering::SeqCst) == 1 {
+            read.store(true, Ordering::SeqCst);
+            q.push(7);
+        }
+        q.end_read();
+        q.stop();
+    })
+}
+
 /// The event monitor's hand-off from its reading thread to its handling
 /// thread (`hmm_core::cpu::handoff`): the thread that caused an event
 /// resumes once the event is read (here: once `read` is set, which the
@@ -261,18 +282,7 @@ fn monitor_handoff_quiet_means_handled() {
         let kernel = Arc::new(AtomicUsize::new(1));
         let read = Arc::new(AtomicBool::new(false));
         let handled = Arc::new(AtomicUsize::new(0));
-        let reader = {
-            let (q, kernel, read) = (Arc::clone(&q), Arc::clone(&kernel), Arc::clone(&read));
-            thread::spawn(move || {
-                q.begin_read();
-                if kernel.swap(0, Ordering::SeqCst) == 1 {
-                    read.store(true, Ordering::SeqCst);
-                    q.push(7);
-                }
-                q.end_read();
-                q.stop();
-            })
-        };
+        let reader = spawn_reader(&q, &kernel, &read);
         let handler = {
             let (q, handled) = (Arc::clone(&q), Arc::clone(&handled));
             thread::spawn(move || {
@@ -318,18 +328,7 @@ fn monitor_settle_then_lock_drops_a_discarded_entry() {
         // The driver lock and the entry it guards (Some: mapped).
         let dev = Arc::new(Mutex::new(Some(7u32)));
         let pending = Arc::new(Mutex::new(Vec::<u32>::new()));
-        let reader = {
-            let (q, kernel, read) = (Arc::clone(&q), Arc::clone(&kernel), Arc::clone(&read));
-            thread::spawn(move || {
-                q.begin_read();
-                if kernel.swap(0, Ordering::SeqCst) == 1 {
-                    read.store(true, Ordering::SeqCst);
-                    q.push(7);
-                }
-                q.end_read();
-                q.stop();
-            })
-        };
+        let reader = spawn_reader(&q, &kernel, &read);
         let handler = {
             let (q, dev, pending) = (Arc::clone(&q), Arc::clone(&dev), Arc::clone(&pending));
             thread::spawn(move || {

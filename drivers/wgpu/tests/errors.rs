@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::backend::{
-    Backend, BackendError, DeviceConfig, DeviceToHost, Invocations, PteLoc, PteWrite,
+    Backend, BackendError, DeviceConfig, Invocations, PteLoc, PteWrite,
 };
 use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage};
 use hmm_driver_wgpu::{test_device, WgpuDevice, WgpuKernel};
+
+mod common;
 
 const CFG: DeviceConfig = DeviceConfig {
     pool_slots: 16,
@@ -67,25 +69,8 @@ fn fill(d: &WgpuDevice, k: &WgpuKernel, base: u32) -> Result<Vec<u32>, BackendEr
     Ok(d.take_outcome(id)?.incomplete.iter().collect())
 }
 
-/// The words of `SLOT`, read back from the device.
-fn slot_words(d: &WgpuDevice) -> Vec<u32> {
-    let mut page = vec![0u8; 4096];
-    // SAFETY: `page` is 4096 writable, unaliased bytes; no launch is in
-    // flight.
-    unsafe {
-        d.copy_to_host(&[DeviceToHost {
-            slot: SLOT,
-            dst: page.as_mut_ptr(),
-        }])
-    }
-    .expect("copy out");
-    page.chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 fn expect_filled(d: &WgpuDevice, base: u32) {
-    let words = slot_words(d);
+    let words = common::slot_words(d, SLOT);
     for (i, w) in words.iter().enumerate() {
         assert_eq!(*w, base + i as u32, "word {i}");
     }
@@ -107,13 +92,13 @@ fn an_error_outside_any_call_fails_no_page_table_write() {
     assert_eq!(read, vec![Pte::leaf(SLOT, true)], "the entry was written");
     // Copies are not failed either. (The slot was never written: the
     // pool is not zero-filled, so compare with what it holds now.)
-    let before = slot_words(&d);
+    let before = common::slot_words(&d, SLOT);
     // ...the next launch reports the error and submits nothing...
     match fill(&d, &k, 100) {
         Err(BackendError::Kernel(m)) => assert!(m.contains("outside any call"), "{m}"),
         other => panic!("expected the unattributed error, got {other:?}"),
     }
-    assert_eq!(slot_words(&d), before, "nothing ran");
+    assert_eq!(common::slot_words(&d, SLOT), before, "nothing ran");
     // ...once: the launch after it runs through the written entries.
     assert!(fill(&d, &k, 100).expect("launch").is_empty());
     expect_filled(&d, 100);

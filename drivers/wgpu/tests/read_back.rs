@@ -8,6 +8,8 @@
 use hmm_conformance::{TestKernel, TestKernels};
 use hmm_core::mirror::{Mirror, MirrorConfig};
 
+mod common;
+
 #[test]
 fn a_resident_launch_and_its_write_back_are_one_submission() {
     let Some(d) = hmm_driver_wgpu::test_device() else {
@@ -74,9 +76,7 @@ mod after_later_work {
     //! it did). Driven through the `Backend` trait, one slot mapped at `VA`.
 
     use hmm_conformance::{TestKernel, TestKernels};
-    use hmm_core::mirror::backend::{
-        Backend, DeviceConfig, DeviceToHost, HostToDevice, Invocations, PteWrite,
-    };
+    use hmm_core::mirror::backend::{Backend, DeviceConfig, HostToDevice, Invocations, PteWrite};
     use hmm_core::mirror::format::{level_index, PoolSlot, Pte, TablePage};
     use hmm_driver_wgpu::{WgpuDevice, WgpuKernel};
 
@@ -124,23 +124,6 @@ mod after_later_work {
         assert!(d.take_outcome(id).expect("outcome").incomplete.is_empty());
     }
 
-    /// `SLOT`'s words as `copy_to_host` returns them.
-    fn slot_words(d: &WgpuDevice) -> Vec<u32> {
-        let mut page = vec![0u8; 4096];
-        // SAFETY: `page` is 4096 writable, unaliased bytes; no launch is
-        // in flight.
-        unsafe {
-            d.copy_to_host(&[DeviceToHost {
-                slot: SLOT,
-                dst: page.as_mut_ptr(),
-            }])
-        }
-        .expect("copy out");
-        page.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
-
     #[test]
     fn a_launch_taken_after_a_later_launch_does_not_serve_its_pages() {
         let Some((d, k)) = device() else {
@@ -153,7 +136,7 @@ mod after_later_work {
         let second = launch_fill(&d, &k, 5000);
         finish(&d, first);
         finish(&d, second);
-        let words = slot_words(&d);
+        let words = crate::common::slot_words(&d, SLOT);
         for (i, w) in words.iter().enumerate() {
             assert_eq!(*w, 5000 + i as u32, "word {i}: the later launch's value");
         }
@@ -177,7 +160,7 @@ mod after_later_work {
         }
         .expect("copy in");
         finish(&d, first);
-        let words = slot_words(&d);
+        let words = crate::common::slot_words(&d, SLOT);
         assert!(
             words.iter().all(|&w| w == 0x0707_0707),
             "the copy made after the launch was issued is what the slot holds"
@@ -187,7 +170,7 @@ mod after_later_work {
         d.read_back_with_next_launch(&[SLOT]);
         finish(&d, launch_fill(&d, &k, 9000));
         let before = d.submissions();
-        let words = slot_words(&d);
+        let words = crate::common::slot_words(&d, SLOT);
         assert_eq!(d.submissions(), before, "served from the launch's copy");
         for (i, w) in words.iter().enumerate() {
             assert_eq!(*w, 9000 + i as u32, "word {i}");
