@@ -140,6 +140,14 @@ struct Opts {
     /// Device pool slots (smaller than the working set forces eviction).
     #[arg(long, default_value_t = 192)]
     pool: u32,
+    /// Most arena pages one launch reads (each also writes as many output
+    /// pages); default a quarter of the pool, at most 64. More than a
+    /// quarter of the pool oversubscribes it within one launch, so
+    /// fault-service rounds evict pages of the same launch (and leave
+    /// invocations for later rounds) while the other threads write, remap
+    /// and discard.
+    #[arg(long)]
+    launch_pages: Option<usize>,
     /// Seconds without any completed operation before the watchdog calls
     /// it a deadlock.
     #[arg(long, default_value_t = 20)]
@@ -408,7 +416,10 @@ fn stress_injected<B: TestKernels>(
         .backend()
         .test_kernel(TestKernel::CopyU32)
         .map_err(|e| e.to_string())?;
-    let max_pages = (o.pool as usize / 4).clamp(1, 64);
+    let max_pages = o
+        .launch_pages
+        .unwrap_or((o.pool as usize / 4).clamp(1, 64))
+        .clamp(1, o.pages.max(1));
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(o.duration);
     let failure: Mutex<Option<String>> = Mutex::new(None);
