@@ -456,7 +456,15 @@ impl HostSpace {
         // userfaultfd until its event is read: wait for that (bounded),
         // then for its invalidation. One that starts after the scan is a
         // race in the program, as the README says.
-        self.settle();
+        if !self.settle() {
+            // Proceeding is the lesser harm (an event handler stuck behind
+            // a slow notifier must not hang every launch), but it is not
+            // silent: a page discarded meanwhile may be read as it was.
+            tracing::warn!(
+                target: "hmm_rs",
+                "sync point: kernel events still unhandled after 1 s; proceeding"
+            );
+        }
         let mut pages = 0;
         for r in runs {
             pages += r.pages();
