@@ -61,6 +61,14 @@ impl Buf {
         // SAFETY: inside the buffer, which is mapped and readable.
         unsafe { (self.addr as *const u32).add(i).read_volatile() }
     }
+    /// The first word `j` for which `check(j)` holds whose CPU value
+    /// differs from the shadow, as `(j, what the CPU holds)`.
+    pub(crate) fn first_changed(&self, check: impl Fn(usize) -> bool) -> Option<(usize, u32)> {
+        (0..self.words)
+            .filter(|&j| check(j))
+            .map(|j| (j, self.read(j)))
+            .find(|&(j, got)| got != self.shadow[j])
+    }
     pub(crate) fn write(&mut self, i: usize, v: u32) {
         assert!(i < self.words && self.prot == Prot::Rw);
         // SAFETY: inside the buffer, which is mapped and writable.

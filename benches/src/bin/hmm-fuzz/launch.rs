@@ -306,18 +306,15 @@ impl Fuzz {
         if b.prot == Prot::None {
             return Ok(());
         }
-        for j in 0..b.words {
-            let got = b.read(j);
-            if got != b.shadow[j] {
-                return Err(format!(
-                    "word {j} ({:#x}) of {} changed: CPU holds {got:#x}, expected {:#x} (the launch did not write it)",
-                    b.addr + j as u64 * 4,
-                    b.describe(),
-                    b.shadow[j]
-                ));
-            }
+        match b.first_changed(|_| true) {
+            Some((j, got)) => Err(format!(
+                "word {j} ({:#x}) of {} changed: CPU holds {got:#x}, expected {:#x} (the launch did not write it)",
+                b.addr + j as u64 * 4,
+                b.describe(),
+                b.shadow[j]
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The pending buffer is writable again and the mirror has had its
@@ -326,16 +323,13 @@ impl Fuzz {
         let p = self.pending.take().expect("pending");
         let b = self.buf(p.id);
         let range = p.w0..p.w0 + p.old.len();
-        for j in (0..b.words).filter(|j| !range.contains(j)) {
-            let got = b.read(j);
-            if got != b.shadow[j] {
-                return Err(format!(
-                    "after {when}: word {j} ({:#x}) of {} holds {got:#x}, expected {:#x} (outside the refused write)",
-                    b.addr + j as u64 * 4,
-                    b.describe(),
-                    b.shadow[j]
-                ));
-            }
+        if let Some((j, got)) = b.first_changed(|j| !range.contains(&j)) {
+            return Err(format!(
+                "after {when}: word {j} ({:#x}) of {} holds {got:#x}, expected {:#x} (outside the refused write)",
+                b.addr + j as u64 * 4,
+                b.describe(),
+                b.shadow[j]
+            ));
         }
         // Each word of the refused output: the device's write (kept and
         // now delivered) or the old value (an invocation that had not run
