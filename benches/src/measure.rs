@@ -140,6 +140,10 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         table_pages_used: peak.table_pages_used,
         foreign_checked_pages: b.foreign_checked_pages - a.foreign_checked_pages,
         foreign_changed_pages: b.foreign_changed_pages - a.foreign_changed_pages,
+        migrated_out: b.migrated_out - a.migrated_out,
+        migrated_in: b.migrated_in - a.migrated_in,
+        fault_backs: b.fault_backs - a.fault_backs,
+        fault_back_time: b.fault_back_time.saturating_sub(a.fault_back_time),
         phases: b.phases.saturating_sub(&a.phases),
     }
 }

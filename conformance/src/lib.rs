@@ -41,14 +41,16 @@
 //! port reads one kernel launch across mappings of different kinds (private
 //! anonymous, shared file, read-only) instead. The fork tests check that
 //! the child, which has no mirror (documented), cannot disturb the parent's
-//! device view. `migrate`/`exclusive` tests need device-private struct
-//! pages and are not ported.
+//! device view. The `migrate*` tests are ported (`migration`: the device
+//! holds the only copy, and a CPU touch brings it back) except the huge-page
+//! ones; `exclusive*` are not (exclusive access is not built).
 
 use hmm_core::mirror::backend::{Backend, BackendError};
 
 mod bad_inputs;
 mod foreign;
 pub mod heap;
+mod migration;
 mod mirroring;
 pub mod quiet;
 mod selftests;
@@ -68,6 +70,11 @@ pub use bad_inputs::{
 pub use foreign::{
     foreign_device_writes_are_not_foreign, foreign_memfd_pwrite, foreign_private_file_pwrite,
     foreign_shared_anon_child_write, foreign_shared_file_pwrite, foreign_trust_checks_nothing,
+};
+pub use migration::{
+    migrate, migrate_cpu_read_during_launch, migrate_device_writes_stay_until_touched,
+    migrate_drop_gives_back, migrate_evicted_under_pool_pressure, migrate_fault, migrate_mremap,
+    migrate_multiple, migrate_release, migrate_shared, migrate_zero_copy_is_unsupported,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -190,7 +197,10 @@ macro_rules! conformance_tests {
             oversized_launches_are_typed_errors, mremap_of_a_mirrored_buffer,
             oversubscribed_load_then_store_2x,
             oversubscribed_load_then_store_4x,
-            oversubscribed_load_then_store_8x);
+            oversubscribed_load_then_store_8x,
+            migrate, migrate_fault, migrate_release, migrate_shared, migrate_multiple,
+            migrate_device_writes_stay_until_touched, migrate_evicted_under_pool_pressure,
+            migrate_cpu_read_during_launch, migrate_drop_gives_back, migrate_mremap);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);
     };
@@ -211,7 +221,7 @@ macro_rules! conformance_tests {
             zero_copy_pin_is_unsupported,
             zero_copy_shares_the_cpu_pages,
             zero_copy_window_eviction, zero_copy_one_launch_fills_every_window,
-            zero_copy_unmaps_beside_a_launch);
+            zero_copy_unmaps_beside_a_launch, migrate_zero_copy_is_unsupported);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);
     };

@@ -24,6 +24,7 @@
 use std::sync::Arc;
 
 use super::maps::{Mapping, MappingCache, MapsError};
+use super::migration::{Detached, FaultBack, Migration};
 use super::monitor::{EventCounts, EventMonitor, InvalidationSink, MonitorError};
 use super::probe::Capabilities;
 use super::range_fault::{FaultError, RangeFaulter};
@@ -47,6 +48,22 @@ pub enum HostError {
     /// Setting up `range_fault` failed.
     #[error(transparent)]
     Fault(#[from] FaultError),
+    /// Device-private migration is unavailable, or moving pages out failed
+    /// (nothing was moved).
+    #[error("migration: {0}")]
+    Migration(String),
+}
+
+/// What became of a page given back to the CPU ([`HostSpace::give_back`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveBack {
+    /// Installed (write-protected: the next CPU write is tracked).
+    Installed,
+    /// A page is already there (someone gave it back first).
+    Present,
+    /// The memory is gone (unmapped, or no longer armed): nothing to give
+    /// back to.
+    Gone,
 }
 
 /// Turns kernel events into invalidations, then cache updates.
@@ -56,6 +73,8 @@ struct Sink {
     /// clone taken by [`HostSpace::new`], released when the monitor stops.
     space: AddressSpace,
     maps: Arc<MappingCache>,
+    /// Set once the monitor runs (the server needs its userfaultfd).
+    migration: Arc<std::sync::OnceLock<Arc<Migration>>>,
 }
 
 impl InvalidationSink for Sink {
@@ -80,7 +99,14 @@ impl InvalidationSink for Sink {
     fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
         if let Ok(old) = VaRange::from_start_len(from, len) {
             self.maps.remap(old, to);
+            if let Some(m) = self.migration.get() {
+                m.remapped(old, to);
+            }
         }
+    }
+
+    fn missing_fault(&self, page: VirtAddr) -> bool {
+        self.migration.get().is_some_and(|m| m.queue(page))
     }
 }
 
@@ -134,6 +160,9 @@ pub struct HostSpace {
     /// it any more. The flag: the watch wants CPU-write tracking (zero-copy
     /// mirrors do not: their device reads the CPU's pages).
     watches: std::sync::Mutex<Vec<(VaRange, bool)>>,
+    /// Device-private migration: owners of migrated ranges and the
+    /// fault-back server (`None` without userfaultfd).
+    migration: Arc<std::sync::OnceLock<Arc<Migration>>>,
 }
 
 impl std::fmt::Debug for HostSpace {
@@ -162,12 +191,16 @@ impl HostSpace {
             super::pagemap::Pagemap::open().map_err(FaultError::from)?,
         );
         let caps = Capabilities::get();
+        let migration = Arc::new(std::sync::OnceLock::new());
         let (monitor, source) = if caps.uffd_available() {
             let sink = Arc::new(Sink {
                 space: space.clone(),
                 maps: Arc::clone(&maps),
+                migration: Arc::clone(&migration),
             });
-            (Some(EventMonitor::start(sink)?), EventSource::Userfaultfd)
+            let m = EventMonitor::start(sink)?;
+            let _ = migration.set(Arc::new(Migration::new(m.uffd())));
+            (Some(m), EventSource::Userfaultfd)
         } else {
             let why = caps
                 .degradations()
@@ -201,6 +234,7 @@ impl HostSpace {
             source,
             mirrors: std::sync::atomic::AtomicUsize::new(0),
             watches: std::sync::Mutex::new(Vec::new()),
+            migration,
         })
     }
 
@@ -471,6 +505,98 @@ impl HostSpace {
             self.space.invalidate(r, EventKind::CpuWrite);
         }
         Ok(pages)
+    }
+}
+
+/// Device-private migration (`cpu::migration` has the protocol).
+impl HostSpace {
+    /// Whether migration works here: `Ok(None)` fully, `Ok(Some(why))`
+    /// with the stated degradation, `Err(why)` not at all.
+    pub fn migration_support(&self) -> Result<Option<&'static str>, String> {
+        let Some(m) = &self.monitor else {
+            return Err(match &self.source {
+                EventSource::ExplicitOnly(why) => why.clone(),
+                EventSource::Userfaultfd => "no event monitor".into(),
+            });
+        };
+        super::migration::support(&m.uffd())
+    }
+
+    /// Moves the pages of `range` (page aligned, mapped, private
+    /// anonymous, within one mapping, watched) out of the process and
+    /// returns them; from now on a CPU access there waits for `owner`'s
+    /// [`FaultBack::fault_back`]. Steps and guarantees: `cpu::migration`.
+    pub fn detach_for_migration(
+        &self,
+        range: VaRange,
+        owner: std::sync::Weak<dyn FaultBack>,
+    ) -> Result<Detached, HostError> {
+        let (Some(m), Some(mig)) = (&self.monitor, self.migration.get()) else {
+            return Err(HostError::Migration("no userfaultfd monitor".into()));
+        };
+        self.migration_support().map_err(HostError::Migration)?;
+        m.arm_missing(range)?;
+        mig.add_owner(range, owner).map_err(|e| {
+            HostError::Migration(format!("cannot start the fault-back server: {e}"))
+        })?;
+        let len = range.len();
+        super::migration::move_out(
+            range,
+            |to| m.expect_own_remap(range.start(), to, len),
+            |to| m.forget_own_remap(range.start(), to, len),
+            |d| m.unregister_scratch(d).map_err(std::io::Error::other),
+        )
+        .map_err(|e| HostError::Migration(format!("moving {range:?} out failed: {e}")))
+    }
+
+    /// Gives a migrated page back: installs `data` (one or more whole
+    /// pages) at `at`, write-protected, and wakes threads waiting there.
+    /// Retries (bounded, 1 s) while a layout change elsewhere makes the
+    /// kernel refuse (`EAGAIN`).
+    pub fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
+        let Some(m) = &self.monitor else {
+            return GiveBack::Gone;
+        };
+        let t0 = std::time::Instant::now();
+        loop {
+            // SAFETY: `at` is a missing page of an armed range (the
+            // mirror's own migrated page); no Rust reference covers it.
+            match unsafe { m.copy_in(at, data) } {
+                Ok(_) => return GiveBack::Installed,
+                Err(MonitorError::Uffd(crate::cpu::uffd::UffdError::Ioctl { source, .. })) => {
+                    match source.raw_os_error() {
+                        Some(libc::EEXIST) => {
+                            if let Ok(r) = VaRange::from_start_len(at, data.len() as u64) {
+                                m.wake(r);
+                            }
+                            return GiveBack::Present;
+                        }
+                        Some(libc::EAGAIN) if t0.elapsed() < std::time::Duration::from_secs(1) => {
+                            std::thread::yield_now();
+                        }
+                        _ => return GiveBack::Gone,
+                    }
+                }
+                Err(_) => return GiveBack::Gone,
+            }
+        }
+    }
+
+    /// Poisons the missing pages of `range`: a CPU access gets `SIGBUS`
+    /// (their only copy was on a device that is lost). Returns whether
+    /// the kernel did it.
+    pub fn poison(&self, range: VaRange) -> bool {
+        self.monitor
+            .as_ref()
+            .is_some_and(|m| m.poison(range).is_ok())
+    }
+
+    /// Ends the arming of `range` ([`EventMonitor::disarm_missing`]): no
+    /// page of it is migrated any more.
+    pub fn disarm(&self, range: VaRange) {
+        if let Some(m) = &self.monitor {
+            let _ = m.disarm_missing(range);
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod chunk;
 pub mod handoff;
 pub mod host;
 pub mod maps;
+pub mod migration;
 pub mod mirror_fault;
 pub mod monitor;
 pub mod pagemap;

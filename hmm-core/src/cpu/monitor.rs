@@ -150,6 +150,19 @@ pub trait InvalidationSink: Send + Sync + 'static {
     fn remapped(&self, from: VirtAddr, to: VirtAddr, len: u64) {
         let _ = (from, to, len);
     }
+
+    /// A thread touched `page`, a missing page of a range armed with
+    /// [`EventMonitor::arm_missing`] (device-private migration), and
+    /// sleeps until someone resolves the fault ([`EventMonitor::copy_in`],
+    /// [`EventMonitor::poison`]). Called on the handler thread, which
+    /// must not wait: hand the fault to a thread that may. Return `false`
+    /// if nobody will resolve it: the monitor then resolves it with a
+    /// zero page (what the CPU reads from an anonymous hole). Default:
+    /// `false`.
+    fn missing_fault(&self, page: VirtAddr) -> bool {
+        let _ = page;
+        false
+    }
 }
 
 /// Errors of the monitor.
@@ -183,6 +196,13 @@ pub struct EventCounts {
     pub wp_faults: u64,
     /// Other page faults (woken; should never happen).
     pub unexpected_faults: u64,
+    /// Missing-page faults in ranges armed for migration
+    /// ([`EventMonitor::arm_missing`]).
+    pub missing_faults: u64,
+    /// `REMAP` events the monitor's own migration caused
+    /// ([`EventMonitor::expect_own_remap`]), consumed without an
+    /// invalidation.
+    pub own_remaps: u64,
     /// Messages that could not be decoded.
     pub bad_messages: u64,
     /// Sink calls that panicked.
@@ -197,6 +217,8 @@ struct Counters {
     fork: AtomicU64,
     wp_faults: AtomicU64,
     unexpected_faults: AtomicU64,
+    missing_faults: AtomicU64,
+    own_remaps: AtomicU64,
     bad_messages: AtomicU64,
     sink_panics: AtomicU64,
 }
@@ -296,7 +318,6 @@ impl RangeSet {
             .any(|w| w.start() <= r.start() && r.end() <= w.end())
     }
 
-    #[cfg(test)]
     fn overlapping(&self, r: VaRange) -> Vec<VaRange> {
         self.0.iter().filter_map(|w| w.intersect(r)).collect()
     }
@@ -309,6 +330,15 @@ struct Shared {
     /// Whole mappings registered by [`EventMonitor::watch_within`], edited
     /// by events like `watched`. Lock order: `watched`, then `spans`.
     spans: Mutex<RangeSet>,
+    /// Ranges registered `MISSING | WP` for migration
+    /// ([`EventMonitor::arm_missing`]): a registration of a watched range
+    /// or span never drops their `MISSING` mode. Lock order: after
+    /// `watched` and `spans`.
+    missing: Mutex<RangeSet>,
+    /// `REMAP` events this process's migration is about to cause:
+    /// `(from, to, len)`, consumed by the handler without an invalidation
+    /// ([`EventMonitor::expect_own_remap`]).
+    own_remaps: Mutex<Vec<(u64, u64, u64)>>,
     counters: Counters,
     failed: AtomicBool,
     /// Events read and not yet handled: the reader (the monitor thread)
@@ -329,6 +359,39 @@ impl Shared {
         self.spans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn missing(&self) -> MutexGuard<'_, RangeSet> {
+        self.missing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `range` in write-protect mode, and in missing mode too
+    /// where it overlaps a range armed for migration: one VMA has one
+    /// mode, and registering `WP` alone over an armed range would drop
+    /// its `MISSING` mode and hand the CPU zero pages where the device
+    /// holds the only copy.
+    fn register_wp(&self, range: VaRange) -> Result<(), UffdError> {
+        let armed: Vec<VaRange> = self.missing().overlapping(range);
+        if armed.is_empty() {
+            return self.uffd.register(range, RegisterMode::WP).map(|_| ());
+        }
+        let both = RegisterMode(RegisterMode::MISSING.0 | RegisterMode::WP.0);
+        let mut at = range.start();
+        for a in armed {
+            if a.start() > at {
+                if let Ok(gap) = VaRange::new(at, a.start()) {
+                    self.uffd.register(gap, RegisterMode::WP)?;
+                }
+            }
+            self.uffd.register(a, both)?;
+            at = a.end();
+        }
+        if at < range.end() {
+            if let Ok(gap) = VaRange::new(at, range.end()) {
+                self.uffd.register(gap, RegisterMode::WP)?;
+            }
+        }
+        Ok(())
+    }
+
     fn call_sink(&self, range: VaRange, kind: EventKind) {
         if catch_unwind(AssertUnwindSafe(|| self.sink.invalidate(range, kind))).is_err() {
             bump(&self.counters.sink_panics);
@@ -347,6 +410,7 @@ impl Shared {
                 // `hmm-stress`).
                 self.watched().remove(range);
                 self.spans().remove(range);
+                self.missing().remove(range);
                 self.call_sink(range, EventKind::Unmap);
                 bump(&self.counters.unmap);
             }
@@ -360,9 +424,24 @@ impl Shared {
                     bump(&self.counters.bad_messages);
                     return;
                 };
+                // Our own migration's move of a range's pages out: the
+                // old range stays mapped and registered, and what moved is
+                // the mirror's to handle — no invalidation (it would free
+                // the slots that now hold the only copy).
+                {
+                    let mut own = self.own_remaps.lock().unwrap_or_else(|p| p.into_inner());
+                    let key = (from.get(), to.get(), len);
+                    if let Some(i) = own.iter().position(|o| *o == key) {
+                        own.swap_remove(i);
+                        bump(&self.counters.own_remaps);
+                        return;
+                    }
+                }
                 // Set edit first, as for `Unmap`.
                 self.watched().shift(old, to);
                 self.spans().shift(old, to);
+                // A registration moves with its mapping.
+                self.missing().shift(old, to);
                 self.call_sink(old, EventKind::Remap);
                 if catch_unwind(AssertUnwindSafe(|| self.sink.remapped(from, to, len))).is_err() {
                     bump(&self.counters.sink_panics);
@@ -387,6 +466,11 @@ impl Shared {
                     if self.uffd.write_protect(page, false).is_err() {
                         let _ = self.uffd.wake(page);
                     }
+                } else if self.missing().covers(page) {
+                    bump(&self.counters.missing_faults);
+                    if !self.sink.missing_fault(page.start()) {
+                        self.zero_fill(page);
+                    }
                 } else {
                     bump(&self.counters.unexpected_faults);
                     let _ = self.uffd.wake(page);
@@ -399,6 +483,21 @@ impl Shared {
                     self.call_sink(r, EventKind::Clear);
                 }
             }
+        }
+    }
+
+    /// Resolves a missing-page fault nobody else will with a zero page,
+    /// write-protected so write tracking sees the next write (`EEXIST`:
+    /// someone resolved it meanwhile; any other failure wakes the thread,
+    /// which faults again or, if the range is gone, gets what the kernel
+    /// gives it).
+    fn zero_fill(&self, page: VaRange) {
+        static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+        // SAFETY: `page` is missing (a fault waits on it); installing a
+        // zero page there is what the kernel would do without us, and no
+        // Rust reference of ours covers it.
+        if unsafe { self.uffd.copy_in(page.start(), &ZERO, true) }.is_err() {
+            let _ = self.uffd.wake(page);
         }
     }
 
@@ -584,7 +683,13 @@ impl EventMonitor {
         if options.fork_events {
             events = events.union(Features(sys::UFFD_FEATURE_EVENT_FORK));
         }
-        let (uffd, mode) = Userfaultfd::open(events.union(Features::WP_TRACKING))?;
+        // POISON: a page whose only copy was on a lost device becomes a
+        // SIGBUS, never a zero page (migration; granted where offered).
+        let (uffd, mode) = Userfaultfd::open(
+            events
+                .union(Features::WP_TRACKING)
+                .union(Features(sys::UFFD_FEATURE_POISON)),
+        )?;
         // SAFETY: eventfd takes no pointers and returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -601,6 +706,8 @@ impl EventMonitor {
             sink,
             watched: Mutex::new(set),
             spans: Mutex::new(spans),
+            missing: Mutex::new(RangeSet::default()),
+            own_remaps: Mutex::new(Vec::new()),
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             queue: EventQueue::new(QUEUE_EVENTS),
@@ -666,7 +773,7 @@ impl EventMonitor {
         // Hold the set lock across the ioctl so an event for the range that
         // the thread handles right after registration finds it in the set.
         let mut w = self.shared.watched();
-        self.shared.uffd.register(range, RegisterMode::WP)?;
+        self.shared.register_wp(range)?;
         w.insert(range);
         w.reserve_spare();
         Ok(())
@@ -703,13 +810,13 @@ impl EventMonitor {
         let whole = span != range
             && span.start() <= range.start()
             && range.end() <= span.end()
-            && self.shared.uffd.register(span, RegisterMode::WP).is_ok();
+            && self.shared.register_wp(span).is_ok();
         if whole {
             let mut s = self.shared.spans();
             s.insert(span);
             s.reserve_spare();
         } else {
-            self.shared.uffd.register(range, RegisterMode::WP)?;
+            self.shared.register_wp(range)?;
         }
         w.insert(range);
         w.reserve_spare();
@@ -725,6 +832,7 @@ impl EventMonitor {
         let mut w = self.shared.watched();
         if !self.shared.spans().covers(range) {
             self.shared.uffd.unregister(range)?;
+            self.shared.missing().remove(range);
         }
         w.remove(range);
         Ok(())
@@ -734,8 +842,107 @@ impl EventMonitor {
     pub fn unwatch(&self, range: VaRange) -> Result<(), MonitorError> {
         let mut w = self.shared.watched();
         self.shared.uffd.unregister(range)?;
+        self.shared.missing().remove(range);
         w.remove(range);
         Ok(())
+    }
+
+    /// Arms `range` (page aligned, mapped, private anonymous, inside a
+    /// watched range) for device-private migration: registers it
+    /// `MISSING | WP`, so a CPU access to a page moved out of it waits for
+    /// the sink's [`InvalidationSink::missing_fault`] instead of finding a
+    /// zero page. Re-registering a range with the same userfaultfd keeps
+    /// its events and its write protection. Armed ranges stay armed until
+    /// [`EventMonitor::disarm_missing`], an unwatch or an unmap.
+    pub fn arm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(MonitorError::Stopped);
+        }
+        let _w = self.shared.watched();
+        let both = RegisterMode(RegisterMode::MISSING.0 | RegisterMode::WP.0);
+        self.shared.uffd.register(range, both)?;
+        let mut m = self.shared.missing();
+        m.insert(range);
+        m.reserve_spare();
+        Ok(())
+    }
+
+    /// Ends [`EventMonitor::arm_missing`] of `range`: back to write-protect
+    /// mode only (a CPU access to a hole there is an ordinary fault
+    /// again). The caller makes sure no page of it is held elsewhere.
+    pub fn disarm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
+        let _w = self.shared.watched();
+        self.shared.missing().remove(range);
+        self.shared.uffd.register(range, RegisterMode::WP)?;
+        Ok(())
+    }
+
+    /// Whether some page of `range` is armed for migration.
+    pub fn is_armed(&self, range: VaRange) -> bool {
+        !self.shared.missing().overlapping(range).is_empty()
+    }
+
+    /// The next `REMAP` event `from → to` over `len` bytes is this
+    /// process's own migration moving pages out (`mremap` with
+    /// `MREMAP_DONTUNMAP`): the handler drops it without an invalidation
+    /// or a watch-set shift. Call before the `mremap`; call
+    /// [`EventMonitor::forget_own_remap`] if it fails.
+    pub fn expect_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        self.shared
+            .own_remaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((from.get(), to.get(), len));
+    }
+
+    /// Withdraws an [`EventMonitor::expect_own_remap`] whose `mremap`
+    /// failed (no event will come).
+    pub fn forget_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        let mut own = self
+            .shared
+            .own_remaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = own.iter().position(|o| *o == (from.get(), to.get(), len)) {
+            own.swap_remove(i);
+        }
+    }
+
+    /// Unregisters `range` (a scratch mapping the migration moved pages
+    /// into, never watched): no event, nothing else changes.
+    pub fn unregister_scratch(&self, range: VaRange) -> Result<(), MonitorError> {
+        self.shared.uffd.unregister(range)?;
+        Ok(())
+    }
+
+    /// Resolves missing-page faults at `dst` with `data` (whole pages),
+    /// installed write-protected so write tracking sees the next CPU
+    /// write ([`Userfaultfd::copy_in`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Userfaultfd::copy_in`]: no Rust reference of this process
+    /// covers the pages at `dst`.
+    pub unsafe fn copy_in(&self, dst: VirtAddr, data: &[u8]) -> Result<u64, MonitorError> {
+        // SAFETY: the caller's contract is `copy_in`'s.
+        Ok(unsafe { self.shared.uffd.copy_in(dst, data, true) }?)
+    }
+
+    /// The userfaultfd, for the migration server (`cpu::migration`), which
+    /// resolves the faults the sink hands it.
+    pub(crate) fn uffd(&self) -> Arc<Userfaultfd> {
+        Arc::clone(&self.shared.uffd)
+    }
+
+    /// Wakes threads waiting on faults in `range` (they fault again).
+    pub fn wake(&self, range: VaRange) {
+        let _ = self.shared.uffd.wake(range);
+    }
+
+    /// Poisons the missing pages of `range` ([`Userfaultfd::poison`]): a CPU
+    /// access there gets `SIGBUS`.
+    pub fn poison(&self, range: VaRange) -> Result<(), MonitorError> {
+        Ok(self.shared.uffd.poison(range)?)
     }
 
     /// Waits (up to `timeout`) until no event is waiting to be read and
@@ -805,6 +1012,8 @@ impl EventMonitor {
             fork: l(&c.fork),
             wp_faults: l(&c.wp_faults),
             unexpected_faults: l(&c.unexpected_faults),
+            missing_faults: l(&c.missing_faults),
+            own_remaps: l(&c.own_remaps),
             bad_messages: l(&c.bad_messages),
             sink_panics: l(&c.sink_panics),
         }

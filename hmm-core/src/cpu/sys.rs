@@ -159,6 +159,22 @@ pub const UFFDIO_COPY: u64 = ioc(
     0x03,
     core::mem::size_of::<uffdio_copy>(),
 );
+/// `struct uffdio_poison` (Linux 6.6+, `UFFD_FEATURE_POISON`): install
+/// poison markers at the missing pages of `range`, so a CPU access there
+/// gets `SIGBUS`; `updated` returns the bytes marked or `-errno`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct uffdio_poison {
+    pub range: uffdio_range,
+    pub mode: u64,
+    pub updated: i64,
+}
+pub const UFFDIO_POISON: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x0A,
+    core::mem::size_of::<uffdio_poison>(),
+);
 /// `/dev/userfaultfd` ioctl that creates a userfaultfd; the argument is the
 /// `userfaultfd(2)` flags.
 pub const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, UFFDIO, 0x00, 0);

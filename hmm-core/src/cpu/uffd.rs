@@ -575,7 +575,8 @@ impl Userfaultfd {
     ) -> Result<(), UffdError> {
         // SAFETY: every caller passes the ioctl number matching `T`
         // (UFFDIO_REGISTER/uffdio_register, UFFDIO_UNREGISTER/uffdio_range,
-        // UFFDIO_WRITEPROTECT/uffdio_writeprotect, UFFDIO_WAKE/uffdio_range);
+        // UFFDIO_WRITEPROTECT/uffdio_writeprotect, UFFDIO_WAKE/uffdio_range,
+        // UFFDIO_POISON/uffdio_poison);
         // `arg` is a valid exclusive reference for the call. The ioctls
         // change page-table state of the range but never touch memory we
         // hold references to.
@@ -690,6 +691,25 @@ impl Userfaultfd {
             });
         }
         Ok(u64::try_from(arg.copy).unwrap_or(0))
+    }
+
+    /// Marks the missing pages of `range` (page aligned, registered in
+    /// [`RegisterMode::MISSING`] mode) poisoned: a CPU access there gets
+    /// `SIGBUS` instead of waiting for us, and threads waiting there are
+    /// woken to take it. Needs `UFFD_FEATURE_POISON` (Linux 6.6+). This is
+    /// what a page whose only copy was on a lost device becomes: never a
+    /// zero page (issue 17).
+    pub fn poison(&self, range: VaRange) -> Result<(), UffdError> {
+        check_aligned(range)?;
+        let mut arg = sys::uffdio_poison {
+            range: sys::uffdio_range {
+                start: range.start().get(),
+                len: range.len(),
+            },
+            mode: 0,
+            updated: 0,
+        };
+        self.range_ioctl("UFFDIO_POISON", sys::UFFDIO_POISON, range, &mut arg)
     }
 
     /// Whether an operation that changes the layout of a range registered

@@ -144,6 +144,12 @@ pub enum MirrorError {
     /// device).
     #[error("not supported by this device: {0}")]
     Unsupported(&'static str),
+    /// Device-private migration cannot be done here
+    /// ([`Mirror::migrate_to_device`](super::Mirror::migrate_to_device)):
+    /// the kernel, the memory or the residency lacks what it needs; the
+    /// text says which. Nothing was moved.
+    #[error("device-private migration unavailable: {0}")]
+    MigrationUnsupported(String),
     /// The device was declared lost: it could not clear page-table entries
     /// naming memory the mirror had to free (three times in a row, or it
     /// reported itself lost), or it could not give back data it held.

@@ -344,7 +344,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// Makes `range` resident (room made in one bulk eviction first),
     /// counted as prefetched: [`Mirror::prefetch`] and the launch's
     /// will-need fetch, inside a round the caller began.
-    fn fetch(&self, range: VaRange, write: bool, epoch: u64) -> Result<u64, MirrorError> {
+    pub(super) fn fetch(
+        &self,
+        range: VaRange,
+        write: bool,
+        epoch: u64,
+    ) -> Result<u64, MirrorError> {
         {
             let mut dev = self.inner.lock();
             let fresh = if dev.res.free_slots() < range.pages() {

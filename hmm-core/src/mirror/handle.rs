@@ -88,10 +88,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 health: Health::default(),
                 next_region_id: 0,
                 releasing: 0,
+                armed: Vec::new(),
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
             pending: Mutex::new(Vec::with_capacity(64)),
+            moves: Mutex::new(Vec::new()),
             launch: Mutex::new(()),
             counters: Counters::default(),
             release_tx: tx,
@@ -217,6 +219,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             table_pages_used: u64::from(dev.table.table_pages_used()),
             foreign_checked_pages: g(&c.foreign_checked_pages),
             foreign_changed_pages: g(&c.foreign_changed_pages),
+            migrated_out: g(&c.migrated_out),
+            migrated_in: g(&c.migrated_in),
+            fault_backs: g(&c.fault_backs),
+            fault_back_time: Counters::duration(&c.fault_back_ns),
             phases: c.phases(),
         }
     }
@@ -300,6 +306,9 @@ impl<B: Backend, H: HostSide> Drop for Mirror<B, H> {
             return;
         }
         let inner = &*self.inner;
+        // Every migrated page back to the CPU first, while its region is
+        // still watched and the device still holds it.
+        inner.give_everything_back();
         // Fails only if the worker already ended.
         let _ = inner.release_tx.send(ReleaseMsg::Shutdown);
         if let Some(w) = self.worker.take() {

@@ -12,8 +12,9 @@
 //! named for what the mirror wants, not for how `HostSpace` does it.
 
 use crate::addr::{VaRange, VirtAddr};
-use crate::cpu::host::{HostError, HostSpace};
+use crate::cpu::host::{GiveBack, HostError, HostSpace};
 use crate::cpu::maps::{Mapping, MappingCache};
+use crate::cpu::migration::{Detached, FaultBack};
 use crate::cpu::range_fault::{FaultError, FaultFlags, PageState};
 use crate::notifier::AddressSpace;
 
@@ -162,11 +163,72 @@ pub trait HostSide: Send + Sync + 'static {
             });
         }
     }
+
+    /// Whether device-private migration works on this host: `Ok(None)`
+    /// fully, `Ok(Some(why))` with the stated degradation, `Err(why)` not
+    /// at all. Default: not at all (the host cannot trap CPU accesses).
+    fn migration_support(&self) -> Result<Option<&'static str>, String> {
+        Err("this host cannot trap CPU accesses".into())
+    }
+
+    /// Moves the CPU's copy of `range` out of the process and returns it;
+    /// a CPU access there then waits for `owner`
+    /// ([`HostSpace::detach_for_migration`]). Default: unsupported.
+    fn detach_for_migration(
+        &self,
+        range: VaRange,
+        owner: std::sync::Weak<dyn FaultBack>,
+    ) -> Result<Detached, HostError> {
+        let _ = (range, owner);
+        Err(HostError::Migration(
+            "this host cannot trap CPU accesses".into(),
+        ))
+    }
+
+    /// Gives migrated pages back: `data` (whole pages) installed at `at`
+    /// ([`HostSpace::give_back`]). Never faults the process. Default:
+    /// nothing was ever detached, so there is nowhere to give back to.
+    fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
+        let _ = (at, data);
+        GiveBack::Gone
+    }
+
+    /// Poisons the missing pages of `range` (a CPU access gets `SIGBUS`);
+    /// returns whether it was done. Default: no.
+    fn poison(&self, range: VaRange) -> bool {
+        let _ = range;
+        false
+    }
+
+    /// No page of `range` is migrated any more: CPU accesses to holes
+    /// there are ordinary faults again. Default: nothing.
+    fn disarm(&self, range: VaRange) {
+        let _ = range;
+    }
 }
 
 impl HostSide for HostSpace {
     fn space(&self) -> &AddressSpace {
         HostSpace::space(self)
+    }
+    fn migration_support(&self) -> Result<Option<&'static str>, String> {
+        HostSpace::migration_support(self)
+    }
+    fn detach_for_migration(
+        &self,
+        range: VaRange,
+        owner: std::sync::Weak<dyn FaultBack>,
+    ) -> Result<Detached, HostError> {
+        HostSpace::detach_for_migration(self, range, owner)
+    }
+    fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
+        HostSpace::give_back(self, at, data)
+    }
+    fn poison(&self, range: VaRange) -> bool {
+        HostSpace::poison(self, range)
+    }
+    fn disarm(&self, range: VaRange) {
+        HostSpace::disarm(self, range)
     }
 
     fn sync_point(&self) -> Result<u64, HostError> {

@@ -49,7 +49,7 @@ use super::backend::Backend;
 use super::host_side::{HostSide, WriteTracking};
 use super::state::{mark_dead, unmap_deferred, Dev, Inner, PendingZap, RegionKey};
 use super::stats::Counters;
-use crate::addr::VaRange;
+use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{EventKind, Interval, IntervalNotifier, NotifierRange, Seq, SpaceNotifier};
 use crate::sync::{lock, try_lock};
 
@@ -104,6 +104,7 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
                     range,
                     region: self.key,
                     dead: matches!(nr.event, EventKind::Unmap | EventKind::Remap),
+                    moved: nr.event == EventKind::Remap,
                 };
                 match try_lock(&inner.dev) {
                     Some(mut dev) => inner.apply_zap(&mut dev, z),
@@ -150,9 +151,24 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
         let Some(r) = nr.range.intersect(interval.range()) else {
             return true;
         };
-        if nr.event == EventKind::CpuWrite && inner.ping_pong_threshold() > 0 {
-            let dropped: Vec<_> = dev.table.mapped_in(r).map(|(va, _)| va).collect();
-            dev.ping_pong.cpu_dropped(dropped);
+        if nr.event == EventKind::CpuWrite {
+            // A migrated page cannot have been written by the CPU: its CPU
+            // side is a hole, and any access gives it back (unmarking it)
+            // first. The sync point reports such holes as written all the
+            // same; their device copy, the only one, stays.
+            let migrated = dev.res.migrated_in(r);
+            if !migrated.is_empty() {
+                let mut at = r.start();
+                for va in migrated.into_iter().chain(std::iter::once(r.end())) {
+                    if let Ok(gap) = VaRange::new(at, va) {
+                        self.cpu_written(&inner, &mut dev, gap);
+                    }
+                    at = VirtAddr(va.0.saturating_add(crate::addr::PAGE_SIZE));
+                }
+                return true;
+            }
+            self.cpu_written(&inner, &mut dev, r);
+            return true;
         }
         inner.zap_quietly(&mut dev, r, true);
         if matches!(nr.event, EventKind::Clear | EventKind::Release) {
@@ -162,6 +178,17 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
             let _ = res.recycled(&mut cx, self.key);
         }
         true
+    }
+}
+
+impl<B: Backend, H: HostSide> Region<B, H> {
+    /// The CPU wrote `r`: the device copies there are stale.
+    fn cpu_written(&self, inner: &Inner<B, H>, dev: &mut Dev<B, H>, r: VaRange) {
+        if inner.ping_pong_threshold() > 0 {
+            let dropped: Vec<_> = dev.table.mapped_in(r).map(|(va, _)| va).collect();
+            dev.ping_pong.cpu_dropped(dropped);
+        }
+        inner.zap_quietly(dev, r, true);
     }
 }
 
@@ -190,6 +217,9 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     pub fn apply_zap(&self, dev: &mut Dev<B, H>, z: PendingZap) {
         let (mut cx, res) = dev.parts(self);
         let range = res.destructive(cx.regions, z.region, z.range);
+        // Migrated pages there: gone with their memory, or kept for where
+        // an `mremap` moved them (before their entries go).
+        res.discarded(cx.table, range, z.moved);
         let removed = unmap_deferred(&mut cx, range);
         res.retire(&removed);
         if z.dead {

@@ -111,6 +111,7 @@ mod hostcopy;
 mod invalidate;
 mod invocations;
 mod launch;
+mod migrate;
 pub(crate) mod pagetable;
 pub mod params;
 pub mod pending;

@@ -29,7 +29,7 @@ use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{OwnerTag, Subscription};
 use crate::sync::channel::Sender;
-use crate::sync::{lock, Arc, Mutex, MutexGuard};
+use crate::sync::{lock, try_lock, Arc, Mutex, MutexGuard};
 
 /// Consecutive failed flushes after which the device is declared lost.
 pub(crate) const MAX_CONSECUTIVE_FAILURES: u32 = 3;
@@ -145,6 +145,9 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     /// (`regions::release_taken`) has not finished: `flush_releases` waits
     /// for them too.
     pub releasing: usize,
+    /// Ranges armed for device-private migration (`mirror::migrate`),
+    /// disarmed when nothing in them is migrated any more.
+    pub armed: Vec<VaRange>,
     pub res: Box<dyn Residency<B, H>>,
 }
 
@@ -207,6 +210,9 @@ pub(crate) struct PendingZap {
     pub region: RegionKey,
     /// Unmap or remap: the region dies.
     pub dead: bool,
+    /// Remap: the memory moved elsewhere (migrated pages keep their data,
+    /// `Residency::discarded`).
+    pub moved: bool,
 }
 
 /// Work for the deferred-release worker.
@@ -228,6 +234,10 @@ pub(crate) struct Inner<B: Backend, H: HostSide> {
     /// Destructive invalidations that found the driver lock held
     /// ([`Inner::apply_zap`]); a leaf lock, never held across anything.
     pub pending: Mutex<Vec<PendingZap>>,
+    /// `mremap` moves of memory with migrated pages (`old`, `to`) that
+    /// found the driver lock held ([`Inner::moved`]); applied after the
+    /// zaps queued before them. A leaf lock.
+    pub moves: Mutex<Vec<(VaRange, VirtAddr)>>,
     pub launch: Mutex<()>,
     pub counters: Counters,
     pub release_tx: Sender<ReleaseMsg>,
@@ -314,6 +324,19 @@ pub(crate) fn zap_pages<B: Backend, H: HostSide>(
     if mapped.is_empty() {
         return Ok(0);
     }
+    // Migrated pages go back to the CPU first; one that cannot keeps its
+    // entry (its slot holds the only copy).
+    let migrated: Vec<VirtAddr> = mapped
+        .iter()
+        .map(|(va, _)| *va)
+        .filter(|va| {
+            VaRange::from_start_len(*va, crate::addr::PAGE_SIZE)
+                .is_ok_and(|p| !res.migrated_in(p).is_empty())
+        })
+        .collect();
+    if !migrated.is_empty() {
+        res.give_back(cx, &migrated)?;
+    }
     match res.write_back(cx, &mapped) {
         Ok(_) | Err(MirrorError::WriteBackRefused { .. }) => {}
         Err(e) => return Err(e),
@@ -321,7 +344,7 @@ pub(crate) fn zap_pages<B: Backend, H: HostSide>(
     let mut removed = Vec::new();
     for (va, _) in &mapped {
         let page = VaRange::from_start_len(*va, crate::addr::PAGE_SIZE)?;
-        if res.refused(page).is_empty() {
+        if res.refused(page).is_empty() && res.migrated_in(page).is_empty() {
             removed.extend(unmap_deferred(cx, page));
         }
     }
@@ -344,17 +367,34 @@ pub(crate) fn zap<B: Backend, H: HostSide>(
         return Ok(());
     }
     let wb = if writeback {
+        // Migrated pages go back to the CPU first (their CPU side is a
+        // hole the write-back skips).
+        let migrated = res.migrated_in(r);
+        let given = if migrated.is_empty() {
+            Ok(0)
+        } else {
+            res.give_back(cx, &migrated)
+        };
         let mapped: Vec<(VirtAddr, Pte)> = cx.table.mapped_in(r).collect();
-        res.write_back(cx, &mapped).map(|_| ())
+        given.and(res.write_back(cx, &mapped)).map(|_| ())
     } else {
         Ok(())
     };
     // Pages whose write-back was refused hold the only copy of device
     // writes: their entries stay (the residency remembers them, and the
-    // next launch reports the refusal). A zap without write-back drops
-    // them with everything else.
+    // next launch reports the refusal); so do migrated pages that could
+    // not be given back. A zap without write-back drops them with
+    // everything else.
     let keep = if writeback {
-        res.refused(r)
+        let mut k = res.refused(r);
+        k.extend(
+            res.migrated_in(r)
+                .into_iter()
+                .filter(|va| cx.table.lookup(*va).is_some()),
+        );
+        k.sort_unstable();
+        k.dedup();
+        k
     } else {
         Vec::new()
     };
@@ -388,6 +428,26 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
         let mut q = lock(&self.pending);
         for z in q.drain(..) {
             self.apply_zap(dev, z);
+        }
+        drop(q);
+        let mut m = lock(&self.moves);
+        for (old, to) in m.drain(..) {
+            dev.res.moved(old, to);
+        }
+    }
+
+    /// An `mremap` moved `old` to `to` (reported after its destructive
+    /// invalidation): migrated data kept from `old` now belongs at `to`.
+    /// Never waits (the event monitor calls it): applied now if the driver
+    /// lock is free, else by its next holder, after the zaps queued
+    /// before.
+    pub fn moved(&self, old: VaRange, to: VirtAddr) {
+        match try_lock(&self.dev) {
+            Some(mut dev) => {
+                self.drain_pending(&mut dev);
+                dev.res.moved(old, to);
+            }
+            None => lock(&self.moves).push((old, to)),
         }
     }
 

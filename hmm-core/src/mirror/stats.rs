@@ -84,6 +84,20 @@ pub struct MirrorStats {
     /// Of those, pages found changed by a writer write tracking cannot see
     /// (another process, a syscall), and invalidated.
     pub foreign_changed_pages: u64,
+    /// Pages migrated to the device
+    /// ([`Mirror::migrate_to_device`](super::Mirror::migrate_to_device)):
+    /// the device held the only copy.
+    pub migrated_out: u64,
+    /// Migrated pages given back to the CPU (a CPU touch, an explicit
+    /// [`Mirror::migrate_to_host`](super::Mirror::migrate_to_host),
+    /// eviction, teardown).
+    pub migrated_in: u64,
+    /// CPU faults on migrated pages served (each gives back the page and
+    /// its migrated neighbours).
+    pub fault_backs: u64,
+    /// Time spent serving them, from the server's pick-up to the
+    /// install (waiting for a running launch included).
+    pub fault_back_time: Duration,
     /// Launch time by phase, summed over launches
     /// ([`LaunchReport::phases`](super::LaunchReport::phases)); `copy_in`
     /// and `page_table` count every copy and entry write of this mirror,
@@ -137,6 +151,13 @@ impl core::fmt::Display for MirrorStats {
             "foreign-writer check: pages hashed {}   changed {}",
             self.foreign_checked_pages, self.foreign_changed_pages
         )?;
+        if self.migrated_out + self.migrated_in > 0 {
+            writeln!(
+                f,
+                "migration: pages out {}   pages back {}   fault-backs {} ({:?})",
+                self.migrated_out, self.migrated_in, self.fault_backs, self.fault_back_time
+            )?;
+        }
         writeln!(
             f,
             "regions created {}  released {}   mapped pages {}   pool {}/{}   table pages {}",
@@ -176,6 +197,10 @@ pub(crate) struct Counters {
     pub device_errors: AtomicU64,
     pub foreign_checked_pages: AtomicU64,
     pub foreign_changed_pages: AtomicU64,
+    pub migrated_out: AtomicU64,
+    pub migrated_in: AtomicU64,
+    pub fault_backs: AtomicU64,
+    pub fault_back_ns: AtomicU64,
     /// Nanoseconds copying pages into device memory (`LaunchPhases::copy_in`).
     pub copy_in_ns: AtomicU64,
     /// Nanoseconds in the backend's `write_ptes` (`LaunchPhases::page_table`).

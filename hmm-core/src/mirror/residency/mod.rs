@@ -266,6 +266,63 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
         let _ = pages;
     }
 
+    /// Whether pages can migrate to the device here (`mirror::migrate`):
+    /// the device must hold copies it can keep as the only one. Default:
+    /// no (a residency whose device reads the CPU's own pages cannot trap
+    /// reads of present pages).
+    fn check_migrate(&self) -> Result<(), MirrorError> {
+        Err(MirrorError::MigrationUnsupported(
+            "zero-copy residency: the device reads the CPU's own pages, and nothing can trap CPU reads of present pages".into(),
+        ))
+    }
+
+    /// The CPU's copy of `range` (every page mapped writable here) has
+    /// left the process: `bytes` (the pages as of the move, in order)
+    /// become the device's copy, which is now the only one — except for
+    /// pages already migrated, whose CPU side was a hole (their device
+    /// data stays). On an error nothing is marked, and the caller gives
+    /// `bytes` back where no page was migrated before.
+    fn adopt_migrated(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        range: VaRange,
+        bytes: &[u8],
+    ) -> Result<u64, MirrorError> {
+        let _ = (cx, range, bytes);
+        self.check_migrate().map(|_| 0)
+    }
+
+    /// The pages in `r` whose only copy is here (migrated, mapped or moved
+    /// away by an `mremap`), sorted.
+    fn migrated_in(&self, r: VaRange) -> Vec<VirtAddr> {
+        let _ = r;
+        Vec::new()
+    }
+
+    /// Gives the migrated pages among `pages` back to the CPU (device
+    /// idle for them); they stay mapped as ordinary copies. A page that
+    /// could not be given back stays migrated; the error says why.
+    /// Returns pages given back.
+    fn give_back(&mut self, cx: &mut Cx<'_, B, H>, pages: &[VirtAddr]) -> Result<u64, MirrorError> {
+        let _ = (cx, pages);
+        Ok(0)
+    }
+
+    /// A destructive event took `range` (`moved`: an `mremap` moved it
+    /// elsewhere) while `table` still has its entries: migrated pages
+    /// there are gone with their memory, or — moved — keep their data
+    /// until [`Residency::moved`] says where it went. Must not call the
+    /// backend.
+    fn discarded(&mut self, table: &super::pagetable::ShadowTable, range: VaRange, moved: bool) {
+        let _ = (table, range, moved);
+    }
+
+    /// An `mremap` moved `old` to `to` (after [`Residency::discarded`] of
+    /// it): migrated data kept from `old` now belongs at `to`.
+    fn moved(&mut self, old: VaRange, to: VirtAddr) {
+        let _ = (old, to);
+    }
+
     /// Device memory in use and available, in pages.
     fn usage(&self) -> (u64, u64);
 

@@ -44,6 +44,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use super::{Install, Residency};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::chunk::choose_chunk;
+use crate::cpu::host::GiveBack;
 use crate::cpu::range_fault::PageState;
 use crate::mirror::backend::{
     Backend, BackendError, DeviceToHost, HostToDevice, InvocationSet, PteLoc, PteWrite,
@@ -56,6 +57,7 @@ use crate::mirror::foreign::{page_hash, PageHashes};
 use crate::mirror::format::{PoolSlot, Pte, ACCESSED, DIRTY};
 use crate::mirror::host_side::{HostSide, RunFate, WriteTracking};
 use crate::mirror::hostcopy;
+use crate::mirror::pagetable::ShadowTable;
 use crate::mirror::pool::PagePool;
 use crate::mirror::state::{zap, zap_pages, Cx, RegionKey, RegionSlot};
 use crate::mirror::stats::Counters;
@@ -63,6 +65,7 @@ use crate::mirror::twins::Twins;
 use crate::notifier::Attempt;
 
 mod evict;
+mod migrated;
 mod write_back;
 
 /// A hash set for the per-page bookkeeping of fault service: foldhash
@@ -122,6 +125,15 @@ pub(crate) struct CopyPool {
     /// [`CpuWrites::Hash`]: every copied page is hashed and nothing is
     /// write-protected.
     hash_all: bool,
+    /// Mapped pages whose slot holds the only copy (migrated to the
+    /// device; `migrated`).
+    migrated: BTreeSet<VirtAddr>,
+    /// Migrated pages an `mremap` moved: no entry any more, the slot kept
+    /// (not free, not quarantined) until the CPU gets the data back at
+    /// the page's new address (`migrated`).
+    orphans: BTreeMap<VirtAddr, PoolSlot>,
+    /// The slots of `orphans`.
+    orphan_slots: HashSet<PoolSlot>,
 }
 
 impl CopyPool {
@@ -154,6 +166,9 @@ impl CopyPool {
             refused: BTreeSet::new(),
             hashes: PageHashes::new(foreign == ForeignWriters::Check || hash_all),
             hash_all,
+            migrated: BTreeSet::new(),
+            orphans: BTreeMap::new(),
+            orphan_slots: HashSet::new(),
         })
     }
 
@@ -559,6 +574,20 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         cx: &mut Cx<'_, B, H>,
         pages: &[(VirtAddr, Pte)],
     ) -> Result<u64, MirrorError> {
+        // Migrated pages have no CPU copy to update (and touching their
+        // CPU side from under the driver lock would wait on the fault-back
+        // server, which needs the lock): skipped.
+        let kept: Vec<(VirtAddr, Pte)>;
+        let pages = if self.migrated.is_empty() {
+            pages
+        } else {
+            kept = pages
+                .iter()
+                .filter(|(va, _)| !self.migrated.contains(va))
+                .copied()
+                .collect();
+            &kept
+        };
         let mut n = 0;
         let mut refused = None;
         for c in pages.chunks(STAGE_PAGES) {
@@ -633,7 +662,10 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
             self.refused.remove(va);
             self.twins.remove(pte.slot());
             self.hashes.forget(pte.slot());
-            if !self.pinned.contains(&pte.slot()) {
+            // A migrated page leaving without having been given back is
+            // gone with its memory (a destructive event).
+            self.migrated.remove(va);
+            if !self.pinned.contains(&pte.slot()) && !self.orphan_slots.contains(&pte.slot()) {
                 self.quarantine.insert(pte.slot());
             }
         }
@@ -773,6 +805,40 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
 
     fn usage(&self) -> (u64, u64) {
         (u64::from(self.pool.used()), u64::from(self.pool.capacity()))
+    }
+
+    fn check_migrate(&self) -> Result<(), MirrorError> {
+        if self.hash_all {
+            return Err(MirrorError::MigrationUnsupported(
+                "CpuWrites::Hash: migration needs write-protect tracking of the pages it gives back".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn adopt_migrated(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        range: VaRange,
+        bytes: &[u8],
+    ) -> Result<u64, MirrorError> {
+        self.adopt(cx, range, bytes)
+    }
+
+    fn migrated_in(&self, r: VaRange) -> Vec<VirtAddr> {
+        self.migrated_pages(r)
+    }
+
+    fn give_back(&mut self, cx: &mut Cx<'_, B, H>, pages: &[VirtAddr]) -> Result<u64, MirrorError> {
+        self.give_back_pages(cx, pages)
+    }
+
+    fn discarded(&mut self, table: &ShadowTable, range: VaRange, moved: bool) {
+        self.discard(table, range, moved)
+    }
+
+    fn moved(&mut self, old: VaRange, to: VirtAddr) {
+        self.move_orphans(old, to)
     }
 
     fn teardown(&mut self) {

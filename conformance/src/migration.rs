@@ -1,0 +1,343 @@
+//! Device-private migration (issue 17): the kernel's `migrate*` tests,
+//! ported under their names, and the mirror's own cases around them.
+//!
+//! The kernel tests migrate through `dmirror`'s `HMM_DMIRROR_MIGRATE_TO_DEV`
+//! ioctl and check that a CPU access brings the data back through
+//! `migrate_to_ram`; here [`Mirror::migrate_to_device`] moves the pages out
+//! and a CPU access waits while the mirror gives them back. Each scenario
+//! prints a `SKIP` line and returns where the host cannot migrate
+//! ([`Mirror::migrate_to_device`] then returns a typed
+//! [`MirrorError::MigrationUnsupported`], which is checked), unless
+//! `HMM_REQUIRE_UFFD=1`.
+//!
+//! Not ported yet: `migrate_anon_huge_*` (huge-page migration), and the
+//! `exclusive*` tests (exclusive access is not built).
+
+use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
+
+use crate::support::{device_copy, launch, setup, small_cfg, spawn, zero_copy, TestMap, WPP};
+use crate::{TestKernel, TestKernels};
+
+/// Whether `m` can migrate here; prints the skip line if not.
+fn can_migrate<B: TestKernels>(m: &Mirror<B>, test: &str) -> bool {
+    if zero_copy(m) {
+        eprintln!("SKIP {test}: zero-copy device (migration is a typed Unsupported there)");
+        return false;
+    }
+    match hmm_core::mirror::HostSide::migration_support(&**m.host()) {
+        Ok(_) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("HMM_REQUIRE_UFFD").as_deref() != Ok("1"),
+                "{test}: HMM_REQUIRE_UFFD=1 but migration is unavailable: {why}"
+            );
+            eprintln!("SKIP {test}: migration unavailable: {why}");
+            false
+        }
+    }
+}
+
+fn rw() -> i32 {
+    libc::PROT_READ | libc::PROT_WRITE
+}
+
+/// Kernel test `migrate`: anonymous memory migrated to the device is read
+/// there, and the CPU reads it back intact.
+pub fn migrate<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate") {
+        return;
+    }
+    let pages = 16;
+    let src = TestMap::anon(pages, rw());
+    src.fill(|i| i as u32 ^ 0x1717_0000);
+    let n = m.migrate_to_device(src.range()).expect("migrate");
+    assert_eq!(n, pages as u64);
+    let st = m.stats();
+    assert_eq!(st.migrated_out, pages as u64);
+    // The device reads the migrated pages without a fault or a copy.
+    let out = TestMap::anon(pages, rw());
+    let r = device_copy(&m, src.addr(), &out, pages * WPP).expect("launch");
+    for i in 0..pages * WPP {
+        assert_eq!(out.read_word(i), i as u32 ^ 0x1717_0000, "device word {i}");
+    }
+    assert_eq!(r.pages_in, pages as u64, "only `out` is copied in");
+    // The CPU's reads bring the pages back.
+    for i in 0..pages * WPP {
+        assert_eq!(src.read_word(i), i as u32 ^ 0x1717_0000, "CPU word {i}");
+    }
+    let st = m.stats();
+    assert_eq!(st.migrated_in, pages as u64);
+    assert!(st.fault_backs >= 1, "the reads faulted back: {st:?}");
+}
+
+/// Kernel test `migrate_fault`: migrate, touch from the CPU, migrate again;
+/// the data survives every trip, and CPU writes made between trips reach
+/// the device.
+pub fn migrate_fault<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_fault") {
+        return;
+    }
+    let pages = 8;
+    let src = TestMap::anon(pages, rw());
+    src.fill(|i| i as u32);
+    let out = TestMap::anon(pages, rw());
+    for round in 0..4u32 {
+        m.migrate_to_device(src.range()).expect("migrate");
+        device_copy(&m, src.addr(), &out, pages * WPP).expect("launch");
+        for i in (0..pages * WPP).step_by(97) {
+            assert_eq!(out.read_word(i), i as u32 + round, "round {round} word {i}");
+        }
+        // CPU reads fault the pages back, then a write the next trip carries.
+        for i in 0..pages * WPP {
+            assert_eq!(
+                src.read_word(i),
+                i as u32 + round,
+                "round {round} CPU word {i}"
+            );
+            src.write_word(i, i as u32 + round + 1);
+        }
+    }
+    assert_eq!(m.stats().migrated_out, 4 * pages as u64);
+}
+
+/// Kernel test `migrate_release`: migrated memory unmapped while the
+/// device holds it: the pages are simply gone, their slots freed, and
+/// nothing is given back.
+pub fn migrate_release<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_release") {
+        return;
+    }
+    let pages = 16;
+    let mut src = TestMap::anon(pages, rw());
+    src.fill(|i| i as u32);
+    m.migrate_to_device(src.range()).expect("migrate");
+    let used = m.stats().pool_used;
+    assert!(used >= pages as u64);
+    src.unmap();
+    // The unmap's event is read before `munmap` returns, handled after.
+    assert!(h.settle(), "the unmap's event is handled");
+    assert!(m.flush_releases(), "the dead region is released");
+    let st = m.stats();
+    assert_eq!(st.migrated_in, 0, "nothing given back to unmapped memory");
+    assert_eq!(st.pool_used, used - pages as u64, "their slots are free");
+}
+
+/// Kernel test `migrate_shared`: shared memory cannot migrate (it keeps
+/// its pages when the CPU's copy is discarded): a typed error, nothing
+/// moved.
+pub fn migrate_shared<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_shared") {
+        return;
+    }
+    let src = TestMap::shared_anon(4);
+    src.write_word(0, 99);
+    match m.migrate_to_device(src.range()) {
+        Err(MirrorError::MigrationUnsupported(why)) => assert!(why.contains("shared"), "{why}"),
+        other => panic!("expected MigrationUnsupported, got {other:?}"),
+    }
+    assert_eq!(src.read_word(0), 99);
+    assert_eq!(m.stats().migrated_out, 0);
+}
+
+/// Kernel test `migrate_multiple`: many migrations back and forth, with
+/// explicit [`Mirror::migrate_to_host`] and device writes in between.
+pub fn migrate_multiple<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_multiple") {
+        return;
+    }
+    let pages = 4;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32);
+    let inc = m
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    for k in 1..=10u32 {
+        m.migrate_to_device(p.range()).expect("migrate");
+        launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+        assert_eq!(
+            m.migrate_to_host(p.range()).expect("back"),
+            pages as u64,
+            "trip {k}"
+        );
+        for i in (0..pages * WPP).step_by(61) {
+            assert_eq!(p.read_word(i), i as u32 + k, "trip {k} word {i}");
+        }
+    }
+    assert_eq!(
+        m.stats().fault_backs,
+        0,
+        "explicit trips fault nothing back"
+    );
+}
+
+/// Device writes to migrated pages stay on the device across launches (no
+/// write-back, no sync-point work) until the CPU touches them.
+pub fn migrate_device_writes_stay_until_touched<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_device_writes_stay_until_touched") {
+        return;
+    }
+    let pages = 8;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 * 3);
+    m.migrate_to_device(p.range()).expect("migrate");
+    let inc = m
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    let before = m.stats().pages_out;
+    for _ in 0..5 {
+        let r = launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+        assert_eq!(r.pages_in, 0, "resident: nothing copied in");
+    }
+    assert_eq!(m.stats().pages_out, before, "nothing written back");
+    for i in 0..pages * WPP {
+        assert_eq!(p.read_word(i), i as u32 * 3 + 5, "word {i}");
+    }
+}
+
+/// A migrated page evicted under pool pressure goes back to the CPU
+/// before its slot is reused: nothing is lost.
+pub fn migrate_evicted_under_pool_pressure<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        pool_slots: 24,
+        ..small_cfg()
+    };
+    let (_h, m) = setup(b, cfg);
+    if !can_migrate(&m, "migrate_evicted_under_pool_pressure") {
+        return;
+    }
+    let pages = 16;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 ^ 0xdead_0000);
+    m.migrate_to_device(p.range()).expect("migrate");
+    let inc = m
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+    // Another 16 pages through a 24-slot pool: migrated pages are evicted.
+    let other = TestMap::anon(16, rw());
+    other.fill(|i| i as u32);
+    let out = TestMap::anon(16, rw());
+    device_copy(&m, other.addr(), &out, 16 * WPP).expect("launch");
+    let st = m.stats();
+    assert!(st.evictions > 0, "the pool was pressed: {st:?}");
+    assert!(st.migrated_in > 0, "evicted migrated pages were given back");
+    for i in 0..pages * WPP {
+        assert_eq!(p.read_word(i), (i as u32 ^ 0xdead_0000) + 1, "word {i}");
+    }
+}
+
+/// A CPU thread reading migrated pages while launches run on them gets
+/// every value a launch left, never a torn or zero page.
+pub fn migrate_cpu_read_during_launch<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_cpu_read_during_launch") {
+        return;
+    }
+    let pages = 8;
+    let p = std::sync::Arc::new(TestMap::anon(pages, rw()));
+    p.fill(|_| 1000);
+    let inc = m
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    let m = std::sync::Arc::new(m);
+    let (m2, p2) = (std::sync::Arc::clone(&m), std::sync::Arc::clone(&p));
+    let reader = spawn(move || {
+        let mut last = 1000;
+        for k in 0..200 {
+            let w = p2.read_word((k * 331) % (pages * WPP));
+            assert!((1000..=1010).contains(&w), "read {w}");
+            last = last.max(w);
+            std::thread::yield_now();
+        }
+        let _ = m2.stats();
+        last
+    });
+    for _ in 0..10 {
+        m.migrate_to_device(p.range()).expect("migrate");
+        launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+    }
+    reader.join().expect("reader");
+    for i in 0..pages * WPP {
+        assert_eq!(p.read_word(i), 1010, "word {i}");
+    }
+}
+
+/// Dropping the mirror gives every migrated page back first.
+pub fn migrate_drop_gives_back<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_drop_gives_back") {
+        return;
+    }
+    let pages = 8;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 + 7);
+    m.migrate_to_device(p.range()).expect("migrate");
+    let inc = m
+        .backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel");
+    launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+    drop(m);
+    for i in 0..pages * WPP {
+        assert_eq!(p.read_word(i), i as u32 + 8, "word {i}");
+    }
+}
+
+/// `mremap` of migrated memory: the data follows the move, and the CPU
+/// reads it at the new address.
+pub fn migrate_mremap<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_mremap") {
+        return;
+    }
+    let pages = 8;
+    let len = pages * hmm_core::PAGE_SIZE as usize;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 ^ 0x00ab_0000);
+    m.migrate_to_device(p.range()).expect("migrate");
+    // A destination, then the move (the old range is gone after it).
+    let dst = TestMap::anon(pages, libc::PROT_NONE);
+    // SAFETY: moving our own mapping onto our own reservation; nothing
+    // holds a reference into either.
+    let to = unsafe {
+        libc::mremap(
+            p.addr() as *mut libc::c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dst.addr() as *mut libc::c_void,
+        )
+    };
+    assert_ne!(to, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    std::mem::forget(p); // its range is gone; `dst` owns the new one
+    for i in 0..pages * WPP {
+        assert_eq!(
+            dst.read_word(i),
+            i as u32 ^ 0x00ab_0000,
+            "word {i} at the new address"
+        );
+    }
+    assert!(m.stats().migrated_in >= pages as u64);
+}
+
+/// Zero-copy devices: migration is a typed error, nothing moved.
+pub fn migrate_zero_copy_is_unsupported<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let p = TestMap::anon(2, rw());
+    p.write_word(0, 5);
+    match m.migrate_to_device(p.range()) {
+        Err(MirrorError::MigrationUnsupported(_)) => {}
+        other => panic!("expected MigrationUnsupported, got {other:?}"),
+    }
+    assert_eq!(p.read_word(0), 5);
+}

@@ -1,0 +1,332 @@
+//! The CPU side of device-private migration (issue 17): moving a range's
+//! pages out of the process, serving CPU faults on them, giving them back.
+//!
+//! `docs/MIGRATION.md` has the kernel facts this stands on (each checked
+//! by `tests/migration_facts.rs`) and the whole design; the mirror's half
+//! (which pages are migrated, where their data is) is in
+//! `mirror::migrate`.
+//!
+//! # Moving pages out ([`HostSpace::detach_for_migration`])
+//!
+//! 1. The range is *armed* ([`EventMonitor::arm_missing`]): registered
+//!    `MISSING | WP` on the monitor's userfaultfd, so a CPU access to a
+//!    page that is not there waits for us instead of getting a zero page.
+//! 2. Its owner (the mirror) is recorded, so faults there reach it.
+//! 3. The monitor is told to expect our own `REMAP` event
+//!    ([`EventMonitor::expect_own_remap`]): the destructive invalidation it
+//!    would otherwise run frees the device slots that are about to hold the
+//!    only copy.
+//! 4. `mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP | MREMAP_FIXED)` moves the
+//!    pages to a scratch mapping reserved beforehand, atomically: a CPU
+//!    write lands before the move (and travels with the page) or after it
+//!    (and faults). The old range stays mapped, registered and empty.
+//! 5. The scratch is unregistered (no event) and handed to the caller,
+//!    which copies it to the device — the CPU's bytes as of the move — and
+//!    drops it.
+//!
+//! # Serving faults
+//!
+//! The monitor's handler thread must never wait; it hands a missing-page
+//! fault to [`InvalidationSink::missing_fault`], which queues it for this
+//! module's server thread (`hmm-fault-back`). The server asks the owners
+//! whose ranges contain the page ([`FaultBack::fault_back`]); an owner that
+//! holds the page gives it back itself ([`HostSpace::give_back`],
+//! `UFFDIO_COPY`, which also wakes the waiting thread). A page nobody holds
+//! (a hole of an armed range: never populated, or discarded since) gets a
+//! zero page, what the CPU would have read. A page whose owner cannot give
+//! it back (the device is lost) is poisoned: the access gets `SIGBUS`,
+//! never a zero page.
+//!
+//! # Deadlock argument
+//!
+//! - The monitor's reader and handler threads never wait for the server
+//!   or for a mirror's driver lock on a fault's behalf: a fault is a
+//!   channel send.
+//! - The server waits for a mirror's driver lock (and for its running
+//!   submission) and holds nothing anyone else waits for.
+//! - No holder of a driver lock touches a migrated page's CPU side: the
+//!   mirror gives pages back with `UFFDIO_COPY` (an ioctl, which cannot
+//!   fault), and its write-back, foreign-writer check and verification
+//!   skip migrated pages. The `mremap` of step 4 waits only for the
+//!   monitor's *reader* to read its event.
+//! - Devices that run on this process's threads (the cpu driver's
+//!   closures, lavapipe) read pool slots in copy mode, never CPU memory.
+//!
+//! A thread that touches a migrated page while a launch of its owner runs
+//! waits until the launch ends (as a CPU touch of a device-private page
+//! waits for the device in Linux HMM).
+//!
+//! # What is not handled yet (issue 17, stated)
+//!
+//! - `fork()`: the child reads zeros where pages were migrated (the fact
+//!   in `migration_facts.rs`); no prepare-fork handler brings them back.
+//! - With a user-mode-only userfaultfd (how the monitor opens it first), a
+//!   *kernel-mode* access — `read(2)` into a migrated buffer, or any
+//!   syscall that writes or reads it — fails with `EFAULT` instead of
+//!   faulting the page back; [`HostSpace::migration_support`] says so.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::scratch::ScratchMap;
+use super::uffd::{OpenMode, Userfaultfd};
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+
+/// What a fault-back request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultBackOutcome {
+    /// The owner gave the page back (the waiting thread is woken).
+    Served,
+    /// The owner does not hold the page (not migrated, or already back).
+    NotHeld,
+    /// The owner holds the page's only copy and cannot give it back (its
+    /// device is lost): the page must be poisoned.
+    Lost,
+}
+
+/// Something that holds the only copy of migrated pages (a mirror).
+pub trait FaultBack: Send + Sync {
+    /// A CPU thread waits on `page`: give it back (and whatever
+    /// neighbourhood the owner chooses) if it is held here.
+    fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome;
+
+    /// An `mremap` moved `old` to `to`: pages held for `old` now belong
+    /// at `to`. Called on the event monitor's handler thread: must not
+    /// wait. Default: nothing.
+    fn moved(&self, old: VaRange, to: VirtAddr) {
+        let _ = (old, to);
+    }
+}
+
+/// The pages a migration moved out of the process: a private scratch
+/// mapping, unmapped on drop.
+pub struct Detached {
+    map: ScratchMap,
+    /// Where the pages came from.
+    from: VaRange,
+}
+
+impl Detached {
+    /// The range the pages were moved out of.
+    pub fn from(&self) -> VaRange {
+        self.from
+    }
+
+    /// The pages' bytes as of the move, in address order.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the scratch is a private read-write mapping of `len`
+        // bytes that only this value knows about (its address never left
+        // `detach_for_migration`, and it is unregistered from the
+        // userfaultfd, so a hole reads as zeros instead of faulting to us);
+        // it lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<u8>(), self.map.len()) }
+    }
+}
+
+/// The owners of migrated ranges, and the fault-back server.
+pub(crate) struct Migration {
+    uffd: Arc<Userfaultfd>,
+    owners: Mutex<Vec<(VaRange, Weak<dyn FaultBack>)>>,
+    server: Mutex<Option<(Sender<VirtAddr>, JoinHandle<()>)>>,
+}
+
+impl Migration {
+    pub(crate) fn new(uffd: Arc<Userfaultfd>) -> Self {
+        Migration {
+            uffd,
+            owners: Mutex::new(Vec::new()),
+            server: Mutex::new(None),
+        }
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, Vec<(VaRange, Weak<dyn FaultBack>)>> {
+        self.owners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `owner` for faults in `range`, starting the server if this
+    /// is the first migration.
+    pub(crate) fn add_owner(
+        self: &Arc<Self>,
+        range: VaRange,
+        owner: Weak<dyn FaultBack>,
+    ) -> std::io::Result<()> {
+        {
+            let mut s = self.server.lock().unwrap_or_else(|p| p.into_inner());
+            if s.is_none() {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let me = Arc::downgrade(self);
+                let uffd = Arc::clone(&self.uffd);
+                let h = std::thread::Builder::new()
+                    .name("hmm-fault-back".into())
+                    .spawn(move || serve(me, uffd, rx))?;
+                *s = Some((tx, h));
+            }
+        }
+        let mut o = self.owners();
+        o.retain(|(_, w)| w.strong_count() > 0);
+        if !o.iter().any(|(r, w)| *r == range && w.ptr_eq(&owner)) {
+            o.push((range, owner));
+        }
+        Ok(())
+    }
+
+    /// A `mremap` moved `old` to `to`: faults at the new addresses reach
+    /// the owners of the old ones (who re-key their pages themselves).
+    pub(crate) fn remapped(&self, old: VaRange, to: VirtAddr) {
+        let told: Vec<Arc<dyn FaultBack>> = {
+            let mut o = self.owners();
+            let mut add = Vec::new();
+            let mut told = Vec::new();
+            for (r, w) in o.iter() {
+                if let Some(inside) = r.intersect(old) {
+                    let off = inside.start().get() - old.start().get();
+                    if let Ok(moved) =
+                        VaRange::from_start_len(VirtAddr(to.get().wrapping_add(off)), inside.len())
+                    {
+                        add.push((moved, w.clone()));
+                    }
+                    told.extend(w.upgrade());
+                }
+            }
+            o.extend(add);
+            told
+        };
+        for t in told {
+            t.moved(old, to);
+        }
+    }
+
+    /// Queues a missing-page fault for the server; `false` if no server
+    /// runs (nothing was ever migrated: the monitor zero-fills).
+    pub(crate) fn queue(&self, page: VirtAddr) -> bool {
+        let s = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        s.as_ref().is_some_and(|(tx, _)| tx.send(page).is_ok())
+    }
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        let s = self
+            .server
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((tx, h)) = s {
+            drop(tx);
+            let _ = h.join();
+        }
+    }
+}
+
+/// The server thread: resolves every fault it is handed, one way or
+/// another (a thread left waiting would hang forever).
+fn serve(me: Weak<Migration>, uffd: Arc<Userfaultfd>, rx: Receiver<VirtAddr>) {
+    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    while let Ok(page) = rx.recv() {
+        let Ok(range) = VaRange::from_start_len(page.page_down(), PAGE_SIZE) else {
+            continue;
+        };
+        let owners: Vec<Arc<dyn FaultBack>> = match me.upgrade() {
+            Some(m) => m
+                .owners()
+                .iter()
+                .filter(|(r, _)| r.contains(range.start()))
+                .filter_map(|(_, w)| w.upgrade())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut outcome = FaultBackOutcome::NotHeld;
+        for o in owners {
+            outcome = o.fault_back(range.start());
+            if outcome != FaultBackOutcome::NotHeld {
+                break;
+            }
+        }
+        match outcome {
+            FaultBackOutcome::Served => {}
+            FaultBackOutcome::NotHeld => {
+                // SAFETY: the page is missing (a thread waits on it) and
+                // no Rust reference of ours covers it; a zero page is what
+                // the kernel would install without us. `EEXIST` (given
+                // back meanwhile) or a range gone: wake the thread, which
+                // faults again or finds its page.
+                if unsafe { uffd.copy_in(range.start(), &ZERO, true) }.is_err() {
+                    let _ = uffd.wake(range);
+                }
+            }
+            FaultBackOutcome::Lost => {
+                if uffd.poison(range).is_err() {
+                    // No poison (Linux < 6.6): the thread is woken and
+                    // faults again, and each time the owner says the data
+                    // is lost. It spins rather than reading a zero page.
+                    tracing::error!(
+                        target: "hmm_rs",
+                        "page {page} was lost with its device and cannot be poisoned on this kernel"
+                    );
+                    let _ = uffd.wake(range);
+                }
+            }
+        }
+    }
+}
+
+/// Moves the pages of `range` out to a fresh scratch mapping (steps 4–5 of
+/// the module docs; the caller armed the range, recorded the owner and
+/// told the monitor to expect the event through `expect`/`forget`).
+pub(crate) fn move_out(
+    range: VaRange,
+    expect: impl FnOnce(VirtAddr),
+    forget: impl FnOnce(VirtAddr),
+    unregister: impl FnOnce(VaRange) -> std::io::Result<()>,
+) -> std::io::Result<Detached> {
+    let len = range.len() as usize;
+    // A reservation of the destination, so the event can be expected
+    // before the move (MREMAP_FIXED replaces it).
+    let map = ScratchMap::new(range.pages() as usize)?;
+    let to = VirtAddr(map.base());
+    expect(to);
+    // SAFETY: `range` is a mapped private anonymous range of this process
+    // (checked by the caller) and `map` our own reservation of `len`
+    // bytes, which the move replaces; nothing holds a Rust reference into
+    // either. glibc reads the fifth argument as the destination.
+    let r = unsafe {
+        libc::mremap(
+            range.start().as_mut_ptr(),
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP | libc::MREMAP_FIXED,
+            map.ptr(),
+        )
+    };
+    if r == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        forget(to);
+        return Err(e);
+    }
+    if let Ok(dest) = VaRange::from_start_len(to, len as u64) {
+        // Registered with the old range's context: a hole there would
+        // fault to us. Unregistered, it reads as zeros.
+        unregister(dest)?;
+    }
+    Ok(Detached { map, from: range })
+}
+
+/// Why migration is unavailable with a userfaultfd opened `mode` with the
+/// features of `uffd`, if it is; and the degradation it lives with.
+pub(crate) fn support(uffd: &Userfaultfd) -> Result<Option<&'static str>, String> {
+    let f = uffd.features();
+    if !f.contains(super::uffd::Features(super::sys::UFFD_FEATURE_EVENT_REMAP)) {
+        return Err("the userfaultfd lacks EVENT_REMAP".into());
+    }
+    if !f.contains(super::uffd::Features::WP_TRACKING) {
+        return Err("the userfaultfd lacks WP_ASYNC write tracking".into());
+    }
+    Ok(match uffd.open_mode() {
+        OpenMode::UserModeOnly => Some(
+            "user-mode-only userfaultfd: a system call that reads or writes migrated memory (read(2) into it, say) fails with EFAULT instead of bringing it back",
+        ),
+        _ => None,
+    })
+}

@@ -1,0 +1,268 @@
+//! Device-private migration (issue 17): the device holds the only copy
+//! of a range, and a CPU touch brings it back.
+//!
+//! [`Mirror::migrate_to_device`] makes a range resident (a prefetch for
+//! writing), has the host move the CPU's pages out
+//! ([`HostSide::detach_for_migration`]: `cpu::migration` has the kernel
+//! side and the deadlock argument), copies the bytes as of the move into
+//! the pages' slots and marks them migrated (`residency::copy::migrated`
+//! says what the mark changes). From then on no launch writes those pages
+//! back and no sync point scans them: iterative device work on them costs
+//! what it costs on pinned device buffers.
+//!
+//! A CPU access to a migrated page — any thread, read or write — waits in
+//! the kernel until the host's fault-back server calls
+//! [`FaultBack::fault_back`] here, which waits for the running launch,
+//! gives back the page and the migrated pages of its 64 KiB block
+//! (`UFFDIO_COPY`, write-protected so write tracking sees the next CPU
+//! write), and lets the access proceed. The pages stay on the device as
+//! ordinary copies. [`Mirror::migrate_to_host`] does the same for a
+//! range, eviction gives a migrated page back before its slot is reused,
+//! and dropping the mirror gives every page back.
+//!
+//! What is not built yet is listed in `cpu::migration` and
+//! `docs/MIGRATION.md`.
+
+use std::time::Instant;
+
+use super::backend::Backend;
+use super::error::MirrorError;
+use super::handle::Mirror;
+use super::host_side::HostSide;
+use super::state::Inner;
+use super::stats::Counters;
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::maps::MappingKind;
+use crate::cpu::migration::{FaultBack, FaultBackOutcome};
+use crate::sync::lock;
+
+/// Pages a CPU fault on a migrated page brings back: the migrated pages
+/// of its aligned block of this many pages (64 KiB).
+const FAULT_BACK_PAGES: u64 = 16;
+
+impl<B: Backend, H: HostSide> Mirror<B, H> {
+    /// Migrates `range` to the device: afterwards the device holds the
+    /// only copy of its pages, launches neither scan nor write them back,
+    /// and the first CPU access to a page (any thread, read or write)
+    /// waits while the mirror gives it back. Returns pages migrated.
+    ///
+    /// Errors, with nothing moved: [`MirrorError::MigrationUnsupported`]
+    /// where the kernel lacks what it needs (no userfaultfd, no
+    /// `EVENT_REMAP` or `WP_ASYNC`), for memory other than private
+    /// anonymous memory (shared memory keeps its pages when the CPU's copy
+    /// is discarded, as in the kernel's `migrate_shared`), for a zero-copy
+    /// device, with several mirrors attached, or for a range the pool
+    /// cannot hold ([`MirrorError::PoolExhausted`]);
+    /// [`MirrorError::WrongProcess`] in a forked child.
+    ///
+    /// ```no_run
+    /// # use hmm_core::mirror::{Mirror, MirrorConfig};
+    /// # fn demo<B: hmm_core::mirror::backend::Backend>(m: &Mirror<B>, data: &mut Vec<f32>) -> Result<(), hmm_core::mirror::MirrorError> {
+    /// let range = hmm_core::VaRange::of_slice(data.as_slice())?;
+    /// m.migrate_to_device(range)?; // the device holds the only copy
+    /// // ... launches on `data` ...
+    /// let first = data[0]; // this read brings its 64 KiB back
+    /// m.migrate_to_host(range)?; // or bring it all back at once
+    /// # let _ = first; Ok(()) }
+    /// ```
+    pub fn migrate_to_device(&self, range: VaRange) -> Result<u64, MirrorError> {
+        self.same_process()?;
+        let range = range.page_cover()?.user()?;
+        let inner = &*self.inner;
+        inner
+            .host
+            .migration_support()
+            .map_err(MirrorError::MigrationUnsupported)?;
+        if inner.host.mirrors_attached() > 1 {
+            return Err(MirrorError::MigrationUnsupported(
+                "several mirrors are attached: a migrated page can have one owner".into(),
+            ));
+        }
+        {
+            let dev = inner.lock();
+            dev.health.check()?;
+            dev.res.check_migrate()?;
+            let (_, capacity) = dev.res.usage();
+            if range.pages() > capacity {
+                return Err(MirrorError::PoolExhausted {
+                    needed: range.pages(),
+                    capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        // One mapping at a time (an `mremap` moves within one VMA).
+        inner.host.forget_mappings(range);
+        let mut pieces = Vec::new();
+        let mut at = range.start();
+        while at < range.end() {
+            let m = inner.host.lookup(at)?.ok_or(MirrorError::DeviceFault {
+                addr: at,
+                write: true,
+                reason: super::AccessError::Unmapped,
+            })?;
+            let anon = match &m.kind {
+                MappingKind::Anonymous => true,
+                MappingKind::Special(s) => s == "[heap]" || s.starts_with("[anon:"),
+                MappingKind::File { .. } => false,
+            };
+            if m.shared || !anon {
+                return Err(MirrorError::MigrationUnsupported(format!(
+                    "{at} is not private anonymous memory ({}{:?}): shared and file pages keep their CPU copy",
+                    if m.shared { "shared " } else { "" },
+                    m.kind
+                )));
+            }
+            if !(m.read && m.write) {
+                return Err(MirrorError::MigrationUnsupported(format!(
+                    "{at} is not readable and writable"
+                )));
+            }
+            let end = m.range.end().min(range.end());
+            pieces.push(VaRange::new(at, end)?);
+            at = end;
+        }
+        let _serial = lock(&inner.launch);
+        let mut n = 0;
+        for piece in pieces {
+            n += self.migrate_piece(piece)?;
+        }
+        Ok(n)
+    }
+
+    /// [`Mirror::migrate_to_device`] of a range within one mapping (the
+    /// launch lock held).
+    fn migrate_piece(&self, range: VaRange) -> Result<u64, MirrorError> {
+        let inner = &*self.inner;
+        {
+            let _checked = crate::cpu::safecopy::CheckScope::open();
+            inner.lock().res.begin_round();
+            let epoch = inner.host.new_epoch();
+            self.fetch(range, true, epoch)?;
+        }
+        let mut dev = inner.lock_idle();
+        // Under the driver lock from here to the marks: no entry of the
+        // range can leave meanwhile (destructive events queue behind it).
+        let resident = dev
+            .table
+            .mapped_in(range)
+            .filter(|(_, p)| p.writable())
+            .count() as u64;
+        if resident != range.pages() {
+            return Err(MirrorError::MigrationUnsupported(format!(
+                "{} of {} pages of {range:?} could not be made resident writable",
+                range.pages() - resident,
+                range.pages()
+            )));
+        }
+        let owner: std::sync::Weak<dyn FaultBack> =
+            std::sync::Arc::downgrade(&self.inner) as std::sync::Weak<dyn FaultBack>;
+        let detached = inner.host.detach_for_migration(range, owner)?;
+        if !dev.armed.contains(&range) {
+            dev.armed.push(range);
+        }
+        let (mut cx, res) = dev.parts(inner);
+        match res.adopt_migrated(&mut cx, range, detached.bytes()) {
+            Ok(n) => {
+                Counters::add(&inner.counters.migrated_out, n);
+                Ok(n)
+            }
+            Err(e) => {
+                // The bytes moved out are the only copy of the pages not
+                // migrated before: back they go (the others were holes,
+                // and their data is on the device).
+                for (k, va) in range.page_addrs().enumerate() {
+                    let page = VaRange::from_start_len(va, PAGE_SIZE)?;
+                    if res.migrated_in(page).is_empty() {
+                        let bytes =
+                            &detached.bytes()[k * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
+                        let _ = inner.host.give_back(va, bytes);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Brings the migrated pages of `range` back to the CPU (they stay on
+    /// the device as ordinary copies). Returns pages given back. Waits for
+    /// a running launch. Errors: [`MirrorError::DeviceLost`] if the device
+    /// cannot give its data back (those pages stay migrated, and a CPU
+    /// access to them is poisoned); [`MirrorError::WrongProcess`] in a
+    /// forked child.
+    pub fn migrate_to_host(&self, range: VaRange) -> Result<u64, MirrorError> {
+        self.same_process()?;
+        let range = range.page_cover()?;
+        let inner = &*self.inner;
+        let _serial = lock(&inner.launch);
+        let mut dev = inner.lock_idle();
+        let (mut cx, res) = dev.parts(inner);
+        let pages = res.migrated_in(range);
+        let n = if pages.is_empty() {
+            0
+        } else {
+            res.give_back(&mut cx, &pages)?
+        };
+        // Armed ranges with nothing migrated left: ordinary memory again.
+        let armed = std::mem::take(&mut dev.armed);
+        for a in armed {
+            if a.overlaps(range) && dev.res.migrated_in(a).is_empty() {
+                inner.host.disarm(a);
+            } else {
+                dev.armed.push(a);
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl<B: Backend, H: HostSide> Inner<B, H> {
+    /// Teardown: every migrated page goes back to the CPU; one that cannot
+    /// (a lost device) is poisoned, never left to read as zeros.
+    pub(super) fn give_everything_back(&self) {
+        let mut dev = self.lock_idle();
+        let (mut cx, res) = dev.parts(self);
+        let all = res.migrated_in(VaRange::everything());
+        if !all.is_empty() && res.give_back(&mut cx, &all).is_err() {
+            for va in res.migrated_in(VaRange::everything()) {
+                if let Ok(p) = VaRange::from_start_len(va, PAGE_SIZE) {
+                    let _ = self.host.poison(p);
+                }
+            }
+        }
+        for a in std::mem::take(&mut dev.armed) {
+            self.host.disarm(a);
+        }
+    }
+}
+
+impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
+    fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome {
+        let t = Instant::now();
+        let page = page.page_down();
+        let block_start = VirtAddr(page.0 & !(FAULT_BACK_PAGES * PAGE_SIZE - 1));
+        let Ok(block) = VaRange::from_start_len(block_start, FAULT_BACK_PAGES * PAGE_SIZE) else {
+            return FaultBackOutcome::NotHeld;
+        };
+        // Waits for a running launch: the device may be writing the page.
+        let mut dev = self.lock_idle();
+        let (mut cx, res) = dev.parts(self);
+        let held = res.migrated_in(block);
+        if !held.contains(&page) {
+            return FaultBackOutcome::NotHeld;
+        }
+        let r = res.give_back(&mut cx, &held);
+        let still = VaRange::from_start_len(page, PAGE_SIZE)
+            .map(|p| !res.migrated_in(p).is_empty())
+            .unwrap_or(true);
+        if r.is_err() || still {
+            return FaultBackOutcome::Lost;
+        }
+        Counters::add(&self.counters.fault_backs, 1);
+        Counters::add_since(&self.counters.fault_back_ns, t);
+        FaultBackOutcome::Served
+    }
+
+    fn moved(&self, old: VaRange, to: VirtAddr) {
+        Inner::moved(self, old, to)
+    }
+}
