@@ -544,6 +544,7 @@ impl HostSpace {
             range,
             |to| m.expect_own_remap(range.start(), to, len),
             |to| m.forget_own_remap(range.start(), to, len),
+            |d| m.is_registered(d),
             |d| m.unregister_scratch(d).map_err(std::io::Error::other),
         )
         .map_err(|e| HostError::Migration(format!("moving {range:?} out failed: {e}")))
@@ -574,7 +575,12 @@ impl HostSpace {
                         Some(libc::EAGAIN) if t0.elapsed() < std::time::Duration::from_secs(1) => {
                             std::thread::yield_now();
                         }
-                        _ => return GiveBack::Gone,
+                        e => {
+                            if std::env::var_os("HMM_DEBUG_GIVEBACK").is_some() {
+                                eprintln!("give_back {at} len {}: errno {e:?}", data.len());
+                            }
+                            return GiveBack::Gone;
+                        }
                     }
                 }
                 Err(_) => return GiveBack::Gone,
@@ -592,10 +598,16 @@ impl HostSpace {
     }
 
     /// Ends the arming of `range` ([`EventMonitor::disarm_missing`]): no
-    /// page of it is migrated any more.
+    /// page of it is migrated any more. Its write protection is re-armed,
+    /// and a CPU write made while it was briefly unregistered may have
+    /// gone unseen: the caller drops its device copies of `range`.
     pub fn disarm(&self, range: VaRange) {
         if let Some(m) = &self.monitor {
-            let _ = m.disarm_missing(range);
+            if m.disarm_missing(range).is_ok() {
+                if let Some(t) = &self.tracker {
+                    let _ = arm_retrying(t, range);
+                }
+            }
         }
     }
 }

@@ -279,6 +279,7 @@ pub(crate) fn move_out(
     range: VaRange,
     expect: impl FnOnce(VirtAddr),
     forget: impl FnOnce(VirtAddr),
+    registered: impl FnOnce(VaRange) -> bool,
     unregister: impl FnOnce(VaRange) -> std::io::Result<()>,
 ) -> std::io::Result<Detached> {
     let len = range.len() as usize;
@@ -305,11 +306,37 @@ pub(crate) fn move_out(
         forget(to);
         return Err(e);
     }
-    if let Ok(dest) = VaRange::from_start_len(to, len as u64) {
-        // Registered with the old range's context: a hole there would
-        // fault to us. Unregistered, it reads as zeros.
-        unregister(dest)?;
+    let dest = VaRange::from_start_len(to, len as u64)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // What moved must be the armed mapping: the move carries its
+    // registration to the destination. A mapping that replaced it between
+    // the arming and the move (another thread's `mmap(MAP_FIXED)`; its
+    // pages are not ours to take, and nothing would trap a CPU access to
+    // them) arrives unregistered, and goes straight back.
+    if !registered(dest) {
+        // SAFETY: moving our scratch (which holds the pages just moved)
+        // back over the emptied range they came from, as they were; no
+        // reference into either exists.
+        let back = unsafe {
+            libc::mremap(
+                map.ptr(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                range.start().as_mut_ptr(),
+            )
+        };
+        if back != libc::MAP_FAILED {
+            // The scratch is gone with the move; nothing to unmap.
+            std::mem::forget(map);
+        }
+        return Err(std::io::Error::other(
+            "the memory was replaced while it was being migrated",
+        ));
     }
+    // Registered with the old range's context: a hole there would fault
+    // to us. Unregistered, it reads as zeros.
+    unregister(dest)?;
     Ok(Detached { map, from: range })
 }
 

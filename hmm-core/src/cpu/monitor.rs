@@ -365,9 +365,10 @@ impl Shared {
 
     /// Registers `range` in write-protect mode, and in missing mode too
     /// where it overlaps a range armed for migration: one VMA has one
-    /// mode, and registering `WP` alone over an armed range would drop
-    /// its `MISSING` mode and hand the CPU zero pages where the device
-    /// holds the only copy.
+    /// mode, and the armed pieces must keep theirs. (The kernel skips a
+    /// registration whose modes the VMA already has, so `WP` over an armed
+    /// range would change nothing today; registering the pieces says what
+    /// is meant instead of relying on that.)
     fn register_wp(&self, range: VaRange) -> Result<(), UffdError> {
         let armed: Vec<VaRange> = self.missing().overlapping(range);
         if armed.is_empty() {
@@ -870,10 +871,18 @@ impl EventMonitor {
     /// Ends [`EventMonitor::arm_missing`] of `range`: back to write-protect
     /// mode only (a CPU access to a hole there is an ordinary fault
     /// again). The caller makes sure no page of it is held elsewhere.
+    ///
+    /// The kernel keeps a mode when asked to register a subset of it (a
+    /// `WP` registration of a `MISSING | WP` range changes nothing), so
+    /// this unregisters the range and registers it `WP` again. That drops
+    /// the range's write protection: the caller re-arms write tracking and
+    /// treats the range as written by the CPU
+    /// ([`HostSpace::disarm`](super::host::HostSpace::disarm) does both).
     pub fn disarm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
         let _w = self.shared.watched();
         self.shared.missing().remove(range);
-        self.shared.uffd.register(range, RegisterMode::WP)?;
+        self.shared.uffd.unregister(range)?;
+        self.shared.register_wp(range)?;
         Ok(())
     }
 
@@ -905,6 +914,28 @@ impl EventMonitor {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(i) = own.iter().position(|o| *o == (from.get(), to.get(), len)) {
             own.swap_remove(i);
+        }
+    }
+
+    /// Whether every page of `range` lies in a mapping registered in
+    /// write-protect mode on a userfaultfd (this process has one: ours,
+    /// unless another library opened its own). Asked by un-protecting
+    /// the range, which changes nothing on pages nobody protected (a
+    /// migration's scratch) and fails with `ENOENT` on an unregistered
+    /// mapping; retried while a layout change makes it `EAGAIN`.
+    pub fn is_registered(&self, range: VaRange) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.shared.uffd.write_protect(range, false) {
+                Ok(()) => return true,
+                Err(UffdError::Ioctl { ref source, .. })
+                    if source.raw_os_error() == Some(libc::EAGAIN)
+                        && t0.elapsed() < std::time::Duration::from_secs(1) =>
+                {
+                    std::thread::yield_now();
+                }
+                Err(_) => return false,
+            }
         }
     }
 

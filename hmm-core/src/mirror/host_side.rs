@@ -201,7 +201,9 @@ pub trait HostSide: Send + Sync + 'static {
     }
 
     /// No page of `range` is migrated any more: CPU accesses to holes
-    /// there are ordinary faults again. Default: nothing.
+    /// there are ordinary faults again. A CPU write to `range` during the
+    /// call may go unseen: the caller drops its device copies of `range`
+    /// afterwards. Default: nothing.
     fn disarm(&self, range: VaRange) {
         let _ = range;
     }

@@ -202,16 +202,23 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         } else {
             res.give_back(&mut cx, &pages)?
         };
-        // Armed ranges with nothing migrated left: ordinary memory again.
+        // Armed ranges with nothing migrated left: ordinary memory again
+        // (a CPU write while one is re-registered may go unseen, so the
+        // device's copies there are dropped, device writes written back).
         let armed = std::mem::take(&mut dev.armed);
+        let mut result = Ok(n);
         for a in armed {
             if a.overlaps(range) && dev.res.migrated_in(a).is_empty() {
                 inner.host.disarm(a);
+                let (mut cx, res) = dev.parts(inner);
+                if let Err(e) = super::state::zap(&mut cx, res, a, true) {
+                    result = result.and(Err(e));
+                }
             } else {
                 dev.armed.push(a);
             }
         }
-        Ok(n)
+        result
     }
 }
 

@@ -76,6 +76,12 @@ pub(crate) struct Counts {
     pub(crate) prefetch_errors: AtomicU64,
     /// Launches and prefetches ended by an injected device failure.
     pub(crate) injected_errors: AtomicU64,
+    /// `--migrate`: ranges migrated to the device, brought back
+    /// explicitly, and migrations ended by a typed error (memory being
+    /// remapped meanwhile).
+    pub(crate) migrations: AtomicU64,
+    pub(crate) migrations_back: AtomicU64,
+    pub(crate) migration_errors: AtomicU64,
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {

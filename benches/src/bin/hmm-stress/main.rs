@@ -65,6 +65,22 @@
 //! writes are found by re-hashing every device-resident page at each
 //! sync point. The invariant is unchanged.
 //!
+//! # `--migrate`
+//!
+//! A **migrator** thread migrates random ranges of the arena to the device
+//! (`Mirror::migrate_to_device`: the device then holds the only copy) and
+//! now and then brings one back (`Mirror::migrate_to_host`). Everything
+//! else goes on as before: writers touch migrated pages (each touch waits
+//! while the mirror gives the page back), the remapper unmaps and discards
+//! them (their data is gone, as on the CPU), launches read them. The
+//! invariant is unchanged — a page whose only copy was lost would read as
+//! zeros outside a remap, a violation. The migrator holds the chunk locks
+//! of what it migrates, so the remapper does not unmap memory while it is
+//! being migrated (the README's migration section says why that race is
+//! the program's); a migration of memory already remapped ends with a
+//! typed error (counted). The end-of-run checks are those of every run:
+//! nothing is left on the device.
+//!
 //! # `--zero-copy`
 //!
 //! # `--shared`
@@ -188,6 +204,10 @@ struct Opts {
     /// from a wrong device read; the output pages then fault every launch).
     #[arg(long)]
     poison_out: bool,
+    /// A migrator thread migrates random arena ranges to the device and
+    /// back (see the module docs).
+    #[arg(long)]
+    migrate: bool,
 }
 
 fn main() -> ExitCode {
@@ -425,7 +445,9 @@ fn stress_injected<B: TestKernels>(
     let failure: Mutex<Option<String>> = Mutex::new(None);
     // Workers still running; the watchdog keeps watching until none is, so
     // a hang at shutdown is caught too.
-    let live = AtomicUsize::new(2 * o.threads + 2 + usize::from(inject.is_some()));
+    let live = AtomicUsize::new(
+        2 * o.threads + 2 + usize::from(inject.is_some()) + usize::from(o.migrate),
+    );
     std::thread::scope(|s| {
         let live = &live;
 
@@ -501,6 +523,61 @@ fn stress_injected<B: TestKernels>(
                 std::thread::sleep(Duration::from_micros(500));
             }
         });
+        if o.migrate {
+            s.spawn(move || {
+                let _live = Live(live);
+                let mut rng = Rng::new(o.seed, 6);
+                while !a.stop.load(Ordering::Relaxed) {
+                    // Whole chunks, their locks held (in ascending order,
+                    // as nobody else holds more than one): a program does
+                    // not unmap memory while it migrates it (the race is
+                    // the program's, like a use after free; the README's
+                    // migration section says what it can do).
+                    let chunks = a.pages / a.chunk;
+                    let nc = 1 + rng.below(4.min(chunks));
+                    let c0 = rng.below(chunks - nc + 1);
+                    let _held: Vec<_> = (c0..c0 + nc)
+                        .map(|c| a.locks[c].lock().unwrap_or_else(|e| e.into_inner()))
+                        .collect();
+                    let r = VaRange::from_start_len(
+                        VirtAddr(a.base + (c0 * a.chunk * PAGE) as u64),
+                        (nc * a.chunk * PAGE) as u64,
+                    )
+                    .expect("arena range");
+                    let back = rng.below(4) == 0;
+                    let res = if back {
+                        m.migrate_to_host(r)
+                    } else {
+                        m.migrate_to_device(r)
+                    };
+                    match res {
+                        Ok(_) if back => add(&a.c.migrations_back, 1),
+                        Ok(_) => add(&a.c.migrations, 1),
+                        // Memory being unmapped, discarded or replaced
+                        // meanwhile, or a pool too busy: typed.
+                        Err(
+                            MirrorError::MigrationUnsupported(_)
+                            | MirrorError::DeviceFault { .. }
+                            | MirrorError::RetryTimeout { .. }
+                            | MirrorError::RegionReleased { .. }
+                            | MirrorError::PoolExhausted { .. }
+                            | MirrorError::Host(_),
+                        ) => add(&a.c.migration_errors, 1),
+                        Err(MirrorError::Backend(ref e))
+                            if a.injecting && FaultInjector::is_injected(e) =>
+                        {
+                            add(&a.c.injected_errors, 1)
+                        }
+                        Err(e) => {
+                            println!("UNEXPECTED migration error: {e}");
+                            add(&a.c.unexpected, 1);
+                        }
+                    }
+                    add(&a.c.ops, 1);
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            });
+        }
         // Progress line every second + watchdog.
         s.spawn(move || {
             let mut last_ops = 0;
@@ -521,9 +598,10 @@ fn stress_injected<B: TestKernels>(
                     last_progress = now;
                 } else if now.duration_since(last_progress) > Duration::from_secs(o.stall) {
                     println!(
-                        "WATCHDOG: no operation completed for {} s — deadlock; stats: {}",
+                        "WATCHDOG: no operation completed for {} s — deadlock; stats: {}\nkernel events: {:?}",
                         o.stall,
-                        m.stats()
+                        m.stats(),
+                        m.host().event_counts()
                     );
                     std::process::exit(2);
                 }
@@ -598,6 +676,21 @@ fn stress_injected<B: TestKernels>(
         st.deferred_releases,
         st.unwatched_regions
     );
+    if o.migrate {
+        println!(
+            "migration: ranges migrated {} (+ {} typed errors), brought back explicitly {}; pages out {}, back {}, CPU fault-backs {} ({:?} in all)",
+            g(&c.migrations),
+            g(&c.migration_errors),
+            g(&c.migrations_back),
+            st.migrated_out,
+            st.migrated_in,
+            st.fault_backs,
+            st.fault_back_time
+        );
+        if g(&c.migrations) == 0 || st.fault_backs == 0 {
+            problems_pre.push("--migrate: no migration, or no CPU fault-back, happened".into());
+        }
+    }
     if o.shared {
         println!(
             "shared arena: pages hash-checked at sync points {}, found changed by the alias writers {}",
