@@ -55,13 +55,14 @@ pub fn run<B: BenchKernels>(
         backend: backend.to_owned(),
     };
     type Scenario<B> = fn(&Ctx<B>, &mut Vec<Row>) -> Res<()>;
-    let all: [(&str, Scenario<B>); 6] = [
+    let all: [(&str, Scenario<B>); 7] = [
         ("sparse", scenarios::sparse::run::<B>),
         ("dense", scenarios::dense::run::<B>),
         ("churn", scenarios::churn::run::<B>),
         ("cpu-writes", scenarios::cpu_writes::run::<B>),
         ("oversub", scenarios::oversub::run::<B>),
         ("setup", scenarios::setup::run::<B>),
+        ("iterate", scenarios::iterate::run::<B>),
     ];
     let mut rows = Vec::new();
     for (name, f) in all {

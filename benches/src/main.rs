@@ -73,6 +73,16 @@ fn info() {
             println!("degradation: {line}");
         }
     }
+    // Device-private migration (issue #17): what `Mirror::migrate_to_device`
+    // can do on this kernel.
+    match hmm_core::cpu::host::HostSpace::new().map(|h| h.migration_support()) {
+        Ok(Ok(None)) => println!("device-private migration: yes"),
+        Ok(Ok(Some(why))) => println!("device-private migration: yes, degraded: {why}"),
+        Ok(Err(why)) => println!(
+            "device-private migration: no ({why}); Mirror::migrate_to_device returns MigrationUnsupported"
+        ),
+        Err(e) => println!("device-private migration: no (the CPU side did not start: {e})"),
+    }
     println!("backends in this build:");
     for b in backend::available() {
         println!("  {b}");

@@ -73,8 +73,9 @@ pub use foreign::{
 };
 pub use migration::{
     migrate, migrate_cpu_read_during_launch, migrate_device_writes_stay_until_touched,
-    migrate_drop_gives_back, migrate_evicted_under_pool_pressure, migrate_fault, migrate_mremap,
-    migrate_multiple, migrate_release, migrate_shared, migrate_zero_copy_is_unsupported,
+    migrate_discarded_then_device_read, migrate_drop_gives_back,
+    migrate_evicted_under_pool_pressure, migrate_fault, migrate_mremap, migrate_multiple,
+    migrate_release, migrate_shared, migrate_typed_errors, migrate_zero_copy_is_unsupported,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -200,7 +201,8 @@ macro_rules! conformance_tests {
             oversubscribed_load_then_store_8x,
             migrate, migrate_fault, migrate_release, migrate_shared, migrate_multiple,
             migrate_device_writes_stay_until_touched, migrate_evicted_under_pool_pressure,
-            migrate_cpu_read_during_launch, migrate_drop_gives_back, migrate_mremap);
+            migrate_cpu_read_during_launch, migrate_drop_gives_back, migrate_mremap,
+            migrate_typed_errors, migrate_discarded_then_device_read);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);
     };

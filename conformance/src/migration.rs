@@ -341,3 +341,102 @@ pub fn migrate_zero_copy_is_unsupported<B: TestKernels>(b: B) {
     }
     assert_eq!(p.read_word(0), 5);
 }
+
+/// Every way `migrate_to_device` refuses is a typed error, with nothing
+/// moved: a range larger than the pool, read-only memory, a file mapping,
+/// unmapped memory.
+pub fn migrate_typed_errors<B: TestKernels>(b: B) {
+    let cfg = MirrorConfig {
+        pool_slots: 8,
+        ..small_cfg()
+    };
+    let (_h, m) = setup(b, cfg);
+    if !can_migrate(&m, "migrate_typed_errors") {
+        return;
+    }
+    let big = TestMap::anon(16, rw());
+    big.write_word(0, 3);
+    match m.migrate_to_device(big.range()) {
+        Err(MirrorError::PoolExhausted { needed: 16, .. }) => {}
+        other => panic!("16 pages into an 8-slot pool: {other:?}"),
+    }
+    assert_eq!(big.read_word(0), 3);
+    let ro = TestMap::anon(2, rw());
+    ro.write_word(0, 4);
+    ro.protect(libc::PROT_READ);
+    match m.migrate_to_device(ro.range()) {
+        Err(MirrorError::MigrationUnsupported(why)) => assert!(why.contains("writable"), "{why}"),
+        other => panic!("read-only memory: {other:?}"),
+    }
+    assert_eq!(ro.read_word(0), 4);
+    let f = {
+        use std::io::Write;
+        let mut f = tempfile_in_tmp();
+        f.write_all(&[7u8; 8192]).expect("write");
+        f
+    };
+    let fm = TestMap::file(&f, 2, rw(), libc::MAP_PRIVATE);
+    match m.migrate_to_device(fm.range()) {
+        Err(MirrorError::MigrationUnsupported(why)) => assert!(why.contains("anonymous"), "{why}"),
+        other => panic!("a file mapping: {other:?}"),
+    }
+    let mut gone = TestMap::anon(2, rw());
+    let r = gone.range();
+    gone.unmap();
+    match m.migrate_to_device(r) {
+        Err(MirrorError::DeviceFault { .. }) => {}
+        other => panic!("unmapped memory: {other:?}"),
+    }
+    assert_eq!(m.stats().migrated_out, 0);
+}
+
+/// An unlinked temporary file.
+fn tempfile_in_tmp() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "hmm-migrate-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("temp file");
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
+/// A page of a migrated range discarded (`MADV_DONTNEED`) and then read by
+/// the device before the CPU touches it: the device reads zeros, as the
+/// CPU would.
+pub fn migrate_discarded_then_device_read<B: TestKernels>(b: B) {
+    let (h, m) = setup(b, small_cfg());
+    if !can_migrate(&m, "migrate_discarded_then_device_read") {
+        return;
+    }
+    let pages = 4;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 + 1);
+    m.migrate_to_device(p.range()).expect("migrate");
+    // SAFETY: our own test mapping; no reference into it is live.
+    let r = unsafe {
+        libc::madvise(
+            p.addr() as *mut libc::c_void,
+            hmm_core::PAGE_SIZE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    assert!(h.settle());
+    let out = TestMap::anon(pages, rw());
+    device_copy(&m, p.addr(), &out, pages * WPP).expect("device read after the discard");
+    for i in 0..WPP {
+        assert_eq!(out.read_word(i), 0, "discarded word {i}");
+    }
+    for i in WPP..pages * WPP {
+        assert_eq!(out.read_word(i), i as u32 + 1, "word {i}");
+        assert_eq!(p.read_word(i), i as u32 + 1, "CPU word {i}");
+    }
+    assert_eq!(p.read_word(0), 0);
+}

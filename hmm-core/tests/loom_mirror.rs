@@ -173,3 +173,61 @@ fn region_reshaped_during_registration_is_chosen_again() {
         assert!(m.flush_releases());
     });
 }
+
+/// Device-private migration (issue 17): a page migrated while a CPU thread
+/// loads it. The load sees the page's value either before the move or by
+/// the fault-back that waits for the migration to finish; never a zero
+/// page (the fake host fails the model if a hole the mirror still holds is
+/// zero-filled). Afterwards the device reads the same value.
+#[test]
+fn migration_racing_a_cpu_load() {
+    model(|| {
+        let (host, m) = setup(1, vec![0x1000]);
+        let m2 = Arc::clone(&m);
+        let t = thread::spawn(move || m2.migrate_to_device(pages(P, 1)).map(|_| ()));
+        assert_eq!(host.cpu_read(P), Some(1));
+        t.join().unwrap().unwrap();
+        assert_eq!(host.cpu_read(P), Some(1));
+        m.backend().strict();
+        read(&m, P).unwrap();
+        assert_eq!(m.backend().reads().last(), Some(&(P, 1)));
+    });
+}
+
+/// A CPU load faulting a migrated page back while a launch reads it: the
+/// fault-back waits for the launch; both see the page's value, and the
+/// mirror never touches the hole from under its lock (the fake host fails
+/// the model if it does).
+#[test]
+fn fault_back_racing_a_launch() {
+    model(|| {
+        let (host, m) = setup(1, vec![0x1000]);
+        m.migrate_to_device(pages(P, 1)).unwrap();
+        let m2 = Arc::clone(&m);
+        let t = thread::spawn(move || read(&m2, P));
+        assert_eq!(host.cpu_read(P), Some(1));
+        t.join().unwrap().unwrap();
+        assert_eq!(m.backend().reads().last(), Some(&(P, 1)));
+        assert_eq!(m.stats().migrated_in, 1);
+    });
+}
+
+/// A fault-back racing `MADV_DONTNEED` of the migrated page: the load sees
+/// the old value (given back before the discard) or zeros (after it);
+/// once the discard is done, the CPU and the device both read zeros.
+#[test]
+fn fault_back_racing_a_discard() {
+    model(|| {
+        let (host, m) = setup(1, vec![0x1000]);
+        m.migrate_to_device(pages(P, 1)).unwrap();
+        let h2 = Arc::clone(&host);
+        let t = thread::spawn(move || h2.remove(pages(P, 1)));
+        let v = host.cpu_read(P);
+        assert!(v == Some(1) || v == Some(0), "{v:?}");
+        t.join().unwrap();
+        assert_eq!(host.cpu_read(P), Some(0));
+        m.backend().strict();
+        read(&m, P).unwrap();
+        assert_eq!(m.backend().reads().last(), Some(&(P, 0)));
+    });
+}

@@ -18,6 +18,7 @@ use crate::measure::{median, Sample};
 pub mod churn;
 pub mod cpu_writes;
 pub mod dense;
+pub mod iterate;
 pub mod oversub;
 pub mod setup;
 pub mod sparse;

@@ -576,15 +576,32 @@ impl HostSpace {
                             std::thread::yield_now();
                         }
                         e => {
-                            if std::env::var_os("HMM_DEBUG_GIVEBACK").is_some() {
-                                eprintln!("give_back {at} len {}: errno {e:?}", data.len());
-                            }
+                            tracing::debug!(
+                                target: "hmm_rs",
+                                "give-back of {} bytes at {at}: errno {e:?}",
+                                data.len()
+                            );
                             return GiveBack::Gone;
                         }
                     }
                 }
                 Err(_) => return GiveBack::Gone,
             }
+        }
+    }
+
+    /// Whether some page of `range` is armed for migration.
+    pub fn is_armed(&self, range: VaRange) -> bool {
+        self.monitor.as_ref().is_some_and(|m| m.is_armed(range))
+    }
+
+    /// Installs a zero page (write-protected) at every hole of `range`, an
+    /// armed range none of whose pages is migrated (`UFFDIO_COPY`; a
+    /// present page is left alone).
+    pub fn fill_holes(&self, range: VaRange) {
+        static ZERO: [u8; crate::addr::PAGE_SIZE as usize] = [0; crate::addr::PAGE_SIZE as usize];
+        for p in range.page_addrs() {
+            let _ = self.give_back(p, &ZERO);
         }
     }
 

@@ -6,14 +6,14 @@
 //! (which pages are migrated, where their data is) is in
 //! `mirror::migrate`.
 //!
-//! # Moving pages out ([`HostSpace::detach_for_migration`])
+//! # Moving pages out ([`HostSpace::detach_for_migration`](super::host::HostSpace::detach_for_migration))
 //!
-//! 1. The range is *armed* ([`EventMonitor::arm_missing`]): registered
+//! 1. The range is *armed* ([`EventMonitor::arm_missing`](super::monitor::EventMonitor::arm_missing)): registered
 //!    `MISSING | WP` on the monitor's userfaultfd, so a CPU access to a
 //!    page that is not there waits for us instead of getting a zero page.
 //! 2. Its owner (the mirror) is recorded, so faults there reach it.
 //! 3. The monitor is told to expect our own `REMAP` event
-//!    ([`EventMonitor::expect_own_remap`]): the destructive invalidation it
+//!    ([`EventMonitor::expect_own_remap`](super::monitor::EventMonitor::expect_own_remap)): the destructive invalidation it
 //!    would otherwise run frees the device slots that are about to hold the
 //!    only copy.
 //! 4. `mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP | MREMAP_FIXED)` moves the
@@ -27,10 +27,10 @@
 //! # Serving faults
 //!
 //! The monitor's handler thread must never wait; it hands a missing-page
-//! fault to [`InvalidationSink::missing_fault`], which queues it for this
+//! fault to [`InvalidationSink::missing_fault`](super::monitor::InvalidationSink::missing_fault), which queues it for this
 //! module's server thread (`hmm-fault-back`). The server asks the owners
 //! whose ranges contain the page ([`FaultBack::fault_back`]); an owner that
-//! holds the page gives it back itself ([`HostSpace::give_back`],
+//! holds the page gives it back itself ([`HostSpace::give_back`](super::host::HostSpace::give_back),
 //! `UFFDIO_COPY`, which also wakes the waiting thread). A page nobody holds
 //! (a hole of an armed range: never populated, or discarded since) gets a
 //! zero page, what the CPU would have read. A page whose owner cannot give
@@ -63,7 +63,7 @@
 //! - With a user-mode-only userfaultfd (how the monitor opens it first), a
 //!   *kernel-mode* access — `read(2)` into a migrated buffer, or any
 //!   syscall that writes or reads it — fails with `EFAULT` instead of
-//!   faulting the page back; [`HostSpace::migration_support`] says so.
+//!   faulting the page back; [`HostSpace::migration_support`](super::host::HostSpace::migration_support) says so.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -101,14 +101,30 @@ pub trait FaultBack: Send + Sync {
 }
 
 /// The pages a migration moved out of the process: a private scratch
-/// mapping, unmapped on drop.
+/// mapping, unmapped on drop (or, from a host other than [`HostSpace`](super::host::HostSpace), a
+/// copy of them).
 pub struct Detached {
-    map: ScratchMap,
+    pages: Pages,
     /// Where the pages came from.
     from: VaRange,
 }
 
+enum Pages {
+    Moved(ScratchMap),
+    Copied(Vec<u8>),
+}
+
 impl Detached {
+    /// The pages of `from`, moved out by a host other than [`HostSpace`](super::host::HostSpace)
+    /// (an in-memory fake under test): `bytes` holds them in order,
+    /// `from.len()` bytes.
+    pub fn from_bytes(from: VaRange, bytes: Vec<u8>) -> Detached {
+        Detached {
+            pages: Pages::Copied(bytes),
+            from,
+        }
+    }
+
     /// The range the pages were moved out of.
     pub fn from(&self) -> VaRange {
         self.from
@@ -116,12 +132,17 @@ impl Detached {
 
     /// The pages' bytes as of the move, in address order.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the scratch is a private read-write mapping of `len`
-        // bytes that only this value knows about (its address never left
-        // `detach_for_migration`, and it is unregistered from the
-        // userfaultfd, so a hole reads as zeros instead of faulting to us);
-        // it lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<u8>(), self.map.len()) }
+        match &self.pages {
+            // SAFETY: the scratch is a private read-write mapping of `len`
+            // bytes that only this value knows about (its address never
+            // left `detach_for_migration`, and it is unregistered from the
+            // userfaultfd, so a hole reads as zeros instead of faulting to
+            // us); it lives as long as `self`.
+            Pages::Moved(map) => unsafe {
+                std::slice::from_raw_parts(map.ptr().cast::<u8>(), map.len())
+            },
+            Pages::Copied(v) => v,
+        }
     }
 }
 
@@ -337,7 +358,10 @@ pub(crate) fn move_out(
     // Registered with the old range's context: a hole there would fault
     // to us. Unregistered, it reads as zeros.
     unregister(dest)?;
-    Ok(Detached { map, from: range })
+    Ok(Detached {
+        pages: Pages::Moved(map),
+        from: range,
+    })
 }
 
 /// Why migration is unavailable with a userfaultfd opened `mode` with the

@@ -633,6 +633,40 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 }
             }
         }
+        // Pieces of a range armed for migration: a hole there (a page
+        // discarded since it was migrated, or never touched) would fail the
+        // snapshot's populate (a kernel-mode fault on a user-mode-only
+        // userfaultfd), so it is filled first — with the page's data if a
+        // moved migrated page waits for it there, else with zeros, what the
+        // CPU would read.
+        if pieces.iter().any(|p| inner.host.is_armed(*p)) {
+            let mut dev = inner.lock();
+            for p in pieces.iter().filter(|p| inner.host.is_armed(**p)) {
+                let (mut cx, res) = dev.parts(inner);
+                // Moved (orphaned) pages go back; mapped migrated ones stay
+                // (the device has them: they do not fault).
+                let moved: Vec<VirtAddr> = res
+                    .migrated_in(*p)
+                    .into_iter()
+                    .filter(|va| cx.table.lookup(*va).is_none())
+                    .collect();
+                if !moved.is_empty() {
+                    res.give_back(&mut cx, &moved)?;
+                }
+                // The holes between the mapped migrated pages are nobody's.
+                let mut at = p.start();
+                for va in res
+                    .migrated_in(*p)
+                    .into_iter()
+                    .chain(std::iter::once(p.end()))
+                {
+                    if let Ok(gap) = VaRange::new(at, va) {
+                        inner.host.fill_holes(gap);
+                    }
+                    at = VirtAddr(va.0.saturating_add(crate::addr::PAGE_SIZE));
+                }
+            }
+        }
         let flags = if write {
             FaultFlags::WRITE
         } else {

@@ -193,6 +193,22 @@ pub trait HostSide: Send + Sync + 'static {
         GiveBack::Gone
     }
 
+    /// Whether some page of `range` is armed for migration (a hole there
+    /// faults to the mirror, and a kernel-mode populate fails). Default:
+    /// no.
+    fn is_armed(&self, range: VaRange) -> bool {
+        let _ = range;
+        false
+    }
+
+    /// Installs a zero page at every hole of `range` (armed for
+    /// migration; the caller knows no page there is migrated): what the
+    /// CPU reads from an anonymous hole, made present so a device fault
+    /// can copy it. Never faults the process. Default: nothing.
+    fn fill_holes(&self, range: VaRange) {
+        let _ = range;
+    }
+
     /// Poisons the missing pages of `range` (a CPU access gets `SIGBUS`);
     /// returns whether it was done. Default: no.
     fn poison(&self, range: VaRange) -> bool {
@@ -228,6 +244,12 @@ impl HostSide for HostSpace {
     }
     fn poison(&self, range: VaRange) -> bool {
         HostSpace::poison(self, range)
+    }
+    fn is_armed(&self, range: VaRange) -> bool {
+        HostSpace::is_armed(self, range)
+    }
+    fn fill_holes(&self, range: VaRange) {
+        HostSpace::fill_holes(self, range)
     }
     fn disarm(&self, range: VaRange) {
         HostSpace::disarm(self, range)

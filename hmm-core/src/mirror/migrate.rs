@@ -257,12 +257,21 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         if !held.contains(&page) {
             return FaultBackOutcome::NotHeld;
         }
-        let r = res.give_back(&mut cx, &held);
-        let still = VaRange::from_start_len(page, PAGE_SIZE)
-            .map(|p| !res.migrated_in(p).is_empty())
-            .unwrap_or(true);
-        if r.is_err() || still {
+        if res.give_back(&mut cx, &held).is_err() {
             return FaultBackOutcome::Lost;
+        }
+        let Ok(p) = VaRange::from_start_len(page, PAGE_SIZE) else {
+            return FaultBackOutcome::Lost;
+        };
+        if !dev.res.migrated_in(p).is_empty() {
+            // Skipped: a destructive event queued meanwhile covers it.
+            // Applied now, it drops the page (discarded: a zero page is
+            // what the CPU reads), or re-keys it elsewhere (moved).
+            self.drain_pending(&mut dev);
+            if !dev.res.migrated_in(p).is_empty() {
+                return FaultBackOutcome::Lost;
+            }
+            return FaultBackOutcome::NotHeld;
         }
         Counters::add(&self.counters.fault_backs, 1);
         Counters::add_since(&self.counters.fault_back_ns, t);

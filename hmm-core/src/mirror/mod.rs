@@ -19,6 +19,7 @@
 //! | `invalidate` | the notifier callback, the destructive path that never waits |
 //! | `state` | the driver lock, entry-write ordering, device health |
 //! | `residency` | where a mirrored page lives: `copy` (pool, twins, write-back) and `windows` (zero-copy) |
+//! | `migrate` | device-private migration: `migrate_to_device` / `migrate_to_host`, CPU faults on migrated pages |
 //! | `pin` | the pinning baseline |
 //! | [`host_side`] | what the mirror needs from the CPU side ([`HostSide`]) |
 //! | [`backend`] | what the mirror needs from a device ([`backend::Backend`]) |

@@ -180,6 +180,11 @@ pub(crate) struct Cx<'a, B: Backend, H: HostSide> {
     pub host: &'a H,
     pub counters: &'a Counters,
     pub release_tx: &'a Sender<ReleaseMsg>,
+    /// Destructive invalidations queued while the driver lock is held
+    /// ([`Inner::pending`]): a give-back of a migrated page holds this lock
+    /// across its install and skips pages a queued zap covers, so memory
+    /// the program discarded never gets the old data back.
+    pub pending: &'a Mutex<Vec<PendingZap>>,
 }
 
 impl<B: Backend, H: HostSide> Dev<B, H> {
@@ -198,6 +203,7 @@ impl<B: Backend, H: HostSide> Dev<B, H> {
                 host: &inner.host,
                 counters: &inner.counters,
                 release_tx: &inner.release_tx,
+                pending: &inner.pending,
             },
             &mut *self.res,
         )

@@ -19,13 +19,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicUsize as StdAtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use loom::sync::{Condvar, Mutex};
 
-use hmm_core::cpu::host::HostError;
+use hmm_core::cpu::host::{GiveBack, HostError};
 use hmm_core::cpu::maps::{Mapping, MappingKind};
+use hmm_core::cpu::migration::{Detached, FaultBack, FaultBackOutcome};
 use hmm_core::cpu::range_fault::{FaultError, FaultFlags, PageState};
 use hmm_core::mirror::backend::{
     Backend, BackendError, BackendInfo, DeviceConfig, DeviceToHost, HostToDevice, InvocationSet,
@@ -52,6 +53,12 @@ struct Mem {
     /// Pages an invalidation is changing (from the change to the end of
     /// the invalidation): either value may be read there.
     flux: BTreeSet<u64>,
+    /// Pages migrated out (device-private migration): the CPU side is a
+    /// hole that traps; `vals` keeps the value the page logically holds.
+    holes: BTreeSet<u64>,
+    /// Pages an event is under way for (from before its callbacks to the
+    /// end of its invalidation).
+    in_event: BTreeSet<u64>,
 }
 
 impl Mem {
@@ -68,6 +75,8 @@ pub struct FakeHost {
     space: AddressSpace,
     mem: Mutex<Mem>,
     mirrors: StdAtomicUsize,
+    /// The owner of migrated pages (`detach_for_migration`).
+    owner: Mutex<Option<Weak<dyn FaultBack>>>,
 }
 
 impl FakeHost {
@@ -82,12 +91,51 @@ impl FakeHost {
             space: AddressSpace::new(),
             mem: Mutex::new(mem),
             mirrors: StdAtomicUsize::new(0),
+            owner: Mutex::new(None),
         })
     }
 
     /// The CPU's value of the page at `addr` now (`None`: unmapped).
     pub fn value(&self, addr: u64) -> Option<u64> {
         self.mem.lock().unwrap().vals.get(&addr).copied()
+    }
+
+    /// A CPU load of the page at `addr` (`None`: unmapped). A migrated
+    /// page traps: its owner gives it back (as the fault-back server asks
+    /// it to), and the load proceeds; a hole nobody holds reads as a zero
+    /// page — and must logically be one (a non-zero value there is data
+    /// the mirror lost: the model fails).
+    pub fn cpu_read(&self, addr: u64) -> Option<u64> {
+        loop {
+            {
+                let m = self.mem.lock().unwrap();
+                let v = *m.vals.get(&addr)?;
+                if !m.holes.contains(&addr) {
+                    return Some(v);
+                }
+            }
+            let owner = self.owner.lock().unwrap().clone().and_then(|w| w.upgrade());
+            match owner.map_or(FaultBackOutcome::NotHeld, |o| o.fault_back(VirtAddr(addr))) {
+                FaultBackOutcome::Served => {}
+                FaultBackOutcome::NotHeld => {
+                    let mut m = self.mem.lock().unwrap();
+                    if m.holes.remove(&addr) {
+                        let v = m.vals.get(&addr).copied();
+                        // A discard in progress (its callback ran, the
+                        // kernel's zap is coming): a zero page is what the
+                        // CPU reads either way.
+                        if m.flux.contains(&addr) || m.in_event.contains(&addr) {
+                            return Some(0);
+                        }
+                        assert!(
+                            v == Some(0) || v.is_none(),
+                            "page {addr:#x} zero-filled while it held {v:?}: migrated data lost"
+                        );
+                    }
+                }
+                FaultBackOutcome::Lost => panic!("page {addr:#x} lost"),
+            }
+        }
     }
 
     /// What device work submitted now may read: per page of `addrs`, the
@@ -107,6 +155,13 @@ impl FakeHost {
     /// Runs `change` on the memory of `range` inside an invalidation of
     /// kind `event`, as the kernel does.
     fn event(&self, range: VaRange, event: EventKind, change: impl FnOnce(&mut Mem)) {
+        // From before the callbacks: the kernel's REMOVE reaches them
+        // before it zaps, and a fault served meanwhile may read zeros.
+        self.mem
+            .lock()
+            .unwrap()
+            .in_event
+            .extend(range.page_addrs().map(|p| p.0));
         let g = self
             .space
             .invalidate_start(NotifierRange::new(range, event))
@@ -120,6 +175,7 @@ impl FakeHost {
         let mut m = self.mem.lock().unwrap();
         for p in range.page_addrs() {
             m.flux.remove(&p.0);
+            m.in_event.remove(&p.0);
         }
     }
 
@@ -148,6 +204,7 @@ impl FakeHost {
         self.event(range, EventKind::Unmap, |m| {
             for p in range.page_addrs() {
                 m.vals.remove(&p.0);
+                m.holes.remove(&p.0);
             }
             let mut left = Vec::new();
             for r in m.maps.drain(..) {
@@ -177,9 +234,67 @@ fn unmapped(addr: u64) -> HostError {
     })
 }
 
+/// The mirror must never read or write a migrated page's CPU side (a real
+/// one would wait on the fault-back server, which needs the driver lock
+/// the caller holds).
+fn not_a_hole(m: &Mem, addr: u64) {
+    assert!(
+        !m.holes.contains(&(addr & !(PAGE_SIZE - 1))),
+        "the mirror touched the CPU side of migrated page {addr:#x}"
+    );
+}
+
 impl HostSide for FakeHost {
     fn space(&self) -> &AddressSpace {
         &self.space
+    }
+
+    fn migration_support(&self) -> Result<Option<&'static str>, String> {
+        Ok(None)
+    }
+
+    fn detach_for_migration(
+        &self,
+        range: VaRange,
+        owner: Weak<dyn FaultBack>,
+    ) -> Result<Detached, HostError> {
+        *self.owner.lock().unwrap() = Some(owner);
+        let mut m = self.mem.lock().unwrap();
+        let mut bytes = vec![0u8; range.len() as usize];
+        for (k, p) in range.page_addrs().enumerate() {
+            let Some(v) = m.vals.get(&p.0).copied() else {
+                return Err(unmapped(p.0));
+            };
+            // A page already migrated moves as a hole: zeros.
+            if !m.holes.contains(&p.0) {
+                bytes[k * PAGE..k * PAGE + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        for p in range.page_addrs() {
+            m.holes.insert(p.0);
+        }
+        Ok(Detached::from_bytes(range, bytes))
+    }
+
+    fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
+        let mut m = self.mem.lock().unwrap();
+        let mut out = GiveBack::Installed;
+        for (k, chunk) in data.chunks(PAGE).enumerate() {
+            let p = at.0 + (k * PAGE) as u64;
+            let Some(v) = m.vals.get(&p).copied() else {
+                return GiveBack::Gone;
+            };
+            if !m.holes.remove(&p) {
+                out = GiveBack::Present;
+                continue;
+            }
+            let given = u64::from_le_bytes(chunk[..8].try_into().unwrap());
+            assert_eq!(
+                given, v,
+                "page {p:#x} given back with a value it never held"
+            );
+        }
+        out
     }
 
     fn sync_point(&self) -> Result<u64, HostError> {
@@ -269,6 +384,7 @@ impl HostSide for FakeHost {
         ok.clear();
         let m = self.mem.lock().unwrap();
         for (k, src) in srcs.iter().enumerate() {
+            not_a_hole(&m, src.0);
             let chunk = &mut staging[k * PAGE..(k + 1) * PAGE];
             chunk.fill(0);
             match m.vals.get(&src.0) {
@@ -285,6 +401,7 @@ impl HostSide for FakeHost {
         ok.clear();
         let m = self.mem.lock().unwrap();
         for (src, dst) in srcs.iter().zip(dsts) {
+            not_a_hole(&m, src.0);
             let v = m.vals.get(&src.0).copied();
             // SAFETY: the caller promises each `dst` is valid for writes of
             // 4096 bytes and touched by nothing else during the call.
@@ -301,6 +418,7 @@ impl HostSide for FakeHost {
         let mut m = self.mem.lock().unwrap();
         let mut n = 0;
         for (dst, bytes) in runs {
+            not_a_hole(&m, dst.0);
             let page = dst.0 & !(PAGE_SIZE - 1);
             let Some(v) = m.vals.get_mut(&page) else {
                 continue;

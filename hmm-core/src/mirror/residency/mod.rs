@@ -39,10 +39,16 @@
 //! the device lost (the data is gone, and saying so is the only honest
 //! answer) instead of freeing it silently.
 //!
-//! # Adding a third residency
+//! # Migrated pages, and adding a third residency
 //!
 //! Device-private migration (the device holds the only copy; a CPU touch
-//! brings it back) is the next one. To add it:
+//! brings it back, `mirror::migrate`) is not a third residency but a mark
+//! on copy mode's pages: a migrated page is a pool slot like any other,
+//! and only the write-back, eviction and discard rules change
+//! (`copy::migrated`). The questions it added are trait methods with
+//! defaults that refuse it (`check_migrate`, `adopt_migrated`,
+//! `migrated_in`, `give_back`, `discarded`, `moved`), so the windows
+//! residency answers `MigrationUnsupported`. To add a third residency:
 //!
 //! 1. a module beside `copy` and `windows` with a type implementing
 //!    [`Residency`] — its own state (slots, windows, migrated pages) lives

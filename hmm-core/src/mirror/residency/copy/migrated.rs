@@ -27,7 +27,8 @@ impl CopyPool {
         range: VaRange,
         bytes: &[u8],
     ) -> Result<u64, MirrorError> {
-        let mut pages = Vec::with_capacity(range.pages() as usize);
+        let mut pages = Vec::new();
+        let mut marks = Vec::with_capacity(range.pages() as usize);
         for (k, va) in range.page_addrs().enumerate() {
             if self.migrated.contains(&va) {
                 // Already the only copy: the move found a hole there, and
@@ -35,7 +36,19 @@ impl CopyPool {
                 continue;
             }
             match cx.table.lookup(va) {
-                Some(p) if p.writable() => pages.push((va, p.slot(), k)),
+                Some(p) if p.writable() => {
+                    // The slot holds what the twin says (written back at
+                    // every launch's end): only a page the CPU wrote since
+                    // is copied again, into its own (idle) slot.
+                    let same = self
+                        .twins
+                        .get(p.slot())
+                        .is_some_and(|t| t == &bytes[k * PAGE..(k + 1) * PAGE]);
+                    if !same {
+                        pages.push((va, p.slot(), k));
+                    }
+                    marks.push(va);
+                }
                 _ => {
                     return Err(MirrorError::MigrationUnsupported(format!(
                         "page {va} is not resident writable on the device (pool too small for the range?)"
@@ -60,13 +73,15 @@ impl CopyPool {
             Counters::add_since(&cx.counters.copy_in_ns, t);
             r?;
         }
-        for (va, s, k) in &pages {
+        for (_, s, k) in &pages {
             if self.twins.get(*s).is_some() {
                 self.twins.set(*s, &bytes[k * PAGE..(k + 1) * PAGE]);
             }
+        }
+        for va in &marks {
             self.migrated.insert(*va);
         }
-        Ok(pages.len() as u64)
+        Ok(marks.len() as u64)
     }
 
     /// [`Residency::give_back`]: reads the migrated pages among `pages`
@@ -121,16 +136,43 @@ impl CopyPool {
                     j += 1;
                 }
                 let data = &self.staging[i * PAGE..j * PAGE];
-                if cx.host.give_back(chunk[i].0, data) != GiveBack::Installed && j - i > 1 {
+                // Held across the installs: a destructive event (the
+                // program discarding or unmapping the memory) that finds
+                // the driver lock held queues its zap here before the
+                // kernel zaps the pages. A page it covers is not given
+                // back (the zap, applied by the next holder, drops it), and
+                // one given back before it is zapped after it: either way
+                // the program never sees the old data in memory it
+                // discarded.
+                let queued = crate::sync::lock(cx.pending);
+                let run = VaRange::new(chunk[i].0, VirtAddr(chunk[j - 1].0 .0 + PAGE_SIZE))?;
+                let covered = |va: VirtAddr| queued.iter().any(|z| z.range.contains(va));
+                let mut skipped = Vec::new();
+                if queued.iter().any(|z| z.range.overlaps(run)) {
+                    for (k, (va, _, _)) in chunk.iter().enumerate().take(j).skip(i) {
+                        if covered(*va) {
+                            skipped.push(*va);
+                        } else {
+                            let _ = cx
+                                .host
+                                .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE]);
+                        }
+                    }
+                } else if cx.host.give_back(chunk[i].0, data) != GiveBack::Installed && j - i > 1 {
                     for (k, (va, _, _)) in chunk.iter().enumerate().take(j).skip(i) {
                         let _ = cx
                             .host
                             .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE]);
                     }
                 }
+                drop(queued);
                 // Installed, already present or gone: the CPU side no
-                // longer needs the device's copy to be the only one.
+                // longer needs the device's copy to be the only one. (A
+                // skipped page stays marked until its queued zap drops it.)
                 for (k, &(va, slot, orphaned)) in chunk.iter().enumerate().take(j).skip(i) {
+                    if skipped.contains(&va) {
+                        continue;
+                    }
                     if orphaned {
                         self.orphans.remove(&va);
                         self.orphan_slots.remove(&slot);
