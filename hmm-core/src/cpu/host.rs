@@ -199,7 +199,7 @@ impl HostSpace {
                 migration: Arc::clone(&migration),
             });
             let m = EventMonitor::start(sink)?;
-            let _ = migration.set(Arc::new(Migration::new(m.uffd())));
+            let _ = migration.set(Arc::new(Migration::new(&m.uffd())));
             (Some(m), EventSource::Userfaultfd)
         } else {
             let why = caps

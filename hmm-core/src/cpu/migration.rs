@@ -148,15 +148,20 @@ impl Detached {
 
 /// The owners of migrated ranges, and the fault-back server.
 pub(crate) struct Migration {
-    uffd: Arc<Userfaultfd>,
+    /// Weak: the monitor owns the userfaultfd, and closing it when the
+    /// monitor stops is what unregisters every range. A server thread
+    /// holding it open would leave ranges registered with nobody reading
+    /// events, and the next `munmap` there — the server's own exit
+    /// unmaps its signal stack — would wait forever (seen in CI).
+    uffd: Weak<Userfaultfd>,
     owners: Mutex<Vec<(VaRange, Weak<dyn FaultBack>)>>,
     server: Mutex<Option<(Sender<VirtAddr>, JoinHandle<()>)>>,
 }
 
 impl Migration {
-    pub(crate) fn new(uffd: Arc<Userfaultfd>) -> Self {
+    pub(crate) fn new(uffd: &Arc<Userfaultfd>) -> Self {
         Migration {
-            uffd,
+            uffd: Arc::downgrade(uffd),
             owners: Mutex::new(Vec::new()),
             server: Mutex::new(None),
         }
@@ -178,7 +183,7 @@ impl Migration {
             if s.is_none() {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 let me = Arc::downgrade(self);
-                let uffd = Arc::clone(&self.uffd);
+                let uffd = Weak::clone(&self.uffd);
                 let h = std::thread::Builder::new()
                     .name("hmm-fault-back".into())
                     .spawn(move || serve(me, uffd, rx))?;
@@ -243,7 +248,7 @@ impl Drop for Migration {
 
 /// The server thread: resolves every fault it is handed, one way or
 /// another (a thread left waiting would hang forever).
-fn serve(me: Weak<Migration>, uffd: Arc<Userfaultfd>, rx: Receiver<VirtAddr>) {
+fn serve(me: Weak<Migration>, uffd: Weak<Userfaultfd>, rx: Receiver<VirtAddr>) {
     static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
     while let Ok(page) = rx.recv() {
         let Ok(range) = VaRange::from_start_len(page.page_down(), PAGE_SIZE) else {
@@ -265,6 +270,11 @@ fn serve(me: Weak<Migration>, uffd: Arc<Userfaultfd>, rx: Receiver<VirtAddr>) {
                 break;
             }
         }
+        // The monitor is gone: its userfaultfd is closed, every range is
+        // unregistered, and the waiting thread was woken by the kernel.
+        let Some(uffd) = uffd.upgrade() else {
+            continue;
+        };
         match outcome {
             FaultBackOutcome::Served => {}
             FaultBackOutcome::NotHeld => {
