@@ -93,7 +93,6 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
             pending: Mutex::new(Vec::with_capacity(64)),
-            moves: Mutex::new(Vec::new()),
             launch: Mutex::new(()),
             counters: Counters::default(),
             release_tx: tx,

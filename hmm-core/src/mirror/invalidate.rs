@@ -105,9 +105,16 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
                     region: self.key,
                     dead: matches!(nr.event, EventKind::Unmap | EventKind::Remap),
                     moved: nr.event == EventKind::Remap,
+                    move_to: None,
                 };
                 match try_lock(&inner.dev) {
-                    Some(mut dev) => inner.apply_zap(&mut dev, z),
+                    // What earlier events queued goes first: a move queued
+                    // before this zap must re-key migrated data before an
+                    // unmap of the old range discards what is still there.
+                    Some(mut dev) => {
+                        inner.drain_pending(&mut dev);
+                        inner.apply_zap(&mut dev, z)
+                    }
                     // The holder (or the next one) applies it before doing
                     // anything else with the table: every acquisition of
                     // the driver lock drains the queue (`Inner::lock`).

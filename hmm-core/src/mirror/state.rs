@@ -219,6 +219,12 @@ pub(crate) struct PendingZap {
     /// Remap: the memory moved elsewhere (migrated pages keep their data,
     /// `Residency::discarded`).
     pub moved: bool,
+    /// Not a zap: an `mremap` moved `range` to this address
+    /// ([`Inner::moved`]). Queued with the zaps, in event order: the
+    /// kernel's `UNMAP` of the old range follows a move's `REMAP`, and
+    /// applying it before the move would discard migrated data that the
+    /// move re-keys to the new address.
+    pub move_to: Option<VirtAddr>,
 }
 
 /// Work for the deferred-release worker.
@@ -240,10 +246,6 @@ pub(crate) struct Inner<B: Backend, H: HostSide> {
     /// Destructive invalidations that found the driver lock held
     /// ([`Inner::apply_zap`]); a leaf lock, never held across anything.
     pub pending: Mutex<Vec<PendingZap>>,
-    /// `mremap` moves of memory with migrated pages (`old`, `to`) that
-    /// found the driver lock held ([`Inner::moved`]); applied after the
-    /// zaps queued before them. A leaf lock.
-    pub moves: Mutex<Vec<(VaRange, VirtAddr)>>,
     pub launch: Mutex<()>,
     pub counters: Counters,
     pub release_tx: Sender<ReleaseMsg>,
@@ -433,27 +435,35 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     pub fn drain_pending(&self, dev: &mut Dev<B, H>) {
         let mut q = lock(&self.pending);
         for z in q.drain(..) {
-            self.apply_zap(dev, z);
-        }
-        drop(q);
-        let mut m = lock(&self.moves);
-        for (old, to) in m.drain(..) {
-            dev.res.moved(old, to);
+            match z.move_to {
+                Some(to) => dev.res.moved(z.range, to),
+                None => self.apply_zap(dev, z),
+            }
         }
     }
 
     /// An `mremap` moved `old` to `to` (reported after its destructive
     /// invalidation): migrated data kept from `old` now belongs at `to`.
     /// Never waits (the event monitor calls it): applied now if the driver
-    /// lock is free, else by its next holder, after the zaps queued
-    /// before.
+    /// lock is free, else by its next holder, in order with the zaps
+    /// queued around it.
     pub fn moved(&self, old: VaRange, to: VirtAddr) {
         match try_lock(&self.dev) {
             Some(mut dev) => {
                 self.drain_pending(&mut dev);
                 dev.res.moved(old, to);
             }
-            None => lock(&self.moves).push((old, to)),
+            None => lock(&self.pending).push(PendingZap {
+                range: old,
+                // No region: a move is applied to the residency only.
+                region: RegionKey {
+                    start: 0,
+                    id: u64::MAX,
+                },
+                dead: false,
+                moved: false,
+                move_to: Some(to),
+            }),
         }
     }
 

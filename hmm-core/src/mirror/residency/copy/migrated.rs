@@ -143,7 +143,8 @@ impl CopyPool {
                 // back (the zap, applied by the next holder, drops it), and
                 // one given back before it is zapped after it: either way
                 // the program never sees the old data in memory it
-                // discarded.
+                // discarded. A queued move covers the old addresses of
+                // moved pages: they wait to be re-keyed.
                 let queued = crate::sync::lock(cx.pending);
                 let run = VaRange::new(chunk[i].0, VirtAddr(chunk[j - 1].0 .0 + PAGE_SIZE))?;
                 let covered = |va: VirtAddr| queued.iter().any(|z| z.range.contains(va));
