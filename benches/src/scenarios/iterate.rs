@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 
-use super::{pattern, pin_all, range_of, unpin_all, Ctx, Res, Row, Wrong};
+use super::{pattern, pin_all, range_of, unpin_all, Ctx, PageBuf, Res, Row, Wrong};
 use crate::kernels::BenchKernels;
 use crate::measure::{median, Meter, Sample};
 
@@ -53,8 +53,16 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
     let strategies: [&'static str; 3] = ["pin", "mirror+prefetch", "migrated"];
     let bar = cx.bar("iterate", (strategies.len() * reps) as u64);
     bar.set_message("filling the buffers");
-    let x: Vec<u32> = (0..n).map(|j| pattern(j, 7)).collect();
-    let mut y: Vec<u32> = vec![0; n as usize];
+    // Pages of their own (`PageBuf`): pinning writes whole pages back at
+    // `unpin`, and migration moves whole pages out — a buffer sharing a
+    // page with malloc's metadata would have it overwritten by the pinned
+    // copy, or made to fault (and a system call on it to fail) while
+    // migrated. (A `Vec` here corrupted the heap in CI's smoke run.)
+    let mut x = PageBuf::zeroed(n as usize);
+    for (j, v) in x.iter_mut().enumerate() {
+        *v = pattern(j as u64, 7);
+    }
+    let mut y = PageBuf::zeroed(n as usize);
     let pool = (size / 4096 + 64) as u32;
     let y_pages = (n * 4).div_ceil(4096);
     let read_pages: Vec<u64> = super::Rng::new(0x17).distinct(y_pages, (y_pages / 100).max(1));
