@@ -138,6 +138,8 @@ use super::write_track::WriteTracker;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::notifier::EventKind;
 
+mod migration;
+
 /// Receives the invalidations the monitor derives from kernel events.
 pub trait InvalidationSink: Send + Sync + 'static {
     /// Called on the monitor's handler thread, in event order, for every
@@ -846,134 +848,6 @@ impl EventMonitor {
         self.shared.missing().remove(range);
         w.remove(range);
         Ok(())
-    }
-
-    /// Arms `range` (page aligned, mapped, private anonymous, inside a
-    /// watched range) for device-private migration: registers it
-    /// `MISSING | WP`, so a CPU access to a page moved out of it waits for
-    /// the sink's [`InvalidationSink::missing_fault`] instead of finding a
-    /// zero page. Re-registering a range with the same userfaultfd keeps
-    /// its events and its write protection. Armed ranges stay armed until
-    /// [`EventMonitor::disarm_missing`], an unwatch or an unmap.
-    pub fn arm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
-        if self.shared.failed.load(Ordering::SeqCst) {
-            return Err(MonitorError::Stopped);
-        }
-        let _w = self.shared.watched();
-        let both = RegisterMode(RegisterMode::MISSING.0 | RegisterMode::WP.0);
-        self.shared.uffd.register(range, both)?;
-        let mut m = self.shared.missing();
-        m.insert(range);
-        m.reserve_spare();
-        Ok(())
-    }
-
-    /// Ends [`EventMonitor::arm_missing`] of `range`: back to write-protect
-    /// mode only (a CPU access to a hole there is an ordinary fault
-    /// again). The caller makes sure no page of it is held elsewhere.
-    ///
-    /// The kernel keeps a mode when asked to register a subset of it (a
-    /// `WP` registration of a `MISSING | WP` range changes nothing), so
-    /// this unregisters the range and registers it `WP` again. That drops
-    /// the range's write protection: the caller re-arms write tracking and
-    /// treats the range as written by the CPU
-    /// ([`HostSpace::disarm`](super::host::HostSpace::disarm) does both).
-    pub fn disarm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
-        let _w = self.shared.watched();
-        self.shared.missing().remove(range);
-        self.shared.uffd.unregister(range)?;
-        self.shared.register_wp(range)?;
-        Ok(())
-    }
-
-    /// Whether some page of `range` is armed for migration.
-    pub fn is_armed(&self, range: VaRange) -> bool {
-        !self.shared.missing().overlapping(range).is_empty()
-    }
-
-    /// The next `REMAP` event `from → to` over `len` bytes is this
-    /// process's own migration moving pages out (`mremap` with
-    /// `MREMAP_DONTUNMAP`): the handler drops it without an invalidation
-    /// or a watch-set shift. Call before the `mremap`; call
-    /// [`EventMonitor::forget_own_remap`] if it fails.
-    pub fn expect_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
-        self.shared
-            .own_remaps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((from.get(), to.get(), len));
-    }
-
-    /// Withdraws an [`EventMonitor::expect_own_remap`] whose `mremap`
-    /// failed (no event will come).
-    pub fn forget_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
-        let mut own = self
-            .shared
-            .own_remaps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = own.iter().position(|o| *o == (from.get(), to.get(), len)) {
-            own.swap_remove(i);
-        }
-    }
-
-    /// Whether every page of `range` lies in a mapping registered in
-    /// write-protect mode on a userfaultfd (this process has one: ours,
-    /// unless another library opened its own). Asked by un-protecting
-    /// the range, which changes nothing on pages nobody protected (a
-    /// migration's scratch) and fails with `ENOENT` on an unregistered
-    /// mapping; retried while a layout change makes it `EAGAIN`.
-    pub fn is_registered(&self, range: VaRange) -> bool {
-        let t0 = std::time::Instant::now();
-        loop {
-            match self.shared.uffd.write_protect(range, false) {
-                Ok(()) => return true,
-                Err(UffdError::Ioctl { ref source, .. })
-                    if source.raw_os_error() == Some(libc::EAGAIN)
-                        && t0.elapsed() < std::time::Duration::from_secs(1) =>
-                {
-                    std::thread::yield_now();
-                }
-                Err(_) => return false,
-            }
-        }
-    }
-
-    /// Unregisters `range` (a scratch mapping the migration moved pages
-    /// into, never watched): no event, nothing else changes.
-    pub fn unregister_scratch(&self, range: VaRange) -> Result<(), MonitorError> {
-        self.shared.uffd.unregister(range)?;
-        Ok(())
-    }
-
-    /// Resolves missing-page faults at `dst` with `data` (whole pages),
-    /// installed write-protected so write tracking sees the next CPU
-    /// write ([`Userfaultfd::copy_in`]).
-    ///
-    /// # Safety
-    ///
-    /// As [`Userfaultfd::copy_in`]: no Rust reference of this process
-    /// covers the pages at `dst`.
-    pub unsafe fn copy_in(&self, dst: VirtAddr, data: &[u8]) -> Result<u64, MonitorError> {
-        // SAFETY: the caller's contract is `copy_in`'s.
-        Ok(unsafe { self.shared.uffd.copy_in(dst, data, true) }?)
-    }
-
-    /// The userfaultfd, for the migration server (`cpu::migration`), which
-    /// resolves the faults the sink hands it.
-    pub(crate) fn uffd(&self) -> Arc<Userfaultfd> {
-        Arc::clone(&self.shared.uffd)
-    }
-
-    /// Wakes threads waiting on faults in `range` (they fault again).
-    pub fn wake(&self, range: VaRange) {
-        let _ = self.shared.uffd.wake(range);
-    }
-
-    /// Poisons the missing pages of `range` ([`Userfaultfd::poison`]): a CPU
-    /// access there gets `SIGBUS`.
-    pub fn poison(&self, range: VaRange) -> Result<(), MonitorError> {
-        Ok(self.shared.uffd.poison(range)?)
     }
 
     /// Waits (up to `timeout`) until no event is waiting to be read and
