@@ -37,6 +37,13 @@ fn can_migrate<B: TestKernels>(m: &Mirror<B>, test: &str) -> bool {
     }
 }
 
+/// The suite's `IncrementU32` kernel on `m`'s device.
+fn increment_kernel<B: TestKernels>(m: &Mirror<B>) -> Box<B::Kernel> {
+    m.backend()
+        .test_kernel(TestKernel::IncrementU32)
+        .expect("kernel")
+}
+
 fn rw() -> i32 {
     libc::PROT_READ | libc::PROT_WRITE
 }
@@ -153,10 +160,7 @@ pub fn migrate_multiple<B: TestKernels>(b: B) {
     let pages = 4;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32);
-    let inc = m
-        .backend()
-        .test_kernel(TestKernel::IncrementU32)
-        .expect("kernel");
+    let inc = increment_kernel(&m);
     for k in 1..=10u32 {
         m.migrate_to_device(p.range()).expect("migrate");
         launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
@@ -187,10 +191,7 @@ pub fn migrate_device_writes_stay_until_touched<B: TestKernels>(b: B) {
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 * 3);
     m.migrate_to_device(p.range()).expect("migrate");
-    let inc = m
-        .backend()
-        .test_kernel(TestKernel::IncrementU32)
-        .expect("kernel");
+    let inc = increment_kernel(&m);
     let before = m.stats().pages_out;
     for _ in 0..5 {
         let r = launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
@@ -217,10 +218,7 @@ pub fn migrate_evicted_under_pool_pressure<B: TestKernels>(b: B) {
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 ^ 0xdead_0000);
     m.migrate_to_device(p.range()).expect("migrate");
-    let inc = m
-        .backend()
-        .test_kernel(TestKernel::IncrementU32)
-        .expect("kernel");
+    let inc = increment_kernel(&m);
     launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
     // Another 16 pages through a 24-slot pool: migrated pages are evicted.
     let other = TestMap::anon(16, rw());
@@ -245,10 +243,7 @@ pub fn migrate_cpu_read_during_launch<B: TestKernels>(b: B) {
     let pages = 8;
     let p = std::sync::Arc::new(TestMap::anon(pages, rw()));
     p.fill(|_| 1000);
-    let inc = m
-        .backend()
-        .test_kernel(TestKernel::IncrementU32)
-        .expect("kernel");
+    let inc = increment_kernel(&m);
     let m = std::sync::Arc::new(m);
     let (m2, p2) = (std::sync::Arc::clone(&m), std::sync::Arc::clone(&p));
     let reader = spawn(move || {
@@ -282,10 +277,7 @@ pub fn migrate_drop_gives_back<B: TestKernels>(b: B) {
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 + 7);
     m.migrate_to_device(p.range()).expect("migrate");
-    let inc = m
-        .backend()
-        .test_kernel(TestKernel::IncrementU32)
-        .expect("kernel");
+    let inc = increment_kernel(&m);
     launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
     drop(m);
     for i in 0..pages * WPP {
