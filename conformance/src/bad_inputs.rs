@@ -598,6 +598,7 @@ pub fn forked_child_gets_a_typed_error<B: TestKernels>(b: B) {
     let args = [src.addr(), out.addr()];
     let range = src.range();
     let m = std::mem::ManuallyDrop::new(m);
+    let _gate = crate::support::forking();
     // SAFETY: the child calls only the mirror's fork-checked entry points
     // (a getpid and a comparison, no allocation, no lock) and the drop
     // that leaks, then `_exit`s without running the parent's destructors.

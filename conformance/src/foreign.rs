@@ -70,6 +70,7 @@ fn memfd() -> File {
 /// A forked child writes `new` words into `map` (shared with us) and
 /// exits; returns once it has.
 fn child_writes_new(map: &TestMap) {
+    let _gate = crate::support::forking();
     // SAFETY: the child only stores to memory and calls `_exit`, both
     // async-signal-safe, so forking a multi-threaded process is fine.
     let pid = unsafe { libc::fork() };

@@ -48,6 +48,7 @@
 use hmm_core::mirror::backend::{Backend, BackendError};
 
 mod bad_inputs;
+mod exclusive;
 mod foreign;
 pub mod heap;
 mod migration;
@@ -67,6 +68,7 @@ pub use bad_inputs::{
     reused_backend_and_bad_configs_are_refused, two_userfaultfd_owners_of_one_range,
     unmirrorable_mappings_are_typed, wild_device_pointers_are_typed_faults,
 };
+pub use exclusive::{exclusive, exclusive_cow, exclusive_mprotect};
 pub use foreign::{
     foreign_device_writes_are_not_foreign, foreign_memfd_pwrite, foreign_private_file_pwrite,
     foreign_shared_anon_child_write, foreign_shared_file_pwrite, foreign_trust_checks_nothing,
@@ -74,8 +76,9 @@ pub use foreign::{
 pub use migration::{
     migrate, migrate_cpu_read_during_launch, migrate_device_writes_stay_until_touched,
     migrate_discarded_then_device_read, migrate_drop_gives_back,
-    migrate_evicted_under_pool_pressure, migrate_fault, migrate_mremap, migrate_multiple,
-    migrate_release, migrate_shared, migrate_typed_errors, migrate_zero_copy_is_unsupported,
+    migrate_evicted_under_pool_pressure, migrate_fault, migrate_fork, migrate_mremap,
+    migrate_multiple, migrate_release, migrate_shared, migrate_typed_errors,
+    migrate_zero_copy_is_unsupported,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -202,7 +205,8 @@ macro_rules! conformance_tests {
             migrate, migrate_fault, migrate_release, migrate_shared, migrate_multiple,
             migrate_device_writes_stay_until_touched, migrate_evicted_under_pool_pressure,
             migrate_cpu_read_during_launch, migrate_drop_gives_back, migrate_mremap,
-            migrate_typed_errors, migrate_discarded_then_device_read);
+            migrate_typed_errors, migrate_discarded_then_device_read, migrate_fork,
+            exclusive, exclusive_mprotect, exclusive_cow);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);
     };

@@ -15,11 +15,30 @@
 
 use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
 
-use crate::support::{device_copy, launch, setup, small_cfg, spawn, zero_copy, TestMap, WPP};
+use crate::support::{
+    device_copy, fork_child, forking, launch, migrating, setup, small_cfg, spawn, zero_copy,
+    TestMap, WPP,
+};
 use crate::{TestKernel, TestKernels};
 
-/// Whether `m` can migrate here; prints the skip line if not.
-fn can_migrate<B: TestKernels>(m: &Mirror<B>, test: &str) -> bool {
+/// Whether `m` can migrate here (then the fork gate, held shared for the
+/// test: see `support::migrating`); prints the skip line if not.
+pub(crate) fn can_migrate<B: TestKernels>(
+    m: &Mirror<B>,
+    test: &str,
+) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    migration_available(m, test).then(migrating)
+}
+
+/// [`can_migrate`] for a test that forks: the gate held alone.
+pub(crate) fn can_migrate_and_fork<B: TestKernels>(
+    m: &Mirror<B>,
+    test: &str,
+) -> Option<std::sync::RwLockWriteGuard<'static, ()>> {
+    migration_available(m, test).then(forking)
+}
+
+fn migration_available<B: TestKernels>(m: &Mirror<B>, test: &str) -> bool {
     if zero_copy(m) {
         eprintln!("SKIP {test}: zero-copy device (migration is a typed Unsupported there)");
         return false;
@@ -38,13 +57,13 @@ fn can_migrate<B: TestKernels>(m: &Mirror<B>, test: &str) -> bool {
 }
 
 /// The suite's `IncrementU32` kernel on `m`'s device.
-fn increment_kernel<B: TestKernels>(m: &Mirror<B>) -> Box<B::Kernel> {
+pub(crate) fn increment_kernel<B: TestKernels>(m: &Mirror<B>) -> Box<B::Kernel> {
     m.backend()
         .test_kernel(TestKernel::IncrementU32)
         .expect("kernel")
 }
 
-fn rw() -> i32 {
+pub(crate) fn rw() -> i32 {
     libc::PROT_READ | libc::PROT_WRITE
 }
 
@@ -52,9 +71,9 @@ fn rw() -> i32 {
 /// there, and the CPU reads it back intact.
 pub fn migrate<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate") {
+    let Some(_gate) = can_migrate(&m, "migrate") else {
         return;
-    }
+    };
     let pages = 16;
     let src = TestMap::anon(pages, rw());
     src.fill(|i| i as u32 ^ 0x1717_0000);
@@ -83,9 +102,9 @@ pub fn migrate<B: TestKernels>(b: B) {
 /// the device.
 pub fn migrate_fault<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_fault") {
+    let Some(_gate) = can_migrate(&m, "migrate_fault") else {
         return;
-    }
+    };
     let pages = 8;
     let src = TestMap::anon(pages, rw());
     src.fill(|i| i as u32);
@@ -114,9 +133,9 @@ pub fn migrate_fault<B: TestKernels>(b: B) {
 /// nothing is given back.
 pub fn migrate_release<B: TestKernels>(b: B) {
     let (h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_release") {
+    let Some(_gate) = can_migrate(&m, "migrate_release") else {
         return;
-    }
+    };
     let pages = 16;
     let mut src = TestMap::anon(pages, rw());
     src.fill(|i| i as u32);
@@ -137,9 +156,9 @@ pub fn migrate_release<B: TestKernels>(b: B) {
 /// moved.
 pub fn migrate_shared<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_shared") {
+    let Some(_gate) = can_migrate(&m, "migrate_shared") else {
         return;
-    }
+    };
     let src = TestMap::shared_anon(4);
     src.write_word(0, 99);
     match m.migrate_to_device(src.range()) {
@@ -154,9 +173,9 @@ pub fn migrate_shared<B: TestKernels>(b: B) {
 /// explicit [`Mirror::migrate_to_host`] and device writes in between.
 pub fn migrate_multiple<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_multiple") {
+    let Some(_gate) = can_migrate(&m, "migrate_multiple") else {
         return;
-    }
+    };
     let pages = 4;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32);
@@ -184,9 +203,9 @@ pub fn migrate_multiple<B: TestKernels>(b: B) {
 /// write-back, no sync-point work) until the CPU touches them.
 pub fn migrate_device_writes_stay_until_touched<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_device_writes_stay_until_touched") {
+    let Some(_gate) = can_migrate(&m, "migrate_device_writes_stay_until_touched") else {
         return;
-    }
+    };
     let pages = 8;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 * 3);
@@ -211,9 +230,9 @@ pub fn migrate_evicted_under_pool_pressure<B: TestKernels>(b: B) {
         ..small_cfg()
     };
     let (_h, m) = setup(b, cfg);
-    if !can_migrate(&m, "migrate_evicted_under_pool_pressure") {
+    let Some(_gate) = can_migrate(&m, "migrate_evicted_under_pool_pressure") else {
         return;
-    }
+    };
     let pages = 16;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 ^ 0xdead_0000);
@@ -237,9 +256,9 @@ pub fn migrate_evicted_under_pool_pressure<B: TestKernels>(b: B) {
 /// every value a launch left, never a torn or zero page.
 pub fn migrate_cpu_read_during_launch<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_cpu_read_during_launch") {
+    let Some(_gate) = can_migrate(&m, "migrate_cpu_read_during_launch") else {
         return;
-    }
+    };
     let pages = 8;
     let p = std::sync::Arc::new(TestMap::anon(pages, rw()));
     p.fill(|_| 1000);
@@ -270,9 +289,9 @@ pub fn migrate_cpu_read_during_launch<B: TestKernels>(b: B) {
 /// Dropping the mirror gives every migrated page back first.
 pub fn migrate_drop_gives_back<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_drop_gives_back") {
+    let Some(_gate) = can_migrate(&m, "migrate_drop_gives_back") else {
         return;
-    }
+    };
     let pages = 8;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 + 7);
@@ -289,9 +308,9 @@ pub fn migrate_drop_gives_back<B: TestKernels>(b: B) {
 /// reads it at the new address.
 pub fn migrate_mremap<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_mremap") {
+    let Some(_gate) = can_migrate(&m, "migrate_mremap") else {
         return;
-    }
+    };
     let pages = 8;
     let len = pages * hmm_core::PAGE_SIZE as usize;
     let p = TestMap::anon(pages, rw());
@@ -322,7 +341,8 @@ pub fn migrate_mremap<B: TestKernels>(b: B) {
     assert!(m.stats().migrated_in >= pages as u64);
 }
 
-/// Zero-copy devices: migration is a typed error, nothing moved.
+/// Zero-copy devices: migration and exclusive access are typed errors,
+/// nothing moved.
 pub fn migrate_zero_copy_is_unsupported<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
     let p = TestMap::anon(2, rw());
@@ -331,7 +351,51 @@ pub fn migrate_zero_copy_is_unsupported<B: TestKernels>(b: B) {
         Err(MirrorError::MigrationUnsupported(_)) => {}
         other => panic!("expected MigrationUnsupported, got {other:?}"),
     }
+    match m.make_exclusive(p.range()) {
+        Err(MirrorError::MigrationUnsupported(_)) => {}
+        other => panic!("make_exclusive: expected MigrationUnsupported, got {other:?}"),
+    }
+    assert_eq!(m.exclusive_in(p.range()).expect("a good range"), 0);
     assert_eq!(p.read_word(0), 5);
+}
+
+/// `fork()` with migrated pages: the prepare-fork handler gives them back
+/// first, so the child reads the device's data (without it the child
+/// reads zeros: `hmm-core/tests/migration_facts.rs`), and the parent's
+/// copy is intact and no longer migrated.
+pub fn migrate_fork<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let Some(_gate) = can_migrate_and_fork(&m, "migrate_fork") else {
+        return;
+    };
+    let pages = 8;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32 ^ 0x0f0f_0000);
+    m.migrate_to_device(p.range()).expect("migrate");
+    let inc = increment_kernel(&m);
+    // Device writes, held only on the device.
+    launch(&m, &inc, (pages * WPP) as u32, [p.addr()]).expect("increment");
+    let want = |i: usize| (i as u32 ^ 0x0f0f_0000) + 1;
+    let before = m.stats();
+    let code = fork_child(|| {
+        for i in 0..pages * WPP {
+            if p.read_word(i) != want(i) {
+                return 1;
+            }
+        }
+        0
+    });
+    assert_eq!(code, 0, "the child read the device's data");
+    let st = m.stats();
+    assert_eq!(
+        st.migrated_in,
+        before.migrated_in + pages as u64,
+        "the fork gave every page back: {st:?}"
+    );
+    assert_eq!(st.fault_backs, before.fault_backs, "before any CPU fault");
+    for i in 0..pages * WPP {
+        assert_eq!(p.read_word(i), want(i), "parent word {i}");
+    }
 }
 
 /// Every way `migrate_to_device` refuses is a typed error, with nothing
@@ -343,9 +407,9 @@ pub fn migrate_typed_errors<B: TestKernels>(b: B) {
         ..small_cfg()
     };
     let (_h, m) = setup(b, cfg);
-    if !can_migrate(&m, "migrate_typed_errors") {
+    let Some(_gate) = can_migrate(&m, "migrate_typed_errors") else {
         return;
-    }
+    };
     let big = TestMap::anon(16, rw());
     big.write_word(0, 3);
     match m.migrate_to_device(big.range()) {
@@ -405,9 +469,9 @@ fn tempfile_in_tmp() -> std::fs::File {
 /// CPU would.
 pub fn migrate_discarded_then_device_read<B: TestKernels>(b: B) {
     let (h, m) = setup(b, small_cfg());
-    if !can_migrate(&m, "migrate_discarded_then_device_read") {
+    let Some(_gate) = can_migrate(&m, "migrate_discarded_then_device_read") else {
         return;
-    }
+    };
     let pages = 4;
     let p = TestMap::anon(pages, rw());
     p.fill(|i| i as u32 + 1);

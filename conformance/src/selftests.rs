@@ -125,6 +125,7 @@ pub fn anon_write_prot<B: TestKernels>(b: B) {
 }
 
 fn fork_and_write(map: &TestMap, value: u32) {
+    let _gate = crate::support::forking();
     // SAFETY: the child only writes to memory and calls _exit, both
     // async-signal-safe, so forking a multi-threaded test process is fine.
     let pid = unsafe { libc::fork() };

@@ -305,3 +305,60 @@ pub(crate) fn launch<B: Backend, H: HostSide>(
         }),
     }
 }
+
+/// Forks and migrations in one test process. A `fork()` gives every
+/// migrated page of the process back (the prepare-fork handler,
+/// `hmm_core::cpu::fork_prep`), which would change what a migration test
+/// running beside it sees: migration tests hold this shared
+/// ([`migrating`]), tests that fork hold it alone ([`forking`]).
+static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by a migration test (shared).
+pub(crate) fn migrating() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORK_GATE.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held by a test that forks (alone).
+pub(crate) fn forking() -> std::sync::RwLockWriteGuard<'static, ()> {
+    FORK_GATE.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forks a child that runs `child` (only async-signal-safe work: memory
+/// reads and writes) and exits with what it returns; returns that exit
+/// status. The caller holds [`forking`]. A child that has not exited after
+/// 20 s is killed and the test fails.
+pub(crate) fn fork_child(child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs only `child` (memory accesses, by this
+    // function's contract) and `_exit`, all async-signal-safe, so forking
+    // a multi-threaded test process is fine.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = child();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let t0 = std::time::Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: polling our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(20) {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the forked child hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(
+        libc::WIFEXITED(status),
+        "the child died: status {status:#x}"
+    );
+    libc::WEXITSTATUS(status)
+}

@@ -401,3 +401,49 @@ fn monitor_handoff_full_ring_waits_and_keeps_order() {
         assert!(q.quiet(|| false));
     });
 }
+
+/// The prepare-fork gate (`cpu::fork_prep::ForkGate`): a fork is never made
+/// while a migration is between moving its pages out and marking them (the
+/// child would read zeros nobody gives back), a migration never runs inside
+/// a fork, and neither side waits forever. One migration races one fork
+/// (both sides wait by spinning, yielding; with a second migration the
+/// model exceeds loom's branch budget).
+#[test]
+fn fork_gate_keeps_forks_and_migrations_apart() {
+    use hmm_core::cpu::fork_prep::ForkGate;
+    model(|| {
+        let gate = Arc::new(ForkGate::new());
+        let forking = Arc::new(AtomicBool::new(false));
+        // Per migration: moved out, then marked.
+        let steps: Arc<[(AtomicBool, AtomicBool); 1]> =
+            Arc::new([(AtomicBool::new(false), AtomicBool::new(false))]);
+        let migrations: Vec<_> = (0..1)
+            .map(|k| {
+                let (gate, forking, steps) = (gate.clone(), forking.clone(), steps.clone());
+                thread::spawn(move || {
+                    let _held = gate.hold();
+                    assert!(!forking.load(Ordering::SeqCst), "a migration inside a fork");
+                    steps[k].0.store(true, Ordering::SeqCst);
+                    steps[k].1.store(true, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        gate.begin_fork();
+        forking.store(true, Ordering::SeqCst);
+        for (moved, marked) in steps.iter() {
+            assert_eq!(
+                moved.load(Ordering::SeqCst),
+                marked.load(Ordering::SeqCst),
+                "a fork between a move and its marks"
+            );
+        }
+        forking.store(false, Ordering::SeqCst);
+        gate.end_fork();
+        for m in migrations {
+            m.join().unwrap();
+        }
+        assert!(steps
+            .iter()
+            .all(|(_, marked)| marked.load(Ordering::SeqCst)));
+    });
+}

@@ -536,6 +536,7 @@ impl HostSpace {
         };
         self.migration_support().map_err(HostError::Migration)?;
         m.arm_missing(range)?;
+        super::fork_prep::watch(&owner);
         mig.add_owner(range, owner).map_err(|e| {
             HostError::Migration(format!("cannot start the fault-back server: {e}"))
         })?;

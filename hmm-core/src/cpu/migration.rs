@@ -58,8 +58,10 @@
 //!
 //! # What is not handled yet (issue 17, stated)
 //!
-//! - `fork()`: the child reads zeros where pages were migrated (the fact
-//!   in `migration_facts.rs`); no prepare-fork handler brings them back.
+//! - `fork()` through a raw system call: the child reads zeros where
+//!   pages are migrated (the fact in `migration_facts.rs`). A libc
+//!   `fork()` runs the prepare-fork handler of [`fork_prep`](super::fork_prep), which gives
+//!   every migrated page back first.
 //! - With a user-mode-only userfaultfd (how the monitor opens it first), a
 //!   *kernel-mode* access — `read(2)` into a migrated buffer, or any
 //!   syscall that writes or reads it — fails with `EFAULT` instead of
@@ -98,6 +100,12 @@ pub trait FaultBack: Send + Sync {
     fn moved(&self, old: VaRange, to: VirtAddr) {
         let _ = (old, to);
     }
+
+    /// The process is about to fork (`fork_prep`): give back every page
+    /// held here, so the child is made from memory that holds the data.
+    /// Called in the forking thread, before the child exists. Default:
+    /// nothing.
+    fn before_fork(&self) {}
 }
 
 /// The pages a migration moved out of the process: a private scratch

@@ -17,6 +17,7 @@
 //!   ([`pagemap`]: the scan's region type, category bits and flags).
 
 pub mod chunk;
+pub mod fork_prep;
 pub mod handoff;
 pub mod host;
 pub mod maps;

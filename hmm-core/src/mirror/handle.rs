@@ -89,6 +89,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 next_region_id: 0,
                 releasing: 0,
                 armed: Vec::new(),
+                exclusive: std::collections::BTreeSet::new(),
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
@@ -221,6 +222,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             migrated_out: g(&c.migrated_out),
             migrated_in: g(&c.migrated_in),
             fault_backs: g(&c.fault_backs),
+            exclusive_revoked: g(&c.exclusive_revoked),
             fault_back_time: Counters::duration(&c.fault_back_ns),
             phases: c.phases(),
         }

@@ -66,6 +66,56 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// # let _ = first; Ok(()) }
     /// ```
     pub fn migrate_to_device(&self, range: VaRange) -> Result<u64, MirrorError> {
+        self.migrate(range, false)
+    }
+
+    /// Makes `range` exclusive to the device, for device atomics (the
+    /// kernel's `make_device_exclusive`): its pages are migrated as by
+    /// [`Mirror::migrate_to_device`], so no CPU access can see a value
+    /// older than the device's, and the first CPU access to a page — any
+    /// thread, read or write — *revokes* the device's access to that page:
+    /// the device's data comes back to the CPU, the device's entry for the
+    /// page is invalidated (its next access faults and fetches the CPU's
+    /// copy), and only then does the CPU access proceed. Other exclusive
+    /// pages nearby stay exclusive. A protection change
+    /// ([`Mirror::protection_changed`]) and `fork()` revoke too, as in
+    /// the kernel. Returns pages made exclusive; errors as
+    /// [`Mirror::migrate_to_device`] (zero-copy devices: nothing can trap
+    /// reads of present pages there, so [`MirrorError::MigrationUnsupported`]).
+    ///
+    /// ```no_run
+    /// # use hmm_core::mirror::Mirror;
+    /// # fn demo<B: hmm_core::mirror::backend::Backend>(m: &Mirror<B>, counters: &mut Vec<u32>) -> Result<(), hmm_core::mirror::MirrorError> {
+    /// let range = hmm_core::VaRange::of_slice(counters.as_slice())?;
+    /// m.make_exclusive(range)?;
+    /// // ... launches doing atomics on `counters` ...
+    /// assert_eq!(m.exclusive_in(range)?, range.pages());
+    /// let total: u32 = counters[..1024].iter().sum(); // revokes the first page
+    /// assert_eq!(m.exclusive_in(range)?, range.pages() - 1);
+    /// # let _ = total; Ok(()) }
+    /// ```
+    pub fn make_exclusive(&self, range: VaRange) -> Result<u64, MirrorError> {
+        self.migrate(range, true)
+    }
+
+    /// Pages of `range` the device holds exclusively now
+    /// ([`Mirror::make_exclusive`]; the kernel test's
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE` asks the same). Errors:
+    /// [`MirrorError::WrongProcess`] in a forked child, a typed error for a
+    /// bad range.
+    pub fn exclusive_in(&self, range: VaRange) -> Result<u64, MirrorError> {
+        self.same_process()?;
+        let range = range.page_cover()?;
+        let dev = self.inner.lock();
+        Ok(dev
+            .exclusive
+            .range(range.start()..range.end())
+            .filter(|va| is_migrated(&*dev.res, **va))
+            .count() as u64)
+    }
+
+    /// [`Mirror::migrate_to_device`], or [`Mirror::make_exclusive`].
+    fn migrate(&self, range: VaRange, exclusive: bool) -> Result<u64, MirrorError> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let inner = &*self.inner;
@@ -124,14 +174,14 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         let _serial = lock(&inner.launch);
         let mut n = 0;
         for piece in pieces {
-            n += self.migrate_piece(piece)?;
+            n += self.migrate_piece(piece, exclusive)?;
         }
         Ok(n)
     }
 
     /// [`Mirror::migrate_to_device`] of a range within one mapping (the
     /// launch lock held).
-    fn migrate_piece(&self, range: VaRange) -> Result<u64, MirrorError> {
+    fn migrate_piece(&self, range: VaRange, exclusive: bool) -> Result<u64, MirrorError> {
         let inner = &*self.inner;
         {
             let _checked = crate::cpu::safecopy::CheckScope::open();
@@ -139,6 +189,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             let epoch = inner.host.new_epoch();
             self.fetch(range, true, epoch)?;
         }
+        // No fork between the move and the marks: the prepare-fork handler
+        // gives back what is marked (`cpu::fork_prep`). Taken before the
+        // driver lock, as the handler does.
+        let _no_fork = crate::cpu::fork_prep::NoFork::hold();
         let mut dev = inner.lock_idle();
         // Under the driver lock from here to the marks: no entry of the
         // range can leave meanwhile (destructive events queue behind it).
@@ -164,6 +218,27 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         match res.adopt_migrated(&mut cx, range, detached.bytes()) {
             Ok(n) => {
                 Counters::add(&inner.counters.migrated_out, n);
+                let held = dev.res.migrated_in(range);
+                let old: Vec<VirtAddr> = dev
+                    .exclusive
+                    .range(range.start()..range.end())
+                    .copied()
+                    .collect();
+                for va in old {
+                    dev.exclusive.remove(&va);
+                }
+                if exclusive {
+                    let stale: Vec<VirtAddr> = dev
+                        .exclusive
+                        .iter()
+                        .copied()
+                        .filter(|va| !is_migrated(&*dev.res, *va))
+                        .collect();
+                    for va in stale {
+                        dev.exclusive.remove(&va);
+                    }
+                    dev.exclusive.extend(held);
+                }
                 Ok(n)
             }
             Err(e) => {
@@ -202,6 +277,18 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         } else {
             res.give_back(&mut cx, &pages)?
         };
+        // Pages brought back here stay on the device as ordinary copies,
+        // exclusive or not.
+        let marks: Vec<VirtAddr> = dev
+            .exclusive
+            .range(range.start()..range.end())
+            .copied()
+            .collect();
+        for va in marks {
+            if !is_migrated(&*dev.res, va) {
+                dev.exclusive.remove(&va);
+            }
+        }
         // Armed ranges with nothing migrated left: ordinary memory again
         // (a CPU write while one is re-registered may go unseen, so the
         // device's copies there are dropped, device writes written back).
@@ -226,7 +313,15 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// Teardown: every migrated page goes back to the CPU; one that cannot
     /// (a lost device) is poisoned, never left to read as zeros.
     pub(super) fn give_everything_back(&self) {
+        self.give_all_back(true);
+    }
+
+    /// Gives every migrated page back (poisoning those that cannot come
+    /// back); at teardown (`teardown`) disarms every armed range, before a
+    /// fork revokes the device's exclusive pages.
+    fn give_all_back(&self, teardown: bool) {
         let mut dev = self.lock_idle();
+        let exclusive = std::mem::take(&mut dev.exclusive);
         let (mut cx, res) = dev.parts(self);
         let all = res.migrated_in(VaRange::everything());
         if !all.is_empty() && res.give_back(&mut cx, &all).is_err() {
@@ -236,10 +331,33 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
                 }
             }
         }
-        for a in std::mem::take(&mut dev.armed) {
-            self.host.disarm(a);
+        if teardown {
+            for a in std::mem::take(&mut dev.armed) {
+                self.host.disarm(a);
+            }
+            return;
+        }
+        let revoke: Vec<VirtAddr> = exclusive
+            .into_iter()
+            .filter(|va| all.binary_search(va).is_ok() && !is_migrated(&*dev.res, *va))
+            .collect();
+        if !revoke.is_empty() {
+            let (mut cx, res) = dev.parts(self);
+            if let Err(e) = super::state::zap_pages(&mut cx, res, &revoke) {
+                // The pages are back on the CPU; entries left on the device
+                // are ordinary copies, which write tracking keeps honest.
+                tracing::error!(target: "hmm_rs", "revoking exclusive pages before fork failed: {e}");
+            }
         }
     }
+}
+
+/// Whether `va`'s page is migrated (held only on the device).
+fn is_migrated<B: Backend, H: HostSide>(
+    res: &dyn super::residency::Residency<B, H>,
+    va: VirtAddr,
+) -> bool {
+    VaRange::from_start_len(va, PAGE_SIZE).is_ok_and(|p| !res.migrated_in(p).is_empty())
 }
 
 impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
@@ -252,12 +370,27 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         };
         // Waits for a running launch: the device may be writing the page.
         let mut dev = self.lock_idle();
+        // An exclusive page comes back alone and is revoked; exclusive
+        // neighbours stay exclusive (the kernel revokes page by page).
+        let exclusive: Vec<VirtAddr> = dev
+            .exclusive
+            .range(block.start()..block.end())
+            .copied()
+            .collect();
+        let revoke = exclusive.contains(&page);
         let (mut cx, res) = dev.parts(self);
         let held = res.migrated_in(block);
         if !held.contains(&page) {
             return FaultBackOutcome::NotHeld;
         }
-        if res.give_back(&mut cx, &held).is_err() {
+        let give: Vec<VirtAddr> = if revoke {
+            vec![page]
+        } else {
+            held.into_iter()
+                .filter(|va| !exclusive.contains(va))
+                .collect()
+        };
+        if res.give_back(&mut cx, &give).is_err() {
             return FaultBackOutcome::Lost;
         }
         let Ok(p) = VaRange::from_start_len(page, PAGE_SIZE) else {
@@ -273,9 +406,26 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
             }
             return FaultBackOutcome::NotHeld;
         }
+        if revoke {
+            // The device's entry goes: its next access faults and fetches
+            // the CPU's copy (which write tracking follows from here).
+            dev.exclusive.remove(&page);
+            let (mut cx, res) = dev.parts(self);
+            if let Err(e) = super::state::zap_pages(&mut cx, res, &[page]) {
+                // The page is back on the CPU either way; an entry left on
+                // the device is an ordinary copy that write tracking keeps
+                // honest.
+                tracing::error!(target: "hmm_rs", "revoking exclusive page {page} failed: {e}");
+            }
+            Counters::add(&self.counters.exclusive_revoked, 1);
+        }
         Counters::add(&self.counters.fault_backs, 1);
         Counters::add_since(&self.counters.fault_back_ns, t);
         FaultBackOutcome::Served
+    }
+
+    fn before_fork(&self) {
+        self.give_all_back(false);
     }
 
     fn moved(&self, old: VaRange, to: VirtAddr) {

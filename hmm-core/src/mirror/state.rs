@@ -148,6 +148,12 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     /// Ranges armed for device-private migration (`mirror::migrate`),
     /// disarmed when nothing in them is migrated any more.
     pub armed: Vec<VaRange>,
+    /// Pages made exclusive ([`Mirror::make_exclusive`]): migrated pages
+    /// whose device entries a CPU touch revokes. A mark is meaningful only
+    /// while its page is migrated (others are stale, pruned now and then).
+    ///
+    /// [`Mirror::make_exclusive`]: super::Mirror::make_exclusive
+    pub exclusive: std::collections::BTreeSet<VirtAddr>,
     pub res: Box<dyn Residency<B, H>>,
 }
 

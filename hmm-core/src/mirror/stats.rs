@@ -95,7 +95,10 @@ pub struct MirrorStats {
     /// CPU faults on migrated pages served (each gives back the page and
     /// its migrated neighbours).
     pub fault_backs: u64,
-    /// Time spent serving them, from the server's pick-up to the
+    /// Exclusive pages ([`Mirror::make_exclusive`](super::Mirror::make_exclusive))
+    /// whose device access a CPU touch revoked.
+    pub exclusive_revoked: u64,
+    /// Time spent serving fault-backs, from the server's pick-up to the
     /// install (waiting for a running launch included).
     pub fault_back_time: Duration,
     /// Launch time by phase, summed over launches
@@ -154,8 +157,12 @@ impl core::fmt::Display for MirrorStats {
         if self.migrated_out + self.migrated_in > 0 {
             writeln!(
                 f,
-                "migration: pages out {}   pages back {}   fault-backs {} ({:?})",
-                self.migrated_out, self.migrated_in, self.fault_backs, self.fault_back_time
+                "migration: pages out {}   pages back {}   fault-backs {} ({:?})   exclusive revoked {}",
+                self.migrated_out,
+                self.migrated_in,
+                self.fault_backs,
+                self.fault_back_time,
+                self.exclusive_revoked
             )?;
         }
         writeln!(
@@ -200,6 +207,7 @@ pub(crate) struct Counters {
     pub migrated_out: AtomicU64,
     pub migrated_in: AtomicU64,
     pub fault_backs: AtomicU64,
+    pub exclusive_revoked: AtomicU64,
     pub fault_back_ns: AtomicU64,
     /// Nanoseconds copying pages into device memory (`LaunchPhases::copy_in`).
     pub copy_in_ns: AtomicU64,
