@@ -52,6 +52,7 @@ mod exclusive;
 mod foreign;
 pub mod heap;
 mod migration;
+mod migration_huge;
 mod mirroring;
 pub mod quiet;
 mod selftests;
@@ -77,8 +78,12 @@ pub use migration::{
     migrate, migrate_cpu_read_during_launch, migrate_device_writes_stay_until_touched,
     migrate_discarded_then_device_read, migrate_drop_gives_back,
     migrate_evicted_under_pool_pressure, migrate_fault, migrate_fork, migrate_mremap,
-    migrate_multiple, migrate_release, migrate_shared, migrate_typed_errors,
-    migrate_zero_copy_is_unsupported,
+    migrate_multiple, migrate_preferred_location, migrate_release, migrate_shared,
+    migrate_typed_errors, migrate_zero_copy_is_unsupported,
+};
+pub use migration_huge::{
+    migrate_anon_huge_empty, migrate_anon_huge_fault, migrate_anon_huge_free,
+    migrate_anon_huge_zero, migrate_partial_unmap_fault, migrate_remap_fault,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -206,6 +211,9 @@ macro_rules! conformance_tests {
             migrate_device_writes_stay_until_touched, migrate_evicted_under_pool_pressure,
             migrate_cpu_read_during_launch, migrate_drop_gives_back, migrate_mremap,
             migrate_typed_errors, migrate_discarded_then_device_read, migrate_fork,
+            migrate_preferred_location, migrate_anon_huge_empty, migrate_anon_huge_zero,
+            migrate_anon_huge_free, migrate_anon_huge_fault, migrate_partial_unmap_fault,
+            migrate_remap_fault,
             exclusive, exclusive_mprotect, exclusive_cow);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);

@@ -497,3 +497,51 @@ pub fn migrate_discarded_then_device_read<B: TestKernels>(b: B) {
     }
     assert_eq!(p.read_word(0), 0);
 }
+
+/// `Advice::PreferDevice` (CUDA's preferred location): the pages a launch
+/// touches in the advised range migrate when it ends; the next launch
+/// writes nothing back for them, a CPU read brings the device's data back,
+/// and pages no launch touched stay on the CPU.
+pub fn migrate_preferred_location<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let Some(_gate) = can_migrate(&m, "migrate_preferred_location") else {
+        return;
+    };
+    let pages = 8;
+    let touched = 4;
+    let p = TestMap::anon(pages, rw());
+    p.fill(|i| i as u32);
+    m.advise(p.range(), hmm_core::mirror::Advice::PreferDevice);
+    let inc = increment_kernel(&m);
+    let n = (touched * WPP) as u32;
+    let first = launch(&m, &inc, n, [p.addr()]).expect("first launch");
+    assert_eq!(first.pages_out, touched as u64, "written back once");
+    let st = m.stats();
+    assert_eq!(
+        st.migrated_out, touched as u64,
+        "the touched pages migrated: {st:?}"
+    );
+    assert_eq!(st.preferred_refused, 0);
+    let second = launch(&m, &inc, n, [p.addr()]).expect("second launch");
+    assert_eq!(second.pages_out, 0, "migrated: nothing written back");
+    for i in 0..pages * WPP {
+        let want = if i < touched * WPP {
+            i as u32 + 2
+        } else {
+            i as u32
+        };
+        assert_eq!(p.read_word(i), want, "CPU word {i}");
+    }
+    let st = m.stats();
+    assert_eq!(
+        st.migrated_in, touched as u64,
+        "only the touched pages came back"
+    );
+    assert!(st.fault_backs >= 1);
+    // Advice on memory that cannot migrate is counted, not an error.
+    let shared = TestMap::shared_anon(1);
+    m.advise(shared.range(), hmm_core::mirror::Advice::PreferDevice);
+    launch(&m, &inc, WPP as u32, [shared.addr()]).expect("a launch on shared memory");
+    assert_eq!(m.stats().preferred_refused, 1);
+    assert_eq!(shared.read_word(5), 1, "written back as usual");
+}

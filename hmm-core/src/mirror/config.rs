@@ -295,6 +295,20 @@ pub enum Advice {
     /// [`MirrorStats::prefetched`](super::MirrorStats::prefetched) and the
     /// launch's [`LaunchReport::pages_in`].
     WillNeed,
+    /// Prefer the device's memory (CUDA's
+    /// `cudaMemAdviseSetPreferredLocation` with the device): pages of the
+    /// range resident on the device when a launch ends (those it touched,
+    /// and copies earlier launches left there) are migrated to the device
+    /// ([`Mirror::migrate_to_device`](super::Mirror::migrate_to_device)),
+    /// so later launches neither scan nor write them back; a CPU access
+    /// brings them back as usual, and the next launch that touches them
+    /// migrates them again. Memory that cannot migrate (shared or file
+    /// memory, a zero-copy device, several mirrors) stays where it is: the
+    /// advice is a hint, and each refusal is counted in
+    /// [`MirrorStats::preferred_refused`](super::MirrorStats::preferred_refused)
+    /// with a `tracing` warning naming why. Pages migrated this way are
+    /// counted in [`MirrorStats::migrated_out`](super::MirrorStats::migrated_out).
+    PreferDevice,
     /// Forget earlier advice for the range (every kind).
     Default,
 }

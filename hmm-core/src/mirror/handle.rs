@@ -81,6 +81,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 read_mostly: Vec::new(),
                 fetch_advice: Vec::new(),
                 will_need: Vec::new(),
+                prefer_device: Vec::new(),
                 spec_runs: Vec::new(),
                 ping_pong: Default::default(),
                 inflight: None,
@@ -168,7 +169,12 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 dev.fetch_advice.push((range, advice));
             }
             Advice::WillNeed => dev.will_need.push(range),
+            Advice::PreferDevice => {
+                dev.prefer_device.retain(|r| !r.overlaps(range));
+                dev.prefer_device.push(range);
+            }
             Advice::Default => {
+                dev.prefer_device.retain(|r| !r.overlaps(range));
                 dev.read_mostly.retain(|r| !r.overlaps(range));
                 dev.fetch_advice.retain(|(r, _)| !r.overlaps(range));
                 dev.will_need.retain(|r| !r.overlaps(range));
@@ -223,6 +229,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             migrated_in: g(&c.migrated_in),
             fault_backs: g(&c.fault_backs),
             exclusive_revoked: g(&c.exclusive_revoked),
+            preferred_refused: g(&c.preferred_refused),
             fault_back_time: Counters::duration(&c.fault_back_ns),
             phases: c.phases(),
         }

@@ -191,6 +191,9 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         // launch's own result: it means device writes did not reach the CPU.
         let t_back = Instant::now();
         let written = self.write_back_all();
+        if res.is_ok() && written.is_ok() {
+            self.migrate_preferred();
+        }
         report.phases.write_back = t_back.elapsed();
         report.phases.copy_in =
             Counters::duration(&inner.counters.copy_in_ns).saturating_sub(copy_in0);

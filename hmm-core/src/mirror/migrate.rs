@@ -116,9 +116,75 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
 
     /// [`Mirror::migrate_to_device`], or [`Mirror::make_exclusive`].
     fn migrate(&self, range: VaRange, exclusive: bool) -> Result<u64, MirrorError> {
+        let pieces = self.migration_pieces(range)?;
+        let _serial = lock(&self.inner.launch);
+        let mut n = 0;
+        for piece in pieces {
+            n += self.migrate_piece(piece, exclusive)?;
+        }
+        Ok(n)
+    }
+
+    /// After a launch (the launch lock held): the pages it touched in
+    /// ranges advised [`Advice::PreferDevice`](super::Advice::PreferDevice)
+    /// migrate, run by run; a run that cannot is counted and named in a
+    /// warning, and stays where it is.
+    pub(super) fn migrate_preferred(&self) {
+        let runs: Vec<VaRange> = {
+            let dev = self.inner.lock();
+            if dev.prefer_device.is_empty() {
+                return;
+            }
+            let mut runs: Vec<VaRange> = Vec::new();
+            for r in &dev.prefer_device {
+                for (va, _) in dev.table.mapped_in(*r) {
+                    if is_migrated(&*dev.res, va) {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some(last) if last.end() == va => {
+                            if let Ok(longer) =
+                                VaRange::new(last.start(), VirtAddr(va.0 + PAGE_SIZE))
+                            {
+                                *last = longer;
+                            }
+                        }
+                        _ => runs.extend(VaRange::from_start_len(va, PAGE_SIZE)),
+                    }
+                }
+            }
+            runs
+        };
+        for run in runs {
+            let r = self.migration_pieces(run).and_then(|pieces| {
+                pieces
+                    .into_iter()
+                    .try_for_each(|p| self.migrate_piece(p, false).map(|_| ()))
+            });
+            if let Err(e) = r {
+                Counters::add(&self.inner.counters.preferred_refused, 1);
+                tracing::warn!(target: "hmm_rs", "{run:?} is advised PreferDevice but stays on the CPU: {e}");
+            }
+        }
+    }
+
+    /// The checks of [`Mirror::migrate_to_device`]; `range` split at
+    /// mapping boundaries.
+    fn migration_pieces(&self, range: VaRange) -> Result<Vec<VaRange>, MirrorError> {
         self.same_process()?;
         let range = range.page_cover()?.user()?;
         let inner = &*self.inner;
+        // Events the kernel posted before this call (an `munmap` that
+        // returned, whose event is read but not yet handled) are handled
+        // first: one handled after the move would take the range for the
+        // old mapping's and discard the only copy of the new one's pages
+        // (conformance `migrate_remap_fault`, a fresh mapping at the
+        // address of one just unmapped).
+        if !inner.host.settle() {
+            return Err(MirrorError::MigrationUnsupported(
+                "the kernel's events were not handled within a second; nothing moved".into(),
+            ));
+        }
         inner
             .host
             .migration_support()
@@ -171,12 +237,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             pieces.push(VaRange::new(at, end)?);
             at = end;
         }
-        let _serial = lock(&inner.launch);
-        let mut n = 0;
-        for piece in pieces {
-            n += self.migrate_piece(piece, exclusive)?;
-        }
-        Ok(n)
+        Ok(pieces)
     }
 
     /// [`Mirror::migrate_to_device`] of a range within one mapping (the

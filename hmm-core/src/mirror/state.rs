@@ -127,6 +127,11 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     ///
     /// [`Advice::WillNeed`]: super::Advice::WillNeed
     pub will_need: Vec<VaRange>,
+    /// Ranges advised [`Advice::PreferDevice`]: pages a launch touched
+    /// there migrate when it ends (`mirror::migrate`).
+    ///
+    /// [`Advice::PreferDevice`]: super::Advice::PreferDevice
+    pub prefer_device: Vec<VaRange>,
     /// Runs the fetch policy brought in during the running launch; their
     /// `ACCESSED` bits are read when it ends
     /// ([`MirrorStats::speculated_used`](super::MirrorStats::speculated_used)).

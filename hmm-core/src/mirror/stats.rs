@@ -98,6 +98,10 @@ pub struct MirrorStats {
     /// Exclusive pages ([`Mirror::make_exclusive`](super::Mirror::make_exclusive))
     /// whose device access a CPU touch revoked.
     pub exclusive_revoked: u64,
+    /// Runs of pages advised [`Advice::PreferDevice`](super::Advice::PreferDevice)
+    /// that a launch touched and that could not migrate (a `tracing`
+    /// warning says why).
+    pub preferred_refused: u64,
     /// Time spent serving fault-backs, from the server's pick-up to the
     /// install (waiting for a running launch included).
     pub fault_back_time: Duration,
@@ -208,6 +212,7 @@ pub(crate) struct Counters {
     pub migrated_in: AtomicU64,
     pub fault_backs: AtomicU64,
     pub exclusive_revoked: AtomicU64,
+    pub preferred_refused: AtomicU64,
     pub fault_back_ns: AtomicU64,
     /// Nanoseconds copying pages into device memory (`LaunchPhases::copy_in`).
     pub copy_in_ns: AtomicU64,
