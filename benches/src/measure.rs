@@ -143,6 +143,9 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         migrated_out: b.migrated_out - a.migrated_out,
         migrated_in: b.migrated_in - a.migrated_in,
         fault_backs: b.fault_backs - a.fault_backs,
+        exclusive_revoked: b.exclusive_revoked - a.exclusive_revoked,
+        fault_back_span: b.fault_back_span - a.fault_back_span,
+        preferred_refused: b.preferred_refused - a.preferred_refused,
         fault_back_time: b.fault_back_time.saturating_sub(a.fault_back_time),
         phases: b.phases.saturating_sub(&a.phases),
     }

@@ -91,6 +91,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 releasing: 0,
                 armed: Vec::new(),
                 exclusive: std::collections::BTreeSet::new(),
+                faulted_back: std::collections::HashMap::new(),
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
@@ -229,6 +230,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             migrated_in: g(&c.migrated_in),
             fault_backs: g(&c.fault_backs),
             exclusive_revoked: g(&c.exclusive_revoked),
+            fault_back_span: g(&c.fault_back_span),
             preferred_refused: g(&c.preferred_refused),
             fault_back_time: Counters::duration(&c.fault_back_ns),
             phases: c.phases(),

@@ -36,9 +36,47 @@ use crate::cpu::maps::MappingKind;
 use crate::cpu::migration::{FaultBack, FaultBackOutcome};
 use crate::sync::lock;
 
-/// Pages a CPU fault on a migrated page brings back: the migrated pages
-/// of its aligned block of this many pages (64 KiB).
+/// The smallest neighbourhood a CPU fault on a migrated page brings back:
+/// the migrated pages of its aligned block of this many pages (64 KiB).
 const FAULT_BACK_PAGES: u64 = 16;
+/// Neighbourhoods never cross an aligned block of this many pages (2 MiB).
+const FAULT_BACK_MAX_PAGES: u64 = 512;
+
+/// The neighbourhood a CPU fault on `page` brings back, chosen by how
+/// densely the CPU has been faulting just below it: `run` is the number of
+/// 64 KiB blocks immediately below the faulting one (in its 2 MiB block)
+/// that earlier faults brought back, and the neighbourhood is the faulting
+/// block and the next ones, `run + 1` rounded up to a power of two of them,
+/// within the 2 MiB block. A reader sweeping a migrated buffer brings back
+/// 64 KiB, then 128 KiB, 256 KiB, … 1 MiB (6 faults per 2 MiB instead of
+/// 32); a sparse reader, whose faults seldom land next to earlier ones,
+/// brings back 64 KiB per fault. (NVIDIA UVM grows its prefetch region
+/// from the occupancy of a bitmap tree, `uvm_perf_prefetch.c`; a CPU
+/// faults one page at a time, so the density of *earlier faults* is the
+/// signal here.) Returns the range and the 2 MiB block's fault bitmap with
+/// the range's blocks added.
+fn neighbourhood(page: VirtAddr, faulted: u32) -> Option<(VaRange, u32)> {
+    let big = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
+    let small = FAULT_BACK_PAGES * PAGE_SIZE;
+    let base = page.0 & !(big - 1);
+    let sub = ((page.0 - base) / small) as u32;
+    let mut run = 0;
+    while run < sub && faulted & (1 << (sub - 1 - run)) != 0 {
+        run += 1;
+    }
+    let blocks = (run + 1).next_power_of_two().min(32 - sub);
+    let r = VaRange::from_start_len(
+        VirtAddr(base + u64::from(sub) * small),
+        u64::from(blocks) * small,
+    )
+    .ok()?;
+    let mask = if blocks >= 32 {
+        u32::MAX
+    } else {
+        ((1u32 << blocks) - 1) << sub
+    };
+    Some((r, faulted | mask))
+}
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// Migrates `range` to the device: afterwards the device holds the
@@ -279,6 +317,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         match res.adopt_migrated(&mut cx, range, detached.bytes()) {
             Ok(n) => {
                 Counters::add(&inner.counters.migrated_out, n);
+                // Fault density starts afresh in the 2 MiB blocks touched.
+                let big = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
+                let (lo, hi) = (range.start().0 & !(big - 1), range.end().0);
+                dev.faulted_back.retain(|b, _| *b < lo || *b >= hi);
                 let held = dev.res.migrated_in(range);
                 let old: Vec<VirtAddr> = dev
                     .exclusive
@@ -425,12 +467,13 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
     fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome {
         let t = Instant::now();
         let page = page.page_down();
-        let block_start = VirtAddr(page.0 & !(FAULT_BACK_PAGES * PAGE_SIZE - 1));
-        let Ok(block) = VaRange::from_start_len(block_start, FAULT_BACK_PAGES * PAGE_SIZE) else {
-            return FaultBackOutcome::NotHeld;
-        };
         // Waits for a running launch: the device may be writing the page.
         let mut dev = self.lock_idle();
+        let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
+        let faulted = dev.faulted_back.get(&big).copied().unwrap_or(0);
+        let Some((block, faulted)) = neighbourhood(page, faulted) else {
+            return FaultBackOutcome::NotHeld;
+        };
         // An exclusive page comes back alone and is revoked; exclusive
         // neighbours stay exclusive (the kernel revokes page by page).
         let exclusive: Vec<VirtAddr> = dev
@@ -467,6 +510,9 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
             }
             return FaultBackOutcome::NotHeld;
         }
+        if !revoke {
+            dev.faulted_back.insert(big, faulted);
+        }
         if revoke {
             // The device's entry goes: its next access faults and fetches
             // the CPU's copy (which write tracking follows from here).
@@ -481,6 +527,7 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
             Counters::add(&self.counters.exclusive_revoked, 1);
         }
         Counters::add(&self.counters.fault_backs, 1);
+        Counters::add(&self.counters.fault_back_span, block.pages());
         Counters::add_since(&self.counters.fault_back_ns, t);
         FaultBackOutcome::Served
     }
@@ -491,5 +538,62 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
 
     fn moved(&self, old: VaRange, to: VirtAddr) {
         Inner::moved(self, old, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BIG: u64 = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
+    const SMALL: u64 = FAULT_BACK_PAGES * PAGE_SIZE;
+
+    /// Sub-block `k` of the 2 MiB block at `base`: (start, 64 KiB blocks).
+    fn hood(base: u64, page: u64, faulted: u32) -> (u64, u64, u32) {
+        let (r, f) = neighbourhood(VirtAddr(base + page * PAGE_SIZE), faulted).expect("range");
+        ((r.start().0 - base) / SMALL, r.len() / SMALL, f)
+    }
+
+    #[test]
+    fn a_sweep_doubles_the_neighbourhood_within_its_2mib_block() {
+        let base = 0x7f00_0000_0000 + 5 * BIG;
+        let mut faulted = 0;
+        let mut page = 3; // not the block's first page
+        let mut got = Vec::new();
+        while page < FAULT_BACK_MAX_PAGES {
+            let (start, blocks, f) = hood(base, page, faulted);
+            got.push((start, blocks));
+            faulted = f;
+            page = (start + blocks) * FAULT_BACK_PAGES;
+        }
+        assert_eq!(got, [(0, 1), (1, 2), (3, 4), (7, 8), (15, 16), (31, 1)]);
+        assert_eq!(faulted, u32::MAX);
+    }
+
+    #[test]
+    fn sparse_faults_bring_back_64_kib() {
+        let base = 0x10_0000_0000;
+        let mut faulted = 0;
+        // Every other 64 KiB block: nothing just below was brought back.
+        for k in (0..32).step_by(2) {
+            let (start, blocks, f) = hood(base, k * FAULT_BACK_PAGES + 7, faulted);
+            assert_eq!((start, blocks), (k, 1), "block {k}");
+            faulted = f;
+        }
+        // A fault just above two earlier ones: run 1 (only the block
+        // directly below counts, and 1 below it is not faulted).
+        let (start, blocks, _) = hood(base, 3 * FAULT_BACK_PAGES, faulted);
+        assert_eq!((start, blocks), (3, 2));
+    }
+
+    #[test]
+    fn the_last_block_of_a_2mib_block_never_crosses_it() {
+        let base = 0x20_0000_0000;
+        let (start, blocks, f) = hood(base, 511, (1 << 31) - 1);
+        assert_eq!((start, blocks), (31, 1));
+        assert_eq!(f, u32::MAX);
+        // Address-space top: no overflow, still one 2 MiB block's worth.
+        let top = (u64::MAX & !(BIG - 1)) - BIG;
+        assert!(neighbourhood(VirtAddr(top + BIG - 1), 0).is_some());
     }
 }

@@ -159,6 +159,10 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     ///
     /// [`Mirror::make_exclusive`]: super::Mirror::make_exclusive
     pub exclusive: std::collections::BTreeSet<VirtAddr>,
+    /// Per 2 MiB block (by start address), the 64 KiB blocks CPU faults
+    /// brought back since it was last migrated, one bit each: the density
+    /// that sizes the next fault-back's neighbourhood (`mirror::migrate`).
+    pub faulted_back: std::collections::HashMap<u64, u32>,
     pub res: Box<dyn Residency<B, H>>,
 }
 

@@ -98,6 +98,10 @@ pub struct MirrorStats {
     /// Exclusive pages ([`Mirror::make_exclusive`](super::Mirror::make_exclusive))
     /// whose device access a CPU touch revoked.
     pub exclusive_revoked: u64,
+    /// Pages in the neighbourhoods those fault-backs chose (64 KiB to
+    /// 2 MiB each, by density: `mirror::migrate`); only migrated pages in
+    /// them are given back, so `migrated_in` from faults is at most this.
+    pub fault_back_span: u64,
     /// Runs of pages advised [`Advice::PreferDevice`](super::Advice::PreferDevice)
     /// that a launch touched and that could not migrate (a `tracing`
     /// warning says why).
@@ -212,6 +216,7 @@ pub(crate) struct Counters {
     pub migrated_in: AtomicU64,
     pub fault_backs: AtomicU64,
     pub exclusive_revoked: AtomicU64,
+    pub fault_back_span: AtomicU64,
     pub preferred_refused: AtomicU64,
     pub fault_back_ns: AtomicU64,
     /// Nanoseconds copying pages into device memory (`LaunchPhases::copy_in`).

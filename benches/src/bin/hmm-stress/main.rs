@@ -68,7 +68,8 @@
 //! # `--migrate`
 //!
 //! A **migrator** thread migrates random ranges of the arena to the device
-//! (`Mirror::migrate_to_device`: the device then holds the only copy) and
+//! (`Mirror::migrate_to_device`, or a third of the time
+//! `Mirror::make_exclusive`: the device then holds the only copy) and
 //! now and then brings one back (`Mirror::migrate_to_host`). Everything
 //! else goes on as before: writers touch migrated pages (each touch waits
 //! while the mirror gives the page back), the remapper unmaps and discards
@@ -547,6 +548,10 @@ fn stress_injected<B: TestKernels>(
                     let back = rng.below(4) == 0;
                     let res = if back {
                         m.migrate_to_host(r)
+                    } else if rng.below(3) == 0 {
+                        // Exclusive: a CPU touch also revokes the page's
+                        // device entry.
+                        m.make_exclusive(r)
                     } else {
                         m.migrate_to_device(r)
                     };
@@ -678,14 +683,15 @@ fn stress_injected<B: TestKernels>(
     );
     if o.migrate {
         println!(
-            "migration: ranges migrated {} (+ {} typed errors), brought back explicitly {}; pages out {}, back {}, CPU fault-backs {} ({:?} in all)",
+            "migration: ranges migrated {} (+ {} typed errors; a third of them exclusive), brought back explicitly {}; pages out {}, back {}, CPU fault-backs {} ({:?} in all, {} exclusive pages revoked)",
             g(&c.migrations),
             g(&c.migration_errors),
             g(&c.migrations_back),
             st.migrated_out,
             st.migrated_in,
             st.fault_backs,
-            st.fault_back_time
+            st.fault_back_time,
+            st.exclusive_revoked
         );
         if g(&c.migrations) == 0 || st.fault_backs == 0 {
             problems_pre.push("--migrate: no migration, or no CPU fault-back, happened".into());
