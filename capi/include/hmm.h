@@ -109,6 +109,11 @@ enum hmm_advice
   // Needed soon (`MADV_WILLNEED`): the next launch fetches the range
   // for reading before its first round, then the advice is spent.
   HMM_ADVICE_WILL_NEED = 4,
+  // Prefer the device (CUDA's preferred location): pages of the range
+  // resident on the device when a launch ends migrate there, as by
+  // [`hmm_migrate_to_device`]; memory that cannot migrate stays (counted
+  // in `hmm_stats.preferred_refused`).
+  HMM_ADVICE_PREFER_DEVICE = 5,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -263,6 +268,16 @@ typedef struct hmm_stats {
   uint64_t pool_capacity;
   // Table pages in use.
   uint64_t table_pages_used;
+  // Pages migrated to the device ([`hmm_migrate_to_device`]).
+  uint64_t migrated_out;
+  // Migrated pages given back to the CPU.
+  uint64_t migrated_in;
+  // CPU faults on migrated pages served.
+  uint64_t fault_backs;
+  // Exclusive pages a CPU touch revoked ([`hmm_make_exclusive`]).
+  uint64_t exclusive_revoked;
+  // Runs advised `HMM_ADVICE_PREFER_DEVICE` that could not migrate.
+  uint64_t preferred_refused;
 } hmm_stats;
 
 #ifdef __cplusplus
@@ -615,6 +630,66 @@ hmm_status_code hmm_prefetch(const struct hmm_mirror *m,
                              int write,
                              uint64_t *pages,
                              struct hmm_status *st);
+
+// Migrates `[ptr, ptr + len)` to the device (device-private migration):
+// afterwards the device holds the only copy, launches neither scan nor
+// write it back, and the first CPU access to a page (any thread) waits
+// while the mirror gives it back. The pages migrated go to `*pages` if
+// not `NULL`. `HMM_UNSUPPORTED` where it cannot (no userfaultfd support,
+// shared or file memory, a zero-copy device, several mirrors; nothing is
+// moved), `HMM_OUT_OF_MEMORY` for a range larger than the pool,
+// `HMM_DEVICE_FAULT` for unmapped memory. A `read(2)` into migrated
+// memory may fail with `EFAULT` (`hmm-bench info` says whether).
+//
+// # Safety
+//
+// `m` is `NULL` or a live mirror; `pages` is `NULL` or writable; `st` is
+// `NULL` or valid for writing an `hmm_status`. `ptr` is not dereferenced.
+hmm_status_code hmm_migrate_to_device(const struct hmm_mirror *m,
+                                      const void *ptr,
+                                      size_t len,
+                                      uint64_t *pages,
+                                      struct hmm_status *st);
+
+// Brings the migrated pages of `[ptr, ptr + len)` back to the CPU (they
+// stay on the device as copies). The pages brought back go to `*pages`
+// if not `NULL`.
+//
+// # Safety
+//
+// As for [`hmm_migrate_to_device`].
+hmm_status_code hmm_migrate_to_host(const struct hmm_mirror *m,
+                                    const void *ptr,
+                                    size_t len,
+                                    uint64_t *pages,
+                                    struct hmm_status *st);
+
+// Makes `[ptr, ptr + len)` exclusive to the device, for device atomics:
+// migrated as by [`hmm_migrate_to_device`], and the first CPU access to
+// a page revokes the device's access to it (the device faults and
+// fetches the CPU's copy next time). Errors as for
+// [`hmm_migrate_to_device`].
+//
+// # Safety
+//
+// As for [`hmm_migrate_to_device`].
+hmm_status_code hmm_make_exclusive(const struct hmm_mirror *m,
+                                   const void *ptr,
+                                   size_t len,
+                                   uint64_t *pages,
+                                   struct hmm_status *st);
+
+// The pages of `[ptr, ptr + len)` the device holds exclusively now, to
+// `*pages` (not `NULL`).
+//
+// # Safety
+//
+// As for [`hmm_migrate_to_device`].
+hmm_status_code hmm_exclusive_pages(const struct hmm_mirror *m,
+                                    const void *ptr,
+                                    size_t len,
+                                    uint64_t *pages,
+                                    struct hmm_status *st);
 
 // Gives `advice` (an [`hmm_advice`] value) for `[ptr, ptr + len)`.
 // `HMM_INVALID_ARGUMENT` for an unknown advice or a bad range.

@@ -164,7 +164,7 @@ impl From<MirrorError> for Error {
             MirrorError::PoolExhausted { .. } | MirrorError::Table(_) => HMM_OUT_OF_MEMORY,
             MirrorError::Range(_) | MirrorError::Config(_) => HMM_INVALID_ARGUMENT,
             MirrorError::DeviceLost(_) => HMM_DEVICE_LOST,
-            MirrorError::Unsupported(_) => HMM_UNSUPPORTED,
+            MirrorError::Unsupported(_) | MirrorError::MigrationUnsupported(_) => HMM_UNSUPPORTED,
             MirrorError::Backend(b) => {
                 return Error::new(Error::from_backend_code(b), e.to_string())
             }

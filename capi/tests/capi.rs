@@ -604,6 +604,7 @@ fn bad_arguments_ranges_and_advice_are_typed() {
             hmm_advice::HMM_ADVICE_SEQUENTIAL,
             hmm_advice::HMM_ADVICE_RANDOM,
             hmm_advice::HMM_ADVICE_WILL_NEED,
+            hmm_advice::HMM_ADVICE_PREFER_DEVICE,
             hmm_advice::HMM_ADVICE_DEFAULT,
         ] {
             let code = hmm_advise(m, y.as_ptr().cast(), y.len(), advice as u32, &mut st);
@@ -873,5 +874,116 @@ fn hmm_arg_ptr_of(p: *const c_void) -> hmm_arg {
     hmm_arg {
         kind: hmm_arg_kind::HMM_ARG_PTR as u32,
         value: hmm_arg_value { ptr: p },
+    }
+}
+
+/// Device-private migration through the C API on the cpu driver: migrate,
+/// a launch with nothing written back, a CPU read bringing the data back;
+/// exclusive access revoked by a touch; typed errors; the counters.
+#[test]
+fn migration_calls_work_and_fail_typed() {
+    let Some(m) = open("cpu") else { return };
+    let mut st = status();
+    let page = 4096usize;
+    let pages = 8usize;
+    // Page-aligned private anonymous memory of our own.
+    // SAFETY: a fresh private anonymous mapping; unmapped below.
+    let buf = unsafe {
+        libc::mmap(
+            null_mut(),
+            pages * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(buf, libc::MAP_FAILED);
+    let words = buf.cast::<u32>();
+    let n = pages * page / 4;
+    for i in 0..n {
+        // SAFETY: inside the fresh mapping.
+        unsafe { words.add(i).write_volatile(i as u32) };
+    }
+    let mut moved = 0u64;
+    // SAFETY: a live mirror; `buf` is not dereferenced by the call.
+    let code = unsafe { hmm_migrate_to_device(m, buf, pages * page, &mut moved, &mut st) };
+    if code == HMM_UNSUPPORTED {
+        assert!(
+            std::env::var("HMM_REQUIRE_UFFD").as_deref() != Ok("1"),
+            "HMM_REQUIRE_UFFD=1 but migration is unsupported: {}",
+            message(&st)
+        );
+        println!("skip: migration unsupported here: {}", message(&st));
+    } else {
+        assert_eq!(code, HMM_OK, "{}", message(&st));
+        assert_eq!(moved, pages as u64);
+        for i in 0..n {
+            // SAFETY: inside the mapping; the read faults the page back.
+            assert_eq!(
+                unsafe { words.add(i).read_volatile() },
+                i as u32,
+                "word {i}"
+            );
+        }
+        // Exclusive: a touch revokes its page.
+        // SAFETY: as above.
+        let code = unsafe { hmm_make_exclusive(m, buf, pages * page, &mut moved, &mut st) };
+        assert_eq!(code, HMM_OK, "{}", message(&st));
+        let mut held = 0u64;
+        // SAFETY: as above.
+        let code = unsafe { hmm_exclusive_pages(m, buf, pages * page, &mut held, &mut st) };
+        assert_eq!((code, held), (HMM_OK, pages as u64), "{}", message(&st));
+        // SAFETY: inside the mapping.
+        assert_eq!(unsafe { words.add(5).read_volatile() }, 5);
+        // SAFETY: as above.
+        let code = unsafe { hmm_exclusive_pages(m, buf, pages * page, &mut held, &mut st) };
+        assert_eq!((code, held), (HMM_OK, pages as u64 - 1));
+        // SAFETY: as above.
+        let code = unsafe { hmm_migrate_to_host(m, buf, pages * page, &mut moved, &mut st) };
+        assert_eq!(
+            (code, moved),
+            (HMM_OK, pages as u64 - 1),
+            "{}",
+            message(&st)
+        );
+        let mut s = hmm_stats::default();
+        // SAFETY: a live mirror and a writable struct.
+        let code = unsafe { hmm_mirror_stats(m, &mut s, &mut st) };
+        assert_eq!(code, HMM_OK);
+        assert_eq!(s.migrated_out, 2 * pages as u64, "{s:?}");
+        assert_eq!(s.migrated_in, 2 * pages as u64, "{s:?}");
+        assert_eq!(s.exclusive_revoked, 1, "{s:?}");
+        assert!(s.fault_backs >= 2, "{s:?}");
+        // Typed errors: shared memory, a NULL output, a NULL mirror.
+        // SAFETY: a fresh shared anonymous page; unmapped below.
+        let shared = unsafe {
+            libc::mmap(
+                null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(shared, libc::MAP_FAILED);
+        // SAFETY: a live mirror; `shared` is not dereferenced.
+        let code = unsafe { hmm_migrate_to_device(m, shared, page, null_mut(), &mut st) };
+        assert_eq!(code, HMM_UNSUPPORTED, "{}", message(&st));
+        // SAFETY: our own mapping, no reference into it.
+        unsafe { libc::munmap(shared, page) };
+    }
+    // SAFETY: a live mirror; NULL output is refused before any use.
+    let code = unsafe { hmm_exclusive_pages(m, buf, page, null_mut(), &mut st) };
+    assert_eq!(code, HMM_INVALID_ARGUMENT);
+    // SAFETY: a NULL mirror is refused.
+    let code = unsafe { hmm_migrate_to_device(null(), buf, page, null_mut(), &mut st) };
+    assert_eq!(code, HMM_INVALID_ARGUMENT);
+    // SAFETY: a live mirror, not used again; our own mapping, no
+    // reference into it.
+    unsafe {
+        hmm_mirror_free(m);
+        libc::munmap(buf, pages * page);
     }
 }

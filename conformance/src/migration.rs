@@ -10,8 +10,10 @@
 //! [`MirrorError::MigrationUnsupported`], which is checked), unless
 //! `HMM_REQUIRE_UFFD=1`.
 //!
-//! Not ported yet: `migrate_anon_huge_*` (huge-page migration), and the
-//! `exclusive*` tests (exclusive access is not built).
+//! The huge-page tests are in `migration_huge`, the `exclusive*` tests in
+//! `exclusive`. Tests that fork hold the suite's fork gate alone, the
+//! others share it (`support::forking`): a fork gives back every migrated
+//! page of the process.
 
 use hmm_core::mirror::{Mirror, MirrorConfig, MirrorError};
 

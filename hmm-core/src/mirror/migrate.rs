@@ -13,12 +13,20 @@
 //! A CPU access to a migrated page — any thread, read or write — waits in
 //! the kernel until the host's fault-back server calls
 //! [`FaultBack::fault_back`] here, which waits for the running launch,
-//! gives back the page and the migrated pages of its 64 KiB block
-//! (`UFFDIO_COPY`, write-protected so write tracking sees the next CPU
-//! write), and lets the access proceed. The pages stay on the device as
-//! ordinary copies. [`Mirror::migrate_to_host`] does the same for a
-//! range, eviction gives a migrated page back before its slot is reused,
-//! and dropping the mirror gives every page back.
+//! gives back the page and the migrated pages of its neighbourhood (64 KiB
+//! to 1 MiB by fault density: `neighbourhood`) with `UFFDIO_COPY`,
+//! write-protected so write tracking sees the next CPU write, and lets the
+//! access proceed. The pages stay on the device as ordinary copies.
+//! [`Mirror::migrate_to_host`] does the same for a range, eviction gives a
+//! migrated page back before its slot is reused, dropping the mirror
+//! gives every page back, and so does a `fork()`
+//! ([`FaultBack::before_fork`], `cpu::fork_prep`).
+//!
+//! [`Mirror::make_exclusive`] migrates with a mark: a CPU touch of an
+//! exclusive page brings back that page alone and drops its device entry
+//! (the device's next access faults and fetches the CPU's copy).
+//! [`Advice::PreferDevice`](super::Advice::PreferDevice) migrates the
+//! advised pages resident when a launch ends (`migrate_preferred`).
 //!
 //! What is not built yet is listed in `cpu::migration` and
 //! `docs/MIGRATION.md`.
