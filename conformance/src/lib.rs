@@ -79,7 +79,7 @@ pub use migration::{
     migrate_discarded_then_device_read, migrate_drop_gives_back,
     migrate_evicted_under_pool_pressure, migrate_fault, migrate_fork, migrate_mremap,
     migrate_multiple, migrate_preferred_location, migrate_release, migrate_shared,
-    migrate_typed_errors, migrate_zero_copy_is_unsupported,
+    migrate_syscall_access, migrate_typed_errors, migrate_zero_copy_is_unsupported,
 };
 pub use migration_huge::{
     migrate_anon_huge_empty, migrate_anon_huge_fault, migrate_anon_huge_free,
@@ -214,7 +214,7 @@ macro_rules! conformance_tests {
             migrate_typed_errors, migrate_discarded_then_device_read, migrate_fork,
             migrate_preferred_location, migrate_anon_huge_empty, migrate_anon_huge_zero,
             migrate_anon_huge_free, migrate_anon_huge_fault, migrate_partial_unmap_fault,
-            migrate_remap_fault, migrate_fault_back_neighbourhood,
+            migrate_remap_fault, migrate_fault_back_neighbourhood, migrate_syscall_access,
             exclusive, exclusive_mprotect, exclusive_cow);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);

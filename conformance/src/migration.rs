@@ -547,3 +547,80 @@ pub fn migrate_preferred_location<B: TestKernels>(b: B) {
     assert_eq!(m.stats().preferred_refused, 1);
     assert_eq!(shared.read_word(5), 1, "written back as usual");
 }
+
+/// A system call reading or writing migrated memory (a kernel-mode
+/// access: `write(2)` from it, `read(2)` into it). With a userfaultfd that
+/// handles kernel-mode faults (what a privileged process gets) it brings
+/// the pages back like any other access; with a user-mode-only one (the
+/// unprivileged case, `HMM_UFFD_USER_MODE_ONLY=1`) it fails with `EFAULT`
+/// — the degradation `hmm-bench info` states — and the data stays intact.
+pub fn migrate_syscall_access<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let Some(_gate) = can_migrate(&m, "migrate_syscall_access") else {
+        return;
+    };
+    let kernel_faults = matches!(
+        hmm_core::mirror::HostSide::migration_support(&**m.host()),
+        Ok(None)
+    );
+    let p = TestMap::anon(2, rw());
+    p.fill(|i| i as u32 + 9);
+    m.migrate_to_device(p.range()).expect("migrate");
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let page = hmm_core::PAGE_SIZE as usize;
+    // write(2) from migrated page 0: the kernel reads it.
+    // SAFETY: page 0 of our mapping, `page` bytes; the pipe is ours.
+    let n = unsafe { libc::write(fds[1], p.addr() as *const libc::c_void, page) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    if kernel_faults {
+        assert_eq!(n, page as isize, "write(2) from migrated memory: {errno:?}");
+        let mut got = vec![0u32; page / 4];
+        // SAFETY: reading `page` bytes into `got`, which has them.
+        let r = unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), page) };
+        assert_eq!(r, page as isize);
+        for (i, w) in got.iter().enumerate() {
+            assert_eq!(*w, i as u32 + 9, "word {i} the kernel read");
+        }
+    } else {
+        assert_eq!((n, errno), (-1, Some(libc::EFAULT)), "user-mode-only fd");
+    }
+    // read(2) into migrated page 1: the kernel writes it.
+    let fill = vec![0xabu8; page];
+    // SAFETY: writing `page` bytes of `fill` into our pipe.
+    assert_eq!(
+        unsafe { libc::write(fds[1], fill.as_ptr().cast(), page) },
+        page as isize
+    );
+    // SAFETY: page 1 of our mapping, `page` bytes; the pipe is ours.
+    let n = unsafe {
+        libc::read(
+            fds[0],
+            (p.addr() as usize + page) as *mut libc::c_void,
+            page,
+        )
+    };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    if kernel_faults {
+        assert_eq!(n, page as isize, "read(2) into migrated memory: {errno:?}");
+        for i in WPP..2 * WPP {
+            assert_eq!(p.read_word(i), 0xabab_abab, "word {i} the kernel wrote");
+        }
+        // And the device sees what the kernel wrote.
+        let out = TestMap::anon(2, rw());
+        device_copy(&m, p.addr(), &out, 2 * WPP).expect("device read");
+        assert_eq!(out.read_word(WPP + 3), 0xabab_abab);
+        assert_eq!(out.read_word(3), 12);
+    } else {
+        assert_eq!((n, errno), (-1, Some(libc::EFAULT)), "user-mode-only fd");
+        for i in 0..2 * WPP {
+            assert_eq!(p.read_word(i), i as u32 + 9, "word {i} intact");
+        }
+    }
+    // SAFETY: our own descriptors.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}

@@ -92,6 +92,11 @@ impl Drop for Pages {
     }
 }
 
+/// The tests take turns: each has a host of its own (a userfaultfd of its
+/// own), and a mapping of one placed next to one of the other's may merge
+/// with it and be registered by the other's host first (`EBUSY`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Discards `addr`'s page (private anonymous memory then reads as zeros).
 fn discard(addr: u64) {
     // SAFETY: a page of ours (captured by address); no Rust reference into
@@ -115,6 +120,7 @@ impl IntervalNotifier for Slow {
 
 #[test]
 fn a_round_after_a_discard_returned_reads_zeros_not_the_old_copy() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let host = Arc::new(HostSpace::new().expect("host space"));
     if !matches!(host.event_source(), EventSource::Userfaultfd) {
         assert_ne!(
@@ -200,4 +206,76 @@ fn a_round_after_a_discard_returned_reads_zeros_not_the_old_copy() {
         "a round submitted after the discard returned read the page's old copy ({:#x})",
         out.get(0)
     );
+}
+
+/// The same stall over memory armed for migration (migrated, then given
+/// back by a CPU read: present, and still registered for missing-page
+/// faults). The kernel writes the page and the CPU discards it during the
+/// launch, its event read but not yet handled; the launch's write-back
+/// (under the driver lock) then stores into the hole, which is a
+/// missing-page fault the fault-back server must resolve *without* that
+/// lock (the discard's queued zap covers the page: zeros are its data).
+/// Waiting for the lock there deadlocked the write-back with the server.
+#[test]
+fn a_write_back_into_armed_memory_discarded_during_the_launch_does_not_hang() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let host = Arc::new(HostSpace::new().expect("host space"));
+    if !matches!(host.event_source(), EventSource::Userfaultfd)
+        || hmm_core::mirror::HostSide::migration_support(&*host).is_err()
+    {
+        assert_ne!(
+            std::env::var("HMM_REQUIRE_UFFD").as_deref(),
+            Ok("1"),
+            "HMM_REQUIRE_UFFD=1 but migration is unavailable"
+        );
+        println!("skipped: no userfaultfd migration here");
+        return;
+    }
+    let data = Pages::new(1, libc::PROT_READ | libc::PROT_WRITE, 0x1234);
+    let reservation = Pages::new(1024, libc::PROT_NONE, 0);
+    let stall_at = reservation.addr(512);
+    // SAFETY: one page of our own reservation.
+    let r = unsafe { libc::mprotect(stall_at as *mut libc::c_void, PAGE, libc::PROT_READ) };
+    assert_eq!(r, 0);
+    let stall = reservation.range(512);
+    host.watch(stall).expect("watch the stall page");
+    let _slow = host.space().insert(stall, Slow).expect("notifier");
+    let m = Arc::new(
+        Mirror::new(
+            Arc::clone(&host),
+            CpuDevice::with_threads(1),
+            MirrorConfig::default(),
+        )
+        .expect("mirror"),
+    );
+    m.migrate_to_device(data.range(0)).expect("migrate");
+    assert_eq!(data.get(0), 0x1234, "given back by this read; still armed");
+    let data_at = data.addr(0);
+    let discarded = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&discarded);
+    let k = CpuKernel::new(move |lane, _| {
+        lane.store_u32(lane.args()[0], 0x5678)?;
+        if !d.swap(true, Ordering::SeqCst) {
+            discard(stall_at);
+            discard(data_at);
+        }
+        Ok(())
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m2 = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let r = m2.launch(&k, 1, [data_at]).map(|_| ());
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(r) => r.expect("launch"),
+        Err(_) => panic!("the launch's write-back hung on a discarded armed page"),
+    }
+    assert!(discarded.load(Ordering::SeqCst));
+    let v = data.get(0);
+    assert!(
+        v == 0 || v == 0x5678,
+        "the page reads as the discard's zeros or the device's later write, not {v:#x}"
+    );
+    m.health().expect("healthy");
 }

@@ -132,7 +132,13 @@ fn probe_pagemap_scan() -> ProbeResult {
 
 fn probe_uffd() -> UffdAvailability {
     match Userfaultfd::offered() {
-        Ok((offered, mode)) => {
+        Ok((offered, probe_mode)) => {
+            // The mode a monitor gets: a full one first where WP_ASYNC is
+            // offered (`uffd`'s module docs).
+            let wp_async = Features(sys::UFFD_FEATURE_WP_ASYNC).intersection(offered);
+            let mode = Userfaultfd::open(wp_async)
+                .map(|(_, m)| m)
+                .unwrap_or(probe_mode);
             let fork_event = offered.contains(Features(sys::UFFD_FEATURE_EVENT_FORK))
                 && Userfaultfd::open(Features(sys::UFFD_FEATURE_EVENT_FORK))
                     .map(|(u, _)| {

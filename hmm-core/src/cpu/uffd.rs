@@ -18,16 +18,29 @@
 //!
 //! # How one is opened
 //!
-//! Three ways exist, tried in this order by [`Userfaultfd::open`]:
+//! Three ways exist:
 //!
 //! 1. `userfaultfd(2)` with `UFFD_USER_MODE_ONLY`: the fd only handles
-//!    faults raised by user-mode accesses, which is all we need, and it is
-//!    allowed to unprivileged users whatever `vm.unprivileged_userfaultfd`
-//!    says (unless a seccomp filter forbids the syscall).
+//!    faults raised by user-mode accesses, and it is allowed to
+//!    unprivileged users whatever `vm.unprivileged_userfaultfd` says
+//!    (unless a seccomp filter forbids the syscall).
 //! 2. `/dev/userfaultfd` with `USERFAULTFD_IOC_NEW`: access is governed by
 //!    the device node's file permissions (Linux 6.1+).
 //! 3. `userfaultfd(2)` without the flag: needs `CAP_SYS_PTRACE` when
 //!    `vm.unprivileged_userfaultfd = 0`.
+//!
+//! Write tracking needs user-mode faults only. Device-private migration
+//! needs kernel-mode ones too: a system call that reads or writes a
+//! migrated page (`read(2)` into it) faults in kernel mode, and on a
+//! user-mode-only fd it fails with `EFAULT` instead of waiting for the
+//! page to come back. So [`Userfaultfd::open`] tries the full modes first
+//! (3, then 2, then 1) where the kernel offers `WP_ASYNC` and the caller
+//! wants it — write-protect faults then never reach the fd, in user or
+//! kernel mode, so a kernel-mode write by a thread holding a mirror's lock
+//! (a write-back through `process_vm_writev`) cannot wait on the monitor
+//! — and the user-mode-only one first otherwise.
+//! `HMM_UFFD_USER_MODE_ONLY=1` makes it open (1) only: what an
+//! unprivileged process gets, for testing that path as root.
 //!
 //! # The API handshake
 //!
@@ -416,22 +429,69 @@ pub struct Userfaultfd {
     mode: OpenMode,
 }
 
-fn raw_open() -> Result<(OwnedFd, OpenMode), UffdError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+/// Opens a userfaultfd the first way that works, full modes first if
+/// `full_first` (module docs, "How one is opened").
+fn raw_open(full_first: bool) -> Result<(OwnedFd, OpenMode), UffdError> {
     let mut attempts = Vec::new();
-    // 1. user-mode-only syscall.
+    let only_user = std::env::var("HMM_UFFD_USER_MODE_ONLY").as_deref() == Ok("1");
+    if only_user {
+        return open_user_mode_only(&mut attempts).ok_or(UffdError::Unavailable { attempts });
+    }
+    if full_first {
+        if let Some(r) = open_full(&mut attempts) {
+            return Ok(r);
+        }
+        if let Some(r) = open_user_mode_only(&mut attempts) {
+            return Ok(r);
+        }
+    } else {
+        if let Some(r) = open_user_mode_only(&mut attempts) {
+            return Ok(r);
+        }
+        if let Some(r) = open_full(&mut attempts) {
+            return Ok(r);
+        }
+    }
+    Err(UffdError::Unavailable { attempts })
+}
+
+const OPEN_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NONBLOCK;
+
+/// Way 1 of the module docs.
+fn open_user_mode_only(attempts: &mut Vec<OpenAttempt>) -> Option<(OwnedFd, OpenMode)> {
     // SAFETY: userfaultfd(2) takes an int flags argument and returns a new
     // fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | sys::UFFD_USER_MODE_ONLY) };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, OPEN_FLAGS | sys::UFFD_USER_MODE_ONLY) };
     if fd >= 0 {
         // SAFETY: a fresh fd returned by the kernel; we are its only owner.
-        return Ok((
+        return Some((
             unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
             OpenMode::UserModeOnly,
         ));
     }
     attempts.push(OpenAttempt {
         mode: OpenMode::UserModeOnly,
+        errno: io::Error::last_os_error().raw_os_error().unwrap_or(0),
+    });
+    None
+}
+
+/// Ways 3 and 2 of the module docs: an fd that handles kernel-mode faults
+/// too.
+fn open_full(attempts: &mut Vec<OpenAttempt>) -> Option<(OwnedFd, OpenMode)> {
+    let flags = OPEN_FLAGS;
+    // 3. privileged syscall.
+    // SAFETY: as in `open_user_mode_only`.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        // SAFETY: a fresh fd returned by the kernel; only owner.
+        return Some((
+            unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+            OpenMode::Privileged,
+        ));
+    }
+    attempts.push(OpenAttempt {
+        mode: OpenMode::Privileged,
         errno: io::Error::last_os_error().raw_os_error().unwrap_or(0),
     });
     // 2. /dev/userfaultfd.
@@ -452,7 +512,7 @@ fn raw_open() -> Result<(OwnedFd, OpenMode), UffdError> {
             };
             if fd >= 0 {
                 // SAFETY: a fresh fd returned by the kernel; only owner.
-                return Ok((unsafe { OwnedFd::from_raw_fd(fd) }, OpenMode::DevNode));
+                return Some((unsafe { OwnedFd::from_raw_fd(fd) }, OpenMode::DevNode));
             }
             attempts.push(OpenAttempt {
                 mode: OpenMode::DevNode,
@@ -464,21 +524,7 @@ fn raw_open() -> Result<(OwnedFd, OpenMode), UffdError> {
             errno: e.raw_os_error().unwrap_or(libc::ENOENT),
         }),
     }
-    // 3. privileged syscall.
-    // SAFETY: as above.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
-        // SAFETY: a fresh fd returned by the kernel; only owner.
-        return Ok((
-            unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
-            OpenMode::Privileged,
-        ));
-    }
-    attempts.push(OpenAttempt {
-        mode: OpenMode::Privileged,
-        errno: io::Error::last_os_error().raw_os_error().unwrap_or(0),
-    });
-    Err(UffdError::Unavailable { attempts })
+    None
 }
 
 fn api(fd: BorrowedFd<'_>, features: Features) -> Result<sys::uffdio_api, UffdError> {
@@ -511,7 +557,7 @@ impl Userfaultfd {
     /// The features this kernel offers and the open mode that worked, found
     /// by handshaking a throwaway fd with `features = 0`.
     pub fn offered() -> Result<(Features, OpenMode), UffdError> {
-        let (fd, mode) = raw_open()?;
+        let (fd, mode) = raw_open(false)?;
         let a = api(fd.as_fd(), Features::NONE)?;
         Ok((Features(a.features), mode))
     }
@@ -521,7 +567,9 @@ impl Userfaultfd {
     /// [`Userfaultfd::features`] for what was granted.
     pub fn open(wanted: Features) -> Result<(Userfaultfd, OpenMode), UffdError> {
         let (offered, _) = Self::offered()?;
-        let (fd, mode) = raw_open()?;
+        let async_wp = Features(sys::UFFD_FEATURE_WP_ASYNC);
+        let full_first = offered.contains(async_wp) && wanted.contains(async_wp);
+        let (fd, mode) = raw_open(full_first)?;
         let mut req = wanted.intersection(offered);
         let granted = match api(fd.as_fd(), req) {
             Ok(_) => req,

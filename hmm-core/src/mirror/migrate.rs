@@ -475,6 +475,17 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
     fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome {
         let t = Instant::now();
         let page = page.page_down();
+        // A page a queued destructive event covers (discarded, unmapped or
+        // moved away while the driver lock was held) reads as zeros: say so
+        // without waiting for that lock. Its holder may be the thread
+        // waiting on this very fault — a launch's write-back storing into
+        // a page the program discarded during the launch, in a range armed
+        // for migration (`discard_during_launch.rs` hung here). The
+        // handler queued the event before it handed this fault on, so the
+        // check cannot miss it.
+        if lock(&self.pending).iter().any(|z| z.range.contains(page)) {
+            return FaultBackOutcome::NotHeld;
+        }
         // Waits for a running launch: the device may be writing the page.
         let mut dev = self.lock_idle();
         let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
