@@ -920,11 +920,8 @@ fn migration_calls_work_and_fail_typed() {
         assert_eq!(moved, pages as u64);
         for i in 0..n {
             // SAFETY: inside the mapping; the read faults the page back.
-            assert_eq!(
-                unsafe { words.add(i).read_volatile() },
-                i as u32,
-                "word {i}"
-            );
+            let w = unsafe { words.add(i).read_volatile() };
+            assert_eq!(w, i as u32, "word {i}");
         }
         // Exclusive: a touch revokes its page.
         // SAFETY: as above.
@@ -935,7 +932,8 @@ fn migration_calls_work_and_fail_typed() {
         let code = unsafe { hmm_exclusive_pages(m, buf, pages * page, &mut held, &mut st) };
         assert_eq!((code, held), (HMM_OK, pages as u64), "{}", message(&st));
         // SAFETY: inside the mapping.
-        assert_eq!(unsafe { words.add(5).read_volatile() }, 5);
+        let w = unsafe { words.add(5).read_volatile() };
+        assert_eq!(w, 5);
         // SAFETY: as above.
         let code = unsafe { hmm_exclusive_pages(m, buf, pages * page, &mut held, &mut st) };
         assert_eq!((code, held), (HMM_OK, pages as u64 - 1));

@@ -589,10 +589,8 @@ pub fn migrate_syscall_access<B: TestKernels>(b: B) {
     // read(2) into migrated page 1: the kernel writes it.
     let fill = vec![0xabu8; page];
     // SAFETY: writing `page` bytes of `fill` into our pipe.
-    assert_eq!(
-        unsafe { libc::write(fds[1], fill.as_ptr().cast(), page) },
-        page as isize
-    );
+    let wrote = unsafe { libc::write(fds[1], fill.as_ptr().cast(), page) };
+    assert_eq!(wrote, page as isize);
     // SAFETY: page 1 of our mapping, `page` bytes; the pipe is ours.
     let n = unsafe {
         libc::read(

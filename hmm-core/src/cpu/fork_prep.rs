@@ -10,13 +10,13 @@
 //!
 //! # The protocol
 //!
-//! 1. [`watch`] records an owner when it first migrates, installing the
+//! 1. `watch` records an owner when it first migrates, installing the
 //!    handlers once per process.
-//! 2. A migration holds a [`NoFork`] from before its pages move out until
+//! 2. A migration holds a `NoFork` from before its pages move out until
 //!    they are marked migrated, so no fork falls between the two (the
 //!    child would read zeros the owner does not know it must give back).
 //! 3. `prepare` raises the fork count, waits until no migration holds a
-//!    [`NoFork`] (new ones wait for the count to fall), then calls every
+//!    `NoFork` (new ones wait for the count to fall), then calls every
 //!    live owner's [`FaultBack::before_fork`], which waits for the owner's
 //!    running launch and gives back every migrated page (an exclusive
 //!    page loses its exclusivity, as the kernel's `fork` restores a
@@ -54,7 +54,7 @@ use super::migration::FaultBack;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Steps 2–4 of the module docs: migrations and forks keep out of each
-/// other's way. One per process ([`NoFork::hold`] and the handlers use
+/// other's way. One per process (`NoFork::hold` and the handlers use
 /// it); public so the loom model can check it.
 ///
 /// Both counts live in one atomic word (forks in the high half,

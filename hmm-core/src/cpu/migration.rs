@@ -56,16 +56,28 @@
 //! waits until the launch ends (as a CPU touch of a device-private page
 //! waits for the device in Linux HMM).
 //!
-//! # What is not handled yet (issue 17, stated)
+//! # Limits and corner cases (issue 17, stated)
 //!
 //! - `fork()` through a raw system call: the child reads zeros where
 //!   pages are migrated (the fact in `migration_facts.rs`). A libc
 //!   `fork()` runs the prepare-fork handler of [`fork_prep`](super::fork_prep), which gives
 //!   every migrated page back first.
-//! - With a user-mode-only userfaultfd (how the monitor opens it first), a
-//!   *kernel-mode* access — `read(2)` into a migrated buffer, or any
-//!   syscall that writes or reads it — fails with `EFAULT` instead of
-//!   faulting the page back; [`HostSpace::migration_support`](super::host::HostSpace::migration_support) says so.
+//! - A *kernel-mode* access — `read(2)` into a migrated buffer, or any
+//!   system call that writes or reads it — faults to the monitor and is
+//!   served like any other on a full userfaultfd (what `Userfaultfd::open`
+//!   gets first where the process may and `WP_ASYNC` exists). On a
+//!   user-mode-only one (an unprivileged process) it fails with `EFAULT`
+//!   instead; [`HostSpace::migration_support`](super::host::HostSpace::migration_support)
+//!   says so. Kernel-mode faults do not change the deadlock argument: the
+//!   mirror's own kernel-mode copies (`process_vm_*`, populates) skip
+//!   migrated pages as its user-mode copies do, and fill holes nobody
+//!   holds with `UFFDIO_COPY` first.
+//! - A store from under the driver lock into a hole of an armed range —
+//!   a launch's write-back into a page the program discarded during the
+//!   launch — is a missing-page fault whose server must not wait for that
+//!   lock: the discard's zap is queued (the lock was held), and
+//!   [`FaultBack::fault_back`] answers a page a queued zap covers at once
+//!   (a zero page), before taking the lock.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
