@@ -547,6 +547,7 @@ impl HostSpace {
             |to| m.forget_own_remap(range.start(), to, len),
             |d| m.is_registered(d),
             |d| m.unregister_scratch(d).map_err(std::io::Error::other),
+            |d| m.forget_scratch(d),
         )
         .map_err(|e| HostError::Migration(format!("moving {range:?} out failed: {e}")))
     }

@@ -332,6 +332,7 @@ pub(crate) fn move_out(
     forget: impl FnOnce(VirtAddr),
     registered: impl FnOnce(VaRange) -> bool,
     unregister: impl FnOnce(VaRange) -> std::io::Result<()>,
+    forget_scratch: impl FnOnce(VaRange),
 ) -> std::io::Result<Detached> {
     let len = range.len() as usize;
     // A reservation of the destination, so the event can be expected
@@ -381,6 +382,7 @@ pub(crate) fn move_out(
             // The scratch is gone with the move; nothing to unmap.
             std::mem::forget(map);
         }
+        forget_scratch(dest);
         return Err(std::io::Error::other(
             "the memory was replaced while it was being migrated",
         ));

@@ -323,6 +323,22 @@ impl RangeSet {
     fn overlapping(&self, r: VaRange) -> Vec<VaRange> {
         self.0.iter().filter_map(|w| w.intersect(r)).collect()
     }
+
+    /// The parts of `r` no element covers, in order.
+    fn gaps(&self, r: VaRange) -> Vec<VaRange> {
+        let mut out = Vec::new();
+        let mut at = r.start();
+        for w in self.overlapping(r) {
+            if w.start() > at {
+                out.extend(VaRange::new(at, w.start()).ok());
+            }
+            at = at.max(w.end());
+        }
+        if at < r.end() {
+            out.extend(VaRange::new(at, r.end()).ok());
+        }
+        out
+    }
 }
 
 struct Shared {
@@ -834,8 +850,7 @@ impl EventMonitor {
     pub fn unwatch_within(&self, range: VaRange) -> Result<(), MonitorError> {
         let mut w = self.shared.watched();
         if !self.shared.spans().covers(range) {
-            self.shared.uffd.unregister(range)?;
-            self.shared.missing().remove(range);
+            self.unregister_unarmed(range)?;
         }
         w.remove(range);
         Ok(())
@@ -844,9 +859,26 @@ impl EventMonitor {
     /// Stops watching `range` (also clears write protection there).
     pub fn unwatch(&self, range: VaRange) -> Result<(), MonitorError> {
         let mut w = self.shared.watched();
-        self.shared.uffd.unregister(range)?;
-        self.shared.missing().remove(range);
+        self.unregister_unarmed(range)?;
         w.remove(range);
+        Ok(())
+    }
+
+    /// Unregisters the parts of `range` not armed for migration. An armed
+    /// range stays registered until it is disarmed
+    /// ([`EventMonitor::disarm_missing`]) or its memory goes (its `UNMAP`
+    /// or `REMAP` edits the armed set): an `unwatch` is often a dead
+    /// region's late release, and memory mapped again at its addresses
+    /// since may be armed and hold migrated holes — unregistered, a CPU
+    /// read there would get a zero page instead of the device's data, and
+    /// a migration between its arming and its move would find its move
+    /// unregistered and give up (conformance `migrate_partial_unmap_fault`
+    /// on the GPU drivers, 2 runs in 10).
+    fn unregister_unarmed(&self, range: VaRange) -> Result<(), MonitorError> {
+        let pieces = self.shared.missing().gaps(range);
+        for p in pieces {
+            self.shared.uffd.unregister(p)?;
+        }
         Ok(())
     }
 

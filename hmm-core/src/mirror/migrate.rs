@@ -14,7 +14,7 @@
 //! the kernel until the host's fault-back server calls
 //! [`FaultBack::fault_back`] here, which waits for the running launch,
 //! gives back the page and the migrated pages of its neighbourhood (64 KiB
-//! to 1 MiB by fault density: `neighbourhood`) with `UFFDIO_COPY`,
+//! to 2 MiB by fault density: `neighbourhood`) with `UFFDIO_COPY`,
 //! write-protected so write tracking sees the next CPU write, and lets the
 //! access proceed. The pages stay on the device as ordinary copies.
 //! [`Mirror::migrate_to_host`] does the same for a range, eviction gives a
@@ -52,18 +52,20 @@ const FAULT_BACK_MAX_PAGES: u64 = 512;
 
 /// The neighbourhood a CPU fault on `page` brings back, chosen by how
 /// densely the CPU has been faulting just below it: `run` is the number of
-/// 64 KiB blocks immediately below the faulting one (in its 2 MiB block)
-/// that earlier faults brought back, and the neighbourhood is the faulting
-/// block and the next ones, `run + 1` rounded up to a power of two of them,
-/// within the 2 MiB block. A reader sweeping a migrated buffer brings back
-/// 64 KiB, then 128 KiB, 256 KiB, … 1 MiB (6 faults per 2 MiB instead of
-/// 32); a sparse reader, whose faults seldom land next to earlier ones,
-/// brings back 64 KiB per fault. (NVIDIA UVM grows its prefetch region
-/// from the occupancy of a bitmap tree, `uvm_perf_prefetch.c`; a CPU
-/// faults one page at a time, so the density of *earlier faults* is the
-/// signal here.) Returns the range and the 2 MiB block's fault bitmap with
-/// the range's blocks added.
-fn neighbourhood(page: VirtAddr, faulted: u32) -> Option<(VaRange, u32)> {
+/// 64 KiB blocks immediately below the faulting one that earlier faults
+/// brought back (in its 2 MiB block, `faulted`, and on into the 2 MiB
+/// block below, `below`, when every block under it in its own was), and
+/// the neighbourhood is the faulting block and the next ones, `run + 1`
+/// rounded up to a power of two of them, within the 2 MiB block. A reader
+/// sweeping a migrated buffer brings back 64 KiB, then 128 KiB, 256 KiB, …
+/// 1 MiB (6 faults for its first 2 MiB instead of 32), then each further
+/// 2 MiB block whole (1 fault each); a sparse reader, whose faults seldom
+/// land next to earlier ones, brings back 64 KiB per fault. (NVIDIA UVM
+/// grows its prefetch region from the occupancy of a bitmap tree,
+/// `uvm_perf_prefetch.c`; a CPU faults one page at a time, so the density
+/// of *earlier faults* is the signal here.) Returns the range and the
+/// 2 MiB block's fault bitmap with the range's blocks added.
+fn neighbourhood(page: VirtAddr, faulted: u32, below: u32) -> Option<(VaRange, u32)> {
     let big = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
     let small = FAULT_BACK_PAGES * PAGE_SIZE;
     let base = page.0 & !(big - 1);
@@ -71,6 +73,10 @@ fn neighbourhood(page: VirtAddr, faulted: u32) -> Option<(VaRange, u32)> {
     let mut run = 0;
     while run < sub && faulted & (1 << (sub - 1 - run)) != 0 {
         run += 1;
+    }
+    if run == sub {
+        // Every block under it in its own 2 MiB block: go on below.
+        run += below.leading_ones();
     }
     let blocks = (run + 1).next_power_of_two().min(32 - sub);
     let r = VaRange::from_start_len(
@@ -490,7 +496,11 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         let mut dev = self.lock_idle();
         let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
         let faulted = dev.faulted_back.get(&big).copied().unwrap_or(0);
-        let Some((block, faulted)) = neighbourhood(page, faulted) else {
+        let below = big
+            .checked_sub(FAULT_BACK_MAX_PAGES * PAGE_SIZE)
+            .and_then(|b| dev.faulted_back.get(&b).copied())
+            .unwrap_or(0);
+        let Some((block, faulted)) = neighbourhood(page, faulted, below) else {
             return FaultBackOutcome::NotHeld;
         };
         // An exclusive page comes back alone and is revoked; exclusive
@@ -569,7 +579,12 @@ mod tests {
 
     /// Sub-block `k` of the 2 MiB block at `base`: (start, 64 KiB blocks).
     fn hood(base: u64, page: u64, faulted: u32) -> (u64, u64, u32) {
-        let (r, f) = neighbourhood(VirtAddr(base + page * PAGE_SIZE), faulted).expect("range");
+        hood_below(base, page, faulted, 0)
+    }
+
+    fn hood_below(base: u64, page: u64, faulted: u32, below: u32) -> (u64, u64, u32) {
+        let (r, f) =
+            neighbourhood(VirtAddr(base + page * PAGE_SIZE), faulted, below).expect("range");
         ((r.start().0 - base) / SMALL, r.len() / SMALL, f)
     }
 
@@ -587,6 +602,16 @@ mod tests {
         }
         assert_eq!(got, [(0, 1), (1, 2), (3, 4), (7, 8), (15, 16), (31, 1)]);
         assert_eq!(faulted, u32::MAX);
+        // The next 2 MiB block, its lower neighbour swept: whole at once.
+        assert_eq!(hood_below(base + BIG, 9, 0, faulted), (0, 32, u32::MAX));
+        // Only the top blocks of the one below: their count carries over.
+        let (start, blocks, _) = hood_below(base + BIG, 0, 0, 0b11 << 30);
+        assert_eq!((start, blocks), (0, 4));
+        // A gap in the block's own bitmap stops the run there.
+        assert_eq!(
+            hood_below(base + BIG, 2 * FAULT_BACK_PAGES, 0b10, u32::MAX).1,
+            2
+        );
     }
 
     #[test]
@@ -613,6 +638,6 @@ mod tests {
         assert_eq!(f, u32::MAX);
         // Address-space top: no overflow, still one 2 MiB block's worth.
         let top = !(BIG - 1) - BIG;
-        assert!(neighbourhood(VirtAddr(top + BIG - 1), 0).is_some());
+        assert!(neighbourhood(VirtAddr(top + BIG - 1), 0, u32::MAX).is_some());
     }
 }

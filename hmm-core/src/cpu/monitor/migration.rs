@@ -59,7 +59,21 @@ impl EventMonitor {
     /// `MREMAP_DONTUNMAP`): the handler drops it without an invalidation
     /// or a watch-set shift. Call before the `mremap`; call
     /// [`EventMonitor::forget_own_remap`] if it fails.
+    ///
+    /// The destination counts as armed until [`EventMonitor::unregister_scratch`]
+    /// or [`EventMonitor::forget_scratch`]: the move carries the source's
+    /// registration there, and a dead region's late `unwatch` over those
+    /// addresses (a mapping that lived there before the scratch) must not
+    /// unregister it — the move would then look like it took a mapping
+    /// that replaced the armed one (conformance `migrate_partial_unmap_fault`
+    /// on the GPU drivers, 2 runs in 10).
     pub fn expect_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
+        if let Ok(dest) = VaRange::from_start_len(to, len) {
+            let _w = self.shared.watched();
+            let mut m = self.shared.missing();
+            m.insert(dest);
+            m.reserve_spare();
+        }
         self.shared
             .own_remaps
             .lock()
@@ -70,14 +84,26 @@ impl EventMonitor {
     /// Withdraws an [`EventMonitor::expect_own_remap`] whose `mremap`
     /// failed (no event will come).
     pub fn forget_own_remap(&self, from: VirtAddr, to: VirtAddr, len: u64) {
-        let mut own = self
-            .shared
-            .own_remaps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = own.iter().position(|o| *o == (from.get(), to.get(), len)) {
-            own.swap_remove(i);
+        {
+            let mut own = self
+                .shared
+                .own_remaps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = own.iter().position(|o| *o == (from.get(), to.get(), len)) {
+                own.swap_remove(i);
+            }
         }
+        if let Ok(dest) = VaRange::from_start_len(to, len) {
+            self.forget_scratch(dest);
+        }
+    }
+
+    /// A scratch destination is done with (moved back, or given up): it
+    /// no longer counts as armed.
+    pub fn forget_scratch(&self, range: VaRange) {
+        let _w = self.shared.watched();
+        self.shared.missing().remove(range);
     }
 
     /// Whether every page of `range` lies in a mapping registered in
@@ -105,6 +131,8 @@ impl EventMonitor {
     /// Unregisters `range` (a scratch mapping the migration moved pages
     /// into, never watched): no event, nothing else changes.
     pub fn unregister_scratch(&self, range: VaRange) -> Result<(), MonitorError> {
+        let _w = self.shared.watched();
+        self.shared.missing().remove(range);
         self.shared.uffd.unregister(range)?;
         Ok(())
     }
