@@ -178,6 +178,8 @@ static INSTALL: Once = Once::new();
 /// the first time. Returns whether they are installed (`pthread_atfork`
 /// can fail only for lack of memory).
 pub(crate) fn watch(owner: &Weak<dyn FaultBack>) -> bool {
+    // Under loom no handler is installed, and `ok` stays true.
+    #[cfg_attr(hmm_loom, allow(unused_mut))]
     let mut ok = true;
     #[cfg(not(hmm_loom))]
     INSTALL.call_once(|| {
