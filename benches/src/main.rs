@@ -25,6 +25,7 @@ use clap::Parser;
 
 mod backend;
 mod cli;
+mod fault_floor;
 mod harness;
 mod kernels;
 mod measure;

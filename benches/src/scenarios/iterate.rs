@@ -150,14 +150,29 @@ pub fn run<B: BenchKernels>(cx: &Ctx<B>, rows: &mut Vec<Row>) -> Res<()> {
     for (s, v) in strategies.iter().zip(reads.into_inner()) {
         let med = median(v);
         if *s == "migrated" && med.stats.fault_backs > 0 {
+            let per = med.total.as_secs_f64() * 1e6 / med.stats.fault_backs as f64;
             eprintln!(
-                "  iterate: the CPU's 1% read took {:.1} µs per faulted-back page ({} fault-backs, {} pages given back, median of {} runs; service time {:.1} µs per fault-back)",
-                med.total.as_secs_f64() * 1e6 / med.stats.fault_backs as f64,
+                "  iterate: the CPU's 1% read took {per:.1} µs per faulted-back page ({} fault-backs, {} pages given back, median of {} runs; service time {:.1} µs per fault-back)",
                 med.stats.fault_backs,
                 med.stats.migrated_in,
                 reps,
                 med.stats.fault_back_time.as_secs_f64() * 1e6 / med.stats.fault_backs as f64
             );
+            // The yardstick, measured now: what a bare userfaultfd round
+            // trip costs on this machine (`fault_floor`).
+            match crate::fault_floor::measure(300) {
+                Ok(f) => {
+                    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+                    eprintln!(
+                        "  iterate: a bare userfaultfd fault round trip here (median of 300): {:.1} µs answered by the reading thread on the faulting thread's CPU, {:.1} µs answering with 64 KiB, {:.1} µs with one hand-off (unpinned); the fault-back above is {:.2}× the first",
+                        us(f.direct),
+                        us(f.direct_64k),
+                        us(f.handoff),
+                        per / us(f.direct)
+                    );
+                }
+                Err(e) => eprintln!("  iterate: no userfaultfd round-trip floor ({e})"),
+            }
         }
         rows.push(Row {
             scenario: "iterate",

@@ -106,7 +106,7 @@ impl InvalidationSink for Sink {
     }
 
     fn missing_fault(&self, page: VirtAddr) -> bool {
-        self.migration.get().is_some_and(|m| m.queue(page))
+        self.migration.get().is_some_and(|m| m.serve_or_queue(page))
     }
 }
 

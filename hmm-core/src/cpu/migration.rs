@@ -27,21 +27,38 @@
 //! # Serving faults
 //!
 //! The monitor's handler thread must never wait; it hands a missing-page
-//! fault to [`InvalidationSink::missing_fault`](super::monitor::InvalidationSink::missing_fault), which queues it for this
-//! module's server thread (`hmm-fault-back`). The server asks the owners
-//! whose ranges contain the page ([`FaultBack::fault_back`]); an owner that
-//! holds the page gives it back itself ([`HostSpace::give_back`](super::host::HostSpace::give_back),
-//! `UFFDIO_COPY`, which also wakes the waiting thread). A page nobody holds
-//! (a hole of an armed range: never populated, or discarded since) gets a
-//! zero page, what the CPU would have read. A page whose owner cannot give
-//! it back (the device is lost) is poisoned: the access gets `SIGBUS`,
-//! never a zero page.
+//! fault to [`InvalidationSink::missing_fault`](super::monitor::InvalidationSink::missing_fault), in the fault's place in
+//! the event order. That first asks the owners whose ranges contain the
+//! page to serve it *without waiting* ([`FaultBack::try_fault_back`]: the
+//! mirror try-locks its driver lock and answers only if no submission of
+//! its runs), on the handler thread; where one would have to wait, the
+//! fault is queued for this module's server thread (`hmm-fault-back`),
+//! which asks again, waiting ([`FaultBack::fault_back`]). Served on the
+//! handler, a fault costs one thread wake-up less: on a VM a wake-up that
+//! crosses vCPUs is tens of microseconds (the `iterate` scenario of
+//! `hmm-bench` prints the round trips it is judged against).
+//!
+//! An owner that holds the page gives it back itself
+//! ([`HostSpace::give_back`](super::host::HostSpace::give_back), `UFFDIO_COPY`, which also wakes the waiting
+//! thread): the faulting page alone first, so the thread resumes while the
+//! rest of its neighbourhood is read back and installed. A page nobody
+//! holds (a hole of an armed range: never populated, or discarded since)
+//! gets a zero page, what the CPU would have read. A page whose owner
+//! cannot give it back (the device is lost) is poisoned: the access gets
+//! `SIGBUS`, never a zero page.
 //!
 //! # Deadlock argument
 //!
-//! - The monitor's reader and handler threads never wait for the server
-//!   or for a mirror's driver lock on a fault's behalf: a fault is a
-//!   channel send.
+//! - The monitor's reader never serves a fault (it only reads). Its
+//!   handler never waits for the server or for a mirror's driver lock on
+//!   a fault's behalf: it serves a fault only through a *try*-lock with
+//!   no submission running, else a fault is a channel send. Serving, it
+//!   waits only for the device's copies and for `UFFDIO_COPY`, which the
+//!   kernel refuses (`EAGAIN`, retried) only until the *reader* has read
+//!   a pending layout event — never on the handler. A thread that waits
+//!   for the handler (a sync point's `settle`) while holding the driver
+//!   lock makes the try-lock fail; one that holds another mirror's lock
+//!   is not in the way.
 //! - The server waits for a mirror's driver lock (and for its running
 //!   submission) and holds nothing anyone else waits for.
 //! - No holder of a driver lock touches a migrated page's CPU side: the
@@ -105,6 +122,17 @@ pub trait FaultBack: Send + Sync {
     /// A CPU thread waits on `page`: give it back (and whatever
     /// neighbourhood the owner chooses) if it is held here.
     fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome;
+
+    /// [`FaultBack::fault_back`] if it can be done without waiting for a
+    /// lock or for running device work; `None` if it cannot (the request
+    /// then goes to the server thread, which waits). Called on the event
+    /// monitor's handler thread, in the fault's place in the event order:
+    /// must never wait for another thread that may wait for the handler
+    /// (see "Deadlock argument" in the module docs). Default: `None`.
+    fn try_fault_back(&self, page: VirtAddr) -> Option<FaultBackOutcome> {
+        let _ = page;
+        None
+    }
 
     /// An `mremap` moved `old` to `to`: pages held for `old` now belong
     /// at `to`. Called on the event monitor's handler thread: must not
@@ -244,11 +272,53 @@ impl Migration {
         }
     }
 
-    /// Queues a missing-page fault for the server; `false` if no server
-    /// runs (nothing was ever migrated: the monitor zero-fills).
-    pub(crate) fn queue(&self, page: VirtAddr) -> bool {
-        let s = self.server.lock().unwrap_or_else(|p| p.into_inner());
-        s.as_ref().is_some_and(|(tx, _)| tx.send(page).is_ok())
+    /// A missing-page fault, on the monitor's handler thread: served here
+    /// if every owner of the page can answer without waiting
+    /// ([`FaultBack::try_fault_back`]), else queued for the server. `false`
+    /// if no server runs (nothing was ever migrated: the monitor
+    /// zero-fills).
+    ///
+    /// Served here, a fault costs one thread wake-up less (the server's;
+    /// README, "iterate", and `drivers/cpu/examples/fault_back.rs`).
+    pub(crate) fn serve_or_queue(&self, page: VirtAddr) -> bool {
+        // A sender of our own: the server's lock is not held while the
+        // owners serve.
+        let tx = match self
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some((tx, _)) => tx.clone(),
+            None => return false,
+        };
+        let Ok(range) = VaRange::from_start_len(page.page_down(), PAGE_SIZE) else {
+            return tx.send(page).is_ok();
+        };
+        let mut outcome = FaultBackOutcome::NotHeld;
+        for o in self.owners_of(range.start()) {
+            match o.try_fault_back(range.start()) {
+                Some(FaultBackOutcome::NotHeld) => {}
+                Some(done) => {
+                    outcome = done;
+                    break;
+                }
+                None => return tx.send(page).is_ok(),
+            }
+        }
+        if let Some(uffd) = self.uffd.upgrade() {
+            resolve(&uffd, range, outcome);
+        }
+        true
+    }
+
+    /// The live owners whose ranges contain `page`.
+    fn owners_of(&self, page: VirtAddr) -> Vec<Arc<dyn FaultBack>> {
+        self.owners()
+            .iter()
+            .filter(|(r, _)| r.contains(page))
+            .filter_map(|(_, w)| w.upgrade())
+            .collect()
     }
 }
 
@@ -269,20 +339,14 @@ impl Drop for Migration {
 /// The server thread: resolves every fault it is handed, one way or
 /// another (a thread left waiting would hang forever).
 fn serve(me: Weak<Migration>, uffd: Weak<Userfaultfd>, rx: Receiver<VirtAddr>) {
-    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
     while let Ok(page) = rx.recv() {
         let Ok(range) = VaRange::from_start_len(page.page_down(), PAGE_SIZE) else {
             continue;
         };
-        let owners: Vec<Arc<dyn FaultBack>> = match me.upgrade() {
-            Some(m) => m
-                .owners()
-                .iter()
-                .filter(|(r, _)| r.contains(range.start()))
-                .filter_map(|(_, w)| w.upgrade())
-                .collect(),
-            None => Vec::new(),
-        };
+        let owners = me
+            .upgrade()
+            .map(|m| m.owners_of(range.start()))
+            .unwrap_or_default();
         let mut outcome = FaultBackOutcome::NotHeld;
         for o in owners {
             outcome = o.fault_back(range.start());
@@ -292,32 +356,40 @@ fn serve(me: Weak<Migration>, uffd: Weak<Userfaultfd>, rx: Receiver<VirtAddr>) {
         }
         // The monitor is gone: its userfaultfd is closed, every range is
         // unregistered, and the waiting thread was woken by the kernel.
-        let Some(uffd) = uffd.upgrade() else {
-            continue;
-        };
-        match outcome {
-            FaultBackOutcome::Served => {}
-            FaultBackOutcome::NotHeld => {
-                // SAFETY: the page is missing (a thread waits on it) and
-                // no Rust reference of ours covers it; a zero page is what
-                // the kernel would install without us. `EEXIST` (given
-                // back meanwhile) or a range gone: wake the thread, which
-                // faults again or finds its page.
-                if unsafe { uffd.copy_in(range.start(), &ZERO, true) }.is_err() {
-                    let _ = uffd.wake(range);
-                }
+        if let Some(uffd) = uffd.upgrade() {
+            resolve(&uffd, range, outcome);
+        }
+    }
+}
+
+/// Ends the wait of a thread faulting on `range` (one page) after its
+/// owners answered `outcome`: nothing more if the page was given back, a
+/// zero page if nobody holds it, poison if its only copy is lost.
+fn resolve(uffd: &Userfaultfd, range: VaRange, outcome: FaultBackOutcome) {
+    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    match outcome {
+        FaultBackOutcome::Served => {}
+        FaultBackOutcome::NotHeld => {
+            // SAFETY: the page is missing (a thread waits on it) and no
+            // Rust reference of ours covers it; a zero page is what the
+            // kernel would install without us. `EEXIST` (given back
+            // meanwhile) or a range gone: wake the thread, which faults
+            // again or finds its page.
+            if unsafe { uffd.copy_in(range.start(), &ZERO, true) }.is_err() {
+                let _ = uffd.wake(range);
             }
-            FaultBackOutcome::Lost => {
-                if uffd.poison(range).is_err() {
-                    // No poison (Linux < 6.6): the thread is woken and
-                    // faults again, and each time the owner says the data
-                    // is lost. It spins rather than reading a zero page.
-                    tracing::error!(
-                        target: "hmm_rs",
-                        "page {page} was lost with its device and cannot be poisoned on this kernel"
-                    );
-                    let _ = uffd.wake(range);
-                }
+        }
+        FaultBackOutcome::Lost => {
+            if uffd.poison(range).is_err() {
+                // No poison (Linux < 6.6): the thread is woken and faults
+                // again, and each time the owner says the data is lost.
+                // It spins rather than reading a zero page.
+                tracing::error!(
+                    target: "hmm_rs",
+                    "page {} was lost with its device and cannot be poisoned on this kernel",
+                    range.start()
+                );
+                let _ = uffd.wake(range);
             }
         }
     }

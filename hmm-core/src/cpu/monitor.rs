@@ -379,8 +379,15 @@ impl Shared {
                     }
                 } else if self.missing().covers(page) {
                     bump(&self.counters.missing_faults);
-                    if !self.sink.missing_fault(page.start()) {
-                        self.zero_fill(page);
+                    match catch_unwind(AssertUnwindSafe(|| self.sink.missing_fault(page.start()))) {
+                        Ok(true) => {}
+                        Ok(false) => self.zero_fill(page),
+                        Err(_) => {
+                            // Never a zero page: the page may be migrated
+                            // data. The thread faults again.
+                            bump(&self.counters.sink_panics);
+                            let _ = self.uffd.wake(page);
+                        }
                     }
                 } else {
                     bump(&self.counters.unexpected_faults);

@@ -37,12 +37,12 @@ use super::backend::Backend;
 use super::error::MirrorError;
 use super::handle::Mirror;
 use super::host_side::HostSide;
-use super::state::Inner;
+use super::state::{Dev, Inner};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::cpu::maps::MappingKind;
 use crate::cpu::migration::{FaultBack, FaultBackOutcome};
-use crate::sync::lock;
+use crate::sync::{lock, MutexGuard};
 
 /// The smallest neighbourhood a CPU fault on a migrated page brings back:
 /// the migrated pages of its aligned block of this many pages (64 KiB).
@@ -469,31 +469,30 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     }
 }
 
-/// Whether `va`'s page is migrated (held only on the device).
-fn is_migrated<B: Backend, H: HostSide>(
-    res: &dyn super::residency::Residency<B, H>,
-    va: VirtAddr,
-) -> bool {
-    VaRange::from_start_len(va, PAGE_SIZE).is_ok_and(|p| !res.migrated_in(p).is_empty())
-}
+impl<B: Backend, H: HostSide> Inner<B, H> {
+    /// Whether a queued destructive event (discarded, unmapped or moved
+    /// away while the driver lock was held) covers `page`: it then reads
+    /// as zeros, said without waiting for that lock. Its holder may be the
+    /// thread waiting on this very fault — a launch's write-back storing
+    /// into a page the program discarded during the launch, in a range
+    /// armed for migration (`discard_during_launch.rs` hung here). The
+    /// monitor's handler queued the event before it passed this fault on,
+    /// so the check cannot miss it.
+    fn zap_queued(&self, page: VirtAddr) -> bool {
+        lock(&self.pending).iter().any(|z| z.range.contains(page))
+    }
 
-impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
-    fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome {
-        let t = Instant::now();
-        let page = page.page_down();
-        // A page a queued destructive event covers (discarded, unmapped or
-        // moved away while the driver lock was held) reads as zeros: say so
-        // without waiting for that lock. Its holder may be the thread
-        // waiting on this very fault — a launch's write-back storing into
-        // a page the program discarded during the launch, in a range armed
-        // for migration (`discard_during_launch.rs` hung here). The
-        // handler queued the event before it handed this fault on, so the
-        // check cannot miss it.
-        if lock(&self.pending).iter().any(|z| z.range.contains(page)) {
-            return FaultBackOutcome::NotHeld;
-        }
-        // Waits for a running launch: the device may be writing the page.
-        let mut dev = self.lock_idle();
+    /// [`FaultBack::fault_back`] once the driver lock is held with the
+    /// device idle: gives `page` back first (its `UFFDIO_COPY` wakes the
+    /// waiting thread), then the rest of its neighbourhood
+    /// ([`neighbourhood`]). `t`: when the request arrived, for the
+    /// latency counter.
+    fn serve_fault(
+        &self,
+        mut dev: MutexGuard<'_, Dev<B, H>>,
+        page: VirtAddr,
+        t: Instant,
+    ) -> FaultBackOutcome {
         let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
         let faulted = dev.faulted_back.get(&big).copied().unwrap_or(0);
         let below = big
@@ -516,14 +515,9 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         if !held.contains(&page) {
             return FaultBackOutcome::NotHeld;
         }
-        let give: Vec<VirtAddr> = if revoke {
-            vec![page]
-        } else {
-            held.into_iter()
-                .filter(|va| !exclusive.contains(va))
-                .collect()
-        };
-        if res.give_back(&mut cx, &give).is_err() {
+        // The faulting page alone first: the thread waiting on it resumes
+        // while its neighbours are read back and installed.
+        if res.give_back(&mut cx, &[page]).is_err() {
             return FaultBackOutcome::Lost;
         }
         let Ok(p) = VaRange::from_start_len(page, PAGE_SIZE) else {
@@ -540,9 +534,19 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
             return FaultBackOutcome::NotHeld;
         }
         if !revoke {
+            let rest: Vec<VirtAddr> = held
+                .into_iter()
+                .filter(|va| *va != page && !exclusive.contains(va))
+                .collect();
+            if !rest.is_empty() {
+                let (mut cx, res) = dev.parts(self);
+                // A failure here is latched (the device is lost); the
+                // pages stay held and their own faults are answered
+                // `Lost` (poisoned), never zero-filled.
+                let _ = res.give_back(&mut cx, &rest);
+            }
             dev.faulted_back.insert(big, faulted);
-        }
-        if revoke {
+        } else {
             // The device's entry goes: its next access faults and fetches
             // the CPU's copy (which write tracking follows from here).
             dev.exclusive.remove(&page);
@@ -559,6 +563,37 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         Counters::add(&self.counters.fault_back_span, block.pages());
         Counters::add_since(&self.counters.fault_back_ns, t);
         FaultBackOutcome::Served
+    }
+}
+
+/// Whether `va`'s page is migrated (held only on the device).
+fn is_migrated<B: Backend, H: HostSide>(
+    res: &dyn super::residency::Residency<B, H>,
+    va: VirtAddr,
+) -> bool {
+    VaRange::from_start_len(va, PAGE_SIZE).is_ok_and(|p| !res.migrated_in(p).is_empty())
+}
+
+impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
+    fn fault_back(&self, page: VirtAddr) -> FaultBackOutcome {
+        let t = Instant::now();
+        let page = page.page_down();
+        if self.zap_queued(page) {
+            return FaultBackOutcome::NotHeld;
+        }
+        // Waits for a running launch: the device may be writing the page.
+        let dev = self.lock_idle();
+        self.serve_fault(dev, page, t)
+    }
+
+    fn try_fault_back(&self, page: VirtAddr) -> Option<FaultBackOutcome> {
+        let t = Instant::now();
+        let page = page.page_down();
+        if self.zap_queued(page) {
+            return Some(FaultBackOutcome::NotHeld);
+        }
+        let dev = self.try_lock_idle()?;
+        Some(self.serve_fault(dev, page, t))
     }
 
     fn before_fork(&self) {

@@ -508,6 +508,20 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
         }
     }
 
+    /// [`Inner::lock_idle`] without waiting: `None` if another thread holds
+    /// the driver lock or a submission of this mirror is still running.
+    /// For callers that must never wait for either (the event monitor's
+    /// handler serving a CPU fault, `mirror::migrate`).
+    pub fn try_lock_idle(&self) -> Option<MutexGuard<'_, Dev<B, H>>> {
+        let mut dev = try_lock(&self.dev)?;
+        self.drain_pending(&mut dev);
+        if dev.inflight.is_some_and(|s| !self.backend.is_complete(s)) {
+            return None;
+        }
+        self.flush_quietly(&mut dev);
+        Some(dev)
+    }
+
     /// [`flush`] where no caller can be told of a failure: the writes stay
     /// queued and the failure counts toward declaring the device lost,
     /// which every later call reports.

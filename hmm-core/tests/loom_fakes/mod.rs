@@ -101,8 +101,10 @@ impl FakeHost {
     }
 
     /// A CPU load of the page at `addr` (`None`: unmapped). A migrated
-    /// page traps: its owner gives it back (as the fault-back server asks
-    /// it to), and the load proceeds; a hole nobody holds reads as a zero
+    /// page traps: its owner gives it back — as the monitor's handler asks
+    /// it to first, without waiting (`try_fault_back`), and, where that
+    /// would wait, the fault-back server (`fault_back`) — and the load
+    /// proceeds; a hole nobody holds reads as a zero
     /// page — and must logically be one (a non-zero value there is data
     /// the mirror lost: the model fails).
     pub fn cpu_read(&self, addr: u64) -> Option<u64> {
@@ -115,7 +117,11 @@ impl FakeHost {
                 }
             }
             let owner = self.owner.lock().unwrap().clone().and_then(|w| w.upgrade());
-            match owner.map_or(FaultBackOutcome::NotHeld, |o| o.fault_back(VirtAddr(addr))) {
+            let outcome = owner.map_or(FaultBackOutcome::NotHeld, |o| {
+                o.try_fault_back(VirtAddr(addr))
+                    .unwrap_or_else(|| o.fault_back(VirtAddr(addr)))
+            });
+            match outcome {
                 FaultBackOutcome::Served => {}
                 FaultBackOutcome::NotHeld => {
                     let mut m = self.mem.lock().unwrap();
