@@ -310,6 +310,94 @@ fn monitor_handoff_quiet_means_handled() {
     });
 }
 
+/// Shutdown of the event monitor (`EventMonitor`'s reader, `run`): the
+/// reader reads on until the handler has handled everything queued, and
+/// only then stops the queue and waits for the handler. Here the handler,
+/// handling event 1, waits until event 2 has been *read* — a device whose
+/// worker thread caused event 2 (lavapipe freeing memory in a watched
+/// range) and runs the copy the handler waits for. A reader that stopped
+/// and joined the handler first would never read event 2 (CI hung so).
+#[test]
+fn monitor_shutdown_reads_on_until_handled() {
+    use hmm_core::cpu::handoff::EventQueue;
+    use loom::sync::Condvar;
+    /// Events in the kernel's queue not read yet; whether event 2 was read.
+    struct Kernel {
+        unread: usize,
+        second_read: bool,
+    }
+    model(|| {
+        let q = Arc::new(EventQueue::<u32>::new(4));
+        // One lock and condvar for the kernel side; the reader's `poll`
+        // (with its timeout) is a wait that an event or the handler's
+        // progress ends.
+        let k = Arc::new((
+            Mutex::new(Kernel {
+                unread: 0,
+                second_read: false,
+            }),
+            Condvar::new(),
+        ));
+        let handler = {
+            let (q, k) = (Arc::clone(&q), Arc::clone(&k));
+            thread::spawn(move || {
+                while let Some(ev) = q.pop() {
+                    if ev == 1 {
+                        let mut g = k.0.lock().unwrap();
+                        while !g.second_read {
+                            g = k.1.wait(g).unwrap();
+                        }
+                    }
+                    q.done();
+                    let _g = k.0.lock().unwrap();
+                    k.1.notify_all();
+                }
+            })
+        };
+        // The device's worker: causes event 2 and waits for it to be read.
+        let worker = {
+            let k = Arc::clone(&k);
+            thread::spawn(move || {
+                let mut g = k.0.lock().unwrap();
+                g.unread += 1;
+                k.1.notify_all();
+                while !g.second_read {
+                    g = k.1.wait(g).unwrap();
+                }
+            })
+        };
+        // The reader: event 1 was read before the shutdown request.
+        q.begin_read();
+        q.push(1);
+        q.end_read();
+        // Shutdown: read on until everything queued is handled.
+        loop {
+            if q.handled_all() {
+                break;
+            }
+            let mut g = k.0.lock().unwrap();
+            if g.unread > 0 {
+                g.unread -= 1;
+                q.begin_read();
+                g.second_read = true;
+                k.1.notify_all();
+                drop(g);
+                q.push(2);
+                q.end_read();
+                continue;
+            }
+            if q.handled_all() {
+                break;
+            }
+            drop(k.1.wait(g).unwrap());
+        }
+        q.stop();
+        handler.join().unwrap();
+        worker.join().unwrap();
+        assert!(k.0.lock().unwrap().second_read);
+    });
+}
+
 /// A replay round submitted after a discard returned never reads through
 /// the discarded page's entry (`HostSpace::settle` before every
 /// submission, then the driver lock, whose acquisition applies queued

@@ -137,6 +137,15 @@ impl<T> EventQueue<T> {
         self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Whether every item pushed so far has been handled (none queued,
+    /// none being handled). The reader asks it at shutdown, reading on
+    /// until it holds ([`super::monitor`], "Shutdown").
+    pub fn handled_all(&self) -> bool {
+        // SeqCst: `pending` is decremented (SeqCst) after the handler's
+        // effects; see the module docs.
+        self.pending.load(Ordering::SeqCst) == 0
+    }
+
     /// No more items will be pushed: [`EventQueue::pop`] returns `None`
     /// once the queue is empty.
     pub fn stop(&self) {

@@ -83,6 +83,20 @@
 //! The one bound: the queue holds 4,096 events; a reader that finds it
 //! full waits for the handler (`handoff`, "The one bound").
 //!
+//! # Shutdown
+//!
+//! The reader unregisters every watched range, reads what is left, and
+//! then reads on until the handler has handled everything queued; only
+//! then does it stop the queue and wait for the handler. The handler may
+//! be waiting for a device whose threads wait for an event of ours to be
+//! read — lavapipe's worker freeing memory in a watched range while the
+//! handler waits for a copy that worker runs (the handler serves CPU
+//! faults on migrated memory itself, `cpu::migration`) — and an event
+//! made after the last read of `stop` is still delivered to the fd. A
+//! reader that waited for the handler first left such an event unread and
+//! the fd open for ever (CI hung so); `tests/loom.rs`,
+//! `monitor_shutdown_reads_on_until_handled`, has the model.
+//!
 //! A panicking sink is caught and counted ([`EventCounts::sink_panics`]);
 //! the thread carries on so no unmapper is left waiting.
 //!
@@ -485,13 +499,41 @@ impl Shared {
 
     /// The reader thread: reads events until shutdown or a fatal error,
     /// then stops the handler and waits for it (it handles what was read).
+    ///
+    /// At shutdown it reads on until the handler has handled everything
+    /// queued, and only then waits for it: a handler may be waiting for a
+    /// device whose threads wait for an event of ours to be *read* —
+    /// lavapipe's worker freeing memory in a watched range (`madvise`
+    /// from `free`) while the handler waits for a copy that worker is to
+    /// run. A reader waiting for that handler instead would leave the
+    /// event unread, and the fd open, forever (seen in CI once the
+    /// handler began serving faults itself). An event made after `stop`'s
+    /// final read is still delivered to the fd; reading on answers it too.
     fn run(&self, shutdown: &OwnedFd, ready: &Barrier, handler: JoinHandle<()>) {
-        self.read_events(shutdown, ready);
+        if self.read_events(shutdown, ready) {
+            let mut buf = Vec::with_capacity(Userfaultfd::READ_BATCH);
+            while !self.queue.handled_all() {
+                let mut fd = libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; the fd stays open (owned by
+                // `self`). A timeout, not a wake-up: the handler finishing
+                // is not an fd event.
+                unsafe { libc::poll(&mut fd, 1, 5) };
+                if self.drain(&mut buf).is_err() {
+                    break;
+                }
+            }
+        }
         self.queue.stop();
         let _ = handler.join();
     }
 
-    fn read_events(&self, shutdown: &OwnedFd, ready: &Barrier) {
+    /// Reads until shutdown (`true`, after [`Shared::stop`]) or a fatal
+    /// error (`false`, after [`Shared::fail`]).
+    fn read_events(&self, shutdown: &OwnedFd, ready: &Barrier) -> bool {
         let mut buf = Vec::with_capacity(Userfaultfd::READ_BATCH);
         // Thread start-up allocates; `start` returns only once we are past
         // it (see "Fork" in the module docs).
@@ -517,18 +559,18 @@ impl Shared {
                     continue;
                 }
                 self.fail();
-                return;
+                return false;
             }
             if fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
                 && (self.drain(&mut buf).is_err()
                     || fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0)
             {
                 self.fail();
-                return;
+                return false;
             }
             if fds[1].revents != 0 {
                 self.stop(&mut buf);
-                return;
+                return true;
             }
         }
     }
