@@ -848,3 +848,50 @@ fn a_sink_waiting_for_an_unmapper_does_not_deadlock() {
     assert!(mon.quiesce(WAIT), "both events handled");
     assert_eq!(*sink.seen.lock().unwrap(), 2);
 }
+
+/// Disarming an armed range touches only what is still armed: a part the
+/// program unmapped (its `UNMAP` event took it out of the armed set) may
+/// hold another mapping by now, owned by another userfaultfd, and
+/// unregistering it would take that one's registration. (A mirror's
+/// teardown disarmed such a range, and conformance `exclusive_cow` in
+/// another test thread then failed with `EBUSY`.)
+#[test]
+fn disarming_skips_a_range_unmapped_since() {
+    let Some((mon, _sink)) = monitor("disarming_skips_a_range_unmapped_since") else {
+        return;
+    };
+    let mut a = Mapping::new(4);
+    let old = a.pages(1, 2);
+    mon.watch(a.range()).unwrap();
+    mon.arm_missing(old).unwrap();
+    a.unmap_pages(1, 2);
+    assert_eq!(wait_counts(&mon, |c| c.unmap == 1).unmap, 1);
+    assert!(!mon.is_armed(old), "the unmap disarmed the range");
+    // A new mapping at the same addresses, registered on another
+    // userfaultfd (another library's, or another `HostSpace`'s).
+    // SAFETY: MAP_FIXED over the two pages just unmapped from our own
+    // mapping; nothing else can hold them.
+    let p = unsafe {
+        libc::mmap(
+            old.start().get() as *mut libc::c_void,
+            old.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as u64, old.start().get(), "remap the hole");
+    let (other, _) = Userfaultfd::open(Features::NONE).expect("a second userfaultfd");
+    other.register(old, RegisterMode::WP).expect("the other registers it");
+    let parts = mon.disarm_missing(old).expect("disarming a range unmapped since");
+    assert!(parts.is_empty(), "disarmed {parts:?}");
+    // The other userfaultfd still owns the mapping (an unregistered one
+    // would refuse with ENOENT).
+    other
+        .write_protect(old, true)
+        .expect("the other userfaultfd's registration survives");
+    other.unregister(old).unwrap();
+    // SAFETY: our own two pages, mapped above; nothing refers to them.
+    unsafe { libc::munmap(p, old.len() as usize) };
+}

@@ -622,9 +622,11 @@ impl HostSpace {
     /// gone unseen: the caller drops its device copies of `range`.
     pub fn disarm(&self, range: VaRange) {
         if let Some(m) = &self.monitor {
-            if m.disarm_missing(range).is_ok() {
+            if let Ok(parts) = m.disarm_missing(range) {
                 if let Some(t) = &self.tracker {
-                    let _ = arm_retrying(t, range);
+                    for p in parts {
+                        let _ = arm_retrying(t, p);
+                    }
                 }
             }
         }

@@ -317,7 +317,10 @@ impl<B: Backend, H: HostSide> Drop for Mirror<B, H> {
         }
         let inner = &*self.inner;
         // Every migrated page back to the CPU first, while its region is
-        // still watched and the device still holds it.
+        // still watched and the device still holds it; unmaps that
+        // returned are handled before (their armed ranges are then not
+        // disarmed: the addresses may hold another mapping by now).
+        let _ = inner.host.settle();
         inner.give_everything_back();
         // Fails only if the worker already ended.
         let _ = inner.release_tx.send(ReleaseMsg::Shutdown);

@@ -385,6 +385,10 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
         self.same_process()?;
         let range = range.page_cover()?;
         let inner = &*self.inner;
+        // Unmaps that returned are handled first, so the armed ranges they
+        // took are no longer armed when the disarming below looks (best
+        // effort: `disarm` touches only what is still armed anyway).
+        let _ = inner.host.settle();
         let _serial = lock(&inner.launch);
         let mut dev = inner.lock_idle();
         let (mut cx, res) = dev.parts(inner);

@@ -34,19 +34,30 @@ impl EventMonitor {
     /// Ends [`EventMonitor::arm_missing`] of `range`: back to write-protect
     /// mode only (a CPU access to a hole there is an ordinary fault
     /// again). The caller makes sure no page of it is held elsewhere.
+    /// Returns the parts it disarmed: those of `range` still armed. A part
+    /// unmapped since (its `UNMAP` event took it out of the armed set) is
+    /// left alone — its addresses may hold another mapping now, another
+    /// armed range's or another userfaultfd's, and unregistering it would
+    /// take that one's registration (conformance `exclusive_cow` failed
+    /// with `EBUSY`, about one run in fifteen, after a mirror's teardown
+    /// re-registered a range its test had unmapped and another test had
+    /// mapped again).
     ///
     /// The kernel keeps a mode when asked to register a subset of it (a
     /// `WP` registration of a `MISSING | WP` range changes nothing), so
-    /// this unregisters the range and registers it `WP` again. That drops
-    /// the range's write protection: the caller re-arms write tracking and
-    /// treats the range as written by the CPU
+    /// this unregisters each part and registers it `WP` again. That drops
+    /// its write protection: the caller re-arms write tracking and treats
+    /// the part as written by the CPU
     /// ([`HostSpace::disarm`](crate::cpu::host::HostSpace::disarm) does both).
-    pub fn disarm_missing(&self, range: VaRange) -> Result<(), MonitorError> {
+    pub fn disarm_missing(&self, range: VaRange) -> Result<Vec<VaRange>, MonitorError> {
         let _w = self.shared.watched();
-        self.shared.missing().remove(range);
-        self.shared.uffd.unregister(range)?;
-        self.shared.register_wp(range)?;
-        Ok(())
+        let armed = self.shared.missing().overlapping(range);
+        for &a in &armed {
+            self.shared.missing().remove(a);
+            self.shared.uffd.unregister(a)?;
+            self.shared.register_wp(a)?;
+        }
+        Ok(armed)
     }
 
     /// Whether some page of `range` is armed for migration.
