@@ -883,8 +883,12 @@ fn disarming_skips_a_range_unmapped_since() {
     };
     assert_eq!(p as u64, old.start().get(), "remap the hole");
     let (other, _) = Userfaultfd::open(Features::NONE).expect("a second userfaultfd");
-    other.register(old, RegisterMode::WP).expect("the other registers it");
-    let parts = mon.disarm_missing(old).expect("disarming a range unmapped since");
+    other
+        .register(old, RegisterMode::WP)
+        .expect("the other registers it");
+    let parts = mon
+        .disarm_missing(old)
+        .expect("disarming a range unmapped since");
     assert!(parts.is_empty(), "disarmed {parts:?}");
     // The other userfaultfd still owns the mapping (an unregistered one
     // would refuse with ENOENT).
