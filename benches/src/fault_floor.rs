@@ -36,6 +36,9 @@ pub struct Floor {
     pub direct: Duration,
     /// The same, answering with 64 KiB.
     pub direct_64k: Duration,
+    /// The reading thread answers with one page; no pinning (where the
+    /// scheduler puts the two threads).
+    pub direct_unpinned: Duration,
     /// The reading thread hands the fault to another, which answers with
     /// one page; no pinning.
     pub handoff: Duration,
@@ -49,15 +52,34 @@ const BLOCK: usize = 16;
 /// could not be measured (no userfaultfd here).
 pub fn measure(faults: usize) -> Result<Floor, String> {
     Ok(Floor {
-        direct: round_trips(faults, Shape::Direct { pages: 1 })?,
-        direct_64k: round_trips(faults, Shape::Direct { pages: BLOCK })?,
+        direct: round_trips(
+            faults,
+            Shape::Direct {
+                pages: 1,
+                pinned: true,
+            },
+        )?,
+        direct_64k: round_trips(
+            faults,
+            Shape::Direct {
+                pages: BLOCK,
+                pinned: true,
+            },
+        )?,
+        direct_unpinned: round_trips(
+            faults,
+            Shape::Direct {
+                pages: 1,
+                pinned: false,
+            },
+        )?,
         handoff: round_trips(faults, Shape::HandOff)?,
     })
 }
 
 #[derive(Clone, Copy)]
 enum Shape {
-    Direct { pages: usize },
+    Direct { pages: usize, pinned: bool },
     HandOff,
 }
 
@@ -101,12 +123,12 @@ impl Drop for Map {
 
 fn round_trips(faults: usize, shape: Shape) -> Result<Duration, String> {
     let faults = faults.max(1);
-    let (handoff, answer_pages) = match shape {
-        Shape::Direct { pages } => (false, pages),
-        Shape::HandOff => (true, 1),
+    let (handoff, answer_pages, pinned) = match shape {
+        Shape::Direct { pages, pinned } => (false, pages, pinned),
+        Shape::HandOff => (true, 1, false),
     };
     // SAFETY: no arguments; returns the CPU or -1.
-    let cpu = (!handoff)
+    let cpu = pinned
         .then(|| unsafe { libc::sched_getcpu() })
         .and_then(|c| usize::try_from(c).ok());
     let (uffd, _) = Userfaultfd::open(Features::NONE).map_err(|e| e.to_string())?;

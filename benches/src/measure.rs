@@ -143,6 +143,7 @@ fn delta(a: &MirrorStats, b: &MirrorStats, peak: &MirrorStats) -> MirrorStats {
         migrated_out: b.migrated_out - a.migrated_out,
         migrated_in: b.migrated_in - a.migrated_in,
         fault_backs: b.fault_backs - a.fault_backs,
+        fault_backs_on_reader: b.fault_backs_on_reader - a.fault_backs_on_reader,
         exclusive_revoked: b.exclusive_revoked - a.exclusive_revoked,
         fault_back_span: b.fault_back_span - a.fault_back_span,
         preferred_refused: b.preferred_refused - a.preferred_refused,

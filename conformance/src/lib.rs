@@ -83,8 +83,8 @@ pub use migration::{
 };
 pub use migration_huge::{
     migrate_anon_huge_empty, migrate_anon_huge_fault, migrate_anon_huge_free,
-    migrate_anon_huge_zero, migrate_fault_back_neighbourhood, migrate_partial_unmap_fault,
-    migrate_remap_fault,
+    migrate_anon_huge_zero, migrate_fault_back_neighbourhood, migrate_fault_back_then_launch,
+    migrate_partial_unmap_fault, migrate_remap_fault,
 };
 pub use mirroring::{
     accessed_bits_feed_young, concurrent_launches_and_invalidations, dirty_pages_survive_eviction,
@@ -215,7 +215,7 @@ macro_rules! conformance_tests {
             migrate_preferred_location, migrate_anon_huge_empty, migrate_anon_huge_zero,
             migrate_anon_huge_free, migrate_anon_huge_fault, migrate_partial_unmap_fault,
             migrate_remap_fault, migrate_fault_back_neighbourhood, migrate_syscall_access,
-            exclusive, exclusive_mprotect, exclusive_cow);
+            migrate_fault_back_then_launch, exclusive, exclusive_mprotect, exclusive_cow);
         $crate::conformance_tests!(@foreign [$mode] $make);
         $crate::conformance_tests!(@common [$mode] $make);
     };

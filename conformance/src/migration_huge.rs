@@ -275,10 +275,11 @@ pub fn migrate_remap_fault<B: TestKernels>(b: B) {
 }
 
 /// The fault-back neighbourhood follows density: a CPU sweeping migrated
-/// memory brings its first 2 MiB block back in 6 faults (64 KiB, 128 KiB,
-/// … 1 MiB, then the last 64 KiB) and the next block whole in one; a CPU
-/// touching every other 64 KiB block brings back 64 KiB per fault; and
-/// nothing outside the neighbourhoods comes back.
+/// memory brings its first 2 MiB block back in 7 faults (a page, then
+/// 64 KiB, 128 KiB, … 1 MiB, then the last 64 KiB) and the next block
+/// whole in one; a CPU touching every other 64 KiB block brings back the
+/// page it touches alone, and a second touch in one of those blocks the
+/// block; and nothing outside the neighbourhoods comes back.
 pub fn migrate_fault_back_neighbourhood<B: TestKernels>(b: B) {
     let (_h, m) = setup(b, small_cfg());
     let Some(_gate) = can_migrate(&m, "migrate_fault_back_neighbourhood") else {
@@ -295,7 +296,7 @@ pub fn migrate_fault_back_neighbourhood<B: TestKernels>(b: B) {
         assert_eq!(read(start, i), i as u32, "sweep word {i}");
     }
     let s1 = m.stats();
-    assert_eq!(s1.fault_backs - s0.fault_backs, 7, "a 4 MiB sweep: {s1:?}");
+    assert_eq!(s1.fault_backs - s0.fault_backs, 8, "a 4 MiB sweep: {s1:?}");
     assert_eq!(s1.migrated_in - s0.migrated_in, 1024);
     // The third block: every other 64 KiB, from its second one (the
     // sweep's density below does not reach past a gap).
@@ -306,10 +307,68 @@ pub fn migrate_fault_back_neighbourhood<B: TestKernels>(b: B) {
     }
     let s2 = m.stats();
     assert_eq!(s2.fault_backs - s1.fault_backs, 16, "sparse: {s2:?}");
-    assert_eq!(s2.migrated_in - s1.migrated_in, 16 * 16, "64 KiB each");
+    assert_eq!(s2.migrated_in - s1.migrated_in, 16, "a page each");
     assert_eq!(
         s2.fault_back_span - s1.fault_back_span,
-        16 * 16,
+        16,
         "the neighbourhoods chosen"
     );
+    // A second touch in one of those blocks: the rest of the block.
+    let i = 3 * (64 << 10) / 4 + 1029;
+    assert_eq!(read(sparse, i), (HUGE / 2 + i) as u32, "dense word {i}");
+    let s3 = m.stats();
+    assert_eq!(s3.fault_backs - s2.fault_backs, 1, "{s3:?}");
+    assert_eq!(
+        s3.migrated_in - s2.migrated_in,
+        15,
+        "the block's other pages"
+    );
+    // Where the device's copies are host code, the event monitor's reader
+    // served faults the moment it read them (nothing else runs here: no
+    // launch, no event before them); elsewhere it never may.
+    let on_reader = s3.fault_backs_on_reader - s0.fault_backs_on_reader;
+    if m.backend().host_synchronous() {
+        assert!(on_reader > 0, "no fault served on the reader: {s3:?}");
+    } else {
+        assert_eq!(on_reader, 0, "{s3:?}");
+    }
+}
+
+/// Pages faulted back one by one (on the cpu driver the event monitor's
+/// reader answers them, and the mirror settles its books at its next
+/// acquisition of the driver lock): a launch right after must see the
+/// CPU's writes to them, and its own writes to them must reach the CPU —
+/// neither may be taken for a page still migrated. Pages not touched stay
+/// migrated and carry the device's writes until the CPU reads them.
+pub fn migrate_fault_back_then_launch<B: TestKernels>(b: B) {
+    let (_h, m) = setup(b, small_cfg());
+    let Some(_gate) = can_migrate(&m, "migrate_fault_back_then_launch") else {
+        return;
+    };
+    let pages = 64;
+    let src = TestMap::anon(pages, rw());
+    src.fill(|i| i as u32 + 1000);
+    let out = TestMap::anon(pages, rw());
+    out.fill(|i| i as u32);
+    m.migrate_to_device(src.range()).expect("migrate src");
+    m.migrate_to_device(out.range()).expect("migrate out");
+    // Isolated faults: each brings back its page alone.
+    for p in (0..pages).step_by(8) {
+        let i = p * WPP + 3;
+        assert_eq!(out.read_word(i), i as u32, "out word {i}");
+        assert_eq!(src.read_word(i), i as u32 + 1000, "src word {i}");
+    }
+    let written = |i: usize| i % (16 * WPP) == 5;
+    for i in (0..pages * WPP).filter(|&i| written(i)) {
+        src.write_word(i, 7_000_000 + i as u32);
+    }
+    device_copy(&m, src.addr(), &out, pages * WPP).expect("launch");
+    for i in 0..pages * WPP {
+        let want = if written(i) {
+            7_000_000 + i as u32
+        } else {
+            i as u32 + 1000
+        };
+        assert_eq!(out.read_word(i), want, "out word {i} after the launch");
+    }
 }

@@ -398,6 +398,67 @@ fn monitor_shutdown_reads_on_until_handled() {
     });
 }
 
+/// The monitor's reader serves a missing-page fault itself only when
+/// every event it read before it has been handled
+/// (`Shared::resolved_now`): a discard read first (event 1) is applied by
+/// the handler's sink before the fault (event 2) is served, on whichever
+/// thread serves it. The sink's effect is a plain cell — the mirror's
+/// state, reached under its locks in the real code — so loom reports a
+/// data race if `done`/`handled_all` did not order the discard's write
+/// before the reader's read.
+#[test]
+fn reader_serves_only_after_earlier_events() {
+    use hmm_core::cpu::handoff::EventQueue;
+    use loom::cell::UnsafeCell;
+    struct Page(UnsafeCell<u64>);
+    // SAFETY (test): accesses are ordered by the protocol under test, which
+    // loom checks.
+    unsafe impl Sync for Page {}
+    model(|| {
+        let q = Arc::new(EventQueue::<u32>::new(4));
+        // 7: the migrated data; 0: discarded (the CPU reads zeros).
+        let page = Arc::new(Page(UnsafeCell::new(7)));
+        let served = Arc::new(AtomicUsize::new(0));
+        let serve = |page: &Page, served: &AtomicUsize| {
+            // SAFETY (test): see `Page`.
+            let v = page.0.with(|p| unsafe { *p });
+            assert_eq!(v, 0, "a fault overtook the discard read before it");
+            served.fetch_add(1, Ordering::SeqCst);
+        };
+        let handler = {
+            let (q, page, served) = (Arc::clone(&q), Arc::clone(&page), Arc::clone(&served));
+            thread::spawn(move || {
+                while let Some(ev) = q.pop() {
+                    if ev == 1 {
+                        // SAFETY (test): see `Page`.
+                        page.0.with_mut(|p| unsafe { *p = 0 });
+                    } else {
+                        serve(&page, &served);
+                    }
+                    q.done();
+                }
+            })
+        };
+        // The reader: the discard in one read, the fault in the next.
+        q.begin_read();
+        q.push(1);
+        q.end_read();
+        q.begin_read();
+        if q.handled_all() {
+            serve(&page, &served);
+        } else {
+            q.push(2);
+        }
+        q.end_read();
+        while !q.handled_all() {
+            thread::yield_now();
+        }
+        q.stop();
+        handler.join().unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+    });
+}
+
 /// A replay round submitted after a discard returned never reads through
 /// the discarded page's entry (`HostSpace::settle` before every
 /// submission, then the driver lock, whose acquisition applies queued

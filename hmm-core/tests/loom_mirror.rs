@@ -231,3 +231,25 @@ fn fault_back_racing_a_discard() {
         assert_eq!(m.backend().reads().last(), Some(&(P, 0)));
     });
 }
+
+/// A CPU load with nothing else going on is answered by the event
+/// monitor's reader (`fault_back_now`: the page alone, the books left for
+/// the next holder of the driver lock); a launch racing a second load
+/// settles them before it submits, and reads the page's value.
+#[test]
+fn reader_answer_settled_by_the_next_lock_holder() {
+    model(|| {
+        let (host, m) = setup(2, vec![0x1000]);
+        m.migrate_to_device(pages(P, 2)).unwrap();
+        assert_eq!(host.cpu_read(P), Some(1));
+        assert_eq!(m.stats().fault_backs_on_reader, 1);
+        let m2 = Arc::clone(&m);
+        let t = thread::spawn(move || read(&m2, P));
+        assert_eq!(host.cpu_read(P + 0x1000), Some(2));
+        t.join().unwrap().unwrap();
+        assert_eq!(m.stats().migrated_in, 2);
+        m.backend().strict();
+        read(&m, P + 0x1000).unwrap();
+        assert_eq!(m.backend().reads().last(), Some(&(P + 0x1000, 2)));
+    });
+}

@@ -564,6 +564,13 @@ unsafe impl Backend for CpuDevice {
         self.subs.is_complete(id)
     }
 
+    fn host_synchronous(&self) -> bool {
+        // Copies and entry writes are loads and stores on this thread;
+        // `is_complete` reads a flag under a lock no worker holds while it
+        // waits for anything.
+        true
+    }
+
     fn rounds_are_costly(&self) -> bool {
         // A round is a few function calls on the host: the adaptive fetch
         // policy buys nothing here (`FetchPolicy::Auto` is exact), unless

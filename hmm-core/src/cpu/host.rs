@@ -64,6 +64,12 @@ pub enum GiveBack {
     /// The memory is gone (unmapped, or no longer armed): nothing to give
     /// back to.
     Gone,
+    /// Not installed, and the page is still missing: the kernel refused
+    /// for now (a layout change is pending: `EAGAIN`) and the caller may
+    /// not wait — it runs on the event monitor's reader, the thread that
+    /// must read that change first ([`on_reader`](super::monitor::on_reader)).
+    /// The page's data is still the caller's to give back later.
+    Busy,
 }
 
 /// Turns kernel events into invalidations, then cache updates.
@@ -107,6 +113,13 @@ impl InvalidationSink for Sink {
 
     fn missing_fault(&self, page: VirtAddr) -> bool {
         self.migration.get().is_some_and(|m| m.serve_or_queue(page))
+    }
+
+    fn missing_fault_now(&self, page: VirtAddr) -> super::monitor::FaultNow {
+        match self.migration.get() {
+            Some(m) => m.serve_now(page),
+            None => super::monitor::FaultNow::Left,
+        }
     }
 }
 
@@ -555,7 +568,9 @@ impl HostSpace {
     /// Gives a migrated page back: installs `data` (one or more whole
     /// pages) at `at`, write-protected, and wakes threads waiting there.
     /// Retries (bounded, 1 s) while a layout change elsewhere makes the
-    /// kernel refuse (`EAGAIN`).
+    /// kernel refuse (`EAGAIN`) — except on the event monitor's reader,
+    /// which must read that change itself: there a refusal is
+    /// [`GiveBack::Busy`] at once.
     pub fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
         let Some(m) = &self.monitor else {
             return GiveBack::Gone;
@@ -573,6 +588,9 @@ impl HostSpace {
                                 m.wake(r);
                             }
                             return GiveBack::Present;
+                        }
+                        Some(libc::EAGAIN) if super::monitor::on_reader() => {
+                            return GiveBack::Busy;
                         }
                         Some(libc::EAGAIN) if t0.elapsed() < std::time::Duration::from_secs(1) => {
                             std::thread::yield_now();

@@ -26,6 +26,23 @@
 //!
 //! # Serving faults
 //!
+//! Three threads may serve a fault, the first that can without waiting:
+//!
+//! 1. **The monitor's reader, as it reads the fault**
+//!    ([`InvalidationSink::missing_fault_now`](super::monitor::InvalidationSink::missing_fault_now),
+//!    `Migration::serve_now`, [`FaultBack::fault_back_now`]), when
+//!    every event it read before the fault has been handled (so the fault
+//!    cannot overtake a discard or an unmap of its page; loom model
+//!    `reader_serves_only_after_earlier_events`), the owner's device does
+//!    its copies in host code on the calling thread
+//!    ([`Backend::host_synchronous`](crate::mirror::backend::Backend::host_synchronous):
+//!    the `cpu` driver), and every lock on the way is free. This is the
+//!    fewest wake-ups a userfaultfd design can have — the faulting thread
+//!    wakes the reader, whose `UFFDIO_COPY` wakes it back — and on a VM
+//!    each wake-up that crosses vCPUs costs tens of microseconds.
+//! 2. **The handler**, in the fault's place in the event order.
+//! 3. **The fault-back server**, which may wait.
+//!
 //! The monitor's handler thread must never wait; it hands a missing-page
 //! fault to [`InvalidationSink::missing_fault`](super::monitor::InvalidationSink::missing_fault), in the fault's place in
 //! the event order. That first asks the owners whose ranges contain the
@@ -49,8 +66,22 @@
 //!
 //! # Deadlock argument
 //!
-//! - The monitor's reader never serves a fault (it only reads). Its
-//!   handler never waits for the server or for a mirror's driver lock on
+//! - The monitor's reader reads every event other threads wait on, so it
+//!   must never wait for anything at all. It serves a fault only through
+//!   try-locks (the owner list, the monitor's armed set, the driver lock
+//!   with no submission running); the copies it makes are loads and
+//!   stores on its own thread (a host-synchronous device: no queue, no
+//!   worker that could wait for an event); a `UFFDIO_COPY` the kernel
+//!   refuses for now (`EAGAIN`: a layout event is pending, which only the
+//!   reader can read) is not retried but reported
+//!   ([`GiveBack::Busy`](super::host::GiveBack::Busy)): the page stays
+//!   held, and the fault goes on to the handler untouched. The only plain
+//!   lock it takes is a mirror's `pending` list, whose holders hold it for
+//!   a list edit or under the driver lock (which the reader then holds).
+//!   It does not serve where `FORK` events are on: serving allocates, and a
+//!   forking thread holds the allocator's locks while it waits for the
+//!   reader (`monitor`, "Fork").
+//! - The monitor's handler never waits for the server or for a mirror's driver lock on
 //!   a fault's behalf: it serves a fault only through a *try*-lock with
 //!   no submission running, else a fault is a channel send. Serving, it
 //!   waits only for the device's copies and for `UFFDIO_COPY`, which the
@@ -101,6 +132,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::monitor::FaultNow;
 use super::scratch::ScratchMap;
 use super::uffd::{OpenMode, Userfaultfd};
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
@@ -130,6 +162,23 @@ pub trait FaultBack: Send + Sync {
     /// must never wait for another thread that may wait for the handler
     /// (see "Deadlock argument" in the module docs). Default: `None`.
     fn try_fault_back(&self, page: VirtAddr) -> Option<FaultBackOutcome> {
+        let _ = page;
+        None
+    }
+
+    /// [`FaultBack::try_fault_back`] on the event monitor's *reader*, the
+    /// moment the fault is read: only if it needs no waiting of any kind
+    /// and no allocator call — every lock try-locked, no device work (a
+    /// device whose copies are plain host code on the calling thread), a
+    /// `UFFDIO_COPY` the kernel refuses for now
+    /// ([`GiveBack::Busy`](super::host::GiveBack::Busy)) not retried, no
+    /// `malloc`/`free` (a thread trimming the heap holds the allocator's
+    /// lock while it waits for the reader). `None` leaves the page as it
+    /// was (held, the fault unresolved) and the fault goes on to the
+    /// handler. `Some((outcome, more))`: `more` asks for the fault to
+    /// reach the handler as well (the owner has more to do, without
+    /// hurry). Default: `None`.
+    fn fault_back_now(&self, page: VirtAddr) -> Option<(FaultBackOutcome, bool)> {
         let _ = page;
         None
     }
@@ -310,6 +359,37 @@ impl Migration {
             resolve(&uffd, range, outcome);
         }
         true
+    }
+
+    /// A missing-page fault, on the monitor's *reader* as it reads it (no
+    /// event before it unhandled): resolved here if the owner that holds
+    /// the page can give it back without waiting or allocating
+    /// ([`FaultBack::fault_back_now`]); [`FaultNow::Left`] leaves it to
+    /// the handler ([`Migration::serve_or_queue`]). One thread wake-up
+    /// fewer again than serving on the handler.
+    pub(crate) fn serve_now(&self, page: VirtAddr) -> FaultNow {
+        let page = page.page_down();
+        // Walked under a try-lock, collecting nothing: no allocation.
+        let Ok(owners) = self.owners.try_lock() else {
+            return FaultNow::Left;
+        };
+        for (r, w) in owners.iter() {
+            if !r.contains(page) {
+                continue;
+            }
+            let Some(o) = w.upgrade() else {
+                continue;
+            };
+            match o.fault_back_now(page) {
+                Some((FaultBackOutcome::NotHeld, _)) => {}
+                Some((FaultBackOutcome::Served, false)) => return FaultNow::Resolved,
+                Some((FaultBackOutcome::Served, true)) => return FaultNow::ResolvedTellHandler,
+                // A zero page or poison is the handler's to install (it
+                // retries a refusal; this thread must not).
+                Some((FaultBackOutcome::Lost, _)) | None => return FaultNow::Left,
+            }
+        }
+        FaultNow::Left
     }
 
     /// The live owners whose ranges contain `page`.

@@ -157,6 +157,10 @@ use crate::notifier::EventKind;
 
 mod migration;
 
+/// How long the reader keeps reading without sleeping after it answered a
+/// fault itself (`Shared::linger`).
+const LINGER: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Receives the invalidations the monitor derives from kernel events.
 pub trait InvalidationSink: Send + Sync + 'static {
     /// Called on the monitor's handler thread, in event order, for every
@@ -182,6 +186,47 @@ pub trait InvalidationSink: Send + Sync + 'static {
         let _ = page;
         false
     }
+
+    /// [`InvalidationSink::missing_fault`] on the monitor's *reader*
+    /// thread, the moment the fault is read, when no event read before it
+    /// is still unhandled: resolve it only if that needs no waiting at all
+    /// — no lock that is not try-locked, no device work, no retry of a
+    /// refused `UFFDIO_COPY` (a layout event only this thread can read
+    /// makes the kernel refuse; [`on_reader`] says where a call runs), and
+    /// no `malloc` or `free` (a thread trimming the heap holds the
+    /// allocator's lock while it waits for its event to be read: see
+    /// "Rules for sinks") — else return [`FaultNow::Left`], leaving the
+    /// fault untouched for the handler (`missing_fault`). Saves the wake-up of the handler thread,
+    /// which on a VM costs more than the answer (the `fault_floor` figures
+    /// of `hmm-bench`). Default: `false`.
+    fn missing_fault_now(&self, page: VirtAddr) -> FaultNow {
+        let _ = page;
+        FaultNow::Left
+    }
+}
+
+/// What [`InvalidationSink::missing_fault_now`] did with a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultNow {
+    /// Nothing: the fault goes to the handler as any other event.
+    Left,
+    /// Resolved (the thread is woken); the handler never sees it.
+    Resolved,
+    /// Resolved, and the handler should see it too (the sink has more to
+    /// do for it, off the reader).
+    ResolvedTellHandler,
+}
+
+std::thread_local! {
+    /// Set on a monitor's reader thread (for [`on_reader`]).
+    static ON_READER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is an event monitor's reader: code that may
+/// run there ([`InvalidationSink::missing_fault_now`]) must never wait for
+/// another event to be read — it is the thread that would read it.
+pub fn on_reader() -> bool {
+    ON_READER.with(|r| r.get())
 }
 
 /// Errors of the monitor.
@@ -218,6 +263,9 @@ pub struct EventCounts {
     /// Missing-page faults in ranges armed for migration
     /// ([`EventMonitor::arm_missing`]).
     pub missing_faults: u64,
+    /// Of those, faults the reader resolved the moment it read them
+    /// ([`InvalidationSink::missing_fault_now`]).
+    pub missing_faults_on_reader: u64,
     /// `REMAP` events the monitor's own migration caused
     /// ([`EventMonitor::expect_own_remap`]), consumed without an
     /// invalidation.
@@ -237,6 +285,7 @@ struct Counters {
     wp_faults: AtomicU64,
     unexpected_faults: AtomicU64,
     missing_faults: AtomicU64,
+    missing_faults_on_reader: AtomicU64,
     own_remaps: AtomicU64,
     bad_messages: AtomicU64,
     sink_panics: AtomicU64,
@@ -263,6 +312,12 @@ struct Shared {
     /// `(from, to, len)`, consumed by the handler without an invalidation
     /// ([`EventMonitor::expect_own_remap`]).
     own_remaps: Mutex<Vec<(u64, u64, u64)>>,
+    /// `missing_faults_on_reader` when the reader last lingered
+    /// (`Shared::linger`).
+    lingered: AtomicU64,
+    /// More than one CPU: lingering cannot keep the faulting thread off
+    /// the only one.
+    may_linger: bool,
     counters: Counters,
     failed: AtomicBool,
     /// Events read and not yet handled: the reader (the monitor thread)
@@ -433,6 +488,71 @@ impl Shared {
         }
     }
 
+    /// On the reader, as it reads `ev`: a missing-page fault in an armed
+    /// range that the sink resolves at once
+    /// ([`InvalidationSink::missing_fault_now`]) and keeps from the
+    /// handler, counted as handled; `false` queues the event as any other.
+    ///
+    /// Only with nothing queued before it still unhandled: the reader is
+    /// the queue's only producer, so once it sees every earlier event
+    /// handled ([`EventQueue::handled_all`], whose counter the handler
+    /// decrements after the sink returned), nothing it read before the
+    /// fault — a discard or an unmap of the page, say — can still be on its
+    /// way to the sink: the fault never overtakes one (the loom model
+    /// `reader_serves_only_after_earlier_events`). Every lock on the way is
+    /// try-locked.
+    fn resolved_now(&self, ev: &Result<UffdEvent, super::uffd::DecodeError>) -> bool {
+        let Ok(UffdEvent::Pagefault {
+            addr, wp: false, ..
+        }) = ev
+        else {
+            return false;
+        };
+        if !self.queue.handled_all() {
+            return false;
+        }
+        // With `FORK` events the reader must never call the allocator (see
+        // "Fork"). Serving avoids it, but the last reference to an owner
+        // dropped here would free it: not worth the risk for an opt-in.
+        if self
+            .uffd
+            .features()
+            .contains(Features(sys::UFFD_FEATURE_EVENT_FORK))
+        {
+            return false;
+        }
+        let Ok(page) = VaRange::from_start_len(addr.page_down(), PAGE_SIZE) else {
+            return false;
+        };
+        let armed = match self.missing.try_lock() {
+            Ok(m) => m.covers(page),
+            Err(_) => return false,
+        };
+        if !armed {
+            return false;
+        }
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.sink.missing_fault_now(page.start())
+        })) {
+            Ok(FaultNow::Resolved) => {
+                bump(&self.counters.missing_faults);
+                bump(&self.counters.missing_faults_on_reader);
+                true
+            }
+            Ok(FaultNow::ResolvedTellHandler) => {
+                // Counted in `missing_faults` by the handler.
+                bump(&self.counters.missing_faults_on_reader);
+                false
+            }
+            Ok(FaultNow::Left) => false,
+            Err(_) => {
+                // The handler gets it next: it may still be unresolved.
+                bump(&self.counters.sink_panics);
+                false
+            }
+        }
+    }
+
     /// Reads everything pending, one batch per `read(2)`, and queues it
     /// for the handler thread. `buf` has room for a batch and the queue is
     /// preallocated, so the reader allocates nothing (`handoff`). Err on an
@@ -449,7 +569,9 @@ impl Shared {
                 Ok(0) => Ok(true),
                 Ok(_) => {
                     for ev in buf.drain(..) {
-                        self.queue.push(ev);
+                        if !self.resolved_now(&ev) {
+                            self.queue.push(ev);
+                        }
                     }
                     Ok(false)
                 }
@@ -534,6 +656,7 @@ impl Shared {
     /// Reads until shutdown (`true`, after [`Shared::stop`]) or a fatal
     /// error (`false`, after [`Shared::fail`]).
     fn read_events(&self, shutdown: &OwnedFd, ready: &Barrier) -> bool {
+        ON_READER.with(|r| r.set(true));
         let mut buf = Vec::with_capacity(Userfaultfd::READ_BATCH);
         // Thread start-up allocates; `start` returns only once we are past
         // it (see "Fork" in the module docs).
@@ -572,7 +695,63 @@ impl Shared {
                 self.stop(&mut buf);
                 return true;
             }
+            if self.linger(&mut buf).is_err() {
+                self.fail();
+                return false;
+            }
         }
+    }
+
+    /// After the reader answered a fault itself, it keeps reading without
+    /// sleeping for a short while ([`LINGER`]), as long as it goes on
+    /// answering: a thread reading sparse migrated memory faults again
+    /// microseconds after it resumes, and on a VM a wake-up of a reader
+    /// asleep in `poll(2)` on an idle vCPU costs tens of microseconds —
+    /// more than the answer. Bounded: [`LINGER`] after the last fault
+    /// answered here; events of other kinds are read and queued as usual
+    /// meanwhile. Not on a machine with one CPU, where it would keep the
+    /// faulting thread from running; it yields between reads.
+    fn linger(&self, buf: &mut Vec<Result<UffdEvent, super::uffd::DecodeError>>) -> Result<(), ()> {
+        let answered = || {
+            self.counters
+                .missing_faults_on_reader
+                .load(Ordering::Relaxed)
+        };
+        if !self.may_linger {
+            return Ok(());
+        }
+        let mut last = answered();
+        if last == self.lingered.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut until = std::time::Instant::now() + LINGER;
+        while std::time::Instant::now() < until {
+            // Polled first, read only when there is something: a read
+            // marks the reader busy (`begin_read`), which a `quiesce`
+            // waiting meanwhile must not see all the time.
+            let mut fd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; the fd stays open (owned by
+            // `self`); a zero timeout never sleeps.
+            if unsafe { libc::poll(&mut fd, 1, 0) } > 0 {
+                self.drain(buf)?;
+            }
+            let now = answered();
+            if now != last {
+                last = now;
+                until = std::time::Instant::now() + LINGER;
+            }
+            // Lets a thread runnable on this CPU (the faulting one, say)
+            // run first.
+            std::thread::yield_now();
+        }
+        // Relaxed: the reader's own bookkeeping (only it reads or writes
+        // `lingered`).
+        self.lingered.store(last, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Fatal error: stop delivering events by unregistering everything, so
@@ -668,6 +847,8 @@ impl EventMonitor {
             spans: Mutex::new(spans),
             missing: Mutex::new(RangeSet::default()),
             own_remaps: Mutex::new(Vec::new()),
+            lingered: AtomicU64::new(0),
+            may_linger: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             queue: EventQueue::new(QUEUE_EVENTS),
@@ -891,6 +1072,7 @@ impl EventMonitor {
             wp_faults: l(&c.wp_faults),
             unexpected_faults: l(&c.unexpected_faults),
             missing_faults: l(&c.missing_faults),
+            missing_faults_on_reader: l(&c.missing_faults_on_reader),
             own_remaps: l(&c.own_remaps),
             bad_messages: l(&c.bad_messages),
             sink_panics: l(&c.sink_panics),

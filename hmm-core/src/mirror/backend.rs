@@ -413,6 +413,24 @@ pub unsafe trait Backend: Send + Sync + 'static {
         true
     }
 
+    /// Whether, with no submission in flight, [`copy_to_host`](Backend::copy_to_host),
+    /// [`copy_to_device`](Backend::copy_to_device), [`write_ptes`](Backend::write_ptes),
+    /// [`read_ptes`](Backend::read_ptes), [`clear_pte_bits`](Backend::clear_pte_bits)
+    /// and [`is_complete`](Backend::is_complete) run to completion on the
+    /// calling thread without waiting for any other thread (host code over
+    /// host memory: the `cpu` driver), and `copy_to_host` and `is_complete`
+    /// call neither `malloc` nor `free` when they succeed. The core then serves a CPU fault on
+    /// migrated memory on the event monitor's reader thread the moment it
+    /// is read — a thread that must never wait, since it is the one that
+    /// reads the events other threads wait on — which saves the thread
+    /// wake-ups of a hand-off (`cpu::migration`, "Serving faults").
+    /// Default `false`: a GPU driver's copies wait for its queue, whose
+    /// worker may itself wait for an event to be read (lavapipe frees
+    /// memory).
+    fn host_synchronous(&self) -> bool {
+        false
+    }
+
     /// Advice before a [`launch`](Backend::launch): the pool slots `slots`
     /// (at most [`READ_BACK_WITH_LAUNCH`]) are likely to be read back with
     /// [`copy_to_host`](Backend::copy_to_host) right after it completes —

@@ -92,6 +92,8 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 armed: Vec::new(),
                 exclusive: std::collections::BTreeSet::new(),
                 faulted_back: std::collections::HashMap::new(),
+                answered: Vec::with_capacity(super::migrate::ANSWERED_CAP),
+                answer_page: vec![0; crate::addr::PAGE_SIZE as usize].into_boxed_slice(),
                 res,
             }),
             // Reserved so the monitor thread does not allocate while it lasts.
@@ -229,6 +231,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
             migrated_out: g(&c.migrated_out),
             migrated_in: g(&c.migrated_in),
             fault_backs: g(&c.fault_backs),
+            fault_backs_on_reader: g(&c.fault_backs_on_reader),
             exclusive_revoked: g(&c.exclusive_revoked),
             fault_back_span: g(&c.fault_back_span),
             preferred_refused: g(&c.preferred_refused),

@@ -111,10 +111,7 @@ impl<B: Backend, H: HostSide> IntervalNotifier for Region<B, H> {
                     // What earlier events queued goes first: a move queued
                     // before this zap must re-key migrated data before an
                     // unmap of the old range discards what is still there.
-                    Some(mut dev) => {
-                        inner.drain_pending(&mut dev);
-                        inner.apply_zap(&mut dev, z)
-                    }
+                    Some(mut dev) => inner.drain_pending_then(&mut dev, Some(z)),
                     // The holder (or the next one) applies it before doing
                     // anything else with the table: every acquisition of
                     // the driver lock drains the queue (`Inner::lock`).

@@ -11,12 +11,16 @@
 //! what it costs on pinned device buffers.
 //!
 //! A CPU access to a migrated page — any thread, read or write — waits in
-//! the kernel until the host's fault-back server calls
-//! [`FaultBack::fault_back`] here, which waits for the running launch,
-//! gives back the page and the migrated pages of its neighbourhood (64 KiB
-//! to 2 MiB by fault density: `neighbourhood`) with `UFFDIO_COPY`,
-//! write-protected so write tracking sees the next CPU write, and lets the
-//! access proceed. The pages stay on the device as ordinary copies.
+//! the kernel until the host's event monitor or fault-back server calls
+//! [`FaultBack`] here: on a host-synchronous device the monitor's reader
+//! answers at once with the page alone ([`Inner::answer_now`], which must
+//! neither wait nor allocate, and leaves the books to the next holder of
+//! the driver lock); otherwise the handler or the server waits for the
+//! running launch and gives back the page and the migrated pages of its
+//! neighbourhood (the page alone for an isolated fault, 64 KiB to 2 MiB
+//! by fault density: `neighbourhood`) with `UFFDIO_COPY`, write-protected
+//! so write tracking sees the next CPU write, and lets the access
+//! proceed. The pages stay on the device as ordinary copies.
 //! [`Mirror::migrate_to_host`] does the same for a range, eviction gives a
 //! migrated page back before its slot is reused, dropping the mirror
 //! gives every page back, and so does a `fork()`
@@ -33,13 +37,14 @@
 
 use std::time::Instant;
 
-use super::backend::Backend;
+use super::backend::{Backend, DeviceToHost};
 use super::error::MirrorError;
 use super::handle::Mirror;
 use super::host_side::HostSide;
 use super::state::{Dev, Inner};
 use super::stats::Counters;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::cpu::host::GiveBack;
 use crate::cpu::maps::MappingKind;
 use crate::cpu::migration::{FaultBack, FaultBackOutcome};
 use crate::sync::{lock, MutexGuard};
@@ -50,26 +55,45 @@ const FAULT_BACK_PAGES: u64 = 16;
 /// Neighbourhoods never cross an aligned block of this many pages (2 MiB).
 const FAULT_BACK_MAX_PAGES: u64 = 512;
 
+/// What CPU faults have brought back in one 2 MiB block since it was
+/// last migrated, one bit per 64 KiB block: the density that sizes the
+/// next fault-back's neighbourhood ([`neighbourhood`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct FaultMarks {
+    /// Blocks brought back whole (as part of a neighbourhood).
+    pub whole: u32,
+    /// Blocks where an isolated fault brought back its page alone.
+    pub single: u32,
+}
+
 /// The neighbourhood a CPU fault on `page` brings back, chosen by how
-/// densely the CPU has been faulting just below it: `run` is the number of
-/// 64 KiB blocks immediately below the faulting one that earlier faults
-/// brought back (in its 2 MiB block, `faulted`, and on into the 2 MiB
-/// block below, `below`, when every block under it in its own was), and
-/// the neighbourhood is the faulting block and the next ones, `run + 1`
-/// rounded up to a power of two of them, within the 2 MiB block. A reader
-/// sweeping a migrated buffer brings back 64 KiB, then 128 KiB, 256 KiB, …
-/// 1 MiB (6 faults for its first 2 MiB instead of 32), then each further
-/// 2 MiB block whole (1 fault each); a sparse reader, whose faults seldom
-/// land next to earlier ones, brings back 64 KiB per fault. (NVIDIA UVM
+/// densely the CPU has been faulting around it.
+///
+/// - An *isolated* fault — nothing brought back in its 64 KiB block yet,
+///   and no whole block just below it — brings back its page alone: a
+///   sparse reader pays for the page it reads and nothing else (the
+///   `iterate` scenario's 1 % read).
+/// - A second fault in a block, or one just above blocks brought back
+///   whole, brings back blocks: `run` is the number of 64 KiB blocks
+///   immediately below the faulting one that earlier faults brought back
+///   whole (in its 2 MiB block, and on into the 2 MiB block below,
+///   `below`, when every block under it in its own was), and the
+///   neighbourhood is the faulting block and the next ones, `run + 1`
+///   rounded up to a power of two of them, within the 2 MiB block.
+///
+/// A reader sweeping a migrated buffer brings back a page, then 64 KiB,
+/// 128 KiB, 256 KiB, … 1 MiB (7 faults for its first 2 MiB instead of
+/// 512), then each further 2 MiB block whole (1 fault each). (NVIDIA UVM
 /// grows its prefetch region from the occupancy of a bitmap tree,
 /// `uvm_perf_prefetch.c`; a CPU faults one page at a time, so the density
 /// of *earlier faults* is the signal here.) Returns the range and the
-/// 2 MiB block's fault bitmap with the range's blocks added.
-fn neighbourhood(page: VirtAddr, faulted: u32, below: u32) -> Option<(VaRange, u32)> {
+/// 2 MiB block's marks with the range's added.
+fn neighbourhood(page: VirtAddr, marks: FaultMarks, below: u32) -> Option<(VaRange, FaultMarks)> {
     let big = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
     let small = FAULT_BACK_PAGES * PAGE_SIZE;
     let base = page.0 & !(big - 1);
     let sub = ((page.0 - base) / small) as u32;
+    let faulted = marks.whole;
     let mut run = 0;
     while run < sub && faulted & (1 << (sub - 1 - run)) != 0 {
         run += 1;
@@ -77,6 +101,17 @@ fn neighbourhood(page: VirtAddr, faulted: u32, below: u32) -> Option<(VaRange, u
     if run == sub {
         // Every block under it in its own 2 MiB block: go on below.
         run += below.leading_ones();
+    }
+    if run == 0 && (marks.single | marks.whole) & (1 << sub) == 0 {
+        // Isolated: the page alone.
+        let r = VaRange::from_start_len(page.page_down(), PAGE_SIZE).ok()?;
+        return Some((
+            r,
+            FaultMarks {
+                single: marks.single | 1 << sub,
+                ..marks
+            },
+        ));
     }
     let blocks = (run + 1).next_power_of_two().min(32 - sub);
     let r = VaRange::from_start_len(
@@ -89,7 +124,13 @@ fn neighbourhood(page: VirtAddr, faulted: u32, below: u32) -> Option<(VaRange, u
     } else {
         ((1u32 << blocks) - 1) << sub
     };
-    Some((r, faulted | mask))
+    Some((
+        r,
+        FaultMarks {
+            whole: faulted | mask,
+            ..marks
+        },
+    ))
 }
 
 impl<B: Backend, H: HostSide> Mirror<B, H> {
@@ -113,7 +154,7 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
     /// let range = hmm_core::VaRange::of_slice(data.as_slice())?;
     /// m.migrate_to_device(range)?; // the device holds the only copy
     /// // ... launches on `data` ...
-    /// let first = data[0]; // this read brings its 64 KiB back
+    /// let first = data[0]; // this read brings its page back
     /// m.migrate_to_host(range)?; // or bring it all back at once
     /// # let _ = first; Ok(()) }
     /// ```
@@ -335,6 +376,11 @@ impl<B: Backend, H: HostSide> Mirror<B, H> {
                 let big = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
                 let (lo, hi) = (range.start().0 & !(big - 1), range.end().0);
                 dev.faulted_back.retain(|b, _| *b < lo || *b >= hi);
+                // Every block's entry exists from now on: the event
+                // monitor's reader edits marks in place, never inserts.
+                for b in (lo..hi).step_by(big as usize) {
+                    dev.faulted_back.insert(b, FaultMarks::default());
+                }
                 let held = dev.res.migrated_in(range);
                 let old: Vec<VirtAddr> = dev
                     .exclusive
@@ -498,11 +544,11 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
         t: Instant,
     ) -> FaultBackOutcome {
         let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
-        let faulted = dev.faulted_back.get(&big).copied().unwrap_or(0);
+        let faulted = dev.faulted_back.get(&big).copied().unwrap_or_default();
         let below = big
             .checked_sub(FAULT_BACK_MAX_PAGES * PAGE_SIZE)
-            .and_then(|b| dev.faulted_back.get(&b).copied())
-            .unwrap_or(0);
+            .and_then(|b| dev.faulted_back.get(&b))
+            .map_or(0, |m| m.whole);
         let Some((block, faulted)) = neighbourhood(page, faulted, below) else {
             return FaultBackOutcome::NotHeld;
         };
@@ -570,6 +616,142 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     }
 }
 
+/// Most CPU faults the event monitor's reader answers
+/// ([`Inner::answer_now`]) before a holder of the driver lock settles them
+/// ([`Inner::settle_answered`]); with that many waiting, faults go the
+/// handler's way.
+pub(super) const ANSWERED_CAP: usize = 256;
+
+impl<B: Backend, H: HostSide> Inner<B, H> {
+    /// [`FaultBack::fault_back_now`]: on the event monitor's *reader*, as
+    /// it reads the fault, with no event before it unhandled. Installs the
+    /// faulting page from its pool slot and nothing else, touching only
+    /// what needs neither waiting nor the allocator:
+    ///
+    /// - the reader reads the events every other thread waits on, so every
+    ///   lock here is try-locked, and the device must be host-synchronous
+    ///   ([`Backend::host_synchronous`]): the page is read from its slot
+    ///   into a buffer of the mirror's own (`Dev::answer_page`), with no
+    ///   submission running;
+    /// - it must not call `malloc` or `free` either: a thread trimming the
+    ///   heap holds an allocator lock while it waits for its `munmap` /
+    ///   `madvise` event to be read (`cpu::handoff`, "Why two threads").
+    ///   So the mirror's books — the page's migrated mark, its twin, the
+    ///   rest of its neighbourhood — are left to the next holder of the
+    ///   driver lock ([`Inner::settle_answered`], run by every acquisition
+    ///   after the queued zaps and moves), through a list whose room was
+    ///   reserved up front (`Dev::answered`, [`ANSWERED_CAP`]), and the
+    ///   density marks are edited in place (their 2 MiB entries exist
+    ///   from the migration on).
+    ///
+    /// Until then the page is on the CPU *and* still marked migrated. That
+    /// is safe because nothing acts on the mark before settling: every
+    /// submission, migration, give-back, eviction and teardown takes the
+    /// driver lock, which settles first; a discard or unmap of the page is
+    /// applied (or queued) before the list is settled, and a settled entry
+    /// whose page is no longer marked is skipped; a move re-keys the list.
+    ///
+    /// `None` leaves everything as it was: the fault goes on to the
+    /// handler. `Some((Served, more))`: the thread is woken; `more` asks
+    /// the handler to see the fault too, so the neighbourhood comes back
+    /// soon (the settling does it) rather than at the next acquisition.
+    fn answer_now(&self, page: VirtAddr) -> Option<(FaultBackOutcome, bool)> {
+        if !self.backend.host_synchronous() {
+            return None;
+        }
+        let t = Instant::now();
+        let mut dev = crate::sync::try_lock(&self.dev)?;
+        if dev.inflight.is_some_and(|s| !self.backend.is_complete(s))
+            || dev.answered.len() >= dev.answered.capacity()
+            || dev.exclusive.contains(&page)
+        {
+            return None;
+        }
+        let big = page.0 & !(FAULT_BACK_MAX_PAGES * PAGE_SIZE - 1);
+        let marks = *dev.faulted_back.get(&big)?;
+        let below = big
+            .checked_sub(FAULT_BACK_MAX_PAGES * PAGE_SIZE)
+            .and_then(|b| dev.faulted_back.get(&b))
+            .map_or(0, |m| m.whole);
+        let (block, marks) = neighbourhood(page, marks, below)?;
+        let slot = dev.res.migrated_slot(&dev.table, page)?;
+        let batch = [DeviceToHost {
+            slot,
+            dst: dev.answer_page.as_mut_ptr(),
+        }];
+        // SAFETY: `dst` is the mirror's own 4 KiB answer buffer, held
+        // mutably (under the driver lock) and alive for the call; no
+        // submission runs (checked above, under the driver lock, which no
+        // new submission starts without). The device is host-synchronous:
+        // the copy is host code on this thread.
+        unsafe { self.backend.copy_to_host(&batch) }.ok()?;
+        let data = &dev.answer_page[..];
+        // Held across the install, as in a give-back under the lock: a
+        // discard or move of the page handled meanwhile queued its zap
+        // here (the driver lock is held), and the page must then not be
+        // given back from this copy.
+        let queued = crate::sync::try_lock(&self.pending)?;
+        if queued.iter().any(|z| z.range.contains(page)) {
+            return None;
+        }
+        match self.host.give_back(page, data) {
+            GiveBack::Installed | GiveBack::Present => {}
+            // Refused for now (a layout event this thread must read
+            // first), or the memory is gone: the handler's turn.
+            GiveBack::Busy | GiveBack::Gone => return None,
+        }
+        drop(queued);
+        if let Some(m) = dev.faulted_back.get_mut(&big) {
+            *m = marks;
+        }
+        // Within the capacity reserved at creation: no allocation.
+        dev.answered.push((page, block));
+        Counters::add(&self.counters.fault_backs, 1);
+        Counters::add(&self.counters.fault_backs_on_reader, 1);
+        Counters::add(&self.counters.fault_back_span, block.pages());
+        Counters::add_since(&self.counters.fault_back_ns, t);
+        Some((FaultBackOutcome::Served, block.pages() > 1))
+    }
+
+    /// Settles the faults the reader answered ([`Inner::answer_now`]): for
+    /// each, gives back what is still migrated in its neighbourhood — the
+    /// page itself first, which is found present and so only has its mark
+    /// and twin updated — except exclusive pages. Run by every holder of
+    /// the driver lock, after the queued zaps and moves
+    /// ([`Inner::drain_pending`]): a page discarded since is no longer
+    /// marked and is skipped; a moved one was re-keyed.
+    pub(super) fn settle_answered(&self, dev: &mut Dev<B, H>) {
+        let answered: Vec<(VirtAddr, VaRange)> = dev.answered.drain(..).collect();
+        for (page, block) in answered {
+            {
+                let (mut cx, res) = dev.parts(self);
+                if res.settle_given(&mut cx, page).is_err() {
+                    // The twin could not be read: the usual give-back
+                    // (the page is found present; it retries the read and
+                    // latches a lost device).
+                    let _ = res.give_back(&mut cx, &[page]);
+                }
+            }
+            if block.pages() <= 1 {
+                continue;
+            }
+            let held: Vec<VirtAddr> = dev
+                .res
+                .migrated_in(block)
+                .into_iter()
+                .filter(|va| !dev.exclusive.contains(va))
+                .collect();
+            if held.is_empty() {
+                continue;
+            }
+            let (mut cx, res) = dev.parts(self);
+            // A failure is latched (the device is lost); the pages stay
+            // held and their faults are answered `Lost` (poisoned).
+            let _ = res.give_back(&mut cx, &held);
+        }
+    }
+}
+
 /// Whether `va`'s page is migrated (held only on the device).
 fn is_migrated<B: Backend, H: HostSide>(
     res: &dyn super::residency::Residency<B, H>,
@@ -600,6 +782,10 @@ impl<B: Backend, H: HostSide> FaultBack for Inner<B, H> {
         Some(self.serve_fault(dev, page, t))
     }
 
+    fn fault_back_now(&self, page: VirtAddr) -> Option<(FaultBackOutcome, bool)> {
+        self.answer_now(page.page_down())
+    }
+
     fn before_fork(&self) {
         self.give_all_back(false);
     }
@@ -616,22 +802,46 @@ mod tests {
     const BIG: u64 = FAULT_BACK_MAX_PAGES * PAGE_SIZE;
     const SMALL: u64 = FAULT_BACK_PAGES * PAGE_SIZE;
 
-    /// Sub-block `k` of the 2 MiB block at `base`: (start, 64 KiB blocks).
+    /// Sub-block `k` of the 2 MiB block at `base`: (start, 64 KiB blocks)
+    /// of the neighbourhood of a fault on page `page`, with only whole
+    /// blocks marked before.
     fn hood(base: u64, page: u64, faulted: u32) -> (u64, u64, u32) {
         hood_below(base, page, faulted, 0)
     }
 
+    fn marks(whole: u32) -> FaultMarks {
+        FaultMarks { whole, single: 0 }
+    }
+
     fn hood_below(base: u64, page: u64, faulted: u32, below: u32) -> (u64, u64, u32) {
         let (r, f) =
-            neighbourhood(VirtAddr(base + page * PAGE_SIZE), faulted, below).expect("range");
-        ((r.start().0 - base) / SMALL, r.len() / SMALL, f)
+            neighbourhood(VirtAddr(base + page * PAGE_SIZE), marks(faulted), below).expect("range");
+        assert!(r.len() >= SMALL, "a page alone: {r:?}");
+        ((r.start().0 - base) / SMALL, r.len() / SMALL, f.whole)
     }
 
     #[test]
     fn a_sweep_doubles_the_neighbourhood_within_its_2mib_block() {
         let base = 0x7f00_0000_0000 + 5 * BIG;
-        let mut faulted = 0;
-        let mut page = 3; // not the block's first page
+        // The sweep's first fault is isolated: its page alone.
+        let (r, m) =
+            neighbourhood(VirtAddr(base + 3 * PAGE_SIZE), FaultMarks::default(), 0).expect("range");
+        assert_eq!(
+            r,
+            VaRange::from_start_len(VirtAddr(base + 3 * PAGE_SIZE), PAGE_SIZE).unwrap()
+        );
+        assert_eq!(
+            m,
+            FaultMarks {
+                whole: 0,
+                single: 1
+            }
+        );
+        // The next, in the same 64 KiB block: blocks from there on.
+        let (r, m) = neighbourhood(VirtAddr(base + 4 * PAGE_SIZE), m, 0).expect("range");
+        assert_eq!((r.start().0, r.len()), (base, SMALL));
+        let mut faulted = m.whole;
+        let mut page = FAULT_BACK_PAGES;
         let mut got = Vec::new();
         while page < FAULT_BACK_MAX_PAGES {
             let (start, blocks, f) = hood(base, page, faulted);
@@ -639,7 +849,7 @@ mod tests {
             faulted = f;
             page = (start + blocks) * FAULT_BACK_PAGES;
         }
-        assert_eq!(got, [(0, 1), (1, 2), (3, 4), (7, 8), (15, 16), (31, 1)]);
+        assert_eq!(got, [(1, 2), (3, 4), (7, 8), (15, 16), (31, 1)]);
         assert_eq!(faulted, u32::MAX);
         // The next 2 MiB block, its lower neighbour swept: whole at once.
         assert_eq!(hood_below(base + BIG, 9, 0, faulted), (0, 32, u32::MAX));
@@ -654,18 +864,33 @@ mod tests {
     }
 
     #[test]
-    fn sparse_faults_bring_back_64_kib() {
+    fn sparse_faults_bring_back_their_page_alone() {
         let base = 0x10_0000_0000;
-        let mut faulted = 0;
+        let mut m = FaultMarks::default();
         // Every other 64 KiB block: nothing just below was brought back.
-        for k in (0..32).step_by(2) {
-            let (start, blocks, f) = hood(base, k * FAULT_BACK_PAGES + 7, faulted);
-            assert_eq!((start, blocks), (k, 1), "block {k}");
-            faulted = f;
+        for k in (0..32u64).step_by(2) {
+            let at = VirtAddr(base + (k * FAULT_BACK_PAGES + 7) * PAGE_SIZE);
+            let (r, next) = neighbourhood(at, m, 0).expect("range");
+            assert_eq!(
+                r,
+                VaRange::from_start_len(at, PAGE_SIZE).unwrap(),
+                "block {k}"
+            );
+            m = next;
         }
-        // A fault just above two earlier ones: run 1 (only the block
-        // directly below counts, and 1 below it is not faulted).
-        let (start, blocks, _) = hood(base, 3 * FAULT_BACK_PAGES, faulted);
+        assert_eq!(
+            m,
+            FaultMarks {
+                whole: 0,
+                single: 0x5555_5555
+            }
+        );
+        // A second fault in one of those blocks: the block.
+        let (r, m) = neighbourhood(VirtAddr(base + 2 * SMALL + PAGE_SIZE), m, 0).expect("range");
+        assert_eq!((r.start().0, r.len()), (base + 2 * SMALL, SMALL));
+        // A fault just above it: run 1 (only the block directly below
+        // counts, and 1 below it is not whole).
+        let (start, blocks, _) = hood(base, 3 * FAULT_BACK_PAGES, m.whole);
         assert_eq!((start, blocks), (3, 2));
     }
 
@@ -677,6 +902,7 @@ mod tests {
         assert_eq!(f, u32::MAX);
         // Address-space top: no overflow, still one 2 MiB block's worth.
         let top = !(BIG - 1) - BIG;
-        assert!(neighbourhood(VirtAddr(top + BIG - 1), 0, u32::MAX).is_some());
+        assert!(neighbourhood(VirtAddr(top + BIG - 1), FaultMarks::default(), u32::MAX).is_some());
+        assert!(neighbourhood(VirtAddr(top + BIG - 1), FaultMarks::default(), 0).is_some());
     }
 }

@@ -159,10 +159,18 @@ pub(crate) struct Dev<B: Backend, H: HostSide> {
     ///
     /// [`Mirror::make_exclusive`]: super::Mirror::make_exclusive
     pub exclusive: std::collections::BTreeSet<VirtAddr>,
-    /// Per 2 MiB block (by start address), the 64 KiB blocks CPU faults
-    /// brought back since it was last migrated, one bit each: the density
-    /// that sizes the next fault-back's neighbourhood (`mirror::migrate`).
-    pub faulted_back: std::collections::HashMap<u64, u32>,
+    /// Per 2 MiB block (by start address), the 64 KiB blocks where CPU faults
+    /// brought back since it was last migrated: the density that sizes
+    /// the next fault-back's neighbourhood (`mirror::migrate`).
+    pub faulted_back: std::collections::HashMap<u64, super::migrate::FaultMarks>,
+    /// CPU faults the event monitor's reader answered and nobody settled
+    /// yet (`mirror::migrate`, `Inner::answer_now`): the page and the
+    /// neighbourhood chosen. Its room is reserved at creation
+    /// (`ANSWERED_CAP`): the reader never grows it.
+    pub answered: Vec<(VirtAddr, VaRange)>,
+    /// One page, allocated at creation: where the reader reads a page
+    /// out of its slot to answer a fault (`Inner::answer_now`).
+    pub answer_page: Box<[u8]>,
     pub res: Box<dyn Residency<B, H>>,
 }
 
@@ -222,6 +230,22 @@ impl<B: Backend, H: HostSide> Dev<B, H> {
             },
             &mut *self.res,
         )
+    }
+}
+
+/// An `mremap` moved `old` to `to`: answered faults there follow it.
+fn rekey_answered(answered: &mut [(VirtAddr, VaRange)], old: VaRange, to: VirtAddr) {
+    let shift = |va: VirtAddr| VirtAddr(to.0.wrapping_add(va.0 - old.start().0));
+    for (page, block) in answered.iter_mut() {
+        if old.contains(*page) {
+            *page = shift(*page);
+            // The neighbourhood, clipped to what moved.
+            if let Some(b) = block.intersect(old) {
+                if let Ok(r) = VaRange::from_start_len(shift(b.start()), b.len()) {
+                    *block = r;
+                }
+            }
+        }
     }
 }
 
@@ -448,12 +472,29 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// Applies the destructive invalidations queued while the driver lock
     /// was held elsewhere.
     pub fn drain_pending(&self, dev: &mut Dev<B, H>) {
-        let mut q = lock(&self.pending);
-        for z in q.drain(..) {
-            match z.move_to {
-                Some(to) => dev.res.moved(z.range, to),
-                None => self.apply_zap(dev, z),
+        self.drain_pending_then(dev, None);
+    }
+
+    /// [`Inner::drain_pending`], then `then` (an invalidation or move
+    /// found the lock free), then the faults the event monitor's reader
+    /// answered are settled (`Inner::settle_answered`): after every zap
+    /// and move, so a page discarded since is skipped and a moved one is
+    /// settled at its new address.
+    pub fn drain_pending_then(&self, dev: &mut Dev<B, H>, then: Option<PendingZap>) {
+        {
+            let mut q = lock(&self.pending);
+            for z in q.drain(..).chain(then) {
+                match z.move_to {
+                    Some(to) => {
+                        dev.res.moved(z.range, to);
+                        rekey_answered(&mut dev.answered, z.range, to);
+                    }
+                    None => self.apply_zap(dev, z),
+                }
             }
+        }
+        if !dev.answered.is_empty() {
+            self.settle_answered(dev);
         }
     }
 
@@ -463,22 +504,20 @@ impl<B: Backend, H: HostSide> Inner<B, H> {
     /// lock is free, else by its next holder, in order with the zaps
     /// queued around it.
     pub fn moved(&self, old: VaRange, to: VirtAddr) {
+        let z = PendingZap {
+            range: old,
+            // No region: a move is applied to the residency only.
+            region: RegionKey {
+                start: 0,
+                id: u64::MAX,
+            },
+            dead: false,
+            moved: false,
+            move_to: Some(to),
+        };
         match try_lock(&self.dev) {
-            Some(mut dev) => {
-                self.drain_pending(&mut dev);
-                dev.res.moved(old, to);
-            }
-            None => lock(&self.pending).push(PendingZap {
-                range: old,
-                // No region: a move is applied to the residency only.
-                region: RegionKey {
-                    start: 0,
-                    id: u64::MAX,
-                },
-                dead: false,
-                moved: false,
-                move_to: Some(to),
-            }),
+            Some(mut dev) => self.drain_pending_then(&mut dev, Some(z)),
+            None => lock(&self.pending).push(z),
         }
     }
 

@@ -95,10 +95,14 @@ pub struct MirrorStats {
     /// CPU faults on migrated pages served (each gives back the page and
     /// its migrated neighbours).
     pub fault_backs: u64,
+    /// Of those, faults served on the event monitor's reader the moment
+    /// they were read (no thread hand-off; a driver whose copies are host
+    /// code, [`Backend::host_synchronous`](super::backend::Backend::host_synchronous)).
+    pub fault_backs_on_reader: u64,
     /// Exclusive pages ([`Mirror::make_exclusive`](super::Mirror::make_exclusive))
     /// whose device access a CPU touch revoked.
     pub exclusive_revoked: u64,
-    /// Pages in the neighbourhoods those fault-backs chose (64 KiB to
+    /// Pages in the neighbourhoods those fault-backs chose (a page, or 64 KiB to
     /// 2 MiB each, by density: `mirror::migrate`); only migrated pages in
     /// them are given back, so `migrated_in` from faults is at most this.
     pub fault_back_span: u64,
@@ -165,10 +169,11 @@ impl core::fmt::Display for MirrorStats {
         if self.migrated_out + self.migrated_in > 0 {
             writeln!(
                 f,
-                "migration: pages out {}   pages back {}   fault-backs {} ({:?})   exclusive revoked {}",
+                "migration: pages out {}   pages back {}   fault-backs {} ({} on the reader, {:?})   exclusive revoked {}",
                 self.migrated_out,
                 self.migrated_in,
                 self.fault_backs,
+                self.fault_backs_on_reader,
                 self.fault_back_time,
                 self.exclusive_revoked
             )?;
@@ -215,6 +220,7 @@ pub(crate) struct Counters {
     pub migrated_out: AtomicU64,
     pub migrated_in: AtomicU64,
     pub fault_backs: AtomicU64,
+    pub fault_backs_on_reader: AtomicU64,
     pub exclusive_revoked: AtomicU64,
     pub fault_back_span: AtomicU64,
     pub preferred_refused: AtomicU64,

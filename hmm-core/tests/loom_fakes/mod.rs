@@ -24,6 +24,12 @@ use std::time::Duration;
 
 use loom::sync::{Condvar, Mutex};
 
+loom::thread_local! {
+    /// Set while the fake CPU load asks as the event monitor's reader
+    /// would (`fault_back_now`).
+    static ON_READER: std::cell::Cell<bool> = std::cell::Cell::new(false);
+}
+
 use hmm_core::cpu::host::{GiveBack, HostError};
 use hmm_core::cpu::maps::{Mapping, MappingKind};
 use hmm_core::cpu::migration::{Detached, FaultBack, FaultBackOutcome};
@@ -117,6 +123,23 @@ impl FakeHost {
                 }
             }
             let owner = self.owner.lock().unwrap().clone().and_then(|w| w.upgrade());
+            // The event monitor's reader answers first where it may: no
+            // event in progress (none read and unhandled before the fault),
+            // and its install refused (`Busy`, as `EAGAIN`) if one starts
+            // meanwhile.
+            let quiet = self.mem.lock().unwrap().in_event.is_empty();
+            let now = match (&owner, quiet) {
+                (Some(o), true) => {
+                    ON_READER.with(|r| r.set(true));
+                    let now = o.fault_back_now(VirtAddr(addr));
+                    ON_READER.with(|r| r.set(false));
+                    now
+                }
+                _ => None,
+            };
+            if let Some((FaultBackOutcome::Served, _)) = now {
+                continue;
+            }
             let outcome = owner.map_or(FaultBackOutcome::NotHeld, |o| {
                 o.try_fault_back(VirtAddr(addr))
                     .unwrap_or_else(|| o.fault_back(VirtAddr(addr)))
@@ -284,6 +307,9 @@ impl HostSide for FakeHost {
 
     fn give_back(&self, at: VirtAddr, data: &[u8]) -> GiveBack {
         let mut m = self.mem.lock().unwrap();
+        if ON_READER.with(|r| r.get()) && !m.in_event.is_empty() {
+            return GiveBack::Busy;
+        }
         let mut out = GiveBack::Installed;
         for (k, chunk) in data.chunks(PAGE).enumerate() {
             let p = at.0 + (k * PAGE) as u64;
@@ -595,6 +621,10 @@ impl Gate {
 unsafe impl Backend for FakeDevice {
     /// Invocation `i` reads the page at `kernel[i]`.
     type Kernel = [u64];
+
+    fn host_synchronous(&self) -> bool {
+        true
+    }
 
     fn info(&self) -> BackendInfo {
         BackendInfo {

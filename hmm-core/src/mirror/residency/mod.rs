@@ -305,6 +305,30 @@ pub(crate) trait Residency<B: Backend, H: HostSide>: Send {
         Vec::new()
     }
 
+    /// The pool slot holding the only copy of `va`, if `va` is migrated
+    /// and mapped (not moved away by an `mremap`). Asked on the event
+    /// monitor's reader: must not allocate, free, wait or call the
+    /// backend. Default: `None`.
+    fn migrated_slot(
+        &self,
+        table: &super::pagetable::ShadowTable,
+        va: VirtAddr,
+    ) -> Option<crate::mirror::format::PoolSlot> {
+        let _ = (table, va);
+        None
+    }
+
+    /// `va` was given back by the event monitor's reader straight from its
+    /// slot ([`Residency::migrated_slot`]) and is on the CPU: record it
+    /// as given back (no longer migrated; an ordinary copy). `Ok(false)`
+    /// if it is not migrated any more (discarded or moved since). An error
+    /// leaves it migrated (the caller then gives it back the usual way).
+    /// Default: `Ok(false)`.
+    fn settle_given(&mut self, cx: &mut Cx<'_, B, H>, va: VirtAddr) -> Result<bool, MirrorError> {
+        let _ = (cx, va);
+        Ok(false)
+    }
+
     /// Gives the migrated pages among `pages` back to the CPU (device
     /// idle for them); they stay mapped as ordinary copies. A page that
     /// could not be given back stays migrated; the error says why.

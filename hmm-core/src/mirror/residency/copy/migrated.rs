@@ -151,25 +151,40 @@ impl CopyPool {
                 let mut skipped = Vec::new();
                 if queued.iter().any(|z| z.range.overlaps(run)) {
                     for (k, (va, _, _)) in chunk.iter().enumerate().take(j).skip(i) {
-                        if covered(*va) {
-                            skipped.push(*va);
-                        } else {
-                            let _ = cx
+                        if covered(*va)
+                            || cx
                                 .host
-                                .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE]);
+                                .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE])
+                                == GiveBack::Busy
+                        {
+                            skipped.push(*va);
                         }
                     }
-                } else if cx.host.give_back(chunk[i].0, data) != GiveBack::Installed && j - i > 1 {
-                    for (k, (va, _, _)) in chunk.iter().enumerate().take(j).skip(i) {
-                        let _ = cx
-                            .host
-                            .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE]);
+                } else {
+                    match cx.host.give_back(chunk[i].0, data) {
+                        GiveBack::Installed => {}
+                        GiveBack::Busy if j - i == 1 => skipped.push(chunk[i].0),
+                        _ if j - i > 1 => {
+                            for (k, (va, _, _)) in chunk.iter().enumerate().take(j).skip(i) {
+                                if cx
+                                    .host
+                                    .give_back(*va, &self.staging[k * PAGE..(k + 1) * PAGE])
+                                    == GiveBack::Busy
+                                {
+                                    skipped.push(*va);
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 drop(queued);
                 // Installed, already present or gone: the CPU side no
                 // longer needs the device's copy to be the only one. (A
-                // skipped page stays marked until its queued zap drops it.)
+                // skipped page stays marked until its queued zap drops it;
+                // one refused for now, `Busy` — on the event monitor's
+                // reader, which may not wait — stays held for a later
+                // fault.)
                 for (k, &(va, slot, orphaned)) in chunk.iter().enumerate().take(j).skip(i) {
                     if skipped.contains(&va) {
                         continue;
@@ -192,6 +207,37 @@ impl CopyPool {
         }
         Counters::add(&cx.counters.migrated_in, given);
         Ok(given)
+    }
+
+    /// [`Residency::settle_given`]: `va`, given back by the event
+    /// monitor's reader, loses its migrated mark and its twin (if any)
+    /// takes the slot's data — what the reader installed. `false` if it
+    /// is not marked (discarded or moved since).
+    pub(super) fn settle_given_page<B: Backend, H: HostSide>(
+        &mut self,
+        cx: &mut Cx<'_, B, H>,
+        va: VirtAddr,
+    ) -> Result<bool, MirrorError> {
+        if !self.migrated.contains(&va) {
+            return Ok(false);
+        }
+        let Some(slot) = cx.table.lookup(va).map(|p| p.slot()) else {
+            return Ok(false);
+        };
+        if self.twins.get(slot).is_some() {
+            let batch = [DeviceToHost {
+                slot,
+                dst: self.staging.as_mut_ptr(),
+            }];
+            // SAFETY: `dst` is the first 4 KiB of `staging`, held mutably
+            // and alive for the call; the device is idle for the slot
+            // (callers hold the driver lock with no submission in flight).
+            unsafe { cx.backend.copy_to_host(&batch) }?;
+            self.twins.set(slot, &self.staging[..PAGE]);
+        }
+        self.migrated.remove(&va);
+        Counters::add(&cx.counters.migrated_in, 1);
+        Ok(true)
     }
 
     /// [`Residency::migrated_in`].

@@ -833,6 +833,18 @@ impl<B: Backend, H: HostSide> Residency<B, H> for CopyPool {
         self.give_back_pages(cx, pages)
     }
 
+    fn settle_given(&mut self, cx: &mut Cx<'_, B, H>, va: VirtAddr) -> Result<bool, MirrorError> {
+        self.settle_given_page(cx, va)
+    }
+
+    fn migrated_slot(&self, table: &ShadowTable, va: VirtAddr) -> Option<PoolSlot> {
+        if self.migrated.contains(&va) {
+            table.lookup(va).map(|p| p.slot())
+        } else {
+            None
+        }
+    }
+
     fn discarded(&mut self, table: &ShadowTable, range: VaRange, moved: bool) {
         self.discard(table, range, moved)
     }
