@@ -278,6 +278,9 @@ typedef struct hmm_stats {
   uint64_t exclusive_revoked;
   // Runs advised `HMM_ADVICE_PREFER_DEVICE` that could not migrate.
   uint64_t preferred_refused;
+  // Of `fault_backs`, faults answered by the event monitor's reader the
+  // moment it read them (no thread hand-off; the `cpu` driver).
+  uint64_t fault_backs_on_reader;
 } hmm_stats;
 
 #ifdef __cplusplus

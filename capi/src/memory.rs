@@ -263,6 +263,9 @@ pub struct hmm_stats {
     pub exclusive_revoked: u64,
     /// Runs advised `HMM_ADVICE_PREFER_DEVICE` that could not migrate.
     pub preferred_refused: u64,
+    /// Of `fault_backs`, faults answered by the event monitor's reader the
+    /// moment it read them (no thread hand-off; the `cpu` driver).
+    pub fault_backs_on_reader: u64,
 }
 
 /// Writes a snapshot of `m`'s counters to `*out`.
@@ -307,6 +310,7 @@ pub unsafe extern "C" fn hmm_mirror_stats(
             fault_backs: s.fault_backs,
             exclusive_revoked: s.exclusive_revoked,
             preferred_refused: s.preferred_refused,
+            fault_backs_on_reader: s.fault_backs_on_reader,
         };
         // SAFETY: the caller's contract on `out`.
         unsafe { out.write(v) };

@@ -953,6 +953,8 @@ fn migration_calls_work_and_fail_typed() {
         assert_eq!(s.migrated_in, 2 * pages as u64, "{s:?}");
         assert_eq!(s.exclusive_revoked, 1, "{s:?}");
         assert!(s.fault_backs >= 2, "{s:?}");
+        // The exclusive page's fault is never the reader's to answer.
+        assert!(s.fault_backs_on_reader < s.fault_backs, "{s:?}");
         // Typed errors: shared memory, a NULL output, a NULL mirror.
         // SAFETY: a fresh shared anonymous page; unmapped below.
         let shared = unsafe {
